@@ -1,0 +1,210 @@
+"""SPEC §4 and §5: what is injected, what is refused, and idempotency."""
+
+import json
+import os
+from pathlib import Path
+
+import jsonpatch
+import pytest
+import yaml
+from builders import (container, fixed_key, key_secret, keyring_of, pod, random_key)
+
+from webhook.config import Settings
+from webhook.injection import Injected, Refused, inject_keys, needs_keys
+
+GOLDEN = Path(__file__).parent / "golden" / "pods"
+UPDATE = os.environ.get("KEYMOUNT_UPDATE_GOLDEN") == "1"
+SETTINGS = Settings()
+KEYRING = keyring_of(key_secret("key-b", fixed_key("b"), index=2),
+                     key_secret("key-a", fixed_key("a"), index=1))
+
+
+def inject(obj, keyring=KEYRING, settings=SETTINGS, **kw):
+    return inject_keys(obj, keyring=keyring, settings=settings, **kw)
+
+
+def injected(obj, **kw) -> tuple[dict, Injected]:
+    outcome = inject(obj, **kw)
+    assert isinstance(outcome, Injected), outcome
+    return jsonpatch.apply_patch(obj, list(outcome.patch)), outcome
+
+
+@pytest.mark.parametrize("case", sorted(p.name.removesuffix(".in.yaml")
+                                        for p in GOLDEN.glob("*.in.yaml")))
+def test_injected_pod_matches_golden_file(case):
+    source = yaml.safe_load((GOLDEN / f"{case}.in.yaml").read_text())
+    result, _ = injected(source)
+    golden = GOLDEN / f"{case}.out.yaml"
+    if UPDATE:
+        golden.write_text(yaml.safe_dump(result, sort_keys=False))
+    assert result == yaml.safe_load(golden.read_text())
+
+
+@pytest.mark.parametrize("case", sorted(p.name.removesuffix(".in.yaml")
+                                        for p in GOLDEN.glob("*.in.yaml")))
+def test_injecting_the_webhooks_own_output_changes_nothing(case):
+    once, _ = injected(yaml.safe_load((GOLDEN / f"{case}.in.yaml").read_text()))
+    twice, outcome = injected(once)
+    assert outcome.patch == ()
+    assert twice == once
+
+
+def test_files_are_numbered_in_key_order_with_the_newest_last():
+    result, outcome = injected(pod())
+    sources = result["spec"]["volumes"][0]["projected"]["sources"]
+    assert [(s["secret"]["name"], s["secret"]["items"][0]["path"]) for s in sources] == [
+        ("key-a", "encryption-key-1"), ("key-b", "encryption-key-2")]
+    assert [f.file for f in outcome.files] == ["encryption-key-1", "encryption-key-2"]
+
+
+def test_volume_is_projected_read_only_0440_and_not_optional():
+    result, _ = injected(pod())
+    volume = result["spec"]["volumes"][0]
+    assert volume["name"] == "keymount-encryption-keys"
+    assert volume["projected"]["defaultMode"] == 0o440
+    assert all(s["secret"]["optional"] is False for s in volume["projected"]["sources"])
+    assert result["spec"]["containers"][0]["volumeMounts"] == [
+        {"name": "keymount-encryption-keys", "mountPath": "/encryption-keys", "readOnly": True}]
+
+
+def test_status_annotation_lists_each_file_with_secret_and_fingerprint():
+    from webhook.keys import fingerprint_key
+    result, _ = injected(pod())
+    status = json.loads(result["metadata"]["annotations"]["keymount.io/status"])
+    assert status == [
+        {"file": "encryption-key-1", "secret": "key-a", "fingerprint": fingerprint_key(fixed_key("a"))},
+        {"file": "encryption-key-2", "secret": "key-b", "fingerprint": fingerprint_key(fixed_key("b"))},
+    ]
+
+
+def test_init_containers_are_mounted_only_when_the_annotation_names_them():
+    result, _ = injected(pod(init=[container("migrate")]))
+    assert "volumeMounts" not in result["spec"]["initContainers"][0]
+
+
+def test_reinvocation_after_a_key_is_added_replaces_the_volume_in_place():
+    once, _ = injected(pod(container("app", volumeMounts=[{"name": "x", "mountPath": "/x"}])))
+    three = keyring_of(key_secret("key-a", fixed_key("a"), index=1),
+                       key_secret("key-b", fixed_key("b"), index=2),
+                       key_secret("key-c", fixed_key("c"), index=3))
+    twice, outcome = injected(once, keyring=three)
+    assert [op["op"] for op in outcome.patch] == ["replace", "add"]
+    assert len(twice["spec"]["volumes"]) == 1
+    assert len(twice["spec"]["volumes"][0]["projected"]["sources"]) == 3
+    assert len(twice["spec"]["containers"][0]["volumeMounts"]) == 2
+
+
+def test_mount_path_is_configurable():
+    result, _ = injected(pod(), settings=Settings(mount_path="/run/keys/"))
+    assert result["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/run/keys"
+
+
+# --- refusals (SPEC §5) -----------------------------------------------------------------
+
+def refused(obj, **kw) -> Refused:
+    outcome = inject(obj, **kw)
+    assert isinstance(outcome, Refused), outcome
+    return outcome
+
+
+def test_no_valid_key_refuses_with_namespace_label_field_and_the_fixing_command():
+    outcome = refused(pod(), keyring=keyring_of(namespace="shop"))
+    assert outcome.reason == "no-valid-key" and outcome.from_key_state
+    for part in ("'shop'", "keymount.io/encryption-key=true", "'encryption-key'",
+                 "keymount keys create encryption-key-1 -n shop --generate"):
+        assert part in outcome.message
+
+
+def test_an_invalid_key_secret_refuses_the_pod_under_invalid_keys_deny():
+    ring = keyring_of(key_secret("good", random_key()), key_secret("short", random_key()[:20]))
+    outcome = refused(pod(), keyring=ring)
+    assert outcome.reason == "invalid-keys"
+    assert "short: field 'encryption-key' holds 20 bytes" in outcome.message
+    assert "--invalid-keys skip" in outcome.message
+
+
+def test_invalid_keys_skip_injects_the_valid_ones_with_a_warning():
+    ring = keyring_of(key_secret("good", random_key()), key_secret("short", random_key()[:20]))
+    result, outcome = injected(pod(), keyring=ring, settings=Settings(invalid_keys="skip"))
+    assert [f.secret for f in outcome.files] == ["good"]
+    assert any("invalid key Secrets skipped: short" in w for w in outcome.warnings)
+
+
+def test_only_invalid_keys_under_skip_is_still_no_valid_key():
+    ring = keyring_of(key_secret("short", b"x" * 5))
+    assert refused(pod(), keyring=ring, settings=Settings(invalid_keys="skip")).reason == \
+        "no-valid-key"
+
+
+def test_ambiguous_order_refuses_and_names_both_secrets():
+    ring = keyring_of(key_secret("k1", random_key(), index=4),
+                      key_secret("k2", random_key(), index=4))
+    outcome = refused(pod(), keyring=ring)
+    assert outcome.reason == "ambiguous-order"
+    assert "'k1'" in outcome.message and "'k2'" in outcome.message
+    assert "kubectl annotate secret k2 -n shop keymount.io/key-index=5" in outcome.message
+
+
+@pytest.mark.parametrize("mount_path", ["/encryption-keys", "/encryption-keys/",
+                                        "/encryption-keys/sub"], ids=["at", "at-slash", "under"])
+def test_another_volume_at_or_under_the_mount_path_refuses_naming_container_and_volume(mount_path):
+    obj = pod(container("app", volumeMounts=[{"name": "mine", "mountPath": mount_path}]))
+    outcome = refused(obj)
+    assert outcome.reason == "mount-conflict"
+    assert "'app'" in outcome.message and "'mine'" in outcome.message
+
+
+def test_an_unknown_container_name_in_the_annotation_refuses_the_pod():
+    obj = pod(annotations={"keymount.io/containers": "app,ghost"})
+    outcome = refused(obj)
+    assert outcome.reason == "unknown-container"
+    assert "'ghost'" in outcome.message and "containers: app" in outcome.message
+
+
+@pytest.mark.parametrize("obj", [
+    {"metadata": {}},
+    {"spec": {"containers": "nope"}},
+    {"spec": {"containers": [{"name": "a"}], "volumes": {"x": 1}}},
+    {"spec": {"containers": [{"name": "a", "volumeMounts": ["x"]}]}},
+], ids=["no-spec", "containers-not-list", "volumes-not-list", "mounts-not-objects"])
+def test_a_malformed_pod_is_refused_not_crashed_on(obj):
+    assert refused(obj).reason == "malformed-pod"
+
+
+# --- warnings (SPEC §4) -------------------------------------------------------------------
+
+def warnings_for(obj, **kw):
+    return injected(obj, **kw)[1].warnings
+
+
+def test_a_passphrase_like_key_earns_a_warning():
+    ring = keyring_of(key_secret("pw", b"correct horse battery staple 123"))
+    assert any("'pw'" in w and "passphrase" in w for w in warnings_for(pod(), keyring=ring))
+
+
+def test_more_than_ten_keys_earn_a_warning():
+    ring = keyring_of(*[key_secret(f"k{i}", random_key(), index=i) for i in range(1, 12)])
+    assert any("11 keys" in w for w in warnings_for(pod(), keyring=ring))
+    ten = keyring_of(*[key_secret(f"k{i}", random_key(), index=i) for i in range(1, 11)])
+    assert warnings_for(pod(), keyring=ten) == ()
+
+
+@pytest.mark.parametrize(("pod_sc", "container_sc", "warned"), [
+    ({"runAsNonRoot": True}, {}, True),
+    ({"runAsUser": 1000}, {}, True),
+    ({}, {"runAsUser": 1000}, True),
+    ({}, {"runAsNonRoot": True}, True),
+    ({"runAsNonRoot": True, "fsGroup": 1000}, {}, False),
+    ({"runAsUser": 1000}, {"runAsUser": 0}, False),
+    ({}, {}, False),
+], ids=["pod-nonroot", "pod-uid", "container-uid", "container-nonroot", "with-fsgroup",
+        "container-root-overrides", "root"])
+def test_a_non_root_pod_without_fsgroup_earns_a_warning(pod_sc, container_sc, warned):
+    obj = pod(container("app", securityContext=container_sc), securityContext=pod_sc)
+    assert any("fsGroup" in w for w in warnings_for(obj)) is warned
+
+
+def test_backend_pods_are_those_matching_the_pod_selector():
+    assert needs_keys(pod(), settings=SETTINGS)
+    assert not needs_keys(pod(labels={"app": "web"}), settings=SETTINGS)
+    assert not needs_keys({"metadata": {"labels": None}}, settings=SETTINGS)

@@ -1,0 +1,281 @@
+"""`keymount` (also `python -m webhook`): parse flags, call the library, print.
+
+Every flag of `serve` can also come from the environment as KEYMOUNT_<FLAG>
+(`--probe-port` → KEYMOUNT_PROBE_PORT), which is how the Deployment configures it.
+Errors are one line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import __version__
+from .config import (DEFAULT_KEY_FIELD, DEFAULT_KEY_SELECTOR, DEFAULT_MOUNT_PATH,
+                     DEFAULT_POD_SELECTOR, Settings)
+from .keys import check_key
+from .selectors import SelectorError, parse_selector
+
+
+class CommandError(Exception):
+    """A failure to report as one line and exit status `code`."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def env_default(flag: str, default: Any) -> Any:
+    return os.environ.get("KEYMOUNT_" + flag.lstrip("-").replace("-", "_").upper(), default)
+
+
+def add_flag(parser: argparse.ArgumentParser, flag: str, *, default: Any = None,
+             help: str, **kwargs: Any) -> None:
+    env = "KEYMOUNT_" + flag.lstrip("-").replace("-", "_").upper()
+    parser.add_argument(flag, default=env_default(flag, default),
+                        help=f"{help} [env {env}; default {default}]", **kwargs)
+
+
+def parse_duration(text: str) -> timedelta:
+    """`90d`, `12h`, `30m`, `45s`, or combinations such as `1d12h`."""
+    units = {"d": 86400, "h": 3600, "m": 60, "s": 1}
+    total, number = 0, ""
+    for char in text.strip():
+        if char.isdigit():
+            number += char
+        elif char in units and number:
+            total, number = total + int(number) * units[char], ""
+        else:
+            raise argparse.ArgumentTypeError(
+                f"invalid duration {text!r}; use e.g. 90d, 12h, 1d12h")
+    if number or total <= 0:
+        raise argparse.ArgumentTypeError(f"invalid duration {text!r}; use e.g. 90d, 12h, 1d12h")
+    return timedelta(seconds=total)
+
+
+def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--pod-selector", default=DEFAULT_POD_SELECTOR,
+             help="label selector of backend Pods")
+    add_flag(parser, "--key-selector", default=DEFAULT_KEY_SELECTOR,
+             help="label selector of key Secrets")
+    add_flag(parser, "--key-field", default=DEFAULT_KEY_FIELD,
+             help="Secret data field holding the key")
+    add_flag(parser, "--mount-path", default=DEFAULT_MOUNT_PATH, help="where keys are mounted")
+    add_flag(parser, "--invalid-keys", default="deny", choices=("deny", "skip"),
+             help="deny Pods while any key Secret of the namespace is invalid, or skip it")
+    add_flag(parser, "--key-encoding", default="auto", choices=("auto", "raw", "base64"),
+             help="which key encodings are accepted")
+    add_flag(parser, "--max-key-age", default=None, type=parse_duration,
+             help="flag namespaces whose newest key is older, e.g. 90d")
+
+
+def build_settings(args: argparse.Namespace) -> Settings:
+    try:
+        max_age = args.max_key_age
+        if isinstance(max_age, str):  # from the environment, not yet parsed
+            max_age = parse_duration(max_age)
+        return Settings(
+            pod_selector=parse_selector(args.pod_selector),
+            key_selector=parse_selector(args.key_selector),
+            key_field=args.key_field, mount_path=args.mount_path,
+            invalid_keys=args.invalid_keys, key_encoding=args.key_encoding,
+            max_key_age=max_age)
+    except (SelectorError, ValueError, argparse.ArgumentTypeError) as exc:
+        raise CommandError(str(exc), 2) from None
+
+
+# --- serve ---------------------------------------------------------------------------
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .logs import configure_logging
+    from .metrics import Metrics
+    from .server import Runtime, ServeOptions, serve
+    from .store import KeyStore
+
+    settings = build_settings(args)
+    configure_logging(fmt=args.log_format, level=args.log_level)
+    store = KeyStore()
+    source = build_key_source(args, settings=settings, store=store)
+    runtime = Runtime(settings=settings, store=store, source=source, metrics=Metrics(store))
+    options = ServeOptions(host=args.host, port=int(args.port), probe_port=int(args.probe_port),
+                           tls_cert=args.tls_cert, tls_key=args.tls_key,
+                           shutdown_grace=float(args.shutdown_grace))
+    for path in (options.tls_cert, options.tls_key):
+        if not Path(path).is_file():
+            raise CommandError(f"TLS file {path} not found; create a pair with "
+                               f"`keymount certs --service keymount --namespace keymount "
+                               f"--out certs --ip 127.0.0.1` or pass --tls-cert/--tls-key")
+    asyncio.run(serve(runtime, options))
+    return 0
+
+
+def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any) -> Any:
+    if args.keys_from:
+        from .localdir import DirectoryKeySource
+        if not Path(args.keys_from).is_dir():
+            raise CommandError(f"--keys-from {args.keys_from}: no such directory")
+        return DirectoryKeySource(args.keys_from, settings=settings, store=store)
+    raise CommandError("no key source: pass --keys-from DIR (Secret manifests), or run "
+                       "with a kubeconfig or in a cluster", 2)
+
+
+def add_serve(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("serve", help="run the admission webhook")
+    add_flag(p, "--host", default="0.0.0.0", help="address to listen on")
+    add_flag(p, "--port", default=8443, type=int, help="HTTPS webhook port")
+    add_flag(p, "--probe-port", default=8080, type=int,
+             help="plain-HTTP port for /healthz, /readyz, /metrics")
+    add_flag(p, "--tls-cert", default="certs/tls.crt", help="serving certificate (PEM)")
+    add_flag(p, "--tls-key", default="certs/tls.key", help="serving private key (PEM)")
+    add_flag(p, "--kubeconfig", default=None, help="kubeconfig (default: in-cluster or ~/.kube)")
+    add_flag(p, "--keys-from", default=None, help="directory of key Secret manifests")
+    add_flag(p, "--namespaces", default=None, help="watch only these namespaces, a,b")
+    add_flag(p, "--auto-generate", default=False, action="store_true",
+             help="create a key for a backend Pod's namespace that has none")
+    add_flag(p, "--log-format", default="json", choices=("json", "text"), help="log format")
+    add_flag(p, "--log-level", default="info", help="log level")
+    add_flag(p, "--shutdown-grace", default=5.0, type=float,
+             help="seconds to keep serving after SIGTERM while /readyz fails")
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_serve)
+
+
+# --- inject ----------------------------------------------------------------------------
+
+def read_input(name: str) -> bytes:
+    if name == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(name).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"cannot read {name}: {exc.strerror}") from None
+
+
+def cmd_inject(args: argparse.Namespace) -> int:
+    from .localdir import DirectoryKeySource, ManifestError, load_documents
+    from .store import KeyStore
+    from .workloads import InjectionRefused, inject_document
+
+    settings = build_settings(args)
+    if not args.keys_from:
+        raise CommandError("keymount inject needs --keys-from DIR (Secret manifests)", 2)
+    store = KeyStore()
+    try:
+        store.replace_all(DirectoryKeySource(args.keys_from, settings=settings,
+                                             store=store).scan())
+        documents = load_documents(read_input(args.filename).decode("utf-8", "replace"),
+                                   source=args.filename)
+    except ManifestError as exc:
+        raise CommandError(str(exc)) from None
+    output = []
+    try:
+        for document in documents:
+            result = inject_document(document, keyring_for=store.keyring, settings=settings,
+                                     default_namespace=args.namespace)
+            for warning in result.warnings:
+                print(f"warning: {warning}", file=sys.stderr)
+            output.append(result.document)
+    except InjectionRefused as exc:
+        raise CommandError(f"denied: {exc}") from None
+    sys.stdout.write(yaml.safe_dump_all(output, sort_keys=False, explicit_start=True))
+    return 0
+
+
+def add_inject(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("inject", help="inject keys into manifests offline")
+    p.add_argument("-f", "--filename", required=True, help="YAML stream, or - for stdin")
+    p.add_argument("-n", "--namespace", default="default",
+                   help="namespace of documents that name none")
+    add_flag(p, "--keys-from", default=None, help="directory of key Secret manifests")
+    add_settings_flags(p)
+    p.set_defaults(func=cmd_inject)
+
+
+# --- keys check ----------------------------------------------------------------------
+
+def cmd_keys_check(args: argparse.Namespace) -> int:
+    value = read_input(args.file)
+    subject = "stdin" if args.file == "-" else f"file {args.file}"
+    result = check_key(value, subject=subject, encoding=args.key_encoding)
+    if not result.valid:
+        print(f"invalid: {result.reason}")
+        return 1
+    print(f"valid: {result.encoding} AES-256 key, fingerprint {result.fingerprint}")
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
+    return 0
+
+
+def add_keys(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+    keys = commands.add_parser("keys", help="create, rotate, list, check and retire keys")
+    sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
+    check = sub.add_parser("check", help="validate key material offline (exit 1 if invalid)")
+    check.add_argument("file", nargs="?", default="-", help="key file, or - for stdin")
+    add_flag(check, "--key-encoding", default="auto", choices=("auto", "raw", "base64"),
+             help="which key encodings are accepted")
+    check.set_defaults(func=cmd_keys_check)
+    return sub
+
+
+# --- certs ---------------------------------------------------------------------------
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    from .certs import build_certificates, write_certificates
+
+    try:
+        pems = build_certificates(service=args.service, namespace=args.namespace,
+                                  ips=args.ip or [], dns_names=args.dns or [])
+    except ValueError as exc:
+        raise CommandError(f"invalid --ip: {exc}", 2) from None
+    files = write_certificates(Path(args.out), pems)
+    print(f"wrote {files.ca_cert}, {files.tls_cert}, {files.tls_key} (private keys 0600)",
+          file=sys.stderr)
+    print(files.ca_bundle)
+    return 0
+
+
+def add_certs(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser("certs", help="make a CA and serving certificate; print caBundle")
+    p.add_argument("--service", required=True, help="webhook Service name")
+    p.add_argument("--namespace", required=True, help="webhook Service namespace")
+    p.add_argument("--out", default="certs", help="output directory (default certs)")
+    p.add_argument("--ip", action="append", help="IP SAN, repeatable (e.g. 127.0.0.1)")
+    p.add_argument("--dns", action="append", help="extra DNS SAN, repeatable")
+    p.set_defaults(func=cmd_certs)
+
+
+# --- main -----------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="keymount", description="Mount a namespace's AES-256 keys into backend Pods.")
+    parser.add_argument("--version", action="version", version=f"keymount {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_serve(commands)
+    add_inject(commands)
+    add_keys(commands)
+    add_certs(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except CommandError as exc:
+        print(f"keymount: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,46 @@
+"""What keymount decides with: one frozen Settings object shared by every path."""
+
+from __future__ import annotations
+
+import posixpath
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Literal
+
+from .keys import KeyEncoding
+from .selectors import Selector, parse_selector
+
+LABEL_PREFIX = "keymount.io/"
+VOLUME_NAME = "keymount-encryption-keys"
+STATUS_ANNOTATION = "keymount.io/status"
+CONTAINERS_ANNOTATION = "keymount.io/containers"
+DEFAULT_POD_SELECTOR = "app.kubernetes.io/component=backend"
+DEFAULT_KEY_SELECTOR = "keymount.io/encryption-key=true"
+DEFAULT_KEY_FIELD = "encryption-key"
+DEFAULT_MOUNT_PATH = "/encryption-keys"
+MANY_KEYS = 10  # more than this earns a warning (SPEC §4)
+
+InvalidKeys = Literal["deny", "skip"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    pod_selector: Selector = field(default_factory=lambda: parse_selector(DEFAULT_POD_SELECTOR))
+    key_selector: Selector = field(default_factory=lambda: parse_selector(DEFAULT_KEY_SELECTOR))
+    key_field: str = DEFAULT_KEY_FIELD
+    mount_path: str = DEFAULT_MOUNT_PATH
+    invalid_keys: InvalidKeys = "deny"
+    key_encoding: KeyEncoding = "auto"
+    max_key_age: timedelta | None = None
+
+    def __post_init__(self) -> None:
+        if not self.mount_path.startswith("/"):
+            raise ValueError(f"--mount-path {self.mount_path!r} must be an absolute path")
+        object.__setattr__(self, "mount_path", posixpath.normpath(self.mount_path))
+        if self.invalid_keys not in ("deny", "skip"):
+            raise ValueError(f"--invalid-keys must be deny or skip, not {self.invalid_keys!r}")
+        if self.key_encoding not in ("auto", "raw", "base64"):
+            raise ValueError(
+                f"--key-encoding must be auto, raw or base64, not {self.key_encoding!r}")
+        if not self.key_field:
+            raise ValueError("--key-field must not be empty")

@@ -1,0 +1,276 @@
+"""The injection: from a Pod (or pod template) and its namespace's keys, the patch.
+
+One function, `inject_keys`, serves the mutating webhook and `keymount inject` alike
+(as Istio's injector serves both its webhook and `istioctl kube-inject`). It returns
+either `Injected`, whose JSONPatch is the single source of truth for the change, or
+`Refused`, whose message tells the user what to do. It never raises on odd input:
+the webhook fails closed, so anything it cannot read is a refusal.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import jsonpatch
+
+from .config import (CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME,
+                     Settings)
+from .keys import INDEX_ANNOTATION, Keyring
+
+PatchOp = dict[str, Any]
+RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "mount-conflict",
+                        "unknown-container", "malformed-pod"]
+# Refusals that come from the namespace's key Secrets: a stale cache could cause them,
+# so the webhook confirms them with a live read before answering (SPEC §5).
+KEY_STATE_REASONS: frozenset[str] = frozenset({"no-valid-key", "invalid-keys",
+                                               "ambiguous-order"})
+FILE_MODE = 0o440
+
+
+@dataclass(frozen=True, slots=True)
+class KeyFile:
+    file: str
+    secret: str
+    fingerprint: str
+
+    def as_status(self) -> dict[str, str]:
+        return {"file": self.file, "secret": self.secret, "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True, slots=True)
+class Injected:
+    patch: tuple[PatchOp, ...]
+    files: tuple[KeyFile, ...]
+    warnings: tuple[str, ...] = ()
+
+    def apply(self, pod: Mapping[str, Any]) -> dict[str, Any]:
+        return jsonpatch.apply_patch(pod, list(self.patch))
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reason: RefusalReason
+    message: str
+
+    @property
+    def from_key_state(self) -> bool:
+        return self.reason in KEY_STATE_REASONS
+
+
+def needs_keys(pod: Mapping[str, Any], *, settings: Settings) -> bool:
+    """A backend Pod is one whose labels match the pod selector (SPEC §1)."""
+    meta = pod.get("metadata")
+    labels = meta.get("labels") if isinstance(meta, Mapping) else None
+    return settings.pod_selector.matches(labels if isinstance(labels, Mapping) else {})
+
+
+def build_key_files(keyring: Keyring) -> tuple[KeyFile, ...]:
+    return tuple(KeyFile(keyring.file_name(i), r.name, r.fingerprint)
+                 for i, r in enumerate(keyring.keys))
+
+
+def build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
+    return {
+        "name": VOLUME_NAME,
+        "projected": {
+            "defaultMode": FILE_MODE,
+            "sources": [
+                {"secret": {"name": record.name,
+                            "items": [{"key": settings.key_field,
+                                       "path": keyring.file_name(i)}],
+                            "optional": False}}
+                for i, record in enumerate(keyring.keys)
+            ],
+        },
+    }
+
+
+def build_mount(*, settings: Settings) -> dict[str, Any]:
+    return {"name": VOLUME_NAME, "mountPath": settings.mount_path, "readOnly": True}
+
+
+def build_status(files: tuple[KeyFile, ...]) -> str:
+    return json.dumps([f.as_status() for f in files], separators=(",", ":"))
+
+
+def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
+    """The namespace-level refusals of SPEC §5, in the order a user should fix them."""
+    ns = keyring.namespace
+    if keyring.conflict:
+        a, b = keyring.conflict
+        return Refused("ambiguous-order", (
+            f"key order in namespace {ns!r} is ambiguous: key Secrets {a.name!r} and "
+            f"{b.name!r} both have {INDEX_ANNOTATION}={a.index}. Give the newer one the "
+            f"next index: kubectl annotate secret {b.name} -n {ns} "
+            f"{INDEX_ANNOTATION}={_next_index(keyring)} --overwrite"))
+    if keyring.invalid and settings.invalid_keys == "deny":
+        listed = "; ".join(f"{r.name}: {r.check.reason}" for r in keyring.invalid)
+        return Refused("invalid-keys", (
+            f"namespace {ns!r} has invalid key Secrets ({listed}). Replace the key "
+            f"(`keymount keys check FILE` validates one offline, `keymount keys create "
+            f"NAME -n {ns} --generate` makes a good one), retire the bad Secret with "
+            f"`keymount keys retire NAME -n {ns}`, or run the webhook with "
+            f"--invalid-keys skip"))
+    if not keyring.keys:
+        return Refused("no-valid-key", (
+            f"namespace {ns!r} has no valid encryption key: keymount needs a Secret "
+            f"labelled {settings.key_selector} whose data field {settings.key_field!r} holds "
+            f"a 32-byte AES-256 key (raw or base64). Create one: keymount keys create "
+            f"encryption-key-1 -n {ns} --generate"))
+    return None
+
+
+def _next_index(keyring: Keyring) -> int:
+    return max((r.index for r in keyring.keys), default=0) + 1
+
+
+def build_key_warnings(keyring: Keyring, *, settings: Settings,
+                       now: datetime | None) -> list[str]:
+    warnings = [f"key Secret {r.name!r}: {r.check.warning}" for r in keyring.keys
+                if r.check.warning]
+    if keyring.invalid:
+        warnings.append("invalid key Secrets skipped: " + "; ".join(
+            f"{r.name}: {r.check.reason}" for r in keyring.invalid))
+    if len(keyring.keys) > MANY_KEYS:
+        warnings.append(
+            f"namespace {keyring.namespace!r} has {len(keyring.keys)} keys (more than "
+            f"{MANY_KEYS}); retire keys no data needs: keymount keys retire NAME "
+            f"-n {keyring.namespace}")
+    newest = keyring.newest
+    if (settings.max_key_age and now and newest and newest.created
+            and now - newest.created > settings.max_key_age):
+        warnings.append(
+            f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older than "
+            f"--max-key-age; rotate: keymount keys rotate -n {keyring.namespace} --generate")
+    return warnings
+
+
+def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
+                now: datetime | None = None) -> Injected | Refused:
+    """Decide on one backend Pod or pod template and build its JSONPatch (SPEC §4, §5)."""
+    refusal = check_keyring(keyring, settings=settings)
+    if refusal:
+        return refusal
+    spec = pod.get("spec")
+    if not isinstance(spec, Mapping) or not _is_list_of_maps(spec.get("containers")):
+        return Refused("malformed-pod", "the Pod has no spec.containers list; keymount "
+                                        "cannot tell where to mount the keys")
+    for name in ("initContainers", "volumes"):
+        if spec.get(name) is not None and not _is_list_of_maps(spec.get(name)):
+            return Refused("malformed-pod", f"the Pod's spec.{name} is not a list of objects")
+
+    targets = select_containers(pod)
+    if isinstance(targets, Refused):
+        return targets
+    mount = build_mount(settings=settings)
+    for path, container in targets:
+        mounts = container.get("volumeMounts")
+        if mounts is not None and not _is_list_of_maps(mounts):
+            return Refused("malformed-pod", f"{path}/volumeMounts is not a list of objects")
+        conflict = find_mount_conflict(container, mount_path=settings.mount_path)
+        if conflict:
+            return Refused("mount-conflict", (
+                f"container {container.get('name')!r} already mounts volume {conflict!r} "
+                f"at or under {settings.mount_path}, where keymount mounts the encryption "
+                f"keys; move that mount elsewhere, or set --mount-path"))
+
+    files = build_key_files(keyring)
+    patch: list[PatchOp] = []
+    _patch_list_member(patch, spec.get("volumes"), "/spec/volumes",
+                       build_volume(keyring, settings=settings))
+    for path, container in targets:
+        _patch_list_member(patch, container.get("volumeMounts"), f"{path}/volumeMounts", mount)
+    _patch_annotation(patch, pod.get("metadata"), STATUS_ANNOTATION, build_status(files))
+
+    warnings = build_key_warnings(keyring, settings=settings, now=now)
+    warnings += build_pod_warnings(pod, targets=targets)
+    return Injected(tuple(patch), files, tuple(warnings))
+
+
+def _is_list_of_maps(value: Any) -> bool:
+    return isinstance(value, list) and all(isinstance(v, Mapping) for v in value)
+
+
+Target = tuple[str, Mapping[str, Any]]  # (JSON pointer, container)
+
+
+def select_containers(pod: Mapping[str, Any]) -> list[Target] | Refused:
+    """Every container by default; the annotation's names instead, init ones included."""
+    spec = pod["spec"]
+    containers = [(f"/spec/containers/{i}", c) for i, c in enumerate(spec["containers"])]
+    inits = [(f"/spec/initContainers/{i}", c)
+             for i, c in enumerate(spec.get("initContainers") or [])]
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    wanted = annotations.get(CONTAINERS_ANNOTATION)
+    if wanted is None:
+        return containers
+    names = [n.strip() for n in str(wanted).split(",") if n.strip()]
+    by_name = {c.get("name"): (path, c) for path, c in inits + containers}
+    unknown = [n for n in names if n not in by_name]
+    if unknown or not names:
+        return Refused("unknown-container", (
+            f"annotation {CONTAINERS_ANNOTATION}={wanted!r} names "
+            f"{', '.join(repr(n) for n in unknown) or 'no container'}, not a container of "
+            f"this Pod (containers: {_names(containers)}; initContainers: {_names(inits)}); "
+            f"list existing container names, comma-separated"))
+    return [by_name[n] for n in dict.fromkeys(names)]
+
+
+def _names(targets: list[Target]) -> str:
+    return ", ".join(str(c.get("name")) for _, c in targets) or "none"
+
+
+def find_mount_conflict(container: Mapping[str, Any], *, mount_path: str) -> str | None:
+    """Name of another volume mounted at or under `mount_path`, if any."""
+    for mount in container.get("volumeMounts") or []:
+        if not isinstance(mount, Mapping) or mount.get("name") == VOLUME_NAME:
+            continue
+        path = posixpath.normpath(str(mount.get("mountPath") or "/"))
+        if path == mount_path or path.startswith(mount_path.rstrip("/") + "/"):
+            return str(mount.get("name"))
+    return None
+
+
+def _patch_list_member(patch: list[PatchOp], items: list | None, pointer: str,
+                       wanted: dict[str, Any]) -> None:
+    """Add `wanted` to a list of named objects, or replace the member of that name."""
+    if items is None:
+        patch.append({"op": "add", "path": pointer, "value": [wanted]})
+        return
+    for i, item in enumerate(items):
+        if item.get("name") == wanted["name"]:
+            if item != wanted:
+                patch.append({"op": "replace", "path": f"{pointer}/{i}", "value": wanted})
+            return
+    patch.append({"op": "add", "path": f"{pointer}/-", "value": wanted})
+
+
+def _patch_annotation(patch: list[PatchOp], meta: Any, key: str, value: str) -> None:
+    if not isinstance(meta, Mapping):
+        patch.append({"op": "add", "path": "/metadata", "value": {"annotations": {key: value}}})
+    elif not isinstance(meta.get("annotations"), Mapping):
+        patch.append({"op": "add", "path": "/metadata/annotations", "value": {key: value}})
+    elif meta["annotations"].get(key) != value:
+        escaped = key.replace("~", "~0").replace("/", "~1")
+        patch.append({"op": "add", "path": f"/metadata/annotations/{escaped}", "value": value})
+
+
+def build_pod_warnings(pod: Mapping[str, Any], *, targets: list[Target]) -> list[str]:
+    """0440 root-owned files are unreadable to a non-root user without a Pod fsGroup."""
+    pod_sc = pod["spec"].get("securityContext") or {}
+    if pod_sc.get("fsGroup") is not None:
+        return []
+    for _, container in targets:
+        sc = container.get("securityContext") or {}
+        user = sc.get("runAsUser", pod_sc.get("runAsUser"))
+        non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
+        if (user is not None and user != 0) or (user is None and non_root is True):
+            return [f"container {container.get('name')!r} runs as non-root but the Pod sets "
+                    f"no securityContext.fsGroup: the key files (mode 0440, owned by root) "
+                    f"will be unreadable; set spec.securityContext.fsGroup"]
+    return []

@@ -1,0 +1,63 @@
+"""Prometheus metrics (SPEC §6). Labels carry names and states, never key material."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .store import KeyStore
+
+
+class Metrics:
+    """One registry per server, so tests and replicas in one process stay apart."""
+
+    def __init__(self, store: KeyStore | None = None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.admissions = Counter(
+            "keymount_admission_requests", "Admission requests by webhook and result",
+            ["webhook", "result"], registry=r)
+        self.duration = Histogram(
+            "keymount_admission_duration_seconds", "Time to answer an admission request",
+            ["webhook"], registry=r,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.watch_restarts = Counter(
+            "keymount_watch_restarts", "Times the key Secret watch was re-established",
+            registry=r)
+        self.tls_reloads = Counter(
+            "keymount_tls_reloads", "Serving certificate reloads", ["result"], registry=r)
+        self.live_reads = Counter(
+            "keymount_live_reads", "Live reads of a namespace's keys before a deny",
+            registry=r)
+        if store is not None:
+            r.register(StoreCollector(store))
+
+
+class StoreCollector(Collector):
+    """Cache figures computed at scrape time, so ages are current when read."""
+
+    def __init__(self, store: KeyStore) -> None:
+        self.store = store
+
+    def collect(self):
+        counts = self.store.count_by_state()
+        secrets = GaugeMetricFamily("keymount_key_secrets", "Key Secrets in the cache by state",
+                                    labels=["state"])
+        for state in ("valid", "invalid"):
+            secrets.add_metric([state], counts.get(state, 0))
+        yield secrets
+        yield GaugeMetricFamily("keymount_cache_ready",
+                                "1 once the first full list of key Secrets is in",
+                                value=1 if self.store.ready else 0)
+        ages = GaugeMetricFamily("keymount_newest_key_age_seconds",
+                                 "Age of the newest valid key of each namespace",
+                                 labels=["namespace"])
+        now = datetime.now(timezone.utc)
+        for namespace in self.store.namespaces():
+            newest = self.store.keyring(namespace).newest
+            if newest is not None and newest.created is not None:
+                ages.add_metric([namespace], (now - newest.created).total_seconds())
+        yield ages

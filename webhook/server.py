@@ -1,0 +1,309 @@
+"""The HTTP edge: aiohttp apps for the webhooks (HTTPS) and the probes (plain HTTP).
+
+Handlers parse, call the pure decisions in `admission`, and serialize. Everything that
+can go wrong on the way is answered without crashing and without letting a backend
+Pod through: bad requests get a 4xx with a JSON error; anything unexpected gets an
+AdmissionReview that says allowed: false, code 500 (SPEC §6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import ssl
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any, Literal, Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .admission import (AdmissionRequest, MalformedReview, Verdict, build_review, errored,
+                        parse_review, review_mutation, review_validation)
+from .config import Settings
+from .keys import Keyring
+from .metrics import Metrics
+from .store import KeyStore
+
+log = logging.getLogger("keymount.admission")
+server_log = logging.getLogger("keymount.server")
+
+# Kubernetes caps a request body at 3 MiB; an AdmissionReview may carry the object
+# twice (object and oldObject), so 7 MiB is the most a genuine review needs.
+MAX_BODY = 7 * 1024 * 1024
+Webhook = Literal["mutate", "validate"]
+
+
+class KeySource(Protocol):
+    """What the server needs of a key source (local directory or Kubernetes)."""
+
+    async def load(self) -> None: ...
+
+    async def run(self) -> None: ...
+
+    async def confirm(self, namespace: str) -> Keyring: ...
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    store: KeyStore
+    source: KeySource
+    metrics: Metrics
+    draining: bool = False
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
+
+
+RUNTIME = web.AppKey("runtime", Runtime)
+
+
+# --- the webhooks -------------------------------------------------------------------
+
+def json_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message, "status": status}, status=status)
+
+
+async def read_review(request: web.Request) -> AdmissionRequest | web.Response:
+    """The request's AdmissionReview, or the 4xx response that refuses it."""
+    if request.content_type != "application/json":
+        return json_error(415, f"content type {request.content_type!r} is not supported; "
+                               "send application/json")
+    if request.content_length is not None and request.content_length > MAX_BODY:
+        return json_error(413, f"body of {request.content_length} bytes is over the "
+                               f"{MAX_BODY}-byte limit")
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        return json_error(413, f"body is over the {MAX_BODY}-byte limit")
+    try:
+        return parse_review(body)
+    except MalformedReview as exc:
+        return json_error(400, str(exc))
+
+
+async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -> Verdict:
+    def verdict_for(keyring: Keyring) -> Verdict:
+        if webhook == "mutate":
+            return review_mutation(review, keyring=keyring, settings=runtime.settings,
+                                   now=runtime.clock())
+        return review_validation(review, keyring=keyring, settings=runtime.settings)
+
+    verdict = verdict_for(runtime.store.keyring(review.namespace))
+    if verdict.key_state:
+        # Confirm a key-state refusal with one live read: a key Secret created a moment
+        # ago may not have reached the cache yet (SPEC §5). Only ever on this rare path.
+        runtime.metrics.live_reads.inc()
+        verdict = verdict_for(await runtime.source.confirm(review.namespace))
+    return verdict
+
+
+def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
+    async def handle(request: web.Request) -> web.Response:
+        runtime = request.app[RUNTIME]
+        started = time.perf_counter()
+        review = await read_review(request)
+        if isinstance(review, web.Response):
+            runtime.metrics.admissions.labels(webhook, "error").inc()
+            return review
+        try:
+            verdict = await decide(runtime, review, webhook)
+        except Exception as exc:  # fail closed, whatever broke
+            server_log.exception("admission failed", extra={"uid": review.uid})
+            verdict = Verdict("error", errored(
+                review.uid, f"keymount could not decide ({type(exc).__name__}); "
+                            f"see the keymount logs for uid {review.uid}"))
+        elapsed = time.perf_counter() - started
+        runtime.metrics.admissions.labels(webhook, verdict.result).inc()
+        runtime.metrics.duration.labels(webhook).observe(elapsed)
+        log_decision(review, verdict, webhook=webhook, elapsed=elapsed)
+        return web.json_response(build_review(review.api_version, verdict.response))
+
+    return handle
+
+
+def log_decision(review: AdmissionRequest, verdict: Verdict, *, webhook: Webhook,
+                 elapsed: float) -> None:
+    if verdict.result == "skipped" and not log.isEnabledFor(logging.DEBUG):
+        return
+    fields: dict[str, Any] = {
+        "webhook": webhook, "uid": review.uid, "namespace": review.namespace,
+        "kind": review.kind, "name": review.object_name, "operation": review.operation,
+        "result": verdict.result, "duration_ms": round(elapsed * 1000, 3),
+    }
+    if review.is_pod:
+        fields["pod"] = fields.pop("name")
+    if verdict.files:
+        fields["files"] = [f.as_status() for f in verdict.files]
+    if verdict.message:
+        fields["message"] = verdict.message
+    level = logging.DEBUG if verdict.result == "skipped" else logging.INFO
+    log.log(level, "admission decision", extra=fields)
+
+
+def build_webhook_app(runtime: Runtime) -> web.Application:
+    # aiohttp refuses bodies over client_max_size itself, which covers chunked
+    # requests that declare no Content-Length.
+    app = web.Application(client_max_size=MAX_BODY)
+    app[RUNTIME] = runtime
+    app.router.add_post("/mutate", build_handler("mutate"))
+    app.router.add_post("/validate", build_handler("validate"))
+    app.cleanup_ctx.append(key_source_ctx)
+    return app
+
+
+async def key_source_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Start the key source with the app and stop it with the app."""
+    runtime = app[RUNTIME]
+    task = asyncio.create_task(_keep_keys(runtime), name="keymount-key-source")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _keep_keys(runtime: Runtime) -> None:
+    try:
+        await runtime.source.load()
+    except Exception:
+        server_log.exception("first load of key Secrets failed; retrying in the background")
+    await runtime.source.run()
+
+
+# --- probes and metrics ---------------------------------------------------------------
+
+async def healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def readyz(request: web.Request) -> web.Response:
+    runtime = request.app[RUNTIME]
+    if runtime.draining:
+        return web.Response(status=503, text="shutting down\n")
+    if not runtime.store.ready:
+        return web.Response(status=503, text="key Secrets not listed yet\n")
+    return web.Response(text="ok\n")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    registry = request.app[RUNTIME].metrics.registry
+    return web.Response(body=generate_latest(registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def build_probe_app(runtime: Runtime) -> web.Application:
+    app = web.Application()
+    app[RUNTIME] = runtime
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    return app
+
+
+# --- TLS ----------------------------------------------------------------------------
+
+def build_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+class CertReloader:
+    """Reloads the serving certificate into the live SSLContext when its files change.
+
+    New TLS handshakes use the new pair; open connections keep theirs. cert-manager
+    and kubelet Secret-volume updates replace both files, not always at the same
+    instant: a pair that does not load yet is retried at the next tick and the old
+    one stays in service meanwhile.
+    """
+
+    def __init__(self, context: ssl.SSLContext, cert_file: str, key_file: str, *,
+                 metrics: Metrics, interval: float = 2.0) -> None:
+        self.context, self.cert_file, self.key_file = context, cert_file, key_file
+        self.metrics, self.interval = metrics, interval
+        self._stamp = self._read_stamp()
+
+    def _read_stamp(self) -> tuple:
+        stamps = []
+        for path in (self.cert_file, self.key_file):
+            try:
+                st = os.stat(path)
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def reload_if_changed(self) -> bool:
+        stamp = self._read_stamp()
+        if stamp == self._stamp:
+            return False
+        try:
+            self.context.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ssl.SSLError) as exc:
+            self.metrics.tls_reloads.labels("error").inc()
+            server_log.warning("serving certificate changed but does not load yet; "
+                               "keeping the previous one", extra={"error": str(exc)})
+            return False
+        self._stamp = stamp
+        self.metrics.tls_reloads.labels("success").inc()
+        server_log.info("serving certificate reloaded", extra={"cert": self.cert_file})
+        return True
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.reload_if_changed()
+
+
+@dataclass
+class ServeOptions:
+    host: str = "0.0.0.0"
+    port: int = 8443
+    probe_port: int = 8080
+    tls_cert: str = "certs/tls.crt"
+    tls_key: str = "certs/tls.key"
+    shutdown_grace: float = 5.0
+    cert_reload_interval: float = 2.0
+
+
+async def serve(runtime: Runtime, options: ServeOptions,
+                stop: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or `stop`), then drain as SPEC §8 says."""
+    context = build_ssl_context(options.tls_cert, options.tls_key)
+    reloader = CertReloader(context, options.tls_cert, options.tls_key,
+                            metrics=runtime.metrics, interval=options.cert_reload_interval)
+    webhook_runner = web.AppRunner(build_webhook_app(runtime), access_log=None,
+                                   shutdown_timeout=30.0)
+    probe_runner = web.AppRunner(build_probe_app(runtime), access_log=None)
+    await webhook_runner.setup()
+    await probe_runner.setup()
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, stop.set)
+    reload_task = asyncio.create_task(reloader.run(), name="keymount-cert-reloader")
+    try:
+        await web.TCPSite(probe_runner, options.host, options.probe_port).start()
+        await web.TCPSite(webhook_runner, options.host, options.port,
+                          ssl_context=context).start()
+        server_log.info("serving", extra={"port": options.port,
+                                          "probe_port": options.probe_port})
+        await stop.wait()
+        # Endpoints and kube-proxy take a moment to drop this Pod: keep answering new
+        # connections for a grace period while /readyz says 503, then stop.
+        runtime.draining = True
+        server_log.info("draining", extra={"grace_seconds": options.shutdown_grace})
+        await asyncio.sleep(options.shutdown_grace)
+    finally:
+        reload_task.cancel()
+        await webhook_runner.cleanup()  # stops accepting, waits for in-flight requests
+        await probe_runner.cleanup()
+        server_log.info("stopped")

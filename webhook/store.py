@@ -1,0 +1,77 @@
+"""The key cache: what every key source fills and every admission reads.
+
+Admission must cost the same whatever the cluster holds (SPEC §10), so each
+namespace's `Keyring` (order, conflicts, invalid keys) is rebuilt when that namespace's
+Secrets change, not per request: a lookup is one dict access. All mutation happens on
+the event loop thread; sources that run in threads hand their results over to it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Iterable
+
+from .keys import KeyRecord, Keyring, build_keyring
+
+
+class KeyStore:
+    def __init__(self) -> None:
+        self._records: dict[str, dict[str, KeyRecord]] = {}
+        self._rings: dict[str, Keyring] = {}
+        self.ready = False
+        self._listeners: list[Callable[[KeyStore], None]] = []
+
+    def keyring(self, namespace: str) -> Keyring:
+        ring = self._rings.get(namespace)
+        return ring if ring is not None else Keyring(namespace)
+
+    def namespaces(self) -> list[str]:
+        return sorted(self._rings)
+
+    def on_change(self, listener: Callable[[KeyStore], None]) -> None:
+        self._listeners.append(listener)
+
+    def replace_all(self, records: Iterable[KeyRecord]) -> None:
+        """A full list: afterwards the store holds exactly these records."""
+        grouped: dict[str, dict[str, KeyRecord]] = {}
+        for record in records:
+            grouped.setdefault(record.namespace, {})[record.name] = record
+        changed = set(self._records) | set(grouped)
+        self._records = grouped
+        self._rebuild(changed)
+        self.ready = True
+        self._notify()
+
+    def replace_namespace(self, namespace: str, records: Iterable[KeyRecord]) -> Keyring:
+        """A live read of one namespace replaces what the cache had for it."""
+        self._records[namespace] = {r.name: r for r in records if r.namespace == namespace}
+        self._rebuild({namespace})
+        self._notify()
+        return self.keyring(namespace)
+
+    def put(self, record: KeyRecord) -> None:
+        self._records.setdefault(record.namespace, {})[record.name] = record
+        self._rebuild({record.namespace})
+        self._notify()
+
+    def remove(self, namespace: str, name: str) -> None:
+        if self._records.get(namespace, {}).pop(name, None) is not None:
+            self._rebuild({namespace})
+            self._notify()
+
+    def count_by_state(self) -> Counter[str]:
+        return Counter("valid" if r.valid else "invalid"
+                       for by_name in self._records.values() for r in by_name.values())
+
+    def _rebuild(self, namespaces: Iterable[str]) -> None:
+        for ns in namespaces:
+            records = self._records.get(ns)
+            if records:
+                self._rings[ns] = build_keyring(ns, records.values())
+            else:
+                self._records.pop(ns, None)
+                self._rings.pop(ns, None)
+
+    def _notify(self) -> None:
+        for listener in self._listeners:
+            listener(self)
