@@ -1,0 +1,214 @@
+"""AdmissionReview parsing and the /mutate and /validate decisions (pure)."""
+
+import base64
+import json
+
+import jsonpatch
+import pytest
+from builders import container, key_secret, keyring_of, pod, random_key, review
+
+from webhook.admission import (MalformedReview, parse_review, review_mutation,
+                               review_validation)
+from webhook.config import Settings
+
+SETTINGS = Settings()
+KEYRING = keyring_of(key_secret("key-a", random_key(), index=1),
+                     key_secret("key-b", random_key(), index=2))
+
+
+def parse(obj) -> object:
+    return parse_review(json.dumps(obj).encode())
+
+
+def mutate(body, keyring=KEYRING):
+    return review_mutation(parse(body), keyring=keyring, settings=SETTINGS)
+
+
+def validate(body, keyring=KEYRING):
+    return review_validation(parse(body), keyring=keyring, settings=SETTINGS)
+
+
+def patched_object(body, verdict):
+    ops = json.loads(base64.b64decode(verdict.response["patch"]))
+    return jsonpatch.apply_patch(body["request"]["object"], ops)
+
+
+@pytest.mark.parametrize(("body", "error"), [
+    (b"{not json", "not valid JSON"),
+    (b"[]", "not an AdmissionReview"),
+    (json.dumps({"kind": "Pod"}).encode(), "not an AdmissionReview"),
+    (json.dumps({"kind": "AdmissionReview", "apiVersion": "v2"}).encode(), "apiVersion"),
+    (json.dumps({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1"}).encode(),
+     "no request"),
+    (json.dumps({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
+                 "request": {"kind": {"kind": "Pod"}, "operation": "CREATE"}}).encode(),
+     "no uid"),
+    (json.dumps({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
+                 "request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "EAT"}}).encode(),
+     "operation"),
+    (json.dumps({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
+                 "request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "CREATE",
+                             "object": [1]}}).encode(), "request.object"),
+], ids=["bad-json", "json-array", "wrong-kind", "wrong-version", "no-request", "no-uid",
+        "bad-operation", "object-not-a-map"])
+def test_a_malformed_review_is_refused_with_the_reason(body, error):
+    with pytest.raises(MalformedReview, match=error):
+        parse_review(body)
+
+
+def test_a_backend_pod_gets_a_jsonpatch_that_applies_to_the_request_object():
+    body = review(pod())
+    verdict = mutate(body)
+    assert verdict.result == "injected"
+    assert verdict.response["uid"] == "0f6a2b1e-uid" and verdict.response["allowed"] is True
+    assert verdict.response["patchType"] == "JSONPatch"
+    result = patched_object(body, verdict)
+    assert result["spec"]["volumes"][0]["name"] == "keymount-encryption-keys"
+
+
+def test_audit_annotations_list_files_and_fingerprints():
+    verdict = mutate(review(pod()))
+    audit = json.loads(verdict.response["auditAnnotations"]["encryption-keys"])
+    assert [a["secret"] for a in audit] == ["key-a", "key-b"]
+    assert all(len(a["fingerprint"]) == 6 for a in audit)
+
+
+@pytest.mark.parametrize("body", [
+    review(pod(labels={"app": "web"})),
+    review(pod(), operation="UPDATE", old=pod()),
+    review({"kind": "Service"}, kind="Service"),
+    review(pod(), operation="DELETE"),
+], ids=["not-backend", "update", "not-a-pod", "delete"])
+def test_anything_but_a_backend_pod_create_is_allowed_without_patch(body):
+    verdict = mutate(body, keyring=keyring_of())
+    assert verdict.result == "skipped"
+    assert verdict.response == {"uid": "0f6a2b1e-uid", "allowed": True}
+
+
+def test_a_denial_is_403_with_the_message_and_marks_key_state():
+    verdict = mutate(review(pod()), keyring=keyring_of())
+    assert verdict.response["allowed"] is False
+    assert verdict.response["status"]["code"] == 403
+    assert "keymount keys create" in verdict.response["status"]["message"]
+    assert verdict.key_state is True
+
+
+def test_a_mount_conflict_is_not_key_state():
+    obj = pod(container("app", volumeMounts=[{"name": "v", "mountPath": "/encryption-keys"}]))
+    verdict = mutate(review(obj))
+    assert verdict.result == "denied" and verdict.key_state is False
+
+
+def test_v1beta1_reviews_are_answered_too():
+    assert parse(review(pod(), api_version="admission.k8s.io/v1beta1")).api_version == \
+        "admission.k8s.io/v1beta1"
+
+
+# --- /validate: the final Pod (SPEC §6a) --------------------------------------------------
+
+def final_pod(obj=None, keyring=KEYRING):
+    obj = obj or pod()
+    return patched_object(review(obj), mutate(review(obj), keyring=keyring))
+
+
+def test_a_pod_as_keymount_injected_it_passes_validation():
+    assert validate(review(final_pod())).result == "allowed"
+
+
+def test_a_pod_validated_after_a_key_was_added_still_passes():
+    newer = keyring_of(*[key_secret(r.name, random_key(), index=r.index) for r in KEYRING.keys],
+                       key_secret("key-c", random_key(), index=3))
+    older_pod = final_pod()
+    assert validate(review(older_pod), keyring=newer).result == "allowed"
+
+
+@pytest.mark.parametrize("tamper", [
+    lambda p: p["spec"].pop("volumes"),
+    lambda p: p["spec"]["containers"][0].pop("volumeMounts"),
+    lambda p: p["spec"]["containers"][0]["volumeMounts"][0].update(readOnly=False),
+    lambda p: p["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "evil", "mountPath": "/encryption-keys/x"}),
+    lambda p: p["spec"]["volumes"][0]["projected"]["sources"].append(
+        {"configMap": {"name": "x"}}),
+    lambda p: p["spec"]["volumes"][0]["projected"].update(defaultMode=0o444),
+    lambda p: p["spec"]["volumes"][0]["projected"]["sources"][0]["secret"]["items"][0].update(
+        path="other"),
+], ids=["volume-removed", "mount-removed", "mount-writable", "other-volume-under-path",
+        "extra-source", "mode-changed", "file-renamed"])
+def test_a_backend_pod_changed_after_injection_is_denied(tamper):
+    obj = final_pod()
+    tamper(obj)
+    verdict = validate(review(obj))
+    assert verdict.result == "denied" and verdict.key_state is False
+    assert "mutatingwebhookconfigurations" in verdict.message
+
+
+def test_a_pod_referencing_a_secret_that_is_not_a_valid_key_is_denied_as_key_state():
+    obj = final_pod()
+    obj["spec"]["volumes"][0]["projected"]["sources"][0]["secret"]["name"] = "not-a-key"
+    verdict = validate(review(obj))
+    assert verdict.result == "denied" and verdict.key_state is True
+
+
+def test_a_non_backend_pod_passes_validation_untouched():
+    assert validate(review(pod(labels={"app": "web"}))).result == "allowed"
+
+
+# --- /validate: key Secrets (SPEC §6b) ---------------------------------------------------
+
+def test_creating_an_invalid_key_secret_is_denied_with_the_reason():
+    verdict = validate(review(key_secret("k", b"short"), kind="Secret"))
+    assert verdict.result == "denied"
+    assert "holds 5 bytes" in verdict.message and "keymount keys check" in verdict.message
+
+
+def test_creating_a_valid_key_secret_is_allowed():
+    assert validate(review(key_secret("k", random_key()), kind="Secret")).result == "allowed"
+
+
+def test_an_unlabelled_secret_is_not_judged():
+    assert validate(review(key_secret("k", b"x", labels={}), kind="Secret")).result == "allowed"
+
+
+def test_deleting_a_key_secret_is_denied_with_the_retire_command():
+    verdict = validate(review(None, kind="Secret", operation="DELETE",
+                              old=key_secret("k", random_key())))
+    assert verdict.result == "denied"
+    assert "keymount keys retire k -n shop" in verdict.message
+
+
+@pytest.mark.parametrize(("annotations", "username"), [
+    ({"keymount.io/allow-delete": "true"}, "alice"),
+    ({}, "system:serviceaccount:kube-system:namespace-controller"),
+], ids=["allow-delete-annotation", "namespace-controller"])
+def test_deleting_a_key_secret_is_allowed_when_retired_or_by_the_namespace_controller(
+        annotations, username):
+    old = key_secret("k", random_key(), annotations=annotations)
+    verdict = validate(review(None, kind="Secret", operation="DELETE", old=old,
+                              username=username))
+    assert verdict.result == "allowed"
+
+
+def test_a_delete_without_old_object_fails_closed():
+    assert validate(review(None, kind="Secret", operation="DELETE")).result == "denied"
+
+
+def test_replacing_the_key_material_of_a_key_secret_is_denied():
+    old = key_secret("k", random_key())
+    verdict = validate(review(key_secret("k", random_key()), kind="Secret", operation="UPDATE",
+                              old=old))
+    assert verdict.result == "denied" and "keymount keys rotate" in verdict.message
+
+
+def test_removing_the_key_label_from_a_key_secret_is_denied():
+    key = random_key()
+    verdict = validate(review(key_secret("k", key, labels={}), kind="Secret", operation="UPDATE",
+                              old=key_secret("k", key)))
+    assert verdict.result == "denied" and "removes the key label" in verdict.message
+
+
+def test_annotating_a_key_secret_is_allowed():
+    key = random_key()
+    new = key_secret("k", key, annotations={"keymount.io/allow-delete": "true"})
+    verdict = validate(review(new, kind="Secret", operation="UPDATE", old=key_secret("k", key)))
+    assert verdict.result == "allowed"

@@ -1,0 +1,116 @@
+"""The `keymount` command as a user runs it: a real process, real files."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from builders import fixed_key, key_secret, random_key
+
+GOLDEN = Path(__file__).parent / "golden" / "inject"
+UPDATE = os.environ.get("KEYMOUNT_UPDATE_GOLDEN") == "1"
+
+
+def keymount(*args: str, stdin: bytes | None = None, env: dict | None = None):
+    return subprocess.run([sys.executable, "-m", "webhook", *args], input=stdin,
+                          capture_output=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+
+
+@pytest.fixture
+def keys_dir(tmp_path):
+    directory = tmp_path / "keys"
+    directory.mkdir()
+    docs = [key_secret("shop-key-1", fixed_key("shop-1"), namespace="shop", index=1),
+            key_secret("shop-key-2", fixed_key("shop-2"), namespace="shop", index=2),
+            key_secret("default-key", fixed_key("default"), namespace="default")]
+    (directory / "keys.yaml").write_text(yaml.safe_dump_all(docs))
+    return directory
+
+
+def test_inject_rewrites_backend_workloads_and_leaves_other_documents_alone(keys_dir):
+    result = keymount("inject", "-f", str(GOLDEN / "workloads.in.yaml"),
+                      "--keys-from", str(keys_dir))
+    assert result.returncode == 0, result.stderr.decode()
+    golden = GOLDEN / "workloads.out.yaml"
+    if UPDATE:
+        golden.write_bytes(result.stdout)
+    assert result.stdout.decode() == golden.read_text()
+    documents = list(yaml.safe_load_all(result.stdout))
+    source = list(yaml.safe_load_all((GOLDEN / "workloads.in.yaml").read_text()))
+    assert documents[3] == source[3]  # the ConfigMap, unchanged
+
+
+def test_inject_reads_stdin_and_uses_dash_n_for_documents_without_namespace(keys_dir):
+    pod = (GOLDEN / "workloads.in.yaml").read_text().split("---")[2]
+    result = keymount("inject", "-f", "-", "-n", "shop", "--keys-from", str(keys_dir),
+                      stdin=pod.encode())
+    assert result.returncode == 0, result.stderr.decode()
+    injected = yaml.safe_load(result.stdout)
+    sources = injected["spec"]["volumes"][0]["projected"]["sources"]
+    assert [s["secret"]["name"] for s in sources] == ["shop-key-1", "shop-key-2"]
+
+
+def test_inject_injecting_its_own_output_changes_nothing(keys_dir):
+    once = keymount("inject", "-f", str(GOLDEN / "workloads.in.yaml"),
+                    "--keys-from", str(keys_dir)).stdout
+    twice = keymount("inject", "-f", "-", "--keys-from", str(keys_dir), stdin=once).stdout
+    assert twice == once
+
+
+def test_inject_exits_non_zero_with_the_deny_message_and_prints_nothing(keys_dir):
+    result = keymount("inject", "-f", str(GOLDEN / "workloads.in.yaml"), "-n", "elsewhere",
+                      "--keys-from", str(keys_dir))
+    # The bare Pod has no namespace: with -n elsewhere it lands in a namespace with no keys.
+    assert result.returncode == 1
+    assert result.stdout == b""
+    assert b"denied: Pod elsewhere/debug" in result.stderr
+    assert b"keymount keys create encryption-key-1 -n elsewhere --generate" in result.stderr
+
+
+@pytest.mark.parametrize(("make", "code", "out"), [
+    (lambda k: k, 0, b"valid: raw AES-256 key, fingerprint "),
+    (lambda k: __import__("base64").b64encode(k) + b"\n", 0, b"valid: base64 AES-256 key"),
+    (lambda k: k[:31], 1, b"invalid: stdin holds 31 bytes"),
+    (lambda k: b"", 1, b"invalid: stdin is empty"),
+], ids=["raw", "base64", "31-bytes", "empty"])
+def test_keys_check_validates_key_material_from_stdin(make, code, out):
+    key = random_key()
+    result = keymount("keys", "check", stdin=make(key))
+    assert result.returncode == code
+    assert result.stdout.startswith(out)
+    assert key.hex() not in (result.stdout + result.stderr).decode()
+
+
+def test_keys_check_reads_a_file(tmp_path):
+    path = tmp_path / "key.bin"
+    path.write_bytes(random_key())
+    assert keymount("keys", "check", str(path)).returncode == 0
+
+
+def test_certs_writes_private_keys_0600_and_prints_the_ca_bundle(tmp_path):
+    import base64
+    from cryptography import x509
+    result = keymount("certs", "--service", "keymount", "--namespace", "keymount-system",
+                      "--out", str(tmp_path), "--ip", "127.0.0.1")
+    assert result.returncode == 0, result.stderr
+    bundle = base64.b64decode(result.stdout.strip())
+    assert bundle == (tmp_path / "ca.crt").read_bytes()
+    for key in ("tls.key", "ca.key"):
+        assert (tmp_path / key).stat().st_mode & 0o777 == 0o600
+    cert = x509.load_pem_x509_certificate((tmp_path / "tls.crt").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert set(sans.get_values_for_type(x509.DNSName)) == {
+        "keymount", "keymount.keymount-system", "keymount.keymount-system.svc",
+        "keymount.keymount-system.svc.cluster.local"}
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+
+
+def test_a_bad_flag_value_is_one_line_not_a_traceback(tmp_path):
+    result = keymount("inject", "-f", "-", "--keys-from", str(tmp_path),
+                      "--pod-selector", "a in b", stdin=b"")
+    assert result.returncode == 2
+    assert result.stderr.decode().startswith("keymount: invalid label selector")
+    assert b"Traceback" not in result.stderr

@@ -1,0 +1,281 @@
+"""The HTTPS server over real TLS: bad input, failure paths, probes, metrics, reload."""
+
+import asyncio
+import base64
+import json
+import ssl
+from pathlib import Path
+
+import aiohttp
+import jsonpatch
+import pytest
+import yaml
+from builders import container, key_secret, pod, random_key, review
+
+from webhook.certs import build_certificates, write_certificates
+from webhook.config import Settings
+from webhook.localdir import DirectoryKeySource
+from webhook.metrics import Metrics
+from webhook.server import (MAX_BODY, CertReloader, Runtime, build_probe_app,
+                            build_ssl_context, build_webhook_app)
+from webhook.store import KeyStore
+
+
+def write_keys(directory: Path, *secrets, name="keys.yaml"):
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(yaml.safe_dump_all(secrets))
+
+
+@pytest.fixture
+def certs(tmp_path):
+    return write_certificates(tmp_path / "certs", build_certificates(
+        service="keymount", namespace="keymount", ips=["127.0.0.1"]))
+
+
+@pytest.fixture
+def keys_dir(tmp_path):
+    directory = tmp_path / "keys"
+    write_keys(directory, key_secret("key-a", random_key(), index=1),
+               key_secret("key-b", random_key(), index=2))
+    return directory
+
+
+@pytest.fixture
+def runtime(keys_dir):
+    store = KeyStore()
+    # A long poll interval: only the startup load and confirm() read the directory.
+    source = DirectoryKeySource(keys_dir, settings=Settings(), store=store, poll_interval=3600)
+    return Runtime(settings=Settings(), store=store, source=source, metrics=Metrics(store))
+
+
+@pytest.fixture
+async def server(aiohttp_server, runtime, certs):
+    srv = await aiohttp_server(build_webhook_app(runtime),
+                               ssl=build_ssl_context(str(certs.tls_cert), str(certs.tls_key)))
+    await wait_for(lambda: runtime.store.ready)
+    return srv
+
+
+@pytest.fixture
+async def client(server, certs):
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    async with aiohttp.ClientSession(
+            base_url=str(server.make_url("/")),
+            connector=aiohttp.TCPConnector(ssl=context)) as session:
+        yield session
+
+
+async def wait_for(predicate, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.01)
+
+
+async def post(client, path, body, **kw):
+    async with client.post(path, json=body, **kw) as resp:
+        return resp.status, await resp.json()
+
+
+async def test_a_backend_pod_is_patched_over_tls(client):
+    body = review(pod())
+    status, answer = await post(client, "/mutate", body)
+    assert status == 200
+    assert answer["apiVersion"] == "admission.k8s.io/v1" and answer["kind"] == "AdmissionReview"
+    response = answer["response"]
+    assert response["uid"] == body["request"]["uid"] and response["allowed"] is True
+    result = jsonpatch.apply_patch(body["request"]["object"],
+                                   json.loads(base64.b64decode(response["patch"])))
+    assert [s["secret"]["name"] for s in result["spec"]["volumes"][0]["projected"]["sources"]] \
+        == ["key-a", "key-b"]
+
+
+async def test_wrong_content_type_is_415(client):
+    async with client.post("/mutate", data=b"{}", headers={"Content-Type": "text/plain"}) as r:
+        assert r.status == 415
+        assert "application/json" in (await r.json())["error"]
+
+
+async def test_a_body_over_7_mib_is_413(client):
+    body = b"{" + b" " * MAX_BODY + b"}"
+    async with client.post("/mutate", data=body,
+                           headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 413
+        assert "limit" in (await r.json())["error"]
+
+
+async def test_a_chunked_body_over_7_mib_is_413(client):
+    async def chunks():
+        for _ in range(8):
+            yield b" " * (1024 * 1024)
+
+    async with client.post("/mutate", data=chunks(),
+                           headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 413
+
+
+@pytest.mark.parametrize("body", [b"{nope", b'{"kind": "ConfigMap"}', b"null"],
+                         ids=["malformed-json", "not-a-review", "null"])
+async def test_malformed_input_is_400_with_a_json_error(client, body):
+    async with client.post("/validate", data=body,
+                           headers={"Content-Type": "application/json"}) as r:
+        assert r.status == 400
+        assert (await r.json())["status"] == 400
+
+
+async def test_an_exception_inside_the_handler_answers_allowed_false_code_500(
+        client, runtime, monkeypatch):
+    def explode(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr("webhook.server.review_mutation", explode)
+    body = review(pod(), uid="uid-500")
+    status, answer = await post(client, "/mutate", body)
+    assert status == 200
+    assert answer["response"]["allowed"] is False
+    assert answer["response"]["status"]["code"] == 500
+    assert answer["response"]["uid"] == "uid-500"
+    assert "patch" not in answer["response"]
+
+
+async def test_a_failing_live_read_fails_closed(client, runtime, monkeypatch):
+    async def unreachable(namespace):
+        raise ConnectionError("API server unreachable")
+
+    monkeypatch.setattr(runtime.source, "confirm", unreachable)
+    status, answer = await post(client, "/mutate", review(pod(), namespace="empty"))
+    assert answer["response"]["allowed"] is False
+    assert answer["response"]["status"]["code"] == 500
+
+
+async def test_a_key_secret_written_a_moment_ago_causes_no_false_deny(client, keys_dir):
+    write_keys(keys_dir, key_secret("fresh", random_key(), namespace="new-team"), name="new.yaml")
+    status, answer = await post(client, "/mutate", review(pod(), namespace="new-team"))
+    assert answer["response"]["allowed"] is True
+    assert "patch" in answer["response"]
+
+
+async def test_keys_come_from_the_request_namespace_never_the_objects(client):
+    obj = pod()
+    obj["metadata"]["namespace"] = "shop"  # has keys; the request says "other"
+    status, answer = await post(client, "/mutate", review(obj, namespace="other"))
+    assert answer["response"]["allowed"] is False
+    assert "'other'" in answer["response"]["status"]["message"]
+
+
+async def test_a_namespace_without_keys_is_denied_403(client):
+    status, answer = await post(client, "/mutate", review(pod(), namespace="nokeys"))
+    assert status == 200
+    assert answer["response"]["status"]["code"] == 403
+    assert "keymount keys create encryption-key-1 -n nokeys" in \
+        answer["response"]["status"]["message"]
+
+
+WEIRD_BACKEND_PODS = {
+    "no-spec": {"metadata": {"labels": {"app.kubernetes.io/component": "backend"}}},
+    "containers-null": {"metadata": {"labels": {"app.kubernetes.io/component": "backend"}},
+                        "spec": {"containers": None}},
+    "mounts-string": pod(container("app", volumeMounts="x")),
+    "annotation-not-string": pod(annotations={"keymount.io/containers": ""}),
+    "volumes-dict": pod(volumes={"a": 1}),
+    "metadata-null": {**pod(), "metadata": None},
+}
+
+
+@pytest.mark.parametrize("namespace", ["shop", "nokeys"])
+@pytest.mark.parametrize("obj", WEIRD_BACKEND_PODS.values(), ids=WEIRD_BACKEND_PODS.keys())
+async def test_a_backend_pod_is_never_allowed_without_the_volume(client, obj, namespace):
+    body = review(obj, namespace=namespace)
+    status, answer = await post(client, "/mutate", body)
+    response = answer["response"]
+    if response["allowed"]:
+        labels = ((obj.get("metadata") or {}).get("labels") or {})
+        if labels.get("app.kubernetes.io/component") == "backend":
+            result = jsonpatch.apply_patch(obj, json.loads(base64.b64decode(response["patch"])))
+            assert any(v["name"] == "keymount-encryption-keys" for v in result["spec"]["volumes"])
+    else:
+        assert response["status"]["code"] in (400, 403, 500)
+
+
+async def test_validate_denies_a_backend_pod_without_the_volume(client):
+    status, answer = await post(client, "/validate", review(pod()))
+    assert answer["response"]["allowed"] is False
+    assert "keymount-encryption-keys" in answer["response"]["status"]["message"]
+
+
+async def test_validate_denies_deleting_a_key_secret(client):
+    body = review(None, kind="Secret", operation="DELETE", old=key_secret("key-a", random_key()))
+    status, answer = await post(client, "/validate", body)
+    assert answer["response"]["allowed"] is False
+
+
+def test_the_server_context_refuses_tls_below_1_2_and_speaks_http_1_1(certs):
+    context = build_ssl_context(str(certs.tls_cert), str(certs.tls_key))
+    assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+async def test_a_tls_1_2_client_is_served(server, certs):
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        async with session.post(server.make_url("/mutate"), json=review(pod())) as resp:
+            assert resp.status == 200 and resp.version == aiohttp.HttpVersion11
+
+
+def peer_serial(port: int, ca_file: str) -> int:
+    import socket
+    from cryptography import x509
+    context = ssl.create_default_context(cafile=ca_file)
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
+
+
+async def test_a_renewed_certificate_is_served_without_restart(tmp_path, runtime, aiohttp_server):
+    pems = build_certificates(service="keymount", namespace="keymount", ips=["127.0.0.1"])
+    files = write_certificates(tmp_path / "live", pems)
+    context = build_ssl_context(str(files.tls_cert), str(files.tls_key))
+    reloader = CertReloader(context, str(files.tls_cert), str(files.tls_key),
+                            metrics=runtime.metrics)
+    srv = await aiohttp_server(build_webhook_app(runtime), ssl=context)
+    first = await asyncio.to_thread(peer_serial, srv.port, str(files.ca_cert))
+
+    renewed = build_certificates(service="keymount", namespace="keymount", ips=["127.0.0.1"])
+    (tmp_path / "live" / "ca.crt").write_bytes(renewed["ca.crt"])
+    (tmp_path / "live" / "tls.key").write_bytes(renewed["tls.key"])
+    assert reloader.reload_if_changed() is False  # cert and key do not match yet: keep old
+    (tmp_path / "live" / "tls.crt").write_bytes(renewed["tls.crt"])
+    assert reloader.reload_if_changed() is True
+    second = await asyncio.to_thread(peer_serial, srv.port, str(files.ca_cert))
+    assert first != second
+    metrics = runtime.metrics.registry
+    assert metrics.get_sample_value("keymount_tls_reloads_total", {"result": "success"}) == 1
+    assert metrics.get_sample_value("keymount_tls_reloads_total", {"result": "error"}) == 1
+
+
+# --- probes and metrics ------------------------------------------------------------------
+
+@pytest.fixture
+async def probes(aiohttp_client, runtime):
+    return await aiohttp_client(build_probe_app(runtime))
+
+
+async def test_readyz_waits_for_the_first_full_list_and_fails_while_draining(probes, runtime):
+    assert (await probes.get("/healthz")).status == 200
+    assert (await probes.get("/readyz")).status == 503
+    await runtime.source.load()
+    assert (await probes.get("/readyz")).status == 200
+    runtime.draining = True
+    assert (await probes.get("/readyz")).status == 503
+
+
+async def test_metrics_count_admissions_by_webhook_and_result(client, runtime, probes):
+    await post(client, "/mutate", review(pod()))
+    await post(client, "/mutate", review(pod(), namespace="nokeys"))
+    text = await (await probes.get("/metrics")).text()
+    assert 'keymount_admission_requests_total{result="injected",webhook="mutate"} 1.0' in text
+    assert 'keymount_admission_requests_total{result="denied",webhook="mutate"} 1.0' in text
+    assert 'keymount_key_secrets{state="valid"} 2.0' in text
+    assert "keymount_cache_ready 1.0" in text
+    assert "keymount_admission_duration_seconds_bucket" in text
