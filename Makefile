@@ -1,0 +1,55 @@
+# keymount — the two set-up commands are `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+KEYS   ?= demo-keys
+PORT   ?= 8443
+
+.PHONY: run test unit e2e bench control-plane clean help
+
+help:
+	@echo "make run            serve the webhook on https://127.0.0.1:$(PORT) with demo keys"
+	@echo "make test           the whole test suite (e2e runs when the control plane is prepared)"
+	@echo "make control-plane  build kube-apiserver and install etcd for the e2e tests"
+	@echo "make bench          admission throughput against a bare aiohttp server"
+
+# The virtualenv is rebuilt when pyproject.toml changes.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+certs/tls.crt:
+	$(BIN)/keymount certs --service keymount --namespace keymount --out certs \
+		--ip 127.0.0.1 --dns localhost > /dev/null
+
+# A throwaway key for the namespace `default`; demo-keys/ is git-ignored.
+$(KEYS)/default.yaml:
+	mkdir -p $(KEYS)
+	$(BIN)/keymount keys create demo-key-1 -n default --generate --index 1 \
+		--dry-run -o yaml > $@.tmp && mv $@.tmp $@
+
+run: $(BIN)/.installed certs/tls.crt $(KEYS)/default.yaml
+	@echo "keymount on https://127.0.0.1:$(PORT), keys from $(KEYS)/. Try, in another shell:"
+	@echo "  curl -s --cacert certs/ca.crt -H 'Content-Type: application/json' --data @examples/admission-review.json https://127.0.0.1:$(PORT)/mutate"
+	$(BIN)/keymount serve --host 127.0.0.1 --port $(PORT) --probe-port 8080 \
+		--tls-cert certs/tls.crt --tls-key certs/tls.key --keys-from $(KEYS) --log-format text
+
+test: $(BIN)/.installed
+	$(BIN)/pytest -ra
+
+unit: $(BIN)/.installed
+	$(BIN)/pytest -ra -m "not e2e"
+
+e2e: $(BIN)/.installed
+	$(BIN)/pytest -ra -m e2e
+
+control-plane:
+	bash scripts/prepare-control-plane.sh
+
+bench: $(BIN)/.installed
+	$(BIN)/python bench/admission.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache *.egg-info

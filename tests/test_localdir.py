@@ -1,0 +1,102 @@
+"""The local-directory key source (SPEC §7): parsing, reload, bad files lose nothing."""
+
+import asyncio
+import base64
+
+import pytest
+import yaml
+from builders import key_secret, random_key
+
+from webhook.config import Settings
+from webhook.localdir import DirectoryKeySource, ManifestError, parse_key_documents
+from webhook.store import KeyStore
+
+SETTINGS = Settings()
+
+
+def test_many_documents_per_file_and_lists_are_read():
+    text = yaml.safe_dump_all([
+        key_secret("a", random_key()),
+        {"apiVersion": "v1", "kind": "List", "items": [key_secret("b", random_key())]},
+        {"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c"}},
+        key_secret("unlabelled", random_key(), labels={}),
+    ])
+    records = parse_key_documents(text, settings=SETTINGS, source="f.yaml")
+    assert [r.name for r in records] == ["a", "b"]
+
+
+def test_a_secret_without_namespace_belongs_to_default():
+    secret = key_secret("a", random_key())
+    del secret["metadata"]["namespace"]
+    [record] = parse_key_documents(yaml.safe_dump(secret), settings=SETTINGS, source="f")
+    assert record.namespace == "default"
+
+
+def test_string_data_is_accepted_as_the_api_server_accepts_it():
+    secret = key_secret("a", None)
+    secret["stringData"] = {"encryption-key": base64.b64encode(random_key()).decode()}
+    [record] = parse_key_documents(yaml.safe_dump(secret), settings=SETTINGS, source="f")
+    assert record.valid
+
+
+def test_a_yaml_error_names_file_and_line_but_never_quotes_content():
+    secret_text = "kind: Secret\ndata:\n  encryption-key: c2VjcmV0c2VjcmV0: oops\n"
+    with pytest.raises(ManifestError) as info:
+        parse_key_documents(secret_text, settings=SETTINGS, source="keys.yaml")
+    assert "keys.yaml" in str(info.value) and "line 3" in str(info.value)
+    assert "c2VjcmV0" not in str(info.value)
+
+
+@pytest.fixture
+def directory(tmp_path):
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(key_secret("a", random_key())))
+    return tmp_path
+
+
+async def wait_for(predicate, timeout=5.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not predicate():
+        assert loop.time() < deadline, "condition not met before the deadline"
+        await asyncio.sleep(0.01)
+
+
+async def test_the_directory_is_reloaded_when_a_file_changes(directory):
+    store = KeyStore()
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=store, poll_interval=0.05)
+    await source.load()
+    task = asyncio.create_task(source.run())
+    try:
+        (directory / "b.yaml").write_text(yaml.safe_dump(key_secret("b", random_key())))
+        await wait_for(lambda: len(store.keyring("shop").keys) == 2)
+        (directory / "a.yaml").unlink()
+        await wait_for(lambda: [r.name for r in store.keyring("shop").keys] == ["b"])
+    finally:
+        task.cancel()
+
+
+async def test_a_file_that_stops_parsing_keeps_its_previous_keys(directory, caplog):
+    store = KeyStore()
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=store)
+    await source.load()
+    (directory / "a.yaml").write_text("kind: Secret\n  bad: [indent\n")
+    await source.load()
+    assert [r.name for r in store.keyring("shop").keys] == ["a"]
+    assert str(directory / "a.yaml") in source.errors[directory / "a.yaml"]
+
+
+async def test_hidden_entries_such_as_configmap_volume_links_are_skipped(directory):
+    hidden = directory / "..2026_11_28"
+    hidden.mkdir()
+    (hidden / "a.yaml").write_text(yaml.safe_dump(key_secret("a", random_key())))
+    (directory / ".b.yaml").write_text(yaml.safe_dump(key_secret("b", random_key())))
+    store = KeyStore()
+    await DirectoryKeySource(directory, settings=SETTINGS, store=store).load()
+    assert [r.name for r in store.keyring("shop").keys] == ["a"]
+
+
+async def test_the_store_becomes_ready_after_the_first_full_load(directory):
+    store = KeyStore()
+    assert not store.ready
+    await DirectoryKeySource(directory, settings=SETTINGS, store=store).load()
+    assert store.ready

@@ -1,0 +1,99 @@
+"""`keymount serve` as a process: readiness, SIGTERM drain, exit code."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import ssl
+
+import pytest
+import yaml
+from builders import key_secret, pod, random_key, review
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_status(url: str, **kw) -> int:
+    try:
+        with urllib.request.urlopen(url, timeout=2, **kw) as resp:
+            return resp.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
+
+
+def poll(predicate, timeout=30.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def served(tmp_path):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "k.yaml").write_text(yaml.safe_dump(key_secret("k", random_key(),
+                                                           namespace="default")))
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
+                    "--namespace", "keymount", "--out", str(certs), "--ip", "127.0.0.1"],
+                   check=True, capture_output=True)
+    port, probe = free_port(), free_port()
+    env = {**os.environ, "KEYMOUNT_PORT": str(port), "KEYMOUNT_PROBE_PORT": str(probe),
+           "KEYMOUNT_KEYS_FROM": str(keys), "KEYMOUNT_TLS_CERT": str(certs / "tls.crt"),
+           "KEYMOUNT_TLS_KEY": str(certs / "tls.key"), "KEYMOUNT_SHUTDOWN_GRACE": "1.5"}
+    proc = subprocess.Popen([sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    yield proc, port, probe, certs
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+def mutate(port: int, certs) -> dict:
+    context = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    body = json.dumps(review(pod(), namespace="default")).encode()
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/mutate", data=body,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=context, timeout=5) as resp:
+        return json.load(resp)["response"]
+
+
+def test_sigterm_fails_readyz_at_once_keeps_serving_for_the_grace_then_exits_0(served):
+    proc, port, probe, certs = served
+    readyz = f"http://127.0.0.1:{probe}/readyz"
+    poll(lambda: get_status(readyz) == 200, what="readyz 200")
+    assert mutate(port, certs)["allowed"] is True
+
+    proc.send_signal(signal.SIGTERM)
+    poll(lambda: get_status(readyz) == 503, timeout=1.0, what="readyz 503 after SIGTERM")
+    # Still inside the grace period: a new connection is served.
+    assert proc.poll() is None
+    assert "patch" in mutate(port, certs)
+    assert proc.wait(timeout=15) == 0
+    logs = proc.stderr.read().decode()
+    lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
+    decisions = [line for line in lines if line["msg"] == "admission decision"]
+    assert decisions and decisions[0]["result"] == "injected"
+    assert {"uid", "namespace", "pod", "files", "duration_ms"} <= decisions[0].keys()
+    assert "patch" not in logs and "encryption-key\":" not in logs
+
+
+def test_serve_without_tls_files_says_how_to_make_them(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "webhook", "serve", "--keys-from", str(tmp_path),
+         "--tls-cert", str(tmp_path / "none.crt"), "--tls-key", str(tmp_path / "none.key")],
+        capture_output=True, timeout=30)
+    assert result.returncode == 1
+    assert b"keymount certs" in result.stderr and b"Traceback" not in result.stderr
