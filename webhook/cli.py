@@ -21,18 +21,15 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .errors import UserFacingError
 from .config import (DEFAULT_KEY_FIELD, DEFAULT_KEY_SELECTOR, DEFAULT_MOUNT_PATH,
                      DEFAULT_POD_SELECTOR, Settings)
 from .keys import check_key
 from .selectors import SelectorError, parse_selector
 
 
-class CommandError(Exception):
-    """A failure to report as one line and exit status `code`."""
-
-    def __init__(self, message: str, code: int = 1) -> None:
-        super().__init__(message)
-        self.code = code
+class CommandError(UserFacingError):
+    """A command's own refusal (bad flags, bad input)."""
 
 
 def env_default(flag: str, default: Any) -> Any:
@@ -105,8 +102,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     settings = build_settings(args)
     configure_logging(fmt=args.log_format, level=args.log_level)
     store = KeyStore()
-    source = build_key_source(args, settings=settings, store=store)
-    runtime = Runtime(settings=settings, store=store, source=source, metrics=Metrics(store))
+    metrics = Metrics(store)
+    source = build_key_source(args, settings=settings, store=store, metrics=metrics)
+    runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics)
     options = ServeOptions(host=args.host, port=int(args.port), probe_port=int(args.probe_port),
                            tls_cert=args.tls_cert, tls_key=args.tls_key,
                            shutdown_grace=float(args.shutdown_grace))
@@ -119,14 +117,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any) -> Any:
+def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any,
+                     metrics: Any) -> Any:
     if args.keys_from:
         from .localdir import DirectoryKeySource
         if not Path(args.keys_from).is_dir():
             raise CommandError(f"--keys-from {args.keys_from}: no such directory")
         return DirectoryKeySource(args.keys_from, settings=settings, store=store)
-    raise CommandError("no key source: pass --keys-from DIR (Secret manifests), or run "
-                       "with a kubeconfig or in a cluster", 2)
+    from .cluster import KubernetesKeySource, has_cluster_config, load_api_client
+    if not has_cluster_config(args.kubeconfig):
+        raise CommandError("no key source: pass --keys-from DIR (Secret manifests), or run "
+                           "with a kubeconfig (--kubeconfig, $KUBECONFIG, ~/.kube/config) or "
+                           "in a cluster", 2)
+    namespaces = [n.strip() for n in (args.namespaces or "").split(",") if n.strip()]
+    return KubernetesKeySource(load_api_client(kubeconfig=args.kubeconfig), settings=settings,
+                               store=store, metrics=metrics, namespaces=namespaces or None)
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:
@@ -338,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except CommandError as exc:
+    except UserFacingError as exc:
         print(f"keymount: {exc}", file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:

@@ -168,10 +168,18 @@ async def key_source_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 async def _keep_keys(runtime: Runtime) -> None:
-    try:
-        await runtime.source.load()
-    except Exception:
-        server_log.exception("first load of key Secrets failed; retrying in the background")
+    """First full load (retried: /readyz stays 503 until it succeeds), then follow."""
+    backoff = 1.0
+    while True:
+        try:
+            await runtime.source.load()
+            break
+        except Exception as exc:
+            server_log.warning("first load of key Secrets failed; retrying",
+                               extra={"error": f"{type(exc).__name__}: {exc}",
+                                      "retry_seconds": backoff})
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 30.0)
     await runtime.source.run()
 
 

@@ -1,0 +1,275 @@
+"""Key source: the Kubernetes API (SPEC §7), with the official `kubernetes` client.
+
+List, then watch, key Secrets by label selector, cluster-wide or per namespace, and
+keep only what `KeyRecord` holds: no key bytes outlive `parse_key_secret`. The client
+is synchronous, so every call runs in a daemon thread (never on the event loop, and
+never holding up process exit); watch events are handed to the loop in order with
+`call_soon_threadsafe`, and only the loop thread touches the store.
+
+Recovery follows client-go's reflector: a watch that ends is resumed from the last
+resourceVersion seen (bookmarks keep it fresh); 410 Gone, or any error, means
+re-list; a client-side read timeout a little longer than the server-side
+`timeoutSeconds` turns a half-open connection into an error instead of a silent
+freeze; and a periodic re-list (resync) bounds how long any drift can last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.watch.watch import iter_resp_lines
+
+from .config import Settings
+from .errors import UserFacingError
+from .key_secrets import parse_key_secret
+from .keys import KeyRecord, Keyring, build_keyring
+from .metrics import Metrics
+from .store import KeyStore
+
+log = logging.getLogger("keymount.cluster")
+T = TypeVar("T")
+
+
+class ClusterError(UserFacingError):
+    """An API failure, as one line a user can act on."""
+
+
+def has_cluster_config(kubeconfig: str | None = None) -> bool:
+    if kubeconfig:
+        return Path(kubeconfig).is_file()
+    if os.environ.get("KUBERNETES_SERVICE_HOST"):
+        return True
+    paths = os.environ.get("KUBECONFIG", "").split(os.pathsep)
+    return any(Path(p).is_file() for p in paths if p) or \
+        Path("~/.kube/config").expanduser().is_file()
+
+
+def load_api_client(*, kubeconfig: str | None = None, context: str | None = None
+                    ) -> client.ApiClient:
+    """In-cluster config inside a Pod, else the kubeconfig kubectl would use."""
+    try:
+        if not kubeconfig and not context and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            configuration = client.Configuration()
+            config.load_incluster_config(client_configuration=configuration)
+            return client.ApiClient(configuration)
+        return config.new_client_from_config(config_file=kubeconfig, context=context)
+    except (config.ConfigException, OSError) as exc:
+        raise ClusterError(f"cannot load Kubernetes configuration: {exc}") from None
+
+
+def describe_api_error(exc: Exception) -> str:
+    if isinstance(exc, ApiException):
+        try:
+            message = json.loads(exc.body or "{}").get("message") or exc.reason
+        except ValueError:
+            message = exc.reason
+        return f"API server said {exc.status}: {message}"
+    return f"cannot reach the API server: {type(exc).__name__}: {exc}"
+
+
+async def in_daemon_thread(function: Callable[[], T]) -> T:
+    """Run a blocking call in a daemon thread: unlike the default executor, a read
+    blocked on a dead connection cannot delay shutdown."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def target() -> None:
+        try:
+            result = function()
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(_settle, future, None, exc)
+        else:
+            loop.call_soon_threadsafe(_settle, future, result, None)
+
+    threading.Thread(target=target, daemon=True, name="keymount-api").start()
+    return await future
+
+
+def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if exc is not None:
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+@dataclass(frozen=True)
+class WatchTimings:
+    watch_seconds: int = 240  # server-side timeoutSeconds of one watch
+    read_timeout: float = 270.0  # client-side: longer than a healthy watch can be quiet
+    connect_timeout: float = 10.0
+    resync_seconds: float = 600.0
+    retry_seconds: float = 1.0  # first backoff after an error, doubled up to 30 s
+
+
+class _Gone(Exception):
+    """The resourceVersion is too old (410 Gone): re-list."""
+
+
+class KubernetesKeySource:
+    def __init__(self, api_client: client.ApiClient, *, settings: Settings, store: KeyStore,
+                 metrics: Metrics | None = None, namespaces: list[str] | None = None,
+                 timings: WatchTimings = WatchTimings()) -> None:
+        self.api = client.CoreV1Api(api_client)
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        # None watches every namespace with one watch; otherwise one watch each.
+        self.scopes: list[str | None] = list(namespaces) if namespaces else [None]
+        self.timings = timings
+        self._versions: dict[str | None, str] = {}
+        self._responses: dict[str | None, Any] = {}
+
+    # --- reading ---------------------------------------------------------------------
+
+    def _list(self, scope: str | None) -> tuple[list[KeyRecord], str]:
+        kwargs = {"label_selector": self.settings.key_selector.text, "_preload_content": False,
+                  "_request_timeout": (self.timings.connect_timeout, 60.0)}
+        if scope is None:
+            response = self.api.list_secret_for_all_namespaces(**kwargs)
+        else:
+            response = self.api.list_namespaced_secret(scope, **kwargs)
+        body = json.loads(response.data)
+        records = [parse_key_secret(item, settings=self.settings,
+                                    namespace=item["metadata"].get("namespace"))
+                   for item in body.get("items") or []]
+        return records, body["metadata"]["resourceVersion"]
+
+    async def _relist(self, scope: str | None) -> None:
+        records, version = await in_daemon_thread(lambda: self._list(scope))
+        self._versions[scope] = version
+        if scope is None:
+            self.store.replace_all(records)
+        else:
+            self.store.replace_namespace(scope, records)
+
+    async def load(self) -> None:
+        """The first full list; the store (and /readyz) is ready only after it."""
+        results = [await in_daemon_thread(lambda s=s: self._list(s)) for s in self.scopes]
+        for scope, (_, version) in zip(self.scopes, results):
+            self._versions[scope] = version
+        self.store.replace_all(r for records, _ in results for r in records)
+        log.info("listed key Secrets", extra={"count": sum(len(r) for r, _ in results),
+                                              "scopes": [s or "*" for s in self.scopes]})
+
+    async def confirm(self, namespace: str) -> Keyring:
+        """One live read of a namespace before a key-state deny (SPEC §5)."""
+        records, _ = await in_daemon_thread(lambda: self._list(namespace))
+        if None in self.scopes or namespace in self.scopes:
+            return self.store.replace_namespace(namespace, records)
+        # Not watched: answer from the read, but do not cache what no watch keeps fresh.
+        return build_keyring(namespace, records)
+
+    # --- watching --------------------------------------------------------------------
+
+    async def run(self) -> None:
+        await asyncio.gather(*(self._keep_watching(scope) for scope in self.scopes))
+
+    async def _keep_watching(self, scope: str | None) -> None:
+        loop = asyncio.get_running_loop()
+        backoff = self.timings.retry_seconds
+        next_resync = loop.time() + self.timings.resync_seconds
+        while True:
+            try:
+                if scope not in self._versions or loop.time() >= next_resync:
+                    await self._relist(scope)
+                    next_resync = loop.time() + self.timings.resync_seconds
+                await in_daemon_thread(lambda: self._watch(scope, loop))
+                backoff = self.timings.retry_seconds
+            except asyncio.CancelledError:
+                self._close(scope)
+                raise
+            except _Gone:
+                log.info("watch resourceVersion expired; re-listing",
+                         extra={"scope": scope or "*"})
+                self._versions.pop(scope, None)
+                self._count_restart()
+            except Exception as exc:
+                log.warning("key Secret watch failed; re-listing after backoff",
+                            extra={"scope": scope or "*", "error": describe_api_error(exc),
+                                   "retry_seconds": backoff})
+                self._versions.pop(scope, None)
+                self._count_restart()
+                await asyncio.sleep(backoff * (1 + random.random() / 2))
+                backoff = min(backoff * 2, 30.0)
+
+    def _count_restart(self) -> None:
+        if self.metrics:
+            self.metrics.watch_restarts.inc()
+
+    def _watch(self, scope: str | None, loop: asyncio.AbstractEventLoop) -> None:
+        """One watch request, in a thread; returns when the server ends it."""
+        kwargs = {"label_selector": self.settings.key_selector.text, "watch": True,
+                  "allow_watch_bookmarks": True, "resource_version": self._versions[scope],
+                  "timeout_seconds": self.timings.watch_seconds, "_preload_content": False,
+                  "_request_timeout": (self.timings.connect_timeout, self.timings.read_timeout)}
+        if scope is None:
+            response = self.api.list_secret_for_all_namespaces(**kwargs)
+        else:
+            response = self.api.list_namespaced_secret(scope, **kwargs)
+        self._responses[scope] = response
+        try:
+            for line in iter_resp_lines(response):
+                if not line:
+                    continue
+                event = json.loads(line)
+                kind, obj = event.get("type"), event.get("object") or {}
+                if kind == "ERROR":
+                    if obj.get("code") == 410:
+                        raise _Gone()
+                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                version = (obj.get("metadata") or {}).get("resourceVersion")
+                if kind != "BOOKMARK":
+                    record = parse_key_secret(obj, settings=self.settings,
+                                              namespace=obj["metadata"].get("namespace"))
+                    loop.call_soon_threadsafe(self._apply, kind, record)
+                if version:
+                    loop.call_soon_threadsafe(self._versions.__setitem__, scope, version)
+        finally:
+            self._responses.pop(scope, None)
+            response.release_conn()
+
+    def _apply(self, kind: str, record: KeyRecord) -> None:
+        if kind == "DELETED":
+            self.store.remove(record.namespace, record.name)
+        else:
+            self.store.put(record)
+
+    def _close(self, scope: str | None) -> None:
+        response = self._responses.pop(scope, None)
+        if response is not None:
+            try:
+                response.close()
+            except Exception:  # closing a socket another thread reads: best effort
+                pass
+
+
+# --- one-shot calls for the CLI ------------------------------------------------------
+
+def create_key_secret(manifest: dict[str, Any], *, kubeconfig: str | None,
+                      context: str | None, settings: Settings) -> KeyRecord:
+    api = client.CoreV1Api(load_api_client(kubeconfig=kubeconfig, context=context))
+    namespace = manifest["metadata"]["namespace"]
+    try:
+        api.create_namespaced_secret(namespace, manifest)
+    except ApiException as exc:
+        if exc.status == 409:
+            raise ClusterError(f"secret {manifest['metadata']['name']!r} already exists in "
+                               f"namespace {namespace!r}; pick another name, or add a new "
+                               f"key with `keymount keys rotate -n {namespace}`") from None
+        raise ClusterError(describe_api_error(exc)) from None
+    except Exception as exc:
+        raise ClusterError(describe_api_error(exc)) from None
+    return parse_key_secret(manifest, settings=settings)
