@@ -279,3 +279,21 @@ async def test_metrics_count_admissions_by_webhook_and_result(client, runtime, p
     assert 'keymount_key_secrets{state="valid"} 2.0' in text
     assert "keymount_cache_ready 1.0" in text
     assert "keymount_admission_duration_seconds_bucket" in text
+
+
+@pytest.mark.parametrize("body", [
+    review(pod()),
+    review(key_secret("k", random_key()), kind="Secret"),
+    review(None, kind="Secret", operation="DELETE", old=key_secret("k", random_key())),
+], ids=["pod", "secret-create", "secret-delete"])
+async def test_every_decision_is_logged_as_one_line_without_key_material(client, body, caplog):
+    import logging
+    caplog.set_level(logging.INFO, logger="keymount.admission")
+    path = "/mutate" if body["request"]["kind"]["kind"] == "Pod" else "/validate"
+    status, answer = await post(client, path, body)
+    assert status == 200
+    [record] = [r for r in caplog.records if r.name == "keymount.admission"]
+    assert record.uid == body["request"]["uid"]
+    secret = body["request"]["object"] or body["request"]["oldObject"]
+    if secret.get("kind") == "Secret":
+        assert secret["data"]["encryption-key"] not in caplog.text

@@ -119,9 +119,12 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                 review.uid, f"keymount could not decide ({type(exc).__name__}); "
                             f"see the keymount logs for uid {review.uid}"))
         elapsed = time.perf_counter() - started
-        runtime.metrics.admissions.labels(webhook, verdict.result).inc()
-        runtime.metrics.duration.labels(webhook).observe(elapsed)
-        log_decision(review, verdict, webhook=webhook, elapsed=elapsed)
+        try:
+            runtime.metrics.admissions.labels(webhook, verdict.result).inc()
+            runtime.metrics.duration.labels(webhook).observe(elapsed)
+            log_decision(review, verdict, webhook=webhook, elapsed=elapsed)
+        except Exception:  # bookkeeping must not turn a decision into an HTTP 500
+            server_log.exception("recording the decision failed", extra={"uid": review.uid})
         return web.json_response(build_review(review.api_version, verdict.response))
 
     return handle
@@ -131,17 +134,17 @@ def log_decision(review: AdmissionRequest, verdict: Verdict, *, webhook: Webhook
                  elapsed: float) -> None:
     if verdict.result == "skipped" and not log.isEnabledFor(logging.DEBUG):
         return
+    # Not "name" or "message": LogRecord reserves them, and `extra` may not overwrite them.
     fields: dict[str, Any] = {
         "webhook": webhook, "uid": review.uid, "namespace": review.namespace,
-        "kind": review.kind, "name": review.object_name, "operation": review.operation,
-        "result": verdict.result, "duration_ms": round(elapsed * 1000, 3),
+        "kind": review.kind, "pod" if review.is_pod else "object": review.object_name,
+        "operation": review.operation, "result": verdict.result,
+        "duration_ms": round(elapsed * 1000, 3),
     }
-    if review.is_pod:
-        fields["pod"] = fields.pop("name")
     if verdict.files:
         fields["files"] = [f.as_status() for f in verdict.files]
     if verdict.message:
-        fields["message"] = verdict.message
+        fields["reason"] = verdict.message
     level = logging.DEBUG if verdict.result == "skipped" else logging.INFO
     log.log(level, "admission decision", extra=fields)
 

@@ -1,0 +1,204 @@
+"""The end-to-end test bed: a real kube-apiserver and etcd, keymount as a process.
+
+Everything here runs on loopback. The control plane comes from
+`bash scripts/prepare-control-plane.sh`; without it these tests skip with that hint,
+except under KEYMOUNT_E2E=required (CI), where a missing control plane fails them.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from kubernetes import client, config
+
+from controlplane import ControlPlane, ControlPlaneError, ControlPlaneUnavailable
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "/e2e/" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poll(predicate, *, timeout: float = 30.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="session")
+def control_plane():
+    try:
+        plane = ControlPlane()
+        plane.start()
+    except ControlPlaneUnavailable as exc:
+        if os.environ.get("KEYMOUNT_E2E") == "required":
+            pytest.fail(f"KEYMOUNT_E2E=required but the control plane is missing: {exc}")
+        pytest.skip(f"no real control plane: {exc} (or `make control-plane`)")
+    except ControlPlaneError as exc:
+        pytest.fail(f"control plane did not start: {exc}")
+    yield plane
+    plane.stop()
+
+
+@pytest.fixture(scope="session")
+def admin_kubeconfig(control_plane, tmp_path_factory) -> Path:
+    return Path(control_plane.write_kubeconfig(tmp_path_factory.mktemp("kube") / "admin"))
+
+
+@pytest.fixture(scope="session")
+def api(admin_kubeconfig) -> client.CoreV1Api:
+    return client.CoreV1Api(config.new_client_from_config(config_file=str(admin_kubeconfig)))
+
+
+def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(["kubectl", "--kubeconfig", str(kubeconfig), *args],
+                            input=stdin, capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
+    return result
+
+
+class Keymount:
+    """`keymount serve` as a process, with the probe port for metrics."""
+
+    def __init__(self, proc: subprocess.Popen, port: int, probe_port: int, log: Path):
+        self.proc, self.port, self.probe_port, self.log = proc, port, probe_port, log
+
+    def metric(self, name: str, labels: str = "") -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}/metrics",
+                                    timeout=5) as resp:
+            text = resp.read().decode()
+        pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
+        match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}/readyz",
+                                        timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def log_lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.log.read_text().splitlines()
+                if line.startswith("{")]
+
+
+RBAC = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: keymount-e2e}
+rules:
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, list, watch]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: keymount-e2e}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: keymount-e2e}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: keymount}
+"""
+
+
+def webhook_configurations(port: int, ca_bundle: str) -> str:
+    """The registrations of manifests/, but dialled by URL on loopback."""
+    def hook(name, path, rules, selector, namespace_selector=None):
+        entry = {
+            "name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "timeoutSeconds": 10,
+            "clientConfig": {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle},
+            "rules": rules, "objectSelector": selector,
+            "namespaceSelector": namespace_selector or {
+                "matchExpressions": [{"key": "keymount-e2e/unguarded", "operator": "DoesNotExist"}]},
+        }
+        return entry
+    pods = [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+             "resources": ["pods"]}]
+    secrets = [{"apiGroups": [""], "apiVersions": ["v1"],
+                "operations": ["CREATE", "UPDATE", "DELETE"], "resources": ["secrets"]}]
+    backend = {"matchLabels": {"app.kubernetes.io/component": "backend"}}
+    keys = {"matchLabels": {"keymount.io/encryption-key": "true"}}
+    mutating = {"apiVersion": "admissionregistration.k8s.io/v1",
+                "kind": "MutatingWebhookConfiguration", "metadata": {"name": "keymount"},
+                "webhooks": [{**hook("inject.keymount.io", "/mutate", pods, backend),
+                              "reinvocationPolicy": "IfNeeded",
+                              "namespaceSelector": {}}]}
+    validating = {"apiVersion": "admissionregistration.k8s.io/v1",
+                  "kind": "ValidatingWebhookConfiguration", "metadata": {"name": "keymount"},
+                  "webhooks": [hook("pods.keymount.io", "/validate", pods, backend, {}),
+                               hook("secrets.keymount.io", "/validate", secrets, keys)]}
+    return yaml.safe_dump_all([mutating, validating])
+
+
+@pytest.fixture(scope="session")
+def keymount(control_plane, admin_kubeconfig, tmp_path_factory):
+    work = tmp_path_factory.mktemp("keymount")
+    kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=RBAC)
+    kubeconfig = control_plane.write_kubeconfig(work / "kubeconfig",
+                                                token=control_plane.keymount_token)
+    subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
+                    "--namespace", "keymount", "--out", str(work / "certs"),
+                    "--ip", "127.0.0.1"], check=True, capture_output=True)
+    port, probe = free_port(), free_port()
+    log = work / "keymount.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1",
+             "--port", str(port), "--probe-port", str(probe), "--kubeconfig", str(kubeconfig),
+             "--tls-cert", str(work / "certs/tls.crt"), "--tls-key", str(work / "certs/tls.key"),
+             "--shutdown-grace", "0"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    server = Keymount(proc, port, probe, log)
+    try:
+        poll(lambda: server.ready() or proc.poll() is not None, timeout=60,
+             what="keymount /readyz")
+        assert proc.poll() is None, log.read_text()[-3000:]
+        ca_bundle = base64.b64encode((work / "certs/ca.crt").read_bytes()).decode()
+        kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=webhook_configurations(port, ca_bundle))
+        yield server
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+_counter = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def namespace(api, keymount, request) -> str:
+    name = re.sub(r"[^a-z0-9-]", "-", request.node.name.lower())[:40].strip("-")
+    name = f"{name}-{next(_counter)}"
+    api.create_namespace({"metadata": {"name": name}})
+    return name

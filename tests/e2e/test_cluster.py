@@ -1,0 +1,196 @@
+"""keymount against a real kube-apiserver: Pods and Secrets created through the API."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+
+import pytest
+from conftest import kubectl, poll
+from kubernetes.client.rest import ApiException
+
+BACKEND = {"app.kubernetes.io/component": "backend"}
+KEY_LABELS = {"keymount.io/encryption-key": "true"}
+
+
+def random_key() -> bytes:
+    while True:
+        key = os.urandom(32)
+        if any(b < 0x20 or b > 0x7E for b in key):
+            return key
+
+
+def create_key(api, namespace: str, name: str, *, key: bytes | None = None,
+               index: int | None = None) -> None:
+    meta = {"name": name, "labels": KEY_LABELS}
+    if index is not None:
+        meta["annotations"] = {"keymount.io/key-index": str(index)}
+    data = {"encryption-key": base64.b64encode(key or random_key()).decode()}
+    api.create_namespaced_secret(namespace, {"metadata": meta, "data": data})
+
+
+def pod_body(name: str = "api", *, labels=BACKEND, containers=("app",)) -> dict:
+    return {"metadata": {"name": name, "labels": dict(labels)},
+            "spec": {"containers": [{"name": c, "image": "example.com/app:1"}
+                                    for c in containers]}}
+
+
+def create_pod(api, namespace: str, name: str = "api", **kw):
+    return api.create_namespaced_pod(namespace, pod_body(name, **kw))
+
+
+def denial(call) -> str:
+    with pytest.raises(ApiException) as info:
+        call()
+    assert info.value.status in (400, 403), info.value.body
+    return json.loads(info.value.body)["message"]
+
+
+def key_sources(pod) -> list[tuple[str, str]]:
+    volume = next(v for v in pod.spec.volumes if v.name == "keymount-encryption-keys")
+    return [(s.secret.name, s.secret.items[0].path) for s in volume.projected.sources]
+
+
+def wait_for_cached_keys(keymount, count: int) -> None:
+    poll(lambda: keymount.metric("keymount_key_secrets", 'state="valid"') >= count,
+         what=f"keymount cache holding {count} valid keys")
+
+
+def test_a_backend_pod_is_stored_with_both_keys_in_spec_order(api, namespace):
+    create_key(api, namespace, "second", index=2)
+    create_key(api, namespace, "first", index=1)
+    pod = create_pod(api, namespace, containers=("app", "sidecar"))
+    assert key_sources(pod) == [("first", "encryption-key-1"), ("second", "encryption-key-2")]
+    volume = next(v for v in pod.spec.volumes if v.name == "keymount-encryption-keys")
+    assert volume.projected.default_mode == 0o440
+    for container in pod.spec.containers:
+        mounts = [(m.name, m.mount_path, m.read_only) for m in container.volume_mounts]
+        assert ("keymount-encryption-keys", "/encryption-keys", True) in mounts
+    status = json.loads(pod.metadata.annotations["keymount.io/status"])
+    assert [s["file"] for s in status] == ["encryption-key-1", "encryption-key-2"]
+    assert [s["secret"] for s in status] == ["first", "second"]
+
+
+def test_a_namespace_without_keys_rejects_backend_pods_with_the_fix(api, namespace):
+    message = denial(lambda: create_pod(api, namespace))
+    assert f"keymount keys create encryption-key-1 -n {namespace} --generate" in message
+    assert api.list_namespaced_pod(namespace).items == []
+
+
+def test_an_invalid_key_rejects_backend_pods(api, namespace):
+    # The Secret guard would refuse this Secret; an unguarded namespace lets it in.
+    api.patch_namespace(namespace, {"metadata": {"labels": {"keymount-e2e/unguarded": "1"}}})
+    create_key(api, namespace, "good")
+    api.create_namespaced_secret(namespace, {
+        "metadata": {"name": "short", "labels": KEY_LABELS},
+        "data": {"encryption-key": base64.b64encode(b"too short").decode()}})
+    message = denial(lambda: create_pod(api, namespace))
+    assert "short: field 'encryption-key' holds 9 bytes" in message
+
+
+def test_a_non_backend_pod_is_stored_untouched(api, namespace):
+    pod = create_pod(api, namespace, labels={"app": "web"})
+    assert not any(v.name == "keymount-encryption-keys" for v in pod.spec.volumes or [])
+    assert "keymount.io/status" not in (pod.metadata.annotations or {})
+
+
+def test_a_namespace_never_gets_another_namespaces_keys(api, namespace, keymount):
+    other = f"{namespace}-other"
+    api.create_namespace({"metadata": {"name": other}})
+    create_key(api, namespace, "mine")
+    create_key(api, other, "theirs")
+    wait_for_cached_keys(keymount, 2)
+    assert key_sources(create_pod(api, namespace)) == [("mine", "encryption-key-1")]
+    assert key_sources(create_pod(api, other)) == [("theirs", "encryption-key-1")]
+    third = f"{namespace}-empty"
+    api.create_namespace({"metadata": {"name": third}})
+    assert "no valid encryption key" in denial(lambda: create_pod(api, third))
+
+
+def test_after_rotation_the_next_pod_gets_three_files_newest_last(api, namespace, keymount):
+    create_key(api, namespace, "k1", index=1)
+    create_key(api, namespace, "k2", index=2)
+    before = create_pod(api, namespace, "before")
+    assert len(key_sources(before)) == 2
+    valid = keymount.metric("keymount_key_secrets", 'state="valid"')
+    create_key(api, namespace, "k3", index=3)
+    wait_for_cached_keys(keymount, valid + 1)
+    after = create_pod(api, namespace, "after")
+    assert key_sources(after) == [("k1", "encryption-key-1"), ("k2", "encryption-key-2"),
+                                  ("k3", "encryption-key-3")]
+
+
+def test_a_key_created_just_before_the_pod_causes_no_false_deny(api, namespace, keymount):
+    reads = keymount.metric("keymount_live_reads_total")
+    create_key(api, namespace, "fresh")
+    pod = create_pod(api, namespace)  # no wait: the cache may not have it yet
+    assert key_sources(pod) == [("fresh", "encryption-key-1")]
+    assert keymount.metric("keymount_live_reads_total") >= reads
+
+
+def test_a_server_side_dry_run_is_admitted_and_creates_nothing(api, namespace):
+    create_key(api, namespace, "k")
+    pod = api.create_namespaced_pod(namespace, pod_body(), dry_run="All")
+    assert key_sources(pod) == [("k", "encryption-key-1")]
+    assert api.list_namespaced_pod(namespace).items == []
+
+
+def test_deleting_a_key_secret_is_refused_until_retired(api, namespace):
+    create_key(api, namespace, "k")
+    message = denial(lambda: api.delete_namespaced_secret("k", namespace))
+    assert f"keymount keys retire k -n {namespace}" in message
+    api.patch_namespaced_secret("k", namespace, {
+        "metadata": {"annotations": {"keymount.io/allow-delete": "true"}}})
+    api.delete_namespaced_secret("k", namespace)
+
+
+def test_an_invalid_labelled_secret_is_refused_with_keymounts_reason(api, namespace):
+    message = denial(lambda: api.create_namespaced_secret(namespace, {
+        "metadata": {"name": "bad", "labels": KEY_LABELS},
+        "stringData": {"encryption-key": "hunter2!"}}))
+    assert "holds 8 bytes" in message, message
+
+
+def test_steady_state_admission_makes_no_api_requests(api, namespace, keymount,
+                                                      control_plane):
+    create_key(api, namespace, "k")
+    wait_for_cached_keys(keymount, 1)
+    create_pod(api, namespace, "warm")
+
+    def keymount_requests():
+        return [e for e in control_plane.audit_events(user="keymount")
+                if e.get("verb") != "watch"]
+
+    before = len(keymount_requests())
+    admitted = keymount.metric("keymount_admission_requests_total",
+                               'result="injected",webhook="mutate"')
+    for i in range(20):
+        create_pod(api, namespace, f"p{i}")
+    assert keymount.metric("keymount_admission_requests_total",
+                           'result="injected",webhook="mutate"') == admitted + 20
+    assert len(keymount_requests()) == before
+
+
+def test_the_cache_survives_an_api_server_restart_and_etcd_compaction(
+        api, namespace, keymount, control_plane):
+    create_key(api, namespace, "before")
+    wait_for_cached_keys(keymount, 1)
+    restarts = keymount.metric("keymount_watch_restarts_total")
+    for i in range(5):  # move etcd past the watch's resourceVersion, then compact it away
+        api.create_namespaced_config_map(namespace, {"metadata": {"name": f"c{i}"}})
+    control_plane.compact_etcd()
+    control_plane.restart_apiserver()
+
+    assert key_sources(create_pod(api, namespace, "after-restart")) == \
+        [("before", "encryption-key-1")]
+    poll(lambda: keymount.metric("keymount_watch_restarts_total") > restarts,
+         what="keymount re-established its watch")
+    later = f"{namespace}-later"
+    api.create_namespace({"metadata": {"name": later}})
+    valid = keymount.metric("keymount_key_secrets", 'state="valid"')
+    create_key(api, later, "new")
+    wait_for_cached_keys(keymount, valid + 1)  # seen through the watch, not a live read
+    reads = keymount.metric("keymount_live_reads_total")
+    assert key_sources(create_pod(api, later)) == [("new", "encryption-key-1")]
+    assert keymount.metric("keymount_live_reads_total") == reads
