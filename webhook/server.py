@@ -132,7 +132,8 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
 
 def log_decision(review: AdmissionRequest, verdict: Verdict, *, webhook: Webhook,
                  elapsed: float) -> None:
-    if verdict.result == "skipped" and not log.isEnabledFor(logging.DEBUG):
+    level = logging.DEBUG if verdict.result == "skipped" else logging.INFO
+    if not log.isEnabledFor(level):
         return
     # Not "name" or "message": LogRecord reserves them, and `extra` may not overwrite them.
     fields: dict[str, Any] = {
@@ -145,7 +146,6 @@ def log_decision(review: AdmissionRequest, verdict: Verdict, *, webhook: Webhook
         fields["files"] = [f.as_status() for f in verdict.files]
     if verdict.message:
         fields["reason"] = verdict.message
-    level = logging.DEBUG if verdict.result == "skipped" else logging.INFO
     log.log(level, "admission decision", extra=fields)
 
 
