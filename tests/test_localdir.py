@@ -5,6 +5,7 @@ import base64
 
 import pytest
 import yaml
+from polling import wait_for
 from builders import key_secret, random_key
 
 from webhook.config import Settings
@@ -51,14 +52,6 @@ def test_a_yaml_error_names_file_and_line_but_never_quotes_content():
 def directory(tmp_path):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(key_secret("a", random_key())))
     return tmp_path
-
-
-async def wait_for(predicate, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.01)
 
 
 async def test_the_directory_is_reloaded_when_a_file_changes(directory):

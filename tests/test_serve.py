@@ -6,13 +6,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 import ssl
 
 import pytest
 import yaml
+from polling import poll
 from builders import key_secret, pod, random_key, review
 
 
@@ -30,13 +30,6 @@ def get_status(url: str, **kw) -> int:
         return exc.code
     except OSError:
         return 0
-
-
-def poll(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        time.sleep(0.05)
 
 
 @pytest.fixture

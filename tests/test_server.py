@@ -10,6 +10,7 @@ import aiohttp
 import jsonpatch
 import pytest
 import yaml
+from polling import wait_for
 from builders import container, key_secret, pod, random_key, review
 
 from webhook.certs import build_certificates, write_certificates
@@ -63,14 +64,6 @@ async def client(server, certs):
             base_url=str(server.make_url("/")),
             connector=aiohttp.TCPConnector(ssl=context)) as session:
         yield session
-
-
-async def wait_for(predicate, timeout=5.0):
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not predicate():
-        assert loop.time() < deadline, "condition not met before the deadline"
-        await asyncio.sleep(0.01)
 
 
 async def post(client, path, body, **kw):

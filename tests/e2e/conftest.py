@@ -14,7 +14,6 @@ import re
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +22,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+from polling import poll  # noqa: F401 (re-exported for the tests)
 from controlplane import ControlPlane, ControlPlaneError, ControlPlaneUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -38,16 +38,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def poll(predicate, *, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not met within {timeout}s"
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="session")

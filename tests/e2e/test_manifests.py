@@ -1,0 +1,48 @@
+"""manifests/ renders with kustomize and the real API server accepts it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+
+import pytest
+import yaml
+from conftest import ROOT, kubectl
+
+# The test bed is Kubernetes 1.20, which serves PodDisruptionBudget only as
+# policy/v1beta1; the manifests use policy/v1 (1.21+, the only one since 1.25).
+NOT_SERVED_BY_1_20 = {("policy/v1", "PodDisruptionBudget")}
+
+
+def render(path: str) -> list[dict]:
+    assert shutil.which("kubectl"), "kubectl is needed to render manifests/"
+    result = subprocess.run(["kubectl", "kustomize", str(ROOT / path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+@pytest.mark.parametrize("variant", ["manifests", "manifests/namespaced",
+                                     "manifests/cert-manager"])
+def test_every_variant_renders_with_kustomize(variant):
+    kinds = {d["kind"] for d in render(variant)}
+    assert {"Deployment", "Service", "MutatingWebhookConfiguration",
+            "ValidatingWebhookConfiguration"} <= kinds
+
+
+def test_every_webhook_fails_closed_without_side_effects():
+    for doc in render("manifests"):
+        for hook in doc.get("webhooks", []):
+            assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+
+
+def test_the_base_is_accepted_by_the_api_server(admin_kubeconfig, api):
+    docs = render("manifests")
+    namespace = next(d for d in docs if d["kind"] == "Namespace")
+    kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(namespace))
+    rest = [d for d in docs if d["kind"] != "Namespace"
+            and (d["apiVersion"], d["kind"]) not in NOT_SERVED_BY_1_20]
+    result = kubectl(admin_kubeconfig, "apply", "--dry-run=server", "-f", "-",
+                     stdin=yaml.safe_dump_all(rest))
+    for doc in rest:
+        assert f"{doc['metadata']['name']}" in result.stdout
