@@ -114,3 +114,90 @@ def test_a_bad_flag_value_is_one_line_not_a_traceback(tmp_path):
     assert result.returncode == 2
     assert result.stderr.decode().startswith("keymount: invalid label selector")
     assert b"Traceback" not in result.stderr
+
+
+# --- keys create / import without a cluster ------------------------------------------------
+
+def unreachable_kubeconfig(tmp_path) -> str:
+    """A kubeconfig whose API server is a closed loopback port."""
+    import json
+    path = tmp_path / "kubeconfig"
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:9"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u",
+                                               "namespace": "team"}}]}))
+    return str(path)
+
+
+def test_keys_create_refuses_an_invalid_key_before_touching_the_cluster(tmp_path):
+    result = keymount("keys", "create", "k", "-n", "shop", "--kubeconfig",
+                      unreachable_kubeconfig(tmp_path), stdin=b"too short")
+    assert result.returncode == 1
+    assert result.stderr.decode().strip() == \
+        "keymount: refused, nothing created: stdin holds 9 bytes; need exactly 32 raw " \
+        "bytes or base64 of 32 bytes"
+
+
+def test_keys_create_dry_run_prints_a_manifest_in_the_contexts_namespace(tmp_path):
+    result = keymount("keys", "create", "k", "--generate", "--dry-run", "--index", "3",
+                      "--kubeconfig", unreachable_kubeconfig(tmp_path))
+    assert result.returncode == 0, result.stderr
+    manifest = yaml.safe_load(result.stdout)
+    assert manifest["metadata"]["namespace"] == "team"
+    assert manifest["metadata"]["annotations"]["keymount.io/key-index"] == "3"
+    from webhook.key_secrets import parse_key_secret
+    from webhook.config import Settings
+    assert parse_key_secret(manifest, settings=Settings()).valid
+
+
+@pytest.mark.parametrize("command", [
+    ["keys", "list", "-n", "shop"], ["keys", "create", "k", "-n", "shop", "--generate"],
+    ["keys", "rotate", "-n", "shop"], ["keys", "retire", "k", "-n", "shop", "--yes"],
+    ["status", "-A"],
+], ids=["list", "create", "rotate", "retire", "status"])
+def test_an_unreachable_api_server_is_one_line_and_exit_1(tmp_path, command):
+    result = keymount(*command, "--kubeconfig", unreachable_kubeconfig(tmp_path))
+    assert result.returncode == 1
+    lines = result.stderr.decode().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("keymount: cannot reach the API server")
+
+
+def helm_values(tmp_path, key: str | None) -> str:
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump({"secrets": {"keysEncryption": {"userEncryptionKey": key}}}))
+    return str(path)
+
+
+def test_keys_import_turns_a_valid_chart_key_into_one_manifest(tmp_path):
+    import base64
+    key = base64.b64encode(random_key()).decode()
+    result = keymount("keys", "import", "--helm-values", helm_values(tmp_path, key),
+                      "-n", "shop")
+    assert result.returncode == 0, result.stderr
+    [manifest] = list(yaml.safe_load_all(result.stdout))
+    assert manifest["metadata"]["namespace"] == "shop"
+    assert manifest["metadata"]["annotations"] == {"keymount.io/key-index": "1"}
+
+
+@pytest.mark.parametrize(("key", "code", "stderr"), [
+    ("", 1, "generated a key at template time"),
+    (__import__("base64").b64encode(b"\x01" + bytes(30)).decode(), 1, "base64 of 31 bytes"),
+    ("correct horse battery staple 123", 0, "warning: key is 32 printable ASCII"),
+], ids=["empty-explained", "31-bytes-refused", "passphrase-warned"])
+def test_keys_import_explains_refuses_or_warns(tmp_path, key, code, stderr):
+    result = keymount("keys", "import", "--helm-values", helm_values(tmp_path, key),
+                      "-n", "shop")
+    assert result.returncode == code
+    assert stderr in result.stderr.decode()
+    assert (result.stdout != b"") is (code == 0)
+
+
+def test_certs_can_write_the_ca_bundle_as_a_kustomize_patch(tmp_path):
+    patch = tmp_path / "ca-bundle.yaml"
+    result = keymount("certs", "--service", "keymount", "--namespace", "keymount",
+                      "--out", str(tmp_path / "certs"), "--kustomize-patch", str(patch))
+    bundle = result.stdout.decode().strip()
+    docs = list(yaml.safe_load_all(patch.read_text()))
+    assert {h["clientConfig"]["caBundle"] for d in docs for h in d["webhooks"]} == {bundle}

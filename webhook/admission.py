@@ -9,6 +9,7 @@ says `allowed: false` (the object is refused, with a message a user can act on).
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -200,6 +201,11 @@ class Verdict:
     @property
     def message(self) -> str:
         return self.response.get("status", {}).get("message", "")
+
+    def with_warning(self, warning: str) -> Verdict:
+        response = dict(self.response)
+        response["warnings"] = [*response.get("warnings", []), warning]
+        return dataclasses.replace(self, response=response)
 
 
 def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,

@@ -98,3 +98,20 @@ def write_certificates(out: Path, pems: dict[str, bytes]) -> CertFiles:
         os.chmod(tmp, mode)
         os.replace(tmp, out / name)
     return CertFiles(out / "ca.crt", out / "ca.key", out / "tls.crt", out / "tls.key")
+
+
+# The webhook names of manifests/base; the patch sets the caBundle of each of them.
+WEBHOOKS = {"MutatingWebhookConfiguration": ["inject.keymount.io"],
+            "ValidatingWebhookConfiguration": ["pods.keymount.io", "secrets.keymount.io"]}
+
+
+def build_ca_bundle_patch(ca_bundle: str) -> str:
+    """Strategic-merge patches (webhooks merge by name) for kustomize `patches:`."""
+    import yaml
+    documents = [{"apiVersion": "admissionregistration.k8s.io/v1", "kind": kind,
+                  "metadata": {"name": "keymount"},
+                  "webhooks": [{"name": name, "clientConfig": {"caBundle": ca_bundle}}
+                               for name in names]}
+                 for kind, names in WEBHOOKS.items()]
+    return ("# Written by `keymount certs --kustomize-patch`: the CA bundle is public.\n"
+            + yaml.safe_dump_all(documents, sort_keys=False))

@@ -11,7 +11,6 @@ import argparse
 import asyncio
 import json
 import os
-import secrets
 import sys
 from collections.abc import Sequence
 from datetime import timedelta
@@ -24,6 +23,7 @@ from . import __version__
 from .errors import UserFacingError
 from .config import (DEFAULT_KEY_FIELD, DEFAULT_KEY_SELECTOR, DEFAULT_MOUNT_PATH,
                      DEFAULT_POD_SELECTOR, Settings)
+from .cli_keys import add_key_lifecycle_commands, add_status_command
 from .keys import check_key
 from .selectors import SelectorError, parse_selector
 
@@ -34,6 +34,10 @@ class CommandError(UserFacingError):
 
 def env_default(flag: str, default: Any) -> Any:
     return os.environ.get("KEYMOUNT_" + flag.lstrip("-").replace("-", "_").upper(), default)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(f"KEYMOUNT_{name}", "").lower() in ("1", "true", "yes")
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, *, default: Any = None,
@@ -104,7 +108,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store = KeyStore()
     metrics = Metrics(store)
     source = build_key_source(args, settings=settings, store=store, metrics=metrics)
-    runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics)
+    if args.auto_generate and not hasattr(source, "create_generated_key"):
+        raise CommandError("--auto-generate needs the Kubernetes key source, not --keys-from",
+                           2)
+    runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,
+                      auto_generate=bool(args.auto_generate))
     options = ServeOptions(host=args.host, port=int(args.port), probe_port=int(args.probe_port),
                            tls_cert=args.tls_cert, tls_key=args.tls_key,
                            shutdown_grace=float(args.shutdown_grace))
@@ -147,6 +155,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     add_flag(p, "--namespaces", default=None, help="watch only these namespaces, a,b")
     add_flag(p, "--auto-generate", default=False, action="store_true",
              help="create a key for a backend Pod's namespace that has none")
+    p.set_defaults(auto_generate=env_flag("AUTO_GENERATE"))
     add_flag(p, "--log-format", default="json", choices=("json", "text"), help="log format")
     add_flag(p, "--log-level", default="info", help="log level")
     add_flag(p, "--shutdown-grace", default=5.0, type=float,
@@ -230,78 +239,14 @@ def add_keys(commands: argparse._SubParsersAction) -> argparse._SubParsersAction
              help="which key encodings are accepted")
     check.set_defaults(func=cmd_keys_check)
 
-    create = sub.add_parser("create", help="create a validated, labelled key Secret")
-    create.add_argument("name", help="Secret name")
-    create.add_argument("-n", "--namespace", default=None, help="namespace")
-    material = create.add_mutually_exclusive_group()
-    material.add_argument("--generate", action="store_true",
-                          help="32 random bytes from the OS CSPRNG")
-    material.add_argument("--from-file", metavar="FILE", help="key file (default: stdin)")
-    create.add_argument("--index", type=int, default=None, help="keymount.io/key-index")
-    create.add_argument("--dry-run", action="store_true",
-                        help="print the Secret manifest instead of creating it (GitOps)")
-    create.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
-                        help="manifest format with --dry-run")
-    add_cluster_flags(create)
-    add_settings_flags(create)
-    create.set_defaults(func=cmd_keys_create)
+    add_key_lifecycle_commands(sub)
     return sub
-
-
-def add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--kubeconfig", default=os.environ.get("KUBECONFIG"),
-                        help="kubeconfig file (default: $KUBECONFIG or ~/.kube/config)")
-    parser.add_argument("--context", default=None, help="kubeconfig context")
-
-
-def read_key_material(args: argparse.Namespace) -> bytes:
-    """The key to store: generated, or read and validated; refused before any write."""
-    if args.generate:
-        return generate_key()
-    key = read_input(args.from_file or "-")
-    result = check_key(key, subject=f"file {args.from_file}" if args.from_file else "stdin",
-                       encoding=args.key_encoding)
-    if not result.valid:
-        raise CommandError(f"refused, nothing created: {result.reason}")
-    if result.warning:
-        print(f"warning: {result.warning}", file=sys.stderr)
-    return key
-
-
-def generate_key() -> bytes:
-    while True:
-        key = secrets.token_bytes(32)
-        if check_key(key).valid and not check_key(key).warning:
-            return key
-
-
-def cmd_keys_create(args: argparse.Namespace) -> int:
-    from .key_secrets import build_key_secret
-
-    settings = build_settings(args)
-    key = read_key_material(args)
-    if args.index is not None and args.index < 1:
-        raise CommandError(f"--index {args.index}: must be a positive integer", 2)
-    namespace = args.namespace or "default"
-    manifest = build_key_secret(args.name, namespace=namespace, key=key, index=args.index,
-                                settings=settings)
-    if args.dry_run:
-        # The one place key material is printed: the manifest the user asked for.
-        sys.stdout.write(yaml.safe_dump(manifest, sort_keys=False) if args.output == "yaml"
-                         else json.dumps(manifest, indent=2) + "\n")
-        return 0
-    from .cluster import create_key_secret
-    record = create_key_secret(manifest, kubeconfig=args.kubeconfig, context=args.context,
-                               settings=settings)
-    print(f"secret/{args.name} created in namespace {namespace}: fingerprint "
-          f"{record.fingerprint}")
-    return 0
 
 
 # --- certs ---------------------------------------------------------------------------
 
 def cmd_certs(args: argparse.Namespace) -> int:
-    from .certs import build_certificates, write_certificates
+    from .certs import build_ca_bundle_patch, build_certificates, write_certificates
 
     try:
         pems = build_certificates(service=args.service, namespace=args.namespace,
@@ -311,6 +256,10 @@ def cmd_certs(args: argparse.Namespace) -> int:
     files = write_certificates(Path(args.out), pems)
     print(f"wrote {files.ca_cert}, {files.tls_cert}, {files.tls_key} (private keys 0600)",
           file=sys.stderr)
+    if args.kustomize_patch:
+        path = Path(args.kustomize_patch)
+        path.write_text(build_ca_bundle_patch(files.ca_bundle))
+        print(f"wrote {path}: the caBundle for every keymount webhook", file=sys.stderr)
     print(files.ca_bundle)
     return 0
 
@@ -322,6 +271,9 @@ def add_certs(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="certs", help="output directory (default certs)")
     p.add_argument("--ip", action="append", help="IP SAN, repeatable (e.g. 127.0.0.1)")
     p.add_argument("--dns", action="append", help="extra DNS SAN, repeatable")
+    p.add_argument("--kustomize-patch", metavar="FILE", default=None,
+                   help="also write the caBundle as a kustomize patch, e.g. "
+                        "manifests/ca-bundle.yaml")
     p.set_defaults(func=cmd_certs)
 
 
@@ -335,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_serve(commands)
     add_inject(commands)
     add_keys(commands)
+    add_status_command(commands)
     add_certs(commands)
     return parser
 

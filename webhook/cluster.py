@@ -32,8 +32,9 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from .config import Settings
 from .errors import UserFacingError
-from .key_secrets import parse_key_secret
-from .keys import KeyRecord, Keyring, build_keyring
+from .key_secrets import build_key_secret, parse_key_secret
+from .keys import KeyRecord, Keyring, build_keyring, generate_key
+from .lifecycle import GENERATED_KEY_NAME
 from .metrics import Metrics
 from .store import KeyStore
 
@@ -172,6 +173,31 @@ class KubernetesKeySource:
         # Not watched: answer from the read, but do not cache what no watch keeps fresh.
         return build_keyring(namespace, records)
 
+    async def create_generated_key(self, namespace: str) -> Keyring:
+        """--auto-generate: make the namespace's one generated key, or reuse it.
+
+        The name is fixed, so the API server arbitrates between replicas: whoever
+        loses the race gets 409 AlreadyExists and reads the winner's key instead of
+        making a second one (SPEC §8).
+        """
+        manifest = build_key_secret(GENERATED_KEY_NAME, namespace=namespace,
+                                    key=generate_key(), index=1, settings=self.settings)
+        manifest["metadata"].setdefault("annotations", {})["keymount.io/generated"] = "true"
+
+        def create() -> None:
+            try:
+                self.api.create_namespaced_secret(namespace, manifest,
+                                                  _request_timeout=(5, 10))
+            except ApiException as exc:
+                if exc.status != 409:
+                    raise
+                log.info("generated key already exists; reusing it",
+                         extra={"namespace": namespace, "secret": GENERATED_KEY_NAME})
+
+        await in_daemon_thread(create)
+        del manifest  # the key bytes go no further than the API server
+        return await self.confirm(namespace)
+
     # --- watching --------------------------------------------------------------------
 
     async def run(self) -> None:
@@ -256,20 +282,105 @@ class KubernetesKeySource:
                 pass
 
 
-# --- one-shot calls for the CLI ------------------------------------------------------
+# --- the CLI's calls -------------------------------------------------------------
 
-def create_key_secret(manifest: dict[str, Any], *, kubeconfig: str | None,
-                      context: str | None, settings: Settings) -> KeyRecord:
-    api = client.CoreV1Api(load_api_client(kubeconfig=kubeconfig, context=context))
-    namespace = manifest["metadata"]["namespace"]
+def current_namespace(*, kubeconfig: str | None, context: str | None) -> str:
+    """The namespace of the kubeconfig context, as kubectl defaults to it."""
+    if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
+        path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        if path.is_file():
+            return path.read_text().strip() or "default"
     try:
-        api.create_namespaced_secret(namespace, manifest)
-    except ApiException as exc:
-        if exc.status == 409:
-            raise ClusterError(f"secret {manifest['metadata']['name']!r} already exists in "
-                               f"namespace {namespace!r}; pick another name, or add a new "
-                               f"key with `keymount keys rotate -n {namespace}`") from None
-        raise ClusterError(describe_api_error(exc)) from None
-    except Exception as exc:
-        raise ClusterError(describe_api_error(exc)) from None
-    return parse_key_secret(manifest, settings=settings)
+        contexts, active = config.list_kube_config_contexts(config_file=kubeconfig)
+    except (config.ConfigException, OSError):
+        return "default"
+    chosen = next((c for c in contexts if c["name"] == context), None) if context else active
+    return ((chosen or {}).get("context") or {}).get("namespace") or "default"
+
+
+class KeyClient:
+    """The API calls the CLI makes, each turned into one clear error line."""
+
+    def __init__(self, api_client: client.ApiClient, *, settings: Settings) -> None:
+        self.api = client.CoreV1Api(api_client)
+        self.apps = client.AppsV1Api(api_client)
+        self.settings = settings
+
+    @classmethod
+    def from_kubeconfig(cls, *, kubeconfig: str | None, context: str | None,
+                        settings: Settings) -> KeyClient:
+        return cls(load_api_client(kubeconfig=kubeconfig, context=context), settings=settings)
+
+    def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except ApiException as exc:
+            raise ClusterError(describe_api_error(exc)) from None
+        except Exception as exc:  # connection refused, TLS, timeouts
+            raise ClusterError(describe_api_error(exc)) from None
+
+    def _list_json(self, namespace: str | None, kind: str, **kwargs: Any) -> list[dict]:
+        kwargs.update(_preload_content=False, _request_timeout=(10, 60))
+        if kind == "secrets":
+            function = (self.api.list_secret_for_all_namespaces if namespace is None
+                        else lambda **kw: self.api.list_namespaced_secret(namespace, **kw))
+        else:
+            function = (self.api.list_pod_for_all_namespaces if namespace is None
+                        else lambda **kw: self.api.list_namespaced_pod(namespace, **kw))
+        response = self._call(function, **kwargs)
+        return json.loads(response.data).get("items") or []
+
+    def key_records(self, namespace: str | None) -> list[KeyRecord]:
+        items = self._list_json(namespace, "secrets",
+                                label_selector=self.settings.key_selector.text)
+        return [parse_key_secret(i, settings=self.settings) for i in items]
+
+    def keyring(self, namespace: str) -> Keyring:
+        return build_keyring(namespace, self.key_records(namespace))
+
+    def backend_pods(self, namespace: str | None) -> list[dict]:
+        return self._list_json(namespace, "pods",
+                               label_selector=self.settings.pod_selector.text)
+
+    def create_secret(self, manifest: dict[str, Any]) -> None:
+        namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            self.api.create_namespaced_secret(namespace, manifest)
+        except ApiException as exc:
+            if exc.status == 409:
+                raise ClusterError(
+                    f"secret {name!r} already exists in namespace {namespace!r}; pick "
+                    f"another name, or add a key with `keymount keys rotate -n {namespace}`"
+                ) from None
+            if exc.status == 404:
+                raise ClusterError(f"namespace {namespace!r} not found; create it first: "
+                                   f"kubectl create namespace {namespace}") from None
+            raise ClusterError(describe_api_error(exc)) from None
+        except Exception as exc:
+            raise ClusterError(describe_api_error(exc)) from None
+
+    def annotate_secret(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        try:
+            self.api.patch_namespaced_secret(name, namespace,
+                                             {"metadata": {"annotations": annotations}})
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ClusterError(f"secret {name!r} not found in namespace "
+                                   f"{namespace!r}; `keymount keys list -n {namespace}` "
+                                   f"shows its keys") from None
+            raise ClusterError(describe_api_error(exc)) from None
+        except Exception as exc:
+            raise ClusterError(describe_api_error(exc)) from None
+
+    def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]:
+        """A ReplicaSet's Deployment, so the user restarts what they manage."""
+        if kind != "ReplicaSet":
+            return kind, name
+        try:
+            rs = self.apps.read_namespaced_replica_set(name, namespace)
+        except Exception:
+            return kind, name
+        for ref in rs.metadata.owner_references or []:
+            if ref.controller:
+                return ref.kind, ref.name
+        return kind, name

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import binascii
 import re
+import secrets
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -83,6 +84,16 @@ def check_key(value: bytes | None, *, subject: str = "field 'encryption-key'",
         "base64": f"base64 of exactly {KEY_BYTES} bytes (--key-encoding base64)",
     }[encoding]
     return KeyCheck(False, f"{subject} holds {len(value)} bytes; need {wanted}")
+
+
+def generate_key() -> bytes:
+    """32 bytes from the OS CSPRNG (`secrets`), redrawn in the astronomically unlikely
+    case that they would fail our own checks."""
+    while True:
+        key = secrets.token_bytes(KEY_BYTES)
+        result = check_key(key)
+        if result.valid and not result.warning:
+            return key
 
 
 def _check_key_bytes(key: bytes, *, encoding: Literal["raw", "base64"]) -> KeyCheck:

@@ -28,6 +28,7 @@ from .admission import (AdmissionRequest, MalformedReview, Verdict, build_review
                         parse_review, review_mutation, review_validation)
 from .config import Settings
 from .keys import Keyring
+from .lifecycle import GENERATED_KEY_NAME
 from .metrics import Metrics
 from .store import KeyStore
 
@@ -57,6 +58,7 @@ class Runtime:
     source: KeySource
     metrics: Metrics
     draining: bool = False
+    auto_generate: bool = False  # only with a source that has create_generated_key
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
 
 
@@ -95,11 +97,24 @@ async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -
         return review_validation(review, keyring=keyring, settings=runtime.settings)
 
     verdict = verdict_for(runtime.store.keyring(review.namespace))
-    if verdict.key_state:
-        # Confirm a key-state refusal with one live read: a key Secret created a moment
-        # ago may not have reached the cache yet (SPEC §5). Only ever on this rare path.
-        runtime.metrics.live_reads.inc()
-        verdict = verdict_for(await runtime.source.confirm(review.namespace))
+    if not verdict.key_state:
+        return verdict
+    # Confirm a key-state refusal with one live read: a key Secret created a moment
+    # ago may not have reached the cache yet (SPEC §5). Only ever on this rare path.
+    runtime.metrics.live_reads.inc()
+    keyring = await runtime.source.confirm(review.namespace)
+    verdict = verdict_for(keyring)
+    if (verdict.key_state and runtime.auto_generate and webhook == "mutate"
+            and not review.dry_run and not keyring.keys and not keyring.invalid):
+        # No key Secret at all: make one. Never on dryRun, which must not write.
+        keyring = await runtime.source.create_generated_key(review.namespace)
+        verdict = verdict_for(keyring)
+        if verdict.result == "injected":
+            verdict = verdict.with_warning(
+                f"keymount generated key Secret {GENERATED_KEY_NAME!r} in namespace "
+                f"{review.namespace!r}: back it up now (data encrypted with it is lost "
+                f"with it): kubectl get secret {GENERATED_KEY_NAME} -n {review.namespace} "
+                f"-o yaml")
     return verdict
 
 

@@ -1,0 +1,162 @@
+"""Key lifecycle decisions (pure): listing, rotation, staleness, retirement, import."""
+
+import base64
+import json
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from builders import key_secret, keyring_of, pod, random_key
+
+from webhook.config import Settings
+from webhook.injection import build_key_files, build_status
+from webhook.lifecycle import (build_key_rows, build_pod_key_state, format_age,
+                               format_table, import_helm_values, newest_key_too_old,
+                               next_key_index, next_key_name, pods_mounting, restart_command)
+
+NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+
+
+def test_key_rows_list_what_a_new_pod_gets_then_every_invalid_secret_and_why():
+    ring = keyring_of(key_secret("b", random_key(), index=2), key_secret("a", random_key()),
+                      key_secret("bad", b"short"))
+    rows = [r.as_dict() for r in build_key_rows(ring, now=NOW)]
+    assert [(r["file"], r["secret"], r["index"]) for r in rows] == [
+        ("encryption-key-1", "a", "-"), ("encryption-key-2", "b", "2"), ("-", "bad", "-")]
+    assert rows[2]["state"].startswith("invalid: field 'encryption-key' holds 5 bytes")
+    assert rows[2]["fingerprint"] == "-" and len(rows[0]["fingerprint"]) == 6
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(5, "5s"), (130, "2m"), (7300, "2h"),
+                                                (86400 * 91, "91d")])
+def test_ages_read_like_kubectl(seconds, shown):
+    assert format_age(NOW - timedelta(seconds=seconds), NOW) == shown
+
+
+def test_a_namespace_whose_newest_key_is_older_than_max_key_age_is_flagged():
+    ring = keyring_of(key_secret("old", random_key(), created="2026-01-01T00:00:00Z"))
+    assert newest_key_too_old(ring, max_age=timedelta(days=90), now=NOW)
+    assert not newest_key_too_old(ring, max_age=timedelta(days=365), now=NOW)
+    assert not newest_key_too_old(ring, max_age=None, now=NOW)
+
+
+@pytest.mark.parametrize(("indexes", "expected"), [
+    ((), 1), ((None, None), 1), ((1, 2), 3), ((5, None), 6),
+], ids=["empty", "no-indexes", "consecutive", "gap"])
+def test_rotation_takes_the_index_after_the_highest_in_use(indexes, expected):
+    ring = keyring_of(*[key_secret(f"k{i}", random_key(), index=ix)
+                        for i, ix in enumerate(indexes)])
+    assert next_key_index(ring) == expected
+
+
+def test_an_invalid_secret_index_counts_too_so_fixing_it_later_cannot_collide():
+    ring = keyring_of(key_secret("k1", random_key(), index=1),
+                      key_secret("broken", b"x", index=7))
+    assert next_key_index(ring) == 8
+
+
+def test_the_rotated_key_name_skips_names_in_use():
+    ring = keyring_of(key_secret("encryption-key-3", random_key(), index=1))
+    assert next_key_name(ring, 3) == "encryption-key-4"
+    assert next_key_name(ring, 2) == "encryption-key-2"
+
+
+def injected_pod(ring, name="api-0"):
+    obj = pod(name=name, annotations={"keymount.io/status": build_status(build_key_files(ring))})
+    obj["metadata"]["namespace"] = "shop"
+    return obj
+
+
+def test_a_pod_started_before_a_rotation_is_stale_and_names_the_missing_key():
+    k1, k2 = key_secret("k1", random_key(), index=1), key_secret("k2", random_key(), index=2)
+    old = injected_pod(keyring_of(k1))
+    state = build_pod_key_state(old, keyring_of(k1, k2))
+    assert state.stale and state.missing[0].startswith("k2 (") and state.removed == ()
+
+
+def test_a_pod_whose_key_was_removed_is_stale_and_a_current_one_is_not():
+    k1, k2 = key_secret("k1", random_key(), index=1), key_secret("k2", random_key(), index=2)
+    both = injected_pod(keyring_of(k1, k2))
+    assert build_pod_key_state(both, keyring_of(k1)).removed[0].startswith("k2 (")
+    assert not build_pod_key_state(both, keyring_of(k1, k2)).stale
+
+
+def test_replacing_a_keys_bytes_under_the_same_name_makes_pods_stale():
+    k1 = key_secret("k1", random_key(), index=1)
+    old = injected_pod(keyring_of(k1))
+    assert build_pod_key_state(old, keyring_of(key_secret("k1", random_key(), index=1))).stale
+
+
+def test_a_pod_without_status_annotation_is_not_judged():
+    assert build_pod_key_state(pod(), keyring_of()) is None
+
+
+def test_retire_finds_the_running_pods_that_project_the_secret():
+    def with_volume(name, secrets, phase="Running"):
+        return {"metadata": {"name": name}, "status": {"phase": phase},
+                "spec": {"volumes": [{"name": "keymount-encryption-keys", "projected": {
+                    "sources": [{"secret": {"name": s}} for s in secrets]}}]}}
+    pods = [with_volume("a", ["k1", "k2"]), with_volume("b", ["k2"]),
+            with_volume("done", ["k1"], phase="Succeeded")]
+    assert pods_mounting(pods, "k1") == ["a"]
+    assert pods_mounting(pods, "k2") == ["a", "b"]
+
+
+@pytest.mark.parametrize(("kind", "command"), [
+    ("Deployment", "kubectl rollout restart deployment/api -n shop"),
+    ("StatefulSet", "kubectl rollout restart statefulset/api -n shop"),
+    ("Pod", "kubectl delete pod api -n shop"),
+])
+def test_restart_commands_name_the_workload(kind, command):
+    assert restart_command(kind, "api", "shop").startswith(command)
+
+
+def test_tables_align_columns_under_upper_case_headers():
+    text = format_table(["file", "secret"], [["encryption-key-1", "a"], ["-", "longer-name"]])
+    assert text.splitlines() == ["FILE               SECRET",
+                                 "encryption-key-1   a",
+                                 "-                  longer-name"]
+
+
+# --- the old Helm chart -------------------------------------------------------------------
+
+def values(key):
+    return {"secrets": {"keysEncryption": {"userEncryptionKey": key}}}
+
+
+def test_a_valid_chart_key_becomes_a_labelled_manifest_at_index_1():
+    key = base64.b64encode(random_key()).decode()
+    result = import_helm_values(values(key), name="encryption-key-1", namespace="shop",
+                                settings=Settings())
+    manifest = result.manifest
+    assert manifest["metadata"]["annotations"] == {"keymount.io/key-index": "1"}
+    assert manifest["metadata"]["labels"] == {"keymount.io/encryption-key": "true"}
+    assert base64.b64decode(manifest["data"]["encryption-key"]).decode() == key
+    assert not (result.warning or result.refusal or result.explanation)
+
+
+@pytest.mark.parametrize("empty", ["", "  ", None], ids=["empty", "blank", "absent"])
+def test_an_empty_chart_key_is_explained_not_carried_over(empty):
+    result = import_helm_values(values(empty), name="k", namespace="shop", settings=Settings())
+    assert result.manifest is None
+    assert "generated a key at template time" in result.explanation
+
+
+def test_a_31_byte_chart_key_is_refused_with_its_length():
+    key = base64.b64encode(random_key()[:31]).decode()
+    result = import_helm_values(values(key), name="k", namespace="shop", settings=Settings())
+    assert result.manifest is None and "base64 of 31 bytes" in result.refusal
+
+
+def test_a_passphrase_like_chart_key_is_imported_with_a_warning():
+    result = import_helm_values(values("correct horse battery staple 123"), name="k",
+                                namespace="shop", settings=Settings())
+    assert result.manifest is not None and "passphrase" in result.warning
+
+
+def test_the_ca_bundle_patch_sets_every_webhook_of_the_manifests():
+    import yaml
+    from webhook.certs import build_ca_bundle_patch
+    docs = list(yaml.safe_load_all(build_ca_bundle_patch("QUJD")))
+    hooks = {h["name"]: h["clientConfig"]["caBundle"] for d in docs for h in d["webhooks"]}
+    assert hooks == {"inject.keymount.io": "QUJD", "pods.keymount.io": "QUJD",
+                     "secrets.keymount.io": "QUJD"}

@@ -1,0 +1,218 @@
+"""Key lifecycle decisions for the CLI: rotation, listings, staleness, retirement, import.
+
+Pure functions over keyrings and Pod objects; `cli.py` fetches them through
+`cluster.KeyClient` and prints what comes back.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from .config import STATUS_ANNOTATION, VOLUME_NAME, Settings
+from .injection import build_key_files
+from .key_secrets import build_key_secret
+from .keys import KeyRecord, Keyring, check_key
+
+GENERATED_KEY_NAME = "keymount-key-1"  # --auto-generate's one and only name
+
+
+# --- keys list ------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class KeyRow:
+    file: str
+    secret: str
+    index: str
+    state: str
+    fingerprint: str
+    age: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"file": self.file, "secret": self.secret, "index": self.index,
+                "state": self.state, "fingerprint": self.fingerprint, "age": self.age}
+
+
+def format_age(created: datetime | None, now: datetime) -> str:
+    """kubectl's style: 45s, 12m, 5h, 30d."""
+    if created is None:
+        return "<unknown>"
+    seconds = max(0, int((now - created).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size * (2 if unit != "d" else 1):
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def build_key_rows(keyring: Keyring, *, now: datetime) -> list[KeyRow]:
+    """What a new backend Pod would get, in file order, then every invalid Secret."""
+    rows = [KeyRow(keyring.file_name(i), r.name, str(r.index) if r.index_explicit else "-",
+                   "valid" + (" (warning: passphrase-like)" if r.check.warning else ""),
+                   r.fingerprint, format_age(r.created, now))
+            for i, r in enumerate(keyring.keys)]
+    rows += [KeyRow("-", r.name, str(r.index) if r.index_explicit else "-",
+                    f"invalid: {r.check.reason}", "-", format_age(r.created, now))
+             for r in keyring.invalid]
+    return rows
+
+
+def newest_key_too_old(keyring: Keyring, *, max_age: timedelta | None,
+                       now: datetime) -> bool:
+    newest = keyring.newest
+    return bool(max_age and newest and newest.created and now - newest.created > max_age)
+
+
+def format_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:
+    rows = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+              for i, h in enumerate(headers)]
+    lines = ["   ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines += ["   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+# --- keys rotate ----------------------------------------------------------------------
+
+def next_key_index(keyring: Keyring) -> int:
+    """One past the highest index in use, so the new key sorts last (SPEC §3).
+
+    Invalid Secrets count too: one fixed later must not collide with the new key.
+    """
+    records = (*keyring.keys, *keyring.invalid)
+    return max((r.index for r in records), default=0) + 1
+
+
+def next_key_name(keyring: Keyring, index: int) -> str:
+    taken = {r.name for r in (*keyring.keys, *keyring.invalid)}
+    name, n = f"encryption-key-{index}", index
+    while name in taken:
+        n += 1
+        name = f"encryption-key-{n}"
+    return name
+
+
+# --- status: which Pods run on a stale key set ------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class PodKeyState:
+    namespace: str
+    pod: str
+    stale: bool
+    missing: tuple[str, ...]  # keys a new Pod would get that this one lacks
+    removed: tuple[str, ...]  # keys this Pod has that are no longer valid key Secrets
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "pod": self.pod,
+                "state": "stale" if self.stale else "current",
+                "missing": list(self.missing), "removed": list(self.removed)}
+
+
+def read_status_annotation(pod: Mapping[str, Any]) -> list[dict[str, str]] | None:
+    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    try:
+        status = json.loads(annotations[STATUS_ANNOTATION])
+    except (KeyError, ValueError, TypeError):
+        return None
+    return status if isinstance(status, list) else None
+
+
+def build_pod_key_state(pod: Mapping[str, Any], keyring: Keyring) -> PodKeyState | None:
+    """Compare the keys a Pod was given (its status annotation) with today's set."""
+    status = read_status_annotation(pod)
+    if status is None:
+        return None
+    had = {(s.get("secret"), s.get("fingerprint")) for s in status if isinstance(s, dict)}
+    now = {(f.secret, f.fingerprint) for f in build_key_files(keyring)}
+    missing = tuple(sorted(f"{s} ({fp})" for s, fp in now - had))
+    removed = tuple(sorted(f"{s} ({fp})" for s, fp in had - now))
+    meta = pod.get("metadata") or {}
+    return PodKeyState(meta.get("namespace", ""), meta.get("name", ""),
+                       bool(missing or removed), missing, removed)
+
+
+def is_running(pod: Mapping[str, Any]) -> bool:
+    """Pods that exist and have not finished (Pending ones will mount on start)."""
+    phase = (pod.get("status") or {}).get("phase")
+    return phase not in ("Succeeded", "Failed") and \
+        not (pod.get("metadata") or {}).get("deletionTimestamp")
+
+
+# --- keys retire ----------------------------------------------------------------------
+
+def pods_mounting(pods: Iterable[Mapping[str, Any]], secret: str) -> list[str]:
+    """Names of running Pods whose keymount volume projects `secret`."""
+    names = []
+    for pod in pods:
+        if not is_running(pod):
+            continue
+        for volume in (pod.get("spec") or {}).get("volumes") or []:
+            if volume.get("name") != VOLUME_NAME:
+                continue
+            sources = (volume.get("projected") or {}).get("sources") or []
+            if any((s.get("secret") or {}).get("name") == secret for s in sources):
+                names.append((pod.get("metadata") or {}).get("name", ""))
+    return sorted(names)
+
+
+# --- restart targets after a rotation ----------------------------------------------------
+
+def owner_of(pod: Mapping[str, Any]) -> tuple[str, str] | None:
+    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
+        if ref.get("controller"):
+            return ref.get("kind", ""), ref.get("name", "")
+    return None
+
+
+def restart_command(kind: str, name: str, namespace: str) -> str:
+    if kind in ("Deployment", "StatefulSet", "DaemonSet"):
+        return f"kubectl rollout restart {kind.lower()}/{name} -n {namespace}"
+    if kind == "Pod":
+        return f"kubectl delete pod {name} -n {namespace}  # a bare Pod: recreate it"
+    return f"restart {kind.lower()}/{name} -n {namespace}"
+
+
+# --- keys import (the old Helm chart) ---------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class HelmImport:
+    manifest: dict[str, Any] | None = None
+    warning: str = ""
+    explanation: str = ""  # why nothing was carried over (the old auto-generate)
+    refusal: str = ""  # the value is present but not a usable key
+
+
+def import_helm_values(values: Any, *, name: str, namespace: str,
+                       settings: Settings) -> HelmImport:
+    """`secrets.keysEncryption.userEncryptionKey` as a key Secret manifest, index 1."""
+    node: Any = values
+    for step in ("secrets", "keysEncryption"):
+        node = node.get(step) if isinstance(node, Mapping) else None
+    value = node.get("userEncryptionKey") if isinstance(node, Mapping) else None
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return HelmImport(explanation=(
+            "secrets.keysEncryption.userEncryptionKey is empty: the old chart then generated "
+            "a key at template time, which changed on every render, so there is no key to "
+            "carry over. Export the key your running release actually uses (kubectl get "
+            f"secret <release-secret> -n {namespace} -o jsonpath=...) and import it with "
+            f"`keymount keys create {name} -n {namespace} --from-file KEYFILE --index 1`, or, "
+            f"for a new install, `keymount keys create {name} -n {namespace} --generate "
+            f"--index 1`"))
+    key = str(value).encode()
+    result = check_key(key, subject="secrets.keysEncryption.userEncryptionKey",
+                       encoding=settings.key_encoding)
+    if not result.valid:
+        return HelmImport(refusal=f"refused, nothing written: {result.reason}")
+    return HelmImport(
+        manifest=build_key_secret(name, namespace=namespace, key=key, index=1,
+                                  settings=settings),
+        warning=result.warning)
+
+
+def records_by_namespace(records: Iterable[KeyRecord]) -> dict[str, list[KeyRecord]]:
+    grouped: dict[str, list[KeyRecord]] = {}
+    for record in records:
+        grouped.setdefault(record.namespace, []).append(record)
+    return grouped
