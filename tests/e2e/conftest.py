@@ -77,8 +77,27 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None,
 class Keymount:
     """`keymount serve` as a process, with the probe port for metrics."""
 
-    def __init__(self, proc: subprocess.Popen, port: int, probe_port: int, log: Path):
+    def __init__(self, proc: subprocess.Popen, port: int, probe_port: int, log: Path,
+                 ca_file: Path):
         self.proc, self.port, self.probe_port, self.log = proc, port, probe_port, log
+        self.ca_file = ca_file
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+    def review(self, body: dict) -> dict:
+        """POST an AdmissionReview straight to /mutate, as the API server would."""
+        import ssl
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        request = urllib.request.Request(
+            f"https://127.0.0.1:{self.port}/mutate", data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, context=context, timeout=30) as resp:
+            return json.load(resp)["response"]
 
     def metric(self, name: str, labels: str = "") -> float:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}/metrics",
@@ -149,38 +168,42 @@ def webhook_configurations(port: int, ca_bundle: str) -> str:
     return yaml.safe_dump_all([mutating, validating])
 
 
-@pytest.fixture(scope="session")
-def keymount(control_plane, admin_kubeconfig, tmp_path_factory):
-    work = tmp_path_factory.mktemp("keymount")
-    kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=RBAC)
+def launch_keymount(control_plane, work: Path, *extra: str) -> Keymount:
+    """`keymount serve` on free loopback ports as the least-privileged user keymount."""
+    work.mkdir(parents=True, exist_ok=True)
     kubeconfig = control_plane.write_kubeconfig(work / "kubeconfig",
                                                 token=control_plane.keymount_token)
-    subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
-                    "--namespace", "keymount", "--out", str(work / "certs"),
-                    "--ip", "127.0.0.1"], check=True, capture_output=True)
+    if not (work / "certs/tls.crt").exists():
+        subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
+                        "--namespace", "keymount", "--out", str(work / "certs"),
+                        "--ip", "127.0.0.1"], check=True, capture_output=True)
     port, probe = free_port(), free_port()
-    log = work / "keymount.log"
+    log = work / f"keymount-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1",
              "--port", str(port), "--probe-port", str(probe), "--kubeconfig", str(kubeconfig),
              "--tls-cert", str(work / "certs/tls.crt"), "--tls-key", str(work / "certs/tls.key"),
-             "--shutdown-grace", "0"],
+             "--shutdown-grace", "0", *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    server = Keymount(proc, port, probe, log)
+    server = Keymount(proc, port, probe, log, work / "certs/ca.crt")
+    poll(lambda: server.ready() or proc.poll() is not None, timeout=60, what="keymount /readyz")
+    if proc.poll() is not None:
+        raise AssertionError(log.read_text()[-3000:])
+    return server
+
+
+@pytest.fixture(scope="session")
+def keymount(control_plane, admin_kubeconfig, tmp_path_factory):
+    kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=RBAC)
+    server = launch_keymount(control_plane, tmp_path_factory.mktemp("keymount"))
     try:
-        poll(lambda: server.ready() or proc.poll() is not None, timeout=60,
-             what="keymount /readyz")
-        assert proc.poll() is None, log.read_text()[-3000:]
-        ca_bundle = base64.b64encode((work / "certs/ca.crt").read_bytes()).decode()
-        kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=webhook_configurations(port, ca_bundle))
+        ca_bundle = base64.b64encode(server.ca_file.read_bytes()).decode()
+        kubectl(admin_kubeconfig, "apply", "-f", "-",
+                stdin=webhook_configurations(server.port, ca_bundle))
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        server.stop()
 
 
 _counter = iter(range(1, 1_000_000))

@@ -1,0 +1,184 @@
+"""The key lifecycle end to end: the CLI and --auto-generate against the real API server."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+from conftest import ROOT, kubectl, launch_keymount, poll
+from test_cluster import create_pod, denial, key_sources, wait_for_cached_keys
+
+OUTPUTS: list[str] = []  # everything the commands printed, checked for key material
+
+
+def keymount_cli(kubeconfig, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "webhook", *args, "--kubeconfig",
+                             str(kubeconfig)], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT, stdin=subprocess.DEVNULL)
+    OUTPUTS.append(result.stdout + result.stderr)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def key_material(api, namespace: str) -> list[str]:
+    """Every spelling of the namespace's keys that must never be printed."""
+    spellings = []
+    for secret in api.list_namespaced_secret(namespace).items:
+        stored = (secret.data or {}).get("encryption-key")
+        if stored:
+            raw = base64.b64decode(stored)
+            spellings += [stored, raw.hex()]
+            if raw.isascii():
+                spellings.append(raw.decode())
+    return spellings
+
+
+def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin_kubeconfig):
+    cfg = admin_kubeconfig
+    created = keymount_cli(cfg, "keys", "create", "k1", "-n", namespace, "--generate",
+                           "--index", "1")
+    assert f"secret/k1 created in namespace {namespace}" in created.stdout
+
+    [row] = json.loads(keymount_cli(cfg, "keys", "list", "-n", namespace, "-o", "json").stdout)
+    assert (row["file"], row["secret"], row["index"], row["state"]) == \
+        ("encryption-key-1", "k1", "1", "valid")
+
+    wait_for_cached_keys(keymount, 1)
+    old = create_pod(api, namespace, "old")
+    assert key_sources(old) == [("k1", "encryption-key-1")]
+
+    valid_before = keymount.metric("keymount_key_secrets", 'state="valid"')
+    rotated = keymount_cli(cfg, "keys", "rotate", "-n", namespace)
+    assert "secret/encryption-key-2 created" in rotated.stdout and "index 2" in rotated.stdout
+    assert "Running Pods keep their keys until restarted" in rotated.stdout
+    assert f"kubectl delete pod old -n {namespace}" in rotated.stdout
+
+    wait_for_cached_keys(keymount, valid_before + 1)
+    new = create_pod(api, namespace, "new")
+    assert key_sources(new) == [("k1", "encryption-key-1"), ("encryption-key-2",
+                                                              "encryption-key-2")]
+
+    states = {s["pod"]: s for s in json.loads(
+        keymount_cli(cfg, "status", "-n", namespace, "-o", "json").stdout)}
+    assert states["old"]["state"] == "stale"
+    assert states["old"]["missing"][0].startswith("encryption-key-2 (")
+    assert states["new"]["state"] == "current"
+    table = keymount_cli(cfg, "status", "-n", namespace).stdout
+    assert "old" in table and "stale" in table and "new " not in table
+
+    assert f"keymount keys retire k1 -n {namespace}" in denial(
+        lambda: api.delete_namespaced_secret("k1", namespace))
+    used_keys = key_material(api, namespace)  # both keys, read before one is deleted
+    assert len(used_keys) >= 4
+    retired = keymount_cli(cfg, "keys", "retire", "k1", "-n", namespace, "--yes")
+    assert "2 running Pod(s) still mount k1" in retired.stdout
+    assert "  new" in retired.stdout and "  old" in retired.stdout
+    api.delete_namespaced_secret("k1", namespace)
+
+    server_log = keymount.log.read_text()
+    leaks = [s for s in used_keys for out in [*OUTPUTS, server_log] if s in out]
+    assert leaks == []
+
+
+def test_retire_without_yes_and_without_a_terminal_changes_nothing(api, namespace,
+                                                                   admin_kubeconfig):
+    keymount_cli(admin_kubeconfig, "keys", "create", "k", "-n", namespace, "--generate")
+    result = keymount_cli(admin_kubeconfig, "keys", "retire", "k", "-n", namespace,
+                          check=False)
+    assert result.returncode == 1 and "confirm with --yes" in result.stderr
+    secret = api.read_namespaced_secret("k", namespace)
+    assert "keymount.io/allow-delete" not in (secret.metadata.annotations or {})
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["keys", "create", "k", "-n", "no-such-namespace", "--generate"],
+     "namespace 'no-such-namespace' not found; create it first"),
+    (["keys", "retire", "ghost", "-n", "default", "--yes"], "no key Secret 'ghost'"),
+], ids=["missing-namespace", "missing-secret"])
+def test_api_refusals_are_one_clear_line(admin_kubeconfig, keymount, args, message):
+    result = keymount_cli(admin_kubeconfig, *args, check=False)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines() == [f"keymount: {result.stderr.strip()[10:]}"]
+    assert message in result.stderr
+
+
+def test_forbidden_is_one_clear_line(control_plane, namespace, tmp_path):
+    # The keymount user may read Secrets, never write them.
+    kubeconfig = control_plane.write_kubeconfig(tmp_path / "kc",
+                                                token=control_plane.keymount_token)
+    result = keymount_cli(kubeconfig, "keys", "create", "k", "-n", namespace, "--generate",
+                          check=False)
+    assert result.returncode == 1
+    assert result.stderr.startswith("keymount: API server said 403:")
+    assert "Traceback" not in result.stderr
+
+
+AUTOGEN_RBAC = """
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: keymount-e2e-autogen}
+rules:
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [create]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: keymount-e2e-autogen}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: keymount-e2e-autogen}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: keymount}
+"""
+
+
+def backend_review(namespace: str, uid: str, *, dry_run: bool = False) -> dict:
+    return {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+        "resource": {"group": "", "version": "v1", "resource": "pods"},
+        "operation": "CREATE", "namespace": namespace, "dryRun": dry_run,
+        "object": {"metadata": {"name": uid, "labels": {"app.kubernetes.io/component":
+                                                        "backend"}},
+                   "spec": {"containers": [{"name": "app", "image": "x"}]}}}}
+
+
+def test_two_auto_generating_replicas_racing_create_exactly_one_key(
+        api, namespace, control_plane, admin_kubeconfig, tmp_path):
+    kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=AUTOGEN_RBAC)
+    replicas = [launch_keymount(control_plane, tmp_path / "replicas", "--auto-generate")
+                for _ in range(2)]
+    try:
+        dry = replicas[0].review(backend_review(namespace, "dry", dry_run=True))
+        assert dry["allowed"] is False
+        assert "no valid encryption key" in dry["status"]["message"]
+        assert [s.metadata.name for s in api.list_namespaced_secret(namespace).items] == []
+
+        answers: dict[int, dict] = {}
+        start = threading.Barrier(2)
+
+        def race(i: int) -> None:
+            start.wait()
+            answers[i] = replicas[i].review(backend_review(namespace, f"race-{i}"))
+
+        threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        keys = [s for s in api.list_namespaced_secret(namespace).items
+                if (s.metadata.labels or {}).get("keymount.io/encryption-key") == "true"]
+        assert [s.metadata.name for s in keys] == ["keymount-key-1"]
+        audits = [json.loads(answers[i]["auditAnnotations"]["encryption-keys"])
+                  for i in range(2)]
+        assert audits[0] == audits[1] and audits[0][0]["secret"] == "keymount-key-1"
+        assert any("back it up" in w for a in answers.values() for w in a.get("warnings", []))
+        logs = "".join(r.log.read_text() for r in replicas)
+        assert not [s for s in key_material(api, namespace) if s in logs]
+    finally:
+        for replica in replicas:
+            replica.stop()
+        kubectl(admin_kubeconfig, "delete", "-f", "-", stdin=AUTOGEN_RBAC)
