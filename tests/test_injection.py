@@ -208,3 +208,14 @@ def test_backend_pods_are_those_matching_the_pod_selector():
     assert needs_keys(pod(), settings=SETTINGS)
     assert not needs_keys(pod(labels={"app": "web"}), settings=SETTINGS)
     assert not needs_keys({"metadata": {"labels": None}}, settings=SETTINGS)
+
+
+def test_a_newest_key_older_than_max_key_age_earns_a_rotation_warning():
+    from datetime import datetime, timedelta, timezone
+    ring = keyring_of(key_secret("old", random_key(), created="2026-01-01T00:00:00Z"))
+    settings = Settings(max_key_age=timedelta(days=90))
+    late = datetime(2026, 6, 1, tzinfo=timezone.utc)
+    warnings = warnings_for(pod(), keyring=ring, settings=settings, now=late)
+    assert any("keymount keys rotate -n shop" in w for w in warnings)
+    early = datetime(2026, 2, 1, tzinfo=timezone.utc)
+    assert warnings_for(pod(), keyring=ring, settings=settings, now=early) == ()

@@ -153,9 +153,9 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     add_flag(p, "--kubeconfig", default=None, help="kubeconfig (default: in-cluster or ~/.kube)")
     add_flag(p, "--keys-from", default=None, help="directory of key Secret manifests")
     add_flag(p, "--namespaces", default=None, help="watch only these namespaces, a,b")
-    add_flag(p, "--auto-generate", default=False, action="store_true",
-             help="create a key for a backend Pod's namespace that has none")
-    p.set_defaults(auto_generate=env_flag("AUTO_GENERATE"))
+    p.add_argument("--auto-generate", action="store_true", default=env_flag("AUTO_GENERATE"),
+                   help="create a key for a backend Pod's namespace that has none "
+                        "[env KEYMOUNT_AUTO_GENERATE=true; default off]")
     add_flag(p, "--log-format", default="json", choices=("json", "text"), help="log format")
     add_flag(p, "--log-level", default="info", help="log level")
     add_flag(p, "--shutdown-grace", default=5.0, type=float,

@@ -46,3 +46,27 @@ def test_the_base_is_accepted_by_the_api_server(admin_kubeconfig, api):
                      stdin=yaml.safe_dump_all(rest))
     for doc in rest:
         assert f"{doc['metadata']['name']}" in result.stdout
+
+
+def test_the_ca_bundle_patch_names_every_webhook_the_base_registers():
+    from webhook.certs import WEBHOOKS
+    registered = {d["kind"]: [h["name"] for h in d["webhooks"]]
+                  for d in render("manifests") if "webhooks" in d}
+    assert registered == WEBHOOKS
+
+
+def test_the_auto_generate_component_adds_create_and_turns_the_flag_on(tmp_path):
+    shutil.copytree(ROOT / "manifests", tmp_path / "manifests")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [manifests]\ncomponents: [manifests/components/auto-generate]\n")
+    result = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert ["create"] in [r["verbs"] for r in role["rules"]]
+    base_role = next(d for d in render("manifests") if d["kind"] == "ClusterRole")
+    assert all("create" not in r["verbs"] for r in base_role["rules"])
+    env = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"][0]["env"]
+    assert {"name": "KEYMOUNT_AUTO_GENERATE", "value": "true"} in env
