@@ -1,7 +1,6 @@
 """Key lifecycle decisions (pure): listing, rotation, staleness, retirement, import."""
 
 import base64
-import json
 from datetime import datetime, timedelta, timezone
 
 import pytest

@@ -195,7 +195,6 @@ class KubernetesKeySource:
                          extra={"namespace": namespace, "secret": GENERATED_KEY_NAME})
 
         await in_daemon_thread(create)
-        del manifest  # the key bytes go no further than the API server
         return await self.confirm(namespace)
 
     # --- watching --------------------------------------------------------------------

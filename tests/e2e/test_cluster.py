@@ -4,57 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 
-import pytest
-from conftest import kubectl, poll
-from kubernetes.client.rest import ApiException
-
-BACKEND = {"app.kubernetes.io/component": "backend"}
-KEY_LABELS = {"keymount.io/encryption-key": "true"}
-
-
-def random_key() -> bytes:
-    while True:
-        key = os.urandom(32)
-        if any(b < 0x20 or b > 0x7E for b in key):
-            return key
-
-
-def create_key(api, namespace: str, name: str, *, key: bytes | None = None,
-               index: int | None = None) -> None:
-    meta = {"name": name, "labels": KEY_LABELS}
-    if index is not None:
-        meta["annotations"] = {"keymount.io/key-index": str(index)}
-    data = {"encryption-key": base64.b64encode(key or random_key()).decode()}
-    api.create_namespaced_secret(namespace, {"metadata": meta, "data": data})
-
-
-def pod_body(name: str = "api", *, labels=BACKEND, containers=("app",)) -> dict:
-    return {"metadata": {"name": name, "labels": dict(labels)},
-            "spec": {"containers": [{"name": c, "image": "example.com/app:1"}
-                                    for c in containers]}}
-
-
-def create_pod(api, namespace: str, name: str = "api", **kw):
-    return api.create_namespaced_pod(namespace, pod_body(name, **kw))
-
-
-def denial(call) -> str:
-    with pytest.raises(ApiException) as info:
-        call()
-    assert info.value.status in (400, 403), info.value.body
-    return json.loads(info.value.body)["message"]
-
-
-def key_sources(pod) -> list[tuple[str, str]]:
-    volume = next(v for v in pod.spec.volumes if v.name == "keymount-encryption-keys")
-    return [(s.secret.name, s.secret.items[0].path) for s in volume.projected.sources]
-
-
-def wait_for_cached_keys(keymount, count: int) -> None:
-    poll(lambda: keymount.metric("keymount_key_secrets", 'state="valid"') >= count,
-         what=f"keymount cache holding {count} valid keys")
+from apihelpers import (KEY_LABELS, create_key, create_pod, denial, key_sources, pod_body,
+                        wait_for_cached_keys)
+from polling import poll
 
 
 def test_a_backend_pod_is_stored_with_both_keys_in_spec_order(api, namespace):

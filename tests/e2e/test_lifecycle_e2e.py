@@ -9,8 +9,8 @@ import sys
 import threading
 
 import pytest
-from conftest import ROOT, kubectl, launch_keymount, poll
-from test_cluster import create_pod, denial, key_sources, wait_for_cached_keys
+from conftest import ROOT, kubectl, launch_keymount
+from apihelpers import create_pod, denial, key_sources, wait_for_cached_keys
 
 OUTPUTS: list[str] = []  # everything the commands printed, checked for key material
 
