@@ -93,3 +93,15 @@ async def test_the_store_becomes_ready_after_the_first_full_load(directory):
     assert not store.ready
     await DirectoryKeySource(directory, settings=SETTINGS, store=store).load()
     assert store.ready
+
+
+async def test_an_unchanged_directory_does_not_rebuild_the_keyrings(directory):
+    store = KeyStore()
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=store)
+    await source.load()
+    ring = store.keyring("shop")
+    await source.load()
+    assert store.keyring("shop") is ring
+    (directory / "b.yaml").write_text(yaml.safe_dump(key_secret("b", random_key())))
+    await source.load()
+    assert store.keyring("shop") is not ring

@@ -85,6 +85,7 @@ class DirectoryKeySource:
         self._files: dict[Path, _FileState] = {}
         self.errors: dict[Path, str] = {}
         self._lock = asyncio.Lock()  # the poll loop and confirm() must not scan at once
+        self.changed = False  # whether the last scan saw any file change
 
     def scan(self) -> list[KeyRecord]:
         """Re-read the files that changed; returns every key record (blocking I/O)."""
@@ -114,12 +115,17 @@ class DirectoryKeySource:
                 continue
             self.errors.pop(path, None)
             seen[path] = _FileState(stamp, records)
+        self.changed = seen.keys() != self._files.keys() or any(
+            state is not self._files.get(path) for path, state in seen.items())
         self._files = seen
         return [r for state in seen.values() for r in state.records]
 
     async def load(self) -> None:
         async with self._lock:
-            self.store.replace_all(await asyncio.to_thread(self.scan))
+            records = await asyncio.to_thread(self.scan)
+            # Rebuild the keyrings only when a file changed: the poll runs every second.
+            if self.changed or not self.store.ready:
+                self.store.replace_all(records)
 
     async def run(self) -> None:
         while True:
