@@ -17,8 +17,8 @@ from datetime import datetime
 from typing import Any, Literal, NotRequired, TypedDict
 
 from .config import VOLUME_NAME, Settings
-from .injection import (FILE_MODE, Injected, KeyFile, build_mount, build_status,
-                        find_mount_conflict, inject_keys, needs_keys, select_containers)
+from .injection import (FILE_MODE, Injected, KeyFile, build_mount, find_mount_conflict,
+                        inject_keys, needs_keys, select_containers)
 from .key_secrets import is_key_secret, parse_key_secret
 from .keys import ALLOW_DELETE_ANNOTATION, Keyring
 
@@ -223,9 +223,8 @@ def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Se
     if not isinstance(outcome, Injected):
         return Verdict("denied", denied(request.uid, outcome.message),
                        key_state=outcome.from_key_state)
-    status = build_status(outcome.files)
     return Verdict("injected", patched(request.uid, outcome.patch, warnings=outcome.warnings,
-                                       audit={"encryption-keys": status}),
+                                       audit={"encryption-keys": outcome.status}),
                    files=outcome.files)
 
 

@@ -46,6 +46,7 @@ class KeyFile:
 class Injected:
     patch: tuple[PatchOp, ...]
     files: tuple[KeyFile, ...]
+    status: str  # the keymount.io/status annotation, also the audit annotation
     warnings: tuple[str, ...] = ()
 
     def apply(self, pod: Mapping[str, Any]) -> dict[str, Any]:
@@ -185,11 +186,12 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
                        build_volume(keyring, settings=settings))
     for path, container in targets:
         _patch_list_member(patch, container.get("volumeMounts"), f"{path}/volumeMounts", mount)
-    _patch_annotation(patch, pod.get("metadata"), STATUS_ANNOTATION, build_status(files))
+    status = build_status(files)
+    _patch_annotation(patch, pod.get("metadata"), STATUS_ANNOTATION, status)
 
     warnings = build_key_warnings(keyring, settings=settings, now=now)
     warnings += build_pod_warnings(pod, targets=targets)
-    return Injected(tuple(patch), files, tuple(warnings))
+    return Injected(tuple(patch), files, status, tuple(warnings))
 
 
 def _is_list_of_maps(value: Any) -> bool:
