@@ -180,20 +180,22 @@ def cmd_inject(args: argparse.Namespace) -> int:
     from .workloads import InjectionRefused, inject_document
 
     settings = build_settings(args)
-    if not args.keys_from:
-        raise CommandError("keymount inject needs --keys-from DIR (Secret manifests)", 2)
-    store = KeyStore()
     try:
-        store.replace_all(DirectoryKeySource(args.keys_from, settings=settings,
-                                             store=store).scan())
         documents = load_documents(read_input(args.filename).decode("utf-8", "replace"),
                                    source=args.filename)
+        if args.keys_from:
+            store = KeyStore()
+            store.replace_all(DirectoryKeySource(args.keys_from, settings=settings,
+                                                 store=store).scan())
+            keyring_for = store.keyring
+        else:
+            keyring_for = build_cluster_keyrings(args, settings)
     except ManifestError as exc:
         raise CommandError(str(exc)) from None
     output = []
     try:
         for document in documents:
-            result = inject_document(document, keyring_for=store.keyring, settings=settings,
+            result = inject_document(document, keyring_for=keyring_for, settings=settings,
                                      default_namespace=args.namespace)
             for warning in result.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
@@ -204,12 +206,25 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
+def build_cluster_keyrings(args: argparse.Namespace, settings: Settings):
+    """Without --keys-from: each namespace's keys read once from the cluster."""
+    from functools import cache
+
+    from .cluster import KeyClient
+    client = KeyClient.from_kubeconfig(kubeconfig=args.kubeconfig, context=args.context,
+                                       settings=settings)
+    return cache(client.keyring)
+
+
 def add_inject(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser("inject", help="inject keys into manifests offline")
     p.add_argument("-f", "--filename", required=True, help="YAML stream, or - for stdin")
     p.add_argument("-n", "--namespace", default="default",
                    help="namespace of documents that name none")
-    add_flag(p, "--keys-from", default=None, help="directory of key Secret manifests")
+    add_flag(p, "--keys-from", default=None,
+             help="directory of key Secret manifests (default: the cluster's key Secrets)")
+    p.add_argument("--kubeconfig", default=None, help="kubeconfig, without --keys-from")
+    p.add_argument("--context", default=None, help="kubeconfig context")
     add_settings_flags(p)
     p.set_defaults(func=cmd_inject)
 

@@ -141,18 +141,16 @@ def cmd_rotate(args: argparse.Namespace) -> int:
 # --- list / status ----------------------------------------------------------------------
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from .lifecycle import build_key_rows, newest_key_too_old, records_by_namespace
+    from .lifecycle import build_key_rows, records_by_namespace
     settings = _settings(args)
     keys, namespace = connect(args, settings)
     grouped = records_by_namespace(keys.key_records(namespace))
     if namespace is not None:
         grouped.setdefault(namespace, [])
-    now, rows, stale = _now(), [], []
+    now, rows = _now(), []
     for ns in sorted(grouped):
         keyring = build_keyring(ns, grouped[ns])
         rows += [{"namespace": ns, **row.as_dict()} for row in build_key_rows(keyring, now=now)]
-        if newest_key_too_old(keyring, max_age=settings.max_key_age, now=now):
-            stale.append(ns)
     headers = ["file", "secret", "index", "state", "fingerprint", "age"]
     if namespace is None:
         headers.insert(0, "namespace")
@@ -161,10 +159,19 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         print(f"no key Secrets in namespace {namespace}; create one: keymount keys create "
               f"encryption-key-1 -n {namespace} --generate", file=sys.stderr)
-    for ns in stale:
-        print(f"warning: the newest key of namespace {ns} is older than --max-key-age; "
-              f"rotate: keymount keys rotate -n {ns}", file=sys.stderr)
+    warn_old_keys(grouped, settings)
     return 0
+
+
+def warn_old_keys(grouped: dict[str, list[KeyRecord]], settings: Settings) -> None:
+    """--max-key-age: flag each namespace whose newest key is older."""
+    from .lifecycle import newest_key_too_old
+    now = _now()
+    for ns in sorted(grouped):
+        if newest_key_too_old(build_keyring(ns, grouped[ns]), max_age=settings.max_key_age,
+                              now=now):
+            print(f"warning: the newest key of namespace {ns} is older than --max-key-age; "
+                  f"rotate: keymount keys rotate -n {ns}", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -180,6 +187,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         state = build_pod_key_state(pod, build_keyring(ns, grouped.get(ns, [])))
         if state is not None:
             states.append(state.as_dict())
+    warn_old_keys(grouped, settings)
     stale = [s for s in states if s["state"] == "stale"]
     shown = states if args.output != "table" else stale
     for row in shown:

@@ -10,6 +10,7 @@ import threading
 
 import pytest
 from conftest import ROOT, kubectl, launch_keymount
+from polling import poll
 from apihelpers import create_pod, denial, key_sources, wait_for_cached_keys
 
 OUTPUTS: list[str] = []  # everything the commands printed, checked for key material
@@ -182,3 +183,27 @@ def test_two_auto_generating_replicas_racing_create_exactly_one_key(
         for replica in replicas:
             replica.stop()
         kubectl(admin_kubeconfig, "delete", "-f", "-", stdin=AUTOGEN_RBAC)
+
+
+def test_inject_without_keys_from_reads_the_clusters_keys(api, namespace, admin_kubeconfig):
+    keymount_cli(admin_kubeconfig, "keys", "create", "k", "-n", namespace, "--generate")
+    manifest = (ROOT / "tests/golden/inject/workloads.in.yaml").read_text()
+    result = subprocess.run(
+        [sys.executable, "-m", "webhook", "inject", "-f", "-", "-n", namespace,
+         "--kubeconfig", str(admin_kubeconfig)],
+        input=manifest.split("---")[2], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "name: k\n" in result.stdout and "path: encryption-key-1" in result.stdout
+
+
+def test_max_key_age_flags_a_namespace_whose_newest_key_is_older(namespace,
+                                                                 admin_kubeconfig):
+    keymount_cli(admin_kubeconfig, "keys", "create", "k", "-n", namespace, "--generate")
+    fresh = keymount_cli(admin_kubeconfig, "keys", "list", "-n", namespace,
+                         "--max-key-age", "1d")
+    assert "older than --max-key-age" not in fresh.stderr
+    poll(lambda: "older than --max-key-age" in keymount_cli(
+        admin_kubeconfig, "keys", "list", "-n", namespace, "--max-key-age", "1s").stderr,
+        timeout=15, what="key older than 1s")
+    status = keymount_cli(admin_kubeconfig, "status", "-n", namespace, "--max-key-age", "1s")
+    assert f"keymount keys rotate -n {namespace}" in status.stderr
