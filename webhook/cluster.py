@@ -81,17 +81,21 @@ def describe_api_error(exc: Exception) -> str:
 
 async def in_daemon_thread(function: Callable[[], T]) -> T:
     """Run a blocking call in a daemon thread: unlike the default executor, a read
-    blocked on a dead connection cannot delay shutdown."""
+    blocked on a quiet watch cannot delay shutdown. On cancellation the thread is
+    abandoned, not interrupted: closing an SSL socket that another thread is reading
+    blocks on the socket's lock (seen here as a SIGTERM that never finished)."""
     loop = asyncio.get_running_loop()
     future: asyncio.Future[T] = loop.create_future()
 
     def target() -> None:
         try:
-            result = function()
+            outcome = (function(), None)
         except BaseException as exc:  # handed to the awaiting task
-            loop.call_soon_threadsafe(_settle, future, None, exc)
-        else:
-            loop.call_soon_threadsafe(_settle, future, result, None)
+            outcome = (None, exc)
+        try:
+            loop.call_soon_threadsafe(_settle, future, *outcome)
+        except RuntimeError:
+            pass  # the loop closed while this call was blocked: nobody is waiting
 
     threading.Thread(target=target, daemon=True, name="keymount-api").start()
     return await future
@@ -131,7 +135,6 @@ class KubernetesKeySource:
         self.scopes: list[str | None] = list(namespaces) if namespaces else [None]
         self.timings = timings
         self._versions: dict[str | None, str] = {}
-        self._responses: dict[str | None, Any] = {}
 
     # --- reading ---------------------------------------------------------------------
 
@@ -213,9 +216,6 @@ class KubernetesKeySource:
                     next_resync = loop.time() + self.timings.resync_seconds
                 await in_daemon_thread(lambda: self._watch(scope, loop))
                 backoff = self.timings.retry_seconds
-            except asyncio.CancelledError:
-                self._close(scope)
-                raise
             except _Gone:
                 log.info("watch resourceVersion expired; re-listing",
                          extra={"scope": scope or "*"})
@@ -244,7 +244,6 @@ class KubernetesKeySource:
             response = self.api.list_secret_for_all_namespaces(**kwargs)
         else:
             response = self.api.list_namespaced_secret(scope, **kwargs)
-        self._responses[scope] = response
         try:
             for line in iter_resp_lines(response):
                 if not line:
@@ -263,7 +262,6 @@ class KubernetesKeySource:
                 if version:
                     loop.call_soon_threadsafe(self._versions.__setitem__, scope, version)
         finally:
-            self._responses.pop(scope, None)
             response.release_conn()
 
     def _apply(self, kind: str, record: KeyRecord) -> None:
@@ -271,14 +269,6 @@ class KubernetesKeySource:
             self.store.remove(record.namespace, record.name)
         else:
             self.store.put(record)
-
-    def _close(self, scope: str | None) -> None:
-        response = self._responses.pop(scope, None)
-        if response is not None:
-            try:
-                response.close()
-            except Exception:  # closing a socket another thread reads: best effort
-                pass
 
 
 # --- the CLI's calls -------------------------------------------------------------

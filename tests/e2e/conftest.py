@@ -82,12 +82,15 @@ class Keymount:
         self.proc, self.port, self.probe_port, self.log = proc, port, probe_port, log
         self.ca_file = ca_file
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM, as the kubelet sends it; the exit code, or None if it hung."""
         self.proc.terminate()
         try:
-            self.proc.wait(15)
+            return self.proc.wait(15)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+            return None
 
     def review(self, body: dict) -> dict:
         """POST an AdmissionReview straight to /mutate, as the API server would."""
@@ -203,7 +206,9 @@ def keymount(control_plane, admin_kubeconfig, tmp_path_factory):
                 stdin=webhook_configurations(server.port, ca_bundle))
         yield server
     finally:
-        server.stop()
+        code = server.stop()
+    # With a watch blocked in a worker thread, SIGTERM must still end it cleanly.
+    assert code == 0, f"keymount exited {code} on SIGTERM:\n{server.log.read_text()[-2000:]}"
 
 
 _counter = iter(range(1, 1_000_000))
