@@ -90,3 +90,22 @@ def test_serve_without_tls_files_says_how_to_make_them(tmp_path):
         capture_output=True, timeout=30)
     assert result.returncode == 1
     assert b"keymount certs" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_a_port_in_use_is_one_line_not_a_traceback(tmp_path):
+    certs = tmp_path / "certs"
+    subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "k", "--namespace",
+                    "k", "--out", str(certs)], check=True, capture_output=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port",
+             str(port), "--probe-port", str(free_port()), "--keys-from", str(tmp_path),
+             "--tls-cert", str(certs / "tls.crt"), "--tls-key", str(certs / "tls.key")],
+            capture_output=True, timeout=30)
+    assert result.returncode == 1
+    last = result.stderr.decode().strip().splitlines()[-1]
+    assert last.startswith(f"keymount: cannot serve on 127.0.0.1:{port}")
+    assert b"Traceback" not in result.stderr

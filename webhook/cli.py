@@ -19,10 +19,10 @@ from typing import Any
 import yaml
 
 from . import __version__
-from .errors import UserFacingError
+from .cli_keys import add_key_lifecycle_commands, add_status_command
 from .config import (DEFAULT_KEY_FIELD, DEFAULT_KEY_SELECTOR, DEFAULT_MOUNT_PATH,
                      DEFAULT_POD_SELECTOR, Settings)
-from .cli_keys import add_key_lifecycle_commands, add_status_command
+from .errors import UserFacingError
 from .keys import check_key
 from .selectors import SelectorError, parse_selector
 
@@ -103,6 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .store import KeyStore
 
     settings = build_settings(args)
+    if str(args.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise CommandError(f"--log-level {args.log_level!r}: use debug, info, warning or "
+                           f"error", 2)
     configure_logging(fmt=args.log_format, level=args.log_level)
     store = KeyStore()
     metrics = Metrics(store)
@@ -120,7 +123,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
             raise CommandError(f"TLS file {path} not found; create a pair with "
                                f"`keymount certs --service keymount --namespace keymount "
                                f"--out certs --ip 127.0.0.1` or pass --tls-cert/--tls-key")
-    asyncio.run(serve(runtime, options))
+    try:
+        asyncio.run(serve(runtime, options))
+    except OSError as exc:  # typically the port is taken
+        raise CommandError(f"cannot serve on {options.host}:{options.port}/"
+                           f"{options.probe_port}: {exc.strerror or exc}") from None
     return 0
 
 
