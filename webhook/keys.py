@@ -116,7 +116,6 @@ class KeyRecord:
     index: int = 0  # keymount.io/key-index; missing counts as 0 (SPEC §3)
     index_explicit: bool = False
     created: datetime | None = None
-    allow_delete: bool = False
 
     @property
     def valid(self) -> bool:
@@ -147,7 +146,7 @@ def build_key_record(*, namespace: str, name: str, value: bytes | None,
         check = KeyCheck(False, index_error)
     return KeyRecord(
         namespace=namespace, name=name, check=check, index=index, index_explicit=explicit,
-        created=created, allow_delete=annotations.get(ALLOW_DELETE_ANNOTATION) == "true",
+        created=created,
     )
 
 

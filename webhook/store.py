@@ -9,7 +9,7 @@ the event loop thread; sources that run in threads hand their results over to it
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from .keys import KeyRecord, Keyring, build_keyring
 
@@ -19,7 +19,6 @@ class KeyStore:
         self._records: dict[str, dict[str, KeyRecord]] = {}
         self._rings: dict[str, Keyring] = {}
         self.ready = False
-        self._listeners: list[Callable[[KeyStore], None]] = []
 
     def keyring(self, namespace: str) -> Keyring:
         ring = self._rings.get(namespace)
@@ -27,9 +26,6 @@ class KeyStore:
 
     def namespaces(self) -> list[str]:
         return sorted(self._rings)
-
-    def on_change(self, listener: Callable[[KeyStore], None]) -> None:
-        self._listeners.append(listener)
 
     def replace_all(self, records: Iterable[KeyRecord]) -> None:
         """A full list: afterwards the store holds exactly these records."""
@@ -40,24 +36,20 @@ class KeyStore:
         self._records = grouped
         self._rebuild(changed)
         self.ready = True
-        self._notify()
 
     def replace_namespace(self, namespace: str, records: Iterable[KeyRecord]) -> Keyring:
         """A live read of one namespace replaces what the cache had for it."""
         self._records[namespace] = {r.name: r for r in records if r.namespace == namespace}
         self._rebuild({namespace})
-        self._notify()
         return self.keyring(namespace)
 
     def put(self, record: KeyRecord) -> None:
         self._records.setdefault(record.namespace, {})[record.name] = record
         self._rebuild({record.namespace})
-        self._notify()
 
     def remove(self, namespace: str, name: str) -> None:
         if self._records.get(namespace, {}).pop(name, None) is not None:
             self._rebuild({namespace})
-            self._notify()
 
     def count_by_state(self) -> Counter[str]:
         return Counter("valid" if r.valid else "invalid"
@@ -71,7 +63,3 @@ class KeyStore:
             else:
                 self._records.pop(ns, None)
                 self._rings.pop(ns, None)
-
-    def _notify(self) -> None:
-        for listener in self._listeners:
-            listener(self)
