@@ -7,7 +7,6 @@ import pytest
 from builders import key_secret, keyring_of, pod, random_key
 
 from webhook.config import Settings
-from webhook.injection import build_key_files, build_status
 from webhook.lifecycle import (build_key_rows, build_pod_key_state, format_age,
                                format_table, import_helm_values, newest_key_too_old,
                                next_key_index, next_key_name, pods_mounting, restart_command)
@@ -60,7 +59,7 @@ def test_the_rotated_key_name_skips_names_in_use():
 
 
 def injected_pod(ring, name="api-0"):
-    obj = pod(name=name, annotations={"keymount.io/status": build_status(build_key_files(ring))})
+    obj = pod(name=name, annotations={"keymount.io/status": ring.status})
     obj["metadata"]["namespace"] = "shop"
     return obj
 

@@ -17,10 +17,10 @@ from datetime import datetime
 from typing import Any, Literal, NotRequired, TypedDict
 
 from .config import VOLUME_NAME, Settings
-from .injection import (FILE_MODE, Injected, KeyFile, build_mount, find_mount_conflict,
+from .injection import (FILE_MODE, Injected, build_mount, find_mount_conflict,
                         inject_keys, needs_keys, select_containers)
 from .key_secrets import is_key_secret, parse_key_secret
-from .keys import ALLOW_DELETE_ANNOTATION, Keyring
+from .keys import ALLOW_DELETE_ANNOTATION, KeyFile, Keyring
 
 REVIEW_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 # The namespace controller deletes every object of a namespace being deleted; refusing

@@ -9,7 +9,6 @@ the webhook fails closed, so anything it cannot read is a refusal.
 
 from __future__ import annotations
 
-import json
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ import jsonpatch
 
 from .config import (CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME,
                      Settings)
-from .keys import INDEX_ANNOTATION, Keyring
+from .keys import INDEX_ANNOTATION, KeyFile, Keyring
 
 PatchOp = dict[str, Any]
 RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "mount-conflict",
@@ -30,16 +29,6 @@ RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "moun
 KEY_STATE_REASONS: frozenset[str] = frozenset({"no-valid-key", "invalid-keys",
                                                "ambiguous-order"})
 FILE_MODE = 0o440
-
-
-@dataclass(frozen=True, slots=True)
-class KeyFile:
-    file: str
-    secret: str
-    fingerprint: str
-
-    def as_status(self) -> dict[str, str]:
-        return {"file": self.file, "secret": self.secret, "fingerprint": self.fingerprint}
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,22 +59,16 @@ def needs_keys(pod: Mapping[str, Any], *, settings: Settings) -> bool:
     return settings.pod_selector.matches(labels if isinstance(labels, Mapping) else {})
 
 
-def build_key_files(keyring: Keyring) -> tuple[KeyFile, ...]:
-    return tuple(KeyFile(keyring.file_name(i), r.name, r.fingerprint)
-                 for i, r in enumerate(keyring.keys))
-
-
 def build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
     return {
         "name": VOLUME_NAME,
         "projected": {
             "defaultMode": FILE_MODE,
             "sources": [
-                {"secret": {"name": record.name,
-                            "items": [{"key": settings.key_field,
-                                       "path": keyring.file_name(i)}],
+                {"secret": {"name": key_file.secret,
+                            "items": [{"key": settings.key_field, "path": key_file.file}],
                             "optional": False}}
-                for i, record in enumerate(keyring.keys)
+                for key_file in keyring.files
             ],
         },
     }
@@ -93,10 +76,6 @@ def build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
 
 def build_mount(*, settings: Settings) -> dict[str, Any]:
     return {"name": VOLUME_NAME, "mountPath": settings.mount_path, "readOnly": True}
-
-
-def build_status(files: tuple[KeyFile, ...]) -> str:
-    return json.dumps([f.as_status() for f in files], separators=(",", ":"))
 
 
 def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
@@ -180,18 +159,16 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
                 f"at or under {settings.mount_path}, where keymount mounts the encryption "
                 f"keys; move that mount elsewhere, or set --mount-path"))
 
-    files = build_key_files(keyring)
     patch: list[PatchOp] = []
     _patch_list_member(patch, spec.get("volumes"), "/spec/volumes",
                        build_volume(keyring, settings=settings))
     for path, container in targets:
         _patch_list_member(patch, container.get("volumeMounts"), f"{path}/volumeMounts", mount)
-    status = build_status(files)
-    _patch_annotation(patch, pod.get("metadata"), STATUS_ANNOTATION, status)
+    _patch_annotation(patch, pod.get("metadata"), STATUS_ANNOTATION, keyring.status)
 
     warnings = build_key_warnings(keyring, settings=settings, now=now)
     warnings += build_pod_warnings(pod, targets=targets)
-    return Injected(tuple(patch), files, status, tuple(warnings))
+    return Injected(tuple(patch), keyring.files, keyring.status, tuple(warnings))
 
 
 def _is_list_of_maps(value: Any) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import re
 import secrets
 from collections.abc import Iterable, Mapping
@@ -158,16 +159,31 @@ def sort_key(record: KeyRecord) -> tuple:
 
 
 @dataclass(frozen=True, slots=True)
+class KeyFile:
+    """One file of the mounted volume: its name, its Secret, its key's fingerprint."""
+
+    file: str
+    secret: str
+    fingerprint: str
+
+    def as_status(self) -> dict[str, str]:
+        return {"file": self.file, "secret": self.secret, "fingerprint": self.fingerprint}
+
+
+@dataclass(frozen=True, slots=True)
 class Keyring:
-    """The keys of one namespace, in file order, computed once per change."""
+    """The keys of one namespace, in file order, computed once per change.
+
+    `files` and `status` (the files as the JSON of the keymount.io/status and audit
+    annotations) are derived here, once, rather than on every admission.
+    """
 
     namespace: str
     keys: tuple[KeyRecord, ...] = ()  # valid keys; keys[0] is encryption-key-1
     invalid: tuple[KeyRecord, ...] = ()
     conflict: tuple[KeyRecord, KeyRecord] | None = None  # two valid keys share an index
-
-    def file_name(self, position: int) -> str:
-        return f"encryption-key-{position + 1}"
+    files: tuple[KeyFile, ...] = ()
+    status: str = "[]"
 
     @property
     def newest(self) -> KeyRecord | None:
@@ -189,4 +205,7 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
             break
         if record.index_explicit:
             by_index[record.index] = record
-    return Keyring(namespace, tuple(valid), tuple(invalid), conflict)
+    files = tuple(KeyFile(f"encryption-key-{n}", r.name, r.fingerprint)  # SPEC §3: 1..N
+                  for n, r in enumerate(valid, start=1))
+    status = json.dumps([f.as_status() for f in files], separators=(",", ":"))
+    return Keyring(namespace, tuple(valid), tuple(invalid), conflict, files, status)

@@ -13,7 +13,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .config import STATUS_ANNOTATION, VOLUME_NAME, Settings
-from .injection import build_key_files
 from .key_secrets import build_key_secret
 from .keys import KeyRecord, Keyring, check_key
 
@@ -49,10 +48,10 @@ def format_age(created: datetime | None, now: datetime) -> str:
 
 def build_key_rows(keyring: Keyring, *, now: datetime) -> list[KeyRow]:
     """What a new backend Pod would get, in file order, then every invalid Secret."""
-    rows = [KeyRow(keyring.file_name(i), r.name, str(r.index) if r.index_explicit else "-",
+    rows = [KeyRow(f.file, r.name, str(r.index) if r.index_explicit else "-",
                    "valid" + (" (warning: passphrase-like)" if r.check.warning else ""),
                    r.fingerprint, format_age(r.created, now))
-            for i, r in enumerate(keyring.keys)]
+            for f, r in zip(keyring.files, keyring.keys)]
     rows += [KeyRow("-", r.name, str(r.index) if r.index_explicit else "-",
                     f"invalid: {r.check.reason}", "-", format_age(r.created, now))
              for r in keyring.invalid]
@@ -125,7 +124,7 @@ def build_pod_key_state(pod: Mapping[str, Any], keyring: Keyring) -> PodKeyState
     if status is None:
         return None
     had = {(s.get("secret"), s.get("fingerprint")) for s in status if isinstance(s, dict)}
-    now = {(f.secret, f.fingerprint) for f in build_key_files(keyring)}
+    now = {(f.secret, f.fingerprint) for f in keyring.files}
     missing = tuple(sorted(f"{s} ({fp})" for s, fp in now - had))
     removed = tuple(sorted(f"{s} ({fp})" for s, fp in had - now))
     meta = pod.get("metadata") or {}
