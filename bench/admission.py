@@ -152,8 +152,10 @@ def main() -> None:
     parser.add_argument("--namespaces", type=int, default=2000,
                         help="namespaces of key Secrets in the large cache")
     parser.add_argument("--keys-per-namespace", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5,
+                        help="interleaved rounds per server (median reported)")
     parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="stop each run after this long")
+                        help="stop each round after this long")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,32 +172,44 @@ def main() -> None:
             (f"keymount, {args.namespaces} namespaces x {args.keys_per_namespace} keys",
              run_keymount, (str(large),)),
         ]
-        results = []
         spawn = multiprocessing.get_context("spawn")
-        for name, target, extra in servers:
-            port = free_port()
-            proc = spawn.Process(target=target, args=(port, str(certs.tls_cert),
-                                                      str(certs.tls_key), *extra), daemon=True)
-            proc.start()
-            try:
+        running = []
+        try:
+            for name, target, extra in servers:
+                port = free_port()
+                proc = spawn.Process(target=target, args=(port, str(certs.tls_cert),
+                                                          str(certs.tls_key), *extra),
+                                     daemon=True)
+                proc.start()
                 url = f"https://127.0.0.1:{port}/mutate"
+                running.append((name, url, proc))
                 asyncio.run(wait_ready(url, context))
-                asyncio.run(load(url, context, requests=200, concurrency=args.concurrency,
-                                 max_seconds=args.max_seconds))  # warm-up
-                results.append((name, asyncio.run(load(
-                    url, context, requests=args.requests, concurrency=args.concurrency,
-                    max_seconds=args.max_seconds))))
-            finally:
+            # Interleaved rounds, so drifting machine load hits every server alike;
+            # each figure is the median round.
+            rounds: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in running}
+            per_round = max(1, args.requests // args.rounds)
+            for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+                for name, url, _ in running:
+                    rounds[name].append(asyncio.run(load(
+                        url, context, requests=per_round, concurrency=args.concurrency,
+                        max_seconds=args.max_seconds)))
+        finally:
+            for _, _, proc in running:
                 proc.terminate()
                 proc.join(10)
+        results = []
+        for name, samples in rounds.items():
+            samples = sorted(samples[1:], key=lambda r: r["rps"])
+            median = samples[len(samples) // 2]
+            results.append((name, {**median, "requests": sum(r["requests"] for r in samples)}))
 
     floor = results[0][1]["rps"]
     print(f"{'server':45} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'vs floor':>8}")
     for name, r in results:
         print(f"{name:45} {r['requests']:8d} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
               f"{r['p99_ms']:7.2f} {r['rps'] / floor:8.0%}")
-    print(f"(concurrency {args.concurrency}, TLS on loopback, {os.cpu_count()} cores, "
-          f"client and server on the same machine)")
+    print(f"(median of {args.rounds} interleaved rounds, concurrency {args.concurrency}, TLS "
+          f"on loopback, {os.cpu_count()} cores, client and server on the same machine)")
 
 
 if __name__ == "__main__":
