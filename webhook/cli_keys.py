@@ -127,11 +127,14 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     files = len(keyring.keys) + 1
     print(f"secret/{name} created in namespace {namespace}: index {index}, fingerprint "
           f"{fingerprint}; new backend Pods get it as encryption-key-{files} (the newest).")
-    owners = sorted({keys.controller_of(namespace, *owner) if (owner := owner_of(p))
-                     else ("Pod", p["metadata"]["name"]) for p in keys.backend_pods(namespace)})
+    owners = set()
+    for pod in keys.backend_pods(namespace):
+        owner = owner_of(pod)
+        owners.add(keys.controller_of(namespace, *owner) if owner
+                   else ("Pod", pod["metadata"]["name"]))
     if owners:
         print("Running Pods keep their keys until restarted. Restart these to pick it up:")
-        for kind, owner in owners:
+        for kind, owner in sorted(owners):
             print(f"  {restart_command(kind, owner, namespace)}")
     else:
         print("Running Pods keep their keys until restarted; no backend Pods run here now.")
