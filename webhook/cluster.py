@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -119,6 +119,15 @@ class WatchTimings:
     retry_seconds: float = 1.0  # first backoff after an error, doubled up to 30 s
 
 
+def call_list(api: client.CoreV1Api, singular: str, namespace: str | None,
+              **kwargs: Any) -> Any:
+    """One list (or, with watch=True, watch) of `secret` or `pod` objects, cluster-wide
+    when `namespace` is None."""
+    if namespace is None:
+        return getattr(api, f"list_{singular}_for_all_namespaces")(**kwargs)
+    return getattr(api, f"list_namespaced_{singular}")(namespace, **kwargs)
+
+
 class _Gone(Exception):
     """The resourceVersion is too old (410 Gone): re-list."""
 
@@ -139,15 +148,12 @@ class KubernetesKeySource:
     # --- reading ---------------------------------------------------------------------
 
     def _list(self, scope: str | None) -> tuple[list[KeyRecord], str]:
-        kwargs = {"label_selector": self.settings.key_selector.text, "_preload_content": False,
-                  "_request_timeout": (self.timings.connect_timeout, 60.0)}
-        if scope is None:
-            response = self.api.list_secret_for_all_namespaces(**kwargs)
-        else:
-            response = self.api.list_namespaced_secret(scope, **kwargs)
+        response = call_list(self.api, "secret", scope,
+                             label_selector=self.settings.key_selector.text,
+                             _preload_content=False,
+                             _request_timeout=(self.timings.connect_timeout, 60.0))
         body = json.loads(response.data)
-        records = [parse_key_secret(item, settings=self.settings,
-                                    namespace=item["metadata"].get("namespace"))
+        records = [parse_key_secret(item, settings=self.settings)
                    for item in body.get("items") or []]
         return records, body["metadata"]["resourceVersion"]
 
@@ -236,14 +242,11 @@ class KubernetesKeySource:
 
     def _watch(self, scope: str | None, loop: asyncio.AbstractEventLoop) -> None:
         """One watch request, in a thread; returns when the server ends it."""
-        kwargs = {"label_selector": self.settings.key_selector.text, "watch": True,
-                  "allow_watch_bookmarks": True, "resource_version": self._versions[scope],
-                  "timeout_seconds": self.timings.watch_seconds, "_preload_content": False,
-                  "_request_timeout": (self.timings.connect_timeout, self.timings.read_timeout)}
-        if scope is None:
-            response = self.api.list_secret_for_all_namespaces(**kwargs)
-        else:
-            response = self.api.list_namespaced_secret(scope, **kwargs)
+        response = call_list(
+            self.api, "secret", scope, label_selector=self.settings.key_selector.text,
+            watch=True, allow_watch_bookmarks=True, resource_version=self._versions[scope],
+            timeout_seconds=self.timings.watch_seconds, _preload_content=False,
+            _request_timeout=(self.timings.connect_timeout, self.timings.read_timeout))
         try:
             for line in iter_resp_lines(response):
                 if not line:
@@ -256,8 +259,7 @@ class KubernetesKeySource:
                     raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                 version = (obj.get("metadata") or {}).get("resourceVersion")
                 if kind != "BOOKMARK":
-                    record = parse_key_secret(obj, settings=self.settings,
-                                              namespace=obj["metadata"].get("namespace"))
+                    record = parse_key_secret(obj, settings=self.settings)
                     loop.call_soon_threadsafe(self._apply, kind, record)
                 if version:
                     loop.call_soon_threadsafe(self._versions.__setitem__, scope, version)
@@ -300,27 +302,26 @@ class KeyClient:
                         settings: Settings) -> KeyClient:
         return cls(load_api_client(kubeconfig=kubeconfig, context=context), settings=settings)
 
-    def _call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    def _call(self, function: Callable[..., Any], *args: Any,
+              errors: Mapping[int, str] | None = None, **kwargs: Any) -> Any:
+        """Call the API; `errors` gives the message for a status the caller can explain."""
         try:
             return function(*args, **kwargs)
         except ApiException as exc:
-            raise ClusterError(describe_api_error(exc)) from None
+            message = (errors or {}).get(exc.status) or describe_api_error(exc)
+            raise ClusterError(message) from None
         except Exception as exc:  # connection refused, TLS, timeouts
             raise ClusterError(describe_api_error(exc)) from None
 
-    def _list_json(self, namespace: str | None, kind: str, **kwargs: Any) -> list[dict]:
-        kwargs.update(_preload_content=False, _request_timeout=(10, 60))
-        if kind == "secrets":
-            function = (self.api.list_secret_for_all_namespaces if namespace is None
-                        else lambda **kw: self.api.list_namespaced_secret(namespace, **kw))
-        else:
-            function = (self.api.list_pod_for_all_namespaces if namespace is None
-                        else lambda **kw: self.api.list_namespaced_pod(namespace, **kw))
-        response = self._call(function, **kwargs)
+    def _list_json(self, namespace: str | None, singular: str, *,
+                   label_selector: str) -> list[dict]:
+        response = self._call(call_list, self.api, singular, namespace,
+                              label_selector=label_selector, _preload_content=False,
+                              _request_timeout=(10, 60))
         return json.loads(response.data).get("items") or []
 
     def key_records(self, namespace: str | None) -> list[KeyRecord]:
-        items = self._list_json(namespace, "secrets",
+        items = self._list_json(namespace, "secret",
                                 label_selector=self.settings.key_selector.text)
         return [parse_key_secret(i, settings=self.settings) for i in items]
 
@@ -328,38 +329,22 @@ class KeyClient:
         return build_keyring(namespace, self.key_records(namespace))
 
     def backend_pods(self, namespace: str | None) -> list[dict]:
-        return self._list_json(namespace, "pods",
+        return self._list_json(namespace, "pod",
                                label_selector=self.settings.pod_selector.text)
 
     def create_secret(self, manifest: dict[str, Any]) -> None:
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-        try:
-            self.api.create_namespaced_secret(namespace, manifest)
-        except ApiException as exc:
-            if exc.status == 409:
-                raise ClusterError(
-                    f"secret {name!r} already exists in namespace {namespace!r}; pick "
-                    f"another name, or add a key with `keymount keys rotate -n {namespace}`"
-                ) from None
-            if exc.status == 404:
-                raise ClusterError(f"namespace {namespace!r} not found; create it first: "
-                                   f"kubectl create namespace {namespace}") from None
-            raise ClusterError(describe_api_error(exc)) from None
-        except Exception as exc:
-            raise ClusterError(describe_api_error(exc)) from None
+        self._call(self.api.create_namespaced_secret, namespace, manifest, errors={
+            409: f"secret {name!r} already exists in namespace {namespace!r}; pick another "
+                 f"name, or add a key with `keymount keys rotate -n {namespace}`",
+            404: f"namespace {namespace!r} not found; create it first: "
+                 f"kubectl create namespace {namespace}"})
 
     def annotate_secret(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        try:
-            self.api.patch_namespaced_secret(name, namespace,
-                                             {"metadata": {"annotations": annotations}})
-        except ApiException as exc:
-            if exc.status == 404:
-                raise ClusterError(f"secret {name!r} not found in namespace "
-                                   f"{namespace!r}; `keymount keys list -n {namespace}` "
-                                   f"shows its keys") from None
-            raise ClusterError(describe_api_error(exc)) from None
-        except Exception as exc:
-            raise ClusterError(describe_api_error(exc)) from None
+        self._call(self.api.patch_namespaced_secret, name, namespace,
+                   {"metadata": {"annotations": annotations}}, errors={
+                       404: f"secret {name!r} not found in namespace {namespace!r}; "
+                            f"`keymount keys list -n {namespace}` shows its keys"})
 
     def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]:
         """A ReplicaSet's Deployment, so the user restarts what they manage."""
