@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# Prepare a real kube-apiserver + etcd for keymount's end-to-end tests.
+# Prepare a real control plane and node for keymount's end-to-end tests.
 #
-# Builds kube-apiserver 1.20.2 from Debian's `kubernetes` source package, with the
+# Builds kube-apiserver, kubelet and kube-controller-manager 1.20.2 from Debian's `kubernetes` source package, with the
 # vendored github.com/modern-go/reflect2 v1.0.1 replaced by Debian's 1.0.2 (v1.0.1
 # segfaults under Go >= 1.18 at the first mutating webhook JSONPatch response), and
-# installs it with etcd 3.4 (Debian's etcd-server) into a cache directory:
+# installs them with etcd 3.4 (Debian's etcd-server) into a cache directory, and the
+# node's runtime (Debian's containerd, runc and busybox-static for local images):
 #
 #   ${KEYMOUNT_CONTROL_PLANE_DIR:-/var/cache/keymount/control-plane}/
-#     bin/kube-apiserver   bin/etcd -> /usr/bin/etcd   STAMP   build.log
+#     bin/kube-apiserver bin/kubelet bin/kube-controller-manager
+#     bin/etcd -> /usr/bin/etcd   STAMP   build.log
 #
 # Idempotent: with a valid STAMP the build is skipped (only apt packages are checked).
 # Runs as root, non-interactively.  Usage: bash scripts/prepare-control-plane.sh
@@ -18,7 +20,8 @@ BIN_DIR="$CACHE_DIR/bin"
 STAMP_FILE="$CACHE_DIR/STAMP"
 BUILD_LOG="$CACHE_DIR/build.log"
 WORK_DIR="$CACHE_DIR/build"
-VERSION_TAG="k8s-1.20.2+reflect2-1.0.2"
+VERSION_TAG="k8s-1.20.2+reflect2-1.0.2+node"
+K8S_BINARIES=(kube-apiserver kubelet kube-controller-manager)
 K8S_UPSTREAM_VERSION="1.20.2"
 REFLECT2_SRC=/usr/share/gocode/src/github.com/modern-go/reflect2
 DEB_SRC_FILE=/etc/apt/sources.list.d/keymount-deb-src.sources
@@ -48,7 +51,7 @@ on_build_failure() {
 [[ $(id -u) -eq 0 ]] || die "must run as root (installs apt packages)"
 
 # ---------------------------------------------------------------- apt packages
-RUNTIME_PKGS=(etcd-server etcd-client openssl ca-certificates)
+RUNTIME_PKGS=(etcd-server etcd-client openssl ca-certificates containerd runc busybox-static)
 BUILD_PKGS=(golang-go jq rsync dpkg-dev make golang-github-modern-go-reflect2-dev)
 
 apt_updated=0
@@ -86,12 +89,15 @@ reflect2_hash() {
 EXPECTED_FIX_HASH="$(reflect2_hash)"
 
 stamp_valid() {
-    [[ -x "$BIN_DIR/kube-apiserver" && -f "$STAMP_FILE" ]] || return 1
+    [[ -f "$STAMP_FILE" ]] || return 1
     grep -qx "version=$VERSION_TAG" "$STAMP_FILE" || return 1
     grep -qx "reflect2_sha256=$EXPECTED_FIX_HASH" "$STAMP_FILE" || return 1
-    local bin_hash
-    bin_hash="$(sha256sum "$BIN_DIR/kube-apiserver" | cut -d' ' -f1)"
-    grep -qx "kube_apiserver_sha256=$bin_hash" "$STAMP_FILE" || return 1
+    local b bin_hash
+    for b in "${K8S_BINARIES[@]}"; do
+        [[ -x "$BIN_DIR/$b" ]] || return 1
+        bin_hash="$(sha256sum "$BIN_DIR/$b" | cut -d' ' -f1)"
+        grep -qx "${b//-/_}_sha256=$bin_hash" "$STAMP_FILE" || return 1
+    done
 }
 
 link_etcd() {
@@ -107,7 +113,7 @@ if stamp_valid; then
 fi
 
 # ---------------------------------------------------------------- build
-log "building kube-apiserver $VERSION_TAG into $CACHE_DIR (takes several minutes)"
+log "building ${K8S_BINARIES[*]} $VERSION_TAG into $CACHE_DIR (takes several minutes)"
 rm -f "$STAMP_FILE"
 mkdir -p "$CACHE_DIR" "$BIN_DIR"
 rm -rf "$WORK_DIR"
@@ -154,7 +160,7 @@ VENDORED_FIX_HASH="$( (cd "$VENDOR_R2" && find . -maxdepth 1 -type f \( -name '*
     ! -name '*_test.go' | LC_ALL=C sort | xargs sha256sum) | sha256sum | cut -d' ' -f1)"
 [[ "$VENDORED_FIX_HASH" == "$EXPECTED_FIX_HASH" ]] || die "reflect2 replacement hash mismatch"
 
-log "compiling cmd/kube-apiserver (log: $BUILD_LOG)"
+log "compiling ${K8S_BINARIES[*]} (log: $BUILD_LOG)"
 start_ts=$(date +%s)
 (
     cd "$SRC_DIR"
@@ -165,16 +171,18 @@ start_ts=$(date +%s)
     export GOPATH="$SRC_DIR/.go" CGO_ENABLED=0 HOME="$WORK_DIR/home"
     export PATH="/usr/lib/go/bin:$PATH"
     export GOFLAGS="" GO111MODULE=off
-    make WHAT=cmd/kube-apiserver
+    make WHAT="${K8S_BINARIES[*]/#/cmd/}"
 ) </dev/null >>"$BUILD_LOG" 2>&1
 log "compiled in $(( $(date +%s) - start_ts ))s"
 
-BUILT="$SRC_DIR/_output/bin/kube-apiserver"
-[[ -x "$BUILT" ]] || BUILT="$(find "$SRC_DIR/_output" -type f -name kube-apiserver -perm -u+x | head -n1)"
-[[ -n "$BUILT" && -x "$BUILT" ]] || die "kube-apiserver binary not produced"
-install -m 0755 "$BUILT" "$BIN_DIR/kube-apiserver.new"
-mv -f "$BIN_DIR/kube-apiserver.new" "$BIN_DIR/kube-apiserver"
-"$BIN_DIR/kube-apiserver" --version >>"$BUILD_LOG" 2>&1
+for b in "${K8S_BINARIES[@]}"; do
+    BUILT="$SRC_DIR/_output/bin/$b"
+    [[ -x "$BUILT" ]] || BUILT="$(find "$SRC_DIR/_output" -type f -name "$b" -perm -u+x | head -n1)"
+    [[ -n "$BUILT" && -x "$BUILT" ]] || die "$b binary not produced"
+    install -m 0755 "$BUILT" "$BIN_DIR/$b.new"
+    mv -f "$BIN_DIR/$b.new" "$BIN_DIR/$b"
+    "$BIN_DIR/$b" --version >>"$BUILD_LOG" 2>&1
+done
 link_etcd
 
 trap - ERR
@@ -185,7 +193,9 @@ rm -rf "$WORK_DIR"
 {
     echo "version=$VERSION_TAG"
     echo "reflect2_sha256=$EXPECTED_FIX_HASH"
-    echo "kube_apiserver_sha256=$(sha256sum "$BIN_DIR/kube-apiserver" | cut -d' ' -f1)"
+    for b in "${K8S_BINARIES[@]}"; do
+        echo "${b//-/_}_sha256=$(sha256sum "$BIN_DIR/$b" | cut -d' ' -f1)"
+    done
     echo "built=$(date -u +%Y-%m-%dT%H:%M:%SZ)"
 } >"$STAMP_FILE.new"
 mv -f "$STAMP_FILE.new" "$STAMP_FILE"

@@ -142,7 +142,8 @@ def test_ambiguous_order_refuses_and_names_both_secrets():
     outcome = refused(pod(), keyring=ring)
     assert outcome.reason == "ambiguous-order"
     assert "'k1'" in outcome.message and "'k2'" in outcome.message
-    assert "kubectl annotate secret k2 -n shop keymount.io/key-index=5" in outcome.message
+    assert "both have number 4" in outcome.message
+    assert "keymount keys retire NAME -n shop" in outcome.message
 
 
 @pytest.mark.parametrize("mount_path", ["/encryption-keys", "/encryption-keys/",

@@ -77,33 +77,110 @@ def names(keyring):
     return [r.name for r in keyring.keys]
 
 
-def test_keys_sort_by_index_then_creation_then_name():
+def files(keyring):
+    return [(f.file, f.secret) for f in keyring.files]
+
+
+def test_a_keys_file_is_its_index_and_numbers_may_have_gaps():
+    ring = keyring_of(key_secret("k2", random_key(), index=2),
+                      key_secret("k5", random_key(), index=5))
+    assert files(ring) == [("encryption-key-2", "k2"), ("encryption-key-5", "k5")]
+    assert ring.newest.name == "k5"
+
+
+def test_keys_without_an_index_keep_the_numbers_keymount_0_1_gave_them():
+    # 0.1 numbered by position: Secrets without an index first, by creation, then name.
     ring = keyring_of(
-        key_secret("c", random_key(), index=2),
         key_secret("b", random_key(), created="2026-03-01T00:00:00Z"),
         key_secret("a", random_key(), created="2026-03-01T00:00:00Z"),
         key_secret("old", random_key(), created="2025-01-01T00:00:00Z"),
         key_secret("nodate", random_key(), created=None),
-        key_secret("first", random_key(), index=1),
+        key_secret("idx", random_key(), index=5),
     )
-    assert names(ring) == ["nodate", "old", "a", "b", "first", "c"]
+    assert files(ring) == [("encryption-key-1", "nodate"), ("encryption-key-2", "old"),
+                           ("encryption-key-3", "a"), ("encryption-key-4", "b"),
+                           ("encryption-key-5", "idx")]
+    assert [r.name for r in ring.legacy] == ["nodate", "old", "a", "b"]
 
 
-def test_invalid_secrets_take_no_part_in_the_order():
+@pytest.mark.parametrize("change", ["add-higher", "add-lower-unused", "retire-oldest",
+                                    "delete-oldest-tombstone", "invalid-sibling"])
+def test_adding_retiring_or_invalidating_other_keys_never_renumbers_a_key(change):
+    k1, k3 = random_key(), random_key()
+    before = [key_secret("k1", k1, index=1), key_secret("k3", k3, index=3)]
+    after = {
+        "add-higher": before + [key_secret("k9", random_key(), index=9)],
+        "add-lower-unused": before + [key_secret("k2", random_key(), index=2)],
+        "retire-oldest": [key_secret("k1", None, index=1,
+                                     annotations={"keymount.io/retired": "2026-11-29"}),
+                          before[1]],
+        "delete-oldest-tombstone": [before[1]],
+        "invalid-sibling": before + [key_secret("bad", b"short", index=7)],
+    }[change]
+    number = {f.secret: f.file for f in keyring_of(*after).files}
+    assert number["k3"] == "encryption-key-3"
+    if "k1" in number:
+        assert number["k1"] == "encryption-key-1"
+
+
+def test_the_next_number_is_above_every_number_ever_used():
+    tombstone = key_secret("k1", None, index=1, annotations={"keymount.io/retired": "x"})
+    newest = key_secret("k3", random_key(), index=3,
+                        annotations={"keymount.io/numbers-used": "1-3,7"})
+    assert keyring_of(tombstone, newest).next_number == 8
+    assert keyring_of(newest).used == {1, 2, 3, 7}
+    assert keyring_of().next_number == 1
+    assert keyring_of(key_secret("broken", b"x", index=4)).next_number == 5
+
+
+def test_a_retired_key_is_a_tombstone_with_a_number_and_no_key():
+    ring = keyring_of(key_secret("k1", None, index=1, annotations={"keymount.io/retired": "x"}),
+                      key_secret("k2", random_key(), index=2))
+    assert files(ring) == [("encryption-key-2", "k2")]
+    assert [r.name for r in ring.retired] == ["k1"] and ring.number_of("k1") == 1
+    assert ring.holder_of(1).name == "k1" and ring.invalid == ()
+
+
+def test_a_retired_mark_on_a_secret_that_still_holds_its_key_is_invalid():
+    ring = keyring_of(key_secret("k1", random_key(), index=1,
+                                 annotations={"keymount.io/retired": "x"}))
+    assert ring.keys == () and ring.retired == ()
+    assert "still holds key material" in ring.invalid[0].check.reason
+
+
+@pytest.mark.parametrize(("text", "numbers"), [
+    ("1-3,5", {1, 2, 3, 5}), ("", set()), ("7", {7}), (" 2 , 4-5 ", {2, 4, 5}),
+    ("3-1", None), ("0", None), ("x", None), ("1-999999999", None),
+], ids=["ranges", "empty", "one", "spaces", "backwards", "zero", "word", "huge-range"])
+def test_numbers_used_parse_as_ranges_and_refuse_anything_else(text, numbers):
+    from webhook.keys import format_numbers, parse_numbers
+    parsed = parse_numbers(text)
+    assert (None if parsed is None else set(parsed)) == numbers
+    if numbers:
+        assert parse_numbers(format_numbers(numbers)) == frozenset(numbers)
+
+
+def test_invalid_secrets_take_no_part_in_the_numbers():
     ring = keyring_of(key_secret("good", random_key()), key_secret("bad", b"short"),
-                      key_secret("good2", random_key(), index=1))
-    assert names(ring) == ["good", "good2"]
+                      key_secret("good2", random_key(), index=2))
+    assert files(ring) == [("encryption-key-1", "good"), ("encryption-key-2", "good2")]
     assert [r.name for r in ring.invalid] == ["bad"]
 
 
-def test_two_secrets_with_the_same_explicit_index_make_the_order_ambiguous():
-    ring = keyring_of(key_secret("x", random_key(), index=3),
-                      key_secret("y", random_key(), index=3))
+@pytest.mark.parametrize(("a", "b"), [
+    ({"index": 3}, {"index": 3}),
+    ({"created": "2026-01-01T00:00:00Z"}, {"index": 1}),
+    ({"index": 2, "annotations": {"keymount.io/retired": "x"}, "key": None}, {"index": 2}),
+], ids=["same-index", "legacy-position-meets-index", "tombstone-and-key"])
+def test_two_keys_with_one_number_are_a_conflict(a, b):
+    first = key_secret("x", a.pop("key", random_key()), **a)
+    second = key_secret("y", b.pop("key", random_key()), **b)
+    ring = keyring_of(first, second)
     assert ring.conflict is not None
     assert {r.name for r in ring.conflict} == {"x", "y"}
 
 
-def test_missing_indexes_never_conflict():
+def test_keys_without_an_index_never_conflict_with_each_other():
     ring = keyring_of(key_secret("x", random_key()), key_secret("y", random_key()))
     assert ring.conflict is None
 
@@ -111,7 +188,7 @@ def test_missing_indexes_never_conflict():
 @pytest.mark.parametrize("index", ["0", "-1", "two", "1.5", ""], ids=repr)
 def test_a_non_positive_or_non_integer_index_makes_the_secret_invalid(index):
     ring = keyring_of(key_secret("x", random_key(), index=index))
-    assert names(ring) == []
+    assert ring.keys == ()
     assert "not a positive integer" in ring.invalid[0].check.reason
 
 

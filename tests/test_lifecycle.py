@@ -9,19 +9,35 @@ from builders import key_secret, keyring_of, pod, random_key
 from webhook.config import Settings
 from webhook.lifecycle import (build_key_rows, build_pod_key_state, format_age,
                                format_table, import_helm_values, newest_key_too_old,
-                               next_key_index, next_key_name, pods_mounting, restart_command)
+                               legacy_pins, next_key_name, pods_mounting, restart_command)
 
 NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
 
 
-def test_key_rows_list_what_a_new_pod_gets_then_every_invalid_secret_and_why():
-    ring = keyring_of(key_secret("b", random_key(), index=2), key_secret("a", random_key()),
+def test_key_rows_list_every_key_by_number_with_its_state_then_every_invalid_secret():
+    ring = keyring_of(key_secret("b", random_key(), index=3), key_secret("a", random_key()),
+                      key_secret("gone", None, index=2,
+                                 annotations={"keymount.io/retired": "2026-11-01"}),
                       key_secret("bad", b"short"))
     rows = [r.as_dict() for r in build_key_rows(ring, now=NOW)]
-    assert [(r["file"], r["secret"], r["index"]) for r in rows] == [
-        ("encryption-key-1", "a", "-"), ("encryption-key-2", "b", "2"), ("-", "bad", "-")]
-    assert rows[2]["state"].startswith("invalid: field 'encryption-key' holds 5 bytes")
-    assert rows[2]["fingerprint"] == "-" and len(rows[0]["fingerprint"]) == 6
+    assert [(r["file"], r["secret"], r["index"], r["state"]) for r in rows[:3]] == [
+        ("encryption-key-1", "a", "-", "older, legacy"), ("-", "gone", "2", "retired"),
+        ("encryption-key-3", "b", "3", "active")]
+    assert rows[3]["state"].startswith("invalid: field 'encryption-key' holds 5 bytes")
+    assert rows[3]["fingerprint"] == "-" and len(rows[0]["fingerprint"]) == 6
+
+
+def test_key_rows_flag_both_keys_of_a_duplicate_number():
+    ring = keyring_of(key_secret("x", random_key(), index=1),
+                      key_secret("y", random_key(), index=1))
+    assert [r.state for r in build_key_rows(ring, now=NOW)] == ["duplicate", "duplicate"]
+
+
+def test_pins_stamp_legacy_keys_at_the_numbers_they_have_now():
+    ring = keyring_of(key_secret("b", random_key(), created="2026-02-01T00:00:00Z"),
+                      key_secret("a", random_key(), created="2026-01-01T00:00:00Z"),
+                      key_secret("c", random_key(), index=3))
+    assert legacy_pins(ring) == [("a", 1), ("b", 2)]
 
 
 @pytest.mark.parametrize(("seconds", "shown"), [(5, "5s"), (130, "2m"), (7300, "2h"),
@@ -38,18 +54,18 @@ def test_a_namespace_whose_newest_key_is_older_than_max_key_age_is_flagged():
 
 
 @pytest.mark.parametrize(("indexes", "expected"), [
-    ((), 1), ((None, None), 1), ((1, 2), 3), ((5, None), 6),
+    ((), 1), ((None, None), 3), ((1, 2), 3), ((5, None), 6),
 ], ids=["empty", "no-indexes", "consecutive", "gap"])
-def test_rotation_takes_the_index_after_the_highest_in_use(indexes, expected):
+def test_rotation_takes_the_number_after_the_highest_in_use(indexes, expected):
     ring = keyring_of(*[key_secret(f"k{i}", random_key(), index=ix)
                         for i, ix in enumerate(indexes)])
-    assert next_key_index(ring) == expected
+    assert ring.next_number == expected
 
 
 def test_an_invalid_secret_index_counts_too_so_fixing_it_later_cannot_collide():
     ring = keyring_of(key_secret("k1", random_key(), index=1),
                       key_secret("broken", b"x", index=7))
-    assert next_key_index(ring) == 8
+    assert ring.next_number == 8
 
 
 def test_the_rotated_key_name_skips_names_in_use():
@@ -88,14 +104,17 @@ def test_a_pod_without_status_annotation_is_not_judged():
     assert build_pod_key_state(pod(), keyring_of()) is None
 
 
-def test_retire_finds_the_running_pods_that_project_the_secret():
+def test_retire_finds_pending_running_and_terminating_pods_that_project_the_secret():
     def with_volume(name, secrets, phase="Running"):
         return {"metadata": {"name": name}, "status": {"phase": phase},
                 "spec": {"volumes": [{"name": "keymount-encryption-keys", "projected": {
                     "sources": [{"secret": {"name": s}} for s in secrets]}}]}}
     pods = [with_volume("a", ["k1", "k2"]), with_volume("b", ["k2"]),
-            with_volume("done", ["k1"], phase="Succeeded")]
-    assert pods_mounting(pods, "k1") == ["a"]
+            with_volume("done", ["k1"], phase="Succeeded"),
+            with_volume("starting", ["k1"], phase="Pending")]
+    pods.append(with_volume("stopping", ["k1"]))
+    pods[-1]["metadata"]["deletionTimestamp"] = "2026-11-29T00:00:00Z"
+    assert pods_mounting(pods, "k1") == ["a", "starting", "stopping"]
     assert pods_mounting(pods, "k2") == ["a", "b"]
 
 

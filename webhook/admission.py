@@ -19,14 +19,12 @@ from typing import Any, Literal, NotRequired, TypedDict
 from .config import VOLUME_NAME, Settings
 from .injection import (FILE_MODE, Injected, build_mount, find_mount_conflict,
                         inject_keys, needs_keys, select_containers)
-from .key_secrets import is_key_secret, parse_key_secret
-from .keys import ALLOW_DELETE_ANNOTATION, KeyFile, Keyring
+from .keyguard import (KeyChange, KeyDecision, KeyWriters, Requester, guard_key_secret,
+                       stamp_key_secret)
+from .keys import KeyFile, Keyring
+from .names import key_file_name
 
 REVIEW_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
-# The namespace controller deletes every object of a namespace being deleted; refusing
-# it leaves the namespace stuck in Terminating (kube-controller-manager's
-# namespace deleter retries forever), so key-Secret deletes by it are always allowed.
-NAMESPACE_CONTROLLER = "system:serviceaccount:kube-system:namespace-controller"
 
 Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
 Result = Literal["injected", "skipped", "allowed", "denied", "error"]
@@ -98,6 +96,7 @@ class AdmissionRequest:
     old_object: Mapping[str, Any] | None
     dry_run: bool
     username: str
+    groups: tuple[str, ...] = ()
 
     @property
     def is_pod(self) -> bool:
@@ -106,6 +105,10 @@ class AdmissionRequest:
     @property
     def is_secret(self) -> bool:
         return self.group == "" and self.kind == "Secret"
+
+    @property
+    def requester(self) -> Requester:
+        return Requester(self.username, self.groups)
 
     @property
     def object_name(self) -> str:
@@ -137,12 +140,14 @@ def parse_review(body: bytes) -> AdmissionRequest:
         if request.get(field) is not None and not isinstance(request[field], dict):
             raise MalformedReview(f"AdmissionReview request.{field} is not an object")
     user = request.get("userInfo") if isinstance(request.get("userInfo"), dict) else {}
+    groups = user.get("groups") if isinstance(user.get("groups"), list) else []
     return AdmissionRequest(
         api_version=review["apiVersion"], uid=uid, group=str(kind.get("group") or ""),
         kind=kind["kind"], operation=request["operation"],
         namespace=str(request.get("namespace") or ""), name=str(request.get("name") or ""),
         object=request.get("object"), old_object=request.get("oldObject"),
         dry_run=bool(request.get("dryRun")), username=str(user.get("username") or ""),
+        groups=tuple(str(g) for g in groups),
     )
 
 
@@ -195,8 +200,10 @@ class Verdict:
     response: AdmissionResponseWire
     files: tuple[KeyFile, ...] = ()
     # A refusal caused by the namespace's key Secrets: the server confirms it with a
-    # live read before sending it, so a cache a moment behind never denies (SPEC §5).
+    # live read before sending it, so a cache a moment behind never denies
+    # (docs/contract.md, "Refusals").
     key_state: bool = False
+    key: KeyDecision | None = None  # a decision on a key Secret: logged, and an Event
 
     @property
     def message(self) -> str:
@@ -208,9 +215,33 @@ class Verdict:
         return dataclasses.replace(self, response=response)
 
 
+def key_change(request: AdmissionRequest, *,
+               reserved: Mapping[int, str] | None = None) -> KeyChange:
+    return KeyChange(request.operation, request.namespace, request.object_name,
+                     request.object, request.old_object, request.requester,
+                     reserved or {})
+
+
+def key_verdict(request: AdmissionRequest, decision: KeyDecision, *,
+                unchanged: Result = "allowed") -> Verdict:
+    if not decision.allowed:
+        return Verdict("denied", denied(request.uid, decision.message,
+                                        warnings=decision.warnings),
+                       key_state=decision.key_state, key=decision)
+    response = patched(request.uid, decision.patch, warnings=decision.warnings)
+    return Verdict(unchanged if decision.action == "none" else "allowed", response,
+                   key=decision)
+
+
 def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
-                    now: datetime | None = None) -> Verdict:
-    """`/mutate`: inject the keys into a backend Pod being created (SPEC §4, §5)."""
+                    now: datetime | None = None,
+                    reserved: Mapping[int, str] | None = None) -> Verdict:
+    """`/mutate`: inject the keys into a backend Pod being created; stamp a new key
+    Secret's number (docs/contract.md, "Injection" and "Key numbers")."""
+    if request.is_secret and request.operation in ("CREATE", "UPDATE"):
+        return key_verdict(request, stamp_key_secret(
+            key_change(request, reserved=reserved), keyring=keyring, settings=settings),
+            unchanged="skipped")
     if not (request.is_pod and request.operation == "CREATE"):
         return Verdict("skipped", allowed(request.uid))
     pod = request.object
@@ -228,14 +259,37 @@ def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Se
                    files=outcome.files)
 
 
-def review_validation(request: AdmissionRequest, *, keyring: Keyring,
-                      settings: Settings) -> Verdict:
-    """`/validate`: backend Pods as finally stored, and key Secrets (SPEC §6)."""
+def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
+                      writers: KeyWriters = KeyWriters(),
+                      reserved: Mapping[int, str] | None = None) -> Verdict:
+    """`/validate`: backend Pods as finally stored, Pods gaining the backend label, and
+    key Secrets (docs/contract.md, "The validating webhook")."""
     if request.is_pod and request.operation == "CREATE" and request.object is not None:
         return review_final_pod(request, keyring=keyring, settings=settings)
+    if request.is_pod and request.operation == "UPDATE" and request.object is not None:
+        return review_pod_relabel(request, keyring=keyring, settings=settings)
     if request.is_secret:
-        return review_key_secret(request, settings=settings)
+        return key_verdict(request, guard_key_secret(
+            key_change(request, reserved=reserved), keyring=keyring, settings=settings,
+            writers=writers))
     return Verdict("allowed", allowed(request.uid))
+
+
+def review_pod_relabel(request: AdmissionRequest, *, keyring: Keyring,
+                       settings: Settings) -> Verdict:
+    """A Pod cannot become a backend Pod without its keys: Pod volumes are immutable, so
+    one created without keymount's volume can never get it."""
+    pod, old = request.object or {}, request.old_object or {}
+    if not needs_keys(pod, settings=settings) or needs_keys(old, settings=settings):
+        return Verdict("allowed", allowed(request.uid))
+    problem = find_injection_problem(pod, keyring=keyring, settings=settings)
+    if problem is None:
+        return Verdict("allowed", allowed(request.uid))
+    return Verdict("denied", denied(request.uid, (
+        f"Pod {request.object_name!r} cannot become a backend Pod ({settings.pod_selector}) "
+        f"by a label change: {problem[0]}, and a running Pod's volumes cannot be added. "
+        f"Create a new Pod with the label instead (keymount mounts the keys at creation)")),
+        key_state=problem[1])
 
 
 def review_final_pod(request: AdmissionRequest, *, keyring: Keyring,
@@ -270,17 +324,19 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
     sources = projected.get("sources") or []
     if not sources:
         return f"volume {VOLUME_NAME!r} has no key sources", False
-    for position, source in enumerate(sources):
+    for source in sources:
         secret = source.get("secret") if isinstance(source, Mapping) else None
         if set(source) != {"secret"} or not isinstance(secret, Mapping):
             return f"volume {VOLUME_NAME!r} projects something other than key Secrets", False
-        item = {"key": settings.key_field, "path": f"encryption-key-{position + 1}"}
+        name = str(secret.get("name"))
+        record = keyring.find(name)
+        number = keyring.number_of(name)
+        if record is None or not record.valid or number is None:
+            return (f"volume {VOLUME_NAME!r} references {name!r}, not a valid key Secret "
+                    f"of namespace {keyring.namespace!r}"), True
+        item = {"key": settings.key_field, "path": key_file_name(number)}
         if secret.get("items") != [item]:
-            return f"key source {position + 1} does not project {item}", False
-        record = keyring.find(str(secret.get("name")))
-        if record is None or not record.valid:
-            return (f"volume {VOLUME_NAME!r} references {secret.get('name')!r}, not a valid "
-                    f"key Secret of namespace {keyring.namespace!r}"), True
+            return f"key source {name!r} does not project {item}", False
     targets = select_containers(pod)
     if not isinstance(targets, list):
         return targets.message, False
@@ -302,58 +358,3 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
 def _same_mount(actual: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
     return (actual.get("mountPath") == wanted["mountPath"] and actual.get("readOnly") is True
             and not actual.get("subPath") and not actual.get("subPathExpr"))
-
-
-def review_key_secret(request: AdmissionRequest, *, settings: Settings) -> Verdict:
-    """Refuse what would lose a key or put an unusable one in place (SPEC §6b)."""
-    new, old = request.object, request.old_object
-    is_key = {"new": new is not None and is_key_secret(new, settings=settings),
-              "old": old is not None and is_key_secret(old, settings=settings)}
-    name = request.object_name
-    ns = request.namespace
-    if request.operation == "DELETE":
-        if old is None:
-            # Before 1.15 DELETE carried no oldObject; without it nothing can be checked,
-            # and the webhook fails closed.
-            return Verdict("denied", denied(request.uid, (
-                f"cannot tell whether Secret {name!r} holds a key: the DELETE request "
-                f"carries no oldObject")))
-        if not is_key["old"] or _may_delete(old, request):
-            return Verdict("allowed", allowed(request.uid))
-        return Verdict("denied", denied(request.uid, (
-            f"Secret {name!r} in namespace {ns!r} holds an encryption key that old data may "
-            f"still need; deleting it makes that data undecryptable. Retire it first: "
-            f"keymount keys retire {name} -n {ns}")))
-    if request.operation not in ("CREATE", "UPDATE") or new is None:
-        return Verdict("allowed", allowed(request.uid))
-    if is_key["new"]:
-        record = parse_key_secret(new, settings=settings, namespace=ns)
-        if not record.valid:
-            return Verdict("denied", denied(request.uid, (
-                f"key Secret {name!r} in namespace {ns!r} is invalid: {record.check.reason}. "
-                f"Check key material with `keymount keys check FILE`, or generate one with "
-                f"`keymount keys create {name} -n {ns} --generate`")))
-        warnings = (f"key Secret {name!r}: {record.check.warning}",) if record.check.warning \
-            else ()
-    else:
-        warnings = ()
-    if request.operation == "UPDATE" and is_key["old"] and not _may_delete(old, request):
-        before = parse_key_secret(old, settings=settings, namespace=ns)
-        after = parse_key_secret(new, settings=settings, namespace=ns) if is_key["new"] \
-            else None
-        if before.valid and (after is None or after.fingerprint != before.fingerprint):
-            change = ("removes the key label" if after is None
-                      else "replaces the key material")
-            return Verdict("denied", denied(request.uid, (
-                f"this update of key Secret {name!r} in namespace {ns!r} {change} "
-                f"(fingerprint {before.fingerprint}); data encrypted with that key would "
-                f"become undecryptable. Add a new key instead: keymount keys rotate -n {ns} "
-                f"--generate")))
-    return Verdict("allowed", allowed(request.uid, warnings=warnings))
-
-
-def _may_delete(secret: Mapping[str, Any] | None, request: AdmissionRequest) -> bool:
-    annotations = ((secret or {}).get("metadata") or {}).get("annotations") or {}
-    return (annotations.get(ALLOW_DELETE_ANNOTATION) == "true"
-            or request.username == NAMESPACE_CONTROLLER)
-

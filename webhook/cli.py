@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -23,6 +24,8 @@ from .cli_keys import add_key_lifecycle_commands, add_status_command
 from .config import (DEFAULT_KEY_FIELD, DEFAULT_KEY_SELECTOR, DEFAULT_MOUNT_PATH,
                      DEFAULT_POD_SELECTOR, Settings)
 from .errors import UserFacingError
+from .events import EventRecorder
+from .keyguard import KeyWriters, parse_key_writers
 from .keys import check_key
 from .selectors import SelectorError, parse_selector
 
@@ -79,6 +82,15 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
              help="flag namespaces whose newest key is older, e.g. 90d")
 
 
+def add_key_writer_flags(parser: argparse.ArgumentParser) -> None:
+    add_flag(parser, "--key-writers", default=None,
+             help="who may create, retire or delete key Secrets: user:NAME, group:NAME, "
+                  "serviceaccount:NS:NAME, comma-separated (unset: RBAC alone decides)")
+    add_flag(parser, "--own-user", default=None,
+             help="keymount's own API user, always a key writer (default: the in-cluster "
+                  "ServiceAccount)")
+
+
 def build_settings(args: argparse.Namespace) -> Settings:
     try:
         max_age = args.max_key_age
@@ -113,8 +125,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.auto_generate and not hasattr(source, "create_generated_key"):
         raise CommandError("--auto-generate needs the Kubernetes key source, not --keys-from",
                            2)
+    writers = build_key_writers(args)
+    if not writers.configured:
+        logging.getLogger("keymount.server").warning(
+            "--key-writers is not set: anyone RBAC lets write Secrets can choose the key "
+            "that encrypts new data; set it, e.g. --key-writers group:system:masters,"
+            "group:keymount:key-writers")
+    events = None
+    if hasattr(source, "send_event"):
+        events = EventRecorder(source.send_event, host=os.environ.get("HOSTNAME", ""),
+                               on_drop=metrics.events_dropped.inc)
     runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,
-                      auto_generate=bool(args.auto_generate))
+                      auto_generate=bool(args.auto_generate), writers=writers, events=events)
     options = ServeOptions(host=args.host, port=int(args.port), probe_port=int(args.probe_port),
                            tls_cert=args.tls_cert, tls_key=args.tls_key,
                            shutdown_grace=float(args.shutdown_grace))
@@ -129,6 +151,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise CommandError(f"cannot serve on {options.host}:{options.port}/"
                            f"{options.probe_port}: {exc.strerror or exc}") from None
     return 0
+
+
+def build_key_writers(args: argparse.Namespace) -> KeyWriters:
+    """--key-writers, with keymount's own user (for --auto-generate) always allowed."""
+    own = args.own_user
+    if own is None:
+        from .cluster import in_cluster_username
+        own = in_cluster_username()
+    try:
+        return parse_key_writers(args.key_writers, own_user=own)
+    except ValueError as exc:
+        raise CommandError(str(exc), 2) from None
 
 
 def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any,
@@ -162,6 +196,7 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--auto-generate", action="store_true", default=env_flag("AUTO_GENERATE"),
                    help="create a key for a backend Pod's namespace that has none "
                         "[env KEYMOUNT_AUTO_GENERATE=true; default off]")
+    add_key_writer_flags(p)
     add_flag(p, "--log-format", default="json", choices=("json", "text"), help="log format")
     add_flag(p, "--log-level", default="info", help="log level")
     add_flag(p, "--shutdown-grace", default=5.0, type=float,

@@ -20,7 +20,8 @@ import yaml
 
 from .config import Settings
 from .errors import UserFacingError
-from .keys import ALLOW_DELETE_ANNOTATION, KeyRecord, build_keyring, check_key, generate_key
+from .keys import KeyRecord, Keyring, build_keyring, check_key, generate_key
+from .names import INDEX_ANNOTATION, RETIRED_ANNOTATION, key_file_name
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -90,6 +91,36 @@ def print_manifest(manifest: dict[str, Any], output: str) -> None:
 
 # --- create / rotate --------------------------------------------------------------------
 
+def cluster_namespace(args: argparse.Namespace) -> str:
+    from .cluster import current_namespace
+    return args.namespace or current_namespace(kubeconfig=args.kubeconfig, context=args.context)
+
+
+def predict_number(args: argparse.Namespace, settings: Settings, namespace: str) -> int:
+    """The number keymount's webhook would stamp now: one above every number used in
+    the namespace. Needs the cluster; offline, the user gives --index."""
+    from .cluster import ClusterError, KeyClient
+    try:
+        keys = KeyClient.from_kubeconfig(kubeconfig=args.kubeconfig, context=args.context,
+                                         settings=settings)
+        return keys.keyring(namespace).next_number
+    except ClusterError as exc:
+        raise UserFacingError(
+            f"cannot compute the next key number of namespace {namespace} without the "
+            f"cluster ({exc}); pass the number yourself with --index N") from None
+
+
+def report_created(record: KeyRecord, namespace: str, fingerprint: str) -> None:
+    if record.index_explicit:
+        print(f"secret/{record.name} created in namespace {namespace}: number {record.index} "
+              f"(file {key_file_name(record.index)}), fingerprint {fingerprint}")
+    else:
+        print(f"secret/{record.name} created in namespace {namespace} (fingerprint "
+              f"{fingerprint}) without a number: keymount's webhook did not stamp "
+              f"{INDEX_ANNOTATION}; is it installed? (kubectl get mutatingwebhookconfiguration "
+              f"keymount)", file=sys.stderr)
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     from .key_secrets import build_key_secret
     settings = _settings(args)
@@ -97,36 +128,48 @@ def cmd_create(args: argparse.Namespace) -> int:
         raise UserFacingError(f"--index {args.index}: must be a positive integer", 2)
     key = read_key_material(args, settings)
     if args.dry_run:
-        from .cluster import current_namespace
-        namespace = args.namespace or current_namespace(kubeconfig=args.kubeconfig,
-                                                        context=args.context)
+        namespace = cluster_namespace(args)
+        index = args.index if args.index is not None else predict_number(args, settings,
+                                                                          namespace)
         print_manifest(build_key_secret(args.name, namespace=namespace, key=key,
-                                        index=args.index, settings=settings), args.output)
+                                        index=index, settings=settings), args.output)
+        warn_manifest_holds_key()
         return 0
     keys, namespace = connect(args, settings)
-    manifest = build_key_secret(args.name, namespace=namespace, key=key, index=args.index,
-                                settings=settings)
-    keys.create_secret(manifest)
-    fingerprint = check_key(key, encoding=settings.key_encoding).fingerprint
-    print(f"secret/{args.name} created in namespace {namespace} (fingerprint {fingerprint})")
+    record = keys.create_secret(build_key_secret(args.name, namespace=namespace, key=key,
+                                                 index=args.index, settings=settings))
+    report_created(record, namespace, check_key(key, encoding=settings.key_encoding).fingerprint)
     return 0
+
+
+def warn_manifest_holds_key() -> None:
+    print("warning: this manifest holds key material; encrypt it (SOPS, SealedSecrets) "
+          "before it goes anywhere near version control", file=sys.stderr)
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     from .key_secrets import build_key_secret
-    from .lifecycle import next_key_index, next_key_name, owner_of, restart_command
+    from .lifecycle import next_key_name, owner_of, restart_command
     settings = _settings(args)
     keys, namespace = connect(args, settings)
     key = read_key_material(args, settings)
     keyring = keys.keyring(namespace)
-    index = next_key_index(keyring)
-    name = args.name or next_key_name(keyring, index)
-    keys.create_secret(build_key_secret(name, namespace=namespace, key=key, index=index,
-                                        settings=settings))
+    number = keyring.next_number
+    name = args.name or next_key_name(keyring, number)
+    if args.dry_run:
+        print_manifest(build_key_secret(name, namespace=namespace, key=key, index=number,
+                                        settings=settings), args.output)
+        warn_manifest_holds_key()
+        return 0
+    # No index in the request: keymount's webhook stamps the next number from a fresh
+    # view, so a key created by someone else meanwhile cannot make this one collide.
+    record = keys.create_secret(build_key_secret(name, namespace=namespace, key=key,
+                                                 index=None, settings=settings))
     fingerprint = check_key(key, encoding=settings.key_encoding).fingerprint
-    files = len(keyring.keys) + 1
-    print(f"secret/{name} created in namespace {namespace}: index {index}, fingerprint "
-          f"{fingerprint}; new backend Pods get it as encryption-key-{files} (the newest).")
+    report_created(record, namespace, fingerprint)
+    if record.index_explicit:
+        print(f"New backend Pods get it as {key_file_name(record.index)}, the highest "
+              f"number: applications encrypt with it from now on.")
     owners = set()
     for pod in keys.backend_pods(namespace):
         owner = owner_of(pod)
@@ -203,34 +246,81 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- retire ---------------------------------------------------------------------------
+# --- retire / pin ------------------------------------------------------------------------
+
+def pin_legacy_keys(keys: Any, keyring: Keyring) -> int:
+    """Stamp each key made before keymount numbered keys at the number it has now."""
+    from .lifecycle import legacy_pins
+    pins = legacy_pins(keyring)
+    for name, number in pins:
+        keys.patch_secret(keyring.namespace, name,
+                          {"metadata": {"annotations": {INDEX_ANNOTATION: str(number)}}})
+        print(f"secret/{name} pinned at number {number} ({key_file_name(number)})")
+    return len(pins)
+
+
+def cmd_pin(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    keys, namespace = connect(args, settings)
+    keyring = keys.keyring(namespace)
+    if keyring.conflict:
+        a, b = keyring.conflict
+        raise UserFacingError(f"key Secrets {a.name!r} and {b.name!r} share a number; retire "
+                              f"the one no data needs first: keymount keys retire NAME -n "
+                              f"{namespace}")
+    if not pin_legacy_keys(keys, keyring):
+        print(f"every key of namespace {namespace} already has its number")
+    return 0
+
 
 def cmd_retire(args: argparse.Namespace) -> int:
     from .lifecycle import pods_mounting
     settings = _settings(args)
     keys, namespace = connect(args, settings)
-    record: KeyRecord | None = keys.keyring(namespace).find(args.name)
+    keyring = keys.keyring(namespace)
+    record: KeyRecord | None = keyring.find(args.name)
     if record is None:
         raise UserFacingError(f"no key Secret {args.name!r} in namespace {namespace}; "
                               f"`keymount keys list -n {namespace}` shows them")
+    if record.state == "retired":
+        print(f"secret/{args.name} is already retired (number {record.index} stays reserved)")
+        return 0
+    if record is keyring.newest:
+        raise UserFacingError(
+            f"{args.name} is the active key of namespace {namespace}: applications encrypt "
+            f"new data with it. Add a new key first: keymount keys rotate -n {namespace}")
+    number = keyring.number_of(args.name)
     pods = pods_mounting(keys.backend_pods(namespace), args.name)
     if pods:
-        print(f"{len(pods)} running Pod(s) still mount {args.name} "
-              f"(fingerprint {record.fingerprint or '-'}):")
+        print(f"{len(pods)} Pod(s) still mount {args.name} (number {number}, fingerprint "
+              f"{record.fingerprint or '-'}):")
         for pod in pods:
             print(f"  {pod}")
-        print("Data they encrypted with it needs this key to be read; re-encrypt it first.")
+        if not args.force:
+            raise UserFacingError(
+                f"not retired: Pods still mount {args.name}, and data they encrypted with "
+                f"it needs it to be read. Re-encrypt that data and restart them, or retire "
+                f"anyway with --force")
     else:
-        print(f"no running Pod mounts {args.name}")
+        print(f"no Pod mounts {args.name}")
     if not args.yes:
         if not sys.stdin.isatty():
             raise UserFacingError("not retired: confirm with --yes (no terminal to ask on)")
-        answer = input(f"Allow deleting secret {args.name} in {namespace}? [y/N] ")
+        answer = input(f"Destroy the key material of secret {args.name} in {namespace}? "
+                       f"[y/N] ")
         if answer.strip().lower() not in ("y", "yes"):
             raise UserFacingError("not retired")
-    keys.annotate_secret(namespace, args.name, {ALLOW_DELETE_ANNOTATION: "true"})
-    print(f"secret/{args.name} retired: it may now be deleted "
-          f"(kubectl delete secret {args.name} -n {namespace})")
+    if record.state == "valid" and keyring.legacy:
+        pin_legacy_keys(keys, keyring)
+    stamp = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
+    # A merge patch: `null` deletes the key field; the label and number stay.
+    keys.patch_secret(namespace, args.name, {
+        "data": {settings.key_field: None},
+        "metadata": {"annotations": {RETIRED_ANNOTATION: _now().strftime("%Y-%m-%dT%H:%M:%SZ")}}})
+    kept = f"number {number} stays reserved" if number is not None else "it had no number"
+    print(f"secret/{args.name} retired: its key material is destroyed and {kept}. The "
+          f"Secret may be deleted (kubectl delete secret {args.name} -n {namespace}) once a "
+          f"newer key records its number; keeping it costs nothing.")
     return 0
 
 
@@ -276,11 +366,16 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
     add_settings_flags(create)
     create.set_defaults(func=cmd_create)
 
-    rotate = sub.add_parser("rotate", help="add a new key at the next index")
+    rotate = sub.add_parser("rotate", help="add a new key at the next number")
     material = rotate.add_mutually_exclusive_group()
     material.add_argument("--generate", action="store_true", help="(the default)")
     material.add_argument("--from-file", metavar="FILE", help="key file")
     rotate.add_argument("--name", default=None, help="Secret name (default encryption-key-N)")
+    rotate.add_argument("--dry-run", action="store_true",
+                        help="print the new key's manifest, with the number keymount would "
+                             "stamp, instead of creating it")
+    rotate.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
+                        help="manifest format with --dry-run")
     add_cluster_flags(rotate)
     add_settings_flags(rotate)
     rotate.set_defaults(func=cmd_rotate, default_generate=True)
@@ -290,12 +385,21 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
     add_settings_flags(listing)
     listing.set_defaults(func=cmd_list)
 
-    retire = sub.add_parser("retire", help="show who mounts a key, then allow deleting it")
+    retire = sub.add_parser("retire", help="destroy a key's material; its number stays "
+                                           "reserved")
     retire.add_argument("name", help="key Secret name")
     retire.add_argument("--yes", action="store_true", help="do not ask")
+    retire.add_argument("--force", action="store_true",
+                        help="retire even while Pods still mount the key")
     add_cluster_flags(retire)
     add_settings_flags(retire)
     retire.set_defaults(func=cmd_retire)
+
+    pin = sub.add_parser("pin", help="stamp keys made before keymount numbered keys at the "
+                                     "number they have now")
+    add_cluster_flags(pin)
+    add_settings_flags(pin)
+    pin.set_defaults(func=cmd_pin)
 
     imports = sub.add_parser("import", help="the old Helm chart's key as a key Secret manifest")
     imports.add_argument("--helm-values", required=True, metavar="FILE", help="values.yaml")

@@ -16,6 +16,7 @@ freeze; and a periodic re-list (resync) bounds how long any drift can last.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import logging
 import os
@@ -35,6 +36,7 @@ from .errors import UserFacingError
 from .key_secrets import build_key_secret, parse_key_secret
 from .keys import KeyRecord, Keyring, build_keyring, generate_key
 from .lifecycle import GENERATED_KEY_NAME
+from .names import GENERATED_ANNOTATION
 from .metrics import Metrics
 from .store import KeyStore
 
@@ -54,6 +56,22 @@ def has_cluster_config(kubeconfig: str | None = None) -> bool:
     paths = os.environ.get("KUBECONFIG", "").split(os.pathsep)
     return any(Path(p).is_file() for p in paths if p) or \
         Path("~/.kube/config").expanduser().is_file()
+
+
+SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+
+
+def in_cluster_username(token_file: Path = SERVICE_ACCOUNT_TOKEN) -> str:
+    """The username the API server gives this Pod's ServiceAccount token: its `sub`
+    claim, `system:serviceaccount:NS:NAME`. Read from our own token file, so no
+    signature check is needed; empty outside a cluster."""
+    try:
+        payload = token_file.read_text().split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+    except (OSError, IndexError, ValueError):
+        return ""
+    subject = claims.get("sub") if isinstance(claims, dict) else None
+    return subject if isinstance(subject, str) else ""
 
 
 def load_api_client(*, kubeconfig: str | None = None, context: str | None = None
@@ -191,7 +209,7 @@ class KubernetesKeySource:
         """
         manifest = build_key_secret(GENERATED_KEY_NAME, namespace=namespace,
                                     key=generate_key(), index=1, settings=self.settings)
-        manifest["metadata"].setdefault("annotations", {})["keymount.io/generated"] = "true"
+        manifest["metadata"].setdefault("annotations", {})[GENERATED_ANNOTATION] = "true"
 
         def create() -> None:
             try:
@@ -205,6 +223,12 @@ class KubernetesKeySource:
 
         await in_daemon_thread(create)
         return await self.confirm(namespace)
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        """Record one Event (events.EventRecorder's sender)."""
+        namespace = event["metadata"]["namespace"]
+        await in_daemon_thread(lambda: self.api.create_namespaced_event(
+            namespace, event, _request_timeout=(5, 10)))
 
     # --- watching --------------------------------------------------------------------
 
@@ -332,17 +356,22 @@ class KeyClient:
         return self._list_json(namespace, "pod",
                                label_selector=self.settings.pod_selector.text)
 
-    def create_secret(self, manifest: dict[str, Any]) -> None:
+    def create_secret(self, manifest: dict[str, Any]) -> KeyRecord:
+        """Create a key Secret; what was stored (keymount's webhook stamps the number)."""
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-        self._call(self.api.create_namespaced_secret, namespace, manifest, errors={
+        response = self._call(self.api.create_namespaced_secret, namespace, manifest,
+                              _preload_content=False, errors={
             409: f"secret {name!r} already exists in namespace {namespace!r}; pick another "
                  f"name, or add a key with `keymount keys rotate -n {namespace}`",
             404: f"namespace {namespace!r} not found; create it first: "
                  f"kubectl create namespace {namespace}"})
+        return parse_key_secret(json.loads(response.data), settings=self.settings)
 
-    def annotate_secret(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        self._call(self.api.patch_namespaced_secret, name, namespace,
-                   {"metadata": {"annotations": annotations}}, errors={
+    def patch_secret(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        """A strategic merge patch of one Secret (`null` deletes a field); keymount's
+        guard judges it."""
+        self._call(self.api.patch_namespaced_secret, name, namespace, patch,
+                   _preload_content=False, errors={
                        404: f"secret {name!r} not found in namespace {namespace!r}; "
                             f"`keymount keys list -n {namespace}` shows its keys"})
 

@@ -8,14 +8,13 @@ from datetime import timedelta
 from typing import Literal
 
 from .keys import KeyEncoding
+from .names import CONTAINERS_ANNOTATION, KEY_LABEL, STATUS_ANNOTATION, VOLUME_NAME
 from .selectors import Selector, parse_selector
 
-LABEL_PREFIX = "keymount.io/"
-VOLUME_NAME = "keymount-encryption-keys"
-STATUS_ANNOTATION = "keymount.io/status"
-CONTAINERS_ANNOTATION = "keymount.io/containers"
+__all__ = ["CONTAINERS_ANNOTATION", "STATUS_ANNOTATION", "VOLUME_NAME", "Settings"]
+
 DEFAULT_POD_SELECTOR = "app.kubernetes.io/component=backend"
-DEFAULT_KEY_SELECTOR = "keymount.io/encryption-key=true"
+DEFAULT_KEY_SELECTOR = f"{KEY_LABEL}=true"
 DEFAULT_KEY_FIELD = "encryption-key"
 DEFAULT_MOUNT_PATH = "/encryption-keys"
 MANY_KEYS = 10  # more than this earns a warning (SPEC §4)

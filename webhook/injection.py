@@ -19,7 +19,7 @@ import jsonpatch
 
 from .config import (CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME,
                      Settings)
-from .keys import INDEX_ANNOTATION, KeyFile, Keyring
+from .keys import KeyFile, Keyring
 
 PatchOp = dict[str, Any]
 RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "mount-conflict",
@@ -83,11 +83,13 @@ def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
     ns = keyring.namespace
     if keyring.conflict:
         a, b = keyring.conflict
+        number = keyring.number_of(a.name)
         return Refused("ambiguous-order", (
-            f"key order in namespace {ns!r} is ambiguous: key Secrets {a.name!r} and "
-            f"{b.name!r} both have {INDEX_ANNOTATION}={a.index}. Give the newer one the "
-            f"next index: kubectl annotate secret {b.name} -n {ns} "
-            f"{INDEX_ANNOTATION}={_next_index(keyring)} --overwrite"))
+            f"key Secrets {a.name!r} and {b.name!r} in namespace {ns!r} both have number "
+            f"{number} (Secrets made before keymount numbered keys): keymount cannot tell "
+            f"which one file encryption-key-{number} is. `keymount keys list -n {ns}` shows "
+            f"both; retire the one no data was encrypted with: keymount keys retire NAME "
+            f"-n {ns}"))
     if keyring.invalid and settings.invalid_keys == "deny":
         listed = "; ".join(f"{r.name}: {r.check.reason}" for r in keyring.invalid)
         return Refused("invalid-keys", (
@@ -103,10 +105,6 @@ def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
             f"a 32-byte AES-256 key (raw or base64). Create one: keymount keys create "
             f"encryption-key-1 -n {ns} --generate"))
     return None
-
-
-def _next_index(keyring: Keyring) -> int:
-    return max((r.index for r in keyring.keys), default=0) + 1
 
 
 def build_key_warnings(keyring: Keyring, *, settings: Settings,

@@ -1,8 +1,8 @@
-"""Key material: validity, fingerprint, and the order of a namespace's keys.
+"""Key material: validity, fingerprint, and the numbers of a namespace's keys.
 
 Everything here is pure. Key bytes enter `check_key` and never leave it: what comes
-out is a `KeyCheck` holding the verdict and the fingerprint (SPEC §2), so the rest of
-the program cannot log or cache key material by accident.
+out is a `KeyCheck` holding the verdict and the fingerprint (docs/contract.md, "Valid
+keys"), so the rest of the program cannot log or cache key material by accident.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from typing import Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION, RETIRED_ANNOTATION, key_file_name
+
 KEY_BYTES = 32
 KeyEncoding = Literal["auto", "raw", "base64"]
-
-INDEX_ANNOTATION = "keymount.io/key-index"
-ALLOW_DELETE_ANNOTATION = "keymount.io/allow-delete"
 
 # Standard and URL-safe alphabets, padding optional (SPEC §2).
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/\-_]+={0,2}")
@@ -107,6 +106,9 @@ def _check_key_bytes(key: bytes, *, encoding: Literal["raw", "base64"]) -> KeyCh
     return KeyCheck(True, fingerprint=fingerprint_key(key), encoding=encoding, warning=warning)
 
 
+KeyState = Literal["valid", "invalid", "retired"]
+
+
 @dataclass(frozen=True, slots=True)
 class KeyRecord:
     """What keymount keeps of one key Secret: metadata and the verdict, never bytes."""
@@ -114,17 +116,23 @@ class KeyRecord:
     namespace: str
     name: str
     check: KeyCheck
-    index: int = 0  # keymount.io/key-index; missing counts as 0 (SPEC §3)
+    index: int = 0  # keymount.io/key-index; 0 when the Secret has none (a legacy key)
     index_explicit: bool = False
     created: datetime | None = None
+    retired: bool = False  # a tombstone: keymount.io/retired, no key material
+    numbers_used: frozenset[int] = frozenset()  # keymount.io/numbers-used at creation
 
     @property
     def valid(self) -> bool:
-        return self.check.valid
+        return self.check.valid and not self.retired
 
     @property
     def fingerprint(self) -> str:
         return self.check.fingerprint
+
+    @property
+    def state(self) -> KeyState:
+        return "retired" if self.retired else "valid" if self.check.valid else "invalid"
 
 
 def parse_key_index(raw: str | None) -> tuple[int, bool, str]:
@@ -132,39 +140,90 @@ def parse_key_index(raw: str | None) -> tuple[int, bool, str]:
     if raw is None:
         return 0, False, ""
     text = raw.strip()
-    if not re.fullmatch(r"\+?[0-9]+", text) or int(text) < 1:
+    if not re.fullmatch(r"\+?[0-9]{1,9}", text) or int(text) < 1:
         return 0, False, f"annotation {INDEX_ANNOTATION}={raw!r} is not a positive integer"
     return int(text), True, ""
+
+
+def parse_numbers(text: str | None) -> frozenset[int] | None:
+    """`1-3,5` as {1, 2, 3, 5}; None when it is not that form. Ranges are capped so a
+    hostile annotation cannot make keymount build a huge set."""
+    if text is None or not text.strip():
+        return frozenset()
+    numbers: set[int] = set()
+    for part in text.split(","):
+        match = re.fullmatch(r"\s*([0-9]{1,9})(?:-([0-9]{1,9}))?\s*", part)
+        if not match:
+            return None
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+        if low < 1 or high < low or high - low > MAX_NUMBER_RANGE:
+            return None
+        numbers.update(range(low, high + 1))
+    return frozenset(numbers)
+
+
+def format_numbers(numbers: Iterable[int]) -> str:
+    """{1, 2, 3, 5} as `1-3,5`."""
+    ordered = sorted(set(numbers))
+    parts: list[str] = []
+    i = 0
+    while i < len(ordered):
+        j = i
+        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
+            j += 1
+        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+MAX_NUMBER_RANGE = 100_000
 
 
 def build_key_record(*, namespace: str, name: str, value: bytes | None,
                      annotations: Mapping[str, str], created: datetime | None,
                      field: str, encoding: KeyEncoding) -> KeyRecord:
-    """Check one Secret's key field and index annotation; the bytes stop here."""
-    check = check_key(value, subject=f"field {field!r}", encoding=encoding)
+    """Check one Secret's key field and annotations; the bytes stop here."""
+    retired = RETIRED_ANNOTATION in annotations
+    if retired:
+        # A tombstone keeps its number and nothing else (docs/contract.md, retiring).
+        check = (KeyCheck(False, "retired") if value is None else
+                 KeyCheck(False, f"marked {RETIRED_ANNOTATION} but still holds key material"))
+    else:
+        check = check_key(value, subject=f"field {field!r}", encoding=encoding)
     index, explicit, index_error = parse_key_index(annotations.get(INDEX_ANNOTATION))
+    numbers_used = parse_numbers(annotations.get(NUMBERS_USED_ANNOTATION))
     if index_error:
         check = KeyCheck(False, index_error)
+    elif numbers_used is None:
+        check = KeyCheck(False, f"annotation {NUMBERS_USED_ANNOTATION} is not a list of "
+                                f"numbers such as 1-3,5")
+    if retired and value is not None:
+        retired = False  # judged as an invalid key, not as a tombstone
     return KeyRecord(
         namespace=namespace, name=name, check=check, index=index, index_explicit=explicit,
-        created=created,
+        created=created, retired=retired, numbers_used=numbers_used or frozenset(),
     )
 
 
-def sort_key(record: KeyRecord) -> tuple:
-    """SPEC §3: index (missing = 0), then creationTimestamp (missing first), then name."""
+def legacy_order(record: KeyRecord) -> tuple[bool, float, str]:
+    """keymount 0.1's order of Secrets without an index: creationTimestamp (missing
+    first), then name. Their numbers keep it, so 0.1 namespaces keep their files."""
     created = record.created
-    return (record.index, created is not None, created.timestamp() if created else 0.0,
-            record.name)
+    return (created is not None, created.timestamp() if created else 0.0, record.name)
 
 
 @dataclass(frozen=True, slots=True)
 class KeyFile:
-    """One file of the mounted volume: its name, its Secret, its key's fingerprint."""
+    """One file of the mounted volume: its number, its Secret, its key's fingerprint."""
 
-    file: str
+    number: int
     secret: str
     fingerprint: str
+
+    @property
+    def file(self) -> str:
+        return key_file_name(self.number)
 
     def as_status(self) -> dict[str, str]:
         return {"file": self.file, "secret": self.secret, "fingerprint": self.fingerprint}
@@ -172,40 +231,80 @@ class KeyFile:
 
 @dataclass(frozen=True, slots=True)
 class Keyring:
-    """The keys of one namespace, in file order, computed once per change.
+    """The keys of one namespace, numbered, computed once per change.
 
-    `files` and `status` (the files as the JSON of the keymount.io/status and audit
-    annotations) are derived here, once, rather than on every admission.
+    A key's number is its `keymount.io/key-index`; a valid Secret without one (made
+    before keymount stamped numbers) keeps the number keymount 0.1 gave it, its
+    position among such Secrets. `files` and `status` (the JSON of the
+    keymount.io/status and audit annotations) are derived here, once, rather than on
+    every admission.
     """
 
     namespace: str
-    keys: tuple[KeyRecord, ...] = ()  # valid keys; keys[0] is encryption-key-1
+    keys: tuple[KeyRecord, ...] = ()  # valid keys, by number; keys[-1] is the active one
+    files: tuple[KeyFile, ...] = ()  # one per key, same order
     invalid: tuple[KeyRecord, ...] = ()
-    conflict: tuple[KeyRecord, KeyRecord] | None = None  # two valid keys share an index
-    files: tuple[KeyFile, ...] = ()
+    retired: tuple[KeyRecord, ...] = ()
+    conflict: tuple[KeyRecord, KeyRecord] | None = None  # two keys share a number
+    used: frozenset[int] = frozenset()  # every number this namespace has used
     status: str = "[]"
 
     @property
     def newest(self) -> KeyRecord | None:
         return self.keys[-1] if self.keys else None
 
+    @property
+    def next_number(self) -> int:
+        """The number a new key gets: one above every number ever used here."""
+        return max(self.used, default=0) + 1
+
+    @property
+    def legacy(self) -> tuple[KeyRecord, ...]:
+        """Valid keys without an index: `keymount keys pin` stamps their numbers."""
+        return tuple(r for r in self.keys if not r.index_explicit)
+
     def find(self, name: str) -> KeyRecord | None:
-        return next((r for r in (*self.keys, *self.invalid) if r.name == name), None)
+        return next((r for r in (*self.keys, *self.invalid, *self.retired)
+                     if r.name == name), None)
+
+    def number_of(self, name: str) -> int | None:
+        """The number of a valid key, or of a tombstone; None for anything else."""
+        for key_file in self.files:
+            if key_file.secret == name:
+                return key_file.number
+        record = next((r for r in self.retired if r.name == name), None)
+        return record.index if record is not None and record.index_explicit else None
+
+    def holder_of(self, number: int) -> KeyRecord | None:
+        """The valid key or tombstone that holds `number` now, if any."""
+        for key_file, record in zip(self.files, self.keys):
+            if key_file.number == number:
+                return record
+        return next((r for r in self.retired if r.index_explicit and r.index == number), None)
 
 
 def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     records = list(records)
-    valid = sorted((r for r in records if r.valid), key=sort_key)
-    invalid = sorted((r for r in records if not r.valid), key=lambda r: r.name)
+    valid = [r for r in records if r.valid]
+    legacy = sorted((r for r in valid if not r.index_explicit), key=legacy_order)
+    numbered = [(n, r) for n, r in enumerate(legacy, start=1)]
+    numbered += [(r.index, r) for r in valid if r.index_explicit]
+    numbered.sort(key=lambda pair: (pair[0], pair[1].name))
+    retired = sorted((r for r in records if r.retired), key=lambda r: (r.index, r.name))
+    invalid = sorted((r for r in records if r.state == "invalid"), key=lambda r: r.name)
+
     conflict = None
-    by_index: dict[int, KeyRecord] = {}
-    for record in valid:
-        if record.index_explicit and record.index in by_index:
-            conflict = (by_index[record.index], record)
-            break
-        if record.index_explicit:
-            by_index[record.index] = record
-    files = tuple(KeyFile(f"encryption-key-{n}", r.name, r.fingerprint)  # SPEC §3: 1..N
-                  for n, r in enumerate(valid, start=1))
+    holders: dict[int, KeyRecord] = {}
+    for number, record in [*numbered, *((r.index, r) for r in retired if r.index_explicit)]:
+        if number in holders and conflict is None:
+            conflict = (holders[number], record)
+        holders.setdefault(number, record)
+
+    used = set(holders)
+    used.update(r.index for r in invalid if r.index_explicit)
+    for record in records:
+        used.update(record.numbers_used)
+    files = tuple(KeyFile(n, r.name, r.fingerprint) for n, r in numbered)
     status = json.dumps([f.as_status() for f in files], separators=(",", ":"))
-    return Keyring(namespace, tuple(valid), tuple(invalid), conflict, files, status)
+    return Keyring(namespace, tuple(r for _, r in numbered), files, tuple(invalid),
+                   tuple(retired), conflict, frozenset(used), status)

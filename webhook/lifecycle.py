@@ -46,16 +46,42 @@ def format_age(created: datetime | None, now: datetime) -> str:
     return f"{seconds}s"
 
 
+def key_state_label(record: KeyRecord, keyring: Keyring) -> str:
+    """active (encrypts new data), older (decrypts), legacy (no index yet: `keys pin`),
+    duplicate (shares its number: Pods are refused), retired, or invalid: reason."""
+    if record.state == "invalid":
+        return f"invalid: {record.check.reason}"
+    if keyring.conflict and record in keyring.conflict:
+        return "duplicate"
+    if record.state == "retired":
+        return "retired"
+    state = "active" if record is keyring.newest else "older"
+    if not record.index_explicit:
+        state += ", legacy"
+    return state + (" (warning: passphrase-like)" if record.check.warning else "")
+
+
 def build_key_rows(keyring: Keyring, *, now: datetime) -> list[KeyRow]:
-    """What a new backend Pod would get, in file order, then every invalid Secret."""
-    rows = [KeyRow(f.file, r.name, str(r.index) if r.index_explicit else "-",
-                   "valid" + (" (warning: passphrase-like)" if r.check.warning else ""),
-                   r.fingerprint, format_age(r.created, now))
-            for f, r in zip(keyring.files, keyring.keys)]
+    """Every key Secret by number (what a new backend Pod gets, and the tombstones),
+    then the invalid ones."""
+    numbered = [(f.number, f.file, r) for f, r in zip(keyring.files, keyring.keys)]
+    numbered += [(r.index, "-", r) for r in keyring.retired]
+    numbered.sort(key=lambda row: (row[0], row[2].name))
+    rows = [KeyRow(file, r.name, str(r.index) if r.index_explicit else "-",
+                   key_state_label(r, keyring), r.fingerprint or "-",
+                   format_age(r.created, now))
+            for _, file, r in numbered]
     rows += [KeyRow("-", r.name, str(r.index) if r.index_explicit else "-",
-                    f"invalid: {r.check.reason}", "-", format_age(r.created, now))
+                    key_state_label(r, keyring), "-", format_age(r.created, now))
              for r in keyring.invalid]
     return rows
+
+
+def legacy_pins(keyring: Keyring) -> list[tuple[str, int]]:
+    """(Secret, number) for each valid key without an index, at the number it has now:
+    `keymount keys pin` stamps these, after which retiring any key moves no file."""
+    numbers = {f.secret: f.number for f in keyring.files}
+    return [(r.name, numbers[r.name]) for r in keyring.legacy]
 
 
 def newest_key_too_old(keyring: Keyring, *, max_age: timedelta | None,
@@ -75,17 +101,8 @@ def format_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:
 
 # --- keys rotate ----------------------------------------------------------------------
 
-def next_key_index(keyring: Keyring) -> int:
-    """One past the highest index in use, so the new key sorts last (SPEC §3).
-
-    Invalid Secrets count too: one fixed later must not collide with the new key.
-    """
-    records = (*keyring.keys, *keyring.invalid)
-    return max((r.index for r in records), default=0) + 1
-
-
 def next_key_name(keyring: Keyring, index: int) -> str:
-    taken = {r.name for r in (*keyring.keys, *keyring.invalid)}
+    taken = {r.name for r in (*keyring.keys, *keyring.invalid, *keyring.retired)}
     name, n = f"encryption-key-{index}", index
     while name in taken:
         n += 1
@@ -139,13 +156,20 @@ def is_running(pod: Mapping[str, Any]) -> bool:
         not (pod.get("metadata") or {}).get("deletionTimestamp")
 
 
+def may_still_read(pod: Mapping[str, Any]) -> bool:
+    """Pending, running, or in its termination grace period: its processes may still
+    read (or be about to read) the key files."""
+    return (pod.get("status") or {}).get("phase") not in ("Succeeded", "Failed")
+
+
 # --- keys retire ----------------------------------------------------------------------
 
 def pods_mounting(pods: Iterable[Mapping[str, Any]], secret: str) -> list[str]:
-    """Names of running Pods whose keymount volume projects `secret`."""
+    """Names of Pods (Pending, running or terminating) whose keymount volume projects
+    `secret`."""
     names = []
     for pod in pods:
-        if not is_running(pod):
+        if not may_still_read(pod):
             continue
         for volume in (pod.get("spec") or {}).get("volumes") or []:
             if volume.get("name") != VOLUME_NAME:

@@ -32,6 +32,9 @@ class Metrics:
         self.live_reads = Counter(
             "keymount_live_reads", "Live reads of a namespace's keys before a deny",
             registry=r)
+        self.events_dropped = Counter(
+            "keymount_events_dropped", "Kubernetes Events not sent because the queue was full",
+            registry=r)
         if store is not None:
             r.register(StoreCollector(store))
 
@@ -46,7 +49,7 @@ class StoreCollector(Collector):
         counts = self.store.count_by_state()
         secrets = GaugeMetricFamily("keymount_key_secrets", "Key Secrets in the cache by state",
                                     labels=["state"])
-        for state in ("valid", "invalid"):
+        for state in ("valid", "invalid", "retired"):
             secrets.add_metric([state], counts.get(state, 0))
         yield secrets
         yield GaugeMetricFamily("keymount_cache_ready",

@@ -24,12 +24,14 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .admission import (AdmissionRequest, MalformedReview, Verdict, build_review, errored,
-                        parse_review, review_mutation, review_validation)
+                        key_change, parse_review, review_mutation, review_validation)
 from .config import Settings
+from .events import EventRecorder, event_for
+from .keyguard import KeyWriters, is_new_key
 from .keys import Keyring
 from .lifecycle import GENERATED_KEY_NAME
 from .metrics import Metrics
-from .store import KeyStore
+from .store import KeyStore, Reservations
 
 log = logging.getLogger("keymount.admission")
 server_log = logging.getLogger("keymount.server")
@@ -58,6 +60,9 @@ class Runtime:
     metrics: Metrics
     draining: bool = False
     auto_generate: bool = False  # only with a source that has create_generated_key
+    writers: KeyWriters = field(default_factory=KeyWriters)
+    events: EventRecorder | None = None
+    reservations: Reservations = field(default_factory=Reservations)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
 
 
@@ -89,12 +94,25 @@ async def read_review(request: web.Request) -> AdmissionRequest | web.Response:
 
 
 async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -> Verdict:
+    reservations = runtime.reservations
+
     def verdict_for(keyring: Keyring) -> Verdict:
+        reserved = reservations.held(review.namespace) if review.is_secret else None
         if webhook == "mutate":
             return review_mutation(review, keyring=keyring, settings=runtime.settings,
-                                   now=runtime.clock())
-        return review_validation(review, keyring=keyring, settings=runtime.settings)
+                                   now=runtime.clock(), reserved=reserved)
+        return review_validation(review, keyring=keyring, settings=runtime.settings,
+                                 writers=runtime.writers, reserved=reserved)
 
+    if review.is_secret and is_new_key(key_change(review), settings=runtime.settings):
+        # A new key's number is judged against a fresh view: one live read, as rare as
+        # key creation (docs/contract.md, "Key numbers").
+        runtime.metrics.live_reads.inc()
+        verdict = verdict_for(await runtime.source.confirm(review.namespace))
+        key = verdict.key
+        if key is not None and key.allowed and key.number is not None and not review.dry_run:
+            reservations.reserve(review.namespace, key.number, review.object_name)
+        return verdict
     verdict = verdict_for(runtime.store.keyring(review.namespace))
     if not verdict.key_state:
         return verdict
@@ -137,6 +155,10 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
             runtime.metrics.admissions.labels(webhook, verdict.result).inc()
             runtime.metrics.duration.labels(webhook).observe(elapsed)
             log_decision(review, verdict, webhook=webhook, elapsed=elapsed)
+            if runtime.events is not None:
+                note = event_for(review, verdict, webhook=webhook)
+                if note is not None:
+                    runtime.events.emit(note)
         except Exception:  # bookkeeping must not turn a decision into an HTTP 500
             server_log.exception("recording the decision failed", extra={"uid": review.uid})
         return web.json_response(build_review(review.api_version, verdict.response))
@@ -146,16 +168,27 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
 
 def log_decision(review: AdmissionRequest, verdict: Verdict, *, webhook: Webhook,
                  elapsed: float) -> None:
-    level = logging.DEBUG if verdict.result == "skipped" else logging.INFO
+    # Every decision on a key Secret is kept at info: who touched which key is the
+    # audit trail (docs/contract.md, "Trust").
+    level = logging.DEBUG if verdict.result == "skipped" and verdict.key is None \
+        else logging.INFO
     if not log.isEnabledFor(level):
         return
     # Not "name" or "message": LogRecord reserves them, and `extra` may not overwrite them.
     fields: dict[str, Any] = {
         "webhook": webhook, "uid": review.uid, "namespace": review.namespace,
         "kind": review.kind, "pod" if review.is_pod else "object": review.object_name,
-        "operation": review.operation, "result": verdict.result,
+        "operation": review.operation, "user": review.username, "result": verdict.result,
         "duration_ms": round(elapsed * 1000, 3),
     }
+    if review.dry_run:
+        fields["dry_run"] = True
+    if verdict.key is not None:
+        fields["key_action"] = verdict.key.action
+        if verdict.key.number is not None:
+            fields["number"] = verdict.key.number
+        if verdict.key.fingerprint:
+            fields["fingerprint"] = verdict.key.fingerprint
     if verdict.files:
         fields["files"] = [f.as_status() for f in verdict.files]
     if verdict.message:
@@ -177,11 +210,15 @@ def build_webhook_app(runtime: Runtime) -> web.Application:
 async def key_source_ctx(app: web.Application) -> AsyncIterator[None]:
     """Start the key source with the app and stop it with the app."""
     runtime = app[RUNTIME]
-    task = asyncio.create_task(_keep_keys(runtime), name="keymount-key-source")
+    tasks = [asyncio.create_task(_keep_keys(runtime), name="keymount-key-source")]
+    if runtime.events is not None:
+        tasks.append(asyncio.create_task(runtime.events.run(), name="keymount-events"))
     yield
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    for task in tasks:
+        task.cancel()
+    for task in tasks:
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 async def _keep_keys(runtime: Runtime) -> None:

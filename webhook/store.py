@@ -8,8 +8,9 @@ the event loop thread; sources that run in threads hand their results over to it
 
 from __future__ import annotations
 
+import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .keys import KeyRecord, Keyring, build_keyring
 
@@ -52,8 +53,8 @@ class KeyStore:
             self._rebuild({namespace})
 
     def count_by_state(self) -> Counter[str]:
-        return Counter("valid" if r.valid else "invalid"
-                       for by_name in self._records.values() for r in by_name.values())
+        return Counter(r.state for by_name in self._records.values()
+                       for r in by_name.values())
 
     def _rebuild(self, namespaces: Iterable[str]) -> None:
         for ns in namespaces:
@@ -63,3 +64,37 @@ class KeyStore:
             else:
                 self._records.pop(ns, None)
                 self._rings.pop(ns, None)
+
+
+class Reservations:
+    """Numbers this process has just handed to key Secrets not yet in the cache.
+
+    Two keys created at the same moment both see the same "next number" until the
+    first one is stored; a number stamped here is skipped by the next stamp, and the
+    validating check refuses a second key asking for it. Entries expire after `ttl`
+    seconds (by then the watch has delivered the Secret), and at most `per_namespace`
+    are kept, so forged reviews cannot grow this without bound.
+    """
+
+    def __init__(self, *, ttl: float = 30.0, per_namespace: int = 32,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.ttl, self.per_namespace, self.clock = ttl, per_namespace, clock
+        self._held: dict[str, dict[int, tuple[str, float]]] = {}
+
+    def held(self, namespace: str) -> dict[int, str]:
+        entries = self._held.get(namespace)
+        if not entries:
+            return {}
+        now = self.clock()
+        for number in [n for n, (_, expires) in entries.items() if expires <= now]:
+            del entries[number]
+        if not entries:
+            del self._held[namespace]
+        return {n: name for n, (name, _) in entries.items()}
+
+    def reserve(self, namespace: str, number: int, name: str) -> None:
+        self.held(namespace)  # drop expired entries first
+        entries = self._held.setdefault(namespace, {})
+        entries[number] = (name, self.clock() + self.ttl)
+        while len(entries) > self.per_namespace:
+            del entries[min(entries, key=lambda n: entries[n][1])]

@@ -1,0 +1,354 @@
+"""The number stamp and the key-Secret guard (pure): every attack of a user who may
+write Secrets, and what a key writer may still do."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jsonpatch
+import pytest
+from builders import key_secret, keyring_of, random_key, review
+
+from webhook.admission import parse_review, review_mutation, review_validation
+from webhook.config import Settings
+from webhook.keyguard import NAMESPACE_CONTROLLER, parse_key_writers
+
+SETTINGS = Settings()
+WRITERS = parse_key_writers("group:keymount:key-writers,user:alice", own_user="keymount-sa")
+RETIRED = {"keymount.io/retired": "2026-11-29T00:00:00Z"}
+
+
+def parse(body):
+    return parse_review(json.dumps(body).encode())
+
+
+def through_api(obj, *, keyring, operation="CREATE", old=None, user="alice", groups=(),
+                writers=WRITERS, reserved=None):
+    """What the API server does: /mutate, apply its patch, then /validate the result."""
+    body = review(obj, kind="Secret", operation=operation, old=old, username=user)
+    body["request"]["userInfo"]["groups"] = list(groups)
+    body["request"]["name"] = ((obj or old or {}).get("metadata") or {}).get("name", "")
+    stored = obj
+    if obj is not None:
+        mutation = review_mutation(parse(body), keyring=keyring, settings=SETTINGS,
+                                   reserved=reserved)
+        assert mutation.response["allowed"] is True
+        if "patch" in mutation.response:
+            ops = json.loads(base64.b64decode(mutation.response["patch"]))
+            stored = jsonpatch.apply_patch(obj, ops)
+            body["request"]["object"] = stored
+    verdict = review_validation(parse(body), keyring=keyring, settings=SETTINGS,
+                                writers=writers, reserved=reserved)
+    return verdict, stored
+
+
+def annotations(obj):
+    return obj["metadata"].get("annotations", {})
+
+
+def ring_of_three():
+    """Keys 1, 2, 3 as keymount makes them: each records the numbers used before it."""
+    return keyring_of(
+        key_secret("k1", random_key(), index=1, annotations={"keymount.io/numbers-used": "1"}),
+        key_secret("k2", random_key(), index=2, annotations={"keymount.io/numbers-used": "1-2"}),
+        key_secret("k3", random_key(), index=3, annotations={"keymount.io/numbers-used": "1-3"}))
+
+
+# --- the number stamp ------------------------------------------------------------------------
+
+def test_a_key_created_without_an_index_gets_the_next_number_and_records_the_used_ones():
+    verdict, stored = through_api(key_secret("k4", random_key()), keyring=ring_of_three())
+    assert verdict.result == "allowed" and verdict.key.action == "created"
+    assert annotations(stored)["keymount.io/key-index"] == "4"
+    assert annotations(stored)["keymount.io/numbers-used"] == "1-4"
+
+
+def test_a_key_created_in_an_empty_namespace_gets_number_1():
+    verdict, stored = through_api(key_secret("first", random_key()), keyring=keyring_of())
+    assert verdict.result == "allowed"
+    assert annotations(stored) == {"keymount.io/key-index": "1",
+                                   "keymount.io/numbers-used": "1"}
+
+
+def test_a_secret_gaining_the_key_label_is_a_create_and_gets_a_number():
+    key = random_key()
+    old = key_secret("later", key, labels={})
+    verdict, stored = through_api(key_secret("later", key), operation="UPDATE", old=old,
+                                  keyring=ring_of_three())
+    assert verdict.result == "allowed" and annotations(stored)["keymount.io/key-index"] == "4"
+
+
+def test_a_number_stamped_a_moment_ago_is_skipped_by_the_next_stamp():
+    _, stored = through_api(key_secret("b", random_key()), keyring=ring_of_three(),
+                            reserved={4: "a"})
+    assert annotations(stored)["keymount.io/key-index"] == "5"
+
+
+def test_an_existing_key_without_an_index_is_pinned_at_its_number_on_its_next_update():
+    key = random_key()
+    legacy = key_secret("old", key, created="2025-01-01T00:00:00Z")
+    ring = keyring_of(legacy, key_secret("k2", random_key(), index=2))
+    changed = key_secret("old", key, created="2025-01-01T00:00:00Z",
+                         annotations={"team": "payments"})
+    verdict, stored = through_api(changed, operation="UPDATE", old=legacy, keyring=ring)
+    assert verdict.result == "allowed"
+    assert annotations(stored)["keymount.io/key-index"] == "1"
+
+
+def test_an_unlabelled_secret_is_neither_stamped_nor_judged():
+    verdict, stored = through_api(key_secret("plain", b"x", labels={}), keyring=keyring_of())
+    assert verdict.result == "allowed" and verdict.key.action == "none"
+    assert "keymount.io/key-index" not in annotations(stored)
+
+
+# --- attacks by someone who may write Secrets but is no key writer -----------------------------
+
+@pytest.mark.parametrize("index", [None, 999], ids=["stamped", "index-999"])
+def test_a_non_writer_cannot_create_a_key_and_is_told_who_may(index):
+    verdict, _ = through_api(key_secret("evil", random_key(), index=index),
+                             keyring=ring_of_three(), user="mallory", groups=("devs",))
+    assert verdict.result == "denied"
+    assert "user 'mallory' may not create key Secret 'evil'" in verdict.message
+    assert "group:keymount:key-writers, user:alice" in verdict.message
+
+
+def test_a_non_writer_cannot_give_an_existing_secret_the_key_label():
+    key = random_key()
+    verdict, _ = through_api(key_secret("sneaky", key), operation="UPDATE",
+                             old=key_secret("sneaky", key, labels={}), keyring=ring_of_three(),
+                             user="mallory")
+    assert verdict.result == "denied" and "may not create" in verdict.message
+
+
+def test_a_writer_by_group_membership_may_create():
+    verdict, _ = through_api(key_secret("k4", random_key()), keyring=ring_of_three(),
+                             user="bob", groups=("keymount:key-writers",))
+    assert verdict.result == "allowed"
+
+
+def test_keymounts_own_user_may_create_its_generated_key():
+    verdict, _ = through_api(key_secret("keymount-key-1", random_key(), index=1),
+                             keyring=keyring_of(), user="keymount-sa")
+    assert verdict.result == "allowed"
+
+
+def test_without_key_writers_rbac_alone_decides():
+    verdict, _ = through_api(key_secret("k4", random_key()), keyring=ring_of_three(),
+                             user="mallory", writers=parse_key_writers(None))
+    assert verdict.result == "allowed"
+
+
+def test_a_duplicate_number_is_refused_even_for_a_writer():
+    verdict, _ = through_api(key_secret("dup", random_key(), index=2), keyring=ring_of_three())
+    assert verdict.result == "denied"
+    assert "number 2 is already held by key Secret 'k2'" in verdict.message
+    assert "keymount assigns the next number (4)" in verdict.message
+
+
+def test_a_number_used_by_a_deleted_tombstone_is_never_given_again():
+    # k1 was retired and its tombstone deleted: only k2's and k3's records remember it.
+    ring = keyring_of(
+        key_secret("k2", random_key(), index=2, annotations={"keymount.io/numbers-used": "1-2"}),
+        key_secret("k3", random_key(), index=3, annotations={"keymount.io/numbers-used": "1-3"}))
+    verdict, _ = through_api(key_secret("again", random_key(), index=1), keyring=ring)
+    assert verdict.result == "denied" and "number 1 was used before" in verdict.message
+    _, stored = through_api(key_secret("next", random_key()), keyring=ring)
+    assert annotations(stored)["keymount.io/key-index"] == "4"
+
+
+def test_a_number_being_given_to_another_key_at_this_moment_is_refused():
+    verdict, _ = through_api(key_secret("b", random_key(), index=4), keyring=ring_of_three(),
+                             reserved={4: "a"})
+    assert verdict.result == "denied" and "being given to key Secret 'a'" in verdict.message
+
+
+def test_an_unused_low_number_is_allowed_for_an_import_with_a_warning():
+    ring = keyring_of(key_secret("k5", random_key(), index=5,
+                                 annotations={"keymount.io/numbers-used": "5"}))
+    verdict, _ = through_api(key_secret("legacy-data", random_key(), index=2), keyring=ring)
+    assert verdict.result == "allowed"
+    assert any("below the active key 'k5'" in w for w in verdict.response["warnings"])
+
+
+def test_an_invalid_key_is_refused_with_its_length():
+    verdict, _ = through_api(key_secret("short", b"short"), keyring=keyring_of())
+    assert verdict.result == "denied"
+    assert "holds 5 bytes" in verdict.message and "keymount keys check" in verdict.message
+
+
+def test_a_key_that_skipped_the_mutating_webhook_is_refused():
+    body = review(key_secret("raw", random_key()), kind="Secret", username="alice")
+    verdict = review_validation(parse(body), keyring=keyring_of(), settings=SETTINGS,
+                                writers=WRITERS)
+    assert verdict.result == "denied" and "mutating webhook stamps it" in verdict.message
+
+
+def update(ring, old, new, **kw):
+    return through_api(new, operation="UPDATE", old=old, keyring=ring, **kw)[0]
+
+
+@pytest.mark.parametrize("user", ["mallory", "alice"], ids=["non-writer", "writer"])
+def test_changing_a_keys_index_is_refused_for_everyone(user):
+    key = random_key()
+    old = key_secret("k1", key, index=1)
+    verdict = update(keyring_of(old), old, key_secret("k1", key, index=5), user=user)
+    assert verdict.result == "denied" and "has number 1 for good" in verdict.message
+
+
+def test_removing_a_keys_index_puts_it_back_or_is_refused():
+    key = random_key()
+    old = key_secret("k1", key, index=1)
+    verdict, stored = through_api(key_secret("k1", key), operation="UPDATE", old=old,
+                                  keyring=keyring_of(old))
+    assert annotations(stored)["keymount.io/key-index"] == "1"  # the stamp restores it
+    body = review(key_secret("k1", key), kind="Secret", operation="UPDATE", old=old)
+    body["request"]["name"] = "k1"
+    direct = review_validation(parse(body), keyring=keyring_of(old), settings=SETTINGS,
+                               writers=WRITERS)
+    assert direct.result == "denied" and "for good" in direct.message
+
+
+@pytest.mark.parametrize("extra", [{}, {"keymount.io/allow-delete": "true"}],
+                         ids=["plain", "with-old-allow-delete"])
+def test_replacing_a_keys_bytes_is_refused_for_everyone(extra):
+    old = key_secret("k1", random_key(), index=1, annotations=extra)
+    verdict = update(keyring_of(old), old, key_secret("k1", random_key(), index=1,
+                                                       annotations=extra))
+    assert verdict.result == "denied"
+    assert "replaces the key material" in verdict.message and "keys rotate" in verdict.message
+
+
+def test_removing_the_key_label_is_refused():
+    key = random_key()
+    old = key_secret("k1", key, index=1)
+    verdict = update(keyring_of(old), old, key_secret("k1", key, index=1, labels={}))
+    assert verdict.result == "denied" and "removes the key label" in verdict.message
+
+
+def test_changing_the_record_of_used_numbers_is_refused():
+    key = random_key()
+    old = key_secret("k2", key, index=2, annotations={"keymount.io/numbers-used": "1-2"})
+    new = key_secret("k2", key, index=2, annotations={"keymount.io/numbers-used": "2"})
+    assert update(keyring_of(old), old, new).result == "denied"
+
+
+def test_anyone_may_change_other_metadata_of_a_key():
+    key = random_key()
+    old = key_secret("k1", key, index=1)
+    new = key_secret("k1", key, index=1, annotations={"owner": "payments"})
+    assert update(keyring_of(old), old, new, user="mallory").result == "allowed"
+
+
+# --- retiring and deleting -------------------------------------------------------------------
+
+def retired(name, index, **extra):
+    return key_secret(name, None, index=index, annotations={**RETIRED, **extra})
+
+
+def test_a_writer_may_retire_an_older_key():
+    ring = ring_of_three()
+    old = key_secret("k1", random_key(), index=1)
+    verdict = update(ring, old, retired("k1", 1))
+    assert verdict.result == "allowed" and verdict.key.action == "retired"
+    assert verdict.key.number == 1
+
+
+def test_a_non_writer_may_not_retire():
+    old = key_secret("k1", random_key(), index=1)
+    verdict = update(ring_of_three(), old, retired("k1", 1), user="mallory")
+    assert verdict.result == "denied" and "may not retire" in verdict.message
+
+
+def test_the_active_key_cannot_be_retired():
+    old = key_secret("k3", random_key(), index=3)
+    verdict = update(ring_of_three(), old, retired("k3", 3))
+    assert verdict.result == "denied"
+    assert "is the active key" in verdict.message and "keys rotate" in verdict.message
+
+
+def test_a_key_without_an_index_cannot_be_retired_before_pinning():
+    ring = keyring_of(key_secret("a", random_key()), key_secret("b", random_key(), index=5))
+    verdict = update(ring, key_secret("a", random_key()),
+                     key_secret("a", None, annotations=RETIRED))
+    assert verdict.result == "denied" and "keymount keys pin" in verdict.message
+
+
+def test_a_retired_key_cannot_get_key_material_back():
+    verdict = update(ring_of_three(), retired("k1", 1),
+                     key_secret("k1", random_key(), index=1, annotations=RETIRED))
+    assert verdict.result == "denied"
+
+
+def delete(ring, old, user="alice"):
+    body = review(None, kind="Secret", operation="DELETE", old=old, username=user)
+    body["request"]["name"] = old["metadata"]["name"]
+    return review_validation(parse(body), keyring=ring, settings=SETTINGS, writers=WRITERS)
+
+
+def test_deleting_a_live_key_is_refused_with_the_retire_command():
+    verdict = delete(ring_of_three(), key_secret("k1", random_key(), index=1))
+    assert verdict.result == "denied" and "keymount keys retire k1 -n shop" in verdict.message
+
+
+@pytest.mark.parametrize("annotations", [{"keymount.io/allow-delete": "true"}, {}],
+                         ids=["old-allow-delete-annotation", "plain"])
+def test_the_allow_delete_annotation_no_longer_allows_a_delete(annotations):
+    old = key_secret("k1", random_key(), index=1, annotations=annotations)
+    assert delete(ring_of_three(), old).result == "denied"
+
+
+def test_a_tombstone_whose_number_a_newer_key_records_may_be_deleted_by_a_writer():
+    ring = keyring_of(retired("k1", 1, **{"keymount.io/numbers-used": "1"}),
+                      key_secret("k2", random_key(), index=2,
+                                 annotations={"keymount.io/numbers-used": "1-2"}))
+    assert delete(ring, retired("k1", 1)).result == "allowed"
+    assert delete(ring, retired("k1", 1), user="mallory").result == "denied"
+
+
+def test_a_tombstone_that_is_the_only_record_of_its_number_stays():
+    ring = keyring_of(retired("k1", 1), key_secret("k2", random_key(), index=2))
+    verdict = delete(ring, retired("k1", 1))
+    assert verdict.result == "denied" and "only record that number 1" in verdict.message
+
+
+def test_the_namespace_controller_may_always_delete():
+    verdict = delete(ring_of_three(), key_secret("k3", random_key(), index=3),
+                     user=NAMESPACE_CONTROLLER)
+    assert verdict.result == "allowed"
+
+
+def test_a_delete_without_old_object_fails_closed():
+    body = review(None, kind="Secret", operation="DELETE")
+    verdict = review_validation(parse(body), keyring=keyring_of(), settings=SETTINGS,
+                                writers=WRITERS)
+    assert verdict.result == "denied"
+
+
+# --- pinning ----------------------------------------------------------------------------------
+
+def test_a_writer_may_pin_a_legacy_key_only_at_its_current_number():
+    key = random_key()
+    legacy = key_secret("old", key, created="2025-01-01T00:00:00Z")
+    ring = keyring_of(legacy, key_secret("k2", random_key(), index=2))
+    pinned = key_secret("old", key, created="2025-01-01T00:00:00Z", index=1)
+    moved = key_secret("old", key, created="2025-01-01T00:00:00Z", index=7)
+    assert update(ring, legacy, pinned).key.action == "pinned"
+    assert "would move its file" in update(ring, legacy, moved).message
+    assert "may not pin" in update(ring, legacy, pinned, user="mallory").message
+
+
+# --- key writers --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text", ["admin", "role:x", "serviceaccount:only-name", "user:"],
+                         ids=["no-kind", "unknown-kind", "sa-without-namespace", "empty-name"])
+def test_a_malformed_key_writers_entry_says_the_form(text):
+    with pytest.raises(ValueError, match="user:NAME, group:NAME or serviceaccount"):
+        parse_key_writers(text)
+
+
+def test_a_service_account_writer_matches_its_username():
+    writers = parse_key_writers("serviceaccount:ops:rotator")
+    from webhook.keyguard import Requester
+    assert writers.allows(Requester("system:serviceaccount:ops:rotator"))
+    assert not writers.allows(Requester("system:serviceaccount:other:rotator"))

@@ -1,0 +1,420 @@
+"""Who may change key Secrets, and how: the number stamp and the key-Secret guard.
+
+The newest key decides how every new record is encrypted, so writing a key Secret is
+a privileged act (docs/contract.md, "Trust"). Two pure decisions live here:
+
+- `stamp_key_secret` (`/mutate`): a key Secret created without a number gets the next
+  one, and every new key records the numbers used so far, so that a number is never
+  handed out twice even after its tombstone is deleted.
+- `guard_key_secret` (`/validate`): invalid keys, any change of a key's bytes or
+  number, removing the label, a number in use or used before, and writes by anyone
+  outside `--key-writers` are refused, each with what to do instead.
+
+Both take the namespace's `Keyring` as the server last read it; for a new key the
+server reads it live first, so a number is judged against the API server's truth.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .config import Settings
+from .key_secrets import is_key_secret, parse_key_secret
+from .keys import KeyRecord, Keyring, format_numbers
+from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION
+
+# The namespace controller deletes every object of a namespace being deleted; refusing
+# it leaves the namespace stuck in Terminating (kube-controller-manager's namespace
+# deleter retries forever), so it may always delete key Secrets.
+NAMESPACE_CONTROLLER = "system:serviceaccount:kube-system:namespace-controller"
+SERVICE_ACCOUNT_PREFIX = "system:serviceaccount:"
+
+
+# --- who may write keys -----------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Requester:
+    """The user of an admission request (AdmissionRequest.userInfo)."""
+
+    username: str
+    groups: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Subject:
+    kind: Literal["user", "group", "serviceaccount"]
+    name: str  # for a service account: NAMESPACE:NAME
+
+    def matches(self, requester: Requester) -> bool:
+        if self.kind == "group":
+            return self.name in requester.groups
+        if self.kind == "serviceaccount":
+            return requester.username == SERVICE_ACCOUNT_PREFIX + self.name
+        return requester.username == self.name
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyWriters:
+    """`--key-writers`: who may create, retire, pin or delete key Secrets.
+
+    `subjects` None means the flag is unset: RBAC alone decides (and `serve` warns).
+    keymount itself (`own_user`, for --auto-generate) and the namespace controller
+    always may.
+    """
+
+    subjects: tuple[Subject, ...] | None = None
+    own_user: str = ""
+
+    @property
+    def configured(self) -> bool:
+        return self.subjects is not None
+
+    def allows(self, requester: Requester) -> bool:
+        if self.subjects is None:
+            return True
+        if requester.username in (NAMESPACE_CONTROLLER, self.own_user) and requester.username:
+            return True
+        return any(s.matches(requester) for s in self.subjects)
+
+    def describe(self) -> str:
+        return ", ".join(map(str, self.subjects or ())) or "nobody"
+
+
+def parse_key_writers(text: str | None, *, own_user: str = "") -> KeyWriters:
+    """`user:NAME,group:NAME,serviceaccount:NS:NAME`; empty or None: unset."""
+    if text is None or not text.strip():
+        return KeyWriters(None, own_user)
+    subjects = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        kind, _, name = part.partition(":")
+        if kind not in ("user", "group", "serviceaccount") or not name or \
+                (kind == "serviceaccount" and len(name.split(":")) != 2):
+            raise ValueError(
+                f"--key-writers entry {part!r}: use user:NAME, group:NAME or "
+                f"serviceaccount:NAMESPACE:NAME, comma-separated")
+        subjects.append(Subject(kind, name))  # type: ignore[arg-type]
+    return KeyWriters(tuple(subjects), own_user)
+
+
+# --- outcomes ---------------------------------------------------------------------------
+
+KeyAction = Literal["created", "retired", "pinned", "deleted", "updated", "refused", "none"]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyDecision:
+    """What to answer about one key Secret; the server turns it into a response."""
+
+    allowed: bool
+    action: KeyAction
+    message: str = ""
+    warnings: tuple[str, ...] = ()
+    patch: tuple[dict[str, Any], ...] = ()
+    number: int | None = None
+    fingerprint: str = ""
+    # A refusal that a fresher view of the namespace could turn around (a key
+    # referenced but not yet cached): the server confirms it with a live read.
+    key_state: bool = False
+
+
+def _refused(message: str, *, number: int | None = None, fingerprint: str = "",
+             key_state: bool = False) -> KeyDecision:
+    return KeyDecision(False, "refused", message, number=number, fingerprint=fingerprint,
+                       key_state=key_state)
+
+
+@dataclass(frozen=True, slots=True)
+class KeyChange:
+    """One key-Secret admission request, as the guard needs it."""
+
+    operation: str
+    namespace: str
+    name: str
+    new: Mapping[str, Any] | None
+    old: Mapping[str, Any] | None
+    requester: Requester
+    reserved: Mapping[int, str] = field(default_factory=dict)  # number -> name, in flight
+
+
+def is_new_key(change: KeyChange, *, settings: Settings) -> bool:
+    """A CREATE of a key Secret, or an UPDATE that gives a Secret the key label."""
+    if change.new is None or not is_key_secret(change.new, settings=settings):
+        return False
+    return change.operation == "CREATE" or (
+        change.operation == "UPDATE" and
+        (change.old is None or not is_key_secret(change.old, settings=settings)))
+
+
+# --- /mutate: the number stamp ------------------------------------------------------------
+
+def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings) -> KeyDecision:
+    """Give a new key Secret its number and the namespace's used numbers."""
+    new = change.new
+    if new is None or not is_key_secret(new, settings=settings):
+        return KeyDecision(True, "none")
+    annotations = _annotations(new)
+    if not is_new_key(change, settings=settings):
+        # An existing key without a number (made before keymount stamped numbers) is
+        # pinned at the number it has today on its next update, so it can never move.
+        number = keyring.number_of(change.name)
+        if INDEX_ANNOTATION in annotations or number is None or keyring.conflict:
+            return KeyDecision(True, "none")
+        return KeyDecision(True, "pinned", patch=_annotation_patch(
+            new, {INDEX_ANNOTATION: str(number)}), number=number)
+    wanted: dict[str, str] = {}
+    record = parse_key_secret(new, settings=settings, namespace=change.namespace)
+    number = record.index if record.index_explicit else None
+    if number is None and INDEX_ANNOTATION not in annotations:
+        number = max(keyring.next_number, max(change.reserved, default=0) + 1)
+        wanted[INDEX_ANNOTATION] = str(number)
+    if number is not None:
+        wanted[NUMBERS_USED_ANNOTATION] = format_numbers(
+            {*keyring.used, *change.reserved, number})
+    if not wanted or all(annotations.get(k) == v for k, v in wanted.items()):
+        return KeyDecision(True, "none", number=number)
+    return KeyDecision(True, "created", patch=_annotation_patch(new, wanted), number=number)
+
+
+def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
+    meta = obj.get("metadata")
+    annotations = meta.get("annotations") if isinstance(meta, Mapping) else None
+    return annotations if isinstance(annotations, Mapping) else {}
+
+
+def _annotation_patch(obj: Mapping[str, Any], values: Mapping[str, str]
+                      ) -> tuple[dict[str, Any], ...]:
+    meta = obj.get("metadata")
+    if not isinstance(meta, Mapping):
+        return ({"op": "add", "path": "/metadata", "value": {"annotations": dict(values)}},)
+    if not isinstance(meta.get("annotations"), Mapping):
+        return ({"op": "add", "path": "/metadata/annotations", "value": dict(values)},)
+    return tuple({"op": "add", "path": "/metadata/annotations/" + _escape(k), "value": v}
+                 for k, v in values.items())
+
+
+def _escape(key: str) -> str:
+    """A JSON pointer token (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+# --- /validate: the guard -----------------------------------------------------------------
+
+def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
+                     writers: KeyWriters) -> KeyDecision:
+    """Refuse what would lose a key, change one, or let a non-writer pick the key."""
+    old_is_key = change.old is not None and is_key_secret(change.old, settings=settings)
+    new_is_key = change.new is not None and is_key_secret(change.new, settings=settings)
+    if change.operation == "DELETE":
+        if change.old is None:
+            # Before 1.15 DELETE carried no oldObject; without it nothing can be checked,
+            # and the webhook fails closed.
+            return _refused(f"cannot tell whether Secret {change.name!r} holds a key: the "
+                            f"DELETE request carries no oldObject")
+        return _guard_delete(change, keyring=keyring, settings=settings,
+                             writers=writers) if old_is_key else KeyDecision(True, "none")
+    if change.operation not in ("CREATE", "UPDATE") or change.new is None:
+        return KeyDecision(True, "none")
+    if old_is_key and not new_is_key and change.operation == "UPDATE":
+        before = _record(change.old, change, settings=settings)
+        if before.state == "invalid":
+            return _writer_only(change, writers, "updated", "remove the key label from")
+        return _refused(
+            f"this update removes the key label from key Secret {change.name!r} in namespace "
+            f"{change.namespace!r} (number {_number(before, keyring)}); keymount would stop "
+            f"mounting it and data encrypted with it would become undecryptable. Keys are "
+            f"retired, not unlabelled: keymount keys retire {change.name} -n "
+            f"{change.namespace}", fingerprint=before.fingerprint)
+    if not new_is_key:
+        return KeyDecision(True, "none")
+    if is_new_key(change, settings=settings):
+        return _guard_create(change, keyring=keyring, settings=settings, writers=writers)
+    return _guard_update(change, keyring=keyring, settings=settings, writers=writers)
+
+
+def _record(obj: Mapping[str, Any] | None, change: KeyChange, *,
+            settings: Settings) -> KeyRecord:
+    return parse_key_secret(obj or {}, settings=settings, namespace=change.namespace)
+
+
+def _number(record: KeyRecord, keyring: Keyring) -> str:
+    if record.index_explicit:
+        return str(record.index)
+    number = keyring.number_of(record.name)
+    return str(number) if number is not None else "none"
+
+
+def _writer_refusal(change: KeyChange, writers: KeyWriters, verb: str) -> KeyDecision:
+    return _refused(
+        f"user {change.requester.username!r} may not {verb} key Secret {change.name!r} in "
+        f"namespace {change.namespace!r}: only keymount's key writers may ({writers.describe()};"
+        f" keymount serve --key-writers). The key that encrypts new data is chosen by "
+        f"them alone; ask one of them to run the keymount command")
+
+
+def _writer_only(change: KeyChange, writers: KeyWriters, action: KeyAction,
+                 verb: str) -> KeyDecision:
+    if not writers.allows(change.requester):
+        return _writer_refusal(change, writers, verb)
+    return KeyDecision(True, action)
+
+
+def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
+                  writers: KeyWriters) -> KeyDecision:
+    if change.requester.username == NAMESPACE_CONTROLLER:
+        return KeyDecision(True, "deleted")
+    old = _record(change.old, change, settings=settings)
+    ns, name = change.namespace, change.name
+    if not writers.allows(change.requester):
+        return _writer_refusal(change, writers, "delete")
+    if old.state == "valid":
+        return _refused(
+            f"Secret {name!r} in namespace {ns!r} holds encryption key number "
+            f"{_number(old, keyring)} (fingerprint {old.fingerprint}), which old data may "
+            f"still need; deleting it makes that data undecryptable. Retire it first (it "
+            f"keeps its number reserved): keymount keys retire {name} -n {ns}",
+            fingerprint=old.fingerprint)
+    if old.state == "retired" and old.index_explicit and not any(
+            old.index in r.numbers_used for r in (*keyring.keys, *keyring.retired,
+                                                  *keyring.invalid) if r.name != name):
+        return _refused(
+            f"retired key Secret {name!r} in namespace {ns!r} is the only record that number "
+            f"{old.index} was used; deleting it would let the number be given to another key. "
+            f"Keep it (it holds no key material), or add a key first (it records every number "
+            f"used): keymount keys rotate -n {ns}", number=old.index)
+    return KeyDecision(True, "deleted", number=old.index if old.index_explicit else None)
+
+
+def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
+                  writers: KeyWriters) -> KeyDecision:
+    ns, name = change.namespace, change.name
+    if not writers.allows(change.requester):
+        return _writer_refusal(change, writers, "create")
+    record = _record(change.new, change, settings=settings)
+    if record.state == "invalid":
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} is invalid: {record.check.reason}. "
+            f"Check key material with `keymount keys check FILE`, or generate one with "
+            f"`keymount keys create {name} -n {ns} --generate`")
+    if not record.index_explicit:
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} has no {INDEX_ANNOTATION}: keymount's "
+            f"mutating webhook stamps it, so it did not run for this request. Check that the "
+            f"MutatingWebhookConfiguration keymount has its key-Secret rule "
+            f"(kubectl get mutatingwebhookconfiguration keymount -o yaml)")
+    number = record.index
+    holder = keyring.holder_of(number)
+    in_flight = change.reserved.get(number)
+    next_hint = (f"omit {INDEX_ANNOTATION} and keymount assigns the next number "
+                 f"({max(keyring.next_number, max(change.reserved, default=0) + 1)}), or run "
+                 f"keymount keys rotate -n {ns}")
+    if holder is not None and holder.name != name:
+        return _refused(
+            f"number {number} is already held by key Secret {holder.name!r} in namespace "
+            f"{ns!r} ({holder.state}); a number belongs to one key for good. {next_hint}",
+            number=number, fingerprint=record.fingerprint)
+    if in_flight is not None and in_flight != name:
+        return _refused(
+            f"number {number} is being given to key Secret {in_flight!r} in namespace {ns!r} "
+            f"at this moment; two keys never share a number. Retry: {next_hint}",
+            number=number, fingerprint=record.fingerprint)
+    if holder is None and number in keyring.used and not record.retired:
+        return _refused(
+            f"number {number} was used before in namespace {ns!r} by a key since retired; "
+            f"data encrypted under that number would be read with this key. {next_hint}",
+            number=number, fingerprint=record.fingerprint)
+    recorded = record.numbers_used
+    if not {number, *keyring.used} <= recorded:
+        return _refused(
+            f"key Secret {name!r} does not record the numbers used in namespace {ns!r} "
+            f"({NUMBERS_USED_ANNOTATION}); keymount's mutating webhook stamps it, so it did "
+            f"not run for this request or another webhook changed it afterwards",
+            number=number)
+    warnings = []
+    if record.check.warning:
+        warnings.append(f"key Secret {name!r}: {record.check.warning}")
+    newest = keyring.newest
+    if not record.retired and newest is not None and number < (keyring.number_of(newest.name)
+                                                                or 0):
+        warnings.append(
+            f"key Secret {name!r} has number {number}, below the active key "
+            f"{newest.name!r} ({keyring.number_of(newest.name)}): applications decrypt with "
+            f"it but do not encrypt with it")
+    action: KeyAction = "retired" if record.retired else "created"
+    return KeyDecision(True, action, warnings=tuple(warnings), number=number,
+                       fingerprint=record.fingerprint)
+
+
+def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
+                  writers: KeyWriters) -> KeyDecision:
+    ns, name = change.namespace, change.name
+    before = _record(change.old, change, settings=settings)
+    after = _record(change.new, change, settings=settings)
+    number = _number(before, keyring)
+    old_ann, new_ann = _annotations(change.old or {}), _annotations(change.new or {})
+    if old_ann.get(NUMBERS_USED_ANNOTATION) != new_ann.get(NUMBERS_USED_ANNOTATION):
+        return _refused(f"annotation {NUMBERS_USED_ANNOTATION} of key Secret {name!r} is "
+                        f"keymount's record of the numbers used in namespace {ns!r}; it "
+                        f"cannot change", fingerprint=before.fingerprint)
+    if before.index_explicit and (not after.index_explicit or after.index != before.index):
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} has number {before.index} for good: "
+            f"applications may have recorded it with the data it encrypted, and changing it "
+            f"would hand them another key. Add a new key instead: keymount keys rotate -n {ns}",
+            number=before.index, fingerprint=before.fingerprint)
+    if before.state == "retired":
+        if after.state != "retired":
+            return _refused(
+                f"key Secret {name!r} in namespace {ns!r} is retired: its key material is "
+                f"gone and its number {number} stays reserved. A retired key cannot be "
+                f"brought back; add a new key: keymount keys rotate -n {ns}",
+                fingerprint=after.fingerprint)
+        return KeyDecision(True, "none")
+    if before.state == "valid" and after.state == "retired":
+        return _guard_retire(change, before, keyring=keyring, writers=writers)
+    if before.state == "valid" and after.fingerprint != before.fingerprint:
+        return _refused(
+            f"this update replaces the key material of key Secret {name!r} in namespace "
+            f"{ns!r} (number {number}, fingerprint {before.fingerprint}); data encrypted with "
+            f"that key would become undecryptable. Keys never change in place; add a new "
+            f"key instead: keymount keys rotate -n {ns}", fingerprint=before.fingerprint)
+    if before.state == "invalid" and after.state != "invalid":
+        return _writer_only(change, writers, "updated", "repair")
+    if not before.index_explicit and after.index_explicit:
+        # Pinning a key that predates numbers: only at the number it has today.
+        current = keyring.number_of(name)
+        if current is None or after.index != current:
+            return _refused(
+                f"key Secret {name!r} in namespace {ns!r} has number {number} today; pinning "
+                f"it at {after.index} would move its file. Pin every key at its current "
+                f"number: keymount keys pin -n {ns}", fingerprint=before.fingerprint)
+        if not writers.allows(change.requester):
+            return _writer_refusal(change, writers, "pin")
+        return KeyDecision(True, "pinned", number=current, fingerprint=before.fingerprint)
+    return KeyDecision(True, "none", fingerprint=before.fingerprint)
+
+
+def _guard_retire(change: KeyChange, before: KeyRecord, *, keyring: Keyring,
+                  writers: KeyWriters) -> KeyDecision:
+    ns, name = change.namespace, change.name
+    if not writers.allows(change.requester):
+        return _writer_refusal(change, writers, "retire")
+    if not before.index_explicit:
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} has no {INDEX_ANNOTATION}; retiring "
+            f"it would renumber the other keys made before keymount numbered them. Pin them "
+            f"first: keymount keys pin -n {ns}", fingerprint=before.fingerprint)
+    newest = keyring.newest
+    if newest is not None and newest.name == name:
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} is the active key (number "
+            f"{before.index}): applications encrypt new data with it. Add a new key first, "
+            f"then retire this one: keymount keys rotate -n {ns}",
+            number=before.index, fingerprint=before.fingerprint)
+    return KeyDecision(True, "retired", number=before.index, fingerprint=before.fingerprint)

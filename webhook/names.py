@@ -1,0 +1,29 @@
+"""Every `keymount.io/` name in one place: labels, annotations, the volume.
+
+What each means is in docs/contract.md; code imports the names from here only.
+"""
+
+from __future__ import annotations
+
+PREFIX = "keymount.io/"
+
+# On key Secrets.
+KEY_LABEL = PREFIX + "encryption-key"  # the default key selector: keymount.io/encryption-key=true
+INDEX_ANNOTATION = PREFIX + "key-index"  # the key's number: its file is encryption-key-<n>
+# Every number used in the namespace when this key was created ("1-3,5"): the
+# namespace's memory of retired numbers, so a deleted tombstone's number is never reused.
+NUMBERS_USED_ANNOTATION = PREFIX + "numbers-used"
+RETIRED_ANNOTATION = PREFIX + "retired"  # set by `keys retire`: the key material is gone
+GENERATED_ANNOTATION = PREFIX + "generated"  # made by --auto-generate
+
+# On Pods.
+STATUS_ANNOTATION = PREFIX + "status"  # files, Secrets and fingerprints injected
+CONTAINERS_ANNOTATION = PREFIX + "containers"  # which containers mount the keys
+
+VOLUME_NAME = "keymount-encryption-keys"
+FILE_PREFIX = "encryption-key-"
+
+
+def key_file_name(number: int) -> str:
+    """The file a key is mounted as; the number never changes while the key exists."""
+    return f"{FILE_PREFIX}{number}"
