@@ -26,7 +26,10 @@ def random_key() -> bytes:
 def key_secret(name: str, key: bytes | None = None, *, namespace: str = "shop",
                index: int | str | None = None, created: str | None = "2026-01-01T00:00:00Z",
                labels: dict[str, str] | None = None, field: str = "encryption-key",
-               annotations: dict[str, str] | None = None) -> dict[str, Any]:
+               annotations: dict[str, str] | None = None,
+               legacy: bool = False) -> dict[str, Any]:
+    """A key Secret. With an index it is numbered as keymount stamps keys (it records
+    the numbers used); `legacy=True` makes one as keymount 0.1 left it."""
     meta: dict[str, Any] = {"name": name, "namespace": namespace,
                             "labels": dict(KEY_LABELS if labels is None else labels)}
     if created:
@@ -34,6 +37,8 @@ def key_secret(name: str, key: bytes | None = None, *, namespace: str = "shop",
     annotations = dict(annotations or {})
     if index is not None:
         annotations["keymount.io/key-index"] = str(index)
+        if not legacy:
+            annotations.setdefault("keymount.io/numbers-used", str(index))
     if annotations:
         meta["annotations"] = annotations
     secret: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "metadata": meta,

@@ -178,7 +178,8 @@ def test_keys_import_turns_a_valid_chart_key_into_one_manifest(tmp_path):
     assert result.returncode == 0, result.stderr
     [manifest] = list(yaml.safe_load_all(result.stdout))
     assert manifest["metadata"]["namespace"] == "shop"
-    assert manifest["metadata"]["annotations"] == {"keymount.io/key-index": "1"}
+    assert manifest["metadata"]["annotations"] == {"keymount.io/key-index": "1",
+                                                   "keymount.io/numbers-used": "1"}
 
 
 @pytest.mark.parametrize(("key", "code", "stderr"), [

@@ -103,6 +103,17 @@ def test_keys_without_an_index_keep_the_numbers_keymount_0_1_gave_them():
     assert [r.name for r in ring.legacy] == ["nodate", "old", "a", "b"]
 
 
+def test_a_0_1_namespace_keeps_the_files_0_1_gave_even_where_its_indexes_disagree():
+    # 0.1: `keys create` (no index), then `keys rotate` (index max+1 = 1); files were
+    # positions: the unindexed key first.
+    ring = keyring_of(key_secret("first", random_key(), created="2026-01-01T00:00:00Z"),
+                      key_secret("rotated", random_key(), index=1, legacy=True,
+                                 created="2026-02-01T00:00:00Z"))
+    assert files(ring) == [("encryption-key-1", "first"), ("encryption-key-2", "rotated")]
+    assert ring.conflict is None and ring.next_number == 3
+    assert [r.name for r in ring.legacy] == ["first", "rotated"]
+
+
 @pytest.mark.parametrize("change", ["add-higher", "add-lower-unused", "retire-oldest",
                                     "delete-oldest-tombstone", "invalid-sibling"])
 def test_adding_retiring_or_invalidating_other_keys_never_renumbers_a_key(change):

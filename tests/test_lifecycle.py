@@ -145,7 +145,8 @@ def test_a_valid_chart_key_becomes_a_labelled_manifest_at_index_1():
     result = import_helm_values(values(key), name="encryption-key-1", namespace="shop",
                                 settings=Settings())
     manifest = result.manifest
-    assert manifest["metadata"]["annotations"] == {"keymount.io/key-index": "1"}
+    assert manifest["metadata"]["annotations"] == {"keymount.io/key-index": "1",
+                                                   "keymount.io/numbers-used": "1"}
     assert manifest["metadata"]["labels"] == {"keymount.io/encryption-key": "true"}
     assert base64.b64decode(manifest["data"]["encryption-key"]).decode() == key
     assert not (result.warning or result.refusal or result.explanation)
@@ -175,5 +176,5 @@ def test_the_ca_bundle_patch_sets_every_webhook_of_the_manifests():
     from webhook.certs import build_ca_bundle_patch
     docs = list(yaml.safe_load_all(build_ca_bundle_patch("QUJD")))
     hooks = {h["name"]: h["clientConfig"]["caBundle"] for d in docs for h in d["webhooks"]}
-    assert hooks == {"inject.keymount.io": "QUJD", "pods.keymount.io": "QUJD",
-                     "secrets.keymount.io": "QUJD"}
+    assert hooks == {"inject.keymount.io": "QUJD", "numbers.keymount.io": "QUJD",
+                     "pods.keymount.io": "QUJD", "secrets.keymount.io": "QUJD"}

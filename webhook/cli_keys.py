@@ -252,9 +252,10 @@ def pin_legacy_keys(keys: Any, keyring: Keyring) -> int:
     """Stamp each key made before keymount numbered keys at the number it has now."""
     from .lifecycle import legacy_pins
     pins = legacy_pins(keyring)
+    from .keyguard import pin_annotations
     for name, number in pins:
         keys.patch_secret(keyring.namespace, name,
-                          {"metadata": {"annotations": {INDEX_ANNOTATION: str(number)}}})
+                          {"metadata": {"annotations": pin_annotations(keyring, number)}})
         print(f"secret/{name} pinned at number {number} ({key_file_name(number)})")
     return len(pins)
 

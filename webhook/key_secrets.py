@@ -14,7 +14,8 @@ from datetime import datetime
 from typing import Any
 
 from .config import Settings
-from .keys import INDEX_ANNOTATION, KeyCheck, KeyRecord, build_key_record
+from .keys import KeyCheck, KeyRecord, build_key_record
+from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION
 
 SecretObject = Mapping[str, Any]
 
@@ -82,7 +83,10 @@ def build_key_secret(name: str, *, namespace: str, key: bytes, index: int | None
               if r.operator in ("=", "in") and len(r.values) == 1}
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
     if index is not None:
-        meta["annotations"] = {INDEX_ANNOTATION: str(index)}
+        # The number is keymount's from the start; the webhook completes the record of
+        # the namespace's used numbers when the Secret is created.
+        meta["annotations"] = {INDEX_ANNOTATION: str(index),
+                               NUMBERS_USED_ANNOTATION: str(index)}
     return {
         "apiVersion": "v1",
         "kind": "Secret",

@@ -161,13 +161,18 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
         return KeyDecision(True, "none")
     annotations = _annotations(new)
     if not is_new_key(change, settings=settings):
-        # An existing key without a number (made before keymount stamped numbers) is
-        # pinned at the number it has today on its next update, so it can never move.
+        # A legacy key (made before keymount numbered keys) is pinned at the number it
+        # has today on its next update, so it can never move.
         number = keyring.number_of(change.name)
-        if INDEX_ANNOTATION in annotations or number is None or keyring.conflict:
-            return KeyDecision(True, "none")
-        return KeyDecision(True, "pinned", patch=_annotation_patch(
-            new, {INDEX_ANNOTATION: str(number)}), number=number)
+        old = parse_key_secret(change.old or {}, settings=settings, namespace=change.namespace)
+        kept = parse_key_secret(new, settings=settings, namespace=change.namespace)
+        if (old.numbered or old.state != "valid" or number is None or keyring.conflict
+                or kept.state != "valid" or kept.fingerprint != old.fingerprint):
+            return KeyDecision(True, "none")  # the guard judges anything else
+        if NUMBERS_USED_ANNOTATION in annotations:
+            return KeyDecision(True, "none")  # a pin the request already spells out
+        return KeyDecision(True, "pinned", patch=_annotation_patch(new, pin_annotations(
+            keyring, number)), number=number)
     wanted: dict[str, str] = {}
     record = parse_key_secret(new, settings=settings, namespace=change.namespace)
     number = record.index if record.index_explicit else None
@@ -180,6 +185,13 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
     if not wanted or all(annotations.get(k) == v for k, v in wanted.items()):
         return KeyDecision(True, "none", number=number)
     return KeyDecision(True, "created", patch=_annotation_patch(new, wanted), number=number)
+
+
+def pin_annotations(keyring: Keyring, number: int) -> dict[str, str]:
+    """What numbers a legacy key for good: its index, and the record that makes it
+    keymount's (every number used in the namespace today)."""
+    return {INDEX_ANNOTATION: str(number),
+            NUMBERS_USED_ANNOTATION: format_numbers({*keyring.used, number})}
 
 
 def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
@@ -357,17 +369,19 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
     before = _record(change.old, change, settings=settings)
     after = _record(change.new, change, settings=settings)
     number = _number(before, keyring)
-    old_ann, new_ann = _annotations(change.old or {}), _annotations(change.new or {})
-    if old_ann.get(NUMBERS_USED_ANNOTATION) != new_ann.get(NUMBERS_USED_ANNOTATION):
-        return _refused(f"annotation {NUMBERS_USED_ANNOTATION} of key Secret {name!r} is "
-                        f"keymount's record of the numbers used in namespace {ns!r}; it "
-                        f"cannot change", fingerprint=before.fingerprint)
+    if before.state == "valid" and not before.numbered and after.numbered:
+        return _guard_pin(change, before, after, keyring=keyring, writers=writers)
     if before.index_explicit and (not after.index_explicit or after.index != before.index):
         return _refused(
             f"key Secret {name!r} in namespace {ns!r} has number {before.index} for good: "
             f"applications may have recorded it with the data it encrypted, and changing it "
             f"would hand them another key. Add a new key instead: keymount keys rotate -n {ns}",
             number=before.index, fingerprint=before.fingerprint)
+    old_ann, new_ann = _annotations(change.old or {}), _annotations(change.new or {})
+    if old_ann.get(NUMBERS_USED_ANNOTATION) != new_ann.get(NUMBERS_USED_ANNOTATION):
+        return _refused(f"annotation {NUMBERS_USED_ANNOTATION} of key Secret {name!r} is "
+                        f"keymount's record of the numbers used in namespace {ns!r}; it "
+                        f"cannot change", fingerprint=before.fingerprint)
     if before.state == "retired":
         if after.state != "retired":
             return _refused(
@@ -387,17 +401,29 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
     if before.state == "invalid" and after.state != "invalid":
         return _writer_only(change, writers, "updated", "repair")
     if not before.index_explicit and after.index_explicit:
-        # Pinning a key that predates numbers: only at the number it has today.
-        current = keyring.number_of(name)
-        if current is None or after.index != current:
-            return _refused(
-                f"key Secret {name!r} in namespace {ns!r} has number {number} today; pinning "
-                f"it at {after.index} would move its file. Pin every key at its current "
-                f"number: keymount keys pin -n {ns}", fingerprint=before.fingerprint)
-        if not writers.allows(change.requester):
-            return _writer_refusal(change, writers, "pin")
-        return KeyDecision(True, "pinned", number=current, fingerprint=before.fingerprint)
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} has number {number} today; it is "
+            f"numbered for good together with {NUMBERS_USED_ANNOTATION}: keymount keys pin "
+            f"-n {ns}", fingerprint=before.fingerprint)
     return KeyDecision(True, "none", fingerprint=before.fingerprint)
+
+
+def _guard_pin(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyring: Keyring,
+               writers: KeyWriters) -> KeyDecision:
+    """A legacy key becomes keymount-numbered: only at the number it has today."""
+    ns, name = change.namespace, change.name
+    current = keyring.number_of(name)
+    if current is None or after.index != current:
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} has number {current} today; pinning it "
+            f"at {after.index} would move its file. Pin every key at its current number: "
+            f"keymount keys pin -n {ns}", fingerprint=before.fingerprint)
+    if after.fingerprint != before.fingerprint:
+        return _refused(f"pinning key Secret {name!r} cannot change its key material",
+                        fingerprint=before.fingerprint)
+    if not writers.allows(change.requester):
+        return _writer_refusal(change, writers, "pin")
+    return KeyDecision(True, "pinned", number=current, fingerprint=before.fingerprint)
 
 
 def _guard_retire(change: KeyChange, before: KeyRecord, *, keyring: Keyring,
@@ -405,11 +431,11 @@ def _guard_retire(change: KeyChange, before: KeyRecord, *, keyring: Keyring,
     ns, name = change.namespace, change.name
     if not writers.allows(change.requester):
         return _writer_refusal(change, writers, "retire")
-    if not before.index_explicit:
+    if not before.numbered:
         return _refused(
-            f"key Secret {name!r} in namespace {ns!r} has no {INDEX_ANNOTATION}; retiring "
-            f"it would renumber the other keys made before keymount numbered them. Pin them "
-            f"first: keymount keys pin -n {ns}", fingerprint=before.fingerprint)
+            f"key Secret {name!r} in namespace {ns!r} was made before keymount numbered "
+            f"keys; retiring it would renumber the other such keys. Pin them first: "
+            f"keymount keys pin -n {ns}", fingerprint=before.fingerprint)
     newest = keyring.newest
     if newest is not None and newest.name == name:
         return _refused(

@@ -116,11 +116,12 @@ class KeyRecord:
     namespace: str
     name: str
     check: KeyCheck
-    index: int = 0  # keymount.io/key-index; 0 when the Secret has none (a legacy key)
+    index: int = 0  # keymount.io/key-index; 0 when the Secret has none
     index_explicit: bool = False
     created: datetime | None = None
     retired: bool = False  # a tombstone: keymount.io/retired, no key material
     numbers_used: frozenset[int] = frozenset()  # keymount.io/numbers-used at creation
+    recorded: bool = False  # carries keymount.io/numbers-used: numbered by keymount
 
     @property
     def valid(self) -> bool:
@@ -129,6 +130,12 @@ class KeyRecord:
     @property
     def fingerprint(self) -> str:
         return self.check.fingerprint
+
+    @property
+    def numbered(self) -> bool:
+        """Its number is its index for good: keymount stamped or pinned it. Otherwise it
+        is a legacy key (made before keymount numbered keys), numbered as 0.1 did."""
+        return self.index_explicit and self.recorded
 
     @property
     def state(self) -> KeyState:
@@ -203,14 +210,17 @@ def build_key_record(*, namespace: str, name: str, value: bytes | None,
     return KeyRecord(
         namespace=namespace, name=name, check=check, index=index, index_explicit=explicit,
         created=created, retired=retired, numbers_used=numbers_used or frozenset(),
+        recorded=NUMBERS_USED_ANNOTATION in annotations,
     )
 
 
-def legacy_order(record: KeyRecord) -> tuple[bool, float, str]:
-    """keymount 0.1's order of Secrets without an index: creationTimestamp (missing
-    first), then name. Their numbers keep it, so 0.1 namespaces keep their files."""
+def legacy_order(record: KeyRecord) -> tuple[int, bool, float, str]:
+    """keymount 0.1's file order: index (missing first), creationTimestamp (missing
+    first), then name. Legacy keys are numbered by their position in it, so a 0.1
+    namespace keeps its files after the upgrade."""
     created = record.created
-    return (created is not None, created.timestamp() if created else 0.0, record.name)
+    return (record.index, created is not None, created.timestamp() if created else 0.0,
+            record.name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -233,9 +243,12 @@ class KeyFile:
 class Keyring:
     """The keys of one namespace, numbered, computed once per change.
 
-    A key's number is its `keymount.io/key-index`; a valid Secret without one (made
-    before keymount stamped numbers) keeps the number keymount 0.1 gave it, its
-    position among such Secrets. `files` and `status` (the JSON of the
+    A key's number is its `keymount.io/key-index` once keymount has numbered it (it
+    then carries `keymount.io/numbers-used`). A legacy key, made before keymount
+    numbered keys, keeps the number keymount 0.1 gave it: its position among the
+    legacy keys in 0.1's order. New keys cannot become legacy (the webhook stamps
+    them), and a legacy key can only be retired after `keys pin`, so these positions
+    never move. `files` and `status` (the JSON of the
     keymount.io/status and audit annotations) are derived here, once, rather than on
     every admission.
     """
@@ -260,8 +273,8 @@ class Keyring:
 
     @property
     def legacy(self) -> tuple[KeyRecord, ...]:
-        """Valid keys without an index: `keymount keys pin` stamps their numbers."""
-        return tuple(r for r in self.keys if not r.index_explicit)
+        """Valid keys keymount has not numbered: `keymount keys pin` stamps them."""
+        return tuple(r for r in self.keys if not r.numbered)
 
     def find(self, name: str) -> KeyRecord | None:
         return next((r for r in (*self.keys, *self.invalid, *self.retired)
@@ -286,9 +299,9 @@ class Keyring:
 def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     records = list(records)
     valid = [r for r in records if r.valid]
-    legacy = sorted((r for r in valid if not r.index_explicit), key=legacy_order)
+    legacy = sorted((r for r in valid if not r.numbered), key=legacy_order)
     numbered = [(n, r) for n, r in enumerate(legacy, start=1)]
-    numbered += [(r.index, r) for r in valid if r.index_explicit]
+    numbered += [(r.index, r) for r in valid if r.numbered]
     numbered.sort(key=lambda pair: (pair[0], pair[1].name))
     retired = sorted((r for r in records if r.retired), key=lambda r: (r.index, r.name))
     invalid = sorted((r for r in records if r.state == "invalid"), key=lambda r: r.name)

@@ -30,10 +30,24 @@ def test_every_variant_renders_with_kustomize(variant):
             "ValidatingWebhookConfiguration"} <= kinds
 
 
-def test_every_webhook_fails_closed_without_side_effects():
-    for doc in render("manifests"):
-        for hook in doc.get("webhooks", []):
-            assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "None"
+def test_every_webhook_fails_closed_with_side_effects_only_off_dry_run():
+    hooks = [h for doc in render("manifests") for h in doc.get("webhooks", [])]
+    assert len(hooks) == 4
+    for hook in hooks:
+        assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "NoneOnDryRun"
+
+
+def test_least_privilege_rbac_grants_exactly_the_verbs_serve_uses():
+    role = next(d for d in render("manifests") if d["kind"] == "ClusterRole")
+    assert {(tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]} == {
+        (("secrets",), ("list", "watch")), (("events",), ("create",))}
+
+
+def test_the_shipped_deployment_sets_key_writers():
+    deployment = next(d for d in render("manifests") if d["kind"] == "Deployment")
+    env = {e["name"]: e.get("value") for e in
+           deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KEYMOUNT_KEY_WRITERS"] == "group:system:masters,group:keymount:key-writers"
 
 
 def test_the_base_is_accepted_by_the_api_server(admin_kubeconfig, api):
@@ -66,7 +80,8 @@ def test_the_auto_generate_component_adds_create_and_turns_the_flag_on(tmp_path)
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     assert ["create"] in [r["verbs"] for r in role["rules"]]
     base_role = next(d for d in render("manifests") if d["kind"] == "ClusterRole")
-    assert all("create" not in r["verbs"] for r in base_role["rules"])
+    assert all("create" not in r["verbs"] for r in base_role["rules"]
+               if "secrets" in r["resources"])
     env = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"][0]["env"]
     assert {"name": "KEYMOUNT_AUTO_GENERATE", "value": "true"} in env
