@@ -114,6 +114,20 @@ def test_a_0_1_namespace_keeps_the_files_0_1_gave_even_where_its_indexes_disagre
     assert [r.name for r in ring.legacy] == ["first", "rotated"]
 
 
+@pytest.mark.parametrize("pinned", [["first"], ["rotated"], ["first", "rotated"]],
+                         ids=["oldest", "newest", "both"])
+def test_pinning_some_legacy_keys_moves_no_file(pinned):
+    keys = {"first": random_key(), "rotated": random_key()}
+
+    def secret(name, index, numbered):
+        return key_secret(name, keys[name], index=index, legacy=not numbered,
+                          created="2026-01-01T00:00:00Z")
+    ring = keyring_of(secret("first", 1 if "first" in pinned else None, "first" in pinned),
+                      secret("rotated", 2 if "rotated" in pinned else 1, "rotated" in pinned))
+    assert files(ring) == [("encryption-key-1", "first"), ("encryption-key-2", "rotated")]
+    assert ring.conflict is None
+
+
 @pytest.mark.parametrize("change", ["add-higher", "add-lower-unused", "retire-oldest",
                                     "delete-oldest-tombstone", "invalid-sibling"])
 def test_adding_retiring_or_invalidating_other_keys_never_renumbers_a_key(change):
@@ -180,9 +194,8 @@ def test_invalid_secrets_take_no_part_in_the_numbers():
 
 @pytest.mark.parametrize(("a", "b"), [
     ({"index": 3}, {"index": 3}),
-    ({"created": "2026-01-01T00:00:00Z"}, {"index": 1}),
     ({"index": 2, "annotations": {"keymount.io/retired": "x"}, "key": None}, {"index": 2}),
-], ids=["same-index", "legacy-position-meets-index", "tombstone-and-key"])
+], ids=["same-index", "tombstone-and-key"])
 def test_two_keys_with_one_number_are_a_conflict(a, b):
     first = key_secret("x", a.pop("key", random_key()), **a)
     second = key_secret("y", b.pop("key", random_key()), **b)
@@ -191,9 +204,12 @@ def test_two_keys_with_one_number_are_a_conflict(a, b):
     assert {r.name for r in ring.conflict} == {"x", "y"}
 
 
-def test_keys_without_an_index_never_conflict_with_each_other():
-    ring = keyring_of(key_secret("x", random_key()), key_secret("y", random_key()))
+def test_legacy_keys_never_conflict_they_take_the_numbers_left_free():
+    ring = keyring_of(key_secret("x", random_key()), key_secret("y", random_key()),
+                      key_secret("z", random_key(), index=1))
     assert ring.conflict is None
+    assert files(ring) == [("encryption-key-1", "z"), ("encryption-key-2", "x"),
+                           ("encryption-key-3", "y")]
 
 
 @pytest.mark.parametrize("index", ["0", "-1", "two", "1.5", ""], ids=repr)

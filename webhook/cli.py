@@ -133,8 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "group:keymount:key-writers")
     events = None
     if hasattr(source, "send_event"):
+        from .cluster import describe_api_error
         events = EventRecorder(source.send_event, host=os.environ.get("HOSTNAME", ""),
-                               on_drop=metrics.events_dropped.inc)
+                               on_drop=metrics.events_dropped.inc, describe=describe_api_error)
     runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,
                       auto_generate=bool(args.auto_generate), writers=writers, events=events)
     options = ServeOptions(host=args.host, port=int(args.port), probe_port=int(args.probe_port),

@@ -98,10 +98,11 @@ def _clip(text: str) -> str:
 def build_event(note: EventNote, *, now: datetime, host: str = "") -> dict[str, Any]:
     """A core/v1 Event, as client-go's recorder writes one."""
     stamp = now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    # The API server wants involvedObject.namespace to equal the Event's namespace;
+    # for a bare Pod's refusal the Namespace is named from inside itself, so
+    # `kubectl get events -n NS` shows it to the namespace's users.
     involved: dict[str, Any] = {"kind": note.kind, "name": note.name,
-                                "apiVersion": note.api_version}
-    if note.kind != "Namespace":
-        involved["namespace"] = note.namespace
+                                "apiVersion": note.api_version, "namespace": note.namespace}
     if note.uid:
         involved["uid"] = note.uid
     return {
@@ -119,8 +120,9 @@ class EventRecorder:
 
     def __init__(self, send: Callable[[dict[str, Any]], Awaitable[None]], *,
                  capacity: int = 256, host: str = "",
-                 on_drop: Callable[[], None] = lambda: None) -> None:
-        self.send, self.host, self.on_drop = send, host, on_drop
+                 on_drop: Callable[[], None] = lambda: None,
+                 describe: Callable[[Exception], str] = lambda e: type(e).__name__) -> None:
+        self.send, self.host, self.on_drop, self.describe = send, host, on_drop, describe
         self.queue: asyncio.Queue[EventNote] = asyncio.Queue(capacity)
 
     def emit(self, note: EventNote) -> None:
@@ -138,4 +140,4 @@ class EventRecorder:
             except Exception as exc:  # an Event is best effort; the decision stands
                 log.warning("could not record an Event",
                             extra={"reason": note.reason, "namespace": note.namespace,
-                                   "error": f"{type(exc).__name__}"})
+                                   "error": self.describe(exc)})

@@ -176,12 +176,13 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
     wanted: dict[str, str] = {}
     record = parse_key_secret(new, settings=settings, namespace=change.namespace)
     number = record.index if record.index_explicit else None
+    # Numbers just allowed for other keys, not yet in the cache.
+    others = {n for n, holder in change.reserved.items() if holder != change.name}
     if number is None and INDEX_ANNOTATION not in annotations:
-        number = max(keyring.next_number, max(change.reserved, default=0) + 1)
+        number = max(keyring.next_number, max(others, default=0) + 1)
         wanted[INDEX_ANNOTATION] = str(number)
     if number is not None:
-        wanted[NUMBERS_USED_ANNOTATION] = format_numbers(
-            {*keyring.used, *change.reserved, number})
+        wanted[NUMBERS_USED_ANNOTATION] = format_numbers({*keyring.used, *others, number})
     if not wanted or all(annotations.get(k) == v for k, v in wanted.items()):
         return KeyDecision(True, "none", number=number)
     return KeyDecision(True, "created", patch=_annotation_patch(new, wanted), number=number)
@@ -331,15 +332,15 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"number {number} is already held by key Secret {holder.name!r} in namespace "
             f"{ns!r} ({holder.state}); a number belongs to one key for good. {next_hint}",
             number=number, fingerprint=record.fingerprint)
-    if in_flight is not None and in_flight != name:
-        return _refused(
-            f"number {number} is being given to key Secret {in_flight!r} in namespace {ns!r} "
-            f"at this moment; two keys never share a number. Retry: {next_hint}",
-            number=number, fingerprint=record.fingerprint)
     if holder is None and number in keyring.used and not record.retired:
         return _refused(
             f"number {number} was used before in namespace {ns!r} by a key since retired; "
             f"data encrypted under that number would be read with this key. {next_hint}",
+            number=number, fingerprint=record.fingerprint)
+    if in_flight is not None and in_flight != name:
+        return _refused(
+            f"number {number} is being given to key Secret {in_flight!r} in namespace {ns!r} "
+            f"at this moment; two keys never share a number. Retry: {next_hint}",
             number=number, fingerprint=record.fingerprint)
     recorded = record.numbers_used
     if not {number, *keyring.used} <= recorded:
@@ -431,11 +432,12 @@ def _guard_retire(change: KeyChange, before: KeyRecord, *, keyring: Keyring,
     ns, name = change.namespace, change.name
     if not writers.allows(change.requester):
         return _writer_refusal(change, writers, "retire")
-    if not before.numbered:
+    if keyring.legacy:
         return _refused(
-            f"key Secret {name!r} in namespace {ns!r} was made before keymount numbered "
-            f"keys; retiring it would renumber the other such keys. Pin them first: "
-            f"keymount keys pin -n {ns}", fingerprint=before.fingerprint)
+            f"namespace {ns!r} still has keys made before keymount numbered keys "
+            f"({', '.join(r.name for r in keyring.legacy)}); retiring any key could "
+            f"renumber them. Pin them first (it moves no file): keymount keys pin -n {ns}",
+            fingerprint=before.fingerprint)
     newest = keyring.newest
     if newest is not None and newest.name == name:
         return _refused(

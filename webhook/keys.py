@@ -247,8 +247,8 @@ class Keyring:
     then carries `keymount.io/numbers-used`). A legacy key, made before keymount
     numbered keys, keeps the number keymount 0.1 gave it: its position among the
     legacy keys in 0.1's order. New keys cannot become legacy (the webhook stamps
-    them), and a legacy key can only be retired after `keys pin`, so these positions
-    never move. `files` and `status` (the JSON of the
+    them), and no key can be retired while a legacy key remains (`keys pin` first), so
+    these positions never move. `files` and `status` (the JSON of the
     keymount.io/status and audit annotations) are derived here, once, rather than on
     every admission.
     """
@@ -299,11 +299,19 @@ class Keyring:
 def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     records = list(records)
     valid = [r for r in records if r.valid]
-    legacy = sorted((r for r in valid if not r.numbered), key=legacy_order)
-    numbered = [(n, r) for n, r in enumerate(legacy, start=1)]
-    numbered += [(r.index, r) for r in valid if r.numbered]
-    numbered.sort(key=lambda pair: (pair[0], pair[1].name))
     retired = sorted((r for r in records if r.retired), key=lambda r: (r.index, r.name))
+    numbered = [(r.index, r) for r in valid if r.numbered]
+    # Legacy keys take 0.1's positions: in 0.1's order, the lowest numbers not held by
+    # a numbered key or a tombstone. A legacy key pinned at its position keeps it, and
+    # the others keep theirs, so pinning some keys (one at a time) moves nothing.
+    taken = {n for n, _ in numbered} | {r.index for r in retired if r.index_explicit}
+    number = 1
+    for record in sorted((r for r in valid if not r.numbered), key=legacy_order):
+        while number in taken:
+            number += 1
+        numbered.append((number, record))
+        number += 1
+    numbered.sort(key=lambda pair: (pair[0], pair[1].name))
     invalid = sorted((r for r in records if r.state == "invalid"), key=lambda r: r.name)
 
     conflict = None

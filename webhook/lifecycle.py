@@ -56,7 +56,7 @@ def key_state_label(record: KeyRecord, keyring: Keyring) -> str:
     if record.state == "retired":
         return "retired"
     state = "active" if record is keyring.newest else "older"
-    if not record.index_explicit:
+    if not record.numbered:
         state += ", legacy"
     return state + (" (warning: passphrase-like)" if record.check.warning else "")
 

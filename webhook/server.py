@@ -110,7 +110,10 @@ async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -
         runtime.metrics.live_reads.inc()
         verdict = verdict_for(await runtime.source.confirm(review.namespace))
         key = verdict.key
-        if key is not None and key.allowed and key.number is not None and not review.dry_run:
+        if (webhook == "validate" and key is not None and key.allowed
+                and key.number is not None and not review.dry_run):
+            # Held until the watch brings the Secret: a key racing this one for the same
+            # number is refused, never stored beside it.
             reservations.reserve(review.namespace, key.number, review.object_name)
         return verdict
     verdict = verdict_for(runtime.store.keyring(review.namespace))

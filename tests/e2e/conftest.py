@@ -26,6 +26,8 @@ from polling import poll  # noqa: F401 (re-exported for the tests)
 from controlplane import ControlPlane, ControlPlaneError, ControlPlaneUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
+# As manifests/base/deployment.yaml ships it (the admin is in system:masters).
+KEY_WRITERS = "group:system:masters,group:keymount:key-writers"
 
 
 def pytest_collection_modifyitems(items):
@@ -123,6 +125,8 @@ class Keymount:
                 if line.startswith("{")]
 
 
+# The verbs of manifests/base/rbac.yaml; mallory and bob may do anything with Secrets
+# and Pods, as a namespace admin can: only --key-writers tells them apart.
 RBAC = """
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
@@ -130,7 +134,26 @@ metadata: {name: keymount-e2e}
 rules:
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, watch]
+  verbs: [list, watch]
+- apiGroups: [""]
+  resources: [events]
+  verbs: [create]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: keymount-e2e-secret-admin}
+rules:
+- apiGroups: [""]
+  resources: [secrets, pods]
+  verbs: ["*"]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: keymount-e2e-secret-admins}
+roleRef: {apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: keymount-e2e-secret-admin}
+subjects:
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: mallory}
+- {apiGroup: rbac.authorization.k8s.io, kind: User, name: bob}
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRoleBinding
@@ -145,7 +168,7 @@ def webhook_configurations(port: int, ca_bundle: str) -> str:
     """The registrations of manifests/, but dialled by URL on loopback."""
     def hook(name, path, rules, selector, namespace_selector=None):
         entry = {
-            "name": name, "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "name": name, "admissionReviewVersions": ["v1"], "sideEffects": "NoneOnDryRun",
             "failurePolicy": "Fail", "timeoutSeconds": 10,
             "clientConfig": {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle},
             "rules": rules, "objectSelector": selector,
@@ -155,18 +178,22 @@ def webhook_configurations(port: int, ca_bundle: str) -> str:
         return entry
     pods = [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
              "resources": ["pods"]}]
+    pod_updates = [{**pods[0], "operations": ["CREATE", "UPDATE"]}]
     secrets = [{"apiGroups": [""], "apiVersions": ["v1"],
                 "operations": ["CREATE", "UPDATE", "DELETE"], "resources": ["secrets"]}]
+    stamps = [{**secrets[0], "operations": ["CREATE", "UPDATE"]}]
     backend = {"matchLabels": {"app.kubernetes.io/component": "backend"}}
     keys = {"matchLabels": {"keymount.io/encryption-key": "true"}}
     mutating = {"apiVersion": "admissionregistration.k8s.io/v1",
                 "kind": "MutatingWebhookConfiguration", "metadata": {"name": "keymount"},
                 "webhooks": [{**hook("inject.keymount.io", "/mutate", pods, backend),
                               "reinvocationPolicy": "IfNeeded",
-                              "namespaceSelector": {}}]}
+                              "namespaceSelector": {}},
+                             {**hook("numbers.keymount.io", "/mutate", stamps, keys),
+                              "reinvocationPolicy": "IfNeeded"}]}
     validating = {"apiVersion": "admissionregistration.k8s.io/v1",
                   "kind": "ValidatingWebhookConfiguration", "metadata": {"name": "keymount"},
-                  "webhooks": [hook("pods.keymount.io", "/validate", pods, backend, {}),
+                  "webhooks": [hook("pods.keymount.io", "/validate", pod_updates, backend, {}),
                                hook("secrets.keymount.io", "/validate", secrets, keys)]}
     return yaml.safe_dump_all([mutating, validating])
 
@@ -187,7 +214,8 @@ def launch_keymount(control_plane, work: Path, *extra: str) -> Keymount:
             [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1",
              "--port", str(port), "--probe-port", str(probe), "--kubeconfig", str(kubeconfig),
              "--tls-cert", str(work / "certs/tls.crt"), "--tls-key", str(work / "certs/tls.key"),
-             "--shutdown-grace", "0", *extra],
+             "--shutdown-grace", "0", "--own-user", control_plane.keymount_user,
+             "--key-writers", KEY_WRITERS, *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     server = Keymount(proc, port, probe, log, work / "certs/ca.crt")
     poll(lambda: server.ready() or proc.poll() is not None, timeout=60, what="keymount /readyz")
@@ -209,6 +237,17 @@ def keymount(control_plane, admin_kubeconfig, tmp_path_factory):
         code = server.stop()
     # With a watch blocked in a worker thread, SIGTERM must still end it cleanly.
     assert code == 0, f"keymount exited {code} on SIGTERM:\n{server.log.read_text()[-2000:]}"
+
+
+@pytest.fixture(scope="session")
+def user_kubeconfig(control_plane, tmp_path_factory):
+    """A kubeconfig for one of the test bed's other users (mallory, bob)."""
+    directory = tmp_path_factory.mktemp("users")
+
+    def write(name: str) -> Path:
+        return Path(control_plane.write_kubeconfig(directory / name,
+                                                   token=control_plane.user_tokens[name]))
+    return write
 
 
 _counter = iter(range(1, 1_000_000))

@@ -47,12 +47,15 @@ __all__ = [
 ]
 
 DEFAULT_CACHE_DIR = "/var/cache/keymount/control-plane"
-STAMP_VERSION = "k8s-1.20.2+reflect2-1.0.2"
+STAMP_VERSION = "k8s-1.20.2+reflect2-1.0.2+node"
 REFLECT2_SRC = Path("/usr/share/gocode/src/github.com/modern-go/reflect2")
 PREPARE_HINT = "run `bash scripts/prepare-control-plane.sh` (as root) to build/install it"
 
 KEYMOUNT_USER = "keymount"
 ADMIN_USER = "keymount-e2e-admin"
+# Other users of the test bed: (name, groups). mallory will get full Secret RBAC but is
+# no key writer; bob is a key writer through his group.
+OTHER_USERS = {"mallory": (), "bob": ("keymount:key-writers",)}
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 
 AUDIT_POLICY = """\
@@ -129,7 +132,7 @@ def check_binaries(directory: Optional[os.PathLike] = None) -> dict:
         raise ControlPlaneUnavailable(
             f"stale control plane in {d} (built with another reflect2); {PREPARE_HINT}"
         )
-    if fields.get("kube_apiserver_sha256") != _sha256_file(apiserver):
+    if fields.get("kube_apiserver_sha256") != _sha256_file(apiserver):  # the node's too
         raise ControlPlaneUnavailable(
             f"{apiserver} does not match its stamp; {PREPARE_HINT}"
         )
@@ -200,6 +203,7 @@ class ControlPlane:
         self.extra_apiserver_args = list(extra_apiserver_args)
         self.admin_token = secrets.token_hex(16)
         self.keymount_token = secrets.token_hex(16)
+        self.user_tokens = {name: secrets.token_hex(16) for name in OTHER_USERS}
         self.workdir: Optional[Path] = None
         self.server: Optional[str] = None
         self.ca_file: Optional[str] = None
@@ -286,9 +290,13 @@ class ControlPlane:
                 serialization.Encoding.PEM,
                 serialization.PublicFormat.SubjectPublicKeyInfo,
             ))
+        others = "".join(
+            f'{self.user_tokens[name]},{name},{name}-uid,"{",".join(groups)}"\n' if groups
+            else f"{self.user_tokens[name]},{name},{name}-uid\n"
+            for name, groups in OTHER_USERS.items())
         (w / "tokens.csv").write_text(
             f'{self.admin_token},{ADMIN_USER},{ADMIN_USER}-uid,"system:masters"\n'
-            f"{self.keymount_token},{KEYMOUNT_USER},{KEYMOUNT_USER}-uid\n"
+            f"{self.keymount_token},{KEYMOUNT_USER},{KEYMOUNT_USER}-uid\n" + others
         )
         os.chmod(w / "tokens.csv", 0o600)
         (w / "audit-policy.yaml").write_text(AUDIT_POLICY)

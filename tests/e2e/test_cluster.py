@@ -89,13 +89,19 @@ def test_a_server_side_dry_run_is_admitted_and_creates_nothing(api, namespace):
     assert api.list_namespaced_pod(namespace).items == []
 
 
-def test_deleting_a_key_secret_is_refused_until_retired(api, namespace):
-    create_key(api, namespace, "k")
-    message = denial(lambda: api.delete_namespaced_secret("k", namespace))
-    assert f"keymount keys retire k -n {namespace}" in message
-    api.patch_namespaced_secret("k", namespace, {
+def test_deleting_a_key_secret_is_refused_until_retired_and_recorded(api, namespace):
+    create_key(api, namespace, "k1")
+    create_key(api, namespace, "k2")
+    message = denial(lambda: api.delete_namespaced_secret("k1", namespace))
+    assert f"keymount keys retire k1 -n {namespace}" in message
+    # keymount 0.1's escape hatch no longer opens anything.
+    api.patch_namespaced_secret("k1", namespace, {
         "metadata": {"annotations": {"keymount.io/allow-delete": "true"}}})
-    api.delete_namespaced_secret("k", namespace)
+    assert "Retire it first" in denial(lambda: api.delete_namespaced_secret("k1", namespace))
+    api.patch_namespaced_secret("k1", namespace, {
+        "data": {"encryption-key": None},
+        "metadata": {"annotations": {"keymount.io/retired": "2026-11-29T00:00:00Z"}}})
+    api.delete_namespaced_secret("k1", namespace)  # k2 records number 1
 
 
 def test_an_invalid_labelled_secret_is_refused_with_keymounts_reason(api, namespace):

@@ -41,13 +41,13 @@ def key_material(api, namespace: str) -> list[str]:
 
 def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin_kubeconfig):
     cfg = admin_kubeconfig
-    created = keymount_cli(cfg, "keys", "create", "k1", "-n", namespace, "--generate",
-                           "--index", "1")
-    assert f"secret/k1 created in namespace {namespace}" in created.stdout
+    created = keymount_cli(cfg, "keys", "create", "k1", "-n", namespace, "--generate")
+    assert (f"secret/k1 created in namespace {namespace}: number 1 (file encryption-key-1)"
+            in created.stdout)
 
     [row] = json.loads(keymount_cli(cfg, "keys", "list", "-n", namespace, "-o", "json").stdout)
     assert (row["file"], row["secret"], row["index"], row["state"]) == \
-        ("encryption-key-1", "k1", "1", "valid")
+        ("encryption-key-1", "k1", "1", "active")
 
     wait_for_cached_keys(keymount, 1)
     old = create_pod(api, namespace, "old")
@@ -55,7 +55,7 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
 
     valid_before = keymount.metric("keymount_key_secrets", 'state="valid"')
     rotated = keymount_cli(cfg, "keys", "rotate", "-n", namespace)
-    assert "secret/encryption-key-2 created" in rotated.stdout and "index 2" in rotated.stdout
+    assert "secret/encryption-key-2 created" in rotated.stdout and "number 2" in rotated.stdout
     assert "Running Pods keep their keys until restarted" in rotated.stdout
     assert f"kubectl delete pod old -n {namespace}" in rotated.stdout
 
@@ -74,11 +74,18 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
 
     assert f"keymount keys retire k1 -n {namespace}" in denial(
         lambda: api.delete_namespaced_secret("k1", namespace))
-    used_keys = key_material(api, namespace)  # both keys, read before one is deleted
+    used_keys = key_material(api, namespace)  # both keys, read before one is destroyed
     assert len(used_keys) >= 4
-    retired = keymount_cli(cfg, "keys", "retire", "k1", "-n", namespace, "--yes")
-    assert "2 running Pod(s) still mount k1" in retired.stdout
-    assert "  new" in retired.stdout and "  old" in retired.stdout
+    refused = keymount_cli(cfg, "keys", "retire", "k1", "-n", namespace, "--yes", check=False)
+    assert refused.returncode == 1 and "2 Pod(s) still mount k1" in refused.stdout
+    assert "  new" in refused.stdout and "  old" in refused.stdout
+    assert "retire anyway with --force" in refused.stderr
+    assert "keymount.io/retired" not in (
+        api.read_namespaced_secret("k1", namespace).metadata.annotations or {})
+    retired = keymount_cli(cfg, "keys", "retire", "k1", "-n", namespace, "--yes", "--force")
+    assert "number 1 stays reserved" in retired.stdout
+    tombstone = api.read_namespaced_secret("k1", namespace)
+    assert "encryption-key" not in (tombstone.data or {})
     api.delete_namespaced_secret("k1", namespace)
 
     server_log = keymount.log.read_text()
@@ -89,11 +96,21 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
 def test_retire_without_yes_and_without_a_terminal_changes_nothing(api, namespace,
                                                                    admin_kubeconfig):
     keymount_cli(admin_kubeconfig, "keys", "create", "k", "-n", namespace, "--generate")
+    keymount_cli(admin_kubeconfig, "keys", "rotate", "-n", namespace)
     result = keymount_cli(admin_kubeconfig, "keys", "retire", "k", "-n", namespace,
                           check=False)
     assert result.returncode == 1 and "confirm with --yes" in result.stderr
     secret = api.read_namespaced_secret("k", namespace)
-    assert "keymount.io/allow-delete" not in (secret.metadata.annotations or {})
+    assert "keymount.io/retired" not in (secret.metadata.annotations or {})
+    assert "encryption-key" in secret.data
+
+
+def test_the_active_key_cannot_be_retired(namespace, admin_kubeconfig):
+    keymount_cli(admin_kubeconfig, "keys", "create", "k", "-n", namespace, "--generate")
+    result = keymount_cli(admin_kubeconfig, "keys", "retire", "k", "-n", namespace, "--yes",
+                          check=False)
+    assert result.returncode == 1
+    assert f"Add a new key first: keymount keys rotate -n {namespace}" in result.stderr
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -1,0 +1,316 @@
+"""Key integrity through the real API server: stable numbers, the key-Secret guard and
+--key-writers. Each attack of a user who may write Secrets is reproduced here first;
+afterwards the namespace's keys and the files new Pods get are what they were."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+import yaml
+from conftest import KEY_WRITERS, ROOT
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from polling import poll
+from apihelpers import (KEY_LABELS, create_key, create_pod, denial, key_sources, pod_body,
+                        random_key)
+
+OUTPUTS: list[str] = []  # everything the commands printed, checked for key material
+
+
+def cli(kubeconfig, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, "-m", "webhook", *args, "--kubeconfig",
+                             str(kubeconfig)], capture_output=True, text=True, timeout=60,
+                            cwd=ROOT, stdin=subprocess.DEVNULL)
+    OUTPUTS.append(result.stdout + result.stderr)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture
+def mallory(user_kubeconfig):
+    """Full Secret and Pod RBAC everywhere, and no key writer."""
+    return client.CoreV1Api(config.new_client_from_config(
+        config_file=str(user_kubeconfig("mallory"))))
+
+
+def snapshot(api, namespace: str) -> dict:
+    """The namespace's keys as Secrets and as the files of a new backend Pod."""
+    secrets = {s.metadata.name: (dict(s.data or {}), dict(s.metadata.annotations or {}))
+               for s in api.list_namespaced_secret(namespace).items
+               if (s.metadata.labels or {}).get("keymount.io/encryption-key") == "true"}
+    pod = api.create_namespaced_pod(namespace, pod_body(), dry_run="All")
+    return {"secrets": secrets, "files": key_sources(pod)}
+
+
+def three_keys(api, namespace: str, keymount) -> dict:
+    for name in ("k1", "k2", "k3"):
+        create_key(api, namespace, name)
+    poll(lambda: len(snapshot(api, namespace)["files"]) == 3, what="three keys admitted")
+    return snapshot(api, namespace)
+
+
+# --- the attacks of the security review ------------------------------------------------------
+
+def test_a_secret_writer_cannot_plant_a_key_at_number_999(api, mallory, namespace, keymount):
+    before = three_keys(api, namespace, keymount)
+    message = denial(lambda: create_key(mallory, namespace, "evil", index=999))
+    assert "user 'mallory' may not create key Secret 'evil'" in message
+    assert KEY_WRITERS.replace(",", ", ") in message
+    assert snapshot(api, namespace) == before
+
+
+def test_a_duplicate_number_is_refused_and_pods_are_still_admitted(api, mallory, namespace,
+                                                                  keymount):
+    before = three_keys(api, namespace, keymount)
+    assert "may not create" in denial(lambda: create_key(mallory, namespace, "dup", index=2))
+    # Not even a key writer can give a second key a number in use.
+    message = denial(lambda: create_key(api, namespace, "dup", index=2))
+    assert "number 2 is already held by key Secret 'k2'" in message
+    assert "keymount assigns the next number (4)" in message
+    assert snapshot(api, namespace) == before
+
+
+@pytest.mark.parametrize("who", ["mallory", "admin"])
+def test_changing_a_keys_index_is_refused_for_everyone(api, mallory, namespace, keymount, who):
+    before = three_keys(api, namespace, keymount)
+    actor = mallory if who == "mallory" else api
+    message = denial(lambda: actor.patch_namespaced_secret("k1", namespace, {
+        "metadata": {"annotations": {"keymount.io/key-index": "5"}}}))
+    assert "has number 1 for good" in message
+    assert snapshot(api, namespace) == before
+
+
+def test_allow_delete_then_new_bytes_then_unannotate_leaves_the_key_as_it_was(
+        api, mallory, namespace, keymount):
+    before = three_keys(api, namespace, keymount)
+    mallory.patch_namespaced_secret("k1", namespace, {  # harmless metadata: allowed
+        "metadata": {"annotations": {"keymount.io/allow-delete": "true"}}})
+    for actor in (mallory, api):
+        message = denial(lambda: actor.patch_namespaced_secret("k1", namespace, {
+            "data": {"encryption-key": base64.b64encode(random_key()).decode()}}))
+        assert "replaces the key material of key Secret 'k1'" in message
+    assert "may not delete" in denial(lambda: mallory.delete_namespaced_secret("k1", namespace))
+    assert "Retire it first" in denial(lambda: api.delete_namespaced_secret("k1", namespace))
+    mallory.patch_namespaced_secret("k1", namespace, {
+        "metadata": {"annotations": {"keymount.io/allow-delete": None}}})
+    assert snapshot(api, namespace) == before
+
+
+def test_removing_the_key_label_is_refused(api, mallory, namespace, keymount):
+    before = three_keys(api, namespace, keymount)
+    message = denial(lambda: mallory.patch_namespaced_secret("k1", namespace, {
+        "metadata": {"labels": {"keymount.io/encryption-key": None}}}))
+    assert "removes the key label" in message
+    assert snapshot(api, namespace) == before
+
+
+def test_retiring_and_deleting_key_1_of_three_moves_no_file_and_never_reuses_1(
+        api, namespace, keymount, admin_kubeconfig):
+    before = three_keys(api, namespace, keymount)
+    assert before["files"] == [("k1", "encryption-key-1"), ("k2", "encryption-key-2"),
+                               ("k3", "encryption-key-3")]
+    cli(admin_kubeconfig, "keys", "retire", "k1", "-n", namespace, "--yes")
+    api.delete_namespaced_secret("k1", namespace)
+    after = snapshot(api, namespace)
+    assert after["files"] == [("k2", "encryption-key-2"), ("k3", "encryption-key-3")]
+    for name in ("k2", "k3"):  # the same bytes behind the same files
+        assert after["secrets"][name] == before["secrets"][name]
+    assert "number 1 was used before" in denial(
+        lambda: create_key(api, namespace, "again", index=1))
+    rotated = cli(admin_kubeconfig, "keys", "rotate", "-n", namespace)
+    assert "number 4 (file encryption-key-4)" in rotated.stdout
+    poll(lambda: ("encryption-key-4", "encryption-key-4") in
+         snapshot(api, namespace)["files"], what="key 4 admitted")
+
+
+# --- who may ----------------------------------------------------------------------------------
+
+def test_a_key_writer_may_create_rotate_and_retire_and_a_secret_admin_may_not(
+        api, namespace, keymount, user_kubeconfig):
+    bob, mallory = user_kubeconfig("bob"), user_kubeconfig("mallory")
+    for args in (["keys", "create", "k1", "--generate"], ["keys", "rotate"],
+                 ["keys", "retire", "k1", "--yes"]):
+        refused = cli(mallory, *args, "-n", namespace, check=False)
+        assert refused.returncode == 1, args
+        assert "user 'mallory' may not" in refused.stderr or \
+            "no key Secret 'k1'" in refused.stderr, refused.stderr
+        cli(bob, *args, "-n", namespace)
+    tombstone = api.read_namespaced_secret("k1", namespace)
+    assert "keymount.io/retired" in tombstone.metadata.annotations
+    assert "encryption-key" not in (tombstone.data or {})
+    refused = cli(mallory, "keys", "rotate", "-n", namespace, check=False)
+    assert "user 'mallory' may not create" in refused.stderr
+    mallory_api = client.CoreV1Api(config.new_client_from_config(config_file=str(mallory)))
+    assert "may not delete" in denial(lambda: mallory_api.delete_namespaced_secret(
+        "k1", namespace))
+    assert [f for _, f in snapshot(api, namespace)["files"]] == ["encryption-key-2"]
+
+
+def test_the_stamp_the_dry_run_prediction_and_the_next_pods_file_agree(
+        api, namespace, keymount, admin_kubeconfig):
+    three_keys(api, namespace, keymount)
+    predicted = yaml.safe_load(cli(admin_kubeconfig, "keys", "rotate", "-n", namespace,
+                                   "--dry-run", "-o", "yaml").stdout)
+    number = predicted["metadata"]["annotations"]["keymount.io/key-index"]
+    created = cli(admin_kubeconfig, "keys", "create", "by-hand", "-n", namespace,
+                  "--generate", "--dry-run", "-o", "yaml")
+    assert yaml.safe_load(created.stdout)["metadata"]["annotations"][
+        "keymount.io/key-index"] == number
+    assert "encrypt it" in created.stderr
+    create_key(api, namespace, "by-hand")  # no index: keymount stamps it
+    stamped = api.read_namespaced_secret("by-hand", namespace).metadata.annotations
+    assert stamped["keymount.io/key-index"] == number == "4"
+    assert stamped["keymount.io/numbers-used"] == "1-4"
+    poll(lambda: snapshot(api, namespace)["files"][-1] == ("by-hand", f"encryption-key-{number}"),
+         what="the stamped key as the newest file")
+
+
+def test_two_keys_created_at_the_same_moment_never_share_a_number(api, namespace, keymount):
+    outcomes: dict[str, object] = {}
+    start = threading.Barrier(2)
+
+    def make(name: str) -> None:
+        start.wait()
+        try:
+            create_key(api, namespace, name)
+            outcomes[name] = "created"
+        except ApiException as exc:
+            outcomes[name] = json.loads(exc.body)["message"]
+
+    threads = [threading.Thread(target=make, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    created = [n for n, o in outcomes.items() if o == "created"]
+    assert created, outcomes
+    numbers = [api.read_namespaced_secret(n, namespace).metadata.annotations[
+        "keymount.io/key-index"] for n in created]
+    assert len(set(numbers)) == len(numbers)
+    refused = [o for o in outcomes.values() if o != "created"]
+    assert all("number" in str(o) for o in refused)
+
+
+def test_a_pod_cannot_become_a_backend_pod_by_a_label_change(api, mallory, namespace,
+                                                             keymount):
+    create_key(api, namespace, "k1")
+    create_pod(mallory, namespace, "web", labels={"app": "web"})
+    message = denial(lambda: mallory.patch_namespaced_pod("web", namespace, {
+        "metadata": {"labels": {"app.kubernetes.io/component": "backend"}}}))
+    assert "cannot become a backend Pod" in message
+    backend = create_pod(api, namespace, "api")
+    api.patch_namespaced_pod("api", namespace, {"metadata": {"labels": {"tier": "x"}}})
+    assert key_sources(backend) == [("k1", "encryption-key-1")]
+
+
+# --- audit trail -------------------------------------------------------------------------------
+
+def events(api, namespace: str) -> list:
+    return api.list_namespaced_event(namespace).items
+
+
+def test_every_key_operation_logs_the_user_records_events_and_leaks_no_key_byte(
+        api, namespace, keymount, user_kubeconfig):
+    bob = user_kubeconfig("bob")
+    mallory_api = client.CoreV1Api(config.new_client_from_config(
+        config_file=str(user_kubeconfig("mallory"))))
+    api.create_namespaced_secret(namespace, {
+        "metadata": {"name": "dry", "labels": KEY_LABELS},
+        "data": {"encryption-key": base64.b64encode(random_key()).decode()}}, dry_run="All")
+    cli(bob, "keys", "create", "k1", "-n", namespace, "--generate")
+    cli(bob, "keys", "rotate", "-n", namespace)
+    cli(bob, "keys", "retire", "k1", "-n", namespace, "--yes")
+    denial(lambda: create_key(mallory_api, namespace, "evil"))
+    keyless = f"{namespace}-keyless"
+    api.create_namespace({"metadata": {"name": keyless}})
+    owned = pod_body("rs-pod")
+    owned["metadata"]["ownerReferences"] = [{
+        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-5d9c", "controller": True,
+        "uid": "2b3c5d7e-0000-4000-8000-000000000001"}]
+    denial(lambda: api.create_namespaced_pod(keyless, owned))
+    denial(lambda: create_pod(api, keyless, "bare"))
+
+    def reasons():
+        return {(e.reason, e.involved_object.kind, e.involved_object.name)
+                for e in events(api, namespace) + events(api, keyless)}
+    wanted = {("KeyCreated", "Secret", "k1"), ("KeyCreated", "Secret", "encryption-key-2"),
+              ("KeyRetired", "Secret", "k1"), ("KeyChangeRefused", "Secret", "evil"),
+              ("BackendPodRefused", "ReplicaSet", "api-5d9c"),
+              ("BackendPodRefused", "Namespace", keyless)}
+    poll(lambda: wanted <= reasons(), what=f"events {wanted}")
+    assert not any(name == "dry" for _, _, name in reasons())  # never on dryRun
+    retired = next(e for e in events(api, namespace) if e.reason == "KeyRetired")
+    assert "by bob" in retired.message and "number 1" in retired.message
+
+    decisions = [line for line in keymount.log_lines()
+                 if line.get("namespace") == namespace and line.get("kind") == "Secret"
+                 and line.get("webhook") == "validate"]
+    by_action = {(d["object"], d.get("key_action"), d["user"]) for d in decisions}
+    assert {("k1", "created", "bob"), ("encryption-key-2", "created", "bob"),
+            ("k1", "retired", "bob"), ("evil", "refused", "mallory")} <= by_action
+    assert all("fingerprint" in d for d in decisions if d.get("key_action") == "created")
+
+    spellings = []
+    for secret in api.list_namespaced_secret(namespace).items:
+        stored = (secret.data or {}).get("encryption-key")
+        if stored:
+            raw = base64.b64decode(stored)
+            spellings += [stored, raw.hex()]
+    assert spellings
+    texts = [keymount.log.read_text(), *OUTPUTS,
+             *(e.message for e in events(api, namespace) + events(api, keyless))]
+    assert [s for s in spellings for t in texts if s in t] == []
+
+
+# --- migration -----------------------------------------------------------------------------------
+
+def guarded(api, namespace: str) -> bool:
+    """Whether keymount's key-Secret webhooks see the namespace yet (the API server
+    learns of namespace labels through its informer)."""
+    try:
+        api.create_namespaced_secret(namespace, {
+            "metadata": {"name": "probe", "labels": KEY_LABELS},
+            "stringData": {"encryption-key": "short"}}, dry_run="All")
+    except ApiException as exc:
+        return exc.status == 403 and "keymount" in exc.body
+    return False
+
+
+def test_a_0_1_namespace_upgraded_in_place_keeps_its_files(api, namespace, keymount,
+                                                          admin_kubeconfig):
+    # Made as keymount 0.1 made it: `keys create` (no index), then `keys rotate`
+    # (index max+1 = 1). keymount 0.1 numbered files by position, Secrets without an
+    # index first: first, then rotated. The unguarded label keeps today's key webhooks
+    # out, as if keymount 0.1 still ran.
+    old = f"{namespace}-v01"
+    api.create_namespace({"metadata": {"name": old,
+                                       "labels": {"keymount-e2e/unguarded": "1"}}})
+    create_key(api, old, "first")
+    create_key(api, old, "rotated", index=1)
+    assert not any("keymount.io/numbers-used" in (s.metadata.annotations or {})
+                   for s in api.list_namespaced_secret(old).items)
+    as_0_1 = [("first", "encryption-key-1"), ("rotated", "encryption-key-2")]
+    assert snapshot(api, old)["files"] == as_0_1
+
+    api.patch_namespace(old, {"metadata": {"labels": {"keymount-e2e/unguarded": None}}})
+    poll(lambda: guarded(api, old), what="the upgrade reaching the namespace")
+    poll(lambda: snapshot(api, old)["files"] == as_0_1, what="0.1 files after the upgrade")
+    listing = json.loads(cli(admin_kubeconfig, "keys", "list", "-n", old, "-o", "json").stdout)
+    assert [r["state"] for r in listing] == ["older, legacy", "active, legacy"]
+    assert "keymount keys pin" in denial(lambda: api.patch_namespaced_secret("first", old, {
+        "data": {"encryption-key": None},
+        "metadata": {"annotations": {"keymount.io/retired": "2026-11-29T00:00:00Z"}}}))
+    pinned = cli(admin_kubeconfig, "keys", "pin", "-n", old)
+    assert "secret/rotated pinned at number 2" in pinned.stdout
+    assert snapshot(api, old)["files"] == as_0_1
+    assert "number 3" in cli(admin_kubeconfig, "keys", "rotate", "-n", old).stdout
+    cli(admin_kubeconfig, "keys", "retire", "first", "-n", old, "--yes")
+    poll(lambda: snapshot(api, old)["files"] == [
+        ("rotated", "encryption-key-2"), ("encryption-key-3", "encryption-key-3")],
+        what="files after retiring the oldest 0.1 key")
