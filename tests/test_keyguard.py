@@ -96,6 +96,17 @@ def test_an_existing_key_without_an_index_is_pinned_at_its_number_on_its_next_up
     assert annotations(stored)["keymount.io/key-index"] == "1"
 
 
+def test_an_update_that_drops_keymounts_annotations_gets_them_back():
+    # A GitOps sync or External Secrets rewriting annotations must not fight the guard.
+    key = random_key()
+    old = key_secret("k2", key, index=2, annotations={"keymount.io/numbers-used": "1-2"})
+    synced = key_secret("k2", key, annotations={"team": "payments"})
+    verdict, stored = through_api(synced, operation="UPDATE", old=old, keyring=keyring_of(old))
+    assert verdict.result == "allowed"
+    assert annotations(stored) == {"team": "payments", "keymount.io/key-index": "2",
+                                   "keymount.io/numbers-used": "1-2"}
+
+
 def test_an_unlabelled_secret_is_neither_stamped_nor_judged():
     verdict, stored = through_api(key_secret("plain", b"x", labels={}), keyring=keyring_of())
     assert verdict.result == "allowed" and verdict.key.action == "none"
@@ -196,12 +207,18 @@ def test_changing_a_keys_index_is_refused_for_everyone(user):
     assert verdict.result == "denied" and "has number 1 for good" in verdict.message
 
 
-def test_removing_a_keys_index_is_refused():
+def test_removing_a_keys_index_puts_it_back_or_is_refused():
     key = random_key()
     old = key_secret("k1", key, index=1)
-    new = key_secret("k1", key, annotations={"keymount.io/numbers-used": "1"})
-    verdict = update(keyring_of(old), old, new)
-    assert verdict.result == "denied" and "has number 1 for good" in verdict.message
+    _, stored = through_api(key_secret("k1", key), operation="UPDATE", old=old,
+                            keyring=keyring_of(old))
+    assert annotations(stored)["keymount.io/key-index"] == "1"  # the stamp restores it
+    body = review(key_secret("k1", key, annotations={"keymount.io/numbers-used": "1"}),
+                  kind="Secret", operation="UPDATE", old=old)
+    body["request"]["name"] = "k1"
+    direct = review_validation(parse(body), keyring=keyring_of(old), settings=SETTINGS,
+                               writers=WRITERS)
+    assert direct.result == "denied" and "has number 1 for good" in direct.message
 
 
 @pytest.mark.parametrize("extra", [{}, {"keymount.io/allow-delete": "true"}],

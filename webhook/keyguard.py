@@ -161,10 +161,18 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
         return KeyDecision(True, "none")
     annotations = _annotations(new)
     if not is_new_key(change, settings=settings):
+        old = parse_key_secret(change.old or {}, settings=settings, namespace=change.namespace)
+        if old.numbered:
+            # A tool that rewrites annotations (a GitOps sync, External Secrets) and
+            # leaves keymount's out gets them back; changing them is the guard's call.
+            lost = {k: v for k, v in _annotations(change.old or {}).items()
+                    if k in (INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION)
+                    and k not in annotations}
+            return KeyDecision(True, "none", patch=_annotation_patch(new, lost)
+                               if lost else ())
         # A legacy key (made before keymount numbered keys) is pinned at the number it
         # has today on its next update, so it can never move.
         number = keyring.number_of(change.name)
-        old = parse_key_secret(change.old or {}, settings=settings, namespace=change.namespace)
         kept = parse_key_secret(new, settings=settings, namespace=change.namespace)
         if (old.numbered or old.state != "valid" or number is None or keyring.conflict
                 or kept.state != "valid" or kept.fingerprint != old.fingerprint):
