@@ -79,8 +79,22 @@ def test_sigterm_fails_readyz_at_once_keeps_serving_for_the_grace_then_exits_0(s
     lines = [json.loads(line) for line in logs.splitlines() if line.startswith("{")]
     decisions = [line for line in lines if line["msg"] == "admission decision"]
     assert decisions and decisions[0]["result"] == "injected"
-    assert {"uid", "namespace", "pod", "files", "duration_ms"} <= decisions[0].keys()
+    assert {"uid", "namespace", "pod", "user", "files", "duration_ms"} <= decisions[0].keys()
     assert "patch" not in logs and "encryption-key\":" not in logs
+    # No --key-writers in this configuration: serve says what that means at start.
+    assert any("--key-writers is not set" in line["msg"] for line in lines
+               if line["level"] == "warning")
+
+
+@pytest.mark.parametrize("writers", ["admin", "role:x", "serviceaccount:ns-only"])
+def test_a_malformed_key_writers_flag_is_one_line_and_exit_2(tmp_path, writers):
+    result = subprocess.run(
+        [sys.executable, "-m", "webhook", "serve", "--keys-from", str(tmp_path),
+         "--key-writers", writers], capture_output=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().splitlines() == [
+        f"keymount: --key-writers entry {writers!r}: use user:NAME, group:NAME or "
+        f"serviceaccount:NAMESPACE:NAME, comma-separated"]
 
 
 def test_serve_without_tls_files_says_how_to_make_them(tmp_path):
