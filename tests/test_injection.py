@@ -52,17 +52,29 @@ def test_injecting_the_webhooks_own_output_changes_nothing(case):
 def test_files_are_numbered_in_key_order_with_the_newest_last():
     result, outcome = injected(pod())
     sources = result["spec"]["volumes"][0]["projected"]["sources"]
-    assert [(s["secret"]["name"], s["secret"]["items"][0]["path"]) for s in sources] == [
-        ("key-a", "encryption-key-1"), ("key-b", "encryption-key-2")]
+    assert [(s["secret"]["name"], s["secret"]["items"][0]["path"], s["secret"]["optional"])
+            for s in sources] == [
+        ("key-a", "encryption-key-1", False), ("key-b", "encryption-key-2", False),
+        ("keymount-key-3", "encryption-key-3", True), ("keymount-key-4", "encryption-key-4", True)]
     assert [f.file for f in outcome.files] == ["encryption-key-1", "encryption-key-2"]
 
 
-def test_volume_is_projected_read_only_0440_and_not_optional():
+@pytest.mark.parametrize("slots", [0, 1, 3])
+def test_the_next_numbers_are_listed_as_optional_slots_for_live_rotation(slots):
+    result, outcome = injected(pod(), settings=Settings(rotation_slots=slots))
+    sources = result["spec"]["volumes"][0]["projected"]["sources"]
+    optional = [s["secret"]["name"] for s in sources if s["secret"]["optional"]]
+    assert optional == [f"keymount-key-{n}" for n in range(3, 3 + slots)]
+    assert [f.file for f in outcome.files] == ["encryption-key-1", "encryption-key-2"]
+
+
+def test_volume_is_projected_read_only_0440_and_keys_are_not_optional():
     result, _ = injected(pod())
     volume = result["spec"]["volumes"][0]
     assert volume["name"] == "keymount-encryption-keys"
     assert volume["projected"]["defaultMode"] == 0o440
-    assert all(s["secret"]["optional"] is False for s in volume["projected"]["sources"])
+    assert all(s["secret"]["optional"] is False for s in volume["projected"]["sources"]
+               if not s["secret"]["name"].startswith("keymount-key-"))
     assert result["spec"]["containers"][0]["volumeMounts"] == [
         {"name": "keymount-encryption-keys", "mountPath": "/encryption-keys", "readOnly": True}]
 
@@ -90,7 +102,7 @@ def test_reinvocation_after_a_key_is_added_replaces_the_volume_in_place():
     twice, outcome = injected(once, keyring=three)
     assert [op["op"] for op in outcome.patch] == ["replace", "add"]
     assert len(twice["spec"]["volumes"]) == 1
-    assert len(twice["spec"]["volumes"][0]["projected"]["sources"]) == 3
+    assert len(twice["spec"]["volumes"][0]["projected"]["sources"]) == 3 + 2  # keys, slots
     assert len(twice["spec"]["containers"][0]["volumeMounts"]) == 2
 
 

@@ -252,6 +252,43 @@ def test_anyone_may_change_other_metadata_of_a_key():
     assert update(keyring_of(old), old, new, user="mallory").result == "allowed"
 
 
+# --- rotation slots: names running Pods already list ---------------------------------------
+
+@pytest.mark.parametrize("user", ["mallory", "alice"], ids=["non-writer", "writer"])
+def test_an_unlabelled_secret_may_not_take_a_reserved_slot_name(user):
+    # Running Pods list keymount-key-4 as an optional source: the kubelet would mount
+    # any Secret of that name as encryption-key-4, the newest key.
+    verdict, _ = through_api(key_secret("keymount-key-4", random_key(), labels={}),
+                             keyring=ring_of_three(), user=user)
+    assert verdict.result == "denied"
+    assert "reserved for encryption key number 4" in verdict.message
+
+
+def test_a_key_with_a_reserved_name_gets_that_number():
+    verdict, stored = through_api(key_secret("keymount-key-5", random_key()),
+                                  keyring=ring_of_three())
+    assert verdict.result == "allowed"
+    assert annotations(stored)["keymount.io/key-index"] == "5"
+
+
+def test_a_key_with_a_reserved_name_and_another_number_is_refused():
+    verdict, _ = through_api(key_secret("keymount-key-9", random_key(), index=4),
+                             keyring=ring_of_three())
+    assert verdict.result == "denied" and "reserved for key number 9" in verdict.message
+
+
+def test_a_reserved_name_whose_number_was_used_is_refused():
+    verdict, _ = through_api(key_secret("keymount-key-2", random_key()),
+                             keyring=ring_of_three())
+    assert verdict.result == "denied" and "number 2 is already held" in verdict.message
+
+
+def test_other_unlabelled_secrets_are_not_judged():
+    verdict, _ = through_api(key_secret("keymount-key-x", b"x", labels={}),
+                             keyring=ring_of_three(), user="mallory")
+    assert verdict.result == "allowed"
+
+
 # --- retiring and deleting -------------------------------------------------------------------
 
 def retired(name, index, **extra):

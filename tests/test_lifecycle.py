@@ -68,36 +68,51 @@ def test_an_invalid_secret_index_counts_too_so_fixing_it_later_cannot_collide():
     assert ring.next_number == 8
 
 
-def test_the_rotated_key_name_skips_names_in_use():
-    ring = keyring_of(key_secret("encryption-key-3", random_key(), index=1))
-    assert next_key_name(ring, 3) == "encryption-key-4"
-    assert next_key_name(ring, 2) == "encryption-key-2"
+def test_a_rotated_key_is_named_by_its_number_the_name_running_pods_list():
+    assert next_key_name(4) == "keymount-key-4"
 
 
-def injected_pod(ring, name="api-0"):
-    obj = pod(name=name, annotations={"keymount.io/status": ring.status})
+def injected_pod(ring, name="api-0", *, terminating=False):
+    """A Pod as keymount injected it with `ring`: volume (slots included) and status."""
+    from webhook.config import Settings
+    from webhook.injection import inject_keys
+    obj = inject_keys(pod(name=name), keyring=ring, settings=Settings()).apply(pod(name=name))
     obj["metadata"]["namespace"] = "shop"
+    if terminating:
+        obj["metadata"]["deletionTimestamp"] = "2026-11-29T00:00:00Z"
     return obj
 
 
-def test_a_pod_started_before_a_rotation_is_stale_and_names_the_missing_key():
+def test_a_pod_started_before_a_rotation_gets_the_new_key_live_through_its_slot():
+    k1 = key_secret("k1", random_key(), index=1)
+    rotated = key_secret("keymount-key-2", random_key(), index=2)
+    old = injected_pod(keyring_of(k1), terminating=True)
+    state = build_pod_key_state(old, keyring_of(k1, rotated))
+    assert state.state == "updating" and state.terminating
+    assert state.missing[0].startswith("keymount-key-2 (") and state.live == state.missing
+
+
+def test_a_key_added_under_another_name_reaches_a_running_pod_only_by_a_restart():
     k1, k2 = key_secret("k1", random_key(), index=1), key_secret("k2", random_key(), index=2)
-    old = injected_pod(keyring_of(k1))
-    state = build_pod_key_state(old, keyring_of(k1, k2))
-    assert state.stale and state.missing[0].startswith("k2 (") and state.removed == ()
+    state = build_pod_key_state(injected_pod(keyring_of(k1)), keyring_of(k1, k2))
+    assert state.state == "stale" and state.missing[0].startswith("k2 (") and state.live == ()
 
 
-def test_a_pod_whose_key_was_removed_is_stale_and_a_current_one_is_not():
+def test_a_pod_holding_a_retired_key_gets_nothing_live_and_a_current_one_is_current():
     k1, k2 = key_secret("k1", random_key(), index=1), key_secret("k2", random_key(), index=2)
     both = injected_pod(keyring_of(k1, k2))
-    assert build_pod_key_state(both, keyring_of(k1)).removed[0].startswith("k2 (")
-    assert not build_pod_key_state(both, keyring_of(k1, k2)).stale
+    k3 = key_secret("keymount-key-3", random_key(), index=3)
+    state = build_pod_key_state(both, keyring_of(k2, k3))
+    assert state.removed[0].startswith("k1 (") and state.live == ()
+    assert state.state == "stale"
+    assert build_pod_key_state(both, keyring_of(k1, k2)).state == "current"
 
 
 def test_replacing_a_keys_bytes_under_the_same_name_makes_pods_stale():
     k1 = key_secret("k1", random_key(), index=1)
     old = injected_pod(keyring_of(k1))
-    assert build_pod_key_state(old, keyring_of(key_secret("k1", random_key(), index=1))).stale
+    assert build_pod_key_state(old, keyring_of(key_secret("k1", random_key(), index=1))
+                               ).state == "stale"
 
 
 def test_a_pod_without_status_annotation_is_not_judged():
@@ -177,4 +192,5 @@ def test_the_ca_bundle_patch_sets_every_webhook_of_the_manifests():
     docs = list(yaml.safe_load_all(build_ca_bundle_patch("QUJD")))
     hooks = {h["name"]: h["clientConfig"]["caBundle"] for d in docs for h in d["webhooks"]}
     assert hooks == {"inject.keymount.io": "QUJD", "numbers.keymount.io": "QUJD",
-                     "pods.keymount.io": "QUJD", "secrets.keymount.io": "QUJD"}
+                     "pods.keymount.io": "QUJD", "secrets.keymount.io": "QUJD",
+                     "slots.keymount.io": "QUJD"}

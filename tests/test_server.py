@@ -81,7 +81,7 @@ async def test_a_backend_pod_is_patched_over_tls(client):
     result = jsonpatch.apply_patch(body["request"]["object"],
                                    json.loads(base64.b64decode(response["patch"])))
     assert [s["secret"]["name"] for s in result["spec"]["volumes"][0]["projected"]["sources"]] \
-        == ["key-a", "key-b"]
+        == ["key-a", "key-b", "keymount-key-3", "keymount-key-4"]
 
 
 async def test_wrong_content_type_is_415(client):

@@ -22,7 +22,7 @@ from .injection import (FILE_MODE, Injected, build_mount, find_mount_conflict,
 from .keyguard import (KeyChange, KeyDecision, KeyWriters, Requester, guard_key_secret,
                        stamp_key_secret)
 from .keys import KeyFile, Keyring
-from .names import key_file_name
+from .names import key_file_name, slot_number
 
 REVIEW_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 
@@ -329,6 +329,11 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
         if set(source) != {"secret"} or not isinstance(secret, Mapping):
             return f"volume {VOLUME_NAME!r} projects something other than key Secrets", False
         name = str(secret.get("name"))
+        if secret.get("optional") is True:
+            problem = _slot_problem(secret, settings=settings)
+            if problem:
+                return problem, False
+            continue
         record = keyring.find(name)
         number = keyring.number_of(name)
         if record is None or not record.valid or number is None:
@@ -352,6 +357,20 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
             if conflict:
                 return (f"container {container.get('name')!r} mounts volume {conflict!r} at "
                         f"or under {settings.mount_path}"), False
+    return None
+
+
+def _slot_problem(secret: Mapping[str, Any], *, settings: Settings) -> str | None:
+    """An optional source must be a rotation slot: the reserved name of a number, at
+    that number's file. The guard keeps that name for that number, so a slot whose
+    number another key took meanwhile simply stays empty."""
+    name = str(secret.get("name"))
+    number = slot_number(name)
+    if number is None:
+        return f"optional source {name!r} is not one of keymount's rotation slots"
+    item = {"key": settings.key_field, "path": key_file_name(number)}
+    if secret.get("items") != [item]:
+        return f"rotation slot {name!r} does not project {item}"
     return None
 
 

@@ -149,13 +149,13 @@ def warn_manifest_holds_key() -> None:
 
 def cmd_rotate(args: argparse.Namespace) -> int:
     from .key_secrets import build_key_secret
-    from .lifecycle import next_key_name, owner_of, restart_command
+    from .lifecycle import next_key_name
     settings = _settings(args)
     keys, namespace = connect(args, settings)
     key = read_key_material(args, settings)
     keyring = keys.keyring(namespace)
     number = keyring.next_number
-    name = args.name or next_key_name(keyring, number)
+    name = args.name or next_key_name(number)
     if args.dry_run:
         print_manifest(build_key_secret(name, namespace=namespace, key=key, index=number,
                                         settings=settings), args.output)
@@ -170,18 +170,34 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     if record.index_explicit:
         print(f"New backend Pods get it as {key_file_name(record.index)}, the highest "
               f"number: applications encrypt with it from now on.")
-    owners = set()
-    for pod in keys.backend_pods(namespace):
-        owner = owner_of(pod)
-        owners.add(keys.controller_of(namespace, *owner) if owner
-                   else ("Pod", pod["metadata"]["name"]))
-    if owners:
-        print("Running Pods keep their keys until restarted. Restart these to pick it up:")
-        for kind, owner in sorted(owners):
-            print(f"  {restart_command(kind, owner, namespace)}")
-    else:
-        print("Running Pods keep their keys until restarted; no backend Pods run here now.")
+    report_rollout(keys, namespace, record)
     return 0
+
+
+def report_rollout(keys: Any, namespace: str, record: KeyRecord) -> None:
+    """Which running Pods get the new key live (they list its name as a rotation slot)
+    and which need a restart, by the workload to restart."""
+    from .lifecycle import listed_slots, may_still_read, owner_of, restart_command
+    live, restart = [], set()
+    for pod in keys.backend_pods(namespace):
+        if not may_still_read(pod):
+            continue
+        if record.name in listed_slots(pod):
+            live.append(pod["metadata"]["name"])
+            continue
+        owner = owner_of(pod)
+        restart.add(keys.controller_of(namespace, *owner) if owner
+                    else ("Pod", pod["metadata"]["name"]))
+    if live:
+        print(f"{len(live)} running Pod(s) get it live, as a new file within the kubelet's "
+              f"sync period (about a minute), no restart: {', '.join(sorted(live))}")
+    if restart:
+        print("These Pods cannot get it without a restart (started before keymount listed "
+              "this key's name, or the key was added under another name):")
+        for kind, owner in sorted(restart):
+            print(f"  {restart_command(kind, owner, namespace)}")
+    if not live and not restart:
+        print("No backend Pods run here now; new ones get it.")
 
 
 # --- list / status ----------------------------------------------------------------------
@@ -221,28 +237,32 @@ def warn_old_keys(grouped: dict[str, list[KeyRecord]], settings: Settings) -> No
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .lifecycle import build_pod_key_state, is_running, records_by_namespace
+    from .lifecycle import build_pod_key_state, may_still_read, records_by_namespace
     settings = _settings(args)
     keys, namespace = connect(args, settings)
     grouped = records_by_namespace(keys.key_records(namespace))
     states = []
     for pod in keys.backend_pods(namespace):
-        if not is_running(pod):
+        if not may_still_read(pod):  # terminating Pods still read their keys
             continue
         ns = pod["metadata"]["namespace"]
         state = build_pod_key_state(pod, build_keyring(ns, grouped.get(ns, [])))
         if state is not None:
             states.append(state.as_dict())
     warn_old_keys(grouped, settings)
-    stale = [s for s in states if s["state"] == "stale"]
-    shown = states if args.output != "table" else stale
-    for row in shown:
-        row["missing"] = ", ".join(row["missing"]) if args.output == "table" else row["missing"]
-        row["removed"] = ", ".join(row["removed"]) if args.output == "table" else row["removed"]
-    if args.output == "table" and not stale:
-        print(f"all {len(states)} backend Pods run with the current key set")
-        return 0
-    emit(shown, output=args.output, headers=["namespace", "pod", "state", "missing", "removed"])
+    behind = [s for s in states if s["state"] != "current"]
+    if args.output == "table":
+        if not behind:
+            print(f"all {len(states)} backend Pods run with the current key set")
+            return 0
+        for row in behind:
+            row["pod"] += " (terminating)" if row["terminating"] else ""
+            row["gets it"] = "live (kubelet sync)" if row["state"] == "updating" \
+                else "after a restart"
+            for column in ("missing", "removed"):
+                row[column] = ", ".join(row[column]) or "-"
+    emit(behind if args.output == "table" else states, output=args.output,
+         headers=["namespace", "pod", "state", "missing", "removed", "gets it"])
     return 0
 
 
@@ -371,7 +391,9 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
     material = rotate.add_mutually_exclusive_group()
     material.add_argument("--generate", action="store_true", help="(the default)")
     material.add_argument("--from-file", metavar="FILE", help="key file")
-    rotate.add_argument("--name", default=None, help="Secret name (default encryption-key-N)")
+    rotate.add_argument("--name", default=None,
+                        help="Secret name (default keymount-key-N: running Pods get only a "
+                             "key of that name without a restart)")
     rotate.add_argument("--dry-run", action="store_true",
                         help="print the new key's manifest, with the number keymount would "
                              "stamp, instead of creating it")

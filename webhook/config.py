@@ -17,7 +17,8 @@ DEFAULT_POD_SELECTOR = "app.kubernetes.io/component=backend"
 DEFAULT_KEY_SELECTOR = f"{KEY_LABEL}=true"
 DEFAULT_KEY_FIELD = "encryption-key"
 DEFAULT_MOUNT_PATH = "/encryption-keys"
-MANY_KEYS = 10  # more than this earns a warning (SPEC §4)
+MANY_KEYS = 10  # more than this earns a warning (docs/contract.md, "Injection")
+DEFAULT_ROTATION_SLOTS = 2
 
 InvalidKeys = Literal["deny", "skip"]
 
@@ -31,6 +32,9 @@ class Settings:
     invalid_keys: InvalidKeys = "deny"
     key_encoding: KeyEncoding = "auto"
     max_key_age: timedelta | None = None
+    # Optional sources for the next key numbers in every backend Pod, so a rotation
+    # reaches running Pods; 0 turns that off (rotations then reach new Pods only).
+    rotation_slots: int = DEFAULT_ROTATION_SLOTS
 
     def __post_init__(self) -> None:
         if not self.mount_path.startswith("/"):
@@ -41,5 +45,7 @@ class Settings:
         if self.key_encoding not in ("auto", "raw", "base64"):
             raise ValueError(
                 f"--key-encoding must be auto, raw or base64, not {self.key_encoding!r}")
+        if not 0 <= self.rotation_slots <= 16:
+            raise ValueError(f"--rotation-slots must be 0 to 16, not {self.rotation_slots}")
         if not self.key_field:
             raise ValueError("--key-field must not be empty")

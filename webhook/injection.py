@@ -20,6 +20,7 @@ import jsonpatch
 from .config import (CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME,
                      Settings)
 from .keys import KeyFile, Keyring
+from .names import key_file_name, slot_secret_name
 
 PatchOp = dict[str, Any]
 RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "mount-conflict",
@@ -60,18 +61,27 @@ def needs_keys(pod: Mapping[str, Any], *, settings: Settings) -> bool:
 
 
 def build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
-    return {
-        "name": VOLUME_NAME,
-        "projected": {
-            "defaultMode": FILE_MODE,
-            "sources": [
-                {"secret": {"name": key_file.secret,
-                            "items": [{"key": settings.key_field, "path": key_file.file}],
-                            "optional": False}}
-                for key_file in keyring.files
-            ],
-        },
-    }
+    """One source per key; then, optional, the Secrets the next rotations will create.
+
+    The kubelet never adds a source to a running Pod's projected volume, but it does
+    fill in a listed `optional: true` source once its Secret appears (kubelet projected
+    volume plugin, at each sync), so `keys rotate` reaches running Pods without a
+    restart. The slot names are reserved for their numbers by the key-Secret guard.
+    """
+    sources: list[dict[str, Any]] = [
+        {"secret": {"name": key_file.secret,
+                    "items": [{"key": settings.key_field, "path": key_file.file}],
+                    "optional": False}}
+        for key_file in keyring.files
+    ]
+    first = keyring.next_number
+    sources += [
+        {"secret": {"name": slot_secret_name(n),
+                    "items": [{"key": settings.key_field, "path": key_file_name(n)}],
+                    "optional": True}}
+        for n in range(first, first + settings.rotation_slots)
+    ]
+    return {"name": VOLUME_NAME, "projected": {"defaultMode": FILE_MODE, "sources": sources}}
 
 
 def build_mount(*, settings: Settings) -> dict[str, Any]:

@@ -23,7 +23,7 @@ from typing import Any, Literal
 from .config import Settings
 from .key_secrets import is_key_secret, parse_key_secret
 from .keys import KeyRecord, Keyring, format_numbers
-from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION
+from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION, slot_number
 
 # The namespace controller deletes every object of a namespace being deleted; refusing
 # it leaves the namespace stuck in Terminating (kube-controller-manager's namespace
@@ -187,7 +187,9 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
     # Numbers just allowed for other keys, not yet in the cache.
     others = {n for n, holder in change.reserved.items() if holder != change.name}
     if number is None and INDEX_ANNOTATION not in annotations:
-        number = max(keyring.next_number, max(others, default=0) + 1)
+        # A reserved name carries its number (running Pods list it as that file).
+        number = slot_number(change.name) or max(keyring.next_number,
+                                                 max(others, default=0) + 1)
         wanted[INDEX_ANNOTATION] = str(number)
     if number is not None:
         wanted[NUMBERS_USED_ANNOTATION] = format_numbers({*keyring.used, *others, number})
@@ -253,6 +255,13 @@ def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"retired, not unlabelled: keymount keys retire {change.name} -n "
             f"{change.namespace}", fingerprint=before.fingerprint)
     if not new_is_key:
+        reserved = slot_number(change.name)
+        if reserved is not None:
+            return _refused(
+                f"Secret name {change.name!r} is reserved for encryption key number "
+                f"{reserved}: running backend Pods in namespace {change.namespace!r} list "
+                f"it and would mount it as file encryption-key-{reserved}. Pick another "
+                f"name, or add a key with keymount keys rotate -n {change.namespace}")
         return KeyDecision(True, "none")
     if is_new_key(change, settings=settings):
         return _guard_create(change, keyring=keyring, settings=settings, writers=writers)
@@ -330,6 +339,13 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"MutatingWebhookConfiguration keymount has its key-Secret rule "
             f"(kubectl get mutatingwebhookconfiguration keymount -o yaml)")
     number = record.index
+    reserved = slot_number(name)
+    if reserved is not None and reserved != number:
+        return _refused(
+            f"key Secret name {name!r} is reserved for key number {reserved} (running Pods "
+            f"list it as file encryption-key-{reserved}), but it has number {number}. Name "
+            f"it otherwise, or omit {INDEX_ANNOTATION}", number=number,
+            fingerprint=record.fingerprint)
     holder = keyring.holder_of(number)
     in_flight = change.reserved.get(number)
     next_hint = (f"omit {INDEX_ANNOTATION} and keymount assigns the next number "

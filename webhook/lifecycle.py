@@ -15,8 +15,9 @@ from typing import Any
 from .config import STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .key_secrets import build_key_secret
 from .keys import KeyRecord, Keyring, check_key
+from .names import slot_secret_name
 
-GENERATED_KEY_NAME = "keymount-key-1"  # --auto-generate's one and only name
+GENERATED_KEY_NAME = slot_secret_name(1)  # --auto-generate's one and only name
 
 
 # --- keys list ------------------------------------------------------------------------
@@ -101,13 +102,10 @@ def format_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:
 
 # --- keys rotate ----------------------------------------------------------------------
 
-def next_key_name(keyring: Keyring, index: int) -> str:
-    taken = {r.name for r in (*keyring.keys, *keyring.invalid, *keyring.retired)}
-    name, n = f"encryption-key-{index}", index
-    while name in taken:
-        n += 1
-        name = f"encryption-key-{n}"
-    return name
+def next_key_name(number: int) -> str:
+    """`keys rotate` names key n by its number: running Pods list that name as the
+    optional source of file encryption-key-n, so the kubelet adds it to them."""
+    return slot_secret_name(number)
 
 
 # --- status: which Pods run on a stale key set ------------------------------------------
@@ -116,14 +114,23 @@ def next_key_name(keyring: Keyring, index: int) -> str:
 class PodKeyState:
     namespace: str
     pod: str
-    stale: bool
     missing: tuple[str, ...]  # keys a new Pod would get that this one lacks
     removed: tuple[str, ...]  # keys this Pod has that are no longer valid key Secrets
+    live: tuple[str, ...] = ()  # missing keys the kubelet adds to it (a listed slot)
+    terminating: bool = False  # in its termination grace period: still reading keys
+
+    @property
+    def state(self) -> str:
+        """current; updating (every missing key reaches it live, within the kubelet's
+        sync period); or stale (it needs a restart)."""
+        if not (self.missing or self.removed):
+            return "current"
+        return "updating" if set(self.missing) == set(self.live) else "stale"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"namespace": self.namespace, "pod": self.pod,
-                "state": "stale" if self.stale else "current",
-                "missing": list(self.missing), "removed": list(self.removed)}
+        return {"namespace": self.namespace, "pod": self.pod, "state": self.state,
+                "missing": list(self.missing), "removed": list(self.removed),
+                "live": list(self.live), "terminating": self.terminating}
 
 
 def read_status_annotation(pod: Mapping[str, Any]) -> list[dict[str, str]] | None:
@@ -135,8 +142,20 @@ def read_status_annotation(pod: Mapping[str, Any]) -> list[dict[str, str]] | Non
     return status if isinstance(status, list) else None
 
 
+def listed_slots(pod: Mapping[str, Any]) -> set[str]:
+    """The optional sources (rotation slots) of a Pod's keymount volume."""
+    for volume in (pod.get("spec") or {}).get("volumes") or []:
+        if isinstance(volume, Mapping) and volume.get("name") == VOLUME_NAME:
+            return {str(s["secret"].get("name")) for s in
+                    (volume.get("projected") or {}).get("sources") or []
+                    if isinstance(s, Mapping) and isinstance(s.get("secret"), Mapping)
+                    and s["secret"].get("optional") is True}
+    return set()
+
+
 def build_pod_key_state(pod: Mapping[str, Any], keyring: Keyring) -> PodKeyState | None:
-    """Compare the keys a Pod was given (its status annotation) with today's set."""
+    """Compare the keys a Pod was given (its status annotation) with today's set, and
+    tell which missing keys still reach it without a restart."""
     status = read_status_annotation(pod)
     if status is None:
         return None
@@ -144,9 +163,13 @@ def build_pod_key_state(pod: Mapping[str, Any], keyring: Keyring) -> PodKeyState
     now = {(f.secret, f.fingerprint) for f in keyring.files}
     missing = tuple(sorted(f"{s} ({fp})" for s, fp in now - had))
     removed = tuple(sorted(f"{s} ({fp})" for s, fp in had - now))
+    # A source the kubelet cannot read (a key retired under it) stops every update of
+    # the volume, so a Pod still holding a removed key gets nothing live.
+    slots = listed_slots(pod) if not removed else set()
+    live = tuple(sorted(f"{s} ({fp})" for s, fp in now - had if s in slots))
     meta = pod.get("metadata") or {}
-    return PodKeyState(meta.get("namespace", ""), meta.get("name", ""),
-                       bool(missing or removed), missing, removed)
+    return PodKeyState(meta.get("namespace", ""), meta.get("name", ""), missing, removed,
+                       live, terminating=bool(meta.get("deletionTimestamp")))
 
 
 def is_running(pod: Mapping[str, Any]) -> bool:

@@ -5,6 +5,8 @@ What each means is in docs/contract.md; code imports the names from here only.
 
 from __future__ import annotations
 
+import re
+
 PREFIX = "keymount.io/"
 
 # On key Secrets.
@@ -22,8 +24,24 @@ CONTAINERS_ANNOTATION = PREFIX + "containers"  # which containers mount the keys
 
 VOLUME_NAME = "keymount-encryption-keys"
 FILE_PREFIX = "encryption-key-"
+# The Secret name of key number n when keymount makes it (`keys rotate`,
+# --auto-generate). Backend Pods list the next numbers' names as optional sources, so
+# the kubelet adds a rotated key to running Pods; such a name is reserved for that
+# number (docs/contract.md, "Rotation reaches running Pods").
+SLOT_PREFIX = "keymount-key-"
+_SLOT_NAME = re.compile(r"keymount-key-([1-9][0-9]{0,8})")
 
 
 def key_file_name(number: int) -> str:
     """The file a key is mounted as; the number never changes while the key exists."""
     return f"{FILE_PREFIX}{number}"
+
+
+def slot_secret_name(number: int) -> str:
+    return f"{SLOT_PREFIX}{number}"
+
+
+def slot_number(secret_name: str) -> int | None:
+    """The number a reserved Secret name stands for, or None for any other name."""
+    match = _SLOT_NAME.fullmatch(secret_name)
+    return int(match.group(1)) if match else None

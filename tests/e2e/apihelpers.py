@@ -47,9 +47,12 @@ def denial(call) -> str:
     return json.loads(info.value.body)["message"]
 
 
-def key_sources(pod) -> list[tuple[str, str]]:
+def key_sources(pod, *, optional: bool = False) -> list[tuple[str, str]]:
+    """(Secret, file) of the keys a Pod mounts; with optional=True, of its rotation
+    slots (the sources the kubelet fills in when a rotation creates them)."""
     volume = next(v for v in pod.spec.volumes if v.name == "keymount-encryption-keys")
-    return [(s.secret.name, s.secret.items[0].path) for s in volume.projected.sources]
+    return [(s.secret.name, s.secret.items[0].path) for s in volume.projected.sources
+            if bool(s.secret.optional) is optional]
 
 
 def wait_for_cached_keys(keymount, count: int) -> None:

@@ -14,6 +14,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -24,6 +25,7 @@ from kubernetes import client, config
 
 from polling import poll  # noqa: F401 (re-exported for the tests)
 from controlplane import ControlPlane, ControlPlaneError, ControlPlaneUnavailable
+from node import Node, NodeError, NodeUnavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 # As manifests/base/deployment.yaml ships it (the admin is in system:masters).
@@ -55,6 +57,28 @@ def control_plane():
         pytest.fail(f"control plane did not start: {exc}")
     yield plane
     plane.stop()
+
+
+@pytest.fixture(scope="session")
+def node(control_plane):
+    """A real node (containerd, kubelet, kube-controller-manager) named `localhost`,
+    joined to the control plane: hostNetwork Pods with `nodeName: localhost` run."""
+    try:
+        real = Node(control_plane)
+    except NodeUnavailable as exc:
+        if os.environ.get("KEYMOUNT_E2E") == "required":
+            pytest.fail(f"KEYMOUNT_E2E=required but the node is missing: {exc}")
+        pytest.skip(f"no real node: {exc}")
+    started = time.monotonic()
+    try:
+        real.start()
+        real.wait_ready()
+    except NodeError as exc:
+        real.stop()
+        pytest.fail(f"node did not start: {exc}")
+    real.timings["start_seconds"] = round(time.monotonic() - started, 2)
+    yield real
+    real.stop()
 
 
 @pytest.fixture(scope="session")
@@ -194,7 +218,11 @@ def webhook_configurations(port: int, ca_bundle: str) -> str:
     validating = {"apiVersion": "admissionregistration.k8s.io/v1",
                   "kind": "ValidatingWebhookConfiguration", "metadata": {"name": "keymount"},
                   "webhooks": [hook("pods.keymount.io", "/validate", pod_updates, backend, {}),
-                               hook("secrets.keymount.io", "/validate", secrets, keys)]}
+                               hook("secrets.keymount.io", "/validate", secrets, keys),
+                               hook("slots.keymount.io", "/validate", stamps, {
+                                   "matchExpressions": [{
+                                       "key": "keymount.io/encryption-key",
+                                       "operator": "NotIn", "values": ["true"]}]})]}
     return yaml.safe_dump_all([mutating, validating])
 
 

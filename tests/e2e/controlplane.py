@@ -368,6 +368,9 @@ class ControlPlane:
             "--audit-log-mode=blocking",
             "--audit-log-maxbackup=0",
             "--audit-log-maxsize=0",
+            # tests/e2e/node.py's kubelet registers as "localhost": logs/exec reach it
+            # on loopback, never on the machine's own address (its InternalIP).
+            "--kubelet-preferred-address-types=Hostname",
             *self.extra_apiserver_args,
         ]
 

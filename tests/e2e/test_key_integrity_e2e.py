@@ -125,8 +125,25 @@ def test_retiring_and_deleting_key_1_of_three_moves_no_file_and_never_reuses_1(
         lambda: create_key(api, namespace, "again", index=1))
     rotated = cli(admin_kubeconfig, "keys", "rotate", "-n", namespace)
     assert "number 4 (file encryption-key-4)" in rotated.stdout
-    poll(lambda: ("encryption-key-4", "encryption-key-4") in
+    poll(lambda: ("keymount-key-4", "encryption-key-4") in
          snapshot(api, namespace)["files"], what="key 4 admitted")
+
+
+def test_no_secret_but_a_key_can_take_a_name_running_pods_list(api, mallory, namespace,
+                                                               keymount):
+    # Backend Pods list keymount-key-4 and -5 as optional sources; the kubelet would
+    # mount any Secret of that name as the newest key, label or not.
+    before = three_keys(api, namespace, keymount)
+    pod = create_pod(api, namespace, "listing")
+    assert key_sources(pod, optional=True) == [("keymount-key-4", "encryption-key-4"),
+                                               ("keymount-key-5", "encryption-key-5")]
+    for actor in (mallory, api):
+        message = denial(lambda: actor.create_namespaced_secret(namespace, {
+            "metadata": {"name": "keymount-key-4"},
+            "data": {"encryption-key": base64.b64encode(random_key()).decode()}}))
+        assert "reserved for encryption key number 4" in message
+    assert "may not create" in denial(lambda: create_key(mallory, namespace, "keymount-key-4"))
+    assert snapshot(api, namespace) == before
 
 
 # --- who may ----------------------------------------------------------------------------------
@@ -239,7 +256,7 @@ def test_every_key_operation_logs_the_user_records_events_and_leaks_no_key_byte(
     def reasons():
         return {(e.reason, e.involved_object.kind, e.involved_object.name)
                 for e in events(api, namespace) + events(api, keyless)}
-    wanted = {("KeyCreated", "Secret", "k1"), ("KeyCreated", "Secret", "encryption-key-2"),
+    wanted = {("KeyCreated", "Secret", "k1"), ("KeyCreated", "Secret", "keymount-key-2"),
               ("KeyRetired", "Secret", "k1"), ("KeyChangeRefused", "Secret", "evil"),
               ("BackendPodRefused", "ReplicaSet", "api-5d9c"),
               ("BackendPodRefused", "Namespace", keyless)}
@@ -252,7 +269,7 @@ def test_every_key_operation_logs_the_user_records_events_and_leaks_no_key_byte(
                  if line.get("namespace") == namespace and line.get("kind") == "Secret"
                  and line.get("webhook") == "validate"]
     by_action = {(d["object"], d.get("key_action"), d["user"]) for d in decisions}
-    assert {("k1", "created", "bob"), ("encryption-key-2", "created", "bob"),
+    assert {("k1", "created", "bob"), ("keymount-key-2", "created", "bob"),
             ("k1", "retired", "bob"), ("evil", "refused", "mallory")} <= by_action
     assert all("fingerprint" in d for d in decisions if d.get("key_action") == "created")
 
@@ -312,5 +329,5 @@ def test_a_0_1_namespace_upgraded_in_place_keeps_its_files(api, namespace, keymo
     assert "number 3" in cli(admin_kubeconfig, "keys", "rotate", "-n", old).stdout
     cli(admin_kubeconfig, "keys", "retire", "first", "-n", old, "--yes")
     poll(lambda: snapshot(api, old)["files"] == [
-        ("rotated", "encryption-key-2"), ("encryption-key-3", "encryption-key-3")],
+        ("rotated", "encryption-key-2"), ("keymount-key-3", "encryption-key-3")],
         what="files after retiring the oldest 0.1 key")

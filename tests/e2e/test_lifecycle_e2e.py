@@ -54,23 +54,34 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
     assert key_sources(old) == [("k1", "encryption-key-1")]
 
     valid_before = keymount.metric("keymount_key_secrets", 'state="valid"')
+    assert key_sources(old, optional=True) == [("keymount-key-2", "encryption-key-2"),
+                                               ("keymount-key-3", "encryption-key-3")]
     rotated = keymount_cli(cfg, "keys", "rotate", "-n", namespace)
-    assert "secret/encryption-key-2 created" in rotated.stdout and "number 2" in rotated.stdout
-    assert "Running Pods keep their keys until restarted" in rotated.stdout
-    assert f"kubectl delete pod old -n {namespace}" in rotated.stdout
+    assert "secret/keymount-key-2 created" in rotated.stdout and "number 2" in rotated.stdout
+    assert "1 running Pod(s) get it live" in rotated.stdout and ": old" in rotated.stdout
 
     wait_for_cached_keys(keymount, valid_before + 1)
     new = create_pod(api, namespace, "new")
-    assert key_sources(new) == [("k1", "encryption-key-1"), ("encryption-key-2",
+    assert key_sources(new) == [("k1", "encryption-key-1"), ("keymount-key-2",
                                                               "encryption-key-2")]
 
     states = {s["pod"]: s for s in json.loads(
         keymount_cli(cfg, "status", "-n", namespace, "-o", "json").stdout)}
-    assert states["old"]["state"] == "stale"
-    assert states["old"]["missing"][0].startswith("encryption-key-2 (")
+    assert states["old"]["state"] == "updating"
+    assert states["old"]["missing"][0].startswith("keymount-key-2 (")
+    assert states["old"]["live"] == states["old"]["missing"]
     assert states["new"]["state"] == "current"
     table = keymount_cli(cfg, "status", "-n", namespace).stdout
-    assert "old" in table and "stale" in table and "new " not in table
+    assert "old" in table and "live (kubelet sync)" in table and "new " not in table
+
+    # A key added under a name no Pod lists reaches running Pods only by a restart.
+    other = keymount_cli(cfg, "keys", "create", "by-hand", "-n", namespace, "--generate")
+    assert "number 3" in other.stdout
+    wait_for_cached_keys(keymount, valid_before + 2)
+    states = {s["pod"]: s for s in json.loads(
+        keymount_cli(cfg, "status", "-n", namespace, "-o", "json").stdout)}
+    assert states["new"]["state"] == "stale" and states["new"]["live"] == []
+    assert "after a restart" in keymount_cli(cfg, "status", "-n", namespace).stdout
 
     assert f"keymount keys retire k1 -n {namespace}" in denial(
         lambda: api.delete_namespaced_secret("k1", namespace))

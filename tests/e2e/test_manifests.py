@@ -32,7 +32,7 @@ def test_every_variant_renders_with_kustomize(variant):
 
 def test_every_webhook_fails_closed_with_side_effects_only_off_dry_run():
     hooks = [h for doc in render("manifests") for h in doc.get("webhooks", [])]
-    assert len(hooks) == 4
+    assert len(hooks) == 5
     for hook in hooks:
         assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "NoneOnDryRun"
 
