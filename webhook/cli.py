@@ -22,7 +22,7 @@ import yaml
 from . import __version__
 from .cli_keys import add_key_lifecycle_commands, add_status_command
 from .config import (DEFAULT_KEY_FIELD, DEFAULT_KEY_SELECTOR, DEFAULT_MOUNT_PATH,
-                     DEFAULT_POD_SELECTOR, Settings)
+                     DEFAULT_POD_SELECTOR, DEFAULT_ROTATION_SLOTS, Settings)
 from .errors import UserFacingError
 from .events import EventRecorder
 from .keyguard import KeyWriters, parse_key_writers
@@ -80,6 +80,9 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
              help="which key encodings are accepted")
     add_flag(parser, "--max-key-age", default=None, type=parse_duration,
              help="flag namespaces whose newest key is older, e.g. 90d")
+    add_flag(parser, "--rotation-slots", default=DEFAULT_ROTATION_SLOTS, type=int,
+             help="optional sources for the next key numbers in each backend Pod, so a "
+                  "rotation reaches running Pods (0: new Pods only)")
 
 
 def add_key_writer_flags(parser: argparse.ArgumentParser) -> None:
@@ -101,7 +104,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
             key_selector=parse_selector(args.key_selector),
             key_field=args.key_field, mount_path=args.mount_path,
             invalid_keys=args.invalid_keys, key_encoding=args.key_encoding,
-            max_key_age=max_age)
+            max_key_age=max_age, rotation_slots=int(args.rotation_slots))
     except (SelectorError, ValueError, argparse.ArgumentTypeError) as exc:
         raise CommandError(str(exc), 2) from None
 
