@@ -194,3 +194,62 @@ def test_the_ca_bundle_patch_sets_every_webhook_of_the_manifests():
     assert hooks == {"inject.keymount.io": "QUJD", "numbers.keymount.io": "QUJD",
                      "pods.keymount.io": "QUJD", "secrets.keymount.io": "QUJD",
                      "slots.keymount.io": "QUJD"}
+
+
+# --- keys rotate --restart ----------------------------------------------------------------
+
+def deployment(**status):
+    return {"metadata": {"generation": 2}, "spec": {"replicas": 2},
+            "status": {"observedGeneration": 2, **status}}
+
+
+@pytest.mark.parametrize(("obj", "state"), [
+    (deployment(updatedReplicas=2, replicas=2, availableReplicas=2), "done"),
+    ({**deployment(), "status": {"observedGeneration": 1}}, "waiting"),
+    (deployment(updatedReplicas=1, replicas=2, availableReplicas=2), "waiting"),
+    (deployment(updatedReplicas=2, replicas=3, availableReplicas=2), "waiting"),
+    (deployment(updatedReplicas=2, replicas=2, availableReplicas=1), "waiting"),
+    (deployment(conditions=[{"type": "Progressing", "reason": "ProgressDeadlineExceeded",
+                             "message": "ReplicaSet api-2 has timed out"}]), "failed"),
+], ids=["complete", "generation-not-observed", "updating", "old-pods-terminating",
+        "unavailable", "deadline-exceeded"])
+def test_a_deployment_rollout_is_judged_as_kubectl_rollout_status_does(obj, state):
+    from webhook.lifecycle import rollout_state
+    assert rollout_state("Deployment", obj)[0] == state
+
+
+@pytest.mark.parametrize(("kind", "status", "state"), [
+    ("StatefulSet", {"readyReplicas": 2, "currentRevision": "a", "updateRevision": "a"}, "done"),
+    ("StatefulSet", {"readyReplicas": 2, "currentRevision": "a", "updateRevision": "b"},
+     "waiting"),
+    ("DaemonSet", {"desiredNumberScheduled": 1, "updatedNumberScheduled": 1,
+                   "numberAvailable": 1}, "done"),
+    ("DaemonSet", {"desiredNumberScheduled": 2, "updatedNumberScheduled": 1,
+                   "numberAvailable": 2}, "waiting"),
+], ids=["sts-done", "sts-old-revision", "ds-done", "ds-updating"])
+def test_statefulset_and_daemonset_rollouts_are_judged_too(kind, status, state):
+    from webhook.lifecycle import rollout_state
+    assert rollout_state(kind, deployment(**status))[0] == state
+
+
+def test_restart_targets_are_the_workloads_whose_pods_started_without_the_new_key():
+    from webhook.lifecycle import restart_targets
+    k1 = key_secret("k1", random_key(), index=1)
+    k2 = key_secret("keymount-key-2", random_key(), index=2)
+
+    def owned(name, ring, kind, owner):
+        obj = injected_pod(ring, name)
+        obj["metadata"]["ownerReferences"] = [{"kind": kind, "name": owner, "controller": True}]
+        return obj
+    pods = [owned("api-1", keyring_of(k1), "ReplicaSet", "api-5d9c"),
+            owned("api-2", keyring_of(k1, k2), "ReplicaSet", "api-77aa"),
+            owned("db-0", keyring_of(k1), "StatefulSet", "db"),
+            owned("job-x", keyring_of(k1), "Job", "migrate"),
+            injected_pod(keyring_of(k1), "bare")]
+    controllers = {("ReplicaSet", "api-5d9c"): ("Deployment", "api"),
+                   ("ReplicaSet", "api-77aa"): ("Deployment", "api")}
+    workloads, others = restart_targets(
+        pods, "keymount-key-2", controller_of=lambda k, n: controllers.get((k, n), (k, n)))
+    assert workloads == [("Deployment", "api"), ("StatefulSet", "db")]
+    assert others == ["kubectl delete pod bare -n shop  # a bare Pod: recreate it",
+                      "restart job/migrate -n shop"]

@@ -171,7 +171,44 @@ def cmd_rotate(args: argparse.Namespace) -> int:
         print(f"New backend Pods get it as {key_file_name(record.index)}, the highest "
               f"number: applications encrypt with it from now on.")
     report_rollout(keys, namespace, record)
+    if args.restart:
+        restart_workloads(keys, namespace, record, wait=args.wait, timeout=args.timeout)
     return 0
+
+
+def restart_workloads(keys: Any, namespace: str, record: KeyRecord, *, wait: bool,
+                      timeout: float) -> None:
+    """Roll, one at a time, the workloads whose Pods started without the new key, as
+    `kubectl rollout restart` does; with `wait`, each must finish before the next, and
+    the first that does not stops the command."""
+    import time
+
+    from .lifecycle import restart_targets, rollout_state
+    workloads, others = restart_targets(
+        keys.backend_pods(namespace), record.name,
+        controller_of=lambda kind, name: keys.controller_of(namespace, kind, name))
+    for command in others:
+        print(f"not a Deployment, StatefulSet or DaemonSet; restart it yourself: {command}")
+    for position, (kind, name) in enumerate(workloads):
+        keys.restart_workload(namespace, kind, name,
+                              at=_now().strftime("%Y-%m-%dT%H:%M:%SZ"))
+        print(f"{kind.lower()}/{name} restarted")
+        if not wait:
+            continue
+        deadline = time.monotonic() + timeout
+        while True:
+            state, what = rollout_state(kind, keys.read_workload(namespace, kind, name))
+            if state == "done":
+                print(f"{kind.lower()}/{name} rolled out")
+                break
+            if state == "failed" or time.monotonic() >= deadline:
+                left = ", ".join(f"{k.lower()}/{n}" for k, n in workloads[position + 1:])
+                raise UserFacingError(
+                    f"rollout of {kind.lower()}/{name} in namespace {namespace} did not "
+                    f"finish ({what}{'' if state == 'failed' else f' after {timeout:g}s'}); "
+                    f"stopped there{f', not restarted: {left}' if left else ''}. See "
+                    f"kubectl rollout status {kind.lower()}/{name} -n {namespace}")
+            time.sleep(1.0)
 
 
 def report_rollout(keys: Any, namespace: str, record: KeyRecord) -> None:
@@ -369,6 +406,11 @@ def cmd_import(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_duration_seconds(text: str) -> float:
+    from .cli import parse_duration
+    return parse_duration(text).total_seconds()
+
+
 def add_key_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
     from .cli import add_settings_flags
 
@@ -399,6 +441,15 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
                              "stamp, instead of creating it")
     rotate.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
                         help="manifest format with --dry-run")
+    rotate.add_argument("--restart", action="store_true",
+                        help="then roll, one at a time, the Deployments, StatefulSets and "
+                             "DaemonSets whose Pods started without the new key (for "
+                             "applications that read their keys only at start)")
+    rotate.add_argument("--wait", action="store_true",
+                        help="with --restart: wait for each rollout; stop at the first "
+                             "that does not finish")
+    rotate.add_argument("--timeout", type=parse_duration_seconds, default=300.0,
+                        help="with --wait: how long one rollout may take (default 5m)")
     add_cluster_flags(rotate)
     add_settings_flags(rotate)
     rotate.set_defaults(func=cmd_rotate, default_generate=True)

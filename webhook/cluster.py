@@ -375,6 +375,23 @@ class KeyClient:
                        404: f"secret {name!r} not found in namespace {namespace!r}; "
                             f"`keymount keys list -n {namespace}` shows its keys"})
 
+    def _workload_api(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
+        singular = {"Deployment": "deployment", "StatefulSet": "stateful_set",
+                    "DaemonSet": "daemon_set"}[kind]
+        return (getattr(self.apps, f"read_namespaced_{singular}"),
+                getattr(self.apps, f"patch_namespaced_{singular}"))
+
+    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str) -> None:
+        """What `kubectl rollout restart` does: a new Pod template annotation."""
+        _, patch = self._workload_api(kind)
+        self._call(patch, name, namespace, {"spec": {"template": {"metadata": {
+            "annotations": {"kubectl.kubernetes.io/restartedAt": at}}}}})
+
+    def read_workload(self, namespace: str, kind: str, name: str) -> dict[str, Any]:
+        read, _ = self._workload_api(kind)
+        response = self._call(read, name, namespace, _preload_content=False)
+        return json.loads(response.data)
+
     def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]:
         """A ReplicaSet's Deployment, so the user restarts what they manage."""
         if kind != "ReplicaSet":

@@ -262,3 +262,72 @@ def records_by_namespace(records: Iterable[KeyRecord]) -> dict[str, list[KeyReco
     for record in records:
         grouped.setdefault(record.namespace, []).append(record)
     return grouped
+
+
+# --- keys rotate --restart: rolling workloads, judged as `kubectl rollout status` does ---
+
+RESTARTABLE = ("Deployment", "StatefulSet", "DaemonSet")
+RESTARTED_AT = "kubectl.kubernetes.io/restartedAt"  # the annotation kubectl rollout restart sets
+
+RolloutState = tuple[str, str]  # ("done" | "waiting" | "failed", what)
+
+
+def rollout_state(kind: str, obj: Mapping[str, Any]) -> RolloutState:
+    """Whether a rollout finished, as kubectl's rollout status viewers decide
+    (k8s.io/kubectl pkg/polymorphichelpers/rollout_status.go)."""
+    meta, spec, status = (obj.get(k) or {} for k in ("metadata", "spec", "status"))
+    if (meta.get("generation") or 0) > (status.get("observedGeneration") or 0):
+        return "waiting", "the controller has not seen the new spec yet"
+    wanted = spec.get("replicas", 1)
+    if kind == "Deployment":
+        for condition in status.get("conditions") or []:
+            if condition.get("type") == "Progressing" and \
+                    condition.get("reason") == "ProgressDeadlineExceeded":
+                return "failed", f"exceeded its progress deadline: {condition.get('message')}"
+        updated = status.get("updatedReplicas") or 0
+        if updated < wanted:
+            return "waiting", f"{updated} of {wanted} new replicas updated"
+        if (status.get("replicas") or 0) > updated:
+            return "waiting", "old replicas are pending termination"
+        if (status.get("availableReplicas") or 0) < updated:
+            return "waiting", f"{status.get('availableReplicas') or 0} of {updated} " \
+                              f"updated replicas available"
+        return "done", "rolled out"
+    if kind == "StatefulSet":
+        ready = status.get("readyReplicas") or 0
+        if ready < wanted:
+            return "waiting", f"{ready} of {wanted} Pods ready"
+        if status.get("updateRevision") != status.get("currentRevision"):
+            return "waiting", f"{status.get('updatedReplicas') or 0} Pods at the new revision"
+        return "done", "rolled out"
+    if kind == "DaemonSet":
+        desired = status.get("desiredNumberScheduled") or 0
+        updated = status.get("updatedNumberScheduled") or 0
+        if updated < desired:
+            return "waiting", f"{updated} of {desired} new Pods updated"
+        if (status.get("numberAvailable") or 0) < desired:
+            return "waiting", f"{status.get('numberAvailable') or 0} of {desired} available"
+        return "done", "rolled out"
+    return "failed", f"keymount cannot roll a {kind}"
+
+
+def restart_targets(pods: Iterable[Mapping[str, Any]], new_key: str, *,
+                    controller_of: Any) -> tuple[list[tuple[str, str]], list[str]]:
+    """The workloads whose Pods started without `new_key` (for applications that read
+    their keys only at start), and the Pods keymount cannot roll (bare or other kinds)."""
+    workloads: set[tuple[str, str]] = set()
+    others: set[str] = set()
+    for pod in pods:
+        if not is_running(pod):
+            continue
+        status = read_status_annotation(pod) or []
+        if any(isinstance(s, dict) and s.get("secret") == new_key for s in status):
+            continue
+        owner = owner_of(pod)
+        kind, name = controller_of(*owner) if owner else ("Pod", pod["metadata"]["name"])
+        if kind in RESTARTABLE:
+            workloads.add((kind, name))
+        else:
+            others.add(restart_command(kind, name, (pod.get("metadata") or {}).get(
+                "namespace", "")))
+    return sorted(workloads), sorted(others)

@@ -56,7 +56,7 @@ def control_plane():
     except ControlPlaneError as exc:
         pytest.fail(f"control plane did not start: {exc}")
     yield plane
-    plane.stop()
+    t = time.monotonic(); plane.stop(); open("/tmp/nodedev/stop.txt","a").write(f"cp stop {time.monotonic()-t}\n")
 
 
 @pytest.fixture(scope="session")
@@ -78,7 +78,7 @@ def node(control_plane):
         pytest.fail(f"node did not start: {exc}")
     real.timings["start_seconds"] = round(time.monotonic() - started, 2)
     yield real
-    real.stop()
+    t = time.monotonic(); real.stop(); open("/tmp/nodedev/stop.txt","a").write(f"node stop {time.monotonic()-t}\n")
 
 
 @pytest.fixture(scope="session")
