@@ -115,16 +115,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .metrics import Metrics
     from .server import Runtime, ServeOptions, serve
-    from .store import KeyStore
+    from .store import KeyStore, PodStore
 
     settings = build_settings(args)
     if str(args.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise CommandError(f"--log-level {args.log_level!r}: use debug, info, warning or "
                            f"error", 2)
     configure_logging(fmt=args.log_format, level=args.log_level)
-    store = KeyStore()
-    metrics = Metrics(store)
-    source = build_key_source(args, settings=settings, store=store, metrics=metrics)
+    store, pods = KeyStore(), PodStore()
+    metrics = Metrics(store, pods)
+    source = build_key_source(args, settings=settings, store=store, metrics=metrics, pods=pods)
     if args.auto_generate and not hasattr(source, "create_generated_key"):
         raise CommandError("--auto-generate needs the Kubernetes key source, not --keys-from",
                            2)
@@ -170,7 +170,7 @@ def build_key_writers(args: argparse.Namespace) -> KeyWriters:
 
 
 def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any,
-                     metrics: Any) -> Any:
+                     metrics: Any, pods: Any = None) -> Any:
     if args.keys_from:
         from .localdir import DirectoryKeySource
         if not Path(args.keys_from).is_dir():
@@ -183,7 +183,8 @@ def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any
                            "in a cluster", 2)
     namespaces = [n.strip() for n in (args.namespaces or "").split(",") if n.strip()]
     return KubernetesKeySource(load_api_client(kubeconfig=args.kubeconfig), settings=settings,
-                               store=store, metrics=metrics, namespaces=namespaces or None)
+                               store=store, metrics=metrics, namespaces=namespaces or None,
+                               pods=pods)
 
 
 def add_serve(commands: argparse._SubParsersAction) -> None:

@@ -1,16 +1,8 @@
-"""Key source: the Kubernetes API (SPEC §7), with the official `kubernetes` client.
+"""The Kubernetes API, with the official `kubernetes` client: keymount's key source
+(list and watch of key Secrets, through `watch.ListWatch`) and the CLI's calls.
 
-List, then watch, key Secrets by label selector, cluster-wide or per namespace, and
-keep only what `KeyRecord` holds: no key bytes outlive `parse_key_secret`. The client
-is synchronous, so every call runs in a daemon thread (never on the event loop, and
-never holding up process exit); watch events are handed to the loop in order with
-`call_soon_threadsafe`, and only the loop thread touches the store.
-
-Recovery follows client-go's reflector: a watch that ends is resumed from the last
-resourceVersion seen (bookmarks keep it fresh); 410 Gone, or any error, means
-re-list; a client-side read timeout a little longer than the server-side
-`timeoutSeconds` turns a half-open connection into an error instead of a silent
-freeze; and a periodic re-list (resync) bounds how long any drift can last.
+The cache keeps only what `KeyRecord` holds: no key bytes outlive `parse_key_secret`.
+Every blocking call runs in a daemon thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -20,28 +12,26 @@ import base64
 import json
 import logging
 import os
-import random
-import threading
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
-from kubernetes.watch.watch import iter_resp_lines
 
 from .config import Settings
 from .errors import UserFacingError
 from .key_secrets import build_key_secret, parse_key_secret
 from .keys import KeyRecord, Keyring, build_keyring, generate_key
-from .lifecycle import GENERATED_KEY_NAME
-from .names import GENERATED_ANNOTATION
+from .lifecycle import GENERATED_KEY_NAME, PodKeys, parse_pod_keys
 from .metrics import Metrics
-from .store import KeyStore
+from .names import GENERATED_ANNOTATION
+from .store import KeyStore, PodStore
+from .watch import ListWatch, WatchTimings, call_list, describe_error, in_daemon_thread
 
 log = logging.getLogger("keymount.cluster")
-T = TypeVar("T")
+__all__ = ["ClusterError", "KeyClient", "KubernetesKeySource", "WatchTimings",
+           "describe_api_error", "in_daemon_thread", "load_api_client"]
 
 
 class ClusterError(UserFacingError):
@@ -87,114 +77,53 @@ def load_api_client(*, kubeconfig: str | None = None, context: str | None = None
         raise ClusterError(f"cannot load Kubernetes configuration: {exc}") from None
 
 
-def describe_api_error(exc: Exception) -> str:
-    if isinstance(exc, ApiException):
-        try:
-            message = json.loads(exc.body or "{}").get("message") or exc.reason
-        except ValueError:
-            message = exc.reason
-        return f"API server said {exc.status}: {message}"
-    return f"cannot reach the API server: {type(exc).__name__}: {exc}"
-
-
-async def in_daemon_thread(function: Callable[[], T]) -> T:
-    """Run a blocking call in a daemon thread: unlike the default executor, a read
-    blocked on a quiet watch cannot delay shutdown. On cancellation the thread is
-    abandoned, not interrupted: closing an SSL socket that another thread is reading
-    blocks on the socket's lock (seen here as a SIGTERM that never finished)."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def target() -> None:
-        try:
-            outcome = (function(), None)
-        except BaseException as exc:  # handed to the awaiting task
-            outcome = (None, exc)
-        try:
-            loop.call_soon_threadsafe(_settle, future, *outcome)
-        except RuntimeError:
-            pass  # the loop closed while this call was blocked: nobody is waiting
-
-    threading.Thread(target=target, daemon=True, name="keymount-api").start()
-    return await future
-
-
-def _settle(future: asyncio.Future, result: Any, exc: BaseException | None) -> None:
-    if future.cancelled():
-        return
-    if exc is not None:
-        future.set_exception(exc)
-    else:
-        future.set_result(result)
-
-
-@dataclass(frozen=True)
-class WatchTimings:
-    watch_seconds: int = 240  # server-side timeoutSeconds of one watch
-    read_timeout: float = 270.0  # client-side: longer than a healthy watch can be quiet
-    connect_timeout: float = 10.0
-    resync_seconds: float = 600.0
-    retry_seconds: float = 1.0  # first backoff after an error, doubled up to 30 s
-
-
-def call_list(api: client.CoreV1Api, singular: str, namespace: str | None,
-              **kwargs: Any) -> Any:
-    """One list (or, with watch=True, watch) of `secret` or `pod` objects, cluster-wide
-    when `namespace` is None."""
-    if namespace is None:
-        return getattr(api, f"list_{singular}_for_all_namespaces")(**kwargs)
-    return getattr(api, f"list_namespaced_{singular}")(namespace, **kwargs)
-
-
-class _Gone(Exception):
-    """The resourceVersion is too old (410 Gone): re-list."""
+describe_api_error = describe_error  # one error line for API calls, here and in the CLI
 
 
 class KubernetesKeySource:
+    """Key Secrets by list and watch, and optionally backend Pods (for the stale-Pod
+    metric); one live read before a key-state refusal; --auto-generate; Events."""
+
     def __init__(self, api_client: client.ApiClient, *, settings: Settings, store: KeyStore,
                  metrics: Metrics | None = None, namespaces: list[str] | None = None,
-                 timings: WatchTimings = WatchTimings()) -> None:
+                 timings: WatchTimings = WatchTimings(), pods: PodStore | None = None) -> None:
         self.api = client.CoreV1Api(api_client)
         self.settings = settings
         self.store = store
         self.metrics = metrics
         # None watches every namespace with one watch; otherwise one watch each.
         self.scopes: list[str | None] = list(namespaces) if namespaces else [None]
-        self.timings = timings
-        self._versions: dict[str | None, str] = {}
-
-    # --- reading ---------------------------------------------------------------------
-
-    def _list(self, scope: str | None) -> tuple[list[KeyRecord], str]:
-        response = call_list(self.api, "secret", scope,
-                             label_selector=self.settings.key_selector.text,
-                             _preload_content=False,
-                             _request_timeout=(self.timings.connect_timeout, 60.0))
-        body = json.loads(response.data)
-        records = [parse_key_secret(item, settings=self.settings)
-                   for item in body.get("items") or []]
-        return records, body["metadata"]["resourceVersion"]
-
-    async def _relist(self, scope: str | None) -> None:
-        records, version = await in_daemon_thread(lambda: self._list(scope))
-        self._versions[scope] = version
-        if scope is None:
-            self.store.replace_all(records)
-        else:
-            self.store.replace_namespace(scope, records)
+        restarts = metrics.watch_restarts.inc if metrics else (lambda: None)
+        seen = metrics.watch_event if metrics else (lambda: None)
+        self.keys: ListWatch[KeyRecord] = ListWatch(
+            self.api, singular="secret", selector=settings.key_selector.text,
+            scopes=self.scopes, parse=lambda item: parse_key_secret(item, settings=settings),
+            sink=store, timings=timings, on_restart=restarts, on_event=seen)
+        self.pods: ListWatch[PodKeys] | None = None if pods is None else ListWatch(
+            self.api, singular="pod", selector=settings.pod_selector.text,
+            scopes=self.scopes, parse=parse_pod_keys, sink=pods, timings=timings,
+            on_restart=restarts)
 
     async def load(self) -> None:
         """The first full list; the store (and /readyz) is ready only after it."""
-        results = [await in_daemon_thread(lambda s=s: self._list(s)) for s in self.scopes]
-        for scope, (_, version) in zip(self.scopes, results):
-            self._versions[scope] = version
-        self.store.replace_all(r for records, _ in results for r in records)
-        log.info("listed key Secrets", extra={"count": sum(len(r) for r, _ in results),
+        count = await self.keys.load()
+        log.info("listed key Secrets", extra={"count": count,
                                               "scopes": [s or "*" for s in self.scopes]})
+        if self.pods is not None:
+            try:
+                await self.pods.load()
+            except Exception as exc:  # the metric is a help, not a condition to serve
+                log.warning("cannot list backend Pods; keymount_stale_pods stays empty",
+                            extra={"error": describe_error(exc)})
+                self.pods = None
+
+    async def run(self) -> None:
+        await asyncio.gather(self.keys.run(), *([self.pods.run()] if self.pods else []))
 
     async def confirm(self, namespace: str) -> Keyring:
-        """One live read of a namespace before a key-state deny (SPEC §5)."""
-        records, _ = await in_daemon_thread(lambda: self._list(namespace))
+        """One live read of a namespace before a key-state refusal (docs/contract.md,
+        "Refusals"), or before judging a new key's number."""
+        records, _ = await in_daemon_thread(lambda: self.keys.list(namespace))
         if None in self.scopes or namespace in self.scopes:
             return self.store.replace_namespace(namespace, records)
         # Not watched: answer from the read, but do not cache what no watch keeps fresh.
@@ -205,7 +134,7 @@ class KubernetesKeySource:
 
         The name is fixed, so the API server arbitrates between replicas: whoever
         loses the race gets 409 AlreadyExists and reads the winner's key instead of
-        making a second one (SPEC §8).
+        making a second one.
         """
         manifest = build_key_secret(GENERATED_KEY_NAME, namespace=namespace,
                                     key=generate_key(), index=1, settings=self.settings)
@@ -229,72 +158,6 @@ class KubernetesKeySource:
         namespace = event["metadata"]["namespace"]
         await in_daemon_thread(lambda: self.api.create_namespaced_event(
             namespace, event, _request_timeout=(5, 10)))
-
-    # --- watching --------------------------------------------------------------------
-
-    async def run(self) -> None:
-        await asyncio.gather(*(self._keep_watching(scope) for scope in self.scopes))
-
-    async def _keep_watching(self, scope: str | None) -> None:
-        loop = asyncio.get_running_loop()
-        backoff = self.timings.retry_seconds
-        next_resync = loop.time() + self.timings.resync_seconds
-        while True:
-            try:
-                if scope not in self._versions or loop.time() >= next_resync:
-                    await self._relist(scope)
-                    next_resync = loop.time() + self.timings.resync_seconds
-                await in_daemon_thread(lambda: self._watch(scope, loop))
-                backoff = self.timings.retry_seconds
-            except _Gone:
-                log.info("watch resourceVersion expired; re-listing",
-                         extra={"scope": scope or "*"})
-                self._versions.pop(scope, None)
-                self._count_restart()
-            except Exception as exc:
-                log.warning("key Secret watch failed; re-listing after backoff",
-                            extra={"scope": scope or "*", "error": describe_api_error(exc),
-                                   "retry_seconds": backoff})
-                self._versions.pop(scope, None)
-                self._count_restart()
-                await asyncio.sleep(backoff * (1 + random.random() / 2))
-                backoff = min(backoff * 2, 30.0)
-
-    def _count_restart(self) -> None:
-        if self.metrics:
-            self.metrics.watch_restarts.inc()
-
-    def _watch(self, scope: str | None, loop: asyncio.AbstractEventLoop) -> None:
-        """One watch request, in a thread; returns when the server ends it."""
-        response = call_list(
-            self.api, "secret", scope, label_selector=self.settings.key_selector.text,
-            watch=True, allow_watch_bookmarks=True, resource_version=self._versions[scope],
-            timeout_seconds=self.timings.watch_seconds, _preload_content=False,
-            _request_timeout=(self.timings.connect_timeout, self.timings.read_timeout))
-        try:
-            for line in iter_resp_lines(response):
-                if not line:
-                    continue
-                event = json.loads(line)
-                kind, obj = event.get("type"), event.get("object") or {}
-                if kind == "ERROR":
-                    if obj.get("code") == 410:
-                        raise _Gone()
-                    raise ApiException(status=obj.get("code"), reason=obj.get("message"))
-                version = (obj.get("metadata") or {}).get("resourceVersion")
-                if kind != "BOOKMARK":
-                    record = parse_key_secret(obj, settings=self.settings)
-                    loop.call_soon_threadsafe(self._apply, kind, record)
-                if version:
-                    loop.call_soon_threadsafe(self._versions.__setitem__, scope, version)
-        finally:
-            response.release_conn()
-
-    def _apply(self, kind: str, record: KeyRecord) -> None:
-        if kind == "DELETED":
-            self.store.remove(record.namespace, record.name)
-        else:
-            self.store.put(record)
 
 
 # --- the CLI's calls -------------------------------------------------------------

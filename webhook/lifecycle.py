@@ -144,32 +144,55 @@ def read_status_annotation(pod: Mapping[str, Any]) -> list[dict[str, str]] | Non
 
 def listed_slots(pod: Mapping[str, Any]) -> set[str]:
     """The optional sources (rotation slots) of a Pod's keymount volume."""
-    for volume in (pod.get("spec") or {}).get("volumes") or []:
+    spec = pod.get("spec") if isinstance(pod.get("spec"), Mapping) else {}
+    for volume in spec.get("volumes") or []:
         if isinstance(volume, Mapping) and volume.get("name") == VOLUME_NAME:
-            return {str(s["secret"].get("name")) for s in
-                    (volume.get("projected") or {}).get("sources") or []
+            projected = volume.get("projected")
+            sources = projected.get("sources") if isinstance(projected, Mapping) else None
+            return {str(s["secret"].get("name")) for s in sources or []
                     if isinstance(s, Mapping) and isinstance(s.get("secret"), Mapping)
                     and s["secret"].get("optional") is True}
     return set()
 
 
-def build_pod_key_state(pod: Mapping[str, Any], keyring: Keyring) -> PodKeyState | None:
+@dataclass(frozen=True, slots=True)
+class PodKeys:
+    """What keymount keeps of a backend Pod: the keys it was given and its slots."""
+
+    namespace: str
+    name: str
+    had: frozenset[tuple[str, str]] | None  # (Secret, fingerprint); None: not injected
+    slots: frozenset[str] = frozenset()
+    terminating: bool = False
+    finished: bool = False  # Succeeded or Failed: reads nothing any more
+
+
+def parse_pod_keys(pod: Mapping[str, Any]) -> PodKeys:
+    meta = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else {}
+    status = read_status_annotation(pod)
+    had = None if status is None else frozenset(
+        (str(s.get("secret")), str(s.get("fingerprint"))) for s in status
+        if isinstance(s, dict))
+    return PodKeys(str(meta.get("namespace") or ""), str(meta.get("name") or ""), had,
+                   frozenset(listed_slots(pod)), bool(meta.get("deletionTimestamp")),
+                   not may_still_read(pod))
+
+
+def build_pod_key_state(pod: Mapping[str, Any] | PodKeys,
+                        keyring: Keyring) -> PodKeyState | None:
     """Compare the keys a Pod was given (its status annotation) with today's set, and
     tell which missing keys still reach it without a restart."""
-    status = read_status_annotation(pod)
-    if status is None:
+    keys = pod if isinstance(pod, PodKeys) else parse_pod_keys(pod)
+    if keys.had is None:
         return None
-    had = {(s.get("secret"), s.get("fingerprint")) for s in status if isinstance(s, dict)}
     now = {(f.secret, f.fingerprint) for f in keyring.files}
-    missing = tuple(sorted(f"{s} ({fp})" for s, fp in now - had))
-    removed = tuple(sorted(f"{s} ({fp})" for s, fp in had - now))
+    missing = tuple(sorted(f"{s} ({fp})" for s, fp in now - keys.had))
+    removed = tuple(sorted(f"{s} ({fp})" for s, fp in keys.had - now))
     # A source the kubelet cannot read (a key retired under it) stops every update of
     # the volume, so a Pod still holding a removed key gets nothing live.
-    slots = listed_slots(pod) if not removed else set()
-    live = tuple(sorted(f"{s} ({fp})" for s, fp in now - had if s in slots))
-    meta = pod.get("metadata") or {}
-    return PodKeyState(meta.get("namespace", ""), meta.get("name", ""), missing, removed,
-                       live, terminating=bool(meta.get("deletionTimestamp")))
+    slots = keys.slots if not removed else frozenset()
+    live = tuple(sorted(f"{s} ({fp})" for s, fp in now - keys.had if s in slots))
+    return PodKeyState(keys.namespace, keys.name, missing, removed, live, keys.terminating)
 
 
 def is_running(pod: Mapping[str, Any]) -> bool:

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 from datetime import datetime, timezone
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from .store import KeyStore
+from .store import KeyStore, PodStore
 
 
 class Metrics:
     """One registry per server, so tests and replicas in one process stay apart."""
 
-    def __init__(self, store: KeyStore | None = None) -> None:
+    def __init__(self, store: KeyStore | None = None, pods: PodStore | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.admissions = Counter(
@@ -25,7 +25,10 @@ class Metrics:
             ["webhook"], registry=r,
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
         self.watch_restarts = Counter(
-            "keymount_watch_restarts", "Times the key Secret watch was re-established",
+            "keymount_watch_restarts", "Times a watch was re-established", registry=r)
+        self.last_watch_event = Gauge(
+            "keymount_key_watch_last_event_timestamp_seconds",
+            "When the key Secret watch last delivered an event or bookmark (Unix time)",
             registry=r)
         self.tls_reloads = Counter(
             "keymount_tls_reloads", "Serving certificate reloads", ["result"], registry=r)
@@ -36,14 +39,17 @@ class Metrics:
             "keymount_events_dropped", "Kubernetes Events not sent because the queue was full",
             registry=r)
         if store is not None:
-            r.register(StoreCollector(store))
+            r.register(StoreCollector(store, pods))
+
+    def watch_event(self) -> None:
+        self.last_watch_event.set_to_current_time()
 
 
 class StoreCollector(Collector):
     """Cache figures computed at scrape time, so ages are current when read."""
 
-    def __init__(self, store: KeyStore) -> None:
-        self.store = store
+    def __init__(self, store: KeyStore, pods: PodStore | None = None) -> None:
+        self.store, self.pods = store, pods
 
     def collect(self):
         counts = self.store.count_by_state()
@@ -64,3 +70,11 @@ class StoreCollector(Collector):
             if newest is not None and newest.created is not None:
                 ages.add_metric([namespace], (now - newest.created).total_seconds())
         yield ages
+        if self.pods is not None:
+            behind = GaugeMetricFamily(
+                "keymount_stale_pods", "Backend Pods not on their namespace's current key "
+                "set: updating (the kubelet adds the missing keys) or stale (needs a "
+                "restart)", labels=["namespace", "state"])
+            for (namespace, state), count in sorted(self.pods.behind(self.store).items()):
+                behind.add_metric([namespace, state], count)
+            yield behind

@@ -13,6 +13,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 
 from .keys import KeyRecord, Keyring, build_keyring
+from .lifecycle import PodKeys, build_pod_key_state
 
 
 class KeyStore:
@@ -98,3 +99,35 @@ class Reservations:
         entries[number] = (name, self.clock() + self.ttl)
         while len(entries) > self.per_namespace:
             del entries[min(entries, key=lambda n: entries[n][1])]
+
+
+class PodStore:
+    """Backend Pods as `PodKeys`, for the stale-Pod metric; filled by a Pod watch."""
+
+    def __init__(self) -> None:
+        self._pods: dict[tuple[str, str], PodKeys] = {}
+
+    def replace_all(self, records: Iterable[PodKeys]) -> None:
+        self._pods = {(r.namespace, r.name): r for r in records}
+
+    def replace_namespace(self, namespace: str, records: Iterable[PodKeys]) -> None:
+        self._pods = {k: v for k, v in self._pods.items() if k[0] != namespace}
+        self._pods.update(((r.namespace, r.name), r) for r in records)
+
+    def put(self, record: PodKeys) -> None:
+        self._pods[(record.namespace, record.name)] = record
+
+    def remove(self, namespace: str, name: str) -> None:
+        self._pods.pop((namespace, name), None)
+
+    def behind(self, keys: KeyStore) -> Counter[tuple[str, str]]:
+        """(namespace, state) -> how many Pods are not on the current key set:
+        `updating` (the kubelet adds the missing keys) or `stale` (needs a restart)."""
+        counts: Counter[tuple[str, str]] = Counter()
+        for pod in self._pods.values():
+            if pod.finished:
+                continue
+            state = build_pod_key_state(pod, keys.keyring(pod.namespace))
+            if state is not None and state.state != "current":
+                counts[(pod.namespace, state.state)] += 1
+        return counts

@@ -82,6 +82,10 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
         keymount_cli(cfg, "status", "-n", namespace, "-o", "json").stdout)}
     assert states["new"]["state"] == "stale" and states["new"]["live"] == []
     assert "after a restart" in keymount_cli(cfg, "status", "-n", namespace).stdout
+    # The server follows backend Pods too: convergence as a metric.
+    poll(lambda: keymount.metric("keymount_stale_pods",
+                                 f'namespace="{namespace}",state="stale"') == 2,
+         what="keymount_stale_pods counting both Pods stale")
 
     assert f"keymount keys retire k1 -n {namespace}" in denial(
         lambda: api.delete_namespaced_secret("k1", namespace))

@@ -40,7 +40,8 @@ def test_every_webhook_fails_closed_with_side_effects_only_off_dry_run():
 def test_least_privilege_rbac_grants_exactly_the_verbs_serve_uses():
     role = next(d for d in render("manifests") if d["kind"] == "ClusterRole")
     assert {(tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]} == {
-        (("secrets",), ("list", "watch")), (("events",), ("create",))}
+        (("secrets",), ("list", "watch")), (("pods",), ("list", "watch")),
+        (("events",), ("create",))}
 
 
 def test_the_shipped_deployment_sets_key_writers():
