@@ -133,8 +133,16 @@ def test_a_pod_validated_after_a_key_was_added_still_passes():
     lambda p: p["spec"]["volumes"][0]["projected"].update(defaultMode=0o444),
     lambda p: p["spec"]["volumes"][0]["projected"]["sources"][0]["secret"]["items"][0].update(
         path="other"),
+    lambda p: p["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "keymount-encryption-keys", "mountPath": "/x", "subPath": "encryption-key-1"}),
+    lambda p: p["spec"]["containers"][0]["volumeMounts"].append(
+        {"name": "cache", "mountPath": "//encryption-keys"}),
+    lambda p: p["spec"]["volumes"][0]["projected"]["sources"].append(
+        {"secret": {"name": "other", "optional": True,
+                    "items": [{"key": "encryption-key", "path": "encryption-key-9"}]}}),
 ], ids=["volume-removed", "mount-removed", "mount-writable", "other-volume-under-path",
-        "extra-source", "mode-changed", "file-renamed"])
+        "extra-source", "mode-changed", "file-renamed", "second-mount-with-subpath",
+        "emptydir-at-double-slash", "optional-source-not-a-slot"])
 def test_a_backend_pod_changed_after_injection_is_denied(tamper):
     obj = final_pod()
     tamper(obj)

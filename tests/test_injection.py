@@ -232,3 +232,27 @@ def test_a_newest_key_older_than_max_key_age_earns_a_rotation_warning():
     assert any("keymount keys rotate -n shop" in w for w in warnings)
     early = datetime(2026, 2, 1, tzinfo=timezone.utc)
     assert warnings_for(pod(), keyring=ring, settings=settings, now=early) == ()
+
+
+@pytest.mark.parametrize("mounts", [
+    [{"name": "cache", "mountPath": "//encryption-keys"}],
+    [{"name": "cache", "mountPath": "/./encryption-keys/"}],
+    [{"name": "cache", "mountPath": "/encryption-keys/sub"}],
+    [{"name": "keymount-encryption-keys", "mountPath": "/elsewhere",
+      "subPath": "encryption-key-1"}],
+    [{"name": "keymount-encryption-keys", "mountPath": "/encryption-keys", "readOnly": False}],
+    [{"name": "keymount-encryption-keys", "mountPath": "/encryption-keys", "readOnly": True},
+     {"name": "keymount-encryption-keys", "mountPath": "/copy", "readOnly": True}],
+], ids=["double-slash", "dot-segment", "under-the-path", "second-mount-with-subpath",
+        "writable", "mounted-twice"])
+def test_every_other_use_of_the_mount_path_or_of_keymounts_volume_is_refused(mounts):
+    outcome = refused(pod(container("app", volumeMounts=mounts)))
+    assert outcome.reason == "mount-conflict"
+
+
+def test_a_container_the_annotation_does_not_select_may_not_mount_the_keys_itself():
+    sidecar = container("sidecar", volumeMounts=[
+        {"name": "keymount-encryption-keys", "mountPath": "/stolen", "readOnly": True}])
+    outcome = refused(pod(container("app"), sidecar,
+                          annotations={"keymount.io/containers": "app"}))
+    assert outcome.reason == "mount-conflict" and "'sidecar'" in outcome.message

@@ -17,8 +17,8 @@ from datetime import datetime
 from typing import Any, Literal, NotRequired, TypedDict
 
 from .config import VOLUME_NAME, Settings
-from .injection import (FILE_MODE, Injected, build_mount, find_mount_conflict,
-                        inject_keys, needs_keys, select_containers)
+from .injection import (FILE_MODE, Injected, find_mount_problem, inject_keys, needs_keys,
+                        select_containers)
 from .keyguard import (KeyChange, KeyDecision, KeyWriters, Requester, guard_key_secret,
                        stamp_key_secret)
 from .keys import KeyFile, Keyring
@@ -345,19 +345,8 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
     targets = select_containers(pod)
     if not isinstance(targets, list):
         return targets.message, False
-    mount = build_mount(settings=settings)
-    for _, container in targets:
-        mounts = [m for m in container.get("volumeMounts") or [] if m.get("name") == VOLUME_NAME]
-        if not any(_same_mount(m, mount) for m in mounts):
-            return (f"container {container.get('name')!r} does not mount {VOLUME_NAME!r} "
-                    f"read-only at {settings.mount_path}"), False
-    for path_prefix in ("containers", "initContainers"):
-        for container in spec.get(path_prefix) or []:
-            conflict = find_mount_conflict(container, mount_path=settings.mount_path)
-            if conflict:
-                return (f"container {container.get('name')!r} mounts volume {conflict!r} at "
-                        f"or under {settings.mount_path}"), False
-    return None
+    problem = find_mount_problem(spec, targets, settings=settings, injected=True)
+    return (problem, False) if problem else None
 
 
 def _slot_problem(secret: Mapping[str, Any], *, settings: Settings) -> str | None:
@@ -372,8 +361,3 @@ def _slot_problem(secret: Mapping[str, Any], *, settings: Settings) -> str | Non
     if secret.get("items") != [item]:
         return f"rotation slot {name!r} does not project {item}"
     return None
-
-
-def _same_mount(actual: Mapping[str, Any], wanted: Mapping[str, Any]) -> bool:
-    return (actual.get("mountPath") == wanted["mountPath"] and actual.get("readOnly") is True
-            and not actual.get("subPath") and not actual.get("subPathExpr"))

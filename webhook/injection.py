@@ -156,16 +156,13 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
     if isinstance(targets, Refused):
         return targets
     mount = build_mount(settings=settings)
-    for path, container in targets:
+    for path, container in all_containers(spec):
         mounts = container.get("volumeMounts")
         if mounts is not None and not _is_list_of_maps(mounts):
             return Refused("malformed-pod", f"{path}/volumeMounts is not a list of objects")
-        conflict = find_mount_conflict(container, mount_path=settings.mount_path)
-        if conflict:
-            return Refused("mount-conflict", (
-                f"container {container.get('name')!r} already mounts volume {conflict!r} "
-                f"at or under {settings.mount_path}, where keymount mounts the encryption "
-                f"keys; move that mount elsewhere, or set --mount-path"))
+    problem = find_mount_problem(spec, targets, settings=settings, injected=False)
+    if problem:
+        return Refused("mount-conflict", problem)
 
     patch: list[PatchOp] = []
     _patch_list_member(patch, spec.get("volumes"), "/spec/volumes",
@@ -212,15 +209,59 @@ def _names(targets: list[Target]) -> str:
     return ", ".join(str(c.get("name")) for _, c in targets) or "none"
 
 
-def find_mount_conflict(container: Mapping[str, Any], *, mount_path: str) -> str | None:
-    """Name of another volume mounted at or under `mount_path`, if any."""
-    for mount in container.get("volumeMounts") or []:
-        if not isinstance(mount, Mapping) or mount.get("name") == VOLUME_NAME:
+def normalize_path(path: Any) -> str:
+    """A mount path as the kubelet resolves it: `//encryption-keys/` and
+    `/./encryption-keys` are `/encryption-keys` (POSIX normpath keeps a leading `//`)."""
+    return posixpath.normpath("/" + str(path or "/").lstrip("/"))
+
+
+def all_containers(spec: Mapping[str, Any]) -> list[Target]:
+    return [(f"/spec/{field}/{i}", c) for field in ("initContainers", "containers")
+            for i, c in enumerate(spec.get(field) or []) if isinstance(c, Mapping)]
+
+
+def find_mount_problem(spec: Mapping[str, Any], targets: list[Target], *,
+                       settings: Settings, injected: bool) -> str | None:
+    """The mount rules (docs/contract.md, "Injection"): in a selected container no
+    other volume at or under the mount path, and keymount's volume mounted exactly once
+    (once `injected`), at the mount path, read-only, whole; in any other container,
+    keymount's volume not at all. Anything else could hand keys to a path or container
+    the Pod's owner did not choose, or hide them under another volume."""
+    chosen = {path for path, _ in targets}
+    for path, container in all_containers(spec):
+        name = container.get("name")
+        ours = [m for m in container.get("volumeMounts") or []
+                if isinstance(m, Mapping) and m.get("name") == VOLUME_NAME]
+        if path not in chosen:
+            if ours:
+                return (f"container {name!r} mounts keymount's volume {VOLUME_NAME!r}, but "
+                        f"keymount mounts the keys only into the containers it selects "
+                        f"(annotation keymount.io/containers); remove that mount")
             continue
-        path = posixpath.normpath(str(mount.get("mountPath") or "/"))
-        if path == mount_path or path.startswith(mount_path.rstrip("/") + "/"):
-            return str(mount.get("name"))
+        for other in container.get("volumeMounts") or []:
+            if not isinstance(other, Mapping) or other.get("name") == VOLUME_NAME:
+                continue
+            where = normalize_path(other.get("mountPath"))
+            if where == settings.mount_path or \
+                    where.startswith(settings.mount_path.rstrip("/") + "/"):
+                return (f"container {name!r} mounts volume {other.get('name')!r} at or "
+                        f"under {settings.mount_path}, where keymount mounts the encryption "
+                        f"keys; move that mount elsewhere, or set --mount-path")
+        exact = [m for m in ours if _is_keymount_mount(m, settings=settings)]
+        if len(ours) > 1 or len(exact) != len(ours) or (injected and not exact):
+            return (f"container {name!r} must mount keymount's volume {VOLUME_NAME!r} "
+                    f"exactly once, read-only at {settings.mount_path}, without subPath; "
+                    f"it has {len(ours)} mount(s) of it as given. Remove them: keymount "
+                    f"adds the mount itself")
     return None
+
+
+def _is_keymount_mount(mount: Mapping[str, Any], *, settings: Settings) -> bool:
+    """Read-only, whole, at the mount path; the API server may have defaulted fields
+    that change nothing (mountPropagation None)."""
+    return (mount.get("mountPath") == settings.mount_path and mount.get("readOnly") is True
+            and not mount.get("subPath") and not mount.get("subPathExpr")
+            and mount.get("mountPropagation") in (None, "None"))
 
 
 def _patch_list_member(patch: list[PatchOp], items: list | None, pointer: str,
