@@ -48,6 +48,19 @@ def test_a_yaml_error_names_file_and_line_but_never_quotes_content():
     assert "c2VjcmV0" not in str(info.value)
 
 
+def test_a_raw_key_that_is_not_utf8_never_reaches_the_error(tmp_path, caplog):
+    key = bytes(range(0xE0, 0x100))  # 32 bytes, none of them valid UTF-8 alone
+    (tmp_path / "raw.yaml").write_bytes(
+        b"kind: Secret\nmetadata: {name: k, labels: {keymount.io/encryption-key: 'true'}}\n"
+        b"stringData:\n  encryption-key: " + key + b"\n")
+    source = DirectoryKeySource(tmp_path, settings=SETTINGS, store=KeyStore())
+    assert source.scan() == []
+    [message] = source.errors.values()
+    assert "not valid UTF-8" in message and "raw.yaml" in message
+    for spelling in (key.hex(), "\\xe0", "0xe0", repr(key[:1])):
+        assert spelling not in message and spelling not in caplog.text
+
+
 @pytest.fixture
 def directory(tmp_path):
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(key_secret("a", random_key())))

@@ -108,8 +108,9 @@ async def test_a_chunked_body_over_7_mib_is_413(client):
         assert r.status == 413
 
 
-@pytest.mark.parametrize("body", [b"{nope", b'{"kind": "ConfigMap"}', b"null"],
-                         ids=["malformed-json", "not-a-review", "null"])
+@pytest.mark.parametrize("body", [b"{nope", b'{"kind": "ConfigMap"}', b"null",
+                                  b"[" * 100_000 + b"]" * 100_000],
+                         ids=["malformed-json", "not-a-review", "null", "nested-100000-deep"])
 async def test_malformed_input_is_400_with_a_json_error(client, body):
     async with client.post("/validate", data=body,
                            headers={"Content-Type": "application/json"}) as r:

@@ -119,8 +119,12 @@ class AdmissionRequest:
 def parse_review(body: bytes) -> AdmissionRequest:
     try:
         review = json.loads(body)
+    except RecursionError:
+        raise MalformedReview("body is nested too deeply to be an AdmissionReview") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedReview(f"body is not valid JSON: {exc}") from None
+        # The position only: the decoder's message may quote the body (a key Secret).
+        where = f" at byte {exc.pos}" if isinstance(exc, json.JSONDecodeError) else ""
+        raise MalformedReview(f"body is not valid JSON{where}") from None
     if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
         raise MalformedReview("body is not an AdmissionReview (kind must be AdmissionReview)")
     if review.get("apiVersion") not in REVIEW_VERSIONS:

@@ -356,13 +356,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
     except UserFacingError as exc:
         print(f"keymount: {exc}", file=sys.stderr)
-        return exc.code
+        code = exc.code
     except KeyboardInterrupt:
-        return 130
+        code = 130
+    return code
+
+
+def run() -> None:
+    """The console entry point. A daemon thread still blocked in an API call (a list
+    started before a start-up failure) can crash the interpreter's finalisation
+    (SIGABRT while it tears down the thread's SSL socket), so leave without it once
+    output is flushed."""
+    import threading
+    code = main()
+    if any(t.daemon and t.name == "keymount-api" and t.is_alive()
+           for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -62,6 +62,17 @@ class _FileState:
     records: list[KeyRecord] = field(default_factory=list)
 
 
+def describe_read_error(path: Path, exc: Exception) -> str:
+    """One line about an unreadable manifest that quotes none of its content: a
+    UnicodeDecodeError's own message shows the offending byte, which may be key
+    material (a raw key pasted into stringData)."""
+    if isinstance(exc, ManifestError):
+        return str(exc)
+    if isinstance(exc, UnicodeDecodeError):
+        return f"{path}: not valid UTF-8 (at byte offset {exc.start}); write keys as base64"
+    return f"{path}: {exc.strerror if isinstance(exc, OSError) else type(exc).__name__}"
+
+
 def list_manifest_files(directory: Path) -> list[Path]:
     """Manifests below `directory`, skipping hidden entries (such as the `..data`
     links of a mounted ConfigMap or Secret volume, which would count files twice)."""
@@ -106,7 +117,7 @@ class DirectoryKeySource:
                 text = path.read_text(encoding="utf-8")
                 records = parse_key_documents(text, settings=self.settings, source=str(path))
             except (OSError, UnicodeDecodeError, ManifestError) as exc:
-                message = str(exc) if isinstance(exc, ManifestError) else f"{path}: {exc}"
+                message = describe_read_error(path, exc)
                 if self.errors.get(path) != message:
                     log.error("cannot read key manifest; keeping its previous keys",
                               extra={"error": message})

@@ -17,6 +17,17 @@ def _extra(record: logging.LogRecord) -> dict[str, object]:
     return {k: v for k, v in vars(record).items() if k not in _STANDARD}
 
 
+def describe_exception(exc: BaseException | None) -> str:
+    """The exception's type, and an HTTP status if it has one; never its message or
+    traceback. Messages quote their input: aiohttp's parser errors carry the raw bytes
+    of a malformed request (a key Secret review, key included), a JSON decoder quotes
+    the body. Errors keymount means to show are passed as fields, not as exc_info."""
+    if exc is None:
+        return "unknown error"
+    status = getattr(exc, "status", None) or getattr(exc, "code", None)
+    return type(exc).__name__ + (f" (HTTP {status})" if isinstance(status, int) else "")
+
+
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
@@ -28,10 +39,7 @@ class JsonFormatter(logging.Formatter):
             **_extra(record),
         }
         if record.exc_info:
-            # The type and message only: a traceback's locals are not printed, but its
-            # source lines and values could carry request data.
-            exc = record.exc_info[1]
-            line["error"] = f"{type(exc).__name__}: {exc}"
+            line["error"] = describe_exception(record.exc_info[1])
         return json.dumps(line, default=str, separators=(",", ":"))
 
 
@@ -40,8 +48,7 @@ class TextFormatter(logging.Formatter):
         fields = " ".join(f"{k}={v}" for k, v in _extra(record).items())
         text = f"{record.levelname.lower():7} {record.name}: {record.getMessage()}"
         if record.exc_info:
-            exc = record.exc_info[1]
-            fields += f" error={type(exc).__name__}: {exc}"
+            fields += f" error={describe_exception(record.exc_info[1])}"
         return f"{text} {fields}".rstrip()
 
 
