@@ -153,3 +153,27 @@ def test_the_cache_survives_an_api_server_restart_and_etcd_compaction(
     reads = keymount.metric("keymount_live_reads_total")
     assert key_sources(create_pod(api, later)) == [("new", "encryption-key-1")]
     assert keymount.metric("keymount_live_reads_total") == reads
+
+
+def test_a_start_up_failure_with_the_kubernetes_source_is_one_line_and_exit_1(
+        control_plane, tmp_path):
+    import socket
+    import subprocess
+    import sys
+    from conftest import ROOT
+    kubeconfig = control_plane.write_kubeconfig(tmp_path / "kc",
+                                                token=control_plane.keymount_token)
+    subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "k", "--namespace",
+                    "k", "--out", str(tmp_path / "certs")], check=True, capture_output=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = subprocess.run(
+            [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port",
+             str(taken.getsockname()[1]), "--probe-port", "0", "--kubeconfig", kubeconfig,
+             "--tls-cert", str(tmp_path / "certs/tls.crt"),
+             "--tls-key", str(tmp_path / "certs/tls.key")],
+            capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("keymount: cannot serve on")
+    assert "Fatal Python error" not in result.stderr and "Traceback" not in result.stderr
