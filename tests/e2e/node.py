@@ -497,6 +497,8 @@ class Node:
         self._pod_uids: set = set()  # every Pod bound to this node (for /var/log/pods)
         self._stopping = threading.Event()
         self._watcher: Optional[threading.Thread] = None
+        self._watch_stream: Any = None
+        self._stray_sockets: list = []
         self._t0 = 0.0
 
     # ------------------------------------------------------------------ lifecycle
@@ -548,10 +550,10 @@ class Node:
         if self.workdir is None:
             return
         w = self.workdir
-        self._stopping.set()
         _terminate(self._kubelet)
         _terminate(self._kcm)
         self._kubelet = self._kcm = None
+        self._end_watch()  # an open watch would hold kube-apiserver's shutdown ~8 s
         try:
             self._remove_containers()
         finally:
@@ -701,6 +703,13 @@ class Node:
                  if argv and "containerd-shim" in os.path.basename(argv[0])
                  and address in argv]
         victims = set(shims)
+        for pid in shims:  # a killed shim leaves its socket: /run/containerd/s/<sha256>
+            argv = procs[pid][1]
+            opts = dict(zip(argv[1::2], argv[2::2]))
+            if "-namespace" in opts and "-id" in opts:
+                name = hashlib.sha256(os.path.join(
+                    address, opts["-namespace"], opts["-id"]).encode()).hexdigest()
+                self._stray_sockets.append(SHIM_SOCKETS / name)
         changed = True
         while changed:
             changed = False
@@ -722,6 +731,9 @@ class Node:
                 _deadline_poll(gone, timeout=10, what="stray shims gone")
             except NodeError:
                 pass
+        for path in self._stray_sockets:
+            path.unlink(missing_ok=True)
+        self._stray_sockets = []
 
     @staticmethod
     def _is_zombie(pid: int) -> bool:
@@ -1032,6 +1044,9 @@ class Node:
                     headers={"Authorization": f"Bearer {cp.admin_token}"})
                 with urllib.request.urlopen(request, timeout=30,
                                             context=cp.ssl_context()) as stream:
+                    self._watch_stream = stream  # before checking _stopping: see _end_watch
+                    if self._stopping.is_set():
+                        break
                     for line in stream:
                         event = json.loads(line)
                         if event.get("type") == "ERROR":  # e.g. 410 Gone: list again
@@ -1046,6 +1061,22 @@ class Node:
             except Exception:  # the API server restarting or stopped: try again
                 version = None
                 self._stopping.wait(0.5)
+            finally:
+                self._watch_stream = None
+
+    def _end_watch(self) -> None:
+        """Stop the Pod watch now: set the flag, then shut its socket down (a read
+        blocked on it returns), and wait for the thread."""
+        self._stopping.set()
+        stream = self._watch_stream
+        if stream is not None:
+            try:
+                stream.fp.raw._sock.shutdown(socket.SHUT_RDWR)
+            except Exception:
+                pass
+        if self._watcher is not None:
+            self._watcher.join(timeout=10)
+            self._watcher = None
 
     def _remove_pod_logs(self, w: Path) -> None:
         """Remove /var/log/pods/*_<uid> of every Pod this node ran, the matching
@@ -1084,8 +1115,12 @@ class Node:
         killed), and /k8s.io in each hierarchy if it did not exist before and is empty."""
         if not CGROUP_FS.is_dir():
             return
+        ids = set(self._container_ids)
+        if self.workdir is not None:  # containerd died: its tasks' bundles remain
+            ids.update(p.name for p in self.workdir.glob(
+                "containerd-state/io.containerd.runtime.v2.task/*/*"))
         for hierarchy in CGROUP_FS.iterdir():
-            for cid in self._container_ids:
+            for cid in ids:
                 try:
                     (hierarchy / CGROUP_PARENT / cid).rmdir()
                 except OSError:
