@@ -10,7 +10,7 @@ PORT   ?= 8443
 help:
 	@echo "make run            serve the webhook on https://127.0.0.1:$(PORT) with demo keys"
 	@echo "make test           the whole test suite (e2e runs when the control plane is prepared)"
-	@echo "make control-plane  build kube-apiserver and install etcd for the e2e tests"
+	@echo "make control-plane  build the e2e test bed: kube-apiserver, kubelet, controllers, etcd, containerd"
 	@echo "make bench          admission throughput against a bare aiohttp server"
 
 # The virtualenv is rebuilt when pyproject.toml changes.
