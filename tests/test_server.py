@@ -1,6 +1,7 @@
 """The HTTPS server over real TLS: bad input, failure paths, probes, metrics, reload."""
 
 import asyncio
+import os
 import base64
 import json
 import ssl
@@ -17,8 +18,8 @@ from webhook.certs import build_certificates, write_certificates
 from webhook.config import Settings
 from webhook.localdir import DirectoryKeySource
 from webhook.metrics import Metrics
-from webhook.server import (MAX_BODY, CertReloader, Runtime, build_probe_app,
-                            build_ssl_context, build_webhook_app)
+from webhook.server import MAX_BODY, Runtime, build_probe_app, build_webhook_app
+from webhook.tls import CertReloader, build_ssl_context
 from webhook.store import KeyStore
 
 
@@ -226,26 +227,55 @@ def peer_serial(port: int, ca_file: str) -> int:
             return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True)).serial_number
 
 
-async def test_a_renewed_certificate_is_served_without_restart(tmp_path, runtime, aiohttp_server):
+def reloading_server(directory, runtime):
+    reloader = CertReloader(str(directory / "tls.crt"), str(directory / "tls.key"),
+                            on_reload=lambda r: runtime.metrics.tls_reloads.labels(r).inc())
+    return reloader
+
+
+@pytest.mark.parametrize("order", [("tls.crt", "tls.key"), ("tls.key", "tls.crt")],
+                         ids=["cert-first", "key-first"])
+async def test_a_renewed_pair_written_in_either_order_never_breaks_a_handshake(
+        tmp_path, runtime, aiohttp_server, order):
     pems = build_certificates(service="keymount", namespace="keymount", ips=["127.0.0.1"])
     files = write_certificates(tmp_path / "live", pems)
-    context = build_ssl_context(str(files.tls_cert), str(files.tls_key))
-    reloader = CertReloader(context, str(files.tls_cert), str(files.tls_key),
-                            metrics=runtime.metrics)
-    srv = await aiohttp_server(build_webhook_app(runtime), ssl=context)
+    reloader = reloading_server(tmp_path / "live", runtime)
+    srv = await aiohttp_server(build_webhook_app(runtime), ssl=reloader.listening)
     first = await asyncio.to_thread(peer_serial, srv.port, str(files.ca_cert))
 
     renewed = build_certificates(service="keymount", namespace="keymount", ips=["127.0.0.1"])
-    (tmp_path / "live" / "ca.crt").write_bytes(renewed["ca.crt"])
-    (tmp_path / "live" / "tls.key").write_bytes(renewed["tls.key"])
-    assert reloader.reload_if_changed() is False  # cert and key do not match yet: keep old
-    (tmp_path / "live" / "tls.crt").write_bytes(renewed["tls.crt"])
+    (tmp_path / "live" / order[0]).write_bytes(renewed[order[0]])
+    assert reloader.reload_if_changed() is False  # half a pair: the old one keeps serving
+    assert await asyncio.to_thread(peer_serial, srv.port, str(files.ca_cert)) == first
+    (tmp_path / "live" / order[1]).write_bytes(renewed[order[1]])
     assert reloader.reload_if_changed() is True
-    second = await asyncio.to_thread(peer_serial, srv.port, str(files.ca_cert))
+    (tmp_path / "ca.crt").write_bytes(renewed["ca.crt"])
+    second = await asyncio.to_thread(peer_serial, srv.port, str(tmp_path / "ca.crt"))
     assert first != second
     metrics = runtime.metrics.registry
     assert metrics.get_sample_value("keymount_tls_reloads_total", {"result": "success"}) == 1
     assert metrics.get_sample_value("keymount_tls_reloads_total", {"result": "error"}) == 1
+
+
+async def test_a_symlink_swap_as_the_kubelet_does_it_is_picked_up(tmp_path, runtime,
+                                                                   aiohttp_server):
+    # A Secret volume: tls.crt -> ..data/tls.crt, ..data -> ..2026_11_29_v1, swapped at once.
+    def version(name):
+        pems = build_certificates(service="keymount", namespace="keymount", ips=["127.0.0.1"])
+        write_certificates(tmp_path / name, pems)
+        return pems
+    old, new = version("..v1"), version("..v2")
+    (tmp_path / "..data").symlink_to("..v1")
+    for name in ("tls.crt", "tls.key"):
+        (tmp_path / name).symlink_to(f"..data/{name}")
+    reloader = reloading_server(tmp_path, runtime)
+    srv = await aiohttp_server(build_webhook_app(runtime), ssl=reloader.listening)
+    first = await asyncio.to_thread(peer_serial, srv.port, str(tmp_path / "..v1" / "ca.crt"))
+    (tmp_path / "..data_tmp").symlink_to("..v2")
+    os.replace(tmp_path / "..data_tmp", tmp_path / "..data")
+    assert reloader.reload_if_changed() is True
+    second = await asyncio.to_thread(peer_serial, srv.port, str(tmp_path / "..v2" / "ca.crt"))
+    assert first != second and old != new
 
 
 # --- probes and metrics ------------------------------------------------------------------

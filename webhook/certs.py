@@ -45,7 +45,9 @@ def _name(common_name: str) -> x509.Name:
 def build_certificates(*, service: str, namespace: str, ips: list[str] = (),
                        dns_names: list[str] = (), days: int = 365,
                        now: datetime | None = None) -> dict[str, bytes]:
-    """PEM bytes for ca.crt, ca.key, tls.crt, tls.key (pure apart from randomness)."""
+    """PEM bytes for ca.crt, ca.key, tls.crt, tls.key, and client.crt/client.key for the
+    API server to present when keymount runs with --client-ca (pure apart from
+    randomness)."""
     now = now or datetime.now(timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name(f"keymount-ca {service}.{namespace}")
@@ -60,6 +62,7 @@ def build_certificates(*, service: str, namespace: str, ips: list[str] = (),
             encipher_only=False, decipher_only=False), critical=True)
         .sign(ca_key, hashes.SHA256()))
     tls_key = ec.generate_private_key(ec.SECP256R1())
+    client_key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in
                                     [*service_dns_names(service, namespace), *dns_names]]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -72,6 +75,15 @@ def build_certificates(*, service: str, namespace: str, ips: list[str] = (),
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .sign(ca_key, hashes.SHA256()))
+    # For the API server to present to keymount (serve --client-ca ca.crt).
+    client_cert = (
+        x509.CertificateBuilder().subject_name(_name("kube-apiserver"))
+        .issuer_name(ca_name).public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5)).not_valid_after(now + timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256()))
 
     def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
         return key.private_bytes(serialization.Encoding.PEM,
@@ -83,6 +95,8 @@ def build_certificates(*, service: str, namespace: str, ips: list[str] = (),
         "ca.key": key_pem(ca_key),
         "tls.crt": tls_cert.public_bytes(serialization.Encoding.PEM),
         "tls.key": key_pem(tls_key),
+        "client.crt": client_cert.public_bytes(serialization.Encoding.PEM),
+        "client.key": key_pem(client_key),
     }
 
 

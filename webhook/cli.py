@@ -114,6 +114,7 @@ def build_settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import configure_logging
     from .metrics import Metrics
+    from .connections import ConnectionLimits
     from .server import Runtime, ServeOptions, serve
     from .store import KeyStore, PodStore
 
@@ -128,6 +129,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.auto_generate and not hasattr(source, "create_generated_key"):
         raise CommandError("--auto-generate needs the Kubernetes key source, not --keys-from",
                            2)
+    if args.auto_generate and not args.client_ca:
+        raise CommandError(
+            "--auto-generate needs --client-ca: keymount then writes key Secrets because of "
+            "an admission request, so only the API server may send one. Configure it to "
+            "present a client certificate to keymount (docs/operations.md, \"Client "
+            "certificates\") and pass the CA that signed it", 2)
     writers = build_key_writers(args)
     if not writers.configured:
         logging.getLogger("keymount.server").warning(
@@ -139,12 +146,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .cluster import describe_api_error
         events = EventRecorder(source.send_event, host=os.environ.get("HOSTNAME", ""),
                                on_drop=metrics.events_dropped.inc, describe=describe_api_error)
-    runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,
-                      auto_generate=bool(args.auto_generate), writers=writers, events=events)
-    options = ServeOptions(host=args.host, port=int(args.port), probe_port=int(args.probe_port),
-                           tls_cert=args.tls_cert, tls_key=args.tls_key,
-                           shutdown_grace=float(args.shutdown_grace))
-    for path in (options.tls_cert, options.tls_key):
+    try:
+        runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,
+                          auto_generate=bool(args.auto_generate), writers=writers,
+                          events=events, live_read_rate=float(args.live_reads_per_second),
+                          live_read_burst=max(1, int(2 * float(args.live_reads_per_second))))
+        limits = ConnectionLimits(request_timeout=float(args.request_timeout),
+                                  max_connections=int(args.max_connections),
+                                  max_buffered=int(args.max_buffered_mib) * 1024 * 1024,
+                                  handshake_timeout=float(args.request_timeout))
+        options = ServeOptions(host=args.host, port=int(args.port),
+                               probe_port=int(args.probe_port), tls_cert=args.tls_cert,
+                               tls_key=args.tls_key, client_ca=args.client_ca or None,
+                               shutdown_grace=float(args.shutdown_grace),
+                               shutdown_timeout=float(args.shutdown_timeout), limits=limits)
+    except ValueError as exc:
+        raise CommandError(f"invalid limit: {exc}", 2) from None
+    for path in (options.tls_cert, options.tls_key, *([options.client_ca]
+                                                       if options.client_ca else [])):
         if not Path(path).is_file():
             raise CommandError(f"TLS file {path} not found; create a pair with "
                                f"`keymount certs --service keymount --namespace keymount "
@@ -206,6 +225,21 @@ def add_serve(commands: argparse._SubParsersAction) -> None:
     add_flag(p, "--log-level", default="info", help="log level")
     add_flag(p, "--shutdown-grace", default=5.0, type=float,
              help="seconds to keep serving after SIGTERM while /readyz fails")
+    add_flag(p, "--shutdown-timeout", default=10.0, type=float,
+             help="then, seconds in-flight requests may take to finish")
+    add_flag(p, "--client-ca", default=None,
+             help="require a client certificate signed by this CA (PEM), as an API server "
+                  "configured for it presents")
+    add_flag(p, "--request-timeout", default=10.0, type=float,
+             help="seconds from a request's first byte (or a connection's TLS handshake) "
+                  "to keymount's answer; slower clients are cut off")
+    add_flag(p, "--max-connections", default=256, type=int,
+             help="open HTTPS connections; more are closed at once")
+    add_flag(p, "--max-buffered-mib", default=64, type=int,
+             help="request bytes buffered over all connections before reading pauses")
+    add_flag(p, "--live-reads-per-second", default=10.0, type=float,
+             help="live reads of the API server (before a refusal, for a new key's "
+                  "number); coalesced per namespace, past this rate refusals stand")
     add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -315,7 +349,8 @@ def cmd_certs(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CommandError(f"invalid --ip: {exc}", 2) from None
     files = write_certificates(Path(args.out), pems)
-    print(f"wrote {files.ca_cert}, {files.tls_cert}, {files.tls_key} (private keys 0600)",
+    print(f"wrote {files.ca_cert}, {files.tls_cert}, {files.tls_key} and client.crt/.key "
+          f"for an API server that presents one (private keys 0600)",
           file=sys.stderr)
     if args.kustomize_patch:
         path = Path(args.kustomize_patch)

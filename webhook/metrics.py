@@ -33,8 +33,13 @@ class Metrics:
         self.tls_reloads = Counter(
             "keymount_tls_reloads", "Serving certificate reloads", ["result"], registry=r)
         self.live_reads = Counter(
-            "keymount_live_reads", "Live reads of a namespace's keys before a deny",
-            registry=r)
+            "keymount_live_reads", "Live reads of a namespace's keys (before a refusal or "
+            "a new key's number), by result: read, coalesced, reused, limited",
+            ["result"], registry=r)
+        self.connections_dropped = Counter(
+            "keymount_connections_dropped", "Connections keymount closed: refused (over "
+            "--max-connections) or expired (no request within --request-timeout)",
+            ["reason"], registry=r)
         self.events_dropped = Counter(
             "keymount_events_dropped", "Kubernetes Events not sent because the queue was full",
             registry=r)

@@ -11,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import signal
-import ssl
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -23,15 +21,19 @@ from typing import Any, Literal, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .admission import (AdmissionRequest, MalformedReview, Verdict, build_review, errored,
-                        key_change, parse_review, review_mutation, review_validation)
+from .admission import (AdmissionRequest, MalformedReview, Verdict, build_review, denied,
+                        errored, key_change, parse_review, review_mutation,
+                        review_validation)
 from .config import Settings
+from .connections import ConnectionGuard, ConnectionLimits
 from .events import EventRecorder, event_for
 from .keyguard import KeyWriters, is_new_key
 from .keys import Keyring
 from .lifecycle import GENERATED_KEY_NAME
+from .livereads import LiveReads
 from .metrics import Metrics
 from .store import KeyStore, Reservations
+from .tls import CertReloader
 
 log = logging.getLogger("keymount.admission")
 server_log = logging.getLogger("keymount.server")
@@ -63,7 +65,16 @@ class Runtime:
     writers: KeyWriters = field(default_factory=KeyWriters)
     events: EventRecorder | None = None
     reservations: Reservations = field(default_factory=Reservations)
+    live_reads: LiveReads = field(init=False)
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
+    live_read_rate: float = 10.0
+    live_read_burst: int = 20
+
+    def __post_init__(self) -> None:
+        self.live_reads = LiveReads(
+            lambda namespace: self.source.confirm(namespace), rate=self.live_read_rate,
+            burst=self.live_read_burst,
+            on_call=lambda result: self.metrics.live_reads.labels(result).inc())
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -107,27 +118,37 @@ async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -
     if review.is_secret and is_new_key(key_change(review), settings=runtime.settings):
         # A new key's number is judged against a fresh view: one live read, as rare as
         # key creation (docs/contract.md, "Key numbers").
-        runtime.metrics.live_reads.inc()
-        verdict = verdict_for(await runtime.source.confirm(review.namespace))
+        fresh = await runtime.live_reads.confirm(review.namespace)
+        if fresh is None:
+            return Verdict("denied", denied(review.uid, (
+                f"keymount is limiting live reads of the API server right now and judges "
+                f"a new key's number only against a fresh read of namespace "
+                f"{review.namespace!r}; retry in a few seconds")))
+        verdict = verdict_for(fresh)
         key = verdict.key
         if (webhook == "validate" and key is not None and key.allowed
                 and key.number is not None and not review.dry_run):
             # Held until the watch brings the Secret: a key racing this one for the same
             # number is refused, never stored beside it.
             reservations.reserve(review.namespace, key.number, review.object_name)
+            runtime.live_reads.forget(review.namespace)
         return verdict
     verdict = verdict_for(runtime.store.keyring(review.namespace))
     if not verdict.key_state:
         return verdict
     # Confirm a key-state refusal with one live read: a key Secret created a moment
-    # ago may not have reached the cache yet (SPEC §5). Only ever on this rare path.
-    runtime.metrics.live_reads.inc()
-    keyring = await runtime.source.confirm(review.namespace)
+    # ago may not have reached the cache yet (docs/contract.md, "Refusals"). Rate
+    # limited: past the limit the cached refusal stands (fail closed).
+    keyring = await runtime.live_reads.confirm(review.namespace)
+    if keyring is None:
+        return verdict
     verdict = verdict_for(keyring)
     if (verdict.key_state and runtime.auto_generate and webhook == "mutate"
-            and not review.dry_run and not keyring.keys and not keyring.invalid):
+            and not review.dry_run and not keyring.keys and not keyring.invalid
+            and not keyring.retired):
         # No key Secret at all: make one. Never on dryRun, which must not write.
         keyring = await runtime.source.create_generated_key(review.namespace)
+        runtime.live_reads.forget(review.namespace)
         verdict = verdict_for(keyring)
         if verdict.result == "injected":
             verdict = verdict.with_warning(
@@ -164,7 +185,12 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                     runtime.events.emit(note)
         except Exception:  # bookkeeping must not turn a decision into an HTTP 500
             server_log.exception("recording the decision failed", extra={"uid": review.uid})
-        return web.json_response(build_review(review.api_version, verdict.response))
+        response = web.json_response(build_review(review.api_version, verdict.response))
+        if runtime.draining:
+            # Shutting down: answer, then close, so the API server's next request opens
+            # a connection that the Service sends to another replica.
+            response.force_close()
+        return response
 
     return handle
 
@@ -270,63 +296,6 @@ def build_probe_app(runtime: Runtime) -> web.Application:
     return app
 
 
-# --- TLS ----------------------------------------------------------------------------
-
-def build_ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.set_alpn_protocols(["http/1.1"])
-    context.load_cert_chain(cert_file, key_file)
-    return context
-
-
-class CertReloader:
-    """Reloads the serving certificate into the live SSLContext when its files change.
-
-    New TLS handshakes use the new pair; open connections keep theirs. cert-manager
-    and kubelet Secret-volume updates replace both files, not always at the same
-    instant: a pair that does not load yet is retried at the next tick and the old
-    one stays in service meanwhile.
-    """
-
-    def __init__(self, context: ssl.SSLContext, cert_file: str, key_file: str, *,
-                 metrics: Metrics, interval: float = 2.0) -> None:
-        self.context, self.cert_file, self.key_file = context, cert_file, key_file
-        self.metrics, self.interval = metrics, interval
-        self._stamp = self._read_stamp()
-
-    def _read_stamp(self) -> tuple:
-        stamps = []
-        for path in (self.cert_file, self.key_file):
-            try:
-                st = os.stat(path)
-                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
-            except OSError:
-                stamps.append(None)
-        return tuple(stamps)
-
-    def reload_if_changed(self) -> bool:
-        stamp = self._read_stamp()
-        if stamp == self._stamp:
-            return False
-        try:
-            self.context.load_cert_chain(self.cert_file, self.key_file)
-        except (OSError, ssl.SSLError) as exc:
-            self.metrics.tls_reloads.labels("error").inc()
-            server_log.warning("serving certificate changed but does not load yet; "
-                               "keeping the previous one", extra={"error": str(exc)})
-            return False
-        self._stamp = stamp
-        self.metrics.tls_reloads.labels("success").inc()
-        server_log.info("serving certificate reloaded", extra={"cert": self.cert_file})
-        return True
-
-    async def run(self) -> None:
-        while True:
-            await asyncio.sleep(self.interval)
-            self.reload_if_changed()
-
-
 @dataclass
 class ServeOptions:
     host: str = "0.0.0.0"
@@ -334,18 +303,24 @@ class ServeOptions:
     probe_port: int = 8080
     tls_cert: str = "certs/tls.crt"
     tls_key: str = "certs/tls.key"
+    client_ca: str | None = None
     shutdown_grace: float = 5.0
-    cert_reload_interval: float = 2.0
+    # After the grace period: how long in-flight requests may take to finish. With
+    # the grace this stays well inside a Pod's 30 s termination grace period.
+    shutdown_timeout: float = 10.0
+    cert_reload_interval: float = 1.0
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
 
 
 async def serve(runtime: Runtime, options: ServeOptions,
                 stop: asyncio.Event | None = None) -> None:
-    """Run until SIGTERM/SIGINT (or `stop`), then drain as SPEC §8 says."""
-    context = build_ssl_context(options.tls_cert, options.tls_key)
-    reloader = CertReloader(context, options.tls_cert, options.tls_key,
-                            metrics=runtime.metrics, interval=options.cert_reload_interval)
+    """Run until SIGTERM/SIGINT (or `stop`), then drain (docs/operations.md, "Shutdown")."""
+    metrics = runtime.metrics
+    reloader = CertReloader(options.tls_cert, options.tls_key, client_ca=options.client_ca,
+                            interval=options.cert_reload_interval,
+                            on_reload=lambda result: metrics.tls_reloads.labels(result).inc())
     webhook_runner = web.AppRunner(build_webhook_app(runtime), access_log=None,
-                                   shutdown_timeout=30.0)
+                                   shutdown_timeout=options.shutdown_timeout)
     probe_runner = web.AppRunner(build_probe_app(runtime), access_log=None)
     await webhook_runner.setup()
     await probe_runner.setup()
@@ -355,20 +330,30 @@ async def serve(runtime: Runtime, options: ServeOptions,
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     reload_task = asyncio.create_task(reloader.run(), name="keymount-cert-reloader")
+    guard = ConnectionGuard(options.limits,
+                            on_event=lambda what: metrics.connections_dropped.labels(what).inc())
+    listener: asyncio.AbstractServer | None = None
     try:
         await web.TCPSite(probe_runner, options.host, options.probe_port).start()
-        await web.TCPSite(webhook_runner, options.host, options.port,
-                          ssl_context=context).start()
+        listener = await loop.create_server(
+            guard.wrap(webhook_runner.server), options.host, options.port,
+            ssl=reloader.listening, ssl_handshake_timeout=options.limits.handshake_timeout,
+            reuse_address=True, backlog=512)
         server_log.info("serving", extra={"port": options.port,
                                           "probe_port": options.probe_port})
         await stop.wait()
         # Endpoints and kube-proxy take a moment to drop this Pod: keep answering new
-        # connections for a grace period while /readyz says 503, then stop.
+        # connections for a grace period while /readyz says 503 and every answer says
+        # Connection: close, then stop accepting.
         runtime.draining = True
         server_log.info("draining", extra={"grace_seconds": options.shutdown_grace})
         await asyncio.sleep(options.shutdown_grace)
     finally:
         reload_task.cancel()
-        await webhook_runner.cleanup()  # stops accepting, waits for in-flight requests
+        if listener is not None:
+            listener.close()
+        # Idle connections close at once; requests in flight get shutdown_timeout to
+        # finish (a body still arriving meets the request deadline first).
+        await webhook_runner.cleanup()
         await probe_runner.cleanup()
         server_log.info("stopped")

@@ -118,10 +118,14 @@ class Keymount:
             self.proc.wait()
             return None
 
-    def review(self, body: dict) -> dict:
-        """POST an AdmissionReview straight to /mutate, as the API server would."""
+    def review(self, body: dict, *, client_cert: bool = False) -> dict:
+        """POST an AdmissionReview straight to /mutate, as the API server would; with
+        `client_cert`, presenting the client certificate `keymount certs` made."""
         import ssl
         context = ssl.create_default_context(cafile=str(self.ca_file))
+        if client_cert:
+            context.load_cert_chain(self.ca_file.parent / "client.crt",
+                                    self.ca_file.parent / "client.key")
         request = urllib.request.Request(
             f"https://127.0.0.1:{self.port}/mutate", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"})

@@ -179,13 +179,23 @@ def backend_review(namespace: str, uid: str, *, dry_run: bool = False) -> dict:
                    "spec": {"containers": [{"name": "app", "image": "x"}]}}}}
 
 
-def test_two_auto_generating_replicas_racing_create_exactly_one_key(
+def test_auto_generate_answers_only_the_api_server_and_two_racing_replicas_make_one_key(
         api, namespace, control_plane, admin_kubeconfig, tmp_path):
     kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=AUTOGEN_RBAC)
-    replicas = [launch_keymount(control_plane, tmp_path / "replicas", "--auto-generate")
-                for _ in range(2)]
+    work = tmp_path / "replicas"
+    replicas = [launch_keymount(control_plane, work, "--auto-generate", "--client-ca",
+                                str(work / "certs/ca.crt")) for _ in range(2)]
     try:
-        dry = replicas[0].review(backend_review(namespace, "dry", dry_run=True))
+        # Anything that reaches the port without the API server's client certificate
+        # is turned away before it can make keymount write a key Secret.
+        import ssl
+        import urllib.error
+        with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+            replicas[0].review(backend_review(namespace, "forged"))
+        assert [s.metadata.name for s in api.list_namespaced_secret(namespace).items] == []
+
+        dry = replicas[0].review(backend_review(namespace, "dry", dry_run=True),
+                                 client_cert=True)
         assert dry["allowed"] is False
         assert "no valid encryption key" in dry["status"]["message"]
         assert [s.metadata.name for s in api.list_namespaced_secret(namespace).items] == []
@@ -195,7 +205,8 @@ def test_two_auto_generating_replicas_racing_create_exactly_one_key(
 
         def race(i: int) -> None:
             start.wait()
-            answers[i] = replicas[i].review(backend_review(namespace, f"race-{i}"))
+            answers[i] = replicas[i].review(backend_review(namespace, f"race-{i}"),
+                                            client_cert=True)
 
         threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
         for t in threads:

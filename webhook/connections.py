@@ -1,0 +1,159 @@
+"""Limits on the HTTPS connections, for clients that may be hostile.
+
+Anything that can reach the webhook port may be hostile (docs/contract.md, "HTTP").
+aiohttp has no deadline for reading a request's headers or body, so a client that
+sends one byte every few seconds keeps a connection, and its buffers, forever. Each
+connection's protocol is wrapped here:
+
+- **request deadline**: from the first byte of a request until keymount starts writing
+  its answer, at most `request_timeout` seconds; then the connection is dropped. The
+  API server gives a webhook at most 30 s (`timeoutSeconds`), so nothing legitimate
+  is lost.
+- **connection cap**: past `max_connections` open connections a new one is closed at
+  once (counted), so file descriptors and per-connection buffers stay bounded.
+- **buffered bytes**: request bytes received but not yet answered, over all
+  connections, are capped; a connection that would go over stops being read (TCP
+  backpressure) until answers free room, so concurrent 7 MiB bodies cannot add up.
+
+The TLS handshake itself is bounded by the server's `ssl_handshake_timeout`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("keymount.server")
+
+
+@dataclass
+class ConnectionLimits:
+    request_timeout: float = 10.0
+    max_connections: int = 256
+    max_buffered: int = 64 * 1024 * 1024
+    handshake_timeout: float = 10.0
+
+
+@dataclass
+class ConnectionGuard:
+    """Shared state of every guarded connection of one listening socket."""
+
+    limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    on_event: Callable[[str], None] = lambda what: None  # metric hook: refused/expired
+    active: int = 0
+    buffered: int = 0
+    paused: deque[GuardedProtocol] = field(default_factory=deque)
+
+    def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
+        return lambda: GuardedProtocol(factory(), self)
+
+    def release(self, amount: int) -> None:
+        self.buffered -= amount
+        while self.paused and self.buffered < self.limits.max_buffered:
+            self.paused.popleft().resume()
+
+
+class _Transport:
+    """The real transport, with writes reported: the first byte of an answer ends the
+    request's deadline."""
+
+    def __init__(self, inner: asyncio.Transport, owner: GuardedProtocol) -> None:
+        self._inner, self._owner = inner, owner
+
+    def write(self, data: Any) -> None:
+        self._owner.answered()
+        self._inner.write(data)
+
+    def writelines(self, lines: Any) -> None:
+        self._owner.answered()
+        self._inner.writelines(lines)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+
+class GuardedProtocol(asyncio.Protocol):
+    def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
+        self.inner, self.guard = inner, guard
+        self.transport: asyncio.Transport | None = None
+        self.counted = False
+        self.pending = 0  # bytes of the current request not yet answered
+        self.deadline: asyncio.TimerHandle | None = None
+        self.reading = True
+
+    # --- asyncio.Protocol -----------------------------------------------------------
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+        if self.guard.active >= self.guard.limits.max_connections:
+            self.guard.on_event("refused")
+            transport.abort()
+            return
+        self.guard.active += 1
+        self.counted = True
+        self.inner.connection_made(_Transport(transport, self))
+
+    def data_received(self, data: bytes) -> None:
+        if not self.counted:
+            return
+        if self.deadline is None:
+            loop = asyncio.get_running_loop()
+            self.deadline = loop.call_later(self.guard.limits.request_timeout, self.expire)
+        self.pending += len(data)
+        self.guard.buffered += len(data)
+        if self.guard.buffered > self.guard.limits.max_buffered and self.reading:
+            self.reading = False
+            self.guard.paused.append(self)
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received() if self.counted else None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.counted:
+            return
+        self.counted = False
+        self.guard.active -= 1
+        self._end_request()
+        if self in self.guard.paused:
+            self.guard.paused.remove(self)
+        self.inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+    # --- the guard ------------------------------------------------------------------
+
+    def answered(self) -> None:
+        if self.deadline is not None or self.pending:
+            self._end_request()
+
+    def resume(self) -> None:
+        if not self.reading and self.transport is not None and not self.transport.is_closing():
+            self.reading = True
+            self.transport.resume_reading()
+
+    def expire(self) -> None:
+        """No answer begun within the deadline: a slow (or stuck) request; drop it."""
+        self.deadline = None
+        self.guard.on_event("expired")
+        log.warning("request not received and answered within the deadline; connection "
+                    "closed", extra={"seconds": self.guard.limits.request_timeout})
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _end_request(self) -> None:
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+        pending, self.pending = self.pending, 0
+        self.guard.release(pending)
