@@ -116,7 +116,15 @@ class AdmissionRequest:
         return self.name or meta.get("name") or meta.get("generateName") or ""
 
 
+# A Pod or Secret has hundreds of JSON objects and arrays, not hundreds of thousands;
+# decoded, a few MiB of `{},` would be hundreds of MiB of dicts (docs/contract.md, "HTTP").
+MAX_CONTAINERS = 100_000
+
+
 def parse_review(body: bytes) -> AdmissionRequest:
+    if body.count(b"{") + body.count(b"[") > MAX_CONTAINERS:
+        raise MalformedReview(f"body holds more than {MAX_CONTAINERS} JSON objects and "
+                              f"arrays; not an AdmissionReview keymount answers")
     try:
         review = json.loads(body)
     except RecursionError:

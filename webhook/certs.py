@@ -50,7 +50,9 @@ def build_certificates(*, service: str, namespace: str, ips: list[str] = (),
     randomness)."""
     now = now or datetime.now(timezone.utc)
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = _name(f"keymount-ca {service}.{namespace}")
+    # A distinct name per CA: a client trusting an old and a new CA during a rollover
+    # finds the issuer by name, and two CAs of one name would shadow each other.
+    ca_name = _name(f"keymount-ca {service}.{namespace} {os.urandom(4).hex()}")
     ca_cert = (
         x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name)
         .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())

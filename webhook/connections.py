@@ -9,8 +9,10 @@ connection's protocol is wrapped here:
   its answer, at most `request_timeout` seconds; then the connection is dropped. The
   API server gives a webhook at most 30 s (`timeoutSeconds`), so nothing legitimate
   is lost.
-- **connection cap**: past `max_connections` open connections a new one is closed at
-  once (counted), so file descriptors and per-connection buffers stay bounded.
+- **connection cap**: at `max_connections` open connections, a new one takes the slot
+  of the connection whose request has been arriving the longest (a slow client), or
+  else of the longest idle one (a keep-alive connection reconnects at no cost); so file
+  descriptors and buffers stay bounded and slow clients cannot lock the API server out.
 - **buffered bytes**: request bytes received but not yet answered, over all
   connections, are capped; a connection that would go over stops being read (TCP
   backpressure) until answers free room, so concurrent 7 MiB bodies cannot add up.
@@ -43,10 +45,26 @@ class ConnectionGuard:
     """Shared state of every guarded connection of one listening socket."""
 
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
-    on_event: Callable[[str], None] = lambda what: None  # metric hook: refused/expired
+    on_event: Callable[[str], None] = lambda what: None  # metric hook: evicted/expired
     active: int = 0
     buffered: int = 0
     paused: deque[GuardedProtocol] = field(default_factory=deque)
+    open: dict[GuardedProtocol, None] = field(default_factory=dict)  # insertion-ordered
+
+    def make_room(self) -> None:
+        """Close the connection that holds a slot with the least reason to: the one
+        whose request has been arriving the longest, else the oldest that never sent a
+        whole request, else the oldest idle one. A client that keeps getting answers
+        (the API server's keep-alive connections) goes last."""
+        slow = [p for p in self.open if p.request_started is not None]
+        unproven = [p for p in self.open if not p.answered_any]
+        if slow:
+            victim = min(slow, key=lambda p: p.request_started or 0.0)
+        else:
+            victim = next(iter(unproven or self.open), None)
+        if victim is not None:
+            self.on_event("evicted")
+            victim.drop()
 
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
         return lambda: GuardedProtocol(factory(), self)
@@ -83,6 +101,8 @@ class GuardedProtocol(asyncio.Protocol):
         self.counted = False
         self.pending = 0  # bytes of the current request not yet answered
         self.deadline: asyncio.TimerHandle | None = None
+        self.request_started: float | None = None  # loop time of the current request
+        self.answered_any = False
         self.reading = True
 
     # --- asyncio.Protocol -----------------------------------------------------------
@@ -90,10 +110,9 @@ class GuardedProtocol(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
         if self.guard.active >= self.guard.limits.max_connections:
-            self.guard.on_event("refused")
-            transport.abort()
-            return
+            self.guard.make_room()
         self.guard.active += 1
+        self.guard.open[self] = None
         self.counted = True
         self.inner.connection_made(_Transport(transport, self))
 
@@ -102,6 +121,7 @@ class GuardedProtocol(asyncio.Protocol):
             return
         if self.deadline is None:
             loop = asyncio.get_running_loop()
+            self.request_started = loop.time()
             self.deadline = loop.call_later(self.guard.limits.request_timeout, self.expire)
         self.pending += len(data)
         self.guard.buffered += len(data)
@@ -120,6 +140,7 @@ class GuardedProtocol(asyncio.Protocol):
             return
         self.counted = False
         self.guard.active -= 1
+        self.guard.open.pop(self, None)
         self._end_request()
         if self in self.guard.paused:
             self.guard.paused.remove(self)
@@ -134,6 +155,7 @@ class GuardedProtocol(asyncio.Protocol):
     # --- the guard ------------------------------------------------------------------
 
     def answered(self) -> None:
+        self.answered_any = True
         if self.deadline is not None or self.pending:
             self._end_request()
 
@@ -148,6 +170,17 @@ class GuardedProtocol(asyncio.Protocol):
         self.guard.on_event("expired")
         log.warning("request not received and answered within the deadline; connection "
                     "closed", extra={"seconds": self.guard.limits.request_timeout})
+        self.drop()
+
+    def drop(self) -> None:
+        if self.counted:  # free the slot now, not when the transport reports it
+            self.counted = False
+            self.guard.active -= 1
+            self.guard.open.pop(self, None)
+            self._end_request()
+            if self in self.guard.paused:
+                self.guard.paused.remove(self)
+            self.inner.connection_lost(None)
         if self.transport is not None:
             self.transport.abort()
 
@@ -155,5 +188,6 @@ class GuardedProtocol(asyncio.Protocol):
         if self.deadline is not None:
             self.deadline.cancel()
             self.deadline = None
+        self.request_started = None
         pending, self.pending = self.pending, 0
         self.guard.release(pending)

@@ -37,8 +37,9 @@ class Metrics:
             "a new key's number), by result: read, coalesced, reused, limited",
             ["result"], registry=r)
         self.connections_dropped = Counter(
-            "keymount_connections_dropped", "Connections keymount closed: refused (over "
-            "--max-connections) or expired (no request within --request-timeout)",
+            "keymount_connections_dropped", "Connections keymount closed: evicted (their "
+            "slot went to a new connection at --max-connections) or expired (no answer "
+            "begun within --request-timeout)",
             ["reason"], registry=r)
         self.events_dropped = Counter(
             "keymount_events_dropped", "Kubernetes Events not sent because the queue was full",

@@ -41,6 +41,7 @@ server_log = logging.getLogger("keymount.server")
 # Kubernetes caps a request body at 3 MiB; an AdmissionReview may carry the object
 # twice (object and oldObject), so 7 MiB is the most a genuine review needs.
 MAX_BODY = 7 * 1024 * 1024
+LARGE_BODY = 1024 * 1024
 Webhook = Literal["mutate", "validate"]
 
 
@@ -66,6 +67,7 @@ class Runtime:
     events: EventRecorder | None = None
     reservations: Reservations = field(default_factory=Reservations)
     live_reads: LiveReads = field(init=False)
+    large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
     live_read_rate: float = 10.0
     live_read_burst: int = 20
@@ -162,6 +164,16 @@ async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -
 def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
     async def handle(request: web.Request) -> web.Response:
         runtime = request.app[RUNTIME]
+        length = request.content_length
+        if length is not None and length <= LARGE_BODY:
+            return await answer(request, runtime)
+        # Decoded, a hostile body of a few MiB can become hundreds of MiB of objects:
+        # large (or unannounced) ones are handled one at a time; genuine reviews are
+        # rarely over 1 MiB, and the API server always sends a Content-Length.
+        async with runtime.large_bodies:
+            return await answer(request, runtime)
+
+    async def answer(request: web.Request, runtime: Runtime) -> web.Response:
         started = time.perf_counter()
         review = await read_review(request)
         if isinstance(review, web.Response):

@@ -1,0 +1,105 @@
+"""`keymount serve` as a real process on loopback, for tests that attack it."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+from builders import key_secret, pod, random_key, review
+from polling import poll
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, tmp: Path, *args: str, keys: int = 2, namespace: str = "default"):
+        self.tmp = tmp
+        self.keys_dir = tmp / "keys"
+        self.keys_dir.mkdir(parents=True, exist_ok=True)
+        self.key_bytes = [random_key() for _ in range(keys)]
+        for i, key in enumerate(self.key_bytes, start=1):
+            (self.keys_dir / f"k{i}.yaml").write_text(yaml.safe_dump(
+                key_secret(f"k{i}", key, namespace=namespace, index=i)))
+        self.certs = tmp / "certs"
+        subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
+                        "--namespace", "keymount", "--out", str(self.certs), "--ip",
+                        "127.0.0.1"], check=True, capture_output=True)
+        self.port, self.probe = free_port(), free_port()
+        self.log = tmp / "serve.log"
+        self._log_handle = open(self.log, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port",
+             str(self.port), "--probe-port", str(self.probe), "--keys-from",
+             str(self.keys_dir), "--tls-cert", str(self.certs / "tls.crt"),
+             "--tls-key", str(self.certs / "tls.key"), *args],
+            stdout=self._log_handle, stderr=subprocess.STDOUT)
+        poll(lambda: self.ready() or self.proc.poll() is not None, what="keymount ready")
+        assert self.proc.poll() is None, self.log.read_text()[-2000:]
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.probe}/readyz",
+                                        timeout=2) as resp:
+                return resp.status == 200
+        except (urllib.error.URLError, OSError):
+            return False
+
+    def context(self, cafile: Path | None = None) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(cafile or self.certs / "ca.crt"))
+
+    def connection(self, timeout: float = 10) -> http.client.HTTPSConnection:
+        return http.client.HTTPSConnection("127.0.0.1", self.port, timeout=timeout,
+                                           context=self.context())
+
+    @staticmethod
+    def body(namespace: str = "default", **kw) -> bytes:
+        return json.dumps(review(pod(), namespace=namespace, **kw)).encode()
+
+    def post(self, conn: http.client.HTTPSConnection, body: bytes | None = None,
+             path: str = "/mutate") -> tuple[int, dict]:
+        conn.request("POST", path, body=body or self.body(),
+                     headers={"Content-Type": "application/json"})
+        response = conn.getresponse()
+        return response.status, json.loads(response.read())
+
+    def metric(self, name: str, labels: str = "") -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.probe}/metrics",
+                                    timeout=5) as resp:
+            text = resp.read().decode()
+        pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
+        match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
+
+    def memory_mib(self, field: str = "VmRSS") -> float:
+        """VmRSS now, or VmHWM: the peak resident size so far."""
+        text = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) / 1024
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(40)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            return None
+        finally:
+            self._log_handle.close()
+
+    def logs(self) -> str:
+        return self.log.read_text()
