@@ -259,3 +259,16 @@ async def test_cancelling_the_loop_returns_promptly_even_with_a_watch_blocked_in
     await wait_for(lambda: api.count(watch=True) == 1, what="the blocked watch")
     await asyncio.wait_for(stop(task), timeout=2)
     blocked.set()
+
+
+def test_a_silent_watch_is_noticed_well_within_a_minute_by_default():
+    timings = WatchTimings()
+    assert timings.watch_seconds < timings.read_timeout < 60
+
+
+@pytest.mark.parametrize(("major", "minor", "before"), [
+    ("1", "20", True), ("1", "20+", True), ("1", "21", False), ("1", "30", False),
+    ("2", "0", False), ("x", "y", False)])
+def test_versions_before_1_21_are_recognised(major, minor, before):
+    from webhook.cluster import kubernetes_before
+    assert kubernetes_before(major, minor, 1, 21) is before

@@ -80,6 +80,14 @@ def load_api_client(*, kubeconfig: str | None = None, context: str | None = None
 describe_api_error = describe_error  # one error line for API calls, here and in the CLI
 
 
+def kubernetes_before(major: str, minor: str, want_major: int, want_minor: int) -> bool:
+    """Whether an API server's version ("1", "20+") is older than want_major.want_minor."""
+    try:
+        return (int(major.rstrip("+")), int(minor.rstrip("+"))) < (want_major, want_minor)
+    except ValueError:
+        return False
+
+
 class KubernetesKeySource:
     """Key Secrets by list and watch, and optionally backend Pods (for the stale-Pod
     metric); one live read before a key-state refusal; --auto-generate; Events."""
@@ -106,6 +114,7 @@ class KubernetesKeySource:
 
     async def load(self) -> None:
         """The first full list; the store (and /readyz) is ready only after it."""
+        await self.check_version()
         count = await self.keys.load()
         log.info("listed key Secrets", extra={"count": count,
                                               "scopes": [s or "*" for s in self.scopes]})
@@ -119,6 +128,25 @@ class KubernetesKeySource:
 
     async def run(self) -> None:
         await asyncio.gather(self.keys.run(), *([self.pods.run()] if self.pods else []))
+
+    async def check_version(self) -> None:
+        """Namespace exclusion is tamper-proof only from Kubernetes 1.21, which sets the
+        label kubernetes.io/metadata.name itself; before, anyone who may label a
+        namespace can label it kube-system and switch keymount off there."""
+        try:
+            info = await in_daemon_thread(lambda: client.VersionApi(
+                self.api.api_client).get_code(_request_timeout=(5, 10)))
+        except Exception as exc:
+            log.warning("cannot read the API server's version",
+                        extra={"error": describe_error(exc)})
+            return
+        if kubernetes_before(str(info.major), str(info.minor), 1, 21):
+            log.warning(
+                "Kubernetes before 1.21: the webhooks' namespaceSelector on "
+                "kubernetes.io/metadata.name is not tamper-proof (the label is not set "
+                "and guarded by the API server), so whoever may label a namespace can "
+                "exclude it from keymount; restrict namespace updates in RBAC, or upgrade",
+                extra={"version": info.git_version})
 
     async def confirm(self, namespace: str) -> Keyring:
         """One live read of a namespace before a key-state refusal (docs/contract.md,

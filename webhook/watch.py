@@ -65,8 +65,12 @@ def _settle(future: asyncio.Future[Any], result: Any, exc: BaseException | None)
 
 @dataclass(frozen=True)
 class WatchTimings:
-    watch_seconds: int = 240  # server-side timeoutSeconds of one watch
-    read_timeout: float = 270.0  # client-side: longer than a healthy watch can be quiet
+    # A watch the server ends every 30 s, and a client-side read timeout of 45 s: a
+    # connection that goes silent (half-open, a proxy that dropped it) is noticed and
+    # replaced by a re-list well within a minute; a healthy one costs one request per
+    # 30 s per scope, resumed from its resourceVersion.
+    watch_seconds: int = 30  # server-side timeoutSeconds of one watch
+    read_timeout: float = 45.0  # client-side: longer than a healthy watch can be quiet
     connect_timeout: float = 10.0
     resync_seconds: float = 600.0
     retry_seconds: float = 1.0  # first backoff after an error, doubled up to 30 s

@@ -177,3 +177,10 @@ def test_a_start_up_failure_with_the_kubernetes_source_is_one_line_and_exit_1(
     assert result.returncode == 1, result.stderr[-2000:]
     assert result.stderr.strip().splitlines()[-1].startswith("keymount: cannot serve on")
     assert "Fatal Python error" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_serve_warns_that_namespace_exclusion_is_not_tamper_proof_before_1_21(keymount):
+    # The test bed's API server is 1.20.
+    warnings = [line for line in keymount.log_lines() if line.get("level") == "warning"]
+    assert any("not tamper-proof" in w["msg"] and w.get("version", "").startswith("v1.20")
+               for w in warnings), warnings
