@@ -256,3 +256,11 @@ def test_a_container_the_annotation_does_not_select_may_not_mount_the_keys_itsel
     outcome = refused(pod(container("app"), sidecar,
                           annotations={"keymount.io/containers": "app"}))
     assert outcome.reason == "mount-conflict" and "'sidecar'" in outcome.message
+
+
+def test_a_pod_with_two_volumes_of_keymounts_name_is_refused_not_half_replaced():
+    # Found by the property tests: only the first was replaced, the second passed on.
+    obj = pod(container("app"), volumes=[{"name": "keymount-encryption-keys"},
+                                         {"name": "keymount-encryption-keys",
+                                          "emptyDir": {}}])
+    assert refused(obj).reason == "malformed-pod"

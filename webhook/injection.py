@@ -152,6 +152,12 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
         if spec.get(name) is not None and not _is_list_of_maps(spec.get(name)):
             return Refused("malformed-pod", f"the Pod's spec.{name} is not a list of objects")
 
+    ours = [v for v in spec.get("volumes") or [] if v.get("name") == VOLUME_NAME]
+    if len(ours) > 1:
+        # Only the first would be replaced: refuse rather than pass the rest along.
+        return Refused("malformed-pod", (
+            f"the Pod has {len(ours)} volumes named {VOLUME_NAME!r}; keymount adds that "
+            f"volume itself, so remove them from the Pod spec"))
     targets = select_containers(pod)
     if isinstance(targets, Refused):
         return targets

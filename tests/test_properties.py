@@ -1,0 +1,188 @@
+"""Properties over generated AdmissionReviews and Pod shapes (Hypothesis).
+
+Whatever arrives: parsing either yields a request or a MalformedReview (the 400), a
+decision never raises, every answer is an AdmissionReview response with the uid, and
+no backend Pod is ever allowed without its keys: /mutate either refuses it or patches
+it so that every selected container mounts every key, and /validate accepts exactly
+that result.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import jsonpatch
+import pytest
+from builders import key_secret, keyring_of, random_key
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from webhook.admission import (MalformedReview, parse_review, review_mutation,
+                               review_validation)
+from webhook.config import Settings
+from webhook.injection import needs_keys
+from webhook.names import VOLUME_NAME
+
+SETTINGS = Settings()
+KEYRING = keyring_of(key_secret("k1", random_key(), index=1),
+                     key_secret("k2", random_key(), index=2))
+RUNS: Counter[str] = Counter()
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
+                                                              max_size=4),
+    max_leaves=20)
+
+paths = st.sampled_from(["/encryption-keys", "//encryption-keys", "/encryption-keys/",
+                         "/./encryption-keys", "/encryption-keys/sub", "/data", "/", "",
+                         "/encryption-keysx", "/a/../encryption-keys"])
+mounts = st.fixed_dictionaries(
+    {"name": st.sampled_from([VOLUME_NAME, "data", "cache"]), "mountPath": paths},
+    optional={"readOnly": st.booleans(), "subPath": st.sampled_from(["", "encryption-key-1"]),
+              "mountPropagation": st.sampled_from(["None", "HostToContainer"])})
+containers = st.fixed_dictionaries(
+    {"name": st.sampled_from(["app", "sidecar", "init", "x"])},
+    optional={"volumeMounts": st.lists(mounts, max_size=3) | json_values,
+              "securityContext": st.fixed_dictionaries(
+                  {}, optional={"runAsUser": st.integers(0, 2), "runAsNonRoot": st.booleans()}),
+              "image": st.text(max_size=5)})
+volumes = st.lists(st.fixed_dictionaries(
+    {"name": st.sampled_from([VOLUME_NAME, "data", "cache"])},
+    optional={"emptyDir": st.just({}), "projected": json_values}), max_size=3)
+labels = st.dictionaries(st.sampled_from(["app.kubernetes.io/component", "app"]),
+                         st.sampled_from(["backend", "web", ""]), max_size=2)
+annotations = st.dictionaries(st.sampled_from(["keymount.io/containers", "keymount.io/status",
+                                               "other"]),
+                              st.sampled_from(["app", "app,sidecar", "ghost", "", "init"]),
+                              max_size=2)
+pods = st.fixed_dictionaries(
+    {"metadata": st.fixed_dictionaries({"labels": labels}, optional={
+        "annotations": annotations, "name": st.text(max_size=5)}),
+     "spec": st.fixed_dictionaries({}, optional={
+         "containers": st.lists(containers, max_size=3) | json_values,
+         "initContainers": st.lists(containers, max_size=2),
+         "volumes": volumes | json_values,
+         "securityContext": st.fixed_dictionaries({}, optional={"fsGroup": st.integers(0, 5)}),
+     })},
+    optional={"apiVersion": st.just("v1"), "kind": st.just("Pod")})
+kinds = st.sampled_from([{"group": "", "version": "v1", "kind": "Pod"},
+                         {"group": "", "version": "v1", "kind": "Secret"},
+                         {"group": "apps", "version": "v1", "kind": "Deployment"}])
+reviews = st.fixed_dictionaries({
+    "apiVersion": st.sampled_from(["admission.k8s.io/v1", "admission.k8s.io/v1beta1", "v2"]),
+    "kind": st.sampled_from(["AdmissionReview", "AdmissionReview", "Pod"]),
+    "request": st.fixed_dictionaries(
+        {"uid": st.sampled_from(["u-1", ""]), "kind": kinds,
+         "operation": st.sampled_from(["CREATE", "CREATE", "UPDATE", "DELETE", "EAT"])},
+        optional={"namespace": st.sampled_from(["shop", "other", ""]),
+                  "object": pods | json_values, "oldObject": pods | json_values,
+                  "dryRun": st.booleans(),
+                  "userInfo": st.fixed_dictionaries({}, optional={
+                      "username": st.text(max_size=5), "groups": json_values})})})
+
+
+def decide(body: bytes, webhook: str):
+    """Parse and decide as the server does; None for a body answered with a 400."""
+    try:
+        request = parse_review(body)
+    except MalformedReview:
+        RUNS["4xx"] += 1
+        return None, None
+    keyring = KEYRING if request.namespace == "shop" else keyring_of(namespace=request.namespace)
+    if webhook == "mutate":
+        return request, review_mutation(request, keyring=keyring, settings=SETTINGS)
+    return request, review_validation(request, keyring=keyring, settings=SETTINGS)
+
+
+def assert_wire_response(request, verdict) -> None:
+    response = verdict.response
+    assert response["uid"] == request.uid and isinstance(response["allowed"], bool)
+    if not response["allowed"]:
+        assert response["status"]["code"] in (400, 403, 500) and response["status"]["message"]
+    json.dumps(response)  # serialisable as it is sent
+
+
+def assert_keys_mounted(pod, request) -> None:
+    """The patched backend Pod carries every key, mounted in every selected container."""
+    volume = next(v for v in pod["spec"]["volumes"] if v["name"] == VOLUME_NAME)
+    files = {s["secret"]["items"][0]["path"] for s in volume["projected"]["sources"]
+             if not s["secret"]["optional"]}
+    assert files == {f.file for f in KEYRING.files}
+    again, verdict = decide(json.dumps({
+        "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+        "request": {"uid": request.uid, "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                    "operation": "CREATE", "namespace": request.namespace,
+                    "object": pod}}).encode(), "validate")
+    assert verdict.result == "allowed", verdict.message
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=64))
+def test_any_body_is_a_request_or_a_400_never_an_exception(body):
+    RUNS["any-body"] += 1
+    for webhook in ("mutate", "validate"):
+        request, verdict = decide(body, webhook)
+        if verdict is not None:
+            assert_wire_response(request, verdict)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(review=reviews)
+def test_no_backend_pod_is_ever_allowed_without_its_keys(review):
+    RUNS["review"] += 1
+    body = json.dumps(review).encode()
+    request, verdict = decide(body, "mutate")
+    if verdict is None:
+        return
+    assert_wire_response(request, verdict)
+    pod = request.object
+    backend_create = (request.is_pod and request.operation == "CREATE"
+                      and isinstance(pod, dict) and needs_keys(pod, settings=SETTINGS))
+    if not backend_create or not verdict.response["allowed"]:
+        RUNS["refused-or-not-backend"] += 1
+        return
+    assert request.namespace == "shop"  # a keyless namespace never lets one through
+    patch = json.loads(__import__("base64").b64decode(verdict.response["patch"]))
+    assert_keys_mounted(jsonpatch.apply_patch(pod, patch), request)
+    RUNS["injected"] += 1
+    _, validated = decide(body, "validate")
+    assert validated.result in ("allowed", "denied")
+
+
+backend_labels = labels.map(lambda d: {**d, "app.kubernetes.io/component": "backend"})
+backend_pods = st.fixed_dictionaries(
+    {"metadata": st.fixed_dictionaries({"labels": backend_labels},
+                                       optional={"annotations": annotations}),
+     "spec": st.fixed_dictionaries(
+         {"containers": st.lists(containers, min_size=1, max_size=3)},
+         optional={"initContainers": st.lists(containers, max_size=2),
+                   "volumes": volumes,
+                   "securityContext": st.fixed_dictionaries(
+                       {}, optional={"fsGroup": st.integers(0, 5)})})})
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pod=backend_pods, webhook=st.sampled_from(["mutate", "validate"]))
+def test_a_backend_pod_of_any_shape_is_refused_or_gets_every_key(pod, webhook):
+    RUNS["backend-pod"] += 1
+    body = json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                       "request": {"uid": "u-1", "operation": "CREATE", "namespace": "shop",
+                                   "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                                   "object": pod}}).encode()
+    request, verdict = decide(body, webhook)
+    assert_wire_response(request, verdict)
+    if not verdict.response["allowed"]:
+        RUNS[f"{webhook}-refused"] += 1
+        return
+    assert webhook == "mutate", "validate allowed a backend Pod that keymount never saw"
+    patch = json.loads(__import__("base64").b64decode(verdict.response["patch"]))
+    assert_keys_mounted(jsonpatch.apply_patch(pod, patch), request)
+    RUNS["injected"] += 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def report_examples():
+    yield
+    print(f"\nHypothesis examples run: {dict(RUNS)}")
