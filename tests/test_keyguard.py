@@ -401,3 +401,11 @@ def test_a_service_account_writer_matches_its_username():
     from webhook.keyguard import Requester
     assert writers.allows(Requester("system:serviceaccount:ops:rotator"))
     assert not writers.allows(Requester("system:serviceaccount:other:rotator"))
+
+
+def test_a_reservation_ends_once_its_key_is_in_view():
+    from webhook.store import Reservations
+    held = Reservations(clock=lambda: 0.0)
+    held.reserve("shop", 3, "k3")
+    held.settle("shop", ["k1", "k3"])
+    assert held.held("shop") == {}

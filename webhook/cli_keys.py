@@ -382,6 +382,109 @@ def cmd_retire(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- backup / restore ----------------------------------------------------------------------
+
+def read_secret_text(path: str, what: str) -> str:
+    try:
+        return Path(path).read_text().strip("\r\n")
+    except OSError as exc:
+        raise UserFacingError(f"cannot read {what} {path}: {exc.strerror}") from None
+
+
+def decrypt_backup(args: argparse.Namespace, path: str) -> list[Any]:
+    from .backup import decrypt, read_identities
+    try:
+        ciphertext = Path(path).read_bytes()
+    except OSError as exc:
+        raise UserFacingError(f"cannot read {path}: {exc.strerror}") from None
+    if args.passphrase_file:
+        return decrypt(ciphertext, passphrase=read_secret_text(args.passphrase_file,
+                                                                "passphrase file"),
+                       source=path)
+    if not args.identity:
+        raise UserFacingError("give --identity FILE (an age identity) or --passphrase-file F",
+                              2)
+    return decrypt(ciphertext, identities=read_identities(read_secret_text(
+        args.identity, "identity file")), source=path)
+
+
+def cmd_backup(args: argparse.Namespace) -> int:
+    import os
+
+    from .backup import collect, encode, encrypt
+    from .lifecycle import records_by_namespace
+    from .key_secrets import parse_key_secret
+    if args.verify:
+        keys = decrypt_backup(args, args.verify)
+        for key in keys:
+            print(f"{key.namespace}/{key.name}: number {key.number}, "
+                  f"{'retired' if key.retired else 'fingerprint ' + key.fingerprint}: ok")
+        print(f"{args.verify}: {len(keys)} key(s), every fingerprint matches")
+        return 0
+    if not args.output_file:
+        raise UserFacingError("give -o FILE for the backup (or --verify FILE)", 2)
+    settings = _settings(args)
+    if not args.recipient and not args.passphrase_file:
+        raise UserFacingError("give --recipient AGE_PUBLIC_KEY (repeatable) or "
+                              "--passphrase-file F", 2)
+    passphrase = read_secret_text(args.passphrase_file, "passphrase file") \
+        if args.passphrase_file else None
+    keys_client, namespace = connect(args, settings)
+    secrets = keys_client.key_secrets(namespace)
+    grouped = records_by_namespace(parse_key_secret(s, settings=settings) for s in secrets)
+    keyrings = {ns: build_keyring(ns, records) for ns, records in grouped.items()}
+    keys = collect(secrets, keyrings, settings=settings)
+    ciphertext = encrypt(encode(keys), recipients=args.recipient or [], passphrase=passphrase)
+    # Only ciphertext touches the disk: written beside the target, then renamed.
+    target = Path(args.output_file)
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(ciphertext)
+    os.replace(tmp, target)
+    namespaces = sorted({k.namespace for k in keys})
+    print(f"wrote {target}: {len(keys)} key Secret(s) of {len(namespaces)} namespace(s) "
+          f"({', '.join(namespaces) or 'none'}), encrypted "
+          f"{'with a passphrase' if passphrase else f'to {len(args.recipient)} recipient(s)'}"
+          f". Check it: keymount keys backup --verify {target} "
+          f"{'--passphrase-file F' if passphrase else '--identity F'}")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    from .backup import plan_restore, restored_secret
+    from .key_secrets import key_labels
+    settings = _settings(args)
+    keys = decrypt_backup(args, args.file)
+    if args.namespace:
+        keys = [k for k in keys if k.namespace == args.namespace]
+        if not keys:
+            raise UserFacingError(f"{args.file} holds no key of namespace {args.namespace}")
+    manifests_of = [restored_secret(k, settings=settings, labels=key_labels(settings))
+                    for k in keys]
+    if args.dry_run:
+        print_manifest({"apiVersion": "v1", "kind": "List", "items": manifests_of},
+                       args.output)
+        warn_manifest_holds_key()
+        return 0
+    from .cluster import KeyClient
+    client = KeyClient.from_kubeconfig(kubeconfig=args.kubeconfig, context=args.context,
+                                       settings=settings)
+    keyrings = {ns: client.keyring(ns) for ns in sorted({k.namespace for k in keys})}
+    plan = plan_restore(keys, keyrings)
+    manifests = [restored_secret(k, settings=settings, labels=key_labels(settings))
+                 for k in plan.create]
+    # All or nothing: the API server and keymount's webhooks judge every Secret first.
+    client.create_secrets(manifests, dry_run=True)
+    client.create_secrets(manifests, dry_run=False)
+    for key in plan.present:
+        print(f"{key.namespace}/{key.name}: number {key.number} already there, unchanged")
+    for key in plan.create:
+        print(f"{key.namespace}/{key.name}: restored at number {key.number} "
+              f"({'retired' if key.retired else 'fingerprint ' + key.fingerprint})")
+    return 0
+
+
 # --- import ---------------------------------------------------------------------------
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -469,6 +572,34 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
     add_settings_flags(retire)
     retire.set_defaults(func=cmd_retire)
 
+    backup = sub.add_parser("backup", help="every key Secret, encrypted (age format)")
+    backup.add_argument("-o", "--output-file", metavar="FILE", help="the backup to write")
+    backup.add_argument("--recipient", action="append", metavar="AGE_PUBLIC_KEY",
+                        help="encrypt to this age public key (repeatable)")
+    backup.add_argument("--passphrase-file", metavar="F",
+                        help="encrypt (or, with --verify, decrypt) with this passphrase")
+    backup.add_argument("--verify", metavar="FILE",
+                        help="decrypt FILE and check every fingerprint; writes nothing")
+    backup.add_argument("--identity", metavar="F", help="age identity file, with --verify")
+    add_cluster_flags(backup, all_namespaces=True)
+    add_settings_flags(backup)
+    backup.set_defaults(func=cmd_backup)
+
+    restore = sub.add_parser("restore", help="recreate key Secrets from a backup, all or "
+                                             "nothing, with their numbers")
+    restore.add_argument("file", help="the backup")
+    restore.add_argument("--identity", metavar="F", help="age identity file")
+    restore.add_argument("--passphrase-file", metavar="F", help="passphrase file")
+    restore.add_argument("--dry-run", action="store_true",
+                         help="print the Secrets instead of creating them (GitOps)")
+    restore.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml")
+    restore.add_argument("--kubeconfig", default=None)
+    restore.add_argument("--context", default=None)
+    restore.add_argument("-n", "--namespace", default=None,
+                         help="restore only this namespace of the backup")
+    add_settings_flags(restore)
+    restore.set_defaults(func=cmd_restore)
+
     pin = sub.add_parser("pin", help="stamp keys made before keymount numbered keys at the "
                                      "number they have now")
     add_cluster_flags(pin)
@@ -484,9 +615,41 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
     imports.set_defaults(func=cmd_import)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    from .audit import audit
+    from .cli import build_key_writers
+    from .lifecycle import parse_pod_keys, records_by_namespace
+    settings = _settings(args)
+    keys, namespace = connect(args, settings)
+    grouped = records_by_namespace(keys.key_records(namespace))
+    if namespace is not None:
+        grouped.setdefault(namespace, [])
+    keyrings = {ns: build_keyring(ns, records) for ns, records in grouped.items()}
+    pods = [parse_pod_keys(p) for p in keys.backend_pods(namespace)]
+    findings = audit(keyrings, rbac=keys.rbac(namespace), pods=pods,
+                     writers=build_key_writers(args), max_age=settings.max_key_age,
+                     now=_now())
+    rows = [f.as_dict() for f in findings]
+    if args.output == "table" and not rows:
+        print(f"no findings in {namespace or 'any namespace'} "
+              f"({len(keyrings)} namespace(s) with keys)")
+        return 0
+    emit(rows, output=args.output, headers=["kind", "namespace", "subject", "detail"])
+    return 1 if rows else 0
+
+
 def add_status_command(commands: argparse._SubParsersAction) -> None:
     from .cli import add_settings_flags
     status = commands.add_parser("status", help="backend Pods running on a stale key set")
     add_cluster_flags(status, all_namespaces=True, output=True)
     add_settings_flags(status)
     status.set_defaults(func=cmd_status)
+
+    from .cli import add_key_writer_flags
+    audit_cmd = commands.add_parser(
+        "audit", help="reused keys, who can read keys, overdue keys, stale Pods; exit 1 on "
+                      "any finding")
+    add_cluster_flags(audit_cmd, all_namespaces=True, output=True)
+    add_settings_flags(audit_cmd)
+    add_key_writer_flags(audit_cmd)
+    audit_cmd.set_defaults(func=cmd_audit)

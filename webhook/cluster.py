@@ -235,6 +235,41 @@ class KeyClient:
                               _request_timeout=(10, 60))
         return json.loads(response.data).get("items") or []
 
+    def key_secrets(self, namespace: str | None) -> list[dict[str, Any]]:
+        """The key Secrets as stored, key bytes included (backups only)."""
+        return self._list_json(namespace, "secret",
+                               label_selector=self.settings.key_selector.text)
+
+    def create_secrets(self, manifests: list[dict[str, Any]], *, dry_run: bool) -> None:
+        """Create in order; with dry_run, the API server (and keymount's webhooks) judge
+        each without storing it."""
+        for manifest in manifests:
+            namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+            self._call(self.api.create_namespaced_secret, namespace, manifest,
+                       **({"dry_run": "All"} if dry_run else {}), errors={
+                           404: f"namespace {namespace!r} does not exist; create it first "
+                                f"(kubectl create namespace {namespace}); nothing was "
+                                f"restored" if dry_run else f"namespace {namespace!r} not found",
+                           409: f"secret {name!r} already exists in namespace {namespace!r}"})
+
+    def rbac(self, namespace: str | None) -> Any:
+        """Roles and bindings (of one namespace, and cluster-wide), for `audit`."""
+        from .audit import Rbac
+        rbac = client.RbacAuthorizationV1Api(self.api.api_client)
+
+        def items(function: Callable[..., Any], *args: Any) -> list[dict[str, Any]]:
+            response = self._call(function, *args, _preload_content=False,
+                                  _request_timeout=(10, 60))
+            return json.loads(response.data).get("items") or []
+        if namespace is None:
+            roles = items(rbac.list_role_for_all_namespaces)
+            bindings = items(rbac.list_role_binding_for_all_namespaces)
+        else:
+            roles = items(rbac.list_namespaced_role, namespace)
+            bindings = items(rbac.list_namespaced_role_binding, namespace)
+        return Rbac(items(rbac.list_cluster_role), items(rbac.list_cluster_role_binding),
+                    roles, bindings)
+
     def key_records(self, namespace: str | None) -> list[KeyRecord]:
         items = self._list_json(namespace, "secret",
                                 label_selector=self.settings.key_selector.text)

@@ -76,11 +76,16 @@ def is_key_secret(secret: SecretObject, *, settings: Settings) -> bool:
     return settings.key_selector.matches(labels)
 
 
+def key_labels(settings: Settings) -> dict[str, str]:
+    """The labels that make a Secret match the key selector."""
+    return {r.key: next(iter(r.values)) for r in settings.key_selector.requirements
+            if r.operator in ("=", "in") and len(r.values) == 1}
+
+
 def build_key_secret(name: str, *, namespace: str, key: bytes, index: int | None,
                      settings: Settings) -> dict[str, Any]:
     """A key Secret manifest, labelled so keymount's selector finds it."""
-    labels = {r.key: next(iter(r.values)) for r in settings.key_selector.requirements
-              if r.operator in ("=", "in") and len(r.values) == 1}
+    labels = key_labels(settings)
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
     if index is not None:
         # The number is keymount's from the start; the webhook completes the record of

@@ -192,7 +192,11 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
                                                  max(others, default=0) + 1)
         wanted[INDEX_ANNOTATION] = str(number)
     if number is not None:
-        wanted[NUMBERS_USED_ANNOTATION] = format_numbers({*keyring.used, *others, number})
+        # Union with what the Secret already records (a restored key brings the numbers
+        # its namespace had used, some of them on no Secret any more): more reserved
+        # numbers are harmless, a forgotten one could be handed out again.
+        wanted[NUMBERS_USED_ANNOTATION] = format_numbers(
+            {*keyring.used, *others, number, *record.numbers_used})
     if not wanted or all(annotations.get(k) == v for k, v in wanted.items()):
         return KeyDecision(True, "none", number=number)
     return KeyDecision(True, "created", patch=_annotation_patch(new, wanted), number=number)

@@ -110,7 +110,11 @@ async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -
     reservations = runtime.reservations
 
     def verdict_for(keyring: Keyring) -> Verdict:
-        reserved = reservations.held(review.namespace) if review.is_secret else None
+        reserved = None
+        if review.is_secret:
+            reservations.settle(review.namespace, (r.name for r in (
+                *keyring.keys, *keyring.invalid, *keyring.retired)))
+            reserved = reservations.held(review.namespace)
         if webhook == "mutate":
             return review_mutation(review, keyring=keyring, settings=runtime.settings,
                                    now=runtime.clock(), reserved=reserved)

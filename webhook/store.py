@@ -93,6 +93,16 @@ class Reservations:
             del self._held[namespace]
         return {n: name for n, (name, _) in entries.items()}
 
+    def settle(self, namespace: str, present: Iterable[str]) -> None:
+        """Forget the numbers of keys that are now in view: they are no longer in
+        flight, and a stale entry must not outlive its key (a namespace deleted and
+        restored within the TTL would otherwise see its own old numbers as taken)."""
+        entries = self._held.get(namespace)
+        if entries:
+            names = set(present)
+            for number in [n for n, (name, _) in entries.items() if name in names]:
+                del entries[number]
+
     def reserve(self, namespace: str, number: int, name: str) -> None:
         self.held(namespace)  # drop expired entries first
         entries = self._held.setdefault(namespace, {})

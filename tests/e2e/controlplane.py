@@ -55,7 +55,11 @@ KEYMOUNT_USER = "keymount"
 ADMIN_USER = "keymount-e2e-admin"
 # Other users of the test bed: (name, groups). mallory will get full Secret RBAC but is
 # no key writer; bob is a key writer through his group.
-OTHER_USERS = {"mallory": (), "bob": ("keymount:key-writers",)}
+OTHER_USERS = {"mallory": (), "bob": ("keymount:key-writers",),
+               # The identity kube-controller-manager's namespace controller has in a real
+               # cluster (--use-service-account-credentials); the test bed's controller
+               # manager runs all its controllers as this user.
+               "system:serviceaccount:kube-system:namespace-controller": ("system:masters",)}
 SERVICE_CLUSTER_IP_RANGE = "10.0.0.0/24"
 
 AUDIT_POLICY = """\

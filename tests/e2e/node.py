@@ -816,9 +816,14 @@ class Node:
         w = self.workdir
         assert w is not None and self.kubeconfig is not None
         self.controller_manager_log = w / "kube-controller-manager.log"
+        # As the namespace controller's own identity: keymount lets exactly that user
+        # delete live key Secrets while it empties a namespace being deleted.
+        user = "system:serviceaccount:kube-system:namespace-controller"
+        kubeconfig = self.control_plane.write_kubeconfig(
+            w / "controller-manager.kubeconfig", token=self.control_plane.user_tokens[user])
         args = [
             str(self._bins["kube-controller-manager"]),
-            f"--kubeconfig={self.kubeconfig}",
+            f"--kubeconfig={kubeconfig}",
             "--controllers=deployment,replicaset,garbagecollector,namespace",
             "--leader-elect=false",
             "--secure-port=0",

@@ -1,0 +1,118 @@
+"""Backups (pure parts): the document, age encryption through pyrage, and the plan of
+a restore, refused whole on any conflict."""
+
+from __future__ import annotations
+
+import pytest
+from builders import key_secret, keyring_of, random_key
+from pyrage import x25519
+
+from webhook.backup import (BackupError, collect, decrypt, encode, encrypt, plan_restore,
+                            read_identities)
+from webhook.config import Settings
+from webhook.key_secrets import parse_key_secret
+from webhook.keys import build_keyring
+
+SETTINGS = Settings()
+RETIRED = {"keymount.io/retired": "2026-11-29T00:00:00Z"}
+
+
+def three_keys():
+    """Keys 1 and 3, and number 2 retired in between, as keymount made them."""
+    keys = [random_key(), random_key()]
+    secrets = [key_secret("k1", keys[0], index=1, annotations={"keymount.io/numbers-used": "1"}),
+               key_secret("k2", None, index=2, annotations={**RETIRED,
+                                                            "keymount.io/numbers-used": "1-2"}),
+               key_secret("k3", keys[1], index=3, annotations={"keymount.io/numbers-used": "1-3"})]
+    ring = build_keyring("shop", [parse_key_secret(s, settings=SETTINGS) for s in secrets])
+    return secrets, {"shop": ring}, keys
+
+
+def test_a_backup_round_trips_through_age_with_every_number_and_byte():
+    secrets, rings, keys = three_keys()
+    identity = x25519.Identity.generate()
+    ciphertext = encrypt(encode(collect(secrets, rings, settings=SETTINGS)),
+                         recipients=[str(identity.to_public())])
+    assert all(key not in ciphertext for key in keys)
+    restored = decrypt(ciphertext, identities=[identity])
+    assert [(k.name, k.number, k.retired) for k in restored] == [
+        ("k1", 1, False), ("k2", 2, True), ("k3", 3, False)]
+    assert [k.value for k in restored if not k.retired] == keys
+    assert restored[2].numbers_used == "1-3"
+
+
+def test_a_passphrase_backup_needs_the_same_passphrase():
+    secrets, rings, _ = three_keys()
+    ciphertext = encrypt(encode(collect(secrets, rings, settings=SETTINGS)),
+                         passphrase="correct horse")
+    assert len(decrypt(ciphertext, passphrase="correct horse")) == 3
+    with pytest.raises(BackupError, match="wrong identity or passphrase"):
+        decrypt(ciphertext, passphrase="wrong")
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[:-20], lambda b: b[:-1] + bytes([b[-1] ^ 1]),
+                                    lambda b: b[:len(b) // 2] + b"x" + b[len(b) // 2 + 1:]],
+                         ids=["truncated", "last-byte-flipped", "middle-byte-changed"])
+def test_a_damaged_backup_is_refused_whole_without_quoting_it(damage):
+    secrets, rings, keys = three_keys()
+    identity = x25519.Identity.generate()
+    ciphertext = encrypt(encode(collect(secrets, rings, settings=SETTINGS)),
+                         recipients=[str(identity.to_public())])
+    with pytest.raises(BackupError) as info:
+        decrypt(damage(ciphertext), identities=[identity])
+    assert "nothing was restored" in str(info.value)
+
+
+def test_another_identity_cannot_read_it():
+    secrets, rings, _ = three_keys()
+    ciphertext = encrypt(encode(collect(secrets, rings, settings=SETTINGS)),
+                         recipients=[str(x25519.Identity.generate().to_public())])
+    with pytest.raises(BackupError, match="cannot decrypt"):
+        decrypt(ciphertext, identities=[x25519.Identity.generate()])
+
+
+def test_an_identity_file_with_comments_is_read_and_garbage_is_refused():
+    identity = x25519.Identity.generate()
+    assert len(read_identities(f"# created: today\n# public key: x\n{identity}\n")) == 1
+    with pytest.raises(BackupError, match="not an age secret key"):
+        read_identities("AGE-SECRET-KEY-1NOPE\n")
+
+
+def test_a_legacy_key_must_be_pinned_before_a_backup():
+    secret = key_secret("old", random_key(), legacy=True)
+    rings = {"shop": keyring_of(secret)}
+    with pytest.raises(BackupError, match="keymount keys pin -n shop"):
+        collect([secret], rings, settings=SETTINGS)
+
+
+def backed_up():
+    secrets, rings, _ = three_keys()
+    return collect(secrets, rings, settings=SETTINGS), secrets
+
+
+def test_restoring_into_an_empty_namespace_creates_every_key_in_number_order():
+    keys, _ = backed_up()
+    plan = plan_restore(keys, {})
+    assert [k.number for k in plan.create] == [1, 2, 3] and plan.present == ()
+
+
+def test_the_same_keys_already_present_are_a_no_op():
+    keys, secrets = backed_up()
+    plan = plan_restore(keys, {"shop": keyring_of(*secrets)})
+    assert plan.create == () and len(plan.present) == 3
+
+
+def test_a_number_held_by_a_different_key_refuses_the_whole_restore():
+    keys, _ = backed_up()
+    other = key_secret("intruder", random_key(), index=3,
+                       annotations={"keymount.io/numbers-used": "3"})
+    with pytest.raises(BackupError, match="number 3 in namespace shop is held by key Secret "
+                                          "'intruder'"):
+        plan_restore(keys, {"shop": keyring_of(other)})
+
+
+def test_a_number_used_since_the_backup_refuses_the_whole_restore():
+    keys, _ = backed_up()
+    later = key_secret("k9", random_key(), index=9, annotations={"keymount.io/numbers-used": "1-9"})
+    with pytest.raises(BackupError, match="used after the backup"):
+        plan_restore(keys, {"shop": keyring_of(later)})

@@ -1,0 +1,226 @@
+"""Encrypted backups of key Secrets, and the plan of a restore.
+
+A backup is one file in the age format (age-encryption.org/v1), to one or more age
+recipients or a passphrase; the age CLI, rage and SOPS read it. Inside is a JSON
+document listing every key Secret of the chosen namespaces with its number, creation
+time, fingerprint, the numbers its namespace had used, and the key field's bytes as
+stored. Key bytes exist only inside the ciphertext and in this process's memory: they
+never go to a temporary file, a log or an error. The cryptography is pyrage's (rage,
+a maintained implementation of age); nothing here encrypts by hand.
+
+Restoring is all or nothing (docs/operations.md, "Backup and restore"): the plan is
+judged against the cluster first, and a number held by a different key refuses the
+whole restore; the same key already present is a no-op.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pyrage
+from pyrage import passphrase as age_passphrase
+from pyrage import x25519
+
+from .config import Settings
+from .errors import UserFacingError
+from .key_secrets import read_key_field
+from .keys import KeyRecord, Keyring, check_key, format_numbers
+from .names import (GENERATED_ANNOTATION, INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION,
+                    RETIRED_ANNOTATION)
+
+FORMAT = "keymount-backup/v1"
+
+
+class BackupError(UserFacingError):
+    """A backup that cannot be made, read or restored; nothing was written."""
+
+
+@dataclass(frozen=True, slots=True)
+class BackedUpKey:
+    namespace: str
+    name: str
+    number: int
+    created: str
+    fingerprint: str
+    numbers_used: str
+    retired: bool
+    value: bytes | None  # the key field as stored; None for a retired key
+    generated: bool = False
+
+    def as_json(self) -> dict[str, Any]:
+        return {"namespace": self.namespace, "name": self.name, "number": self.number,
+                "created": self.created, "fingerprint": self.fingerprint,
+                "numbersUsed": self.numbers_used, "retired": self.retired,
+                "generated": self.generated,
+                "key": None if self.value is None else base64.b64encode(self.value).decode()}
+
+
+# --- making a backup ---------------------------------------------------------------------
+
+def collect(secrets: Iterable[Mapping[str, Any]], keyrings: Mapping[str, Keyring], *,
+            settings: Settings) -> list[BackedUpKey]:
+    """Every numbered key Secret (valid or retired), with its bytes, by namespace and
+    number. Legacy keys must be pinned first: a restore needs their numbers for good."""
+    keys = []
+    for secret in secrets:
+        meta = secret.get("metadata") or {}
+        namespace, name = meta.get("namespace", ""), meta.get("name", "")
+        keyring = keyrings[namespace]
+        record = keyring.find(name)
+        if record is None or record.state == "invalid":
+            continue
+        number = keyring.number_of(name)
+        if number is None or not record.numbered:
+            raise BackupError(
+                f"key Secret {name!r} in namespace {namespace} has no number of its own yet "
+                f"(made before keymount numbered keys); pin it first so a restore gives it "
+                f"the same file: keymount keys pin -n {namespace}")
+        value, _ = read_key_field(secret, settings.key_field)
+        annotations = meta.get("annotations") or {}
+        keys.append(BackedUpKey(
+            namespace, name, number, str(meta.get("creationTimestamp") or ""),
+            record.fingerprint, format_numbers(record.numbers_used | {number}),
+            record.retired, None if record.retired else value,
+            annotations.get(GENERATED_ANNOTATION) == "true"))
+    return sorted(keys, key=lambda k: (k.namespace, k.number))
+
+
+def encode(keys: list[BackedUpKey], *, now: datetime | None = None) -> bytes:
+    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return json.dumps({"format": FORMAT, "created": stamp,
+                       "keys": [k.as_json() for k in keys]}, indent=1).encode()
+
+
+def encrypt(plaintext: bytes, *, recipients: list[str] = (),
+            passphrase: str | None = None) -> bytes:
+    if passphrase is not None:
+        return age_passphrase.encrypt(plaintext, passphrase)
+    try:
+        parsed = [x25519.Recipient.from_str(r.strip()) for r in recipients]
+    except pyrage.RecipientError:
+        raise BackupError("a --recipient is not an age public key (age1…); make a key pair "
+                          "with age-keygen and pass its public key") from None
+    if not parsed:
+        raise BackupError("give at least one --recipient AGE_PUBLIC_KEY or a "
+                          "--passphrase-file")
+    return pyrage.encrypt(plaintext, parsed)
+
+
+# --- reading a backup ----------------------------------------------------------------------
+
+def read_identities(text: str) -> list[x25519.Identity]:
+    """An age identity file: AGE-SECRET-KEY-1… lines; comments and blanks ignored."""
+    identities = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            identities.append(x25519.Identity.from_str(line))
+        except pyrage.IdentityError:
+            raise BackupError("the identity file holds a line that is not an age secret key "
+                              "(AGE-SECRET-KEY-1…)") from None
+    if not identities:
+        raise BackupError("the identity file holds no age secret key")
+    return identities
+
+
+def decrypt(ciphertext: bytes, *, identities: list[x25519.Identity] = (),
+            passphrase: str | None = None, source: str = "the backup") -> list[BackedUpKey]:
+    """Decrypt and check every key's fingerprint; any fault refuses the whole file."""
+    try:
+        plaintext = (age_passphrase.decrypt(ciphertext, passphrase) if passphrase is not None
+                     else pyrage.decrypt(ciphertext, list(identities)))
+    except pyrage.DecryptError:
+        raise BackupError(
+            f"cannot decrypt {source}: wrong identity or passphrase, or the file is damaged "
+            f"or truncated (age authenticates every chunk); nothing was restored") from None
+    return parse(plaintext, source=source)
+
+
+def parse(plaintext: bytes, *, source: str) -> list[BackedUpKey]:
+    try:
+        document = json.loads(plaintext)
+        if document.get("format") != FORMAT:
+            raise ValueError("format")
+        keys = [BackedUpKey(
+            str(k["namespace"]), str(k["name"]), int(k["number"]), str(k.get("created", "")),
+            str(k["fingerprint"]), str(k.get("numbersUsed", "")), bool(k.get("retired")),
+            None if k.get("key") is None else base64.b64decode(k["key"], validate=True),
+            bool(k.get("generated"))) for k in document["keys"]]
+    except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+        raise BackupError(f"{source} is not a keymount backup ({FORMAT})") from None
+    for key in keys:
+        if key.retired:
+            continue
+        found = check_key(key.value).fingerprint
+        if found != key.fingerprint:  # only fingerprints are ever named
+            raise BackupError(
+                f"{source}: key {key.namespace}/{key.name} (number {key.number}) does not "
+                f"match its fingerprint {key.fingerprint} (found {found or 'no valid key'}); "
+                f"nothing was restored")
+    return keys
+
+
+# --- restoring ------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class RestorePlan:
+    create: tuple[BackedUpKey, ...]
+    present: tuple[BackedUpKey, ...]  # the same key is already there: nothing to do
+
+
+def plan_restore(keys: list[BackedUpKey], keyrings: Mapping[str, Keyring]) -> RestorePlan:
+    """Judge the restore against the namespaces as they are; refuse it whole on any
+    number held by a different key, or used since the backup was made."""
+    create, present = [], []
+    for key in keys:
+        keyring = keyrings.get(key.namespace) or Keyring(key.namespace)
+        holder: KeyRecord | None = keyring.holder_of(key.number)
+        same_name = keyring.find(key.name)
+        if holder is not None:
+            same = holder.name == key.name and (
+                holder.fingerprint == key.fingerprint or (key.retired and holder.retired))
+            if not same:
+                raise BackupError(
+                    f"number {key.number} in namespace {key.namespace} is held by key Secret "
+                    f"{holder.name!r} (fingerprint {holder.fingerprint or '-'}), not by "
+                    f"{key.name!r} ({key.fingerprint or 'retired'}) as in the backup; nothing "
+                    f"was restored")
+            present.append(key)
+            continue
+        if same_name is not None:
+            raise BackupError(
+                f"Secret {key.name!r} in namespace {key.namespace} exists with another "
+                f"number; nothing was restored")
+        if key.number in keyring.used:
+            raise BackupError(
+                f"number {key.number} in namespace {key.namespace} was used after the backup "
+                f"was made (its key is gone); restore into an empty namespace; nothing was "
+                f"restored")
+        create.append(key)
+    return RestorePlan(tuple(create), tuple(present))
+
+
+def restored_secret(key: BackedUpKey, *, settings: Settings,
+                    labels: Mapping[str, str]) -> dict[str, Any]:
+    """The Secret to create: its number and record of used numbers, as backed up."""
+    annotations = {INDEX_ANNOTATION: str(key.number),
+                   NUMBERS_USED_ANNOTATION: key.numbers_used or str(key.number)}
+    if key.retired:
+        annotations[RETIRED_ANNOTATION] = "restored"
+    if key.generated:
+        annotations[GENERATED_ANNOTATION] = "true"
+    secret: dict[str, Any] = {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": key.name, "namespace": key.namespace, "labels": dict(labels),
+                     "annotations": annotations}}
+    if key.value is not None:
+        secret["data"] = {settings.key_field: base64.b64encode(key.value).decode()}
+    return secret
