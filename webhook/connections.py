@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import weakref
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -66,8 +67,25 @@ class ConnectionGuard:
             self.on_event("evicted")
             victim.drop()
 
+    # Accepted, TLS handshake still under way (connection_made comes after it).
+    handshaking: weakref.WeakSet[GuardedProtocol] = field(default_factory=weakref.WeakSet)
+
     def wrap(self, factory: Callable[[], asyncio.Protocol]) -> Callable[[], asyncio.Protocol]:
-        return lambda: GuardedProtocol(factory(), self)
+        def build() -> asyncio.Protocol:
+            protocol = GuardedProtocol(factory(), self)
+            self.handshaking.add(protocol)
+            return protocol
+        return build
+
+    async def settle_fresh(self, timeout: float) -> None:
+        """Wait (at most `timeout`) until no connection is open that was accepted but has
+        not sent its request yet: closing one now would leave a request that is already
+        on its way unanswered (the client sees a reset after sending it)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while loop.time() < deadline and (len(self.handshaking) or any(
+                not p.answered_any and p.request_started is None for p in self.open)):
+            await asyncio.sleep(0.02)
 
     def release(self, amount: int) -> None:
         self.buffered -= amount
@@ -108,6 +126,7 @@ class GuardedProtocol(asyncio.Protocol):
     # --- asyncio.Protocol -----------------------------------------------------------
 
     def connection_made(self, transport: Any) -> None:
+        self.guard.handshaking.discard(self)
         self.transport = transport
         if self.guard.active >= self.guard.limits.max_connections:
             self.guard.make_room()

@@ -368,6 +368,8 @@ async def serve(runtime: Runtime, options: ServeOptions,
         reload_task.cancel()
         if listener is not None:
             listener.close()
+            # Connections accepted a moment ago still send their request: let them.
+            await guard.settle_fresh(timeout=1.0)
         # Idle connections close at once; requests in flight get shutdown_timeout to
         # finish (a body still arriving meets the request deadline first).
         await webhook_runner.cleanup()
