@@ -14,7 +14,7 @@ help:
 	@echo "make test           lint, then the whole test suite (e2e runs when the test bed is prepared)"
 	@echo "make lint           hadolint on the Dockerfile, checkov on every manifest variant"
 	@echo "make control-plane  build the e2e test bed: kube-apiserver, kubelet, controllers, etcd, containerd"
-	@echo "make bench          admission throughput against a bare aiohttp server"
+	@echo "make bench          keymount as in production against a bare aiohttp server"
 
 # The virtualenv is rebuilt when pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -68,7 +68,10 @@ e2e: $(BIN)/.installed
 control-plane:
 	bash scripts/prepare-control-plane.sh
 
+# wrk (Debian package) drives the load; the server and wrk get one core each.
 bench: $(BIN)/.installed
+	command -v wrk >/dev/null || apt-get install -y -qq wrk
+	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/admission.py
 
 clean:

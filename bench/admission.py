@@ -1,12 +1,18 @@
-"""Admission throughput: keymount's /mutate against a bare aiohttp server, in one run.
+"""Admission throughput and latency: keymount as it runs in production against a bare
+aiohttp server answering the same AdmissionReview, in one run.
 
-SPEC §10: admission must cost about what the HTTP stack costs, and the same whatever
-the cluster holds. Each server runs in its own process over TLS on loopback; one
-client process sends the same AdmissionReview (a backend Pod) to each in turn with a
-fixed concurrency and a fixed number of requests (bounded in count and time).
+- keymount is `keymount serve` itself: TLS, JSON decision logs at info (to a file, as
+  a container runtime takes stderr), metrics, the key cache.
+- The floor is aiohttp parsing the review and answering a fixed response.
+- Each server is pinned to CPU 0, the load generator to CPU 1 (`taskset`): one core
+  each. Throughput: `wrk` (closed loop, keep-alive TLS) at 1, 16 and 64 connections.
+  Latency: an open-loop client at 200 requests/s (p50, p99, p99.9).
+- Rounds are interleaved (all servers up at once, each measured in turn), so machine
+  drift hits each alike; the median round is reported with the spread (min-max).
+- Scale: 10,000 namespaces x 5 keys in the cache (synthetic Secrets): throughput and
+  p50 against the 1-namespace case, cache memory, time to ready after the list.
 
-    make bench                      # defaults
-    python bench/admission.py --requests 5000 --concurrency 32 --namespaces 2000
+    make bench            # writes bench/results/results.md and bench/results/throughput.png
 """
 
 from __future__ import annotations
@@ -15,36 +21,88 @@ import argparse
 import asyncio
 import base64
 import json
-import multiprocessing
 import os
+import shutil
 import socket
 import ssl
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
 
 import aiohttp
-import yaml
-from aiohttp import web
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+sys.path.insert(0, str(ROOT))
 
 from webhook.certs import build_certificates, write_certificates  # noqa: E402
 
-REVIEW = {
-    "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
-    "request": {
-        "uid": "bench", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+SERVER_CPU, CLIENT_CPU = "0", "1"
+
+
+def review_body() -> bytes:
+    """A ~7.8 KB AdmissionReview: a backend Pod with 3 containers, as the API server
+    sends it (defaults filled in, managed fields, resources, probes)."""
+    def container(name: str) -> dict:
+        return {"name": name, "image": f"registry.example.com/team/{name}:1.42.0",
+                "imagePullPolicy": "IfNotPresent", "ports": [{"containerPort": 8080,
+                                                              "protocol": "TCP"}],
+                "env": [{"name": f"ENV_{i}", "value": f"value-{i}" * 3} for i in range(8)],
+                "resources": {"limits": {"cpu": "500m", "memory": "256Mi"},
+                              "requests": {"cpu": "100m", "memory": "128Mi"}},
+                "livenessProbe": {"httpGet": {"path": "/healthz", "port": 8080},
+                                  "periodSeconds": 10},
+                "terminationMessagePath": "/dev/termination-log",
+                "terminationMessagePolicy": "File",
+                "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {
+        "generateName": "api-7d9c5b8f6-", "namespace": "ns-0",
+        "labels": {"app.kubernetes.io/component": "backend", "app": "api",
+                   "pod-template-hash": "7d9c5b8f6"},
+        "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                             "name": "api-7d9c5b8f6", "uid": "0" * 36, "controller": True}],
+        "annotations": {f"example.com/note-{i}": "x" * 40 for i in range(6)}},
+        "spec": {"containers": [container(n) for n in ("app", "proxy", "metrics")],
+                 "volumes": [{"name": "config", "configMap": {"name": "api-config"}}],
+                 "restartPolicy": "Always", "dnsPolicy": "ClusterFirst",
+                 "serviceAccountName": "default", "securityContext": {"fsGroup": 1000},
+                 "tolerations": [{"key": "node.kubernetes.io/not-ready",
+                                  "operator": "Exists", "effect": "NoExecute",
+                                  "tolerationSeconds": 300}]}}
+    review = {"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+        "uid": "705ab4f5-6393-11e8-b7cc-42010a800002",
+        "kind": {"group": "", "version": "v1", "kind": "Pod"},
         "resource": {"group": "", "version": "v1", "resource": "pods"},
-        "operation": "CREATE", "namespace": "ns-0", "userInfo": {"username": "bench"},
-        "object": {"apiVersion": "v1", "kind": "Pod",
-                   "metadata": {"name": "api", "labels": {"app.kubernetes.io/component": "backend"}},
-                   "spec": {"containers": [{"name": "app", "image": "example.com/app:1"},
-                                           {"name": "proxy", "image": "example.com/proxy:1"}]}},
-    },
-}
+        "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
+        "requestResource": {"group": "", "version": "v1", "resource": "pods"},
+        "operation": "CREATE", "namespace": "ns-0",
+        "userInfo": {"username": "system:serviceaccount:kube-system:replicaset-controller",
+                     "uid": "1" * 36, "groups": ["system:serviceaccounts",
+                                                 "system:serviceaccounts:kube-system",
+                                                 "system:authenticated"]},
+        "object": pod, "oldObject": None, "dryRun": False,
+        "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}}}
+    return json.dumps(review).encode()
+
+
+BARE = '''
+import json, ssl, sys
+from aiohttp import web
+async def mutate(request):
+    review = json.loads(await request.read())
+    return web.json_response({"apiVersion": review["apiVersion"], "kind": "AdmissionReview",
+                              "response": {"uid": review["request"]["uid"], "allowed": True}})
+app = web.Application(client_max_size=7 * 1024 * 1024)
+app.router.add_post("/mutate", mutate)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[2], sys.argv[3])
+web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), ssl_context=context, print=None,
+            access_log=None)
+'''
 
 
 def free_port() -> int:
@@ -53,163 +111,243 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def write_key_dir(directory: Path, namespaces: int, keys_per_namespace: int) -> None:
-    """Key Secret manifests for many namespaces, one file per namespace."""
-    for n in range(namespaces):
-        docs = [{"apiVersion": "v1", "kind": "Secret",
-                 "metadata": {"name": f"key-{i}", "namespace": f"ns-{n}",
-                              "labels": {"keymount.io/encryption-key": "true"},
-                              "annotations": {"keymount.io/key-index": str(i + 1)}},
-                 "data": {"encryption-key": base64.b64encode(os.urandom(32)).decode()}}
-                for i in range(keys_per_namespace)]
-        (directory / f"ns-{n}.yaml").write_text(yaml.safe_dump_all(docs))
+def write_keys(path: Path, namespaces: int, keys: int) -> None:
+    """Key Secrets as one JSON List (YAML's superset; parsed with libyaml)."""
+    items = [{"apiVersion": "v1", "kind": "Secret", "metadata": {
+        "name": f"key-{i}", "namespace": f"ns-{n}",
+        "labels": {"keymount.io/encryption-key": "true"},
+        "annotations": {"keymount.io/key-index": str(i + 1),
+                        "keymount.io/numbers-used": f"1-{i + 1}"}},
+        "data": {"encryption-key": base64.b64encode(os.urandom(32)).decode()}}
+        for n in range(namespaces) for i in range(keys)]
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "keys.json").write_text(json.dumps({"apiVersion": "v1", "kind": "List",
+                                                "items": items}))
 
 
-def run_bare(port: int, cert: str, key: str) -> None:
-    """The floor: aiohttp parsing the review and answering allowed, nothing else."""
-    async def mutate(request: web.Request) -> web.Response:
-        review = json.loads(await request.read())
-        return web.json_response({"apiVersion": review["apiVersion"], "kind": "AdmissionReview",
-                                  "response": {"uid": review["request"]["uid"],
-                                               "allowed": True}})
+class Server:
+    def __init__(self, name: str, argv: list[str], port: int, log: Path) -> None:
+        self.name, self.port, self.log = name, port, log
+        self.url = f"https://127.0.0.1:{port}/mutate"
+        self.started = time.monotonic()
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(["taskset", "-c", SERVER_CPU, *argv], stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=ROOT)
 
-    app = web.Application(client_max_size=7 * 1024 * 1024)
-    app.router.add_post("/mutate", mutate)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    web.run_app(app, host="127.0.0.1", port=port, ssl_context=context, print=None,
-                access_log=None)
-
-
-def run_keymount(port: int, cert: str, key: str, keys_dir: str) -> None:
-    import logging
-
-    from webhook.config import Settings
-    from webhook.localdir import DirectoryKeySource
-    from webhook.metrics import Metrics
-    from webhook.server import Runtime, ServeOptions, serve
-    from webhook.store import KeyStore
-
-    logging.basicConfig(level=logging.WARNING)
-    settings = Settings()
-    store = KeyStore()
-    source = DirectoryKeySource(keys_dir, settings=settings, store=store, poll_interval=3600)
-    runtime = Runtime(settings=settings, store=store, source=source, metrics=Metrics(store))
-    asyncio.run(serve(runtime, ServeOptions(host="127.0.0.1", port=port, probe_port=free_port(),
-                                            tls_cert=cert, tls_key=key, shutdown_grace=0)))
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
 
 
-async def wait_ready(url: str, context: ssl.SSLContext, timeout: float = 120.0) -> None:
+async def wait_ready(server: Server, context: ssl.SSLContext, body: bytes,
+                     timeout: float = 300.0) -> float:
     deadline = time.monotonic() + timeout
-    body = json.dumps(REVIEW).encode()
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
-        while True:
+        while time.monotonic() < deadline:
             try:
-                async with session.post(url, data=body,
-                                        headers={"Content-Type": "application/json"}) as resp:
-                    answer = await resp.json()
-                    if answer["response"]["allowed"]:
-                        return
-            except (aiohttp.ClientError, OSError, KeyError):
+                async with session.post(server.url, data=body, headers={
+                        "Content-Type": "application/json"}) as resp:
+                    if (await resp.json())["response"]["allowed"]:
+                        return time.monotonic() - server.started
+            except (aiohttp.ClientError, OSError, KeyError, ValueError):
                 pass
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{url} not ready within {timeout}s")
+            assert server.proc.poll() is None, server.log.read_text()[-2000:]
             await asyncio.sleep(0.1)
+    raise SystemExit(f"{server.name} not ready within {timeout}s")
 
 
-async def load(url: str, context: ssl.SSLContext, *, requests: int, concurrency: int,
-               max_seconds: float) -> dict[str, float]:
-    body = json.dumps(REVIEW).encode()
-    headers = {"Content-Type": "application/json"}
+def wrk(url: str, body_file: Path, connections: int, seconds: int) -> float:
+    script = body_file.with_suffix(".lua")
+    script.write_text(
+        'wrapper = io.open("' + str(body_file) + '", "rb")\n'
+        'wrk.method = "POST"\nwrk.body = wrapper:read("*a")\n'
+        'wrk.headers["Content-Type"] = "application/json"\n')
+    out = subprocess.run(["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}",
+                          f"-d{seconds}s", "-s", str(script), url],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    line = next(l for l in out.splitlines() if l.startswith("Requests/sec:"))
+    errors = [l for l in out.splitlines() if "Non-2xx" in l or "Socket errors" in l]
+    assert not errors, out
+    return float(line.split()[1])
+
+
+async def open_loop(url: str, context: ssl.SSLContext, body: bytes, *, rate: float,
+                    seconds: float) -> list[float]:
+    """Requests sent on a fixed schedule whatever the answers do; latency counts from the
+    scheduled time, so a slow server cannot hide its queueing (no coordinated omission)."""
     latencies: list[float] = []
-    remaining = iter(range(requests))
-    started = time.perf_counter()
-
-    async def worker(session: aiohttp.ClientSession) -> None:
-        for _ in remaining:
-            if time.perf_counter() - started > max_seconds:
-                return
-            t0 = time.perf_counter()
-            async with session.post(url, data=body, headers=headers) as resp:
-                answer = await resp.json()
-                assert answer["response"]["allowed"] is True
-            latencies.append(time.perf_counter() - t0)
-
-    connector = aiohttp.TCPConnector(ssl=context, limit=concurrency)
+    connector = aiohttp.TCPConnector(ssl=context, limit=64)
     async with aiohttp.ClientSession(connector=connector) as session:
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-    elapsed = time.perf_counter() - started
-    latencies.sort()
-    return {"requests": len(latencies), "rps": len(latencies) / elapsed,
-            "p50_ms": statistics.median(latencies) * 1000,
-            "p99_ms": latencies[int(len(latencies) * 0.99) - 1] * 1000}
+        loop = asyncio.get_running_loop()
+        start = loop.time() + 0.2
+
+        async def one(at: float) -> None:
+            await asyncio.sleep(max(0.0, at - loop.time()))
+            async with session.post(url, data=body, headers={
+                    "Content-Type": "application/json"}) as resp:
+                await resp.read()
+            latencies.append(loop.time() - at)
+        await asyncio.gather(*(one(start + i / rate) for i in range(int(rate * seconds))))
+    return sorted(latencies)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return values[min(len(values) - 1, int(len(values) * q))]
+
+
+def cache_cost(namespaces: int, keys: int) -> tuple[float, float]:
+    """MiB the key cache holds for this many keys, and seconds to build it from a list
+    (records parsed as the watch parses them)."""
+    from webhook.config import Settings
+    from webhook.key_secrets import parse_key_secret
+    from webhook.store import KeyStore
+    settings = Settings()
+    items = [{"metadata": {"name": f"key-{i}", "namespace": f"ns-{n}",
+                           "creationTimestamp": "2026-11-29T00:00:00Z",
+                           "labels": {"keymount.io/encryption-key": "true"},
+                           "annotations": {"keymount.io/key-index": str(i + 1),
+                                           "keymount.io/numbers-used": f"1-{i + 1}"}},
+              "data": {"encryption-key": base64.b64encode(os.urandom(32)).decode()}}
+             for n in range(namespaces) for i in range(keys)]
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    started = time.perf_counter()
+    store = KeyStore()
+    store.replace_all(parse_key_secret(item, settings=settings) for item in items)
+    took = time.perf_counter() - started
+    del items
+    after = tracemalloc.take_snapshot()
+    size = sum(s.size_diff for s in after.compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert store.keyring("ns-0").keys
+    return size / 2**20, took
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=4000)
-    parser.add_argument("--concurrency", type=int, default=16)
-    parser.add_argument("--namespaces", type=int, default=2000,
-                        help="namespaces of key Secrets in the large cache")
-    parser.add_argument("--keys-per-namespace", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=5,
-                        help="interleaved rounds per server (median reported)")
-    parser.add_argument("--max-seconds", type=float, default=60.0,
-                        help="stop each round after this long")
+    parser.add_argument("--seconds", type=int, default=5, help="per wrk measurement")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", default="1,16,64")
+    parser.add_argument("--namespaces", type=int, default=10_000)
+    parser.add_argument("--keys", type=int, default=5)
+    parser.add_argument("--workers", type=int, default=0,
+                        help="also measure keymount --workers N (reported, not a goal)")
     args = parser.parse_args()
-
-    with tempfile.TemporaryDirectory() as tmp:
-        certs = write_certificates(Path(tmp) / "certs", build_certificates(
+    for tool in ("wrk", "taskset"):
+        if not shutil.which(tool):
+            raise SystemExit(f"{tool} is needed (apt-get install wrk util-linux)")
+    connections = [int(c) for c in args.connections.split(",")]
+    body = review_body()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        certs = write_certificates(tmp / "certs", build_certificates(
             service="bench", namespace="bench", ips=["127.0.0.1"]))
-        small, large = Path(tmp) / "small", Path(tmp) / "large"
-        small.mkdir(), large.mkdir()
-        write_key_dir(small, 1, args.keys_per_namespace)
-        write_key_dir(large, args.namespaces, args.keys_per_namespace)
         context = ssl.create_default_context(cafile=str(certs.ca_cert))
-        servers = [
-            ("bare aiohttp (floor)", run_bare, ()),
-            ("keymount, 1 namespace", run_keymount, (str(small),)),
-            (f"keymount, {args.namespaces} namespaces x {args.keys_per_namespace} keys",
-             run_keymount, (str(large),)),
-        ]
-        spawn = multiprocessing.get_context("spawn")
-        running = []
-        try:
-            for name, target, extra in servers:
-                port = free_port()
-                proc = spawn.Process(target=target, args=(port, str(certs.tls_cert),
-                                                          str(certs.tls_key), *extra),
-                                     daemon=True)
-                proc.start()
-                url = f"https://127.0.0.1:{port}/mutate"
-                running.append((name, url, proc))
-                asyncio.run(wait_ready(url, context))
-            # Interleaved rounds, so drifting machine load hits every server alike;
-            # each figure is the median round.
-            rounds: dict[str, list[dict[str, float]]] = {name: [] for name, _, _ in running}
-            per_round = max(1, args.requests // args.rounds)
-            for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-                for name, url, _ in running:
-                    rounds[name].append(asyncio.run(load(
-                        url, context, requests=per_round, concurrency=args.concurrency,
-                        max_seconds=args.max_seconds)))
-        finally:
-            for _, _, proc in running:
-                proc.terminate()
-                proc.join(10)
-        results = []
-        for name, samples in rounds.items():
-            samples = sorted(samples[1:], key=lambda r: r["rps"])
-            median = samples[len(samples) // 2]
-            results.append((name, {**median, "requests": sum(r["requests"] for r in samples)}))
+        (tmp / "body.json").write_bytes(body)
+        write_keys(tmp / "small", 1, args.keys)
+        write_keys(tmp / "large", args.namespaces, args.keys)
+        tls = [str(certs.tls_cert), str(certs.tls_key)]
 
-    floor = results[0][1]["rps"]
-    print(f"{'server':45} {'requests':>8} {'req/s':>8} {'p50 ms':>7} {'p99 ms':>7} {'vs floor':>8}")
-    for name, r in results:
-        print(f"{name:45} {r['requests']:8d} {r['rps']:8.0f} {r['p50_ms']:7.2f} "
-              f"{r['p99_ms']:7.2f} {r['rps'] / floor:8.0%}")
-    print(f"(median of {args.rounds} interleaved rounds, concurrency {args.concurrency}, TLS "
-          f"on loopback, {os.cpu_count()} cores, client and server on the same machine)")
+        def keymount(keys: str, *extra: str) -> list[str]:
+            return [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1",
+                    "--probe-port", "0", "--keys-from", keys, "--tls-cert", tls[0],
+                    "--tls-key", tls[1], "--log-format", "json", "--log-level", "info",
+                    "--shutdown-grace", "0", *extra]
+        plan = [("bare aiohttp", lambda p: [sys.executable, "-c", BARE, str(p), *tls]),
+                ("keymount (production config)",
+                 lambda p: keymount(str(tmp / "small"), "--port", str(p))),
+                (f"keymount, {args.namespaces:,} namespaces x {args.keys} keys",
+                 lambda p: keymount(str(tmp / "large"), "--port", str(p)))]
+        if args.workers:
+            plan.append((f"keymount --workers {args.workers}", lambda p: keymount(
+                str(tmp / "small"), "--port", str(p), "--workers", str(args.workers))))
+        servers, ready = [], {}
+        try:
+            for name, argv in plan:
+                port = free_port()
+                server = Server(name, argv(port), port, tmp / f"{len(servers)}.log")
+                servers.append(server)
+                ready[name] = asyncio.run(wait_ready(server, context, body))
+            rps: dict[tuple[str, int], list[float]] = {}
+            for _ in range(args.rounds):
+                for c in connections:
+                    for server in servers:
+                        rps.setdefault((server.name, c), []).append(
+                            wrk(server.url, tmp / "body.json", c, args.seconds))
+            latency = {server.name: asyncio.run(open_loop(
+                server.url, context, body, rate=200, seconds=10)) for server in servers}
+            log_lines = sum(1 for _ in open(servers[1].log))
+        finally:
+            for server in servers:
+                server.stop()
+    cache_mib, cache_seconds = cache_cost(args.namespaces, args.keys)
+    report(servers=[s.name for s in servers], connections=connections, rps=rps,
+           latency=latency, ready=ready, cache=(cache_mib, cache_seconds), args=args,
+           body=len(body), log_lines=log_lines)
+
+
+def report(*, servers, connections, rps, latency, ready, cache, args, body, log_lines) -> None:
+    bare = servers[0]
+    lines = [f"# keymount admission benchmark ({time.strftime('%Y-%m-%d')})", "",
+             f"{os.cpu_count()} cores; server pinned to CPU {SERVER_CPU}, load generator "
+             f"(wrk, 1 thread) to CPU {CLIENT_CPU}; TLS on loopback; a {body:,}-byte "
+             f"AdmissionReview (backend Pod, 3 containers); keymount with JSON decision "
+             f"logs at info ({log_lines:,} lines written in this run); median of "
+             f"{args.rounds} interleaved rounds of {args.seconds} s, spread min-max.", "",
+             "| server | " + " | ".join(f"{c} conn req/s" for c in connections) +
+             " | vs bare (16 conn) |", "|---|" + "---|" * (len(connections) + 1)]
+    for name in servers:
+        cells = []
+        for c in connections:
+            samples = sorted(rps[(name, c)])
+            cells.append(f"{statistics.median(samples):,.0f} ({samples[0]:,.0f}-"
+                         f"{samples[-1]:,.0f})")
+        ratio = statistics.median(rps[(name, 16)]) / statistics.median(rps[(bare, 16)]) \
+            if 16 in connections else float("nan")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {ratio:.2f}x |")
+    lines += ["", "Open loop, 200 requests/s for 10 s (latency from the scheduled send):", "",
+              "| server | p50 ms | p99 ms | p99.9 ms | p99 vs bare |", "|---|---|---|---|---|"]
+    bare_p99 = percentile(latency[bare], 0.99)
+    for name in servers:
+        values = latency[name]
+        lines.append(f"| {name} | {percentile(values, 0.5) * 1000:.2f} | "
+                     f"{percentile(values, 0.99) * 1000:.2f} | "
+                     f"{percentile(values, 0.999) * 1000:.2f} | "
+                     f"{percentile(values, 0.99) / bare_p99:.2f}x |")
+    lines += ["", f"Scale: {args.namespaces:,} namespaces x {args.keys} keys: the cache holds "
+              f"{cache[0]:.1f} MiB and is built in {cache[1]:.2f} s from a full list; the "
+              f"server with it was ready {ready[servers[2]]:.1f} s after start (reading and "
+              f"parsing {args.namespaces * args.keys:,} Secrets from a file included).", ""]
+    text = "\n".join(lines)
+    (RESULTS / "results.md").write_text(text)
+    print(text)
+    plot(servers, connections, rps)
+
+
+def plot(servers, connections, rps) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib not installed: no plot; pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    width = 0.8 / len(servers)
+    for i, name in enumerate(servers):
+        medians = [statistics.median(rps[(name, c)]) for c in connections]
+        ax.bar([x + i * width for x in range(len(connections))], medians, width, label=name)
+    ax.set_xticks([x + width * (len(servers) - 1) / 2 for x in range(len(connections))])
+    ax.set_xticklabels([f"{c} connections" for c in connections])
+    ax.set_ylabel("requests/s (median)")
+    ax.set_title("keymount /mutate vs a bare aiohttp server, one core each")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "throughput.png", dpi=100)
 
 
 if __name__ == "__main__":

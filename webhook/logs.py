@@ -6,9 +6,10 @@ bodies, patches and key bytes are never handed to a logger (SPEC §6).
 
 from __future__ import annotations
 
-import json
 import logging
 from datetime import datetime, timezone
+
+import orjson
 
 _STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
@@ -40,7 +41,7 @@ class JsonFormatter(logging.Formatter):
         }
         if record.exc_info:
             line["error"] = describe_exception(record.exc_info[1])
-        return json.dumps(line, default=str, separators=(",", ":"))
+        return orjson.dumps(line, default=str).decode()
 
 
 class TextFormatter(logging.Formatter):

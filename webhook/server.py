@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, Protocol
 
+import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -201,7 +202,9 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                     runtime.events.emit(note)
         except Exception:  # bookkeeping must not turn a decision into an HTTP 500
             server_log.exception("recording the decision failed", extra={"uid": review.uid})
-        response = web.json_response(build_review(review.api_version, verdict.response))
+        response = web.Response(body=orjson.dumps(build_review(review.api_version,
+                                                               verdict.response)),
+                                content_type="application/json")
         if runtime.draining:
             # Shutting down: answer, then close, so the API server's next request opens
             # a connection that the Service sends to another replica.

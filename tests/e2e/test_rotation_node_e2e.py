@@ -48,7 +48,9 @@ def deployment(name: str, *, image: str | None = None, deadline: int | None = No
     return body
 
 
-def keys_cached(keymount, count: int) -> None:
+def keys_cached(keymount, count: int):
+    """A condition: keymount's cache holds `count` more valid keys than now. Only for
+    the start of a test: a namespace another test deletes meanwhile lowers the count."""
     before = keymount.metric(*VALID_KEYS)
     return lambda: keymount.metric(*VALID_KEYS) >= before + count
 
@@ -74,7 +76,6 @@ def test_a_rotation_reaches_running_pods_without_a_restart(
     before = running_reporters(node, api, apps, namespace, "api",
                                expected_files(api, namespace))
 
-    arrived = keys_cached(keymount, 1)
     started = time.monotonic()
     rotated = cli(admin_kubeconfig, "keys", "rotate", "-n", namespace)
     assert "number 2 (file encryption-key-2)" in rotated.stdout
@@ -93,7 +94,6 @@ def test_a_rotation_reaches_running_pods_without_a_restart(
     assert {name: uid for name, (uid, _) in now.items()} == \
         {name: uid for name, (uid, _) in before.items()}  # the same Pods
     assert restarts(api, namespace, "api") == [0, 0]
-    poll(arrived, what="the rotated key cached")
     states = cli(admin_kubeconfig, "status", "-n", namespace, "-o", "json").stdout
     assert '"state": "updating"' in states  # what the API shows: the kubelet did the rest
 
