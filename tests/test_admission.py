@@ -104,7 +104,7 @@ def test_v1beta1_reviews_are_answered_too():
         "admission.k8s.io/v1beta1"
 
 
-# --- /validate: the final Pod (SPEC §6a) --------------------------------------------------
+# --- /validate: the final Pod (docs/contract.md) --------------------------------------------------
 
 def final_pod(obj=None, keyring=KEYRING):
     obj = obj or pod()

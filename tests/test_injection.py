@@ -1,4 +1,4 @@
-"""SPEC §4 and §5: what is injected, what is refused, and idempotency."""
+"""docs/contract.md, "Injection" and "Refusals": what is injected, what is refused, and idempotency."""
 
 import json
 import os
@@ -111,7 +111,7 @@ def test_mount_path_is_configurable():
     assert result["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/run/keys"
 
 
-# --- refusals (SPEC §5) -----------------------------------------------------------------
+# --- refusals -----------------------------------------------------------------
 
 def refused(obj, **kw) -> Refused:
     outcome = inject(obj, **kw)
@@ -184,7 +184,7 @@ def test_a_malformed_pod_is_refused_not_crashed_on(obj):
     assert refused(obj).reason == "malformed-pod"
 
 
-# --- warnings (SPEC §4) -------------------------------------------------------------------
+# --- warnings -------------------------------------------------------------------
 
 def warnings_for(obj, **kw):
     return injected(obj, **kw)[1].warnings

@@ -1,4 +1,4 @@
-"""SPEC §2 (validity, fingerprint) and §3 (order), table-driven."""
+"""Valid keys, fingerprints and key numbers (docs/contract.md), table-driven."""
 
 import base64
 
@@ -71,7 +71,7 @@ def test_reasons_never_contain_key_material():
         assert KEY[:8].hex() not in reason
 
 
-# --- SPEC §3: order -------------------------------------------------------------------
+# --- key numbers -------------------------------------------------------------------
 
 def names(keyring):
     return [r.name for r in keyring.keys]

@@ -1,4 +1,4 @@
-"""The local-directory key source (SPEC §7): parsing, reload, bad files lose nothing."""
+"""The local-directory key source (--keys-from): parsing, reload, bad files lose nothing."""
 
 import asyncio
 import base64

@@ -321,7 +321,8 @@ def review_final_pod(request: AdmissionRequest, *, keyring: Keyring,
 def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
                            settings: Settings) -> tuple[str, bool] | None:
     """What is wrong with a stored backend Pod's key volume, and whether fresher key
-    state could make it right; None when it is as SPEC §4 says."""
+    state could make it right; None when it is as docs/contract.md,
+    "Injection", says."""
     spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
     volumes = [v for v in spec.get("volumes") or [] if isinstance(v, dict)
                and v.get("name") == VOLUME_NAME]

@@ -29,7 +29,7 @@ PatchOp = dict[str, Any]
 RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "mount-conflict",
                         "unknown-container", "malformed-pod"]
 # Refusals that come from the namespace's key Secrets: a stale cache could cause them,
-# so the webhook confirms them with a live read before answering (SPEC §5).
+# so the webhook confirms them with a live read before answering (docs/contract.md, "Refusals").
 KEY_STATE_REASONS: frozenset[str] = frozenset({"no-valid-key", "invalid-keys",
                                                "ambiguous-order"})
 FILE_MODE = 0o440
@@ -57,7 +57,7 @@ class Refused:
 
 
 def needs_keys(pod: Mapping[str, Any], *, settings: Settings) -> bool:
-    """A backend Pod is one whose labels match the pod selector (SPEC §1)."""
+    """A backend Pod is one whose labels match the pod selector (docs/contract.md, "Terms")."""
     meta = pod.get("metadata")
     labels = meta.get("labels") if isinstance(meta, dict) else None
     return settings.pod_selector.matches(labels if isinstance(labels, dict) else {})
@@ -92,7 +92,7 @@ def build_mount(*, settings: Settings) -> dict[str, Any]:
 
 
 def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
-    """The namespace-level refusals of SPEC §5, in the order a user should fix them."""
+    """The namespace-level refusals (docs/contract.md, "Refusals"), in the order a user should fix them."""
     ns = keyring.namespace
     if keyring.conflict:
         a, b = keyring.conflict
@@ -143,7 +143,8 @@ def build_key_warnings(keyring: Keyring, *, settings: Settings,
 
 def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
                 now: datetime | None = None) -> Injected | Refused:
-    """Decide on one backend Pod or pod template and build its JSONPatch (SPEC §4, §5)."""
+    """Decide on one backend Pod or pod template and build its JSONPatch (docs/contract.md,
+    "Injection" and "Refusals")."""
     refusal = check_keyring(keyring, settings=settings)
     if refusal:
         return refusal

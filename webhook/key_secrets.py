@@ -1,7 +1,7 @@
 """Key Secrets as Kubernetes objects: reading one into a KeyRecord, writing one.
 
 The same reader serves the API server's JSON, AdmissionReview objects and local YAML
-manifests, so a key is judged the same way wherever it comes from (SPEC §7).
+manifests, so a key is judged the same way wherever it comes from (docs/contract.md, "Key sources").
 """
 
 from __future__ import annotations

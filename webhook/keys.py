@@ -24,7 +24,7 @@ from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION, RETIRED_ANNOTATION
 KEY_BYTES = 32
 KeyEncoding = Literal["auto", "raw", "base64"]
 
-# Standard and URL-safe alphabets, padding optional (SPEC §2).
+# Standard and URL-safe alphabets, padding optional (docs/contract.md, "Valid keys").
 _BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/\-_]+={0,2}")
 _PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
 
@@ -60,7 +60,7 @@ def decode_base64_key(text: bytes) -> bytes | None:
 
 def check_key(value: bytes | None, *, subject: str = "field 'encryption-key'",
               encoding: KeyEncoding = "auto") -> KeyCheck:
-    """Decide whether the bytes of a key field are a usable AES-256 key (SPEC §2).
+    """Decide whether the bytes of a key field are a usable AES-256 key (docs/contract.md, "Valid keys").
 
     `subject` names where the bytes came from in the reason ("field 'x'", "stdin").
     """

@@ -1,4 +1,4 @@
-"""Key source: a local directory of Secret manifests (`--keys-from DIR`, SPEC §7).
+"""Key source: a local directory of Secret manifests (`--keys-from DIR`; docs/contract.md, "Key sources").
 
 The embedded default, for running keymount without a cluster and for
 `keymount inject --keys-from`. Each file may hold many YAML documents; `data` and
@@ -148,6 +148,6 @@ class DirectoryKeySource:
                           extra={"error": str(exc)})
 
     async def confirm(self, namespace: str) -> Keyring:
-        """SPEC §5: before a key-state deny, re-scan the directory."""
+        """Before a key-state refusal, re-scan the directory (docs/contract.md, "Refusals")."""
         await self.load()
         return self.store.keyring(namespace)

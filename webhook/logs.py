@@ -1,7 +1,7 @@
 """Log lines: JSON (one object per line, for log pipelines) or text (for people).
 
 Fields come from `extra=`; callers pass names, fingerprints and reasons only. Request
-bodies, patches and key bytes are never handed to a logger (SPEC §6).
+bodies, patches and key bytes are never handed to a logger (docs/contract.md, "Trust").
 """
 
 from __future__ import annotations

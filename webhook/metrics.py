@@ -1,4 +1,4 @@
-"""Prometheus metrics (SPEC §6). Labels carry names and states, never key material."""
+"""Prometheus metrics (docs/operations.md, "Metrics"). Labels carry names and states, never key material."""
 
 from __future__ import annotations
 

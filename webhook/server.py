@@ -3,7 +3,7 @@
 Handlers parse, call the pure decisions in `admission`, and serialize. Everything that
 can go wrong on the way is answered without crashing and without letting a backend
 Pod through: bad requests get a 4xx with a JSON error; anything unexpected gets an
-AdmissionReview that says allowed: false, code 500 (SPEC §6).
+AdmissionReview that says allowed: false, code 500 (docs/contract.md, "HTTP").
 """
 
 from __future__ import annotations
