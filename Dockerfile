@@ -1,5 +1,5 @@
 # keymount admission webhook: slim, non-root, `keymount serve`.
-#   docker build -t keymount:0.1.0 .
+#   docker build -t keymount:0.2.0 .
 # The Deployment in manifests/ configures it through KEYMOUNT_* environment variables.
 
 # --- build: install keymount and its dependencies into a virtualenv ---------------------
@@ -13,9 +13,13 @@ RUN python -m venv /opt/keymount
 ENV PATH=/opt/keymount/bin:$PATH
 
 WORKDIR /src
+# Exactly the locked versions, each checked against its hash (requirements.lock; to
+# refresh it, see README.md, "Dependencies"); then keymount itself, adding nothing.
+COPY requirements.lock ./
+RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY webhook/ webhook/
-RUN pip install --no-cache-dir .
+RUN pip install --no-cache-dir --no-deps .
 
 # --- runtime ------------------------------------------------------------------------
 FROM python:3.11-slim

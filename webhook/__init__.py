@@ -6,4 +6,4 @@ store holds each namespace's keyring, filled by localdir or cluster; server and 
 are the edges.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

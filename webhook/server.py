@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -282,6 +283,11 @@ async def _keep_keys(runtime: Runtime) -> None:
                                       "retry_seconds": backoff})
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
+    # The cache is long-lived: move it out of the cyclic garbage collector's sight, or
+    # every full collection walks tens of thousands of records (a 30 ms stall at
+    # 10,000 namespaces x 5 keys, seen as p99 latency).
+    gc.collect()
+    gc.freeze()
     await runtime.source.run()
 
 

@@ -250,3 +250,20 @@ def test_max_key_age_flags_a_namespace_whose_newest_key_is_older(namespace,
         timeout=15, what="key older than 1s")
     status = keymount_cli(admin_kubeconfig, "status", "-n", namespace, "--max-key-age", "1s")
     assert f"keymount keys rotate -n {namespace}" in status.stderr
+
+
+def test_kubectl_keymount_is_a_kubectl_plugin(api, namespace, admin_kubeconfig):
+    """`kubectl keymount …`: kubectl runs kubectl-keymount from PATH, as installed."""
+    import os
+    import shutil
+    plugin = shutil.which("kubectl-keymount", path=str(ROOT / ".venv" / "bin")) or \
+        shutil.which("kubectl-keymount")
+    assert plugin, "kubectl-keymount is not installed (pip install keymount)"
+    keymount_cli(admin_kubeconfig, "keys", "create", "k1", "-n", namespace, "--generate")
+    env = {**os.environ, "PATH": f"{os.path.dirname(plugin)}:{os.environ['PATH']}"}
+    result = subprocess.run(["kubectl", "keymount", "keys", "list", "-n", namespace,
+                             "-o", "json", "--kubeconfig", str(admin_kubeconfig)],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    [row] = json.loads(result.stdout)
+    assert (row["secret"], row["file"], row["state"]) == ("k1", "encryption-key-1", "active")
