@@ -7,7 +7,7 @@ PORT   ?= 8443
 
 LINT   := .venv-lint/bin
 
-.PHONY: run test unit e2e bench lint control-plane clean help
+.PHONY: run test unit e2e bench lint lock control-plane clean help
 
 help:
 	@echo "make run            serve the webhook on https://127.0.0.1:$(PORT) with demo keys"
@@ -16,12 +16,25 @@ help:
 	@echo "make control-plane  build the e2e test bed: kube-apiserver, kubelet, controllers, etcd, containerd"
 	@echo "make bench          keymount as in production against a bare aiohttp server"
 
-# The virtualenv is rebuilt when pyproject.toml changes.
-$(BIN)/.installed: pyproject.toml
+# The virtualenv is rebuilt when the project or its lock changes: exactly the locked
+# versions, each checked against its hash, then keymount itself (editable, no deps).
+$(BIN)/.installed: pyproject.toml requirements-test.lock
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements-test.lock
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
+
+# Refresh both locks after changing dependencies in pyproject.toml (needs the network
+# to the package index; review the diff).
+lock:
+	$(PYTHON) -m venv .venv-lock && .venv-lock/bin/pip install --quiet pip-tools
+	.venv-lock/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+		--no-header --no-emit-index-url --no-emit-find-links -o requirements.lock pyproject.toml
+	.venv-lock/bin/pip-compile --quiet --generate-hashes --strip-extras --allow-unsafe \
+		--no-header --no-emit-index-url --no-emit-find-links --extra test \
+		-o requirements-test.lock pyproject.toml
+	rm -rf .venv-lock
 
 certs/tls.crt:
 	$(BIN)/keymount certs --service keymount --namespace keymount --out certs \
