@@ -168,8 +168,8 @@ def wrk(url: str, body_file: Path, connections: int, seconds: int) -> float:
     out = subprocess.run(["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}",
                           f"-d{seconds}s", "-s", str(script), url],
                          capture_output=True, text=True, timeout=seconds + 60).stdout
-    line = next(l for l in out.splitlines() if l.startswith("Requests/sec:"))
-    errors = [l for l in out.splitlines() if "Non-2xx" in l or "Socket errors" in l]
+    line = next(row for row in out.splitlines() if row.startswith("Requests/sec:"))
+    errors = [row for row in out.splitlines() if "Non-2xx" in row or "Socket errors" in row]
     assert not errors, out
     return float(line.split()[1])
 

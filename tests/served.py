@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
 from builders import key_secret, pod, random_key, review
 from polling import poll
 

@@ -5,11 +5,11 @@ import json
 
 import jsonpatch
 import pytest
-from builders import container, key_secret, keyring_of, pod, random_key, review
 
-from webhook.admission import (MalformedReview, parse_review, review_mutation,
-                               review_validation)
+from webhook.admission import MalformedReview, parse_review, review_mutation, review_validation
 from webhook.config import Settings
+
+from builders import container, key_secret, keyring_of, pod, random_key, review
 
 SETTINGS = Settings()
 KEYRING = keyring_of(key_secret("key-a", random_key(), index=1),

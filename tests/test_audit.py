@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from builders import key_secret, keyring_of, random_key
 
 from webhook.audit import Rbac, audit, reads_secrets
 from webhook.keyguard import parse_key_writers
 from webhook.lifecycle import PodKeys
 
-NOW = datetime(2026, 11, 29, tzinfo=timezone.utc)
-WRITERS = parse_key_writers("group:keymount:key-writers", own_user="system:serviceaccount:keymount:keymount")
+from builders import key_secret, keyring_of, random_key
+
+NOW = datetime(2026, 11, 29, tzinfo=UTC)
+WRITERS = parse_key_writers("group:keymount:key-writers",
+                            own_user="system:serviceaccount:keymount:keymount")
 
 
 def binding(kind, name, role_kind, role, subjects, namespace=None):

@@ -4,14 +4,22 @@ a restore, refused whole on any conflict."""
 from __future__ import annotations
 
 import pytest
-from builders import key_secret, keyring_of, random_key
 from pyrage import x25519
 
-from webhook.backup import (BackupError, collect, decrypt, encode, encrypt, plan_restore,
-                            read_identities)
+from webhook.backup import (
+    BackupError,
+    collect,
+    decrypt,
+    encode,
+    encrypt,
+    plan_restore,
+    read_identities,
+)
 from webhook.config import Settings
 from webhook.key_secrets import parse_key_secret
 from webhook.keys import build_keyring
+
+from builders import key_secret, keyring_of, random_key
 
 SETTINGS = Settings()
 RETIRED = {"keymount.io/retired": "2026-11-29T00:00:00Z"}

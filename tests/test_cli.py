@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from builders import fixed_key, key_secret, random_key
 
 GOLDEN = Path(__file__).parent / "golden" / "inject"
@@ -93,6 +94,7 @@ def test_keys_check_reads_a_file(tmp_path):
 
 def test_certs_writes_private_keys_0600_and_prints_the_ca_bundle(tmp_path):
     import base64
+
     from cryptography import x509
     result = keymount("certs", "--service", "keymount", "--namespace", "keymount-system",
                       "--out", str(tmp_path), "--ip", "127.0.0.1")
@@ -148,8 +150,8 @@ def test_keys_create_dry_run_prints_a_manifest_in_the_contexts_namespace(tmp_pat
     manifest = yaml.safe_load(result.stdout)
     assert manifest["metadata"]["namespace"] == "team"
     assert manifest["metadata"]["annotations"]["keymount.io/key-index"] == "3"
-    from webhook.key_secrets import parse_key_secret
     from webhook.config import Settings
+    from webhook.key_secrets import parse_key_secret
     assert parse_key_secret(manifest, settings=Settings()).valid
 
 

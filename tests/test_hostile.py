@@ -15,11 +15,12 @@ import time
 from pathlib import Path
 
 import pytest
+
+from webhook.certs import build_certificates, write_certificates
+
 from builders import key_secret, random_key, review
 from polling import poll
 from served import Served
-
-from webhook.certs import build_certificates, write_certificates
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
@@ -281,7 +282,7 @@ def test_certificates_swapped_under_load_fail_no_handshake_once_the_pair_is_comp
 
 def test_no_key_byte_reaches_the_log_at_debug_level(served):
     server = served("--log-level", "debug")
-    keys = server.key_bytes + [random_key()]
+    keys = [*server.key_bytes, random_key()]
     conn = server.connection()
     server.post(conn)  # an injection: files and fingerprints
     secret = key_secret("k9", keys[-1], namespace="default", index=9)

@@ -1,16 +1,19 @@
-"""docs/contract.md, "Injection" and "Refusals": what is injected, what is refused, and idempotency."""
+"""docs/contract.md, "Injection" and "Refusals": what is injected, what is refused,
+and idempotency."""
 
 import json
 import os
+from datetime import UTC
 from pathlib import Path
 
 import jsonpatch
 import pytest
 import yaml
-from builders import (container, fixed_key, key_secret, keyring_of, pod, random_key)
 
 from webhook.config import Settings
 from webhook.injection import Injected, Refused, inject_keys, needs_keys
+
+from builders import container, fixed_key, key_secret, keyring_of, pod, random_key
 
 GOLDEN = Path(__file__).parent / "golden" / "pods"
 UPDATE = os.environ.get("KEYMOUNT_UPDATE_GOLDEN") == "1"
@@ -84,8 +87,10 @@ def test_status_annotation_lists_each_file_with_secret_and_fingerprint():
     result, _ = injected(pod())
     status = json.loads(result["metadata"]["annotations"]["keymount.io/status"])
     assert status == [
-        {"file": "encryption-key-1", "secret": "key-a", "fingerprint": fingerprint_key(fixed_key("a"))},
-        {"file": "encryption-key-2", "secret": "key-b", "fingerprint": fingerprint_key(fixed_key("b"))},
+        {"file": "encryption-key-1", "secret": "key-a",
+         "fingerprint": fingerprint_key(fixed_key("a"))},
+        {"file": "encryption-key-2", "secret": "key-b",
+         "fingerprint": fingerprint_key(fixed_key("b"))},
     ]
 
 
@@ -224,13 +229,13 @@ def test_backend_pods_are_those_matching_the_pod_selector():
 
 
 def test_a_newest_key_older_than_max_key_age_earns_a_rotation_warning():
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
     ring = keyring_of(key_secret("old", random_key(), created="2026-01-01T00:00:00Z"))
     settings = Settings(max_key_age=timedelta(days=90))
-    late = datetime(2026, 6, 1, tzinfo=timezone.utc)
+    late = datetime(2026, 6, 1, tzinfo=UTC)
     warnings = warnings_for(pod(), keyring=ring, settings=settings, now=late)
     assert any("keymount keys rotate -n shop" in w for w in warnings)
-    early = datetime(2026, 2, 1, tzinfo=timezone.utc)
+    early = datetime(2026, 2, 1, tzinfo=UTC)
     assert warnings_for(pod(), keyring=ring, settings=settings, now=early) == ()
 
 

@@ -8,11 +8,12 @@ import json
 
 import jsonpatch
 import pytest
-from builders import key_secret, keyring_of, random_key, review
 
 from webhook.admission import parse_review, review_mutation, review_validation
 from webhook.config import Settings
 from webhook.keyguard import NAMESPACE_CONTROLLER, parse_key_writers
+
+from builders import key_secret, keyring_of, random_key, review
 
 SETTINGS = Settings()
 WRITERS = parse_key_writers("group:keymount:key-writers,user:alice", own_user="keymount-sa")

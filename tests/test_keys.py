@@ -3,10 +3,11 @@
 import base64
 
 import pytest
-from builders import key_secret, keyring_of, random_key
 
 from webhook.config import Settings
 from webhook.keys import check_key, fingerprint_key
+
+from builders import key_secret, keyring_of, random_key
 
 KEY = random_key()
 B64 = base64.b64encode(KEY)
@@ -134,13 +135,13 @@ def test_adding_retiring_or_invalidating_other_keys_never_renumbers_a_key(change
     k1, k3 = random_key(), random_key()
     before = [key_secret("k1", k1, index=1), key_secret("k3", k3, index=3)]
     after = {
-        "add-higher": before + [key_secret("k9", random_key(), index=9)],
-        "add-lower-unused": before + [key_secret("k2", random_key(), index=2)],
+        "add-higher": [*before, key_secret("k9", random_key(), index=9)],
+        "add-lower-unused": [*before, key_secret("k2", random_key(), index=2)],
         "retire-oldest": [key_secret("k1", None, index=1,
                                      annotations={"keymount.io/retired": "2026-11-29"}),
                           before[1]],
         "delete-oldest-tombstone": [before[1]],
-        "invalid-sibling": before + [key_secret("bad", b"short", index=7)],
+        "invalid-sibling": [*before, key_secret("bad", b"short", index=7)],
     }[change]
     number = {f.secret: f.file for f in keyring_of(*after).files}
     assert number["k3"] == "encryption-key-3"

@@ -1,17 +1,27 @@
 """Key lifecycle decisions (pure): listing, rotation, staleness, retirement, import."""
 
 import base64
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from builders import key_secret, keyring_of, pod, random_key
 
 from webhook.config import Settings
-from webhook.lifecycle import (build_key_rows, build_pod_key_state, format_age,
-                               format_table, import_helm_values, newest_key_too_old,
-                               legacy_pins, next_key_name, pods_mounting, restart_command)
+from webhook.lifecycle import (
+    build_key_rows,
+    build_pod_key_state,
+    format_age,
+    format_table,
+    import_helm_values,
+    legacy_pins,
+    newest_key_too_old,
+    next_key_name,
+    pods_mounting,
+    restart_command,
+)
 
-NOW = datetime(2026, 6, 1, tzinfo=timezone.utc)
+from builders import key_secret, keyring_of, pod, random_key
+
+NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
 
 def test_key_rows_list_every_key_by_number_with_its_state_then_every_invalid_secret():
@@ -188,6 +198,7 @@ def test_a_passphrase_like_chart_key_is_imported_with_a_warning():
 
 def test_the_ca_bundle_patch_sets_every_webhook_of_the_manifests():
     import yaml
+
     from webhook.certs import build_ca_bundle_patch
     docs = list(yaml.safe_load_all(build_ca_bundle_patch("QUJD")))
     hooks = {h["name"]: h["clientConfig"]["caBundle"] for d in docs for h in d["webhooks"]}

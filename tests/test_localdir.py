@@ -5,12 +5,13 @@ import base64
 
 import pytest
 import yaml
-from polling import wait_for
-from builders import key_secret, random_key
 
 from webhook.config import Settings
 from webhook.localdir import DirectoryKeySource, ManifestError, parse_key_documents
 from webhook.store import KeyStore
+
+from builders import key_secret, random_key
+from polling import wait_for
 
 SETTINGS = Settings()
 

@@ -14,15 +14,15 @@ from collections import Counter
 
 import jsonpatch
 import pytest
-from builders import key_secret, keyring_of, random_key
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhook.admission import (MalformedReview, parse_review, review_mutation,
-                               review_validation)
+from webhook.admission import MalformedReview, parse_review, review_mutation, review_validation
 from webhook.config import Settings
 from webhook.injection import needs_keys
 from webhook.names import VOLUME_NAME
+
+from builders import key_secret, keyring_of, random_key
 
 SETTINGS = Settings()
 KEYRING = keyring_of(key_secret("k1", random_key(), index=1),

@@ -4,16 +4,17 @@ import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import urllib.error
 import urllib.request
-import ssl
 
 import pytest
 import yaml
-from polling import poll
+
 from builders import key_secret, pod, random_key, review
+from polling import poll
 
 
 def free_port() -> int:

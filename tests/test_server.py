@@ -1,9 +1,9 @@
 """The HTTPS server over real TLS: bad input, failure paths, probes, metrics, reload."""
 
 import asyncio
-import os
 import base64
 import json
+import os
 import ssl
 from pathlib import Path
 
@@ -11,16 +11,17 @@ import aiohttp
 import jsonpatch
 import pytest
 import yaml
-from polling import wait_for
-from builders import container, key_secret, pod, random_key, review
 
 from webhook.certs import build_certificates, write_certificates
 from webhook.config import Settings
 from webhook.localdir import DirectoryKeySource
 from webhook.metrics import Metrics
 from webhook.server import MAX_BODY, Runtime, build_probe_app, build_webhook_app
-from webhook.tls import CertReloader, build_ssl_context
 from webhook.store import KeyStore
+from webhook.tls import CertReloader, build_ssl_context
+
+from builders import container, key_secret, pod, random_key, review
+from polling import wait_for
 
 
 def write_keys(directory: Path, *secrets, name="keys.yaml"):
@@ -220,6 +221,7 @@ async def test_a_tls_1_2_client_is_served(server, certs):
 
 def peer_serial(port: int, ca_file: str) -> int:
     import socket
+
     from cryptography import x509
     context = ssl.create_default_context(cafile=ca_file)
     with socket.create_connection(("127.0.0.1", port)) as raw:

@@ -14,14 +14,15 @@ from collections import deque
 from typing import Any
 
 import pytest
-from builders import key_secret, random_key
 from kubernetes.client.rest import ApiException
-from polling import wait_for
 
 from webhook.config import Settings
 from webhook.key_secrets import parse_key_secret
 from webhook.store import KeyStore
 from webhook.watch import ListWatch, WatchTimings
+
+from builders import key_secret, random_key
+from polling import wait_for
 
 SETTINGS = Settings()
 
@@ -192,7 +193,7 @@ async def test_an_error_event_relists_after_a_backoff_that_doubles_and_is_capped
     await stop(task)
     assert recorder.restarts == 4
     # 1, 2, 4, 4 seconds, each with up to 50% jitter.
-    for slept, base in zip(recorder.sleeps, [1, 2, 4, 4]):
+    for slept, base in zip(recorder.sleeps, [1, 2, 4, 4], strict=False):
         assert base <= slept <= base * 1.5
 
 

@@ -18,10 +18,22 @@ from typing import Any, Literal, NotRequired, TypedDict
 import orjson
 
 from .config import VOLUME_NAME, Settings
-from .injection import (FILE_MODE, Injected, find_mount_problem, inject_keys, needs_keys,
-                        select_containers)
-from .keyguard import (KeyChange, KeyDecision, KeyWriters, Requester, guard_key_secret,
-                       stamp_key_secret)
+from .injection import (
+    FILE_MODE,
+    Injected,
+    find_mount_problem,
+    inject_keys,
+    needs_keys,
+    select_containers,
+)
+from .keyguard import (
+    KeyChange,
+    KeyDecision,
+    KeyWriters,
+    Requester,
+    guard_key_secret,
+    stamp_key_secret,
+)
 from .keys import KeyFile, Keyring
 from .names import key_file_name, slot_number
 

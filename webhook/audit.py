@@ -25,7 +25,8 @@ READ_VERBS = {"get", "list", "watch", "*"}
 
 @dataclass(frozen=True, slots=True)
 class Finding:
-    kind: str  # reused-key | secret-reader | key-writers-unset | key-too-old | stale-pod | legacy-key
+    # reused-key | secret-reader | key-writers-unset | key-too-old | stale-pod | legacy-key
+    kind: str
     namespace: str
     subject: str
     detail: str

@@ -20,7 +20,7 @@ import binascii
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import pyrage
@@ -31,8 +31,12 @@ from .config import Settings
 from .errors import UserFacingError
 from .key_secrets import read_key_field
 from .keys import KeyRecord, Keyring, check_key, format_numbers
-from .names import (GENERATED_ANNOTATION, INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION,
-                    RETIRED_ANNOTATION)
+from .names import (
+    GENERATED_ANNOTATION,
+    INDEX_ANNOTATION,
+    NUMBERS_USED_ANNOTATION,
+    RETIRED_ANNOTATION,
+)
 
 FORMAT = "keymount-backup/v1"
 
@@ -92,7 +96,7 @@ def collect(secrets: Iterable[Mapping[str, Any]], keyrings: Mapping[str, Keyring
 
 
 def encode(keys: list[BackedUpKey], *, now: datetime | None = None) -> bytes:
-    stamp = (now or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
     return json.dumps({"format": FORMAT, "created": stamp,
                        "keys": [k.as_json() for k in keys]}, indent=1).encode()
 

@@ -12,7 +12,7 @@ import base64
 import ipaddress
 import os
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
@@ -48,7 +48,7 @@ def build_certificates(*, service: str, namespace: str, ips: list[str] = (),
     """PEM bytes for ca.crt, ca.key, tls.crt, tls.key, and client.crt/client.key for the
     API server to present when keymount runs with --client-ca (pure apart from
     randomness)."""
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     # A distinct name per CA: a client trusting an old and a new CA during a rollover
     # finds the issuer by name, and two CAs of one name would shadow each other.

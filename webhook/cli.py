@@ -21,8 +21,14 @@ import yaml
 
 from . import __version__
 from .cli_keys import add_key_lifecycle_commands, add_status_command
-from .config import (DEFAULT_KEY_FIELD, DEFAULT_KEY_SELECTOR, DEFAULT_MOUNT_PATH,
-                     DEFAULT_POD_SELECTOR, DEFAULT_ROTATION_SLOTS, Settings)
+from .config import (
+    DEFAULT_KEY_FIELD,
+    DEFAULT_KEY_SELECTOR,
+    DEFAULT_MOUNT_PATH,
+    DEFAULT_POD_SELECTOR,
+    DEFAULT_ROTATION_SLOTS,
+    Settings,
+)
 from .errors import UserFacingError
 from .events import EventRecorder
 from .keyguard import KeyWriters, parse_key_writers
@@ -112,9 +118,9 @@ def build_settings(args: argparse.Namespace) -> Settings:
 # --- serve ---------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .connections import ConnectionLimits
     from .logs import configure_logging
     from .metrics import Metrics
-    from .connections import ConnectionLimits
     from .server import Runtime, ServeOptions, serve
     from .store import KeyStore, PodStore
 

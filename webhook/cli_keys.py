@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 
 def _now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def add_cluster_flags(parser: argparse.ArgumentParser, *, all_namespaces: bool = False,
@@ -370,7 +370,6 @@ def cmd_retire(args: argparse.Namespace) -> int:
             raise UserFacingError("not retired")
     if record.state == "valid" and keyring.legacy:
         pin_legacy_keys(keys, keyring)
-    stamp = _now().strftime("%Y-%m-%dT%H:%M:%SZ")
     # A merge patch: `null` deletes the key field; the label and number stay.
     keys.patch_secret(namespace, args.name, {
         "data": {settings.key_field: None},
@@ -412,8 +411,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     import os
 
     from .backup import collect, encode, encrypt
-    from .lifecycle import records_by_namespace
     from .key_secrets import parse_key_secret
+    from .lifecycle import records_by_namespace
     if args.verify:
         keys = decrypt_backup(args, args.verify)
         for key in keys:

@@ -83,7 +83,7 @@ class ConnectionGuard:
         on its way unanswered (the client sees a reset after sending it)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline and (len(self.handshaking) or any(
+        while loop.time() < deadline and (len(self.handshaking) or any(  # noqa: ASYNC110
                 not p.answered_any and p.request_started is None for p in self.open)):
             await asyncio.sleep(0.02)
 

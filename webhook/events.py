@@ -18,7 +18,7 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from .admission import AdmissionRequest, Verdict
@@ -97,7 +97,7 @@ def _clip(text: str) -> str:
 
 def build_event(note: EventNote, *, now: datetime, host: str = "") -> dict[str, Any]:
     """A core/v1 Event, as client-go's recorder writes one."""
-    stamp = now.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    stamp = now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     # The API server wants involvedObject.namespace to equal the Event's namespace;
     # for a bare Pod's refusal the Namespace is named from inside itself, so
     # `kubectl get events -n NS` shows it to the namespace's users.
@@ -135,7 +135,7 @@ class EventRecorder:
         while True:
             note = await self.queue.get()
             try:
-                await self.send(build_event(note, now=datetime.now(timezone.utc),
+                await self.send(build_event(note, now=datetime.now(UTC),
                                             host=self.host))
             except Exception as exc:  # an Event is best effort; the decision stands
                 log.warning("could not record an Event",

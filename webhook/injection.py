@@ -20,8 +20,7 @@ from typing import Any, Literal
 
 import jsonpatch
 
-from .config import (CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME,
-                     Settings)
+from .config import CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .keys import KeyFile, Keyring
 from .names import key_file_name, slot_secret_name
 
@@ -92,7 +91,8 @@ def build_mount(*, settings: Settings) -> dict[str, Any]:
 
 
 def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
-    """The namespace-level refusals (docs/contract.md, "Refusals"), in the order a user should fix them."""
+    """The namespace-level refusals (docs/contract.md, "Refusals"), in the order a user
+    should fix them."""
     ns = keyring.namespace
     if keyring.conflict:
         a, b = keyring.conflict

@@ -7,8 +7,8 @@ manifests, so a key is judged the same way wherever it comes from (docs/contract
 from __future__ import annotations
 
 import base64
-import dataclasses
 import binascii
+import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any

@@ -60,7 +60,8 @@ def decode_base64_key(text: bytes) -> bytes | None:
 
 def check_key(value: bytes | None, *, subject: str = "field 'encryption-key'",
               encoding: KeyEncoding = "auto") -> KeyCheck:
-    """Decide whether the bytes of a key field are a usable AES-256 key (docs/contract.md, "Valid keys").
+    """Decide whether the bytes of a key field are a usable AES-256 key
+    (docs/contract.md, "Valid keys").
 
     `subject` names where the bytes came from in the reason ("field 'x'", "stdin").
     """
@@ -290,7 +291,7 @@ class Keyring:
 
     def holder_of(self, number: int) -> KeyRecord | None:
         """The valid key or tombstone that holds `number` now, if any."""
-        for key_file, record in zip(self.files, self.keys):
+        for key_file, record in zip(self.files, self.keys, strict=True):
             if key_file.number == number:
                 return record
         return next((r for r in self.retired if r.index_explicit and r.index == number), None)

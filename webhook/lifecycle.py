@@ -65,7 +65,7 @@ def key_state_label(record: KeyRecord, keyring: Keyring) -> str:
 def build_key_rows(keyring: Keyring, *, now: datetime) -> list[KeyRow]:
     """Every key Secret by number (what a new backend Pod gets, and the tombstones),
     then the invalid ones."""
-    numbered = [(f.number, f.file, r) for f, r in zip(keyring.files, keyring.keys)]
+    numbered = [(f.number, f.file, r) for f, r in zip(keyring.files, keyring.keys, strict=True)]
     numbered += [(r.index, "-", r) for r in keyring.retired]
     numbered.sort(key=lambda row: (row[0], row[2].name))
     rows = [KeyRow(file, r.name, str(r.index) if r.index_explicit else "-",
@@ -95,8 +95,8 @@ def format_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:
     rows = [list(map(str, r)) for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
               for i, h in enumerate(headers)]
-    lines = ["   ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip()]
-    lines += ["   ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines = ["   ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""Key source: a local directory of Secret manifests (`--keys-from DIR`; docs/contract.md, "Key sources").
+"""Key source: a local directory of Secret manifests (`--keys-from DIR`;
+docs/contract.md, "Key sources").
 
 The embedded default, for running keymount without a cluster and for
 `keymount inject --keys-from`. Each file may hold many YAML documents; `data` and

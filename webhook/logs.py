@@ -7,7 +7,7 @@ bodies, patches and key bytes are never handed to a logger (docs/contract.md, "T
 from __future__ import annotations
 
 import logging
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import orjson
 
@@ -32,7 +32,7 @@ def describe_exception(exc: BaseException | None) -> str:
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line: dict[str, object] = {
-            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(
                 timespec="milliseconds"),
             "level": record.levelname.lower(),
             "logger": record.name,

@@ -1,8 +1,9 @@
-"""Prometheus metrics (docs/operations.md, "Metrics"). Labels carry names and states, never key material."""
+"""Prometheus metrics (docs/operations.md, "Metrics"). Labels carry names and states,
+never key material."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -70,7 +71,7 @@ class StoreCollector(Collector):
         ages = GaugeMetricFamily("keymount_newest_key_age_seconds",
                                  "Age of the newest valid key of each namespace",
                                  labels=["namespace"])
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         for namespace in self.store.namespaces():
             newest = self.store.keyring(namespace).newest
             if newest is not None and newest.created is not None:

@@ -16,16 +16,25 @@ import signal
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any, Literal, Protocol
 
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from .admission import (AdmissionRequest, MalformedReview, Verdict, build_review, denied,
-                        errored, key_change, parse_review, review_mutation,
-                        review_validation)
+from .admission import (
+    AdmissionRequest,
+    MalformedReview,
+    Verdict,
+    build_review,
+    denied,
+    errored,
+    key_change,
+    parse_review,
+    review_mutation,
+    review_validation,
+)
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
 from .events import EventRecorder, event_for
@@ -70,7 +79,7 @@ class Runtime:
     reservations: Reservations = field(default_factory=Reservations)
     live_reads: LiveReads = field(init=False)
     large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
-    clock: Callable[[], datetime] = field(default=lambda: datetime.now(timezone.utc))
+    clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     live_read_rate: float = 10.0
     live_read_burst: int = 20
 

@@ -1,6 +1,7 @@
 """The key cache: what every key source fills and every admission reads.
 
-Admission must cost the same whatever the cluster holds (docs/architecture.md, "Performance"), so each
+Admission must cost the same whatever the cluster holds (docs/architecture.md,
+"Performance"), so each
 namespace's `Keyring` (order, conflicts, invalid keys) is rebuilt when that namespace's
 Secrets change, not per request: a lookup is one dict access. All mutation happens on
 the event loop thread; sources that run in threads hand their results over to it.

@@ -139,7 +139,7 @@ class ListWatch(Generic[N]):
     async def load(self) -> int:
         """The first full list of every scope; returns how many records came."""
         results = [await in_daemon_thread(lambda s=s: self.list(s)) for s in self.scopes]
-        for scope, (_, version) in zip(self.scopes, results):
+        for scope, (_, version) in zip(self.scopes, results, strict=True):
             self.versions[scope] = version
         self.sink.replace_all(r for records, _ in results for r in records)
         self.on_event()

@@ -8,6 +8,7 @@ import os
 
 import pytest
 from kubernetes.client.rest import ApiException
+
 from polling import poll
 
 BACKEND = {"app.kubernetes.io/component": "backend"}

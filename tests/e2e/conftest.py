@@ -23,9 +23,9 @@ import pytest
 import yaml
 from kubernetes import client, config
 
-from polling import poll  # noqa: F401 (re-exported for the tests)
 from controlplane import ControlPlane, ControlPlaneError, ControlPlaneUnavailable
 from node import Node, NodeError, NodeUnavailable
+from polling import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 # As manifests/base/deployment.yaml ships it (the admin is in system:masters).
@@ -201,7 +201,8 @@ def webhook_configurations(port: int, ca_bundle: str) -> str:
             "clientConfig": {"url": f"https://127.0.0.1:{port}{path}", "caBundle": ca_bundle},
             "rules": rules, "objectSelector": selector,
             "namespaceSelector": namespace_selector or {
-                "matchExpressions": [{"key": "keymount-e2e/unguarded", "operator": "DoesNotExist"}]},
+                "matchExpressions": [{"key": "keymount-e2e/unguarded",
+                                      "operator": "DoesNotExist"}]},
         }
         return entry
     pods = [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],

@@ -34,14 +34,15 @@ import time
 import urllib.error
 import urllib.request
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 __all__ = [
+    "STAMP_VERSION",
     "ControlPlane",
     "ControlPlaneError",
     "ControlPlaneUnavailable",
-    "STAMP_VERSION",
     "cache_dir",
     "check_binaries",
 ]
@@ -99,7 +100,7 @@ def _sha256_file(path: Path) -> str:
     return _hash_cache[key]
 
 
-def _reflect2_fix_hash() -> Optional[str]:
+def _reflect2_fix_hash() -> str | None:
     """Same digest as prepare-control-plane.sh's reflect2_hash(), or None if absent."""
     if not REFLECT2_SRC.is_dir():
         return None
@@ -112,7 +113,7 @@ def _reflect2_fix_hash() -> Optional[str]:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def check_binaries(directory: Optional[os.PathLike] = None) -> dict:
+def check_binaries(directory: os.PathLike | None = None) -> dict:
     """Return {"kube-apiserver": Path, "etcd": Path} or raise ControlPlaneUnavailable."""
     d = Path(directory) if directory is not None else cache_dir()
     apiserver = d / "bin" / "kube-apiserver"
@@ -151,13 +152,13 @@ def _free_port() -> int:
 
 def _tail(path: Path, lines: int) -> str:
     try:
-        with open(path, "r", errors="replace") as f:
+        with open(path, errors="replace") as f:
             return "".join(deque(f, maxlen=lines))
     except FileNotFoundError:
         return f"<{path} does not exist>"
 
 
-def _terminate(proc: Optional[subprocess.Popen], timeout: float = 15.0) -> None:
+def _terminate(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     try:
@@ -170,7 +171,7 @@ def _terminate(proc: Optional[subprocess.Popen], timeout: float = 15.0) -> None:
         pass
 
 
-_live: "set[ControlPlane]" = set()
+_live: set[ControlPlane] = set()
 
 
 @atexit.register
@@ -197,7 +198,7 @@ class ControlPlane:
 
     def __init__(
         self,
-        directory: Optional[os.PathLike] = None,
+        directory: os.PathLike | None = None,
         *,
         startup_timeout: float = 90.0,
         extra_apiserver_args: Iterable[str] = (),
@@ -208,26 +209,26 @@ class ControlPlane:
         self.admin_token = secrets.token_hex(16)
         self.keymount_token = secrets.token_hex(16)
         self.user_tokens = {name: secrets.token_hex(16) for name in OTHER_USERS}
-        self.workdir: Optional[Path] = None
-        self.server: Optional[str] = None
-        self.ca_file: Optional[str] = None
-        self.etcd_url: Optional[str] = None
-        self.apiserver_port: Optional[int] = None
-        self.apiserver_log: Optional[Path] = None
-        self.etcd_log: Optional[Path] = None
-        self.audit_log: Optional[Path] = None
-        self._etcd: Optional[subprocess.Popen] = None
-        self._apiserver: Optional[subprocess.Popen] = None
-        self._ssl_ctx: Optional[ssl.SSLContext] = None
+        self.workdir: Path | None = None
+        self.server: str | None = None
+        self.ca_file: str | None = None
+        self.etcd_url: str | None = None
+        self.apiserver_port: int | None = None
+        self.apiserver_log: Path | None = None
+        self.etcd_log: Path | None = None
+        self.audit_log: Path | None = None
+        self._etcd: subprocess.Popen | None = None
+        self._apiserver: subprocess.Popen | None = None
+        self._ssl_ctx: ssl.SSLContext | None = None
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "ControlPlane":
+    def __enter__(self) -> ControlPlane:
         return self.start()
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def start(self) -> "ControlPlane":
+    def start(self) -> ControlPlane:
         if self.workdir is not None:
             raise ControlPlaneError("already started")
         self.workdir = Path(tempfile.mkdtemp(prefix="keymount-cp-"))
@@ -428,10 +429,10 @@ class ControlPlane:
         path: str,
         body: Any = None,
         *,
-        token: Optional[str] = None,
+        token: str | None = None,
         content_type: str = "application/json",
         timeout: float = 30.0,
-    ) -> "tuple[int, str]":
+    ) -> tuple[int, str]:
         """Minimal API call: returns (HTTP status, response text); token defaults to admin."""
         self._require_started()
         data = None
@@ -450,7 +451,7 @@ class ControlPlane:
             return e.code, e.read().decode("utf-8", "replace")
 
     def write_kubeconfig(
-        self, path: os.PathLike, token: Optional[str] = None, namespace: Optional[str] = None
+        self, path: os.PathLike, token: str | None = None, namespace: str | None = None
     ) -> str:
         """Write a kubeconfig (JSON, which kubectl and client libraries accept as YAML)
         for ``token`` (default: the admin token). Returns the path."""
@@ -477,14 +478,14 @@ class ControlPlane:
         os.chmod(p, 0o600)
         return str(p)
 
-    def audit_events(self, user: Optional[str] = None) -> list:
+    def audit_events(self, user: str | None = None) -> list:
         """Parsed audit events (one per request, see module doc), optionally only
         those whose ``user.username`` is ``user``."""
         self._require_started()
         assert self.audit_log is not None
         events = []
         try:
-            with open(self.audit_log, "r", errors="replace") as f:
+            with open(self.audit_log, errors="replace") as f:
                 for line in f:
                     line = line.strip()
                     if not line:

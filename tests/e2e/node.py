@@ -56,18 +56,18 @@ import urllib.parse
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 from controlplane import cache_dir
 
 __all__ = [
     "BUSYBOX_IMAGE",
     "NODE_NAME",
+    "PAUSE_IMAGE",
+    "NoReport",
     "Node",
     "NodeError",
     "NodeUnavailable",
-    "NoReport",
-    "PAUSE_IMAGE",
     "build_image_archive",
     "check_node_binaries",
     "key_reporter_container",
@@ -174,7 +174,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def check_node_binaries(directory: Optional[os.PathLike] = None) -> dict:
+def check_node_binaries(directory: os.PathLike | None = None) -> dict:
     """Paths of everything the node runs, or raise NodeUnavailable with the hint."""
     d = Path(directory) if directory is not None else cache_dir()
     found: dict = {}
@@ -224,7 +224,7 @@ def _go_arch() -> str:
             "armv7l": "arm", "ppc64le": "ppc64le", "s390x": "s390x"}.get(machine, machine)
 
 
-def _tar_add(tar: tarfile.TarFile, name: str, *, data: Optional[bytes] = None,
+def _tar_add(tar: tarfile.TarFile, name: str, *, data: bytes | None = None,
              mode: int = 0o755, kind: bytes = tarfile.REGTYPE, link: str = "") -> None:
     info = tarfile.TarInfo(name)
     info.mode, info.type, info.mtime, info.uid, info.gid = mode, kind, 0, 0, 0
@@ -258,7 +258,7 @@ def _layer_tar(busybox: Path) -> bytes:
     return buf.getvalue()
 
 
-def _image_config(diff_id: str, *, entrypoint: Optional[list], cmd: Optional[list]) -> bytes:
+def _image_config(diff_id: str, *, entrypoint: list | None, cmd: list | None) -> bytes:
     config = {
         "architecture": _go_arch(),
         "os": "linux",
@@ -363,7 +363,7 @@ def parse_key_reports(log_text: str) -> list:
     return reports
 
 
-def latest_keys(log_text: str) -> Optional[dict]:
+def latest_keys(log_text: str) -> dict | None:
     """The newest report of ``parse_key_reports``; NoReport if there is none yet."""
     reports = parse_key_reports(log_text)
     if not reports:
@@ -378,17 +378,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Optional[Path], lines: int = 40) -> str:
+def _tail(path: Path | None, lines: int = 40) -> str:
     if path is None:
         return ""
     try:
-        with open(path, "r", errors="replace") as f:
+        with open(path, errors="replace") as f:
             return "".join(deque(f, maxlen=lines))
     except FileNotFoundError:
         return f"<{path} does not exist>"
 
 
-def _terminate(proc: Optional[subprocess.Popen], timeout: float = 15.0) -> None:
+def _terminate(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
     if proc is None or proc.poll() is not None:
         return
     try:
@@ -447,7 +447,7 @@ def _processes() -> dict:
     return procs
 
 
-_live: "set[Node]" = set()
+_live: set[Node] = set()
 
 
 @atexit.register
@@ -472,37 +472,37 @@ class Node:
 
     name = NODE_NAME
 
-    def __init__(self, control_plane: Any, directory: Optional[os.PathLike] = None, *,
+    def __init__(self, control_plane: Any, directory: os.PathLike | None = None, *,
                  startup_timeout: float = 90.0) -> None:
         self._bins = check_node_binaries(directory)
         self._cache = Path(directory) if directory is not None else cache_dir()
         self.control_plane = control_plane
         self.startup_timeout = startup_timeout
-        self.workdir: Optional[Path] = None
-        self.socket: Optional[Path] = None
-        self.kubeconfig: Optional[Path] = None
-        self.kubelet_port: Optional[int] = None
-        self.containerd_log: Optional[Path] = None
-        self.kubelet_log: Optional[Path] = None
-        self.controller_manager_log: Optional[Path] = None
+        self.workdir: Path | None = None
+        self.socket: Path | None = None
+        self.kubeconfig: Path | None = None
+        self.kubelet_port: int | None = None
+        self.containerd_log: Path | None = None
+        self.kubelet_log: Path | None = None
+        self.controller_manager_log: Path | None = None
         self.timings: dict = {}
-        self.last_log_source: Optional[str] = None
-        self._containerd: Optional[subprocess.Popen] = None
-        self._kubelet: Optional[subprocess.Popen] = None
-        self._kcm: Optional[subprocess.Popen] = None
+        self.last_log_source: str | None = None
+        self._containerd: subprocess.Popen | None = None
+        self._kubelet: subprocess.Popen | None = None
+        self._kcm: subprocess.Popen | None = None
         self._sysctls: dict = {}
         self._created_dirs: list = []
         self._container_ids: set = set()
         self._created_cgroups: list = []
         self._pod_uids: set = set()  # every Pod bound to this node (for /var/log/pods)
         self._stopping = threading.Event()
-        self._watcher: Optional[threading.Thread] = None
+        self._watcher: threading.Thread | None = None
         self._watch_stream: Any = None
         self._stray_sockets: list = []
         self._t0 = 0.0
 
     # ------------------------------------------------------------------ lifecycle
-    def __enter__(self) -> "Node":
+    def __enter__(self) -> Node:
         self.start()
         self.wait_ready()
         return self
@@ -510,7 +510,7 @@ class Node:
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
-    def start(self) -> "Node":
+    def start(self) -> Node:
         if self.workdir is not None:
             raise NodeError("already started")
         if not self.control_plane.is_alive():
@@ -677,7 +677,7 @@ class Node:
                 self._ctr("tasks", "kill", "-a", "-s", "SIGKILL", cid, check=False,
                           namespace=ns)
 
-            def stopped() -> bool:
+            def stopped(ns: str = ns) -> bool:
                 rows = self._ctr("tasks", "ls", check=False, namespace=ns).stdout
                 return all(r.split()[-1] != "RUNNING" for r in rows.splitlines()[1:]
                            if r.split())
@@ -705,7 +705,7 @@ class Node:
         victims = set(shims)
         for pid in shims:  # a killed shim leaves its socket: /run/containerd/s/<sha256>
             argv = procs[pid][1]
-            opts = dict(zip(argv[1::2], argv[2::2]))
+            opts = dict(zip(argv[1::2], argv[2::2], strict=False))
             if "-namespace" in opts and "-id" in opts:
                 name = hashlib.sha256(os.path.join(
                     address, opts["-namespace"], opts["-id"]).encode()).hexdigest()
@@ -805,7 +805,7 @@ class Node:
             f"--cert-dir={w / 'kubelet-certs'}",
             f"--hostname-override={NODE_NAME}",
             f"--pod-infra-container-image={PAUSE_IMAGE}",
-            "--v=%s" % os.environ.get("KEYMOUNT_E2E_KUBELET_V", "1"),
+            f"--v={os.environ.get('KEYMOUNT_E2E_KUBELET_V', '1')}",
         ]
         with open(self.kubelet_log, "ab") as log:
             self._kubelet = subprocess.Popen(
@@ -846,7 +846,7 @@ class Node:
 
     # ------------------------------------------------------------------ readiness
     @staticmethod
-    def _check_alive(proc: Optional[subprocess.Popen], name: str, log: Optional[Path]):
+    def _check_alive(proc: subprocess.Popen | None, name: str, log: Path | None):
         if proc is not None and proc.poll() is not None:
             raise NodeError(f"{name} exited with {proc.returncode}:\n{_tail(log, 60)}")
 
@@ -866,7 +866,7 @@ class Node:
             raise NodeError(f"GET node {NODE_NAME}: HTTP {status}: {body[:500]}")
         return json.loads(body)
 
-    def wait_ready(self, timeout: Optional[float] = None) -> None:
+    def wait_ready(self, timeout: float | None = None) -> None:
         """The Node object exists (Ready=False is expected: no CNI) and a trivial
         hostNetwork Pod reaches Running and its log is readable via ``kubectl logs``."""
         timeout = timeout or self.startup_timeout
@@ -916,7 +916,7 @@ class Node:
         spec.update(extra)
         return spec
 
-    def get_pod(self, namespace: str, name: str) -> Optional[dict]:
+    def get_pod(self, namespace: str, name: str) -> dict | None:
         status, body = self.control_plane.request(
             "GET", f"/api/v1/namespaces/{namespace}/pods/{name}")
         if status == 404:
@@ -984,7 +984,7 @@ class Node:
         return r.stdout if r.returncode == 0 else ""
 
     def file_logs(self, namespace: str, pod: str, container: str,
-                  uid: Optional[str] = None) -> str:
+                  uid: str | None = None) -> str:
         """The container's log from /var/log/pods (CRI format, all restarts), as text."""
         if uid is None:
             obj = self.get_pod(namespace, pod)
@@ -1020,7 +1020,7 @@ class Node:
         self.last_log_source = "file"
         return self.file_logs(namespace, pod, container)
 
-    def pod_keys(self, namespace: str, pod: str, container: str = "app") -> Optional[dict]:
+    def pod_keys(self, namespace: str, pod: str, container: str = "app") -> dict | None:
         """The newest {file: sha256} a key-reporter container printed (None: it has no
         /encryption-keys); NoReport before its first line."""
         return latest_keys(self.logs(namespace, pod, container))
@@ -1138,7 +1138,7 @@ class Node:
         self._created_cgroups = []
 
     @staticmethod
-    def _read_sysctl(name: str) -> Optional[str]:
+    def _read_sysctl(name: str) -> str | None:
         try:
             return Path("/proc/sys", name).read_text().strip()
         except OSError:

@@ -5,8 +5,15 @@ from __future__ import annotations
 import base64
 import json
 
-from apihelpers import (KEY_LABELS, create_key, create_pod, denial, key_sources, pod_body,
-                        wait_for_cached_keys)
+from apihelpers import (
+    KEY_LABELS,
+    create_key,
+    create_pod,
+    denial,
+    key_sources,
+    pod_body,
+    wait_for_cached_keys,
+)
 from polling import poll
 
 
@@ -160,6 +167,7 @@ def test_a_start_up_failure_with_the_kubernetes_source_is_one_line_and_exit_1(
     import socket
     import subprocess
     import sys
+
     from conftest import ROOT
     kubeconfig = control_plane.write_kubeconfig(tmp_path / "kc",
                                                 token=control_plane.keymount_token)

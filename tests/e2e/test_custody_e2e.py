@@ -11,11 +11,12 @@ import subprocess
 import sys
 
 import pytest
-from conftest import KEY_WRITERS, ROOT, kubectl
 from kubernetes.client.rest import ApiException
 from pyrage import x25519
-from polling import poll
+
 from apihelpers import create_key, create_pod, key_sources, pod_body, random_key
+from conftest import KEY_WRITERS, ROOT, kubectl
+from polling import poll
 
 OUTPUTS: list[str] = []
 

@@ -12,12 +12,12 @@ import threading
 
 import pytest
 import yaml
-from conftest import KEY_WRITERS, ROOT
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
+
+from apihelpers import KEY_LABELS, create_key, create_pod, denial, key_sources, pod_body, random_key
+from conftest import KEY_WRITERS, ROOT
 from polling import poll
-from apihelpers import (KEY_LABELS, create_key, create_pod, denial, key_sources, pod_body,
-                        random_key)
 
 OUTPUTS: list[str] = []  # everything the commands printed, checked for key material
 
@@ -80,7 +80,7 @@ def test_a_duplicate_number_is_refused_and_pods_are_still_admitted(api, mallory,
 def test_changing_a_keys_index_is_refused_for_everyone(api, mallory, namespace, keymount, who):
     before = three_keys(api, namespace, keymount)
     actor = mallory if who == "mallory" else api
-    message = denial(lambda: actor.patch_namespaced_secret("k1", namespace, {
+    message = denial(lambda actor=actor: actor.patch_namespaced_secret("k1", namespace, {
         "metadata": {"annotations": {"keymount.io/key-index": "5"}}}))
     assert "has number 1 for good" in message
     assert snapshot(api, namespace) == before
@@ -92,7 +92,7 @@ def test_allow_delete_then_new_bytes_then_unannotate_leaves_the_key_as_it_was(
     mallory.patch_namespaced_secret("k1", namespace, {  # harmless metadata: allowed
         "metadata": {"annotations": {"keymount.io/allow-delete": "true"}}})
     for actor in (mallory, api):
-        message = denial(lambda: actor.patch_namespaced_secret("k1", namespace, {
+        message = denial(lambda actor=actor: actor.patch_namespaced_secret("k1", namespace, {
             "data": {"encryption-key": base64.b64encode(random_key()).decode()}}))
         assert "replaces the key material of key Secret 'k1'" in message
     assert "may not delete" in denial(lambda: mallory.delete_namespaced_secret("k1", namespace))
@@ -138,7 +138,7 @@ def test_no_secret_but_a_key_can_take_a_name_running_pods_list(api, mallory, nam
     assert key_sources(pod, optional=True) == [("keymount-key-4", "encryption-key-4"),
                                                ("keymount-key-5", "encryption-key-5")]
     for actor in (mallory, api):
-        message = denial(lambda: actor.create_namespaced_secret(namespace, {
+        message = denial(lambda actor=actor: actor.create_namespaced_secret(namespace, {
             "metadata": {"name": "keymount-key-4"},
             "data": {"encryption-key": base64.b64encode(random_key()).decode()}}))
         assert "reserved for encryption key number 4" in message

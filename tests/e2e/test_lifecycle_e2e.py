@@ -9,9 +9,10 @@ import sys
 import threading
 
 import pytest
+
+from apihelpers import create_pod, denial, key_sources, wait_for_cached_keys
 from conftest import ROOT, kubectl, launch_keymount
 from polling import poll
-from apihelpers import create_pod, denial, key_sources, wait_for_cached_keys
 
 OUTPUTS: list[str] = []  # everything the commands printed, checked for key material
 

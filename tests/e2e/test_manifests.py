@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import yaml
+
 from conftest import ROOT, kubectl
 
 # The test bed is Kubernetes 1.20, which serves PodDisruptionBudget only as

@@ -113,7 +113,7 @@ def test_a_backend_deployment_reads_exactly_its_namespaces_keys(
         # Each replica reads exactly its namespace's keys, byte for byte, and has done
         # so in every report since it started (read through `kubectl logs`).
         assert len(replicas) == 2
-        for name, (uid, from_file) in replicas.items():
+        for name, (_uid, from_file) in replicas.items():
             assert from_file == mine, name
             log = node.logs(namespace, name, "app")
             assert node.last_log_source == "kubectl"

@@ -11,14 +11,15 @@ from __future__ import annotations
 import asyncio
 import json
 
-from apihelpers import create_key
 from kubernetes import config
-from polling import wait_for
 
 from webhook.cluster import KubernetesKeySource, WatchTimings
 from webhook.config import Settings
 from webhook.metrics import Metrics
 from webhook.store import KeyStore
+
+from apihelpers import create_key
+from polling import wait_for
 
 
 class FreezingRelay:
