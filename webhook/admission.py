@@ -35,7 +35,7 @@ from .keyguard import (
     stamp_key_secret,
 )
 from .keys import KeyFile, Keyring
-from .names import key_file_name, slot_number
+from .names import as_dict, key_file_name, slot_number
 
 REVIEW_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 
@@ -163,8 +163,8 @@ def parse_review(body: bytes) -> AdmissionRequest:
     for field in ("object", "oldObject"):
         if request.get(field) is not None and not isinstance(request[field], dict):
             raise MalformedReview(f"AdmissionReview request.{field} is not an object")
-    user = request.get("userInfo") if isinstance(request.get("userInfo"), dict) else {}
-    groups = user.get("groups") if isinstance(user.get("groups"), list) else []
+    user = as_dict(request.get("userInfo"))
+    groups = user["groups"] if isinstance(user.get("groups"), list) else []
     return AdmissionRequest(
         api_version=review["apiVersion"], uid=uid, group=str(kind.get("group") or ""),
         kind=kind["kind"], operation=request["operation"],
@@ -233,8 +233,8 @@ class Verdict:
         return self.response.get("status", {}).get("message", "")
 
     def with_warning(self, warning: str) -> Verdict:
-        response = dict(self.response)
-        response["warnings"] = [*response.get("warnings", []), warning]
+        response: AdmissionResponseWire = {**self.response}
+        response["warnings"] = [*self.response.get("warnings", []), warning]
         return dataclasses.replace(self, response=response)
 
 
@@ -335,7 +335,7 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
     """What is wrong with a stored backend Pod's key volume, and whether fresher key
     state could make it right; None when it is as docs/contract.md,
     "Injection", says."""
-    spec = pod.get("spec") if isinstance(pod.get("spec"), dict) else {}
+    spec = as_dict(pod.get("spec"))
     volumes = [v for v in spec.get("volumes") or [] if isinstance(v, dict)
                and v.get("name") == VOLUME_NAME]
     if len(volumes) != 1:

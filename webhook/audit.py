@@ -11,7 +11,7 @@ them. Any finding makes the command exit 1, so CI can gate on it.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -40,10 +40,10 @@ class Finding:
 class Rbac:
     """The RBAC objects of the cluster, as the API returns them (dicts)."""
 
-    cluster_roles: list[Mapping[str, Any]]
-    cluster_role_bindings: list[Mapping[str, Any]]
-    roles: list[Mapping[str, Any]]
-    role_bindings: list[Mapping[str, Any]]
+    cluster_roles: Sequence[Mapping[str, Any]]
+    cluster_role_bindings: Sequence[Mapping[str, Any]]
+    roles: Sequence[Mapping[str, Any]]
+    role_bindings: Sequence[Mapping[str, Any]]
 
 
 def reads_secrets(rules: Iterable[Mapping[str, Any]], names: set[str]) -> bool:
@@ -99,7 +99,7 @@ def secret_readers(rbac: Rbac, namespace: str, names: set[str], *,
         ref = binding.get("roleRef") or {}
         role = cluster_roles.get(ref.get("name")) if ref.get("kind") == "ClusterRole" else \
             roles.get((namespace, ref.get("name")))
-        if role is None or not reads_secrets(role.get("rules"), names):
+        if role is None or not reads_secrets(role.get("rules") or [], names):
             continue
         for subject in binding.get("subjects") or []:
             if expected_reader(subject, writers=writers, role=str(ref.get("name"))):

@@ -18,7 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -101,10 +101,10 @@ def encode(keys: list[BackedUpKey], *, now: datetime | None = None) -> bytes:
                        "keys": [k.as_json() for k in keys]}, indent=1).encode()
 
 
-def encrypt(plaintext: bytes, *, recipients: list[str] = (),
+def encrypt(plaintext: bytes, *, recipients: Sequence[str] = (),
             passphrase: str | None = None) -> bytes:
     if passphrase is not None:
-        return age_passphrase.encrypt(plaintext, passphrase)
+        return bytes(age_passphrase.encrypt(plaintext, passphrase))
     try:
         parsed = [x25519.Recipient.from_str(r.strip()) for r in recipients]
     except pyrage.RecipientError:
@@ -113,7 +113,7 @@ def encrypt(plaintext: bytes, *, recipients: list[str] = (),
     if not parsed:
         raise BackupError("give at least one --recipient AGE_PUBLIC_KEY or a "
                           "--passphrase-file")
-    return pyrage.encrypt(plaintext, parsed)
+    return bytes(pyrage.encrypt(plaintext, parsed))
 
 
 # --- reading a backup ----------------------------------------------------------------------
@@ -135,7 +135,7 @@ def read_identities(text: str) -> list[x25519.Identity]:
     return identities
 
 
-def decrypt(ciphertext: bytes, *, identities: list[x25519.Identity] = (),
+def decrypt(ciphertext: bytes, *, identities: Sequence[x25519.Identity] = (),
             passphrase: str | None = None, source: str = "the backup") -> list[BackedUpKey]:
     """Decrypt and check every key's fingerprint; any fault refuses the whole file."""
     try:

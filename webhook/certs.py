@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -42,8 +43,8 @@ def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
 
 
-def build_certificates(*, service: str, namespace: str, ips: list[str] = (),
-                       dns_names: list[str] = (), days: int = 365,
+def build_certificates(*, service: str, namespace: str, ips: Sequence[str] = (),
+                       dns_names: Sequence[str] = (), days: int = 365,
                        now: datetime | None = None) -> dict[str, bytes]:
     """PEM bytes for ca.crt, ca.key, tls.crt, tls.key, and client.crt/client.key for the
     API server to present when keymount runs with --client-ca (pure apart from
@@ -130,5 +131,6 @@ def build_ca_bundle_patch(ca_bundle: str) -> str:
                   "webhooks": [{"name": name, "clientConfig": {"caBundle": ca_bundle}}
                                for name in names]}
                  for kind, names in WEBHOOKS.items()]
-    return ("# Written by `keymount certs --kustomize-patch`: the CA bundle is public.\n"
+    text: str = ("# Written by `keymount certs --kustomize-patch`: the CA bundle is public.\n"
             + yaml.safe_dump_all(documents, sort_keys=False))
+    return text

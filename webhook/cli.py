@@ -12,10 +12,10 @@ import asyncio
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeAlias
 
 import yaml
 
@@ -32,8 +32,12 @@ from .config import (
 from .errors import UserFacingError
 from .events import EventRecorder
 from .keyguard import KeyWriters, parse_key_writers
-from .keys import check_key
+from .keys import Keyring, check_key
 from .selectors import SelectorError, parse_selector
+from .sources import ClusterKeySource
+
+# Subscripted only for the type checker: argparse's class is not generic at run time.
+SubParsers: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
 
 
 class CommandError(UserFacingError):
@@ -132,7 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     store, pods = KeyStore(), PodStore()
     metrics = Metrics(store, pods)
     source = build_key_source(args, settings=settings, store=store, metrics=metrics, pods=pods)
-    if args.auto_generate and not hasattr(source, "create_generated_key"):
+    if args.auto_generate and not isinstance(source, ClusterKeySource):
         raise CommandError("--auto-generate needs the Kubernetes key source, not --keys-from",
                            2)
     if args.auto_generate and not args.client_ca:
@@ -148,7 +152,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "that encrypts new data; set it, e.g. --key-writers group:system:masters,"
             "group:keymount:key-writers")
     events = None
-    if hasattr(source, "send_event"):
+    if isinstance(source, ClusterKeySource):
         from .cluster import describe_api_error
         events = EventRecorder(source.send_event, host=os.environ.get("HOSTNAME", ""),
                                on_drop=metrics.events_dropped.inc, describe=describe_api_error)
@@ -212,7 +216,7 @@ def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any
                                pods=pods)
 
 
-def add_serve(commands: argparse._SubParsersAction) -> None:
+def add_serve(commands: SubParsers) -> None:
     p = commands.add_parser("serve", help="run the admission webhook")
     add_flag(p, "--host", default="0.0.0.0", help="address to listen on")
     add_flag(p, "--port", default=8443, type=int, help="HTTPS webhook port")
@@ -274,7 +278,7 @@ def cmd_inject(args: argparse.Namespace) -> int:
             store = KeyStore()
             store.replace_all(DirectoryKeySource(args.keys_from, settings=settings,
                                                  store=store).scan())
-            keyring_for = store.keyring
+            keyring_for: Callable[[str], Keyring] = store.keyring
         else:
             keyring_for = build_cluster_keyrings(args, settings)
     except ManifestError as exc:
@@ -293,7 +297,8 @@ def cmd_inject(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_cluster_keyrings(args: argparse.Namespace, settings: Settings):
+def build_cluster_keyrings(args: argparse.Namespace,
+                           settings: Settings) -> Callable[[str], Keyring]:
     """Without --keys-from: each namespace's keys read once from the cluster."""
     from functools import cache
 
@@ -303,7 +308,7 @@ def build_cluster_keyrings(args: argparse.Namespace, settings: Settings):
     return cache(client.keyring)
 
 
-def add_inject(commands: argparse._SubParsersAction) -> None:
+def add_inject(commands: SubParsers) -> None:
     p = commands.add_parser("inject", help="inject keys into manifests offline")
     p.add_argument("-f", "--filename", required=True, help="YAML stream, or - for stdin")
     p.add_argument("-n", "--namespace", default="default",
@@ -331,7 +336,7 @@ def cmd_keys_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_keys(commands: argparse._SubParsersAction) -> argparse._SubParsersAction:
+def add_keys(commands: SubParsers) -> SubParsers:
     keys = commands.add_parser("keys", help="create, rotate, list, check and retire keys")
     sub = keys.add_subparsers(dest="keys_command", required=True, metavar="COMMAND")
     check = sub.add_parser("check", help="validate key material offline (exit 1 if invalid)")
@@ -366,7 +371,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_certs(commands: argparse._SubParsersAction) -> None:
+def add_certs(commands: SubParsers) -> None:
     p = commands.add_parser("certs", help="make a CA and serving certificate; print caBundle")
     p.add_argument("--service", required=True, help="webhook Service name")
     p.add_argument("--namespace", required=True, help="webhook Service namespace")
@@ -403,7 +408,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code
     except KeyboardInterrupt:
         code = 130
-    return code
+    return int(code)
 
 
 def run() -> None:

@@ -48,7 +48,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser, *, all_namespaces: bool =
                             default="table", help="output format")
 
 
-def connect(args: argparse.Namespace, settings: Settings):
+def connect(args: argparse.Namespace, settings: Settings) -> tuple[Any, str | None]:
     from .cluster import KeyClient, current_namespace
     if getattr(args, "all_namespaces", False):
         namespace = None
@@ -57,6 +57,13 @@ def connect(args: argparse.Namespace, settings: Settings):
                                                         context=args.context)
     return KeyClient.from_kubeconfig(kubeconfig=args.kubeconfig, context=args.context,
                                      settings=settings), namespace
+
+
+def connect_namespace(args: argparse.Namespace, settings: Settings) -> tuple[Any, str]:
+    """A cluster client and the one namespace of a command that takes no -A."""
+    keys, namespace = connect(args, settings)
+    assert namespace is not None
+    return keys, namespace
 
 
 def emit(rows: list[dict[str, Any]], *, output: str, headers: list[str]) -> None:
@@ -135,7 +142,7 @@ def cmd_create(args: argparse.Namespace) -> int:
                                         index=index, settings=settings), args.output)
         warn_manifest_holds_key()
         return 0
-    keys, namespace = connect(args, settings)
+    keys, namespace = connect_namespace(args, settings)
     record = keys.create_secret(build_key_secret(args.name, namespace=namespace, key=key,
                                                  index=args.index, settings=settings))
     report_created(record, namespace, check_key(key, encoding=settings.key_encoding).fingerprint)
@@ -151,7 +158,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     from .key_secrets import build_key_secret
     from .lifecycle import next_key_name
     settings = _settings(args)
-    keys, namespace = connect(args, settings)
+    keys, namespace = connect_namespace(args, settings)
     key = read_key_material(args, settings)
     keyring = keys.keyring(namespace)
     number = keyring.next_number
@@ -319,7 +326,7 @@ def pin_legacy_keys(keys: Any, keyring: Keyring) -> int:
 
 def cmd_pin(args: argparse.Namespace) -> int:
     settings = _settings(args)
-    keys, namespace = connect(args, settings)
+    keys, namespace = connect_namespace(args, settings)
     keyring = keys.keyring(namespace)
     if keyring.conflict:
         a, b = keyring.conflict
@@ -334,7 +341,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
 def cmd_retire(args: argparse.Namespace) -> int:
     from .lifecycle import pods_mounting
     settings = _settings(args)
-    keys, namespace = connect(args, settings)
+    keys, namespace = connect_namespace(args, settings)
     keyring = keys.keyring(namespace)
     record: KeyRecord | None = keyring.find(args.name)
     if record is None:
@@ -504,6 +511,7 @@ def cmd_import(args: argparse.Namespace) -> int:
         raise UserFacingError(result.refusal)
     if result.warning:
         print(f"warning: {result.warning}", file=sys.stderr)
+    assert result.manifest is not None  # neither explained nor refused
     print_manifest(result.manifest, args.output)
     return 0
 
@@ -513,7 +521,7 @@ def parse_duration_seconds(text: str) -> float:
     return parse_duration(text).total_seconds()
 
 
-def add_key_lifecycle_commands(sub: argparse._SubParsersAction) -> None:
+def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .cli import add_settings_flags
 
     create = sub.add_parser("create", help="create a validated, labelled key Secret")
@@ -637,7 +645,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if rows else 0
 
 
-def add_status_command(commands: argparse._SubParsersAction) -> None:
+def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     from .cli import add_settings_flags
     status = commands.add_parser("status", help="backend Pods running on a stale key set")
     add_cluster_flags(status, all_namespaces=True, output=True)

@@ -229,7 +229,7 @@ class KeyClient:
             raise ClusterError(describe_api_error(exc)) from None
 
     def _list_json(self, namespace: str | None, singular: str, *,
-                   label_selector: str) -> list[dict]:
+                   label_selector: str) -> list[dict[str, Any]]:
         response = self._call(call_list, self.api, singular, namespace,
                               label_selector=label_selector, _preload_content=False,
                               _request_timeout=(10, 60))
@@ -278,7 +278,7 @@ class KeyClient:
     def keyring(self, namespace: str) -> Keyring:
         return build_keyring(namespace, self.key_records(namespace))
 
-    def backend_pods(self, namespace: str | None) -> list[dict]:
+    def backend_pods(self, namespace: str | None) -> list[dict[str, Any]]:
         return self._list_json(namespace, "pod",
                                label_selector=self.settings.pod_selector.text)
 
@@ -316,7 +316,8 @@ class KeyClient:
     def read_workload(self, namespace: str, kind: str, name: str) -> dict[str, Any]:
         read, _ = self._workload_api(kind)
         response = self._call(read, name, namespace, _preload_content=False)
-        return json.loads(response.data)
+        workload: dict[str, Any] = json.loads(response.data)
+        return workload
 
     def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]:
         """A ReplicaSet's Deployment, so the user restarts what they manage."""

@@ -59,6 +59,7 @@ class ConnectionGuard:
         (the API server's keep-alive connections) goes last."""
         slow = [p for p in self.open if p.request_started is not None]
         unproven = [p for p in self.open if not p.answered_any]
+        victim: GuardedProtocol | None
         if slow:
             victim = min(slow, key=lambda p: p.request_started or 0.0)
         else:

@@ -22,6 +22,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from .admission import AdmissionRequest, Verdict
+from .names import as_dict
 
 log = logging.getLogger("keymount.events")
 COMPONENT = "keymount"
@@ -78,7 +79,7 @@ def _key_event(request: AdmissionRequest, verdict: Verdict) -> EventNote:
 
 def _pod_event(request: AdmissionRequest, verdict: Verdict) -> EventNote:
     pod = request.object or {}
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else {}
+    meta = as_dict(pod.get("metadata"))
     owner = next((r for r in meta.get("ownerReferences") or []
                   if isinstance(r, Mapping) and r.get("controller")), None)
     message = _clip(f"backend Pod {request.object_name or '(unnamed)'} refused by keymount: "

@@ -42,7 +42,8 @@ class Injected:
     warnings: tuple[str, ...] = ()
 
     def apply(self, pod: Mapping[str, Any]) -> dict[str, Any]:
-        return jsonpatch.apply_patch(pod, list(self.patch))
+        result: dict[str, Any] = jsonpatch.apply_patch(pod, list(self.patch))
+        return result
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,7 +275,7 @@ def _is_keymount_mount(mount: Mapping[str, Any], *, settings: Settings) -> bool:
             and mount.get("mountPropagation") in (None, "None"))
 
 
-def _patch_list_member(patch: list[PatchOp], items: list | None, pointer: str,
+def _patch_list_member(patch: list[PatchOp], items: list[Any] | None, pointer: str,
                        wanted: dict[str, Any]) -> None:
     """Add `wanted` to a list of named objects, or replace the member of that name."""
     if items is None:

@@ -15,7 +15,7 @@ from typing import Any
 from .config import STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .key_secrets import build_key_secret
 from .keys import KeyRecord, Keyring, check_key
-from .names import slot_secret_name
+from .names import as_dict, slot_secret_name
 
 GENERATED_KEY_NAME = slot_secret_name(1)  # --auto-generate's one and only name
 
@@ -92,11 +92,12 @@ def newest_key_too_old(keyring: Keyring, *, max_age: timedelta | None,
 
 
 def format_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:
-    rows = [list(map(str, r)) for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h)
+    table = [list(map(str, r)) for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in table)) if table else len(h)
               for i, h in enumerate(headers)]
     lines = ["   ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    lines += ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    lines += ["   ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+              for r in table]
     return "\n".join(lines)
 
 
@@ -144,7 +145,7 @@ def read_status_annotation(pod: Mapping[str, Any]) -> list[dict[str, str]] | Non
 
 def listed_slots(pod: Mapping[str, Any]) -> set[str]:
     """The optional sources (rotation slots) of a Pod's keymount volume."""
-    spec = pod.get("spec") if isinstance(pod.get("spec"), Mapping) else {}
+    spec = as_dict(pod.get("spec"))
     for volume in spec.get("volumes") or []:
         if isinstance(volume, Mapping) and volume.get("name") == VOLUME_NAME:
             projected = volume.get("projected")
@@ -168,7 +169,7 @@ class PodKeys:
 
 
 def parse_pod_keys(pod: Mapping[str, Any]) -> PodKeys:
-    meta = pod.get("metadata") if isinstance(pod.get("metadata"), Mapping) else {}
+    meta = as_dict(pod.get("metadata"))
     status = read_status_annotation(pod)
     had = None if status is None else frozenset(
         (str(s.get("secret")), str(s.get("fingerprint"))) for s in status

@@ -3,6 +3,7 @@ never key material."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -58,7 +59,7 @@ class StoreCollector(Collector):
     def __init__(self, store: KeyStore, pods: PodStore | None = None) -> None:
         self.store, self.pods = store, pods
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = self.store.count_by_state()
         secrets = GaugeMetricFamily("keymount_key_secrets", "Key Secrets in the cache by state",
                                     labels=["state"])

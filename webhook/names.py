@@ -6,6 +6,7 @@ What each means is in docs/contract.md; code imports the names from here only.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 PREFIX = "keymount.io/"
 
@@ -45,3 +46,8 @@ def slot_number(secret_name: str) -> int | None:
     """The number a reserved Secret name stands for, or None for any other name."""
     match = _SLOT_NAME.fullmatch(secret_name)
     return int(match.group(1)) if match else None
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """`value` if it is a JSON object, else an empty one: objects come from decoders."""
+    return value if isinstance(value, dict) else {}

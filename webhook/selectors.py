@@ -84,7 +84,7 @@ def parse_selector(text: str) -> Selector:
 def _parse_requirement(term: str, text: str) -> Requirement:
     if m := _SET.match(term):
         values = frozenset(v.strip() for v in m["values"].split(","))
-        return Requirement(m["key"], m["op"], values)
+        return Requirement(m["key"], "in" if m["op"] == "in" else "notin", values)
     if m := _EQ.match(term):
         return Requirement(m["key"], "!=" if m["op"] == "!=" else "=", frozenset({m["value"]}))
     if m := _EXISTS.match(term):

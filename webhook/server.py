@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import orjson
 from aiohttp import web
@@ -43,6 +43,7 @@ from .keys import Keyring
 from .lifecycle import GENERATED_KEY_NAME
 from .livereads import LiveReads
 from .metrics import Metrics
+from .sources import ClusterKeySource, KeySource
 from .store import KeyStore, Reservations
 from .tls import CertReloader
 
@@ -54,16 +55,6 @@ server_log = logging.getLogger("keymount.server")
 MAX_BODY = 7 * 1024 * 1024
 LARGE_BODY = 1024 * 1024
 Webhook = Literal["mutate", "validate"]
-
-
-class KeySource(Protocol):
-    """What the server needs of a key source (local directory or Kubernetes)."""
-
-    async def load(self) -> None: ...
-
-    async def run(self) -> None: ...
-
-    async def confirm(self, namespace: str) -> Keyring: ...
 
 
 @dataclass
@@ -164,6 +155,7 @@ async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -
             and not review.dry_run and not keyring.keys and not keyring.invalid
             and not keyring.retired):
         # No key Secret at all: make one. Never on dryRun, which must not write.
+        assert isinstance(runtime.source, ClusterKeySource)  # cmd_serve checked it
         keyring = await runtime.source.create_generated_key(review.namespace)
         runtime.live_reads.forget(review.namespace)
         verdict = verdict_for(keyring)
@@ -330,6 +322,13 @@ def build_probe_app(runtime: Runtime) -> web.Application:
     return app
 
 
+def server_factory(runner: web.AppRunner) -> Callable[[], asyncio.Protocol]:
+    """The aiohttp server of a runner that has been set up (a protocol factory)."""
+    server = runner.server
+    assert server is not None, "AppRunner.setup() first"
+    return server
+
+
 @dataclass
 class ServeOptions:
     host: str = "0.0.0.0"
@@ -370,7 +369,7 @@ async def serve(runtime: Runtime, options: ServeOptions,
     try:
         await web.TCPSite(probe_runner, options.host, options.probe_port).start()
         listener = await loop.create_server(
-            guard.wrap(webhook_runner.server), options.host, options.port,
+            guard.wrap(server_factory(webhook_runner)), options.host, options.port,
             ssl=reloader.listening, ssl_handshake_timeout=options.limits.handshake_timeout,
             reuse_address=True, backlog=512)
         server_log.info("serving", extra={"port": options.port,

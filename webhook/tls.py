@@ -57,7 +57,7 @@ class CertReloader:
         connection.context = self.current
 
     def _read_stamp(self) -> Stamp:
-        stamps = []
+        stamps: list[tuple[int, int, int] | None] = []
         for path in (self.cert_file, self.key_file, self.client_ca):
             if path is None:
                 continue

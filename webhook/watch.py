@@ -22,6 +22,7 @@ import random
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from kubernetes.client.rest import ApiException
@@ -138,7 +139,9 @@ class ListWatch(Generic[N]):
 
     async def load(self) -> int:
         """The first full list of every scope; returns how many records came."""
-        results = [await in_daemon_thread(lambda s=s: self.list(s)) for s in self.scopes]
+        results = []
+        for scope in self.scopes:
+            results.append(await in_daemon_thread(partial(self.list, scope)))
         for scope, (_, version) in zip(self.scopes, results, strict=True):
             self.versions[scope] = version
         self.sink.replace_all(r for records, _ in results for r in records)

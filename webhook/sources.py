@@ -1,0 +1,29 @@
+"""What the server needs of a key source: the local directory (`localdir`) and the
+Kubernetes API (`cluster`) both provide it; only the latter can also write."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+from .keys import Keyring
+
+
+@runtime_checkable
+class KeySource(Protocol):
+    async def load(self) -> None:
+        """The first full load; the store (and /readyz) is ready only after it."""
+
+    async def run(self) -> None:
+        """Follow changes until cancelled."""
+
+    async def confirm(self, namespace: str) -> Keyring:
+        """One live read of a namespace (before a key-state refusal)."""
+
+
+@runtime_checkable
+class ClusterKeySource(KeySource, Protocol):
+    async def create_generated_key(self, namespace: str) -> Keyring:
+        """--auto-generate: the namespace's one generated key, made or reused."""
+
+    async def send_event(self, event: dict[str, Any]) -> None:
+        """Record one Kubernetes Event."""
