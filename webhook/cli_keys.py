@@ -18,6 +18,14 @@ from typing import Any
 
 import yaml
 
+from .cli_common import (
+    add_key_writer_flags,
+    add_settings_flags,
+    build_key_writers,
+    build_settings,
+    parse_duration,
+    read_input,
+)
 from .config import Settings
 from .errors import UserFacingError
 from .keys import KeyRecord, Keyring, build_keyring, check_key, generate_key
@@ -25,7 +33,6 @@ from .names import INDEX_ANNOTATION, RETIRED_ANNOTATION, key_file_name
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    from .cli import build_settings
     return build_settings(args)
 
 
@@ -80,7 +87,6 @@ def read_key_material(args: argparse.Namespace, settings: Settings) -> bytes:
     """The key to store: generated, or read and validated; refused before any write."""
     if args.generate or (getattr(args, "default_generate", False) and not args.from_file):
         return generate_key()
-    from .cli import read_input
     key = read_input(args.from_file or "-")
     subject = f"file {args.from_file}" if args.from_file else "stdin"
     result = check_key(key, subject=subject, encoding=settings.key_encoding)
@@ -517,12 +523,10 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 
 def parse_duration_seconds(text: str) -> float:
-    from .cli import parse_duration
     return parse_duration(text).total_seconds()
 
 
 def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .cli import add_settings_flags
 
     create = sub.add_parser("create", help="create a validated, labelled key Secret")
     create.add_argument("name", help="Secret name")
@@ -624,7 +628,6 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit
-    from .cli import build_key_writers
     from .lifecycle import parse_pod_keys, records_by_namespace
     settings = _settings(args)
     keys, namespace = connect(args, settings)
@@ -646,13 +649,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
 
 
 def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    from .cli import add_settings_flags
     status = commands.add_parser("status", help="backend Pods running on a stale key set")
     add_cluster_flags(status, all_namespaces=True, output=True)
     add_settings_flags(status)
     status.set_defaults(func=cmd_status)
 
-    from .cli import add_key_writer_flags
     audit_cmd = commands.add_parser(
         "audit", help="reused keys, who can read keys, overdue keys, stale Pods; exit 1 on "
                       "any finding")
