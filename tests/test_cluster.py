@@ -1,0 +1,305 @@
+"""The Kubernetes key source and the CLI's API calls through an injected API object:
+what each call sends, what each answer becomes, every error as one line. The same
+calls against a real API server are in tests/e2e."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from webhook import cluster
+from webhook.cluster import (
+    ClusterError,
+    KeyClient,
+    KubernetesKeySource,
+    current_namespace,
+    has_cluster_config,
+    in_cluster_username,
+    load_api_client,
+)
+from webhook.config import Settings
+from webhook.store import KeyStore, PodStore
+
+from builders import key_secret, random_key
+
+SETTINGS = Settings()
+
+
+class Response:
+    def __init__(self, body: Any) -> None:
+        self.data = json.dumps(body).encode()
+
+
+def api_error(status: int, message: str = "no") -> ApiException:
+    error = ApiException(status=status, reason="Reason")
+    error.body = json.dumps({"message": message})
+    return error
+
+
+class FakeApi:
+    """The client methods keymount calls, answering from `self.secrets`/`self.pods`, or
+    raising what `self.fail` names for a method."""
+
+    def __init__(self) -> None:
+        self.secrets: list[dict] = []
+        self.pods: list[dict] = []
+        self.calls: list[tuple[str, tuple, dict]] = []
+        self.fail: dict[str, Exception] = {}
+        self.api_client = object()
+
+    def __getattr__(self, name: str):
+        def call(*args: Any, **kwargs: Any) -> Any:
+            self.calls.append((name, args, kwargs))
+            if name in self.fail:
+                raise self.fail[name]
+            if "secret" in name and name.startswith("list"):
+                items = [s for s in self.secrets
+                         if not args or s["metadata"]["namespace"] == args[0]]
+                return Response({"items": items, "metadata": {"resourceVersion": "7"}})
+            if "pod" in name and name.startswith("list"):
+                return Response({"items": self.pods, "metadata": {"resourceVersion": "8"}})
+            if name == "create_namespaced_secret":
+                return Response(args[1])
+            if name.startswith("read_namespaced"):
+                return Response({"metadata": {"name": args[0]}, "status": {}})
+            if name.startswith("list"):
+                return Response({"items": [], "metadata": {"resourceVersion": "9"}})
+            return None
+        return call
+
+    def names(self) -> list[str]:
+        return [name for name, _, _ in self.calls]
+
+
+@pytest.fixture
+def fake() -> FakeApi:
+    api = FakeApi()
+    api.secrets = [key_secret("k1", random_key(), namespace="shop", index=1),
+                   key_secret("k2", random_key(), namespace="shop", index=2)]
+    return api
+
+
+class FakeVersion:
+    version = ("1", "20")
+
+    def __init__(self, api_client: Any) -> None:
+        pass
+
+    def get_code(self, **kwargs: Any) -> Any:
+        major, minor = FakeVersion.version
+        return type("Info", (), {"major": major, "minor": minor,
+                                 "git_version": f"v{major}.{minor}.0"})()
+
+
+def source_with(fake: FakeApi, monkeypatch, *, pods: PodStore | None = None,
+                namespaces: list[str] | None = None) -> tuple[KubernetesKeySource, KeyStore]:
+    monkeypatch.setattr(cluster.client, "VersionApi", FakeVersion)
+    store = KeyStore()
+    source = KubernetesKeySource(client.ApiClient(), settings=SETTINGS, store=store,
+                                 pods=pods, namespaces=namespaces)
+    source.api = source.keys.api = fake
+    if source.pods is not None:
+        source.pods.api = fake
+    return source, store
+
+
+async def test_load_lists_keys_and_pods_and_warns_before_1_21(fake, monkeypatch, caplog):
+    pods = PodStore()
+    source, store = source_with(fake, monkeypatch, pods=pods)
+    with caplog.at_level(logging.WARNING):
+        await source.load()
+    assert store.ready and [r.name for r in store.keyring("shop").keys] == ["k1", "k2"]
+    assert "list_pod_for_all_namespaces" in fake.names()
+    assert "not tamper-proof" in caplog.text
+
+
+async def test_no_warning_from_1_21_and_a_failing_version_read_is_only_logged(
+        fake, monkeypatch, caplog):
+    source, _ = source_with(fake, monkeypatch)
+    FakeVersion.version = ("1", "30")
+    try:
+        with caplog.at_level(logging.WARNING):
+            await source.load()
+        assert "tamper-proof" not in caplog.text
+        monkeypatch.setattr(cluster.client, "VersionApi",
+                            lambda api: (_ for _ in ()).throw(OSError("down")))
+        await source.check_version()
+        assert "cannot read the API server's version" in caplog.text
+    finally:
+        FakeVersion.version = ("1", "20")
+
+
+async def test_without_rbac_for_pods_the_stale_pod_metric_is_dropped_not_the_source(
+        fake, monkeypatch, caplog):
+    fake.fail["list_pod_for_all_namespaces"] = api_error(403, "pods is forbidden")
+    source, store = source_with(fake, monkeypatch, pods=PodStore())
+    await source.load()
+    assert store.ready and source.pods is None
+    assert "keymount_stale_pods stays empty" in caplog.text
+
+
+async def test_confirm_caches_a_watched_namespace_and_not_an_unwatched_one(fake,
+                                                                          monkeypatch):
+    source, store = source_with(fake, monkeypatch, namespaces=["shop"])
+    ring = await source.confirm("shop")
+    assert [r.name for r in ring.keys] == ["k1", "k2"] and store.namespaces() == ["shop"]
+    fake.secrets.append(key_secret("x", random_key(), namespace="other", index=1))
+    other = await source.confirm("other")
+    assert [r.name for r in other.keys] == ["x"] and store.namespaces() == ["shop"]
+
+
+@pytest.mark.parametrize("status", [None, 409], ids=["created", "already-there"])
+async def test_auto_generate_creates_once_and_reuses_a_racing_replicas_key(
+        fake, monkeypatch, status):
+    if status:
+        fake.fail["create_namespaced_secret"] = api_error(status)
+    source, _ = source_with(fake, monkeypatch)
+    await source.create_generated_key("shop")
+    name, (namespace, manifest), _ = next(c for c in fake.calls
+                                          if c[0] == "create_namespaced_secret")
+    assert namespace == "shop" and manifest["metadata"]["name"] == "keymount-key-1"
+    assert manifest["metadata"]["annotations"]["keymount.io/generated"] == "true"
+    assert fake.names()[-1] == "list_namespaced_secret"  # then read back
+
+
+async def test_auto_generate_fails_on_any_other_error(fake, monkeypatch):
+    fake.fail["create_namespaced_secret"] = api_error(403)
+    source, _ = source_with(fake, monkeypatch)
+    with pytest.raises(ApiException):
+        await source.create_generated_key("shop")
+
+
+async def test_an_event_goes_to_its_namespace(fake, monkeypatch):
+    source, _ = source_with(fake, monkeypatch)
+    await source.send_event({"metadata": {"namespace": "shop"}, "reason": "KeyCreated"})
+    assert fake.calls[-1][0] == "create_namespaced_event" and fake.calls[-1][1][0] == "shop"
+
+
+# --- the CLI's client ---------------------------------------------------------------------
+
+@pytest.fixture
+def keys(fake) -> KeyClient:
+    client_ = KeyClient(client.ApiClient(), settings=SETTINGS)
+    client_.api = client_.apps = fake
+    return client_
+
+
+def test_key_records_keyrings_secrets_and_pods_come_from_label_selected_lists(keys, fake):
+    assert [r.name for r in keys.keyring("shop").keys] == ["k1", "k2"]
+    assert len(keys.key_secrets(None)) == 2 and keys.backend_pods("shop") == []
+    selectors = {kw["label_selector"] for _, _, kw in fake.calls}
+    assert selectors == {"keymount.io/encryption-key=true", "app.kubernetes.io/component=backend"}
+
+
+@pytest.mark.parametrize(("status", "message"), [
+    (409, "secret 'k9' already exists in namespace 'shop'; pick another name"),
+    (404, "namespace 'shop' not found; create it first"),
+    (403, "API server said 403: admission webhook denied"),
+], ids=["conflict", "no-namespace", "refused"])
+def test_create_errors_are_one_clear_line(keys, fake, status, message):
+    fake.fail["create_namespaced_secret"] = api_error(status, "admission webhook denied")
+    with pytest.raises(ClusterError, match=message):
+        keys.create_secret(key_secret("k9", random_key(), index=9))
+
+
+def test_a_created_key_is_read_back_as_stored(keys):
+    record = keys.create_secret(key_secret("k3", random_key(), index=3))
+    assert record.name == "k3" and record.index == 3 and record.valid
+
+
+def test_an_unreachable_api_server_is_one_line(keys, fake):
+    fake.fail["patch_namespaced_secret"] = ConnectionRefusedError("refused")
+    with pytest.raises(ClusterError, match="cannot reach the API server: "
+                                           "ConnectionRefusedError"):
+        keys.patch_secret("shop", "k1", {"metadata": {}})
+    fake.fail["patch_namespaced_secret"] = api_error(404)
+    with pytest.raises(ClusterError, match="secret 'k1' not found in namespace 'shop'"):
+        keys.patch_secret("shop", "k1", {"metadata": {}})
+
+
+def test_restores_are_judged_by_a_dry_run_first(keys, fake):
+    manifest = key_secret("k5", random_key(), index=5)
+    keys.create_secrets([manifest], dry_run=True)
+    keys.create_secrets([manifest], dry_run=False)
+    dry, real = [kw for name, _, kw in fake.calls if name == "create_namespaced_secret"]
+    assert dry.get("dry_run") == "All" and "dry_run" not in real
+    fake.fail["create_namespaced_secret"] = api_error(404)
+    with pytest.raises(ClusterError, match="does not exist; create it first"):
+        keys.create_secrets([manifest], dry_run=True)
+
+
+@pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "DaemonSet"])
+def test_workloads_are_restarted_as_kubectl_does_and_read_back(keys, fake, kind):
+    keys.restart_workload("shop", kind, "api", at="2026-11-29T00:00:00Z")
+    name, args, _ = fake.calls[-1]
+    assert name.startswith("patch_namespaced_") and args[:2] == ("api", "shop")
+    assert args[2]["spec"]["template"]["metadata"]["annotations"] == {
+        "kubectl.kubernetes.io/restartedAt": "2026-11-29T00:00:00Z"}
+    assert keys.read_workload("shop", kind, "api")["metadata"]["name"] == "api"
+
+
+def test_a_replicasets_deployment_is_the_thing_to_restart(keys, fake):
+    owner = type("Ref", (), {"controller": True, "kind": "Deployment", "name": "api"})()
+    replica_set = type("RS", (), {"metadata": type("M", (), {"owner_references": [owner]})()})
+    fake.read_namespaced_replica_set = lambda name, namespace: replica_set
+    assert keys.controller_of("shop", "ReplicaSet", "api-5d9c") == ("Deployment", "api")
+    assert keys.controller_of("shop", "Job", "migrate") == ("Job", "migrate")
+    fake.read_namespaced_replica_set = lambda name, namespace: (_ for _ in ()).throw(
+        api_error(404))
+    assert keys.controller_of("shop", "ReplicaSet", "gone") == ("ReplicaSet", "gone")
+
+
+@pytest.mark.parametrize("namespace", ["shop", None], ids=["one-namespace", "all"])
+def test_rbac_is_read_for_one_namespace_or_all(keys, fake, monkeypatch, namespace):
+    monkeypatch.setattr(cluster.client, "RbacAuthorizationV1Api", lambda api: fake)
+    fake.secrets = []
+    rbac = keys.rbac(namespace)
+    called = {name for name, _, _ in fake.calls}
+    assert {"list_cluster_role", "list_cluster_role_binding"} <= called
+    assert ("list_namespaced_role" in called) is (namespace is not None)
+    assert list(rbac.roles) == []
+
+
+# --- configuration ------------------------------------------------------------------------
+
+def kubeconfig(path, namespace: str | None = "team") -> str:
+    context: dict = {"cluster": "c", "user": "u"}
+    if namespace:
+        context["namespace"] = namespace
+    path.write_text(json.dumps({
+        "apiVersion": "v1", "kind": "Config", "current-context": "main",
+        "clusters": [{"name": "c", "cluster": {"server": "https://127.0.0.1:1"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "main", "context": context},
+                     {"name": "other", "context": {"cluster": "c", "user": "u"}}]}))
+    return str(path)
+
+
+def test_the_namespace_comes_from_the_kubeconfig_context_as_kubectl_takes_it(tmp_path,
+                                                                             monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    path = kubeconfig(tmp_path / "kc")
+    assert current_namespace(kubeconfig=path, context=None) == "team"
+    assert current_namespace(kubeconfig=path, context="other") == "default"
+    assert current_namespace(kubeconfig=str(tmp_path / "missing"), context=None) == "default"
+    assert has_cluster_config(path) and not has_cluster_config(str(tmp_path / "missing"))
+    assert load_api_client(kubeconfig=path).configuration.host == "https://127.0.0.1:1"
+    with pytest.raises(ClusterError, match="cannot load Kubernetes configuration"):
+        load_api_client(kubeconfig=str(tmp_path / "missing"))
+
+
+def test_keymounts_own_user_is_read_from_its_service_account_token(tmp_path):
+    claims = base64.urlsafe_b64encode(json.dumps(
+        {"sub": "system:serviceaccount:keymount:keymount"}).encode()).rstrip(b"=").decode()
+    token = tmp_path / "token"
+    token.write_text(f"header.{claims}.signature")
+    assert in_cluster_username(token) == "system:serviceaccount:keymount:keymount"
+    token.write_text("not a token")
+    assert in_cluster_username(token) == ""
+    assert in_cluster_username(tmp_path / "missing") == ""
