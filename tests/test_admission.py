@@ -6,7 +6,13 @@ import json
 import jsonpatch
 import pytest
 
-from webhook.admission import MalformedReview, parse_review, review_mutation, review_validation
+from webhook.admission import (
+    MalformedReview,
+    complete,
+    parse_review,
+    review_mutation,
+    review_validation,
+)
 from webhook.config import Settings
 
 from builders import container, key_secret, keyring_of, pod, random_key, review
@@ -60,7 +66,9 @@ def test_a_backend_pod_gets_a_jsonpatch_that_applies_to_the_request_object():
     body = review(pod())
     verdict = mutate(body)
     assert verdict.result == "injected"
-    assert verdict.response["uid"] == "0f6a2b1e-uid" and verdict.response["allowed"] is True
+    answer = complete(parse(body), verdict.response)["response"]
+    assert answer["uid"] == "0f6a2b1e-uid" and answer["allowed"] is True
+    assert "uid" not in verdict.response  # set once, by complete()
     assert verdict.response["patchType"] == "JSONPatch"
     result = patched_object(body, verdict)
     assert result["spec"]["volumes"][0]["name"] == "keymount-encryption-keys"
@@ -82,7 +90,7 @@ def test_audit_annotations_list_files_and_fingerprints():
 def test_anything_but_a_backend_pod_create_is_allowed_without_patch(body):
     verdict = mutate(body, keyring=keyring_of())
     assert verdict.result == "skipped"
-    assert verdict.response == {"uid": "0f6a2b1e-uid", "allowed": True}
+    assert verdict.response == {"allowed": True}
 
 
 def test_a_denial_is_403_with_the_message_and_marks_key_state():

@@ -17,7 +17,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhook.admission import MalformedReview, parse_review, review_mutation, review_validation
+from webhook.admission import (
+    MalformedReview,
+    complete,
+    parse_review,
+    review_mutation,
+    review_validation,
+)
 from webhook.config import Settings
 from webhook.injection import needs_keys
 from webhook.names import VOLUME_NAME
@@ -98,7 +104,7 @@ def decide(body: bytes, webhook: str):
 
 
 def assert_wire_response(request, verdict) -> None:
-    response = verdict.response
+    response = complete(request, verdict.response)["response"]
     assert response["uid"] == request.uid and isinstance(response["allowed"], bool)
     if not response["allowed"]:
         assert response["status"]["code"] in (400, 403, 500) and response["status"]["message"]

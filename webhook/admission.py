@@ -177,20 +177,23 @@ def parse_review(body: bytes) -> AdmissionRequest:
 
 # --- responses (cf. controller-runtime's Allowed/Denied/Patched/Errored) --------------
 
-def build_review(api_version: str, response: AdmissionResponseWire) -> AdmissionReviewWire:
-    return {"apiVersion": api_version, "kind": "AdmissionReview", "response": response}
+def complete(request: AdmissionRequest, response: AdmissionResponseWire) -> AdmissionReviewWire:
+    """The answer to `request`: its apiVersion, and its uid set here, once, for every
+    response (decisions never carry it; cf. controller-runtime's Response.Complete)."""
+    return {"apiVersion": request.api_version, "kind": "AdmissionReview",
+            "response": {**response, "uid": request.uid}}
 
 
-def allowed(uid: str, *, warnings: tuple[str, ...] = ()) -> AdmissionResponseWire:
-    response: AdmissionResponseWire = {"uid": uid, "allowed": True}
+def allowed(*, warnings: tuple[str, ...] = ()) -> AdmissionResponseWire:
+    response: AdmissionResponseWire = {"allowed": True}
     if warnings:
         response["warnings"] = list(warnings)
     return response
 
 
-def patched(uid: str, patch: tuple[dict[str, Any], ...], *, warnings: tuple[str, ...] = (),
+def patched(patch: tuple[dict[str, Any], ...], *, warnings: tuple[str, ...] = (),
             audit: Mapping[str, str] | None = None) -> AdmissionResponseWire:
-    response = allowed(uid, warnings=warnings)
+    response = allowed(warnings=warnings)
     if patch:
         response["patchType"] = "JSONPatch"
         response["patch"] = base64.b64encode(orjson.dumps(list(patch))).decode()
@@ -199,10 +202,10 @@ def patched(uid: str, patch: tuple[dict[str, Any], ...], *, warnings: tuple[str,
     return response
 
 
-def denied(uid: str, message: str, *, code: int = 403,
+def denied(message: str, *, code: int = 403,
            warnings: tuple[str, ...] = ()) -> AdmissionResponseWire:
     response: AdmissionResponseWire = {
-        "uid": uid, "allowed": False,
+        "allowed": False,
         "status": {"code": code, "message": message, "reason": "Forbidden"},
     }
     if warnings:
@@ -210,8 +213,8 @@ def denied(uid: str, message: str, *, code: int = 403,
     return response
 
 
-def errored(uid: str, message: str, *, code: int = 500) -> AdmissionResponseWire:
-    return {"uid": uid, "allowed": False,
+def errored(message: str, *, code: int = 500) -> AdmissionResponseWire:
+    return {"allowed": False,
             "status": {"code": code, "message": message, "reason": "InternalError"}}
 
 
@@ -248,10 +251,10 @@ def key_change(request: AdmissionRequest, *,
 def key_verdict(request: AdmissionRequest, decision: KeyDecision, *,
                 unchanged: Result = "allowed") -> Verdict:
     if not decision.allowed:
-        return Verdict("denied", denied(request.uid, decision.message,
+        return Verdict("denied", denied(decision.message,
                                         warnings=decision.warnings),
                        key_state=decision.key_state, key=decision)
-    response = patched(request.uid, decision.patch, warnings=decision.warnings)
+    response = patched(decision.patch, warnings=decision.warnings)
     return Verdict(unchanged if decision.action == "none" else "allowed", response,
                    key=decision)
 
@@ -266,18 +269,18 @@ def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Se
             key_change(request, reserved=reserved), keyring=keyring, settings=settings),
             unchanged="skipped")
     if not (request.is_pod and request.operation == "CREATE"):
-        return Verdict("skipped", allowed(request.uid))
+        return Verdict("skipped", allowed())
     pod = request.object
     if pod is None:
-        return Verdict("denied", denied(request.uid, "Pod CREATE request carries no object",
+        return Verdict("denied", denied("Pod CREATE request carries no object",
                                         code=400))
     if not needs_keys(pod, settings=settings):
-        return Verdict("skipped", allowed(request.uid))
+        return Verdict("skipped", allowed())
     outcome = inject_keys(pod, keyring=keyring, settings=settings, now=now)
     if not isinstance(outcome, Injected):
-        return Verdict("denied", denied(request.uid, outcome.message),
+        return Verdict("denied", denied(outcome.message),
                        key_state=outcome.from_key_state)
-    return Verdict("injected", patched(request.uid, outcome.patch, warnings=outcome.warnings,
+    return Verdict("injected", patched(outcome.patch, warnings=outcome.warnings,
                                        audit={"encryption-keys": outcome.status}),
                    files=outcome.files)
 
@@ -295,7 +298,7 @@ def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: 
         return key_verdict(request, guard_key_secret(
             key_change(request, reserved=reserved), keyring=keyring, settings=settings,
             writers=writers))
-    return Verdict("allowed", allowed(request.uid))
+    return Verdict("allowed", allowed())
 
 
 def review_pod_relabel(request: AdmissionRequest, *, keyring: Keyring,
@@ -304,14 +307,14 @@ def review_pod_relabel(request: AdmissionRequest, *, keyring: Keyring,
     one created without keymount's volume can never get it."""
     pod, old = request.object or {}, request.old_object or {}
     if not needs_keys(pod, settings=settings) or needs_keys(old, settings=settings):
-        return Verdict("allowed", allowed(request.uid))
+        return Verdict("allowed", allowed())
     problem = find_injection_problem(pod, keyring=keyring, settings=settings)
     if problem is None:
-        return Verdict("allowed", allowed(request.uid))
-    return Verdict("denied", denied(request.uid, (
+        return Verdict("allowed", allowed())
+    return Verdict("denied", denied(
         f"Pod {request.object_name!r} cannot become a backend Pod ({settings.pod_selector}) "
         f"by a label change: {problem[0]}, and a running Pod's volumes cannot be added. "
-        f"Create a new Pod with the label instead (keymount mounts the keys at creation)")),
+        f"Create a new Pod with the label instead (keymount mounts the keys at creation)"),
         key_state=problem[1])
 
 
@@ -319,15 +322,15 @@ def review_final_pod(request: AdmissionRequest, *, keyring: Keyring,
                      settings: Settings) -> Verdict:
     pod = request.object or {}
     if not needs_keys(pod, settings=settings):
-        return Verdict("allowed", allowed(request.uid))
+        return Verdict("allowed", allowed())
     problem = find_injection_problem(pod, keyring=keyring, settings=settings)
     if problem is None:
-        return Verdict("allowed", allowed(request.uid))
+        return Verdict("allowed", allowed())
     message, key_state = problem
-    return Verdict("denied", denied(request.uid, (
+    return Verdict("denied", denied(
         f"backend Pod does not carry keymount's encryption keys as injected: {message}. "
         f"Another mutating webhook may have changed it after keymount; list them with "
-        f"`kubectl get mutatingwebhookconfigurations`")), key_state=key_state)
+        f"`kubectl get mutatingwebhookconfigurations`"), key_state=key_state)
 
 
 def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,

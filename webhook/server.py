@@ -27,7 +27,7 @@ from .admission import (
     AdmissionRequest,
     MalformedReview,
     Verdict,
-    build_review,
+    complete,
     denied,
     errored,
     key_change,
@@ -128,10 +128,10 @@ async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -
         # key creation (docs/contract.md, "Key numbers").
         fresh = await runtime.live_reads.confirm(review.namespace)
         if fresh is None:
-            return Verdict("denied", denied(review.uid, (
+            return Verdict("denied", denied(
                 f"keymount is limiting live reads of the API server right now and judges "
                 f"a new key's number only against a fresh read of namespace "
-                f"{review.namespace!r}; retry in a few seconds")))
+                f"{review.namespace!r}; retry in a few seconds"))
         verdict = verdict_for(fresh)
         key = verdict.key
         if (webhook == "validate" and key is not None and key.allowed
@@ -191,8 +191,8 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
         except Exception as exc:  # fail closed, whatever broke
             server_log.exception("admission failed", extra={"uid": review.uid})
             verdict = Verdict("error", errored(
-                review.uid, f"keymount could not decide ({type(exc).__name__}); "
-                            f"see the keymount logs for uid {review.uid}"))
+                f"keymount could not decide ({type(exc).__name__}); see the keymount logs "
+                f"for uid {review.uid}"))
         elapsed = time.perf_counter() - started
         try:
             runtime.metrics.admissions.labels(webhook, verdict.result).inc()
@@ -204,8 +204,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                     runtime.events.emit(note)
         except Exception:  # bookkeeping must not turn a decision into an HTTP 500
             server_log.exception("recording the decision failed", extra={"uid": review.uid})
-        response = web.Response(body=orjson.dumps(build_review(review.api_version,
-                                                               verdict.response)),
+        response = web.Response(body=orjson.dumps(complete(review, verdict.response)),
                                 content_type="application/json")
         if runtime.draining:
             # Shutting down: answer, then close, so the API server's next request opens
