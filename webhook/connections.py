@@ -156,15 +156,7 @@ class GuardedProtocol(asyncio.Protocol):
         return self.inner.eof_received() if self.counted else None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if not self.counted:
-            return
-        self.counted = False
-        self.guard.active -= 1
-        self.guard.open.pop(self, None)
-        self._end_request()
-        if self in self.guard.paused:
-            self.guard.paused.remove(self)
-        self.inner.connection_lost(exc)
+        self._release(exc)
 
     def pause_writing(self) -> None:
         self.inner.pause_writing()
@@ -193,16 +185,21 @@ class GuardedProtocol(asyncio.Protocol):
         self.drop()
 
     def drop(self) -> None:
-        if self.counted:  # free the slot now, not when the transport reports it
-            self.counted = False
-            self.guard.active -= 1
-            self.guard.open.pop(self, None)
-            self._end_request()
-            if self in self.guard.paused:
-                self.guard.paused.remove(self)
-            self.inner.connection_lost(None)
+        self._release(None)  # free the slot now, not when the transport reports it
         if self.transport is not None:
             self.transport.abort()
+
+    def _release(self, exc: Exception | None) -> None:
+        """Give the slot and the buffered bytes back, once, and tell aiohttp."""
+        if not self.counted:
+            return
+        self.counted = False
+        self.guard.active -= 1
+        self.guard.open.pop(self, None)
+        self._end_request()
+        if self in self.guard.paused:
+            self.guard.paused.remove(self)
+        self.inner.connection_lost(exc)
 
     def _end_request(self) -> None:
         if self.deadline is not None:

@@ -5,14 +5,34 @@ from __future__ import annotations
 import base64
 import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from kubernetes.client.rest import ApiException
 
 from polling import poll
 
+ROOT = Path(__file__).resolve().parents[2]
 BACKEND = {"app.kubernetes.io/component": "backend"}
 KEY_LABELS = {"keymount.io/encryption-key": "true"}
+
+
+OUTPUTS: list[str] = []  # everything keymount's commands printed, checked for key material
+
+
+def keymount_cli(kubeconfig, *args: str, check: bool = True, env: dict | None = None,
+                 timeout: float = 120) -> subprocess.CompletedProcess:
+    """`keymount ARGS --kubeconfig KUBECONFIG` as a user runs it, no terminal."""
+    result = subprocess.run([sys.executable, "-m", "webhook", *args, "--kubeconfig",
+                             str(kubeconfig)], capture_output=True, text=True,
+                            timeout=timeout, cwd=ROOT, stdin=subprocess.DEVNULL,
+                            env={**os.environ, **(env or {})})
+    OUTPUTS.append(result.stdout + result.stderr)
+    if check:
+        assert result.returncode == 0, result.stdout + result.stderr
+    return result
 
 
 def random_key() -> bytes:

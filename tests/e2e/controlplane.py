@@ -150,7 +150,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _tail(path: Path, lines: int) -> str:
+def _tail(path: Path | None, lines: int = 40) -> str:
+    if path is None:
+        return ""
     try:
         with open(path, errors="replace") as f:
             return "".join(deque(f, maxlen=lines))

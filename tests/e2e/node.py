@@ -54,11 +54,10 @@ import threading
 import time
 import urllib.parse
 import urllib.request
-from collections import deque
 from pathlib import Path
 from typing import Any
 
-from controlplane import cache_dir
+from controlplane import _tail, _terminate, cache_dir
 
 __all__ = [
     "BUSYBOX_IMAGE",
@@ -376,29 +375,6 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _tail(path: Path | None, lines: int = 40) -> str:
-    if path is None:
-        return ""
-    try:
-        with open(path, errors="replace") as f:
-            return "".join(deque(f, maxlen=lines))
-    except FileNotFoundError:
-        return f"<{path} does not exist>"
-
-
-def _terminate(proc: subprocess.Popen | None, timeout: float = 15.0) -> None:
-    if proc is None or proc.poll() is not None:
-        return
-    try:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-    except ProcessLookupError:
-        pass
 
 
 def _deadline_poll(predicate, *, timeout: float, what: str, interval: float = 0.1,

@@ -8,28 +8,24 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from kubernetes.client.rest import ApiException
 from pyrage import x25519
 
-from apihelpers import create_key, create_pod, key_sources, pod_body, random_key
-from conftest import KEY_WRITERS, ROOT, kubectl
+from apihelpers import (
+    OUTPUTS,
+    create_key,
+    create_pod,
+    key_sources,
+    keymount_cli,
+    pod_body,
+    random_key,
+)
+from conftest import KEY_WRITERS, kubectl
 from polling import poll
 
-OUTPUTS: list[str] = []
-
-
-def cli(kubeconfig, *args: str, check: bool = True, env: dict | None = None):
-    result = subprocess.run([sys.executable, "-m", "webhook", *args, "--kubeconfig",
-                             str(kubeconfig)], capture_output=True, text=True, timeout=120,
-                            cwd=ROOT, stdin=subprocess.DEVNULL,
-                            env={**os.environ, **(env or {})})
-    OUTPUTS.append(result.stdout + result.stderr)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
+cli = keymount_cli
 
 
 def secrets_of(api, namespace: str) -> dict:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import base64
 import json
-import subprocess
-import sys
 import threading
 
 import pytest
@@ -15,21 +13,21 @@ import yaml
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from apihelpers import KEY_LABELS, create_key, create_pod, denial, key_sources, pod_body, random_key
-from conftest import KEY_WRITERS, ROOT
+from apihelpers import (
+    KEY_LABELS,
+    OUTPUTS,
+    create_key,
+    create_pod,
+    denial,
+    key_sources,
+    keymount_cli,
+    pod_body,
+    random_key,
+)
+from conftest import KEY_WRITERS
 from polling import poll
 
-OUTPUTS: list[str] = []  # everything the commands printed, checked for key material
-
-
-def cli(kubeconfig, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "webhook", *args, "--kubeconfig",
-                             str(kubeconfig)], capture_output=True, text=True, timeout=60,
-                            cwd=ROOT, stdin=subprocess.DEVNULL)
-    OUTPUTS.append(result.stdout + result.stderr)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
+cli = keymount_cli
 
 
 @pytest.fixture

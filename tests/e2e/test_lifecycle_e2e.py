@@ -10,21 +10,9 @@ import threading
 
 import pytest
 
-from apihelpers import create_pod, denial, key_sources, wait_for_cached_keys
+from apihelpers import OUTPUTS, create_pod, denial, key_sources, keymount_cli, wait_for_cached_keys
 from conftest import ROOT, kubectl, launch_keymount
 from polling import poll
-
-OUTPUTS: list[str] = []  # everything the commands printed, checked for key material
-
-
-def keymount_cli(kubeconfig, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "webhook", *args, "--kubeconfig",
-                             str(kubeconfig)], capture_output=True, text=True, timeout=60,
-                            cwd=ROOT, stdin=subprocess.DEVNULL)
-    OUTPUTS.append(result.stdout + result.stderr)
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def key_material(api, namespace: str) -> list[str]:

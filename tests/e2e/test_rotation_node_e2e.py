@@ -8,26 +8,16 @@ appended to /tmp/keymount-node-timings.txt.
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 
 import pytest
 from kubernetes import client, config
 
-from apihelpers import BACKEND, create_key
-from conftest import ROOT
+from apihelpers import BACKEND, create_key, keymount_cli
 from polling import poll
 from test_node_e2e import TIMINGS_FILE, VALID_KEYS, expected_files, pod_spec, reporting
 
-
-def cli(kubeconfig, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "webhook", *args, "--kubeconfig",
-                             str(kubeconfig)], capture_output=True, text=True, timeout=300,
-                            cwd=ROOT, stdin=subprocess.DEVNULL)
-    if check:
-        assert result.returncode == 0, result.stdout + result.stderr
-    return result
+cli = keymount_cli
 
 
 @pytest.fixture
