@@ -323,3 +323,21 @@ async def test_every_decision_is_logged_as_one_line_without_key_material(client,
     secret = body["request"]["object"] or body["request"]["oldObject"]
     if secret.get("kind") == "Secret":
         assert secret["data"]["encryption-key"] not in caplog.text
+
+
+async def test_a_reused_live_read_is_dropped_once_the_namespace_changes():
+    from webhook.keys import Keyring
+    from webhook.livereads import LiveReads
+    reads = []
+    version = {"shop": 1}
+
+    async def read(namespace):
+        reads.append(namespace)
+        return Keyring(namespace)
+    live = LiveReads(read, clock=lambda: 0.0, version=lambda ns: version[ns])
+    await live.confirm("shop")
+    await live.confirm("shop")
+    assert reads == ["shop"]  # reused within the second
+    version["shop"] = 2  # the watch delivered a change meanwhile
+    await live.confirm("shop")
+    assert reads == ["shop", "shop"]

@@ -26,13 +26,16 @@ class LiveReads:
     def __init__(self, read: Callable[[str], Awaitable[Keyring]], *, rate: float = 10.0,
                  burst: int = 20, reuse_seconds: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
+                 version: Callable[[str], int] = lambda namespace: 0,
                  on_call: Callable[[str], None] = lambda result: None) -> None:
         self.read, self.rate, self.burst = read, rate, burst
         self.reuse_seconds, self.clock, self.on_call = reuse_seconds, clock, on_call
+        self.version = version
         self._tokens = float(burst)
         self._filled = clock()
         self._inflight: dict[str, asyncio.Future[Keyring]] = {}
-        self._recent: OrderedDict[str, tuple[float, Keyring]] = OrderedDict()
+        # namespace -> (when, the cache's version of it then, what the read found)
+        self._recent: OrderedDict[str, tuple[float, int, Keyring]] = OrderedDict()
 
     async def confirm(self, namespace: str) -> Keyring | None:
         """The namespace's keys read live, or None when the rate limit says no."""
@@ -41,9 +44,12 @@ class LiveReads:
             self.on_call("coalesced")
             return await asyncio.shield(shared)
         recent = self._recent.get(namespace)
-        if recent is not None and self.clock() - recent[0] < self.reuse_seconds:
+        # Reused only while the cache has seen no change of the namespace since: a key
+        # the watch delivered after the read must never be missed.
+        if (recent is not None and self.clock() - recent[0] < self.reuse_seconds
+                and recent[1] == self.version(namespace)):
             self.on_call("reused")
-            return recent[1]
+            return recent[2]
         if not self._take():
             self.on_call("limited")
             return None
@@ -54,7 +60,7 @@ class LiveReads:
             keyring = await asyncio.shield(future)
         finally:
             self._inflight.pop(namespace, None)
-        self._recent[namespace] = (self.clock(), keyring)
+        self._recent[namespace] = (self.clock(), self.version(namespace), keyring)
         self._recent.move_to_end(namespace)
         while len(self._recent) > REMEMBERED:
             self._recent.popitem(last=False)

@@ -77,7 +77,7 @@ class Runtime:
     def __post_init__(self) -> None:
         self.live_reads = LiveReads(
             lambda namespace: self.source.confirm(namespace), rate=self.live_read_rate,
-            burst=self.live_read_burst,
+            burst=self.live_read_burst, version=self.store.version,
             on_call=lambda result: self.metrics.live_reads.labels(result).inc())
 
 

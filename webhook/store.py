@@ -21,7 +21,11 @@ class KeyStore:
     def __init__(self) -> None:
         self._records: dict[str, dict[str, KeyRecord]] = {}
         self._rings: dict[str, Keyring] = {}
+        self._versions: Counter[str] = Counter()  # bumped whenever a namespace changes
         self.ready = False
+
+    def version(self, namespace: str) -> int:
+        return self._versions[namespace]
 
     def keyring(self, namespace: str) -> Keyring:
         ring = self._rings.get(namespace)
@@ -60,6 +64,7 @@ class KeyStore:
 
     def _rebuild(self, namespaces: Iterable[str]) -> None:
         for ns in namespaces:
+            self._versions[ns] += 1
             records = self._records.get(ns)
             if records:
                 self._rings[ns] = build_keyring(ns, records.values())
