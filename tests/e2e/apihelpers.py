@@ -79,3 +79,16 @@ def key_sources(pod, *, optional: bool = False) -> list[tuple[str, str]]:
 def wait_for_cached_keys(keymount, count: int) -> None:
     poll(lambda: keymount.metric("keymount_key_secrets", 'state="valid"') >= count,
          what=f"keymount cache holding {count} valid keys")
+
+
+def key_material(api, namespace: str) -> list[str]:
+    """Every spelling of the namespace's keys that must never be printed."""
+    spellings = []
+    for secret in api.list_namespaced_secret(namespace).items:
+        stored = (secret.data or {}).get("encryption-key")
+        if stored:
+            raw = base64.b64decode(stored)
+            spellings += [stored, raw.hex()]
+            if raw.isascii():
+                spellings.append(raw.decode())
+    return spellings

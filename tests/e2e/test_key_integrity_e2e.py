@@ -19,6 +19,7 @@ from apihelpers import (
     create_key,
     create_pod,
     denial,
+    key_material,
     key_sources,
     keymount_cli,
     pod_body,
@@ -271,12 +272,7 @@ def test_every_key_operation_logs_the_user_records_events_and_leaks_no_key_byte(
             ("k1", "retired", "bob"), ("evil", "refused", "mallory")} <= by_action
     assert all("fingerprint" in d for d in decisions if d.get("key_action") == "created")
 
-    spellings = []
-    for secret in api.list_namespaced_secret(namespace).items:
-        stored = (secret.data or {}).get("encryption-key")
-        if stored:
-            raw = base64.b64decode(stored)
-            spellings += [stored, raw.hex()]
+    spellings = key_material(api, namespace)
     assert spellings
     texts = [keymount.log.read_text(), *OUTPUTS,
              *(e.message for e in events(api, namespace) + events(api, keyless))]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import json
 import subprocess
 import sys
@@ -10,22 +9,17 @@ import threading
 
 import pytest
 
-from apihelpers import OUTPUTS, create_pod, denial, key_sources, keymount_cli, wait_for_cached_keys
+from apihelpers import (
+    OUTPUTS,
+    create_pod,
+    denial,
+    key_material,
+    key_sources,
+    keymount_cli,
+    wait_for_cached_keys,
+)
 from conftest import ROOT, kubectl, launch_keymount
 from polling import poll
-
-
-def key_material(api, namespace: str) -> list[str]:
-    """Every spelling of the namespace's keys that must never be printed."""
-    spellings = []
-    for secret in api.list_namespaced_secret(namespace).items:
-        stored = (secret.data or {}).get("encryption-key")
-        if stored:
-            raw = base64.b64decode(stored)
-            spellings += [stored, raw.hex()]
-            if raw.isascii():
-                spellings.append(raw.decode())
-    return spellings
 
 
 def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin_kubeconfig):

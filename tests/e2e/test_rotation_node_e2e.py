@@ -58,13 +58,18 @@ def restarts(api, namespace: str, name: str) -> list[int]:
     return [s.restart_count for p in pods for s in p.status.container_statuses or []]
 
 
-def test_a_rotation_reaches_running_pods_without_a_restart(
-        api, apps, namespace, keymount, node, admin_kubeconfig):
+def one_key_and_a_running_deployment(api, apps, namespace, keymount, node) -> dict:
+    """Key k1, and Deployment api with both replicas reading it."""
     arrived = keys_cached(keymount, 1)
     create_key(api, namespace, "k1")
     poll(arrived, what="k1 cached")
-    before = running_reporters(node, api, apps, namespace, "api",
-                               expected_files(api, namespace))
+    return running_reporters(node, api, apps, namespace, "api",
+                             expected_files(api, namespace))
+
+
+def test_a_rotation_reaches_running_pods_without_a_restart(
+        api, apps, namespace, keymount, node, admin_kubeconfig):
+    before = one_key_and_a_running_deployment(api, apps, namespace, keymount, node)
 
     started = time.monotonic()
     rotated = cli(admin_kubeconfig, "keys", "rotate", "-n", namespace)
@@ -90,11 +95,7 @@ def test_a_rotation_reaches_running_pods_without_a_restart(
 
 def test_rotate_restart_wait_rolls_deployments_and_new_pods_carry_every_key(
         api, apps, namespace, keymount, node, admin_kubeconfig):
-    arrived = keys_cached(keymount, 1)
-    create_key(api, namespace, "k1")
-    poll(arrived, what="k1 cached")
-    before = running_reporters(node, api, apps, namespace, "api",
-                               expected_files(api, namespace))
+    before = one_key_and_a_running_deployment(api, apps, namespace, keymount, node)
 
     result = cli(admin_kubeconfig, "keys", "rotate", "-n", namespace, "--restart", "--wait",
                  "--timeout", "90s")
