@@ -252,16 +252,23 @@ def report_rollout(keys: Any, namespace: str, record: KeyRecord) -> None:
 
 # --- list / status ----------------------------------------------------------------------
 
-def cmd_list(args: argparse.Namespace) -> int:
-    from .lifecycle import build_key_rows, records_by_namespace
-    settings = _settings(args)
-    keys, namespace = connect(args, settings)
+def cluster_keyrings(keys: Any, namespace: str | None) -> dict[str, Keyring]:
+    """Each namespace's keyring, built once from one list (with -n, that namespace's,
+    empty or not)."""
+    from .lifecycle import records_by_namespace
     grouped = records_by_namespace(keys.key_records(namespace))
     if namespace is not None:
         grouped.setdefault(namespace, [])
+    return {ns: build_keyring(ns, records) for ns, records in sorted(grouped.items())}
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from .lifecycle import build_key_rows
+    settings = _settings(args)
+    keys, namespace = connect(args, settings)
+    keyrings = cluster_keyrings(keys, namespace)
     now, rows = _now(), []
-    for ns in sorted(grouped):
-        keyring = build_keyring(ns, grouped[ns])
+    for ns, keyring in keyrings.items():
         rows += [{"namespace": ns, **row.as_dict()} for row in build_key_rows(keyring, now=now)]
     headers = ["file", "secret", "index", "state", "fingerprint", "age"]
     if namespace is None:
@@ -271,35 +278,34 @@ def cmd_list(args: argparse.Namespace) -> int:
     else:
         print(f"no key Secrets in namespace {namespace}; create one: keymount keys create "
               f"encryption-key-1 -n {namespace} --generate", file=sys.stderr)
-    warn_old_keys(grouped, settings)
+    warn_old_keys(keyrings, settings)
     return 0
 
 
-def warn_old_keys(grouped: dict[str, list[KeyRecord]], settings: Settings) -> None:
+def warn_old_keys(keyrings: dict[str, Keyring], settings: Settings) -> None:
     """--max-key-age: flag each namespace whose newest key is older."""
     from .lifecycle import newest_key_too_old
     now = _now()
-    for ns in sorted(grouped):
-        if newest_key_too_old(build_keyring(ns, grouped[ns]), max_age=settings.max_key_age,
-                              now=now):
+    for ns, keyring in keyrings.items():
+        if newest_key_too_old(keyring, max_age=settings.max_key_age, now=now):
             print(f"warning: the newest key of namespace {ns} is older than --max-key-age; "
                   f"rotate: keymount keys rotate -n {ns}", file=sys.stderr)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from .lifecycle import build_pod_key_state, may_still_read, records_by_namespace
+    from .lifecycle import build_pod_key_state, may_still_read
     settings = _settings(args)
     keys, namespace = connect(args, settings)
-    grouped = records_by_namespace(keys.key_records(namespace))
+    keyrings = cluster_keyrings(keys, namespace)
     states = []
     for pod in keys.backend_pods(namespace):
         if not may_still_read(pod):  # terminating Pods still read their keys
             continue
         ns = pod["metadata"]["namespace"]
-        state = build_pod_key_state(pod, build_keyring(ns, grouped.get(ns, [])))
+        state = build_pod_key_state(pod, keyrings.get(ns) or Keyring(ns))
         if state is not None:
             states.append(state.as_dict())
-    warn_old_keys(grouped, settings)
+    warn_old_keys(keyrings, settings)
     behind = [s for s in states if s["state"] != "current"]
     if args.output == "table":
         if not behind:
@@ -628,13 +634,10 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
 
 def cmd_audit(args: argparse.Namespace) -> int:
     from .audit import audit
-    from .lifecycle import parse_pod_keys, records_by_namespace
+    from .lifecycle import parse_pod_keys
     settings = _settings(args)
     keys, namespace = connect(args, settings)
-    grouped = records_by_namespace(keys.key_records(namespace))
-    if namespace is not None:
-        grouped.setdefault(namespace, [])
-    keyrings = {ns: build_keyring(ns, records) for ns, records in grouped.items()}
+    keyrings = cluster_keyrings(keys, namespace)
     pods = [parse_pod_keys(p) for p in keys.backend_pods(namespace)]
     findings = audit(keyrings, rbac=keys.rbac(namespace), pods=pods,
                      writers=build_key_writers(args), max_age=settings.max_key_age,
