@@ -10,12 +10,11 @@ import socket
 import ssl
 import subprocess
 import sys
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import yaml
 
+import probes
 from builders import key_secret, pod, random_key, review
 from polling import poll
 
@@ -52,12 +51,7 @@ class Served:
         assert self.proc.poll() is None, self.log.read_text()[-2000:]
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.probe}/readyz",
-                                        timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return probes.ready(self.probe)
 
     def context(self, cafile: Path | None = None) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=str(cafile or self.certs / "ca.crt"))
@@ -78,12 +72,7 @@ class Served:
         return response.status, json.loads(response.read())
 
     def metric(self, name: str, labels: str = "") -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.probe}/metrics",
-                                    timeout=5) as resp:
-            text = resp.read().decode()
-        pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
-        match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
+        return probes.metric(self.probe, name, labels)
 
     def memory_mib(self, field: str = "VmRSS") -> float:
         """VmRSS now, or VmHWM: the peak resident size so far."""

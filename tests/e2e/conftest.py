@@ -23,6 +23,7 @@ import pytest
 import yaml
 from kubernetes import client, config
 
+import probes
 from controlplane import ControlPlane, ControlPlaneError, ControlPlaneUnavailable
 from node import Node, NodeError, NodeUnavailable
 from polling import poll
@@ -133,20 +134,10 @@ class Keymount:
             return json.load(resp)["response"]
 
     def metric(self, name: str, labels: str = "") -> float:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}/metrics",
-                                    timeout=5) as resp:
-            text = resp.read().decode()
-        pattern = re.escape(name + (f"{{{labels}}}" if labels else "")) + r" ([0-9.e+-]+)"
-        match = re.search(r"^" + pattern + "$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
+        return probes.metric(self.probe_port, name, labels)
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.probe_port}/readyz",
-                                        timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, OSError):
-            return False
+        return probes.ready(self.probe_port)
 
     def log_lines(self) -> list[dict]:
         return [json.loads(line) for line in self.log.read_text().splitlines()
