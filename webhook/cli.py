@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -39,22 +39,36 @@ from .events import EventRecorder
 from .keys import Keyring, check_key
 from .sources import ClusterKeySource
 
+if TYPE_CHECKING:
+    from .logs import LineSink
+
 # --- serve ---------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .connections import ConnectionLimits
-    from .logs import configure_logging
-    from .metrics import Metrics
-    from .server import Runtime, ServeOptions, serve
-    from .store import KeyStore, PodStore
+    from .logs import LineSink
 
     settings = build_settings(args)
     if str(args.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise CommandError(f"--log-level {args.log_level!r}: use debug, info, warning or "
                            f"error", 2)
-    configure_logging(fmt=args.log_format, level=args.log_level)
+    sink = LineSink(sys.stderr.fileno())
+    try:
+        return _serve(args, settings, sink)
+    finally:
+        sink.close()
+
+
+def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
+    from .connections import ConnectionLimits
+    from .logs import DecisionLog, configure_logging
+    from .metrics import Metrics
+    from .server import Runtime, ServeOptions, serve
+    from .store import KeyStore, PodStore
+
+    configure_logging(fmt=args.log_format, level=args.log_level, sink=sink)
     store, pods = KeyStore(), PodStore()
     metrics = Metrics(store, pods)
+    sink.on_drop = metrics.log_lines_dropped.inc
     source = build_key_source(args, settings=settings, store=store, metrics=metrics, pods=pods)
     if args.auto_generate and not isinstance(source, ClusterKeySource):
         raise CommandError("--auto-generate needs the Kubernetes key source, not --keys-from",
@@ -80,6 +94,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,
                           auto_generate=bool(args.auto_generate), writers=writers,
                           events=events, live_read_rate=float(args.live_reads_per_second),
+                          decisions=DecisionLog(sink, fmt=args.log_format,
+                                                level=args.log_level),
                           live_read_burst=max(1, int(2 * float(args.live_reads_per_second))))
         limits = ConnectionLimits(request_timeout=float(args.request_timeout),
                                   max_connections=int(args.max_connections),

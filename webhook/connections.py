@@ -6,9 +6,10 @@ sends one byte every few seconds keeps a connection, and its buffers, forever. E
 connection's protocol is wrapped here:
 
 - **request deadline**: from the first byte of a request until keymount starts writing
-  its answer, at most `request_timeout` seconds; then the connection is dropped. The
-  API server gives a webhook at most 30 s (`timeoutSeconds`), so nothing legitimate
-  is lost.
+  its answer, at most `request_timeout` seconds (checked by one sweep of all
+  connections every quarter of it, at most every second: a timer per request would
+  cost every admission); then the connection is dropped. The API server gives a
+  webhook at most 30 s (`timeoutSeconds`), so nothing legitimate is lost.
 - **connection cap**: at `max_connections` open connections, a new one takes the slot
   of the connection whose request has been arriving the longest (a slow client), or
   else of the longest idle one (a keep-alive connection reconnects at no cost); so file
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 import weakref
 from collections import deque
 from collections.abc import Callable
@@ -78,6 +80,18 @@ class ConnectionGuard:
             return protocol
         return build
 
+    async def sweep(self) -> None:
+        """Drop every connection whose request has outlived the deadline; runs for as
+        long as the listener does."""
+        timeout = self.limits.request_timeout
+        period = min(1.0, timeout / 4)
+        while True:
+            await asyncio.sleep(period)
+            cutoff = time.monotonic() - timeout
+            for protocol in [p for p in self.open
+                             if p.request_started is not None and p.request_started <= cutoff]:
+                protocol.expire()
+
     async def settle_fresh(self, timeout: float) -> None:
         """Wait (at most `timeout`) until no connection is open that was accepted but has
         not sent its request yet: closing one now would leave a request that is already
@@ -119,8 +133,7 @@ class GuardedProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.counted = False
         self.pending = 0  # bytes of the current request not yet answered
-        self.deadline: asyncio.TimerHandle | None = None
-        self.request_started: float | None = None  # loop time of the current request
+        self.request_started: float | None = None  # time.monotonic() of the current request
         self.answered_any = False
         self.reading = True
 
@@ -139,10 +152,8 @@ class GuardedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self.counted:
             return
-        if self.deadline is None:
-            loop = asyncio.get_running_loop()
-            self.request_started = loop.time()
-            self.deadline = loop.call_later(self.guard.limits.request_timeout, self.expire)
+        if self.request_started is None:
+            self.request_started = time.monotonic()
         self.pending += len(data)
         self.guard.buffered += len(data)
         if self.guard.buffered > self.guard.limits.max_buffered and self.reading:
@@ -168,7 +179,7 @@ class GuardedProtocol(asyncio.Protocol):
 
     def answered(self) -> None:
         self.answered_any = True
-        if self.deadline is not None or self.pending:
+        if self.request_started is not None or self.pending:
             self._end_request()
 
     def resume(self) -> None:
@@ -178,7 +189,6 @@ class GuardedProtocol(asyncio.Protocol):
 
     def expire(self) -> None:
         """No answer begun within the deadline: a slow (or stuck) request; drop it."""
-        self.deadline = None
         self.guard.on_event("expired")
         log.warning("request not received and answered within the deadline; connection "
                     "closed", extra={"seconds": self.guard.limits.request_timeout})
@@ -202,9 +212,6 @@ class GuardedProtocol(asyncio.Protocol):
         self.inner.connection_lost(exc)
 
     def _end_request(self) -> None:
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
         self.request_started = None
         pending, self.pending = self.pending, 0
         self.guard.release(pending)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -46,8 +47,27 @@ class Metrics:
         self.events_dropped = Counter(
             "keymount_events_dropped", "Kubernetes Events not sent because the queue was full",
             registry=r)
+        self.log_lines_dropped = Counter(
+            "keymount_log_lines_dropped", "Log lines dropped because stderr did not take "
+            "them fast enough (the queue was full)", registry=r)
         if store is not None:
             r.register(StoreCollector(store, pods))
+        # Children resolved once: `labels()` costs a lock and a tuple per call, on
+        # every admission.
+        self._admission: dict[tuple[str, str], Any] = {}
+        self._duration: dict[str, Any] = {}
+
+    def admission(self, webhook: str, result: str) -> Any:
+        child = self._admission.get((webhook, result))
+        if child is None:
+            child = self._admission[webhook, result] = self.admissions.labels(webhook, result)
+        return child
+
+    def admission_duration(self, webhook: str) -> Any:
+        child = self._duration.get(webhook)
+        if child is None:
+            child = self._duration[webhook] = self.duration.labels(webhook)
+        return child
 
     def watch_event(self) -> None:
         self.last_watch_event.set_to_current_time()

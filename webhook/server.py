@@ -42,6 +42,7 @@ from .keyguard import KeyWriters, is_new_key
 from .keys import Keyring
 from .lifecycle import GENERATED_KEY_NAME
 from .livereads import LiveReads
+from .logs import DecisionLog
 from .metrics import Metrics
 from .sources import ClusterKeySource, KeySource
 from .store import KeyStore, Reservations
@@ -71,6 +72,7 @@ class Runtime:
     live_reads: LiveReads = field(init=False)
     large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
+    decisions: DecisionLog = field(default_factory=DecisionLog)
     live_read_rate: float = 10.0
     live_read_burst: int = 20
 
@@ -184,7 +186,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
         started = time.perf_counter()
         review = await read_review(request)
         if isinstance(review, web.Response):
-            runtime.metrics.admissions.labels(webhook, "error").inc()
+            runtime.metrics.admission(webhook, "error").inc()
             return review
         try:
             verdict = await decide(runtime, review, webhook)
@@ -195,9 +197,10 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                 f"for uid {review.uid}"))
         elapsed = time.perf_counter() - started
         try:
-            runtime.metrics.admissions.labels(webhook, verdict.result).inc()
-            runtime.metrics.duration.labels(webhook).observe(elapsed)
-            log_decision(review, verdict, webhook=webhook, elapsed=elapsed)
+            runtime.metrics.admission(webhook, verdict.result).inc()
+            runtime.metrics.admission_duration(webhook).observe(elapsed)
+            log_decision(runtime.decisions, review, verdict, webhook=webhook,
+                         elapsed=elapsed)
             if runtime.events is not None:
                 note = event_for(review, verdict, webhook=webhook)
                 if note is not None:
@@ -215,13 +218,13 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
     return handle
 
 
-def log_decision(review: AdmissionRequest, verdict: Verdict, *, webhook: Webhook,
-                 elapsed: float) -> None:
+def log_decision(decisions: DecisionLog, review: AdmissionRequest, verdict: Verdict, *,
+                 webhook: Webhook, elapsed: float) -> None:
     # Every decision on a key Secret is kept at info: who touched which key is the
     # audit trail (docs/contract.md, "Trust").
     level = logging.DEBUG if verdict.result == "skipped" and verdict.key is None \
         else logging.INFO
-    if not log.isEnabledFor(level):
+    if not decisions.enabled(level):
         return
     # Not "name" or "message": LogRecord reserves them, and `extra` may not overwrite them.
     fields: dict[str, Any] = {
@@ -242,7 +245,7 @@ def log_decision(review: AdmissionRequest, verdict: Verdict, *, webhook: Webhook
         fields["files"] = [f.as_status() for f in verdict.files]
     if verdict.message:
         fields["reason"] = verdict.message
-    log.log(level, "admission decision", extra=fields)
+    decisions.write(level, fields, created=time.time())
 
 
 def build_webhook_app(runtime: Runtime) -> web.Application:
@@ -364,6 +367,7 @@ async def serve(runtime: Runtime, options: ServeOptions,
     reload_task = asyncio.create_task(reloader.run(), name="keymount-cert-reloader")
     guard = ConnectionGuard(options.limits,
                             on_event=lambda what: metrics.connections_dropped.labels(what).inc())
+    sweep_task = asyncio.create_task(guard.sweep(), name="keymount-request-deadlines")
     listener: asyncio.AbstractServer | None = None
     try:
         await web.TCPSite(probe_runner, options.host, options.probe_port).start()
@@ -389,5 +393,6 @@ async def serve(runtime: Runtime, options: ServeOptions,
         # Idle connections close at once; requests in flight get shutdown_timeout to
         # finish (a body still arriving meets the request deadline first).
         await webhook_runner.cleanup()
+        sweep_task.cancel()
         await probe_runner.cleanup()
         server_log.info("stopped")

@@ -1,0 +1,151 @@
+"""Log lines: the sink that keeps stderr off the event loop, and decision lines that
+skip the logging machinery but read exactly like every other line."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import time
+from datetime import UTC, datetime
+
+import pytest
+
+from webhook.logs import (
+    DecisionLog,
+    JsonFormatter,
+    LineSink,
+    TextFormatter,
+    _timestamp,
+    configure_logging,
+)
+
+from polling import poll
+
+
+@pytest.fixture
+def pipe():
+    read_end, write_end = os.pipe()
+    yield read_end, write_end
+    for fd in (read_end, write_end):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def read_available(fd: int) -> bytes:
+    os.set_blocking(fd, False)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(fd, 1 << 16)
+        except BlockingIOError:
+            return b"".join(chunks)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def test_lines_arrive_in_order_and_close_writes_what_is_queued(pipe):
+    read_end, write_end = pipe
+    sink = LineSink(write_end, interval=60.0)  # only close() can wake it in time
+    for i in range(1000):
+        sink.write(f"line {i}\n".encode())
+    sink.close()
+    assert read_available(read_end).decode().splitlines() == [f"line {i}" for i in range(1000)]
+
+
+def test_lines_are_written_within_the_interval_without_close(pipe):
+    read_end, write_end = pipe
+    sink = LineSink(write_end, interval=0.02)
+    sink.write(b"first\n")
+    received = bytearray()
+    poll(lambda: received.extend(read_available(read_end)) or received == b"first\n",
+         timeout=5, what="the line written by the sink's thread")
+    sink.close()
+
+
+def test_a_blocked_stderr_never_blocks_the_writer_and_drops_are_counted(pipe):
+    read_end, write_end = pipe
+    fcntl.fcntl(write_end, fcntl.F_SETPIPE_SZ, 4096)  # nobody reads: it fills at once
+    drops = []
+    sink = LineSink(write_end, interval=0.01, capacity=100, on_drop=lambda: drops.append(1))
+    started = time.monotonic()
+    for _ in range(5000):
+        sink.write(b"x" * 200 + b"\n")
+    assert time.monotonic() - started < 1.0  # returned at once, whatever stderr did
+    assert sink.dropped == len(drops) > 0
+    # Once read, the queued lines flow again and close() finishes.
+    got = bytearray()
+    poll(lambda: got.extend(read_available(read_end)) or (sink.close(0.01) or
+                                                          not sink._thread.is_alive()),
+         timeout=10, what="the writer thread to drain and stop")
+    got.extend(read_available(read_end))
+    lines = bytes(got).splitlines()
+    assert set(lines) == {b"x" * 200}
+    assert len(lines) + sink.dropped == 5000  # every line written or counted as dropped
+
+
+def test_decision_lines_read_exactly_like_logging_lines(pipe):
+    read_end, write_end = pipe
+    sink = LineSink(write_end)
+    fields = {"webhook": "mutate", "uid": "u-1", "namespace": "shop", "result": "injected",
+              "files": [{"file": "encryption-key-1", "secret": "k", "fingerprint": "ab"}]}
+    created = time.time()
+    DecisionLog(sink, fmt="json").write(logging.INFO, fields, created=created)
+    record = logging.makeLogRecord({"name": "keymount.admission", "levelno": logging.INFO,
+                                    "levelname": "INFO", "msg": "admission decision",
+                                    "created": created, **fields})
+    sink.close()
+    line = read_available(read_end).decode()
+    assert line.endswith("\n") and line.count("\n") == 1
+    assert json.loads(line) == json.loads(JsonFormatter().format(record))
+
+
+def test_text_decision_lines_match_the_text_formatter(pipe):
+    read_end, write_end = pipe
+    sink = LineSink(write_end)
+    fields = {"webhook": "validate", "uid": "u-2", "result": "denied", "reason": "no key"}
+    DecisionLog(sink, fmt="text").write(logging.INFO, fields, created=time.time())
+    record = logging.makeLogRecord({"name": "keymount.admission", "levelno": logging.INFO,
+                                    "levelname": "INFO", "msg": "admission decision",
+                                    **fields})
+    sink.close()
+    assert read_available(read_end).decode() == TextFormatter().format(record) + "\n"
+
+
+@pytest.mark.parametrize(("level", "debug_enabled"), [("info", False), ("debug", True)],
+                         ids=["info-hides-debug", "debug-shows-debug"])
+def test_the_decision_log_honours_the_log_level(level, debug_enabled):
+    decisions = DecisionLog(LineSink(os.open(os.devnull, os.O_WRONLY)), level=level)
+    assert decisions.enabled(logging.INFO)
+    assert decisions.enabled(logging.DEBUG) is debug_enabled
+    decisions.sink.close()
+
+
+def test_logging_records_go_through_the_same_sink(pipe):
+    read_end, write_end = pipe
+    sink = LineSink(write_end)
+    root = logging.getLogger()
+    saved = root.handlers[:], root.level
+    try:
+        configure_logging(fmt="json", level="info", sink=sink)
+        logging.getLogger("keymount.server").info("serving", extra={"port": 8443})
+        DecisionLog(sink).write(logging.INFO, {"uid": "u-3"}, created=time.time())
+        sink.close()
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    lines = [json.loads(line) for line in read_available(read_end).splitlines()]
+    assert [(line["logger"], line["msg"]) for line in lines] == [
+        ("keymount.server", "serving"), ("keymount.admission", "admission decision")]
+
+
+@pytest.mark.parametrize("created", [0.0, 1764394512.25, 1764394512.999, 1764394513.5,
+                                     1764394512.0], ids=["epoch", "quarter", "last-ms",
+                                                         "next-second", "whole"])
+def test_timestamps_cached_per_second_match_isoformat(created):
+    _timestamp(created - 1.0)  # a different second in the cache first
+    assert _timestamp(created) == datetime.fromtimestamp(created, UTC).isoformat(
+        timespec="milliseconds")
