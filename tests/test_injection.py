@@ -6,12 +6,12 @@ import os
 from datetime import UTC
 from pathlib import Path
 
-import jsonpatch
 import pytest
 import yaml
 
 from webhook.config import Settings
 from webhook.injection import Injected, Refused, inject_keys, needs_keys
+from webhook.names import VOLUME_NAME
 
 from builders import container, fixed_key, key_secret, keyring_of, pod, random_key
 
@@ -29,7 +29,7 @@ def inject(obj, keyring=KEYRING, settings=SETTINGS, **kw):
 def injected(obj, **kw) -> tuple[dict, Injected]:
     outcome = inject(obj, **kw)
     assert isinstance(outcome, Injected), outcome
-    return jsonpatch.apply_patch(obj, list(outcome.patch)), outcome
+    return outcome.apply(obj), outcome
 
 
 @pytest.mark.parametrize("case", sorted(p.name.removesuffix(".in.yaml")
@@ -269,3 +269,25 @@ def test_a_pod_with_two_volumes_of_keymounts_name_is_refused_not_half_replaced()
                                          {"name": "keymount-encryption-keys",
                                           "emptyDir": {}}])
     assert refused(obj).reason == "malformed-pod"
+
+
+def test_the_volume_is_built_once_per_keyring_and_settings():
+    from webhook.injection import build_volume
+    keyring = keyring_of(key_secret("k1", random_key(), index=1))
+    first = build_volume(keyring, settings=SETTINGS)
+    assert build_volume(keyring, settings=SETTINGS) is first
+    other = build_volume(keyring, settings=Settings(rotation_slots=0))
+    assert other is not first and len(other["projected"]["sources"]) == 1
+    assert len(first["projected"]["sources"]) == 1 + SETTINGS.rotation_slots
+
+
+def test_changing_an_applied_pod_leaves_the_shared_volume_alone():
+    keyring = keyring_of(key_secret("k1", random_key(), index=1))
+    outcome = inject(pod(), keyring=keyring)
+    result = outcome.apply(pod())
+    [volume] = [v for v in result["spec"]["volumes"] if v["name"] == VOLUME_NAME]
+    volume["projected"]["sources"].clear()
+    again = inject(pod(), keyring=keyring)
+    assert again.patch == outcome.patch
+    assert len(again.apply(pod())["spec"]["volumes"][-1]["projected"]["sources"]) == \
+        1 + SETTINGS.rotation_slots

@@ -193,3 +193,12 @@ def test_a_backend_pod_of_any_shape_is_refused_or_gets_every_key(pod, webhook):
 def report_examples():
     yield
     print(f"\nHypothesis examples run: {dict(RUNS)}")
+
+
+@given(st.text(alphabet="/.ab~-", max_size=24) | st.none() | st.integers())
+def test_a_mount_path_normalises_as_the_kubelet_resolves_it(path):
+    # The fast path for already-normal paths must agree with normpath everywhere.
+    import posixpath
+
+    from webhook.injection import normalize_path
+    assert normalize_path(path) == posixpath.normpath("/" + str(path or "/").lstrip("/"))

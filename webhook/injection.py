@@ -42,6 +42,8 @@ class Injected:
     warnings: tuple[str, ...] = ()
 
     def apply(self, pod: Mapping[str, Any]) -> dict[str, Any]:
+        # jsonpatch inserts copies of the values: the result shares nothing with the
+        # keyring's volume (build_volume), which later admissions reuse.
         result: dict[str, Any] = jsonpatch.apply_patch(pod, list(self.patch))
         return result
 
@@ -65,12 +67,21 @@ def needs_keys(pod: Mapping[str, Any], *, settings: Settings) -> bool:
 
 def build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
     """One source per key; then, optional, the Secrets the next rotations will create.
+    Built once per keyring and settings (shared: never modify the result).
 
     The kubelet never adds a source to a running Pod's projected volume, but it does
     fill in a listed `optional: true` source once its Secret appears (kubelet projected
     volume plugin, at each sync), so `keys rotate` reaches running Pods without a
     restart. The slot names are reserved for their numbers by the key-Secret guard.
     """
+    cache_key = ("volume", settings.key_field, settings.rotation_slots)
+    volume: dict[str, Any] | None = keyring.derived.get(cache_key)
+    if volume is None:
+        volume = keyring.derived[cache_key] = _build_volume(keyring, settings=settings)
+    return volume
+
+
+def _build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
     sources: list[dict[str, Any]] = [
         {"secret": {"name": key_file.secret,
                     "items": [{"key": settings.key_field, "path": key_file.file}],
@@ -188,7 +199,7 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
 
 
 def _is_list_of_maps(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, dict) for v in value)
+    return isinstance(value, list) and not [v for v in value if not isinstance(v, dict)]
 
 
 Target = tuple[str, Mapping[str, Any]]  # (JSON pointer, container)
@@ -223,6 +234,9 @@ def _names(targets: list[Target]) -> str:
 def normalize_path(path: Any) -> str:
     """A mount path as the kubelet resolves it: `//encryption-keys/` and
     `/./encryption-keys` are `/encryption-keys` (POSIX normpath keeps a leading `//`)."""
+    if (type(path) is str and path[:1] == "/" and path[1:2] != "/" and path[-1:] != "/"
+            and "//" not in path and "/." not in path):
+        return path  # already normal (the common case): normpath would change nothing
     return posixpath.normpath("/" + str(path or "/").lstrip("/"))
 
 
@@ -239,30 +253,36 @@ def find_mount_problem(spec: Mapping[str, Any], targets: list[Target], *,
     keymount's volume not at all. Anything else could hand keys to a path or container
     the Pod's owner did not choose, or hide them under another volume."""
     chosen = {path for path, _ in targets}
+    mount_path = settings.mount_path
+    under = mount_path.rstrip("/") + "/"
     for path, container in all_containers(spec):
         name = container.get("name")
-        ours = [m for m in container.get("volumeMounts") or []
-                if isinstance(m, dict) and m.get("name") == VOLUME_NAME]
-        if path not in chosen:
+        selected = path in chosen
+        ours = exact = 0
+        for mount in container.get("volumeMounts") or ():
+            if not isinstance(mount, dict):
+                continue
+            if mount.get("name") == VOLUME_NAME:
+                ours += 1
+                exact += _is_keymount_mount(mount, settings=settings)
+                continue
+            if not selected:
+                continue
+            where = normalize_path(mount.get("mountPath"))
+            if where == mount_path or where.startswith(under):
+                return (f"container {name!r} mounts volume {mount.get('name')!r} at or "
+                        f"under {mount_path}, where keymount mounts the encryption "
+                        f"keys; move that mount elsewhere, or set --mount-path")
+        if not selected:
             if ours:
                 return (f"container {name!r} mounts keymount's volume {VOLUME_NAME!r}, but "
                         f"keymount mounts the keys only into the containers it selects "
                         f"(annotation keymount.io/containers); remove that mount")
             continue
-        for other in container.get("volumeMounts") or []:
-            if not isinstance(other, dict) or other.get("name") == VOLUME_NAME:
-                continue
-            where = normalize_path(other.get("mountPath"))
-            if where == settings.mount_path or \
-                    where.startswith(settings.mount_path.rstrip("/") + "/"):
-                return (f"container {name!r} mounts volume {other.get('name')!r} at or "
-                        f"under {settings.mount_path}, where keymount mounts the encryption "
-                        f"keys; move that mount elsewhere, or set --mount-path")
-        exact = [m for m in ours if _is_keymount_mount(m, settings=settings)]
-        if len(ours) > 1 or len(exact) != len(ours) or (injected and not exact):
+        if ours > 1 or exact != ours or (injected and not exact):
             return (f"container {name!r} must mount keymount's volume {VOLUME_NAME!r} "
-                    f"exactly once, read-only at {settings.mount_path}, without subPath; "
-                    f"it has {len(ours)} mount(s) of it as given. Remove them: keymount "
+                    f"exactly once, read-only at {mount_path}, without subPath; "
+                    f"it has {ours} mount(s) of it as given. Remove them: keymount "
                     f"adds the mount itself")
     return None
 

@@ -13,9 +13,9 @@ import json
 import re
 import secrets
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
@@ -231,10 +231,10 @@ class KeyFile:
     number: int
     secret: str
     fingerprint: str
+    file: str = field(init=False, compare=False)  # encryption-key-<number>
 
-    @property
-    def file(self) -> str:
-        return key_file_name(self.number)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "file", key_file_name(self.number))
 
     def as_status(self) -> dict[str, str]:
         return {"file": self.file, "secret": self.secret, "fingerprint": self.fingerprint}
@@ -262,6 +262,9 @@ class Keyring:
     conflict: tuple[KeyRecord, KeyRecord] | None = None  # two keys share a number
     used: frozenset[int] = frozenset()  # every number this namespace has used
     status: str = "[]"
+    # What admissions derive from this keyring and the settings (the projected volume),
+    # computed on first use: a keyring never changes, a new one replaces it.
+    derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def newest(self) -> KeyRecord | None:
