@@ -134,6 +134,20 @@ def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
 
 def build_key_warnings(keyring: Keyring, *, settings: Settings,
                        now: datetime | None) -> list[str]:
+    warnings: list[str] | None = keyring.derived.get("key-warnings")
+    if warnings is None:  # what depends on the keyring alone, once per keyring
+        warnings = keyring.derived["key-warnings"] = _keyring_warnings(keyring)
+    warnings = list(warnings)
+    newest = keyring.newest
+    if (settings.max_key_age and now and newest and newest.created
+            and now - newest.created > settings.max_key_age):
+        warnings.append(
+            f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older than "
+            f"--max-key-age; rotate: keymount keys rotate -n {keyring.namespace} --generate")
+    return warnings
+
+
+def _keyring_warnings(keyring: Keyring) -> list[str]:
     warnings = [f"key Secret {r.name!r}: {r.check.warning}" for r in keyring.keys
                 if r.check.warning]
     if keyring.invalid:
@@ -144,12 +158,6 @@ def build_key_warnings(keyring: Keyring, *, settings: Settings,
             f"namespace {keyring.namespace!r} has {len(keyring.keys)} keys (more than "
             f"{MANY_KEYS}); retire keys no data needs: keymount keys retire NAME "
             f"-n {keyring.namespace}")
-    newest = keyring.newest
-    if (settings.max_key_age and now and newest and newest.created
-            and now - newest.created > settings.max_key_age):
-        warnings.append(
-            f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older than "
-            f"--max-key-age; rotate: keymount keys rotate -n {keyring.namespace} --generate")
     return warnings
 
 
@@ -174,15 +182,16 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
         return Refused("malformed-pod", (
             f"the Pod has {len(ours)} volumes named {VOLUME_NAME!r}; keymount adds that "
             f"volume itself, so remove them from the Pod spec"))
-    targets = select_containers(pod)
+    every = all_containers(spec)
+    targets = select_containers(pod, every=every)
     if isinstance(targets, Refused):
         return targets
     mount = build_mount(settings=settings)
-    for path, container in all_containers(spec):
+    for path, container in every:
         mounts = container.get("volumeMounts")
         if mounts is not None and not _is_list_of_maps(mounts):
             return Refused("malformed-pod", f"{path}/volumeMounts is not a list of objects")
-    problem = find_mount_problem(spec, targets, settings=settings, injected=False)
+    problem = find_mount_problem(spec, targets, settings=settings, injected=False, every=every)
     if problem:
         return Refused("mount-conflict", problem)
 
@@ -205,16 +214,18 @@ def _is_list_of_maps(value: Any) -> bool:
 Target = tuple[str, Mapping[str, Any]]  # (JSON pointer, container)
 
 
-def select_containers(pod: Mapping[str, Any]) -> list[Target] | Refused:
-    """Every container by default; the annotation's names instead, init ones included."""
-    spec = pod["spec"]
-    containers = [(f"/spec/containers/{i}", c) for i, c in enumerate(spec["containers"])]
-    inits = [(f"/spec/initContainers/{i}", c)
-             for i, c in enumerate(spec.get("initContainers") or [])]
+def select_containers(pod: Mapping[str, Any], *,
+                      every: list[Target] | None = None) -> list[Target] | Refused:
+    """Every container by default; the annotation's names instead, init ones included.
+    `every` is `all_containers` of the Pod's spec, if the caller has it already."""
+    if every is None:
+        every = all_containers(pod["spec"])
+    containers = [t for t in every if t[0].startswith("/spec/containers/")]
     annotations = (pod.get("metadata") or {}).get("annotations") or {}
     wanted = annotations.get(CONTAINERS_ANNOTATION)
     if wanted is None:
         return containers
+    inits = [t for t in every if t[0].startswith("/spec/initContainers/")]
     names = [n.strip() for n in str(wanted).split(",") if n.strip()]
     by_name = {c.get("name"): (path, c) for path, c in inits + containers}
     unknown = [n for n in names if n not in by_name]
@@ -246,7 +257,8 @@ def all_containers(spec: Mapping[str, Any]) -> list[Target]:
 
 
 def find_mount_problem(spec: Mapping[str, Any], targets: list[Target], *,
-                       settings: Settings, injected: bool) -> str | None:
+                       settings: Settings, injected: bool,
+                       every: list[Target] | None = None) -> str | None:
     """The mount rules (docs/contract.md, "Injection"): in a selected container no
     other volume at or under the mount path, and keymount's volume mounted exactly once
     (once `injected`), at the mount path, read-only, whole; in any other container,
@@ -255,7 +267,7 @@ def find_mount_problem(spec: Mapping[str, Any], targets: list[Target], *,
     chosen = {path for path, _ in targets}
     mount_path = settings.mount_path
     under = mount_path.rstrip("/") + "/"
-    for path, container in all_containers(spec):
+    for path, container in all_containers(spec) if every is None else every:
         name = container.get("name")
         selected = path in chosen
         ours = exact = 0
