@@ -26,8 +26,9 @@ def free_port() -> int:
 
 
 class Served:
-    def __init__(self, tmp: Path, *args: str, keys: int = 2, namespace: str = "default"):
-        self.tmp = tmp
+    def __init__(self, tmp: Path, *args: str, keys: int = 2, namespace: str = "default",
+                 workers: int = 1, wait: bool = True):
+        self.tmp, self.workers = tmp, workers
         self.keys_dir = tmp / "keys"
         self.keys_dir.mkdir(parents=True, exist_ok=True)
         self.key_bytes = [random_key() for _ in range(keys)]
@@ -45,10 +46,11 @@ class Served:
             [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port",
              str(self.port), "--probe-port", str(self.probe), "--keys-from",
              str(self.keys_dir), "--tls-cert", str(self.certs / "tls.crt"),
-             "--tls-key", str(self.certs / "tls.key"), *args],
+             "--tls-key", str(self.certs / "tls.key"), "--workers", str(workers), *args],
             stdout=self._log_handle, stderr=subprocess.STDOUT)
-        poll(lambda: self.ready() or self.proc.poll() is not None, what="keymount ready")
-        assert self.proc.poll() is None, self.log.read_text()[-2000:]
+        if wait:
+            poll(lambda: self.ready() or self.proc.poll() is not None, what="keymount ready")
+            assert self.proc.poll() is None, self.log.read_text()[-2000:]
 
     def ready(self) -> bool:
         return probes.ready(self.probe)
@@ -74,10 +76,25 @@ class Served:
     def metric(self, name: str, labels: str = "") -> float:
         return probes.metric(self.probe, name, labels)
 
+    @property
+    def memory_limit_mib(self) -> int:
+        """The Deployment's limit for one process, plus what docs/operations.md
+        ("Workers") says each further worker needs."""
+        return 256 + 128 * (self.workers - 1)
+
+    def pids(self) -> list[int]:
+        """keymount's process, and its workers' (`--workers`)."""
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text()
+        return [self.proc.pid, *(int(pid) for pid in children.split())]
+
     def memory_mib(self, field: str = "VmRSS") -> float:
-        """VmRSS now, or VmHWM: the peak resident size so far."""
-        text = Path(f"/proc/{self.proc.pid}/status").read_text()
-        return int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1)) / 1024
+        """VmRSS now, or VmHWM: the peak resident size so far; summed over the
+        processes, as a container's memory limit counts them."""
+        total = 0
+        for pid in self.pids():
+            text = Path(f"/proc/{pid}/status").read_text()
+            total += int(re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE).group(1))
+        return total / 1024
 
     def stop(self) -> int | None:
         if self.proc.poll() is None:

@@ -33,8 +33,8 @@ def get_status(url: str, **kw) -> int:
         return 0
 
 
-@pytest.fixture
-def served(tmp_path):
+@pytest.fixture(params=["1", "2"], ids=["one-process", "two-workers"])
+def served(tmp_path, request):
     keys = tmp_path / "keys"
     keys.mkdir()
     (keys / "k.yaml").write_text(yaml.safe_dump(key_secret("k", random_key(),
@@ -46,7 +46,8 @@ def served(tmp_path):
     port, probe = free_port(), free_port()
     env = {**os.environ, "KEYMOUNT_PORT": str(port), "KEYMOUNT_PROBE_PORT": str(probe),
            "KEYMOUNT_KEYS_FROM": str(keys), "KEYMOUNT_TLS_CERT": str(certs / "tls.crt"),
-           "KEYMOUNT_TLS_KEY": str(certs / "tls.key"), "KEYMOUNT_SHUTDOWN_GRACE": "1.5"}
+           "KEYMOUNT_TLS_KEY": str(certs / "tls.key"), "KEYMOUNT_SHUTDOWN_GRACE": "1.5",
+           "KEYMOUNT_WORKERS": request.param}
     proc = subprocess.Popen([sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     yield proc, port, probe, certs

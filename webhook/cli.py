@@ -51,11 +51,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if str(args.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
         raise CommandError(f"--log-level {args.log_level!r}: use debug, info, warning or "
                            f"error", 2)
+    if int(args.workers) < 1:
+        raise CommandError(f"--workers {args.workers}: use 1 or more", 2)
     sink = LineSink(sys.stderr.fileno())
     try:
+        if int(args.workers) > 1:
+            return _supervise(args, sink)
         return _serve(args, settings, sink)
     finally:
         sink.close()
+
+
+def _supervise(args: argparse.Namespace, sink: LineSink) -> int:
+    from .logs import configure_logging
+    from .workers import Supervisor
+
+    configure_logging(fmt=args.log_format, level=args.log_level, sink=sink)
+    supervisor = Supervisor(
+        args.argv, workers=int(args.workers), host=args.host, probe_port=int(args.probe_port),
+        stop_timeout=float(args.shutdown_grace) + float(args.shutdown_timeout) + 5.0)
+    try:
+        return asyncio.run(supervisor.run())
+    except OSError as exc:
+        raise CommandError(f"cannot serve probes on {args.host}:{args.probe_port}: "
+                           f"{exc.strerror or exc}") from None
 
 
 def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
@@ -106,6 +125,9 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
                                tls_key=args.tls_key, client_ca=args.client_ca or None,
                                shutdown_grace=float(args.shutdown_grace),
                                shutdown_timeout=float(args.shutdown_timeout), limits=limits)
+        if args.worker_report_fd is not None:
+            options.reuse_port, options.probe_host = True, "127.0.0.1"
+            options.report = report_to(int(args.worker_report_fd))
     except ValueError as exc:
         raise CommandError(f"invalid limit: {exc}", 2) from None
     for path in (options.tls_cert, options.tls_key, *([options.client_ca]
@@ -120,6 +142,13 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
         raise CommandError(f"cannot serve on {options.host}:{options.port}/"
                            f"{options.probe_port}: {exc.strerror or exc}") from None
     return 0
+
+
+def report_to(fd: int) -> Callable[[str], None]:
+    """A worker's line to its supervisor (webhook/workers.py)."""
+    def report(line: str) -> None:
+        os.write(fd, line.encode() + b"\n")
+    return report
 
 
 def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any,
@@ -174,6 +203,10 @@ def add_serve(commands: SubParsers) -> None:
     add_flag(p, "--live-reads-per-second", default=10.0, type=float,
              help="live reads of the API server (before a refusal, for a new key's "
                   "number); coalesced per namespace, past this rate refusals stand")
+    add_flag(p, "--workers", default=1, type=int,
+             help="worker processes sharing the webhook port (SO_REUSEPORT), each with its "
+                  "own key cache: one per core the Pod is given")
+    p.add_argument("--worker-report-fd", type=int, default=None, help=argparse.SUPPRESS)
     add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
 
@@ -316,6 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for serve --workers
     try:
         code = args.func(args)
     except UserFacingError as exc:

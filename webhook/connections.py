@@ -110,10 +110,15 @@ class ConnectionGuard:
 
 class _Transport:
     """The real transport, with writes reported: the first byte of an answer ends the
-    request's deadline."""
+    request's deadline. What aiohttp calls on every request is bound once, here: a
+    `__getattr__` lookup per call showed up in the profile."""
 
     def __init__(self, inner: asyncio.Transport, owner: GuardedProtocol) -> None:
         self._inner, self._owner = inner, owner
+        self.is_closing = inner.is_closing
+        self.resume_reading = inner.resume_reading
+        self.pause_reading = inner.pause_reading
+        self.get_extra_info = inner.get_extra_info
 
     def write(self, data: Any) -> None:
         self._owner.answered()

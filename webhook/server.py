@@ -70,6 +70,7 @@ class Runtime:
     events: EventRecorder | None = None
     reservations: Reservations = field(default_factory=Reservations)
     live_reads: LiveReads = field(init=False)
+    loaded: asyncio.Event = field(default_factory=asyncio.Event)  # first full list is in
     large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
     decisions: DecisionLog = field(default_factory=DecisionLog)
@@ -279,6 +280,7 @@ async def _keep_keys(runtime: Runtime) -> None:
     while True:
         try:
             await runtime.source.load()
+            runtime.loaded.set()
             break
         except Exception as exc:
             server_log.warning("first load of key Secrets failed; retrying",
@@ -292,6 +294,11 @@ async def _keep_keys(runtime: Runtime) -> None:
     gc.collect()
     gc.freeze()
     await runtime.source.run()
+
+
+async def _report_ready(runtime: Runtime, report: Callable[[str], None]) -> None:
+    await runtime.loaded.wait()
+    report("ready")
 
 
 # --- probes and metrics ---------------------------------------------------------------
@@ -345,6 +352,12 @@ class ServeOptions:
     shutdown_timeout: float = 10.0
     cert_reload_interval: float = 1.0
     limits: ConnectionLimits = field(default_factory=ConnectionLimits)
+    # One of several `--workers`: the webhook port is shared (SO_REUSEPORT), the
+    # probe port is private to the supervisor (loopback, any free port), and `report`
+    # tells the supervisor "probe <port>" and then "ready" (docs/operations.md, "Workers").
+    reuse_port: bool = False
+    probe_host: str | None = None
+    report: Callable[[str], None] | None = None
 
 
 async def serve(runtime: Runtime, options: ServeOptions,
@@ -369,14 +382,19 @@ async def serve(runtime: Runtime, options: ServeOptions,
                             on_event=lambda what: metrics.connections_dropped.labels(what).inc())
     sweep_task = asyncio.create_task(guard.sweep(), name="keymount-request-deadlines")
     listener: asyncio.AbstractServer | None = None
+    report_task: asyncio.Task[None] | None = None
     try:
-        await web.TCPSite(probe_runner, options.host, options.probe_port).start()
+        await web.TCPSite(probe_runner, options.probe_host or options.host,
+                          options.probe_port).start()
         listener = await loop.create_server(
             guard.wrap(server_factory(webhook_runner)), options.host, options.port,
             ssl=reloader.listening, ssl_handshake_timeout=options.limits.handshake_timeout,
-            reuse_address=True, backlog=512)
-        server_log.info("serving", extra={"port": options.port,
-                                          "probe_port": options.probe_port})
+            reuse_address=True, reuse_port=options.reuse_port or None, backlog=512)
+        probe_port = probe_runner.addresses[0][1]  # the bound port, when asked for 0
+        server_log.info("serving", extra={"port": options.port, "probe_port": probe_port})
+        if options.report is not None:
+            options.report(f"probe {probe_port}")
+            report_task = asyncio.create_task(_report_ready(runtime, options.report))
         await stop.wait()
         # Endpoints and kube-proxy take a moment to drop this Pod: keep answering new
         # connections for a grace period while /readyz says 503 and every answer says
@@ -386,6 +404,8 @@ async def serve(runtime: Runtime, options: ServeOptions,
         await asyncio.sleep(options.shutdown_grace)
     finally:
         reload_task.cancel()
+        if report_task is not None:
+            report_task.cancel()
         if listener is not None:
             listener.close()
             # Connections accepted a moment ago still send their request: let them.

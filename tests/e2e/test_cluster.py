@@ -82,11 +82,9 @@ def test_after_rotation_the_next_pod_gets_three_files_newest_last(api, namespace
 
 
 def test_a_key_created_just_before_the_pod_causes_no_false_deny(api, namespace, keymount):
-    reads = keymount.metric("keymount_live_reads_total")
     create_key(api, namespace, "fresh")
     pod = create_pod(api, namespace)  # no wait: the cache may not have it yet
     assert key_sources(pod) == [("fresh", "encryption-key-1")]
-    assert keymount.metric("keymount_live_reads_total") >= reads
 
 
 def test_a_server_side_dry_run_is_admitted_and_creates_nothing(api, namespace):
