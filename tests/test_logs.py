@@ -149,3 +149,33 @@ def test_timestamps_cached_per_second_match_isoformat(created):
     _timestamp(created - 1.0)  # a different second in the cache first
     assert _timestamp(created) == datetime.fromtimestamp(created, UTC).isoformat(
         timespec="milliseconds")
+
+
+def test_sinks_of_several_processes_sharing_a_pipe_never_tear_a_line(pipe):
+    # serve --workers: every worker writes to the same stderr pipe.
+    import threading
+    read_end, write_end = pipe
+    received = bytearray()
+
+    def drain() -> None:
+        while chunk := os.read(read_end, 1 << 16):
+            received.extend(chunk)
+    reader = threading.Thread(target=drain)
+    reader.start()
+    sinks = [LineSink(os.dup(write_end), interval=0.001, batch=10_000) for _ in range(3)]
+    os.close(write_end)
+    writers = [threading.Thread(target=lambda n=n, sink=sink: [
+        sink.write(json.dumps({"sink": n, "i": i, "pad": "x" * 300}).encode() + b"\n")
+        for i in range(3000)]) for n, sink in enumerate(sinks)]
+    for thread in writers:
+        thread.start()
+    for thread in writers:
+        thread.join()
+    for sink in sinks:
+        sink.close()
+        os.close(sink.fd)
+    reader.join(10)
+    lines = [json.loads(line) for line in received.decode().splitlines()]
+    assert len(lines) == 9000
+    for n in range(3):
+        assert [line["i"] for line in lines if line["sink"] == n] == list(range(3000))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -93,8 +94,8 @@ class LineSink:
     """Finished log lines, written to a file descriptor by one thread.
 
     `write` only appends to a queue (safe from any thread); the writer wakes every
-    `interval` seconds, or at once when `batch` lines wait, and writes them with one
-    system call. A line that would make the queue longer than `capacity` is dropped and
+    `interval` seconds, or at once when `batch` lines wait, and writes them in chunks
+    of whole lines. A line that would make the queue longer than `capacity` is dropped and
     counted (`on_drop`): memory stays bounded if stderr blocks, and the event loop
     never waits for it. `close` writes what is queued and stops the thread.
     """
@@ -136,10 +137,20 @@ class LineSink:
                 return
 
     def _drain(self) -> None:
+        # Writes of at most PIPE_BUF bytes reach a pipe whole (POSIX): with `serve
+        # --workers`, several processes share stderr and no line may be torn apart.
         lines = self._lines
+        chunk: list[bytes] = []
+        size = 0
         while lines:
-            batch = [lines.popleft() for _ in range(min(len(lines), 4096))]
-            self._write_all(b"".join(batch))
+            line = lines.popleft()
+            if chunk and size + len(line) > select.PIPE_BUF:
+                self._write_all(b"".join(chunk))
+                chunk, size = [], 0
+            chunk.append(line)
+            size += len(line)
+        if chunk:
+            self._write_all(b"".join(chunk))
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
