@@ -291,3 +291,31 @@ def test_changing_an_applied_pod_leaves_the_shared_volume_alone():
     assert again.patch == outcome.patch
     assert len(again.apply(pod())["spec"]["volumes"][-1]["projected"]["sources"]) == \
         1 + SETTINGS.rotation_slots
+
+
+@pytest.mark.parametrize("shape", [
+    pod(),
+    pod(container("a"), container("b", volumeMounts=[{"name": "x", "mountPath": "/x"}])),
+    pod(volumes=[{"name": "x", "emptyDir": {}}], annotations={"other": "1"}),
+    pod(container("a", volumeMounts=[{"name": VOLUME_NAME, "mountPath": "/encryption-keys",
+                                      "readOnly": True}])),
+], ids=["bare-pod", "two-containers-one-mount", "volumes-and-annotations", "mount-present"])
+def test_the_encoded_patch_is_the_patch_whatever_the_shape_and_the_cache(shape):
+    import base64
+
+    import orjson
+    keyring = keyring_of(key_secret("k1", random_key(), index=1))
+    for _ in range(2):  # built, then from the keyring's cache
+        outcome = inject(shape, keyring=keyring)
+        assert orjson.loads(base64.b64decode(outcome.encoded)) == list(outcome.patch)
+
+
+def test_a_keyring_keeps_at_most_a_bounded_number_of_patch_shapes():
+    import base64
+
+    from webhook.injection import MAX_PATCH_SHAPES
+    keyring = keyring_of(key_secret("k1", random_key(), index=1))
+    for count in range(1, MAX_PATCH_SHAPES + 10):
+        outcome = inject(pod(*(container(f"c{i}") for i in range(count))), keyring=keyring)
+        assert len(json.loads(base64.b64decode(outcome.encoded))) == count + 2
+    assert sum(1 for key in keyring.derived if key[0] == "patch") == MAX_PATCH_SHAPES

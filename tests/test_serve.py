@@ -82,6 +82,8 @@ def test_sigterm_fails_readyz_at_once_keeps_serving_for_the_grace_then_exits_0(s
     decisions = [line for line in lines if line["msg"] == "admission decision"]
     assert decisions and decisions[0]["result"] == "injected"
     assert {"uid", "namespace", "pod", "user", "files", "duration_ms"} <= decisions[0].keys()
+    assert [set(f) for f in decisions[0]["files"]] == [{"file", "secret", "fingerprint"}]
+    assert decisions[0]["files"][0]["file"] == "encryption-key-1"
     assert "patch" not in logs and "encryption-key\":" not in logs
     # No --key-writers in this configuration: serve says what that means at start.
     assert any("--key-writers is not set" in line["msg"] for line in lines

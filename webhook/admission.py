@@ -194,11 +194,12 @@ def allowed(*, warnings: tuple[str, ...] = ()) -> AdmissionResponseWire:
 
 
 def patched(patch: tuple[dict[str, Any], ...], *, warnings: tuple[str, ...] = (),
-            audit: Mapping[str, str] | None = None) -> AdmissionResponseWire:
+            audit: Mapping[str, str] | None = None, encoded: str = "") -> AdmissionResponseWire:
+    """`encoded`: the patch already encoded (injection.encode_patch), if it is."""
     response = allowed(warnings=warnings)
     if patch:
         response["patchType"] = "JSONPatch"
-        response["patch"] = base64.b64encode(orjson.dumps(list(patch))).decode()
+        response["patch"] = encoded or base64.b64encode(orjson.dumps(list(patch))).decode()
     if audit:
         response["auditAnnotations"] = dict(audit)
     return response
@@ -232,6 +233,7 @@ class Verdict:
     # (docs/contract.md, "Refusals").
     key_state: bool = False
     key: KeyDecision | None = None  # a decision on a key Secret: logged, and an Event
+    status: str = ""  # with `files`: their keymount.io/status JSON
 
     @property
     def message(self) -> str:
@@ -283,8 +285,9 @@ def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Se
         return Verdict("denied", denied(outcome.message),
                        key_state=outcome.from_key_state)
     return Verdict("injected", patched(outcome.patch, warnings=outcome.warnings,
-                                       audit={"encryption-keys": outcome.status}),
-                   files=outcome.files)
+                                       audit={"encryption-keys": outcome.status},
+                                       encoded=outcome.encoded),
+                   files=outcome.files, status=outcome.status)
 
 
 def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,

@@ -12,6 +12,7 @@ check `isinstance(x, Mapping)` was the largest single cost of an admission.
 
 from __future__ import annotations
 
+import base64
 import posixpath
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 import jsonpatch
+import orjson
 
 from .config import CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .keys import KeyFile, Keyring
@@ -40,6 +42,7 @@ class Injected:
     files: tuple[KeyFile, ...]
     status: str  # the keymount.io/status annotation, also the audit annotation
     warnings: tuple[str, ...] = ()
+    encoded: str = ""  # the patch as an AdmissionResponse carries it (base64 of its JSON)
 
     def apply(self, pod: Mapping[str, Any]) -> dict[str, Any]:
         # jsonpatch inserts copies of the values: the result shares nothing with the
@@ -204,7 +207,28 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
 
     warnings = build_key_warnings(keyring, settings=settings, now=now)
     warnings += build_pod_warnings(pod, targets=targets)
-    return Injected(tuple(patch), keyring.files, keyring.status, tuple(warnings))
+    return Injected(tuple(patch), keyring.files, keyring.status, tuple(warnings),
+                    encode_patch(patch, keyring=keyring, settings=settings))
+
+
+MAX_PATCH_SHAPES = 32
+
+
+def encode_patch(patch: list[PatchOp], *, keyring: Keyring, settings: Settings) -> str:
+    """The patch as base64 of its JSON. Every value in it comes from the keyring and the
+    settings; only its operations and paths follow the Pod's shape, and the Pods of one
+    workload share theirs. So the encoding is kept in the keyring per shape, for at most
+    MAX_PATCH_SHAPES shapes (a hostile client sending endless shapes grows nothing)."""
+    shape = ("patch", settings.key_field, settings.rotation_slots, settings.mount_path,
+             tuple((op["op"], op["path"]) for op in patch))
+    encoded: str | None = keyring.derived.get(shape)
+    if encoded is None:
+        encoded = base64.b64encode(orjson.dumps(patch)).decode()
+        shapes = keyring.derived.get("patch-shapes", 0)
+        if shapes < MAX_PATCH_SHAPES:
+            keyring.derived[shape] = encoded
+            keyring.derived["patch-shapes"] = shapes + 1
+    return encoded
 
 
 def _is_list_of_maps(value: Any) -> bool:

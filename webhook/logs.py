@@ -188,6 +188,12 @@ class DecisionLog:
         self.level = level if isinstance(level, int) else logging.getLevelName(level.upper())
         self._logger = logging.getLogger(DECISION_LOGGER)
 
+    @property
+    def writes_json(self) -> bool:
+        """Lines are JSON written by this log itself: a field may be pre-serialized
+        (`orjson.Fragment`)."""
+        return self.sink is not None and self.json
+
     def enabled(self, level: int) -> bool:
         if self.sink is None:
             return self._logger.isEnabledFor(level)

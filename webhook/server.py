@@ -122,7 +122,9 @@ async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -
             reserved = reservations.held(review.namespace)
         if webhook == "mutate":
             return review_mutation(review, keyring=keyring, settings=runtime.settings,
-                                   now=runtime.clock(), reserved=reserved)
+                                   # the time matters only to --max-key-age
+                                   now=runtime.clock() if runtime.settings.max_key_age
+                                   else None, reserved=reserved)
         return review_validation(review, keyring=keyring, settings=runtime.settings,
                                  writers=runtime.writers, reserved=reserved)
 
@@ -243,7 +245,10 @@ def log_decision(decisions: DecisionLog, review: AdmissionRequest, verdict: Verd
         if verdict.key.fingerprint:
             fields["fingerprint"] = verdict.key.fingerprint
     if verdict.files:
-        fields["files"] = [f.as_status() for f in verdict.files]
+        # The same list as the keymount.io/status annotation: its JSON, made once per
+        # keyring, goes into JSON lines as it is.
+        fields["files"] = orjson.Fragment(verdict.status) if decisions.writes_json and \
+            verdict.status else [f.as_status() for f in verdict.files]
     if verdict.message:
         fields["reason"] = verdict.message
     decisions.write(level, fields, created=time.time())
