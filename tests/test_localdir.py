@@ -2,6 +2,7 @@
 
 import asyncio
 import base64
+import json
 
 import pytest
 import yaml
@@ -14,6 +15,7 @@ from builders import key_secret, random_key
 from polling import wait_for
 
 SETTINGS = Settings()
+KEY = random_key()
 
 
 def test_many_documents_per_file_and_lists_are_read():
@@ -25,6 +27,17 @@ def test_many_documents_per_file_and_lists_are_read():
     ])
     records = parse_key_documents(text, settings=SETTINGS, source="f.yaml")
     assert [r.name for r in records] == ["a", "b"]
+
+
+@pytest.mark.parametrize("text", [
+    json.dumps({"apiVersion": "v1", "kind": "List", "items": [
+        key_secret("a", KEY), key_secret("b", KEY, labels={})]}),
+    "# a comment makes it YAML\n" + json.dumps(key_secret("a", KEY)),
+], ids=["json-list", "yaml-in-a-json-file"])
+def test_a_json_file_reads_as_its_yaml_would(text):
+    fast = parse_key_documents(text, settings=SETTINGS, source="keys.json")
+    assert [r.name for r in fast] == ["a"]
+    assert fast == parse_key_documents(text, settings=SETTINGS, source="keys.yaml")
 
 
 def test_a_secret_without_namespace_belongs_to_default():
