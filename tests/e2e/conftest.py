@@ -17,6 +17,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -142,6 +143,21 @@ class Keymount:
     def log_lines(self) -> list[dict]:
         return [json.loads(line) for line in self.log.read_text().splitlines()
                 if line.startswith("{")]
+
+    def log_text(self) -> str:
+        """Everything logged up to now. Lines reach the file within the log sink's
+        interval, in order: a marker decision is sent and awaited, so every line logged
+        before it is in (a backend Pod of a namespace without keys: refused, at info)."""
+        uid = f"log-marker-{uuid.uuid4()}"
+        self.review({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
+                     "request": {"uid": uid, "operation": "CREATE",
+                                 "kind": {"group": "", "version": "v1", "kind": "Pod"},
+                                 "namespace": "keymount-log-marker", "object": {
+                                     "metadata": {"name": "marker", "labels": {
+                                         "app.kubernetes.io/component": "backend"}},
+                                     "spec": {"containers": [{"name": "c"}]}}}})
+        return poll(lambda: uid in (text := self.log.read_text()) and text, timeout=10,
+                    what="the marker decision in keymount's log")
 
 
 # The verbs of manifests/base/rbac.yaml; mallory and bob may do anything with Secrets

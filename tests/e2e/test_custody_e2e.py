@@ -95,7 +95,7 @@ def test_backup_delete_the_namespace_restore_every_pod_gets_the_same_files(
     assert key_sources(create_pod(api, namespace, "after")) == before_files
     again = cli(cfg, "keys", "restore", str(backup), "--identity", str(path))
     assert again.stdout.count("already there, unchanged") == 3  # the same keys: a no-op
-    logs = keymount.log.read_text()
+    logs = keymount.log_text()
     spellings = [s for k in key_bytes for s in (k.hex(), base64.b64encode(k).decode())]
     assert [s for s in spellings for out in [*OUTPUTS, logs] if s in out] == []
 

@@ -278,7 +278,7 @@ def test_every_key_operation_logs_the_user_records_events_and_leaks_no_key_byte(
 
     spellings = key_material(api, namespace)
     assert spellings
-    texts = [keymount.log.read_text(), *OUTPUTS,
+    texts = [keymount.log_text(), *OUTPUTS,
              *(e.message for e in events(api, namespace) + events(api, keyless))]
     assert [s for s in spellings for t in texts if s in t] == []
 

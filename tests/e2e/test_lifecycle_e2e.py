@@ -86,7 +86,7 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
     assert "encryption-key" not in (tombstone.data or {})
     api.delete_namespaced_secret("k1", namespace)
 
-    server_log = keymount.log.read_text()
+    server_log = keymount.log_text()
     leaks = [s for s in used_keys for out in [*OUTPUTS, server_log] if s in out]
     assert leaks == []
 
