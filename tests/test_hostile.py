@@ -86,7 +86,10 @@ async def test_500_slow_clients_neither_starve_reviews_nor_grow_memory(served):
         fresh = server.connection()  # a new connection gets a slot: a slow one is evicted
         latencies += [await asyncio.to_thread(timed_review, server, fresh) for _ in range(5)]
         print(f"\nreview latency under 500 slow clients: max {max(latencies) * 1000:.1f} ms")
-        assert max(latencies) < 0.050
+        # Starved, a review would wait for the slow clients' 4 s deadline. With two
+        # workers, three busy processes (the workers and this client) share two cores:
+        # the scheduler's time slices alone reach ~100 ms (seen in CI: 118 ms, once).
+        assert max(latencies) < (0.050 if server.workers == 1 else 0.400)
         assert server.memory_mib("VmHWM") < server.memory_limit_mib
         await asyncio.to_thread(poll, lambda: server.metric(
             "keymount_connections_dropped_total", 'reason="expired"') >= 200,
