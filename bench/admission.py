@@ -382,6 +382,17 @@ def report(*, servers, connections, rps, cpu, latency, ready, cache, args, body,
             ratio = statistics.median(rps[(name, c)]) / statistics.median(rps[(bare, c)])
             cells.append(f"{spread(rps[(name, c)])} **{ratio:.2f}x**")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Paired ratios: each round's keymount/bare throughput (the rounds interleave "
+                  "the servers, so a drift of the machine's speed hits both sides of a pair "
+                  "alike), median (min-max):", "",
+              "| server | " + " | ".join(f"{c} conn" for c in connections) + " |",
+              "|---|" + "---|" * len(connections)]
+    for name in servers[1:]:
+        cells = []
+        for c in connections:
+            pairs = sorted(k / b for k, b in zip(rps[(name, c)], rps[(bare, c)], strict=True))
+            cells.append(f"**{statistics.median(pairs):.2f}x** ({pairs[0]:.2f}-{pairs[-1]:.2f})")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", "Server CPU time per request, microseconds (steadier than requests/s on a "
                   "machine whose speed drifts; the ratio is bare / keymount, the throughput "
                   "one core would give):", "",
