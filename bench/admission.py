@@ -372,38 +372,33 @@ def report(*, servers, connections, rps, cpu, latency, ready, cache, args, body,
              f"loopback; a {body:,}-byte AdmissionReview (backend Pod, 3 containers, "
              f"managedFields); keymount as in production: JSON decision logs at info "
              f"({log_lines:,} lines written in this run), metrics, the key cache. "
-             f"{args.rounds} interleaved rounds of {args.seconds} s: median (min-max).", "",
-             "Throughput, requests/s, and the ratio to the bare server's median:", "",
-             "| server | " + " | ".join(f"{c} conn" for c in connections) + " |",
-             "|---|" + "---|" * len(connections)]
-    for name in servers:
-        cells = []
-        for c in connections:
-            ratio = statistics.median(rps[(name, c)]) / statistics.median(rps[(bare, c)])
-            cells.append(f"{spread(rps[(name, c)])} **{ratio:.2f}x**")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Paired ratios: each round's keymount/bare throughput (the rounds interleave "
-                  "the servers, so a drift of the machine's speed hits both sides of a pair "
-                  "alike), median (min-max):", "",
-              "| server | " + " | ".join(f"{c} conn" for c in connections) + " |",
-              "|---|" + "---|" * len(connections)]
-    for name in servers[1:]:
-        cells = []
-        for c in connections:
-            pairs = sorted(k / b for k, b in zip(rps[(name, c)], rps[(bare, c)], strict=True))
-            cells.append(f"**{statistics.median(pairs):.2f}x** ({pairs[0]:.2f}-{pairs[-1]:.2f})")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "Server CPU time per request, microseconds (steadier than requests/s on a "
-                  "machine whose speed drifts; the ratio is bare / keymount, the throughput "
-                  "one core would give):", "",
-              "| server | " + " | ".join(f"{c} conn" for c in connections) + " |",
-              "|---|" + "---|" * len(connections)]
-    for name in servers:
-        cells = []
-        for c in connections:
-            ratio = statistics.median(cpu[(bare, c)]) / statistics.median(cpu[(name, c)])
-            cells.append(f"{spread(cpu[(name, c)])} **{ratio:.2f}x**")
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+             f"{args.rounds} interleaved rounds of {args.seconds} s: median (min-max)."]
+
+    def table(title: str, names: list[str], cell: Any) -> None:
+        """A table of one row per server and one column per connection count."""
+        lines.extend(["", title, "",
+                      "| server | " + " | ".join(f"{c} conn" for c in connections) + " |",
+                      "|---|" + "---|" * len(connections)])
+        lines.extend(f"| {name} | " + " | ".join(cell(name, c) for c in connections) + " |"
+                     for name in names)
+
+    def median_ratio(samples: dict, name: str, c: int, *, inverse: bool = False) -> float:
+        ours, theirs = statistics.median(samples[(name, c)]), statistics.median(samples[(bare, c)])
+        return theirs / ours if inverse else ours / theirs
+
+    def paired(name: str, c: int) -> str:
+        pairs = sorted(k / b for k, b in zip(rps[(name, c)], rps[(bare, c)], strict=True))
+        return f"**{statistics.median(pairs):.2f}x** ({pairs[0]:.2f}-{pairs[-1]:.2f})"
+
+    table("Throughput, requests/s, and the ratio to the bare server's median:", servers,
+          lambda name, c: f"{spread(rps[(name, c)])} **{median_ratio(rps, name, c):.2f}x**")
+    table("Paired ratios: each round's keymount/bare throughput (the rounds interleave the "
+          "servers, so a drift of the machine's speed hits both sides of a pair alike), "
+          "median (min-max):", servers[1:], paired)
+    table("Server CPU time per request, microseconds (steadier than requests/s on a machine "
+          "whose speed drifts; the ratio is bare / keymount, the throughput one core would "
+          "give):", servers, lambda name, c: f"{spread(cpu[(name, c)])} "
+                                             f"**{median_ratio(cpu, name, c, inverse=True):.2f}x**")
     lines += ["", f"Open loop, 200 requests/s, {args.latency_seconds} s per server in each "
                   f"round, all rounds pooled (latency from the scheduled send):", "",
               "| server | p50 ms | p99 ms | p99.9 ms | p99 vs bare |", "|---|---|---|---|---|"]

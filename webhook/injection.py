@@ -77,10 +77,9 @@ def build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
     volume plugin, at each sync), so `keys rotate` reaches running Pods without a
     restart. The slot names are reserved for their numbers by the key-Secret guard.
     """
-    cache_key = ("volume", settings.key_field, settings.rotation_slots)
-    volume: dict[str, Any] | None = keyring.derived.get(cache_key)
-    if volume is None:
-        volume = keyring.derived[cache_key] = _build_volume(keyring, settings=settings)
+    volume: dict[str, Any] = keyring.derive(
+        ("volume", settings.key_field, settings.rotation_slots),
+        lambda: _build_volume(keyring, settings=settings))
     return volume
 
 
@@ -137,10 +136,8 @@ def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
 
 def build_key_warnings(keyring: Keyring, *, settings: Settings,
                        now: datetime | None) -> list[str]:
-    warnings: list[str] | None = keyring.derived.get("key-warnings")
-    if warnings is None:  # what depends on the keyring alone, once per keyring
-        warnings = keyring.derived["key-warnings"] = _keyring_warnings(keyring)
-    warnings = list(warnings)
+    # What depends on the keyring alone, once per keyring; a copy to add to.
+    warnings = list(keyring.derive("key-warnings", lambda: _keyring_warnings(keyring)))
     newest = keyring.newest
     if (settings.max_key_age and now and newest and newest.created
             and now - newest.created > settings.max_key_age):

@@ -12,7 +12,7 @@ import binascii
 import json
 import re
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
@@ -265,6 +265,12 @@ class Keyring:
     # What admissions derive from this keyring and the settings (the projected volume),
     # computed on first use: a keyring never changes, a new one replaces it.
     derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    def derive(self, key: Any, build: Callable[[], Any]) -> Any:
+        """`derived[key]`, built on first use."""
+        if key not in self.derived:
+            self.derived[key] = build()
+        return self.derived[key]
 
     @property
     def newest(self) -> KeyRecord | None:
