@@ -27,8 +27,8 @@ def free_port() -> int:
 
 class Served:
     def __init__(self, tmp: Path, *args: str, keys: int = 2, namespace: str = "default",
-                 workers: int = 1, wait: bool = True):
-        self.tmp, self.workers = tmp, workers
+                 workers: int = 1, event_loop: str = "uvloop", wait: bool = True):
+        self.tmp, self.workers, self.event_loop = tmp, workers, event_loop
         self.keys_dir = tmp / "keys"
         self.keys_dir.mkdir(parents=True, exist_ok=True)
         self.key_bytes = [random_key() for _ in range(keys)]
@@ -46,7 +46,8 @@ class Served:
             [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port",
              str(self.port), "--probe-port", str(self.probe), "--keys-from",
              str(self.keys_dir), "--tls-cert", str(self.certs / "tls.crt"),
-             "--tls-key", str(self.certs / "tls.key"), "--workers", str(workers), *args],
+             "--tls-key", str(self.certs / "tls.key"), "--workers", str(workers),
+             "--event-loop", event_loop, *args],
             stdout=self._log_handle, stderr=subprocess.STDOUT)
         if wait:
             poll(lambda: self.ready() or self.proc.poll() is not None, what="keymount ready")

@@ -18,24 +18,28 @@ import pytest
 
 from webhook.certs import build_certificates, write_certificates
 
-from builders import key_secret, random_key, review
+from builders import key_secret, pod, random_key, review
 from polling import poll
 from served import Served
 
 pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
-@pytest.fixture(params=[1, 2], ids=["one-process", "two-workers"])
+@pytest.fixture(params=[(1, "uvloop"), (2, "uvloop"), (1, "asyncio")],
+                ids=["one-process", "two-workers", "asyncio-loop"])
 def served(tmp_path, request):
-    """`keymount serve` as one process, and as `--workers 2` (every attack here holds
-    for both)."""
+    """`keymount serve` as one process, as `--workers 2`, and on the standard library's
+    event loop (`--event-loop asyncio`): every attack here holds for each; the two loops
+    have separate TLS and transport code."""
     servers = []
+    workers, event_loop = request.param
 
     def start(*args: str, **kw) -> Served:
-        server = Served(tmp_path / f"s{len(servers)}", *args, workers=request.param, **kw)
+        server = Served(tmp_path / f"s{len(servers)}", *args, workers=workers,
+                        event_loop=event_loop, **kw)
         servers.append(server)
         return server
-    start.workers = request.param
+    start.workers = workers
     yield start
     for server in servers:
         server.stop()
@@ -294,6 +298,8 @@ def test_no_key_byte_reaches_the_log_at_debug_level(served):
     keys = [*server.key_bytes, random_key()]
     conn = server.connection()
     server.post(conn)  # an injection: files and fingerprints
+    # A Pod that is no backend: its decision ("skipped") is logged at debug level.
+    server.post(conn, json.dumps(review(pod(labels={"app": "web"}))).encode())
     secret = key_secret("k9", keys[-1], namespace="default", index=9)
     for operation, old in (("CREATE", None), ("UPDATE", secret), ("DELETE", secret)):
         body = review(None if operation == "DELETE" else secret, kind="Secret",
@@ -308,7 +314,9 @@ def test_no_key_byte_reaches_the_log_at_debug_level(served):
         tls.recv(100)
     assert server.stop() == 0
     logs = server.logs()
-    assert "admission decision" in logs and '"level":"debug"' in logs
+    assert '"result":"injected"' in logs
+    assert any('"level":"debug"' in line and '"result":"skipped"' in line
+               for line in logs.splitlines())
     spellings = [s for key in keys for s in
                  (key.hex(), base64.b64encode(key).decode(), key.decode("latin-1"),
                   base64.urlsafe_b64encode(key).decode())]

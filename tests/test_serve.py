@@ -162,3 +162,31 @@ def test_a_malformed_http_request_never_puts_its_bytes_in_the_log(tmp_path):
     logs = proc.stderr.read().decode()
     assert "Error handling request" in logs  # the errors were logged...
     assert [s for s in spellings if s in logs] == []  # ...without the request's bytes
+
+
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"])
+def test_serve_runs_on_the_event_loop_it_is_given_and_says_which(tmp_path, event_loop):
+    from served import Served
+
+    server = Served(tmp_path, event_loop=event_loop)
+    try:
+        status, answer = server.post(server.connection())
+        assert status == 200 and answer["response"]["patchType"] == "JSONPatch"
+    finally:
+        assert server.stop() == 0
+    lines = [json.loads(line) for line in server.log.read_text().splitlines()
+             if line.startswith("{")]
+    assert [line["event_loop"] for line in lines if line["msg"] == "serving"] == [event_loop]
+
+
+def test_without_uvloop_serve_says_to_install_it_or_use_asyncio(tmp_path):
+    # uvloop made unimportable, as on a platform without a wheel for it.
+    code = ("import sys; sys.modules['uvloop'] = None; from webhook.cli import main; "
+            f"sys.exit(main(['serve', '--keys-from', {str(tmp_path)!r}, "
+            f"'--tls-cert', {__file__!r}, '--tls-key', {__file__!r}, "
+            f"'--event-loop', 'uvloop']))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().splitlines()[-1] == (
+        "keymount: --event-loop uvloop: uvloop is not installed here; install it "
+        "(pip install uvloop) or pass --event-loop asyncio")

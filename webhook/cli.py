@@ -81,7 +81,7 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
     from .connections import ConnectionLimits
     from .logs import DecisionLog, configure_logging
     from .metrics import Metrics
-    from .server import Runtime, ServeOptions, serve
+    from .server import Runtime, ServeOptions, new_event_loop, serve
     from .store import KeyStore, PodStore
 
     configure_logging(fmt=args.log_format, level=args.log_level, sink=sink)
@@ -137,7 +137,13 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
                                f"`keymount certs --service keymount --namespace keymount "
                                f"--out certs --ip 127.0.0.1` or pass --tls-cert/--tls-key")
     try:
-        asyncio.run(serve(runtime, options))
+        loop = new_event_loop(args.event_loop)
+    except ImportError:
+        raise CommandError("--event-loop uvloop: uvloop is not installed here; install it "
+                           "(pip install uvloop) or pass --event-loop asyncio", 2) from None
+    try:
+        with asyncio.Runner(loop_factory=lambda: loop) as runner:
+            runner.run(serve(runtime, options))
     except OSError as exc:  # typically the port is taken
         raise CommandError(f"cannot serve on {options.host}:{options.port}/"
                            f"{options.probe_port}: {exc.strerror or exc}") from None
@@ -203,6 +209,9 @@ def add_serve(commands: SubParsers) -> None:
     add_flag(p, "--live-reads-per-second", default=10.0, type=float,
              help="live reads of the API server (before a refusal, for a new key's "
                   "number); coalesced per namespace, past this rate refusals stand")
+    add_flag(p, "--event-loop", default="uvloop", choices=("uvloop", "asyncio"),
+             help="uvloop (libuv: about a tenth more admissions per core) or asyncio, "
+                  "the standard library's loop")
     add_flag(p, "--workers", default=1, type=int,
              help="worker processes sharing the webhook port (SO_REUSEPORT), each with its "
                   "own key cache: one per core the Pod is given")

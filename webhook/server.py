@@ -336,6 +336,25 @@ def build_probe_app(runtime: Runtime) -> web.Application:
     return app
 
 
+EVENT_LOOPS = ("uvloop", "asyncio")
+
+
+def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
+    """uvloop runs sockets and TLS in libuv and Cython instead of Python: on the
+    benchmark's review that is about a tenth more admissions per core
+    (docs/operations.md, "Event loop"). asyncio, the standard library's loop, stays
+    one flag away should uvloop ever misbehave."""
+    if kind == "uvloop":
+        import uvloop  # an optional import: no wheel for every platform
+
+        return uvloop.new_event_loop()
+    return asyncio.new_event_loop()
+
+
+def loop_name(loop: asyncio.AbstractEventLoop) -> str:
+    return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
+
+
 def server_factory(runner: web.AppRunner) -> Callable[[], asyncio.Protocol]:
     """The aiohttp server of a runner that has been set up (a protocol factory)."""
     server = runner.server
@@ -396,7 +415,8 @@ async def serve(runtime: Runtime, options: ServeOptions,
             ssl=reloader.listening, ssl_handshake_timeout=options.limits.handshake_timeout,
             reuse_address=True, reuse_port=options.reuse_port or None, backlog=512)
         probe_port = probe_runner.addresses[0][1]  # the bound port, when asked for 0
-        server_log.info("serving", extra={"port": options.port, "probe_port": probe_port})
+        server_log.info("serving", extra={"port": options.port, "probe_port": probe_port,
+                                          "event_loop": loop_name(loop)})
         if options.report is not None:
             options.report(f"probe {probe_port}")
             report_task = asyncio.create_task(_report_ready(runtime, options.report))
