@@ -3,7 +3,8 @@ aiohttp server answering the same AdmissionReview, in one run.
 
 - keymount is `keymount serve` itself: TLS, JSON decision logs at info (to a file, as
   a container runtime takes stderr), metrics, the key cache.
-- The floor is aiohttp parsing the review and answering a fixed response.
+- The floor is aiohttp parsing the review and answering a fixed response, on asyncio's
+  loop (the goal is set against it) and on uvloop (the loop keymount serves on).
 - Each server is pinned to CPU 0, the load generator to CPU 1 (`taskset`): one core
   each. Throughput: `wrk` (closed loop, keep-alive TLS) at 1, 16 and 64 connections.
   Latency: an open-loop client at 200 requests/s (p50, p99, p99.9).
@@ -116,9 +117,16 @@ app = web.Application(client_max_size=7 * 1024 * 1024)
 app.router.add_post("/mutate", mutate)
 context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 context.load_cert_chain(sys.argv[2], sys.argv[3])
+loop = None
+if sys.argv[4:] == ["uvloop"]:
+    import uvloop
+    loop = uvloop.new_event_loop()
 web.run_app(app, host="127.0.0.1", port=int(sys.argv[1]), ssl_context=context, print=None,
-            access_log=None)
+            access_log=None, loop=loop)
 '''
+BARE_NAME = "bare aiohttp"
+BARE_UVLOOP_NAME = "bare aiohttp on uvloop"
+KEYMOUNT_NAME = "keymount (production config)"
 
 
 def free_port() -> int:
@@ -283,10 +291,12 @@ def cache_cost(namespaces: int, keys: int) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=5, help="per wrk measurement")
-    parser.add_argument("--rounds", type=int, default=5)
+    # Many short rounds rather than few long ones: the machine's speed drifts over
+    # minutes, and each round's ratio compares servers measured seconds apart.
+    parser.add_argument("--seconds", type=int, default=3, help="per wrk measurement")
+    parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--connections", default="1,16,64")
-    parser.add_argument("--latency-seconds", type=int, default=10,
+    parser.add_argument("--latency-seconds", type=int, default=6,
                         help="open-loop seconds per server per round")
     parser.add_argument("--namespaces", type=int, default=10_000)
     parser.add_argument("--keys", type=int, default=5)
@@ -317,9 +327,12 @@ def main() -> None:
                     "--log-level", "info", "--shutdown-grace", "0", *extra]
         scale = f"keymount, {args.namespaces:,} namespaces x {args.keys} keys"
         plan: list[tuple[str, Any, str, bool]] = [  # name, argv(port, probe), cpus, probe
-            ("bare aiohttp", lambda p, q: [sys.executable, "-c", BARE, str(p), *tls],
+            (BARE_NAME, lambda p, q: [sys.executable, "-c", BARE, str(p), *tls],
              SERVER_CPU, False),
-            ("keymount (production config)",
+            # keymount serves on uvloop: the same floor on the same loop, for comparison.
+            (BARE_UVLOOP_NAME, lambda p, q: [sys.executable, "-c", BARE, str(p), *tls,
+                                             "uvloop"], SERVER_CPU, False),
+            (KEYMOUNT_NAME,
              lambda p, q: keymount(str(tmp / "small"), p, q), SERVER_CPU, True),
             (scale, lambda p, q: keymount(str(tmp / "large"), p, q), SERVER_CPU, True)]
         if args.workers > 1:
@@ -348,7 +361,8 @@ def main() -> None:
                 for server in servers:
                     latency.setdefault(server.name, []).extend(asyncio.run(open_loop(
                         server.url, context, body, rate=200, seconds=args.latency_seconds)))
-            log_lines = sum(1 for _ in open(servers[1].log))
+            log_lines = sum(1 for _ in open(next(s for s in servers
+                                                 if s.name == KEYMOUNT_NAME).log))
         finally:
             for server in servers:
                 server.stop()
@@ -386,8 +400,8 @@ def report(*, servers, connections, rps, cpu, latency, ready, cache, args, body,
         ours, theirs = statistics.median(samples[(name, c)]), statistics.median(samples[(bare, c)])
         return theirs / ours if inverse else ours / theirs
 
-    def paired(name: str, c: int) -> str:
-        pairs = sorted(k / b for k, b in zip(rps[(name, c)], rps[(bare, c)], strict=True))
+    def paired(name: str, c: int, against: str = bare) -> str:
+        pairs = sorted(k / b for k, b in zip(rps[(name, c)], rps[(against, c)], strict=True))
         return f"**{statistics.median(pairs):.2f}x** ({pairs[0]:.2f}-{pairs[-1]:.2f})"
 
     table("Throughput, requests/s, and the ratio to the bare server's median:", servers,
@@ -395,6 +409,10 @@ def report(*, servers, connections, rps, cpu, latency, ready, cache, args, body,
     table("Paired ratios: each round's keymount/bare throughput (the rounds interleave the "
           "servers, so a drift of the machine's speed hits both sides of a pair alike), "
           "median (min-max):", servers[1:], paired)
+    ours = [name for name in servers if name not in (bare, BARE_UVLOOP_NAME)]
+    table(f"The same against the {BARE_UVLOOP_NAME} (keymount serves on uvloop; this is "
+          f"what keymount's own work costs over the HTTP stack it runs on):", ours,
+          lambda name, c: paired(name, c, BARE_UVLOOP_NAME))
     table("Server CPU time per request, microseconds (steadier than requests/s on a machine "
           "whose speed drifts; the ratio is bare / keymount, the throughput one core would "
           "give):", servers, lambda name, c: f"{spread(cpu[(name, c)])} "
@@ -409,7 +427,7 @@ def report(*, servers, connections, rps, cpu, latency, ready, cache, args, body,
                      f"{percentile(values, 0.99) * 1000:.2f} | "
                      f"{percentile(values, 0.999) * 1000:.2f} | "
                      f"{percentile(values, 0.99) / bare_p99:.2f}x |")
-    small, large = servers[1], scale
+    small, large = KEYMOUNT_NAME, scale
     loss = [1 - statistics.median(rps[(large, c)]) / statistics.median(rps[(small, c)])
             for c in connections]
     lines += ["", f"Scale, {args.namespaces:,} namespaces x {args.keys} keys against one "
