@@ -3,12 +3,17 @@ never key material."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 
 from .store import KeyStore, PodStore
@@ -20,13 +25,8 @@ class Metrics:
     def __init__(self, store: KeyStore | None = None, pods: PodStore | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.admissions = Counter(
-            "keymount_admission_requests", "Admission requests by webhook and result",
-            ["webhook", "result"], registry=r)
-        self.duration = Histogram(
-            "keymount_admission_duration_seconds", "Time to answer an admission request",
-            ["webhook"], registry=r,
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.admissions = AdmissionStats()
+        r.register(self.admissions)
         self.watch_restarts = Counter(
             "keymount_watch_restarts", "Times a watch was re-established", registry=r)
         self.last_watch_event = Gauge(
@@ -52,25 +52,57 @@ class Metrics:
             "them fast enough (the queue was full)", registry=r)
         if store is not None:
             r.register(StoreCollector(store, pods))
-        # Children resolved once: `labels()` costs a lock and a tuple per call, on
-        # every admission.
-        self._admission: dict[tuple[str, str], Any] = {}
-        self._duration: dict[str, Any] = {}
-
-    def admission(self, webhook: str, result: str) -> Any:
-        child = self._admission.get((webhook, result))
-        if child is None:
-            child = self._admission[webhook, result] = self.admissions.labels(webhook, result)
-        return child
-
-    def admission_duration(self, webhook: str) -> Any:
-        child = self._duration.get(webhook)
-        if child is None:
-            child = self._duration[webhook] = self.duration.labels(webhook)
-        return child
 
     def watch_event(self) -> None:
         self.last_watch_event.set_to_current_time()
+
+
+DURATION_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+
+class AdmissionStats(Collector):
+    """`keymount_admission_requests_total` and `keymount_admission_duration_seconds`,
+    the two metrics every admission updates, as plain numbers turned into metric
+    families at scrape time. prometheus_client's Counter and Histogram take a lock per
+    update, for threads; only the event loop's thread records and scrapes these."""
+
+    def __init__(self, buckets: tuple[float, ...] = DURATION_BUCKETS) -> None:
+        self.buckets = buckets
+        self.counts: dict[tuple[str, str], int] = {}
+        # Per webhook: one count per bucket, one for +Inf, then the sum of seconds.
+        self.durations: dict[str, list[float]] = {}
+
+    def record(self, webhook: str, result: str, seconds: float | None = None) -> None:
+        key = (webhook, result)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        if seconds is None:
+            return
+        row = self.durations.get(webhook)
+        if row is None:
+            row = self.durations[webhook] = [0.0] * (len(self.buckets) + 2)
+        # Bucket `le` counts observations <= le: the first bound not below `seconds`.
+        row[bisect_left(self.buckets, seconds)] += 1
+        row[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        requests = CounterMetricFamily("keymount_admission_requests",
+                                       "Admission requests by webhook and result",
+                                       labels=["webhook", "result"])
+        for (webhook, result), count in sorted(self.counts.items()):
+            requests.add_metric([webhook, result], count)
+        yield requests
+        durations = HistogramMetricFamily("keymount_admission_duration_seconds",
+                                          "Time to answer an admission request",
+                                          labels=["webhook"])
+        bounds = [repr(float(b)) for b in self.buckets] + ["+Inf"]  # as prometheus_client
+        for webhook, row in sorted(self.durations.items()):
+            cumulative = 0.0
+            buckets: list[tuple[str, float]] = []
+            for bound, observed in zip(bounds, row[:-1], strict=True):
+                cumulative += observed
+                buckets.append((bound, cumulative))
+            durations.add_metric([webhook], buckets, sum_value=row[-1])
+        yield durations
 
 
 class StoreCollector(Collector):

@@ -189,7 +189,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
         started = time.perf_counter()
         review = await read_review(request)
         if isinstance(review, web.Response):
-            runtime.metrics.admission(webhook, "error").inc()
+            runtime.metrics.admissions.record(webhook, "error")
             return review
         try:
             verdict = await decide(runtime, review, webhook)
@@ -200,8 +200,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                 f"for uid {review.uid}"))
         elapsed = time.perf_counter() - started
         try:
-            runtime.metrics.admission(webhook, verdict.result).inc()
-            runtime.metrics.admission_duration(webhook).observe(elapsed)
+            runtime.metrics.admissions.record(webhook, verdict.result, elapsed)
             log_decision(runtime.decisions, review, verdict, webhook=webhook,
                          elapsed=elapsed)
             if runtime.events is not None:
@@ -334,9 +333,6 @@ def build_probe_app(runtime: Runtime) -> web.Application:
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     return app
-
-
-EVENT_LOOPS = ("uvloop", "asyncio")
 
 
 def new_event_loop(kind: str) -> asyncio.AbstractEventLoop:
