@@ -18,6 +18,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 import orjson
 
 from .config import VOLUME_NAME, Settings
+from .decoding import decode_review
 from .injection import (
     FILE_MODE,
     Injected,
@@ -141,9 +142,10 @@ def parse_review(body: bytes) -> AdmissionRequest:
         raise MalformedReview(f"body holds more than {MAX_CONTAINERS} JSON objects and "
                               f"arrays; not an AdmissionReview keymount answers")
     try:
-        # orjson: the decode is most of an admission's cost; it also refuses nesting
-        # deeper than 1024 instead of recursing.
-        review = orjson.loads(body)
+        # The decode is most of an admission's cost: msgspec against the review's shape,
+        # skipping managedFields, else orjson (webhook/decoding.py). Both refuse deep
+        # nesting instead of recursing without bound.
+        review = decode_review(body)
     except orjson.JSONDecodeError as exc:
         # The position only: the decoder's message may quote the body (a key Secret).
         raise MalformedReview(f"body is not valid JSON (at byte {exc.pos})") from None
