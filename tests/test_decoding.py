@@ -17,6 +17,8 @@ from webhook.decoding import decode_review
 
 from builders import key_secret, pod, random_key, review
 
+# Integers within 64 bits: beyond, orjson makes floats and msgspec exact ints (the one
+# difference webhook/decoding.py names).
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),

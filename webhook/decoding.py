@@ -13,7 +13,8 @@ build. Anything outside that shape (an unknown field at any of these levels, a
 `metadata` that is no object, invalid JSON) falls back to decoding the whole body with
 orjson, and the checks that follow in `admission.parse_review` judge it as before: the
 fast path only ever answers what the full decode would, minus managedFields
-(tests/test_decoding.py).
+(tests/test_decoding.py). One difference stays: an integer beyond 64 bits is an exact
+int here and a float from orjson; no number keymount reads is one.
 """
 
 from __future__ import annotations
