@@ -16,15 +16,8 @@ from webhook.admission import MalformedReview, parse_review
 from webhook.decoding import decode_review
 
 from builders import key_secret, pod, random_key, review
+from strategies import json_values
 
-# Integers within 64 bits: beyond, orjson makes floats and msgspec exact ints (the one
-# difference webhook/decoding.py names).
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                              max_size=4),
-    max_leaves=20)
 # Known ObjectMeta fields, managedFields, and names keymount's decoder has never heard of.
 metadata = st.dictionaries(st.sampled_from([
     "name", "generateName", "namespace", "uid", "labels", "annotations", "ownerReferences",

@@ -29,18 +29,13 @@ from webhook.injection import needs_keys
 from webhook.names import VOLUME_NAME
 
 from builders import key_secret, keyring_of, random_key
+from strategies import json_values
 
 SETTINGS = Settings()
 KEYRING = keyring_of(key_secret("k1", random_key(), index=1),
                      key_secret("k2", random_key(), index=2))
 RUNS: Counter[str] = Counter()
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-2**63, 2**64 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner,
-                                                              max_size=4),
-    max_leaves=20)
 
 paths = st.sampled_from(["/encryption-keys", "//encryption-keys", "/encryption-keys/",
                          "/./encryption-keys", "/encryption-keys/sub", "/data", "/", "",
