@@ -1,11 +1,21 @@
 """Valid keys, fingerprints and key numbers (docs/contract.md), table-driven."""
 
 import base64
+import time
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from webhook.config import Settings
-from webhook.keys import check_key, fingerprint_key
+from webhook.keys import (
+    MAX_NUMBERS_TEXT,
+    NumberSet,
+    check_key,
+    fingerprint_key,
+    format_numbers,
+    parse_numbers,
+)
 
 from builders import key_secret, keyring_of, random_key
 
@@ -154,7 +164,7 @@ def test_the_next_number_is_above_every_number_ever_used():
     newest = key_secret("k3", random_key(), index=3,
                         annotations={"keymount.io/numbers-used": "1-3,7"})
     assert keyring_of(tombstone, newest).next_number == 8
-    assert keyring_of(newest).used == {1, 2, 3, 7}
+    assert str(keyring_of(newest).used) == "1-3,7"
     assert keyring_of().next_number == 1
     assert keyring_of(key_secret("broken", b"x", index=4)).next_number == 5
 
@@ -174,16 +184,51 @@ def test_a_retired_mark_on_a_secret_that_still_holds_its_key_is_invalid():
     assert "still holds key material" in ring.invalid[0].check.reason
 
 
+def expand(numbers):
+    """A NumberSet as the plain set it stands for (small sets only: tests)."""
+    return {n for low, high in numbers.ranges for n in range(low, high + 1)}
+
+
 @pytest.mark.parametrize(("text", "numbers"), [
     ("1-3,5", {1, 2, 3, 5}), ("", set()), ("7", {7}), (" 2 , 4-5 ", {2, 4, 5}),
-    ("3-1", None), ("0", None), ("x", None), ("1-999999999", None),
-], ids=["ranges", "empty", "one", "spaces", "backwards", "zero", "word", "huge-range"])
+    ("3-1", None), ("0", None), ("x", None), ("1,", None), ("1-3,2-5,9", {1, 2, 3, 4, 5, 9}),
+], ids=["ranges", "empty", "one", "spaces", "backwards", "zero", "word", "trailing-comma",
+        "overlapping"])
 def test_numbers_used_parse_as_ranges_and_refuse_anything_else(text, numbers):
-    from webhook.keys import format_numbers, parse_numbers
     parsed = parse_numbers(text)
-    assert (None if parsed is None else set(parsed)) == numbers
+    assert (None if parsed is None else expand(parsed)) == numbers
     if numbers:
-        assert parse_numbers(format_numbers(numbers)) == frozenset(numbers)
+        assert parse_numbers(format_numbers(numbers)) == parsed
+
+
+def test_a_huge_range_costs_what_a_small_one_costs():
+    # 150 ranges of 100,000 numbers: built as a set, 15 million ints (GBs of memory).
+    text = ",".join(f"{i * 200_000 + 1}-{i * 200_000 + 100_000}" for i in range(150))
+    started = time.process_time()
+    parsed = parse_numbers(text)
+    assert parsed is not None and len(parsed.ranges) == 150
+    assert 29_900_000 in parsed and 100_001 not in parsed and parsed.highest == 29_900_000
+    assert parse_numbers("1-999999999").highest == 999_999_999
+    assert time.process_time() - started < 0.05
+
+
+def test_a_numbers_annotation_over_the_cap_is_refused_before_it_is_split():
+    assert parse_numbers("1," * (MAX_NUMBERS_TEXT // 2) + "1") is None
+    record = keyring_of(key_secret("k", random_key(), index=1, annotations={
+        "keymount.io/numbers-used": "1," * MAX_NUMBERS_TEXT + "1"})).invalid[0]
+    assert f"at most {MAX_NUMBERS_TEXT} characters" in record.check.reason
+
+
+numbers = st.frozensets(st.integers(1, 60), max_size=25)
+
+
+@given(numbers, numbers, st.integers(0, 62))
+def test_number_sets_behave_as_the_sets_they_stand_for(a, b, n):
+    left, right = NumberSet.of(a), NumberSet.of(b)
+    assert expand(left) == a and expand(left | right) == a | b
+    assert (n in left) == (n in a) and (left <= right) == (a <= b)
+    assert left.highest == max(a, default=0) and bool(left) == bool(a)
+    assert parse_numbers(format_numbers(a)) == left
 
 
 def test_invalid_secrets_take_no_part_in_the_numbers():

@@ -89,7 +89,7 @@ def collect(secrets: Iterable[Mapping[str, Any]], keyrings: Mapping[str, Keyring
         annotations = meta.get("annotations") or {}
         keys.append(BackedUpKey(
             namespace, name, number, str(meta.get("creationTimestamp") or ""),
-            record.fingerprint, format_numbers(record.numbers_used | {number}),
+            record.fingerprint, format_numbers(record.numbers_used | number),
             record.retired, None if record.retired else value,
             annotations.get(GENERATED_ANNOTATION) == "true"))
     return sorted(keys, key=lambda k: (k.namespace, k.number))

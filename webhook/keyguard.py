@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 from .config import Settings
 from .key_secrets import is_key_secret, parse_key_secret
-from .keys import KeyRecord, Keyring, format_numbers
+from .keys import KeyRecord, Keyring, NumberSet, format_numbers
 from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION, slot_number
 
 # The namespace controller deletes every object of a namespace being deleted; refusing
@@ -196,7 +196,7 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
         # its namespace had used, some of them on no Secret any more): more reserved
         # numbers are harmless, a forgotten one could be handed out again.
         wanted[NUMBERS_USED_ANNOTATION] = format_numbers(
-            {*keyring.used, *others, number, *record.numbers_used})
+            NumberSet.of(keyring.used, others, number, record.numbers_used))
     if not wanted or all(annotations.get(k) == v for k, v in wanted.items()):
         return KeyDecision(True, "none", number=number)
     return KeyDecision(True, "created", patch=_annotation_patch(new, wanted), number=number)
@@ -206,7 +206,7 @@ def pin_annotations(keyring: Keyring, number: int) -> dict[str, str]:
     """What numbers a legacy key for good: its index, and the record that makes it
     keymount's (every number used in the namespace today)."""
     return {INDEX_ANNOTATION: str(number),
-            NUMBERS_USED_ANNOTATION: format_numbers({*keyring.used, number})}
+            NUMBERS_USED_ANNOTATION: format_numbers(keyring.used | number)}
 
 
 def _annotations(obj: Mapping[str, Any]) -> Mapping[str, str]:
@@ -371,7 +371,7 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"at this moment; two keys never share a number. Retry: {next_hint}",
             number=number, fingerprint=record.fingerprint)
     recorded = record.numbers_used
-    if not {number, *keyring.used} <= recorded:
+    if not NumberSet.of(number, keyring.used) <= recorded:
         return _refused(
             f"key Secret {name!r} does not record the numbers used in namespace {ns!r} "
             f"({NUMBERS_USED_ANNOTATION}); keymount's mutating webhook stamps it, so it did "

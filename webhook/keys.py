@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import bisect
 import json
 import re
 import secrets
@@ -107,6 +108,107 @@ def _check_key_bytes(key: bytes, *, encoding: Literal["raw", "base64"]) -> KeyCh
     return KeyCheck(True, fingerprint=fingerprint_key(key), encoding=encoding, warning=warning)
 
 
+MAX_NUMBERS_TEXT = 4096
+"""The longest `keymount.io/numbers-used` value keymount reads. The annotation is
+stamped by keymount as ranges (`1-41,57`), a few characters for any real namespace;
+the cap keeps the work on a hostile value small and is checked before anything else
+looks at it."""
+
+
+def _merged(spans: Iterable[tuple[int, int]]) -> tuple[tuple[int, int], ...]:
+    merged: list[tuple[int, int]] = []
+    for low, high in sorted(spans):
+        if merged and low <= merged[-1][1] + 1:
+            if high > merged[-1][1]:
+                merged[-1] = (merged[-1][0], high)
+        else:
+            merged.append((low, high))
+    return tuple(merged)
+
+
+@dataclass(frozen=True, slots=True)
+class NumberSet:
+    """Key numbers as sorted, disjoint, non-adjacent closed ranges.
+
+    Never expanded into its members: `1-999999999` costs what `1` costs, so the size
+    of keymount's work follows the length of the annotation a request carries, not the
+    numbers it spells (docs/architecture.md, "Bounded work"). There is deliberately no
+    `__iter__`."""
+
+    ranges: tuple[tuple[int, int], ...] = ()
+
+    @classmethod
+    def of(cls, *parts: int | NumberSet | Iterable[int]) -> NumberSet:
+        """The union of numbers, number sets and small collections of numbers."""
+        spans: list[tuple[int, int]] = []
+        for part in parts:
+            if isinstance(part, NumberSet):
+                spans.extend(part.ranges)
+            elif isinstance(part, int):
+                spans.append((part, part))
+            else:
+                spans.extend((n, n) for n in part)
+        return cls(_merged(spans))
+
+    def __contains__(self, number: object) -> bool:
+        if not isinstance(number, int):
+            return False
+        i = bisect.bisect_right(self.ranges, number, key=lambda span: span[0]) - 1
+        return i >= 0 and self.ranges[i][1] >= number
+
+    def __or__(self, other: int | NumberSet | Iterable[int]) -> NumberSet:
+        return NumberSet.of(self, other)
+
+    def __le__(self, other: NumberSet) -> bool:
+        """Every number of this set is in `other`."""
+        for low, high in self.ranges:
+            i = bisect.bisect_right(other.ranges, low, key=lambda span: span[0]) - 1
+            if i < 0 or other.ranges[i][1] < high:
+                return False
+        return True
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    @property
+    def highest(self) -> int:
+        """The highest number, 0 for an empty set."""
+        return self.ranges[-1][1] if self.ranges else 0
+
+    def __str__(self) -> str:
+        """`1-3,5`: the form of the numbers-used annotation."""
+        return ",".join(str(low) if low == high else f"{low}-{high}"
+                        for low, high in self.ranges)
+
+
+_NUMBER_PART = re.compile(r"\s*([0-9]{1,9})(?:-([0-9]{1,9}))?\s*")
+
+
+def parse_numbers(text: str | None) -> NumberSet | None:
+    """`1-3,5` as a NumberSet; None when it is not that form or longer than
+    MAX_NUMBERS_TEXT (checked first: nothing longer is even split)."""
+    if text is None or not text.strip():
+        return NumberSet()
+    if len(text) > MAX_NUMBERS_TEXT:
+        return None
+    spans: list[tuple[int, int]] = []
+    for part in text.split(","):
+        match = _NUMBER_PART.fullmatch(part)
+        if not match:
+            return None
+        low = int(match.group(1))
+        high = int(match.group(2) or low)
+        if low < 1 or high < low:
+            return None
+        spans.append((low, high))
+    return NumberSet(_merged(spans))
+
+
+def format_numbers(numbers: NumberSet | Iterable[int]) -> str:
+    """{1, 2, 3, 5} as `1-3,5`."""
+    return str(numbers if isinstance(numbers, NumberSet) else NumberSet.of(numbers))
+
+
 KeyState = Literal["valid", "invalid", "retired"]
 
 
@@ -121,7 +223,7 @@ class KeyRecord:
     index_explicit: bool = False
     created: datetime | None = None
     retired: bool = False  # a tombstone: keymount.io/retired, no key material
-    numbers_used: frozenset[int] = frozenset()  # keymount.io/numbers-used at creation
+    numbers_used: NumberSet = NumberSet()  # keymount.io/numbers-used at creation
     recorded: bool = False  # carries keymount.io/numbers-used: numbered by keymount
 
     @property
@@ -153,41 +255,6 @@ def parse_key_index(raw: str | None) -> tuple[int, bool, str]:
     return int(text), True, ""
 
 
-def parse_numbers(text: str | None) -> frozenset[int] | None:
-    """`1-3,5` as {1, 2, 3, 5}; None when it is not that form. Ranges are capped so a
-    hostile annotation cannot make keymount build a huge set."""
-    if text is None or not text.strip():
-        return frozenset()
-    numbers: set[int] = set()
-    for part in text.split(","):
-        match = re.fullmatch(r"\s*([0-9]{1,9})(?:-([0-9]{1,9}))?\s*", part)
-        if not match:
-            return None
-        low = int(match.group(1))
-        high = int(match.group(2) or low)
-        if low < 1 or high < low or high - low > MAX_NUMBER_RANGE:
-            return None
-        numbers.update(range(low, high + 1))
-    return frozenset(numbers)
-
-
-def format_numbers(numbers: Iterable[int]) -> str:
-    """{1, 2, 3, 5} as `1-3,5`."""
-    ordered = sorted(set(numbers))
-    parts: list[str] = []
-    i = 0
-    while i < len(ordered):
-        j = i
-        while j + 1 < len(ordered) and ordered[j + 1] == ordered[j] + 1:
-            j += 1
-        parts.append(str(ordered[i]) if i == j else f"{ordered[i]}-{ordered[j]}")
-        i = j + 1
-    return ",".join(parts)
-
-
-MAX_NUMBER_RANGE = 100_000
-
-
 def build_key_record(*, namespace: str, name: str, value: bytes | None,
                      annotations: Mapping[str, str], created: datetime | None,
                      field: str, encoding: KeyEncoding) -> KeyRecord:
@@ -205,12 +272,13 @@ def build_key_record(*, namespace: str, name: str, value: bytes | None,
         check = KeyCheck(False, index_error)
     elif numbers_used is None:
         check = KeyCheck(False, f"annotation {NUMBERS_USED_ANNOTATION} is not a list of "
-                                f"numbers such as 1-3,5")
+                                f"numbers such as 1-3,5 of at most {MAX_NUMBERS_TEXT} "
+                                f"characters")
     if retired and value is not None:
         retired = False  # judged as an invalid key, not as a tombstone
     return KeyRecord(
         namespace=namespace, name=name, check=check, index=index, index_explicit=explicit,
-        created=created, retired=retired, numbers_used=numbers_used or frozenset(),
+        created=created, retired=retired, numbers_used=numbers_used or NumberSet(),
         recorded=NUMBERS_USED_ANNOTATION in annotations,
     )
 
@@ -260,7 +328,7 @@ class Keyring:
     invalid: tuple[KeyRecord, ...] = ()
     retired: tuple[KeyRecord, ...] = ()
     conflict: tuple[KeyRecord, KeyRecord] | None = None  # two keys share a number
-    used: frozenset[int] = frozenset()  # every number this namespace has used
+    used: NumberSet = NumberSet()  # every number this namespace has used
     status: str = "[]"
     # What admissions derive from this keyring and the settings (the projected volume),
     # computed on first use: a keyring never changes, a new one replaces it.
@@ -279,7 +347,7 @@ class Keyring:
     @property
     def next_number(self) -> int:
         """The number a new key gets: one above every number ever used here."""
-        return max(self.used, default=0) + 1
+        return self.used.highest + 1
 
     @property
     def legacy(self) -> tuple[KeyRecord, ...]:
@@ -331,11 +399,9 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
             conflict = (holders[number], record)
         holders.setdefault(number, record)
 
-    used = set(holders)
-    used.update(r.index for r in invalid if r.index_explicit)
-    for record in records:
-        used.update(record.numbers_used)
+    used = NumberSet.of(holders, (r.index for r in invalid if r.index_explicit),
+                        *(record.numbers_used for record in records))
     files = tuple(KeyFile(n, r.name, r.fingerprint) for n, r in numbered)
     status = json.dumps([f.as_status() for f in files], separators=(",", ":"))
     return Keyring(namespace, tuple(r for _, r in numbered), files, tuple(invalid),
-                   tuple(retired), conflict, frozenset(used), status)
+                   tuple(retired), conflict, used, status)
