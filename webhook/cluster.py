@@ -151,9 +151,11 @@ class KubernetesKeySource:
     async def confirm(self, namespace: str) -> Keyring:
         """One live read of a namespace before a key-state refusal (docs/contract.md,
         "Refusals"), or before judging a new key's number."""
-        records, _ = await in_daemon_thread(lambda: self.keys.list(namespace))
+        records, version = await in_daemon_thread(lambda: self.keys.list(namespace))
         if None in self.scopes or namespace in self.scopes:
-            return self.store.replace_namespace(namespace, records)
+            # The watch may have delivered newer changes while the read was in flight:
+            # the store keeps whichever is newer, per Secret (store.KeyStore).
+            return self.store.replace_namespace(namespace, records, version=version)
         # Not watched: answer from the read, but do not cache what no watch keeps fresh.
         return build_keyring(namespace, records)
 

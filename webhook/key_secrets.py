@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any
 
 from .config import Settings
-from .keys import KeyCheck, KeyRecord, build_key_record
+from .keys import KeyCheck, KeyRecord, build_key_record, revision
 from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION
 
 SecretObject = Mapping[str, Any]
@@ -66,9 +66,10 @@ def parse_key_secret(secret: SecretObject, *, settings: Settings,
         field=settings.key_field,
         encoding=settings.key_encoding,
     )
+    version = revision(meta.get("resourceVersion"))
     if error:
-        return dataclasses.replace(record, check=KeyCheck(False, error))
-    return record
+        return dataclasses.replace(record, check=KeyCheck(False, error), revision=version)
+    return dataclasses.replace(record, revision=version) if version else record
 
 
 def is_key_secret(secret: SecretObject, *, settings: Settings) -> bool:

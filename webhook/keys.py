@@ -209,6 +209,18 @@ def format_numbers(numbers: NumberSet | Iterable[int]) -> str:
     return str(numbers if isinstance(numbers, NumberSet) else NumberSet.of(numbers))
 
 
+def revision(resource_version: object) -> int:
+    """An object's or a list's resourceVersion as a number, 0 when it is not one.
+
+    The API server's resourceVersions are etcd revisions, one counter for the whole
+    store, so they order every change of every object (Kubernetes 1.34 guarantees
+    this ordering: KEP-5504, comparable resource versions). The key cache uses the
+    order to never go back in time; 0 (a source without versions, such as
+    `--keys-from`) makes the newest arrival win, as before."""
+    text = resource_version if isinstance(resource_version, str) else ""
+    return int(text) if text.isdigit() and len(text) <= 19 else 0
+
+
 KeyState = Literal["valid", "invalid", "retired"]
 
 
@@ -225,6 +237,7 @@ class KeyRecord:
     retired: bool = False  # a tombstone: keymount.io/retired, no key material
     numbers_used: NumberSet = NumberSet()  # keymount.io/numbers-used at creation
     recorded: bool = False  # carries keymount.io/numbers-used: numbered by keymount
+    revision: int = 0  # metadata.resourceVersion as a number; 0 when unknown
 
     @property
     def valid(self) -> bool:

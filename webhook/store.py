@@ -10,18 +10,36 @@ the event loop thread; sources that run in threads hand their results over to it
 from __future__ import annotations
 
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
-from .keys import KeyRecord, Keyring, build_keyring
+from .keys import KeyRecord, Keyring, build_keyring, revision
 from .lifecycle import PodKeys, build_pod_key_state
+
+# Deletions remembered so that a live read taken before a delete cannot bring the
+# Secret back (see KeyStore). A live read is applied within seconds of being taken,
+# while thousands of later deletions would have to happen in between to push its
+# entry out; the oldest entries go first.
+REMEMBERED_DELETIONS = 10_000
 
 
 class KeyStore:
+    """Key records per namespace, and each namespace's keyring built from them.
+
+    Two writers feed it: the watch (events in the API server's order) and live reads
+    (a list of one namespace, taken in a thread and applied later). A live read can be
+    overtaken by the watch, and the watch can lag behind a live read, so per object the
+    cache only moves forward: a record replaces the cached one only if its
+    resourceVersion is not older; a list removes a cached record only if the list was
+    taken after that record's version; a deletion is remembered, so an older list
+    cannot bring the Secret back (docs/architecture.md, "The key cache").
+    """
+
     def __init__(self) -> None:
         self._records: dict[str, dict[str, KeyRecord]] = {}
         self._rings: dict[str, Keyring] = {}
         self._versions: Counter[str] = Counter()  # bumped whenever a namespace changes
+        self._deleted: OrderedDict[tuple[str, str], int] = OrderedDict()
         self.ready = False
 
     def version(self, namespace: str) -> int:
@@ -34,33 +52,75 @@ class KeyStore:
     def namespaces(self) -> list[str]:
         return sorted(self._rings)
 
-    def replace_all(self, records: Iterable[KeyRecord]) -> None:
-        """A full list: afterwards the store holds exactly these records."""
-        grouped: dict[str, dict[str, KeyRecord]] = {}
+    def replace_all(self, records: Iterable[KeyRecord], *, version: str = "") -> None:
+        """A full list taken at resourceVersion `version`: afterwards the store holds
+        these records, and anything cached that is newer than the list."""
+        grouped: dict[str, list[KeyRecord]] = {}
         for record in records:
-            grouped.setdefault(record.namespace, {})[record.name] = record
-        changed = set(self._records) | set(grouped)
-        self._records = grouped
-        self._rebuild(changed)
+            grouped.setdefault(record.namespace, []).append(record)
+        listed_at = revision(version)
+        for namespace in set(self._records) | set(grouped):
+            self._merge(namespace, grouped.get(namespace, ()), listed_at)
+        self._rebuild(set(self._records) | set(grouped) | set(self._rings))
         self.ready = True
 
-    def replace_namespace(self, namespace: str, records: Iterable[KeyRecord]) -> Keyring:
-        """A live read of one namespace replaces what the cache had for it."""
-        self._records[namespace] = {r.name: r for r in records if r.namespace == namespace}
+    def replace_namespace(self, namespace: str, records: Iterable[KeyRecord], *,
+                          version: str = "") -> Keyring:
+        """A list of one namespace taken at resourceVersion `version` (a live read, or
+        the watch's re-list)."""
+        self._merge(namespace, (r for r in records if r.namespace == namespace),
+                    revision(version))
         self._rebuild({namespace})
         return self.keyring(namespace)
 
     def put(self, record: KeyRecord) -> None:
-        self._records.setdefault(record.namespace, {})[record.name] = record
-        self._rebuild({record.namespace})
+        if self._admit(record):
+            self._records.setdefault(record.namespace, {})[record.name] = record
+            self._rebuild({record.namespace})
 
-    def remove(self, namespace: str, name: str) -> None:
-        if self._records.get(namespace, {}).pop(name, None) is not None:
-            self._rebuild({namespace})
+    def remove(self, record: KeyRecord) -> None:
+        """The Secret was deleted; `record` is its last state (the DELETED event's
+        object, whose resourceVersion is that of the deletion)."""
+        cached = self._records.get(record.namespace, {}).get(record.name)
+        if cached is not None and _older(record.revision, cached.revision):
+            return  # a Secret created again under that name, already seen by a live read
+        if record.revision:
+            self._remember_deletion(record.namespace, record.name, record.revision)
+        if cached is not None:
+            del self._records[record.namespace][record.name]
+            self._rebuild({record.namespace})
 
     def count_by_state(self) -> Counter[str]:
         return Counter(r.state for by_name in self._records.values()
                        for r in by_name.values())
+
+    def _admit(self, record: KeyRecord) -> bool:
+        """Whether `record` is news: not older than what is cached or was deleted."""
+        cached = self._records.get(record.namespace, {}).get(record.name)
+        if cached is not None and _older(record.revision, cached.revision):
+            return False
+        deleted_at = self._deleted.get((record.namespace, record.name))
+        if deleted_at is not None:
+            if record.revision and record.revision <= deleted_at:
+                return False
+            del self._deleted[(record.namespace, record.name)]
+        return True
+
+    def _merge(self, namespace: str, listed: Iterable[KeyRecord], listed_at: int) -> None:
+        cached = self._records.get(namespace, {})
+        merged = {r.name: r for r in cached.values()
+                  if listed_at and _older(listed_at, r.revision)}  # newer than the list
+        for record in listed:
+            if record.name in merged or not self._admit(record):
+                continue
+            merged[record.name] = record
+        self._records[namespace] = merged
+
+    def _remember_deletion(self, namespace: str, name: str, at: int) -> None:
+        self._deleted[(namespace, name)] = at
+        self._deleted.move_to_end((namespace, name))
+        while len(self._deleted) > REMEMBERED_DELETIONS:
+            self._deleted.popitem(last=False)
 
     def _rebuild(self, namespaces: Iterable[str]) -> None:
         for ns in namespaces:
@@ -71,6 +131,11 @@ class KeyStore:
             else:
                 self._records.pop(ns, None)
                 self._rings.pop(ns, None)
+
+
+def _older(candidate: int, than: int) -> bool:
+    """`candidate` is known to come before `than` (0 is unknown: not older)."""
+    return bool(candidate and than and candidate < than)
 
 
 class Reservations:
@@ -133,8 +198,8 @@ class PodStore:
     def put(self, record: PodKeys) -> None:
         self._pods[(record.namespace, record.name)] = record
 
-    def remove(self, namespace: str, name: str) -> None:
-        self._pods.pop((namespace, name), None)
+    def remove(self, record: PodKeys) -> None:
+        self._pods.pop((record.namespace, record.name), None)
 
     def behind(self, keys: KeyStore) -> Counter[tuple[str, str]]:
         """(namespace, state) -> how many Pods are not on the current key set:

@@ -93,13 +93,14 @@ class Gone(Exception):
 class Sink(Protocol[R]):
     """Where the records go; only ever called on the event loop thread."""
 
-    def replace_all(self, records: Iterable[R]) -> None: ...
+    def replace_all(self, records: Iterable[R], *, version: str = "") -> None: ...
 
-    def replace_namespace(self, namespace: str, records: Iterable[R]) -> Any: ...
+    def replace_namespace(self, namespace: str, records: Iterable[R], *,
+                          version: str = "") -> Any: ...
 
     def put(self, record: R) -> None: ...
 
-    def remove(self, namespace: str, name: str) -> None: ...
+    def remove(self, record: R) -> None: ...
 
 
 class Named(Protocol):
@@ -144,7 +145,10 @@ class ListWatch(Generic[N]):
             results.append(await in_daemon_thread(partial(self.list, scope)))
         for scope, (_, version) in zip(self.scopes, results, strict=True):
             self.versions[scope] = version
-        self.sink.replace_all(r for records, _ in results for r in records)
+        # One scope's list is as of its resourceVersion; several scopes' lists are taken
+        # at different ones, and they fill an empty cache: then the lists are the truth.
+        version = results[0][1] if len(results) == 1 else ""
+        self.sink.replace_all((r for records, _ in results for r in records), version=version)
         self.on_event()
         return sum(len(records) for records, _ in results)
 
@@ -155,9 +159,9 @@ class ListWatch(Generic[N]):
         records, version = await in_daemon_thread(lambda: self.list(scope))
         self.versions[scope] = version
         if scope is None:
-            self.sink.replace_all(records)
+            self.sink.replace_all(records, version=version)
         else:
-            self.sink.replace_namespace(scope, records)
+            self.sink.replace_namespace(scope, records, version=version)
         self.on_event()
 
     async def _keep_watching(self, scope: str | None) -> None:
@@ -214,7 +218,7 @@ class ListWatch(Generic[N]):
 
     def _apply(self, kind: str, record: N) -> None:
         if kind == "DELETED":
-            self.sink.remove(record.namespace, record.name)
+            self.sink.remove(record)
         else:
             self.sink.put(record)
         self.on_event()
