@@ -188,10 +188,11 @@ class PodStore:
     def __init__(self) -> None:
         self._pods: dict[tuple[str, str], PodKeys] = {}
 
-    def replace_all(self, records: Iterable[PodKeys]) -> None:
+    def replace_all(self, records: Iterable[PodKeys], *, version: str = "") -> None:
         self._pods = {(r.namespace, r.name): r for r in records}
 
-    def replace_namespace(self, namespace: str, records: Iterable[PodKeys]) -> None:
+    def replace_namespace(self, namespace: str, records: Iterable[PodKeys], *,
+                          version: str = "") -> None:
         self._pods = {k: v for k, v in self._pods.items() if k[0] != namespace}
         self._pods.update(((r.namespace, r.name), r) for r in records)
 
