@@ -124,7 +124,9 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
                                shutdown_grace=float(args.shutdown_grace),
                                shutdown_timeout=float(args.shutdown_timeout), limits=limits)
         if args.worker_report_fd is not None:
-            options.reuse_port, options.probe_host = True, "127.0.0.1"
+            # A worker's probes are the supervisor's business: any free loopback port
+            # (0, which --probe-port itself refuses), reported back over the pipe.
+            options.reuse_port, options.probe_host, options.probe_port = True, "127.0.0.1", 0
             options.report = report_to(int(args.worker_report_fd))
     except ValueError as exc:
         raise CommandError(f"invalid limit: {exc}", 2) from None
