@@ -68,9 +68,10 @@ def add_flag(parser: argparse.ArgumentParser, flag: str, *, default: Any = None,
     (or `choices`) the same way from either place."""
     if type is None and choices is not None:
         type = one_of(*choices)
+    if type is not None:
+        kwargs["type"] = checked(flag, type)
     value = os.environ.get(env_name(flag))
     parser.add_argument(flag, default=default if value is None else FromEnv(value),
-                        type=None if type is None else checked(flag, type),
                         choices=choices, help=f"{help} [env {env_name(flag)}; default "
                                               f"{default}]", **kwargs)
 
