@@ -72,7 +72,7 @@ def test_a_worker_runs_serve_with_the_supervisors_flags_and_the_last_word_on_its
     argv = worker_argv(["serve", "--port", "9443", "--workers", "4"], report_fd=7)
     assert argv[:3] == [sys.executable, "-m", "webhook"]
     assert argv[3:] == ["serve", "--port", "9443", "--workers", "4", "--workers", "1",
-                        "--probe-port", "0", "--worker-report-fd", "7"]
+                        "--worker-report-fd", "7"]
 
 
 # --- the supervisor as a process ----------------------------------------------------

@@ -25,10 +25,13 @@ from .cli_common import (
     add_flag,
     add_key_writer_flags,
     add_settings_flags,
+    add_switch,
     build_key_writers,
     build_settings,
-    env_flag,
+    port,
     read_input,
+    seconds,
+    whole,
 )
 from .cli_keys import add_key_lifecycle_commands, add_status_command
 from .config import (
@@ -48,11 +51,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import LineSink
 
     settings = build_settings(args)
-    if str(args.log_level).upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
-        raise CommandError(f"--log-level {args.log_level!r}: use debug, info, warning or "
-                           f"error", 2)
-    if int(args.workers) < 1:
-        raise CommandError(f"--workers {args.workers}: use 1 or more", 2)
     sink = LineSink(sys.stderr.fileno())
     try:
         if int(args.workers) > 1:
@@ -126,7 +124,9 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
                                shutdown_grace=float(args.shutdown_grace),
                                shutdown_timeout=float(args.shutdown_timeout), limits=limits)
         if args.worker_report_fd is not None:
-            options.reuse_port, options.probe_host = True, "127.0.0.1"
+            # A worker's probes are the supervisor's business: any free loopback port
+            # (0, which --probe-port itself refuses), reported back over the pipe.
+            options.reuse_port, options.probe_host, options.probe_port = True, "127.0.0.1", 0
             options.report = report_to(int(args.worker_report_fd))
     except ValueError as exc:
         raise CommandError(f"invalid limit: {exc}", 2) from None
@@ -178,41 +178,42 @@ def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any
 def add_serve(commands: SubParsers) -> None:
     p = commands.add_parser("serve", help="run the admission webhook")
     add_flag(p, "--host", default="0.0.0.0", help="address to listen on")
-    add_flag(p, "--port", default=8443, type=int, help="HTTPS webhook port")
-    add_flag(p, "--probe-port", default=8080, type=int,
+    add_flag(p, "--port", default=8443, type=port, help="HTTPS webhook port")
+    add_flag(p, "--probe-port", default=8080, type=port,
              help="plain-HTTP port for /healthz, /readyz, /metrics")
     add_flag(p, "--tls-cert", default="certs/tls.crt", help="serving certificate (PEM)")
     add_flag(p, "--tls-key", default="certs/tls.key", help="serving private key (PEM)")
     add_flag(p, "--kubeconfig", default=None, help="kubeconfig (default: in-cluster or ~/.kube)")
     add_flag(p, "--keys-from", default=None, help="directory of key Secret manifests")
     add_flag(p, "--namespaces", default=None, help="watch only these namespaces, a,b")
-    p.add_argument("--auto-generate", action="store_true", default=env_flag("AUTO_GENERATE"),
-                   help="create a key for a backend Pod's namespace that has none "
-                        "[env KEYMOUNT_AUTO_GENERATE=true; default off]")
+    add_switch(p, "--auto-generate",
+               help="create a key for a backend Pod's namespace that has none")
     add_key_writer_flags(p)
     add_flag(p, "--log-format", default="json", choices=("json", "text"), help="log format")
-    add_flag(p, "--log-level", default="info", help="log level")
-    add_flag(p, "--shutdown-grace", default=5.0, type=float,
+    add_flag(p, "--log-level", default="info", choices=("debug", "info", "warning", "error"),
+             help="log level")
+    add_flag(p, "--shutdown-grace", default=5.0, type=seconds(zero=True),
              help="seconds to keep serving after SIGTERM while /readyz fails")
-    add_flag(p, "--shutdown-timeout", default=10.0, type=float,
+    add_flag(p, "--shutdown-timeout", default=10.0, type=seconds(zero=True),
              help="then, seconds in-flight requests may take to finish")
     add_flag(p, "--client-ca", default=None,
              help="require a client certificate signed by this CA (PEM), as an API server "
                   "configured for it presents")
-    add_flag(p, "--request-timeout", default=10.0, type=float,
+    add_flag(p, "--request-timeout", default=10.0, type=seconds(zero=False),
              help="seconds from a request's first byte (or a connection's TLS handshake) "
                   "to keymount's answer; slower clients are cut off")
-    add_flag(p, "--max-connections", default=256, type=int,
+    add_flag(p, "--max-connections", default=256, type=whole(1),
              help="open HTTPS connections; more are closed at once")
-    add_flag(p, "--max-buffered-mib", default=64, type=int,
+    add_flag(p, "--max-buffered-mib", default=64, type=whole(1),
              help="request bytes buffered over all connections before reading pauses")
-    add_flag(p, "--live-reads-per-second", default=10.0, type=float,
+    add_flag(p, "--live-reads-per-second", default=10.0,
+             type=seconds(zero=False, what="a rate"),
              help="live reads of the API server (before a refusal, for a new key's "
                   "number); coalesced per namespace, past this rate refusals stand")
     add_flag(p, "--event-loop", default="uvloop", choices=("uvloop", "asyncio"),
              help="uvloop (libuv: about a tenth more admissions per core) or asyncio, "
                   "the standard library's loop")
-    add_flag(p, "--workers", default=1, type=int,
+    add_flag(p, "--workers", default=1, type=whole(1),
              help="worker processes sharing the webhook port (SO_REUSEPORT), each with its "
                   "own key cache: one per core the Pod is given")
     p.add_argument("--worker-report-fd", type=int, default=None, help=argparse.SUPPRESS)
@@ -357,9 +358,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    args.argv = list(argv) if argv is not None else sys.argv[1:]  # for serve --workers
     try:
+        # Inside the try: a flag's validator (cli_common.checked) refuses a bad value,
+        # from the command line or KEYMOUNT_<FLAG>, as a CommandError.
+        args = build_parser().parse_args(argv)
+        args.argv = list(argv) if argv is not None else sys.argv[1:]  # for serve --workers
         code = args.func(args)
     except UserFacingError as exc:
         print(f"keymount: {exc}", file=sys.stderr)

@@ -8,8 +8,10 @@ audit) both build on this module; neither imports the other's commands.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
+from collections.abc import Callable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -34,19 +36,115 @@ class CommandError(UserFacingError):
     """A command's own refusal (bad flags, bad input)."""
 
 
-def env_default(flag: str, default: Any) -> Any:
-    return os.environ.get("KEYMOUNT_" + flag.lstrip("-").replace("-", "_").upper(), default)
+class FromEnv(str):
+    """A flag's value read from KEYMOUNT_<FLAG>. argparse passes a string default
+    through the flag's `type` exactly as it does a command-line value, so one validator
+    checks both; this marker only lets the error name the variable it came from."""
 
 
-def env_flag(name: str) -> bool:
-    return os.environ.get(f"KEYMOUNT_{name}", "").lower() in ("1", "true", "yes")
+def env_name(flag: str) -> str:
+    return "KEYMOUNT_" + flag.lstrip("-").replace("-", "_").upper()
+
+
+def checked(flag: str, parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` as an argparse type whose refusal is one line and exit 2. It raises
+    CommandError rather than argparse's errors, which print the usage too and could
+    not say that the value came from the environment."""
+    def check(text: str) -> Any:
+        try:
+            return parse(text)
+        except (ValueError, argparse.ArgumentTypeError) as exc:
+            where = (f"{env_name(flag)}={text} ({flag})" if isinstance(text, FromEnv)
+                     else f"{flag} {text}")
+            raise CommandError(f"{where}: {exc}", 2) from None
+    check.__name__ = getattr(parse, "__name__", "value")
+    return check
 
 
 def add_flag(parser: argparse.ArgumentParser, flag: str, *, default: Any = None,
-             help: str, **kwargs: Any) -> None:
-    env = "KEYMOUNT_" + flag.lstrip("-").replace("-", "_").upper()
-    parser.add_argument(flag, default=env_default(flag, default),
-                        help=f"{help} [env {env}; default {default}]", **kwargs)
+             help: str, type: Callable[[str], Any] | None = None,
+             choices: Sequence[str] | None = None, **kwargs: Any) -> None:
+    """A flag that KEYMOUNT_<FLAG> sets when it is not given, validated by `type`
+    (or `choices`) the same way from either place."""
+    if type is None and choices is not None:
+        type = one_of(*choices)
+    if type is not None:
+        kwargs["type"] = checked(flag, type)
+    value = os.environ.get(env_name(flag))
+    parser.add_argument(flag, default=default if value is None else FromEnv(value),
+                        choices=choices, help=f"{help} [env {env_name(flag)}; default "
+                                              f"{default}]", **kwargs)
+
+
+class _Switch(argparse.Action):
+    """store_true whose default, when it comes from the environment, argparse passes
+    through `type` like any other flag's (store_true itself takes no type)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, True)
+
+
+def add_switch(parser: argparse.ArgumentParser, flag: str, *, help: str) -> None:
+    """An on/off flag, off by default; KEYMOUNT_<FLAG> may turn it on (or say off)."""
+    value = os.environ.get(env_name(flag))
+    parser.add_argument(flag, action=_Switch, type=checked(flag, boolean),
+                        default=False if value is None else FromEnv(value),
+                        help=f"{help} [env {env_name(flag)}=true; default off]")
+
+
+# --- value validators: each returns the value or raises ValueError saying what to use --
+
+def boolean(text: str) -> bool:
+    word = text.strip().lower()
+    if word in ("true", "1", "yes"):
+        return True
+    if word in ("false", "0", "no"):
+        return False
+    raise ValueError("use true or false (also 1/0, yes/no)")
+
+
+def one_of(*choices: str) -> Callable[[str], str]:
+    def choice(text: str) -> str:
+        if text.lower() in choices:
+            return text.lower()
+        raise ValueError(f"use {', '.join(choices[:-1])} or {choices[-1]}")
+    return choice
+
+
+def whole(low: int, high: int | None = None, *,
+          what: str = "a whole number") -> Callable[[str], int]:
+    """A whole number from `low` (to `high`)."""
+    wanted = f"{what}, " + (f"{low} or more" if high is None else f"{low} to {high}")
+    def number(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise ValueError(f"use {wanted}") from None
+        if value < low or (high is not None and value > high):
+            raise ValueError(f"use {wanted}")
+        return value
+    return number
+
+
+port = whole(1, 65535, what="a port number")
+
+
+def seconds(*, zero: bool, what: str = "a number of seconds") -> Callable[[str], float]:
+    """A finite number, above 0 (or 0 too when `zero`)."""
+    wanted = f"{what}, " + ("0 or more" if zero else "more than 0")
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"use {wanted}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+            raise ValueError(f"use {wanted}")
+        return value
+    return number
 
 
 def parse_duration(text: str) -> timedelta:
@@ -89,22 +187,19 @@ def add_settings_flags(parser: argparse.ArgumentParser) -> None:
              help="which key encodings are accepted")
     add_flag(parser, "--max-key-age", default=None, type=parse_duration,
              help="flag namespaces whose newest key is older, e.g. 90d")
-    add_flag(parser, "--rotation-slots", default=DEFAULT_ROTATION_SLOTS, type=int,
+    add_flag(parser, "--rotation-slots", default=DEFAULT_ROTATION_SLOTS, type=whole(0, 16),
              help="optional sources for the next key numbers in each backend Pod, so a "
                   "rotation reaches running Pods (0: new Pods only)")
 
 
 def build_settings(args: argparse.Namespace) -> Settings:
     try:
-        max_age = args.max_key_age
-        if isinstance(max_age, str):  # from the environment, not yet parsed
-            max_age = parse_duration(max_age)
         return Settings(
             pod_selector=parse_selector(args.pod_selector),
             key_selector=parse_selector(args.key_selector),
             key_field=args.key_field, mount_path=args.mount_path,
             invalid_keys=args.invalid_keys, key_encoding=args.key_encoding,
-            max_key_age=max_age, rotation_slots=int(args.rotation_slots))
+            max_key_age=args.max_key_age, rotation_slots=int(args.rotation_slots))
     except (SelectorError, ValueError, argparse.ArgumentTypeError) as exc:
         raise CommandError(str(exc), 2) from None
 

@@ -42,8 +42,9 @@ log = logging.getLogger("keymount.server")
 def worker_argv(argv: Sequence[str], *, report_fd: int) -> list[str]:
     """The command line of one worker: the supervisor's own `serve` arguments, with
     the last word on what each worker must do differently (argparse keeps the last
-    occurrence of a flag, and flags beat KEYMOUNT_* variables)."""
-    return [sys.executable, "-m", "webhook", *argv, "--workers", "1", "--probe-port", "0",
+    occurrence of a flag, and flags beat KEYMOUNT_* variables). --worker-report-fd
+    also moves the worker's probes to a free loopback port (cli._serve)."""
+    return [sys.executable, "-m", "webhook", *argv, "--workers", "1",
             "--worker-report-fd", str(report_fd)]
 
 

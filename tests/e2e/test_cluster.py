@@ -171,12 +171,16 @@ def test_a_start_up_failure_with_the_kubernetes_source_is_one_line_and_exit_1(
                                                 token=control_plane.keymount_token)
     subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "k", "--namespace",
                     "k", "--out", str(tmp_path / "certs")], check=True, capture_output=True)
+    with socket.socket() as free:  # --probe-port refuses 0: a port free a moment ago
+        free.bind(("127.0.0.1", 0))
+        probe = free.getsockname()[1]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         result = subprocess.run(
             [sys.executable, "-m", "webhook", "serve", "--host", "127.0.0.1", "--port",
-             str(taken.getsockname()[1]), "--probe-port", "0", "--kubeconfig", kubeconfig,
+             str(taken.getsockname()[1]), "--probe-port", str(probe), "--kubeconfig",
+             kubeconfig,
              "--tls-cert", str(tmp_path / "certs/tls.crt"),
              "--tls-key", str(tmp_path / "certs/tls.key")],
             capture_output=True, text=True, timeout=60, cwd=ROOT)
