@@ -308,6 +308,9 @@ class EventRecorder:
             await self.send_next()
 
     async def send_next(self) -> None:
+        if not self.pending:
+            self._ready.clear()
+            return
         _, item = self.pending.popitem(last=False)
         if not self.pending:
             self._ready.clear()
