@@ -17,6 +17,7 @@ from webhook import cluster
 from webhook.cluster import (
     ClusterError,
     KeyClient,
+    KubernetesEvents,
     KubernetesKeySource,
     current_namespace,
     has_cluster_config,
@@ -24,6 +25,7 @@ from webhook.cluster import (
     load_api_client,
 )
 from webhook.config import Settings
+from webhook.events import EventGone, NamespaceGone
 from webhook.store import KeyStore, PodStore
 
 from builders import key_secret, random_key
@@ -67,7 +69,8 @@ class FakeApi:
             if name == "create_namespaced_secret":
                 return Response(args[1])
             if name.startswith("read_namespaced"):
-                return Response({"metadata": {"name": args[0]}, "status": {}})
+                return Response({"metadata": {"name": args[0], "uid": f"uid-{args[0]}"},
+                                 "status": {}})
             if name.startswith("list"):
                 return Response({"items": [], "metadata": {"resourceVersion": "9"}})
             return None
@@ -175,10 +178,64 @@ async def test_auto_generate_fails_on_any_other_error(fake, monkeypatch):
         await source.create_generated_key("shop")
 
 
-async def test_an_event_goes_to_its_namespace(fake, monkeypatch):
+@pytest.fixture
+def event_api(fake) -> KubernetesEvents:
+    sink = KubernetesEvents(client.ApiClient())
+    sink.apis = {"core": fake, "apps": fake, "batch": fake}
+    return sink
+
+
+async def test_an_event_is_created_in_its_namespace(event_api, fake):
+    await event_api.create_event({"metadata": {"namespace": "shop", "name": "a.1"}})
+    name, args, _ = fake.calls[-1]
+    assert name == "create_namespaced_event" and args[0] == "shop"
+
+
+async def test_an_event_in_a_missing_namespace_raises_namespace_gone(event_api, fake):
+    fake.fail["create_namespaced_event"] = api_error(404)
+    with pytest.raises(NamespaceGone):
+        await event_api.create_event({"metadata": {"namespace": "gone", "name": "a.1"}})
+
+
+async def test_a_repeat_is_a_merge_patch_of_the_named_event(event_api, fake):
+    await event_api.patch_event("shop", "a.1", {"count": 2})
+    name, args, kwargs = fake.calls[-1]
+    assert (name, args[:3]) == ("patch_namespaced_event", ("a.1", "shop", {"count": 2}))
+    assert kwargs["_content_type"] == "application/merge-patch+json"
+
+
+async def test_patching_an_expired_event_raises_event_gone(event_api, fake):
+    fake.fail["patch_namespaced_event"] = api_error(404)
+    with pytest.raises(EventGone):
+        await event_api.patch_event("shop", "a.1", {"count": 2})
+
+
+@pytest.mark.parametrize(("api_version", "kind", "method"), [
+    ("apps/v1", "ReplicaSet", "read_namespaced_replica_set"),
+    ("apps/v1", "StatefulSet", "read_namespaced_stateful_set"),
+    ("apps/v1", "DaemonSet", "read_namespaced_daemon_set"),
+    ("batch/v1", "Job", "read_namespaced_job"),
+    ("v1", "ReplicationController", "read_namespaced_replication_controller"),
+], ids=["replicaset", "statefulset", "daemonset", "job", "replicationcontroller"])
+async def test_an_owner_is_read_by_its_kind_and_answers_its_uid(event_api, fake, api_version,
+                                                                kind, method):
+    assert await event_api.owner_uid("shop", api_version, kind, "api") == "uid-api"
+    assert fake.calls[-1][0] == method and fake.calls[-1][1][:2] == ("api", "shop")
+
+
+async def test_a_missing_owner_has_no_uid(event_api, fake):
+    fake.fail["read_namespaced_replica_set"] = api_error(404)
+    assert await event_api.owner_uid("shop", "apps/v1", "ReplicaSet", "api") is None
+
+
+async def test_an_owner_of_another_kind_is_not_read(event_api, fake):
+    assert await event_api.owner_uid("shop", "example.com/v1", "Rollout", "api") is None
+    assert fake.calls == []
+
+
+async def test_the_key_source_records_events_through_the_kubernetes_sink(fake, monkeypatch):
     source, _ = source_with(fake, monkeypatch)
-    await source.send_event({"metadata": {"namespace": "shop"}, "reason": "KeyCreated"})
-    assert fake.calls[-1][0] == "create_namespaced_event" and fake.calls[-1][1][0] == "shop"
+    assert isinstance(source.event_sink(), KubernetesEvents)
 
 
 # --- the CLI's client ---------------------------------------------------------------------

@@ -105,7 +105,7 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
     events = None
     if isinstance(source, ClusterKeySource):
         from .cluster import describe_api_error
-        events = EventRecorder(source.send_event, host=os.environ.get("HOSTNAME", ""),
+        events = EventRecorder(source.event_sink(), host=os.environ.get("HOSTNAME", ""),
                                on_drop=metrics.events_dropped.inc, describe=describe_api_error)
     try:
         runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,

@@ -21,6 +21,7 @@ from kubernetes.client.rest import ApiException
 
 from .config import Settings
 from .errors import UserFacingError
+from .events import EventGone, NamespaceGone
 from .key_secrets import build_key_secret, parse_key_secret
 from .keys import KeyRecord, Keyring, build_keyring, generate_key
 from .lifecycle import GENERATED_KEY_NAME, PodKeys, parse_pod_keys
@@ -183,11 +184,66 @@ class KubernetesKeySource:
         await in_daemon_thread(create)
         return await self.confirm(namespace)
 
-    async def send_event(self, event: dict[str, Any]) -> None:
-        """Record one Event (events.EventRecorder's sender)."""
+    def event_sink(self) -> KubernetesEvents:
+        return KubernetesEvents(self.api.api_client)
+
+
+# The controllers whose Pods keymount may refuse, and how to read one. Any other owner
+# kind (a custom resource) is not read: its refusals are recorded on the namespace.
+_OWNER_READERS: dict[tuple[str, str], tuple[str, str]] = {
+    ("apps/v1", "ReplicaSet"): ("apps", "read_namespaced_replica_set"),
+    ("apps/v1", "StatefulSet"): ("apps", "read_namespaced_stateful_set"),
+    ("apps/v1", "DaemonSet"): ("apps", "read_namespaced_daemon_set"),
+    ("batch/v1", "Job"): ("batch", "read_namespaced_job"),
+    ("v1", "ReplicationController"): ("core", "read_namespaced_replication_controller"),
+}
+
+
+class KubernetesEvents:
+    """events.EventSink: the Event and owner calls of events.EventRecorder, each in a
+    daemon thread, with the API's "not found" turned into what the recorder decides on."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.apis: dict[str, Any] = {"core": client.CoreV1Api(api_client),
+                                     "apps": client.AppsV1Api(api_client),
+                                     "batch": client.BatchV1Api(api_client)}
+
+    async def create_event(self, event: dict[str, Any]) -> None:
         namespace = event["metadata"]["namespace"]
-        await in_daemon_thread(lambda: self.api.create_namespaced_event(
-            namespace, event, _request_timeout=(5, 10)))
+        try:
+            await in_daemon_thread(lambda: self.apis["core"].create_namespaced_event(
+                namespace, event, _request_timeout=(5, 10), _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:  # NamespaceLifecycle: no such namespace
+                raise NamespaceGone(namespace) from None
+            raise
+
+    async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+        try:
+            # The client would send a dict as a JSON patch (its first content type).
+            await in_daemon_thread(lambda: self.apis["core"].patch_namespaced_event(
+                name, namespace, patch, _content_type="application/merge-patch+json",
+                _request_timeout=(5, 10), _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                raise EventGone(name) from None
+            raise
+
+    async def owner_uid(self, namespace: str, api_version: str, kind: str,
+                        name: str) -> str | None:
+        reader = _OWNER_READERS.get((api_version, kind))
+        if reader is None:
+            return None
+        read = getattr(self.apis[reader[0]], reader[1])
+        try:
+            response = await in_daemon_thread(lambda: read(
+                name, namespace, _request_timeout=(5, 10), _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        uid = (json.loads(response.data).get("metadata") or {}).get("uid")
+        return uid if isinstance(uid, str) else None
 
 
 # --- the CLI's calls -------------------------------------------------------------

@@ -3,8 +3,9 @@ Kubernetes API (`cluster`) both provide it; only the latter can also write."""
 
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
+from .events import EventSink
 from .keys import Keyring
 
 
@@ -25,5 +26,5 @@ class ClusterKeySource(KeySource, Protocol):
     async def create_generated_key(self, namespace: str) -> Keyring:
         """--auto-generate: the namespace's one generated key, made or reused."""
 
-    async def send_event(self, event: dict[str, Any]) -> None:
-        """Record one Kubernetes Event."""
+    def event_sink(self) -> EventSink:
+        """Where Kubernetes Events are recorded."""
