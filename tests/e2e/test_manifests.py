@@ -87,3 +87,32 @@ def test_the_auto_generate_component_adds_create_and_turns_the_flag_on(tmp_path)
     env = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"][0]["env"]
     assert {"name": "KEYMOUNT_AUTO_GENERATE", "value": "true"} in env
+
+
+def test_the_restrict_webhook_port_component_opens_8443_only_to_the_range_it_sets(tmp_path):
+    shutil.copytree(ROOT / "manifests", tmp_path / "manifests")
+    (tmp_path / "kustomization.yaml").write_text(
+        "resources: [manifests]\ncomponents: [manifests/components/restrict-webhook-port]\n")
+    result = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    policy = next(d for d in yaml.safe_load_all(result.stdout)
+                  if d and d["kind"] == "NetworkPolicy")
+    rules = sorted(((p["port"], r.get("from")) for r in policy["spec"]["ingress"]
+                    for p in r["ports"]), key=str)
+    # The webhook port only from the one range set in the component (no rule left that
+    # opens it to everyone); probes stay open.
+    assert rules == [(8080, None), (8443, [{"ipBlock": {"cidr": "CONTROL-PLANE-CIDR"}}])]
+    base = next(d for d in render("manifests") if d["kind"] == "NetworkPolicy")
+    assert base["spec"]["egress"] == policy["spec"]["egress"]
+    assert all("from" not in r for r in base["spec"]["ingress"])
+
+
+def test_keymounts_namespace_carries_the_name_label_the_webhooks_exclude_it_by():
+    docs = render("manifests")
+    namespace = next(d for d in docs if d["kind"] == "Namespace")
+    label = namespace["metadata"]["labels"]["kubernetes.io/metadata.name"]
+    excluded = {value for doc in docs for hook in doc.get("webhooks", [])
+                for expr in hook["namespaceSelector"]["matchExpressions"]
+                if expr["operator"] == "NotIn" for value in expr["values"]}
+    assert label == namespace["metadata"]["name"] and label in excluded
