@@ -206,9 +206,50 @@ async def test_validate_denies_deleting_a_key_secret(client):
     assert answer["response"]["allowed"] is False
 
 
-def test_the_server_context_refuses_tls_below_1_2_and_speaks_http_1_1(certs):
+def handshake(port: int, context: ssl.SSLContext, request: bytes | None = None
+              ) -> tuple[str | None, str | None, bytes]:
+    """A TLS connection to the server: the protocol it chose by ALPN, the TLS version,
+    and the answer to `request` (read until the server closes)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        answer = b""
+        if request is not None:
+            tls.sendall(request)
+            while chunk := tls.recv(65536):
+                answer += chunk
+        return tls.selected_alpn_protocol(), tls.version(), answer
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+async def test_a_tls_1_1_client_is_refused(server, certs):
+    client_context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    # SECLEVEL=0: this client really offers TLS 1.1, so a refusal is the server's.
+    client_context.set_ciphers("ALL:@SECLEVEL=0")
+    client_context.minimum_version = client_context.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError):
+        await asyncio.to_thread(handshake, server.port, client_context)
+    # Set by keymount itself, not left to the system's OpenSSL policy.
     context = build_ssl_context(str(certs.tls_cert), str(certs.tls_key))
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+@pytest.mark.parametrize("offer", [None, ["h2", "http/1.1"], ["h2"]],
+                         ids=["no-alpn", "h2-or-http/1.1", "h2-only"])
+async def test_only_http_1_1_is_spoken_whatever_alpn_offers(server, certs, offer):
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    if offer:
+        context.set_alpn_protocols(offer)
+    body = json.dumps(review(pod())).encode()
+    request = (b"POST /mutate HTTP/1.1\r\nHost: keymount\r\nContent-Type: application/json"
+               b"\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode() +
+               b"\r\n\r\n" + body)
+    chosen, version, answer = await asyncio.to_thread(handshake, server.port, context,
+                                                      request)
+    # An h2-only client is not told "h2": no ALPN answer, and it may hang up.
+    assert chosen == ("http/1.1" if offer and "http/1.1" in offer else None)
+    assert version in ("TLSv1.2", "TLSv1.3")
+    assert answer.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_a_tls_1_2_client_is_served(server, certs):
