@@ -5,6 +5,7 @@ calls against a real API server are in tests/e2e."""
 from __future__ import annotations
 
 import base64
+import inspect
 import json
 import logging
 from typing import Any
@@ -45,39 +46,69 @@ def api_error(status: int, message: str = "no") -> ApiException:
 
 
 class FakeApi:
-    """The client methods keymount calls, answering from `self.secrets`/`self.pods`, or
-    raising what `self.fail` names for a method."""
+    """What the API server holds (`secrets`, `pods`) and every call made to it, seen
+    through `strict` views of the client's API classes; `fail` names a method to
+    raise from, `answers` gives a method its own answer."""
 
     def __init__(self) -> None:
         self.secrets: list[dict] = []
         self.pods: list[dict] = []
         self.calls: list[tuple[str, tuple, dict]] = []
         self.fail: dict[str, Exception] = {}
-        self.api_client = object()
+        self.answers: dict[str, Any] = {}
 
-    def __getattr__(self, name: str):
-        def call(*args: Any, **kwargs: Any) -> Any:
-            self.calls.append((name, args, kwargs))
-            if name in self.fail:
-                raise self.fail[name]
-            if "secret" in name and name.startswith("list"):
-                items = [s for s in self.secrets
-                         if not args or s["metadata"]["namespace"] == args[0]]
-                return Response({"items": items, "metadata": {"resourceVersion": "7"}})
-            if "pod" in name and name.startswith("list"):
-                return Response({"items": self.pods, "metadata": {"resourceVersion": "8"}})
-            if name == "create_namespaced_secret":
-                return Response(args[1])
-            if name.startswith("read_namespaced"):
-                return Response({"metadata": {"name": args[0], "uid": f"uid-{args[0]}"},
-                                 "status": {}})
-            if name.startswith("list"):
-                return Response({"items": [], "metadata": {"resourceVersion": "9"}})
-            return None
-        return call
+    def strict(self, api_class: type) -> StrictApi:
+        return StrictApi(self, api_class)
+
+    def answer(self, name: str, args: tuple, kwargs: dict) -> Any:
+        self.calls.append((name, args, kwargs))
+        if name in self.fail:
+            raise self.fail[name]
+        if name in self.answers:
+            return self.answers[name](*args, **kwargs)
+        if "secret" in name and name.startswith("list"):
+            items = [s for s in self.secrets
+                     if not args or s["metadata"]["namespace"] == args[0]]
+            return Response({"items": items, "metadata": {"resourceVersion": "7"}})
+        if "pod" in name and name.startswith("list"):
+            return Response({"items": self.pods, "metadata": {"resourceVersion": "8"}})
+        if name == "create_namespaced_secret":
+            return Response(args[1])
+        if name.startswith("read_namespaced"):
+            return Response({"metadata": {"name": args[0], "uid": f"uid-{args[0]}"},
+                             "status": {}})
+        if name.startswith("list"):
+            return Response({"items": [], "metadata": {"resourceVersion": "9"}})
+        return None
 
     def names(self) -> list[str]:
         return [name for name, _, _ in self.calls]
+
+
+class StrictApi:
+    """One of the client's API classes (CoreV1Api, AppsV1Api, ...) answered by a
+    `FakeApi`: only that class's methods exist, and each call is bound to the real
+    method's signature, so a misspelt method, a method of another API group, a
+    missing argument or an unknown keyword fails here as it would on the client."""
+
+    def __init__(self, fake: FakeApi, api_class: type) -> None:
+        self._fake, self._class = fake, api_class
+        self.api_client = object()
+
+    def __getattr__(self, name: str) -> Any:
+        method = None if name.startswith("_") else getattr(self._class, name, None)
+        if not callable(method):
+            raise AttributeError(f"kubernetes.client.{self._class.__name__} has no "
+                                 f"method {name!r}")
+        signature = inspect.signature(method)
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            try:
+                signature.bind(self, *args, **kwargs)
+            except TypeError as exc:
+                raise TypeError(f"{self._class.__name__}.{name}: {exc}") from None
+            return self._fake.answer(name, args, kwargs)
+        return call
 
 
 @pytest.fixture
@@ -106,9 +137,9 @@ def source_with(fake: FakeApi, monkeypatch, *, pods: PodStore | None = None,
     store = KeyStore()
     source = KubernetesKeySource(client.ApiClient(), settings=SETTINGS, store=store,
                                  pods=pods, namespaces=namespaces)
-    source.api = source.keys.api = fake
+    source.api = source.keys.api = fake.strict(client.CoreV1Api)
     if source.pods is not None:
-        source.pods.api = fake
+        source.pods.api = fake.strict(client.CoreV1Api)
     return source, store
 
 
@@ -181,7 +212,8 @@ async def test_auto_generate_fails_on_any_other_error(fake, monkeypatch):
 @pytest.fixture
 def event_api(fake) -> KubernetesEvents:
     sink = KubernetesEvents(client.ApiClient())
-    sink.apis = {"core": fake, "apps": fake, "batch": fake}
+    sink.apis = {"core": fake.strict(client.CoreV1Api), "apps": fake.strict(client.AppsV1Api),
+                 "batch": fake.strict(client.BatchV1Api)}
     return sink
 
 
@@ -243,7 +275,8 @@ async def test_the_key_source_records_events_through_the_kubernetes_sink(fake, m
 @pytest.fixture
 def keys(fake) -> KeyClient:
     client_ = KeyClient(client.ApiClient(), settings=SETTINGS)
-    client_.api = client_.apps = fake
+    client_.api = fake.strict(client.CoreV1Api)
+    client_.apps = fake.strict(client.AppsV1Api)
     return client_
 
 
@@ -304,17 +337,18 @@ def test_workloads_are_restarted_as_kubectl_does_and_read_back(keys, fake, kind)
 def test_a_replicasets_deployment_is_the_thing_to_restart(keys, fake):
     owner = type("Ref", (), {"controller": True, "kind": "Deployment", "name": "api"})()
     replica_set = type("RS", (), {"metadata": type("M", (), {"owner_references": [owner]})()})
-    fake.read_namespaced_replica_set = lambda name, namespace: replica_set
+    fake.answers["read_namespaced_replica_set"] = lambda name, namespace: replica_set
     assert keys.controller_of("shop", "ReplicaSet", "api-5d9c") == ("Deployment", "api")
     assert keys.controller_of("shop", "Job", "migrate") == ("Job", "migrate")
-    fake.read_namespaced_replica_set = lambda name, namespace: (_ for _ in ()).throw(
-        api_error(404))
+    fake.answers["read_namespaced_replica_set"] = lambda name, namespace: (
+        _ for _ in ()).throw(api_error(404))
     assert keys.controller_of("shop", "ReplicaSet", "gone") == ("ReplicaSet", "gone")
 
 
 @pytest.mark.parametrize("namespace", ["shop", None], ids=["one-namespace", "all"])
 def test_rbac_is_read_for_one_namespace_or_all(keys, fake, monkeypatch, namespace):
-    monkeypatch.setattr(cluster.client, "RbacAuthorizationV1Api", lambda api: fake)
+    rbac_api = fake.strict(client.RbacAuthorizationV1Api)  # before the class is patched
+    monkeypatch.setattr(cluster.client, "RbacAuthorizationV1Api", lambda api: rbac_api)
     fake.secrets = []
     rbac = keys.rbac(namespace)
     called = {name for name, _, _ in fake.calls}

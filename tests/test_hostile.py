@@ -246,50 +246,80 @@ def test_certificates_swapped_under_load_fail_no_handshake_once_the_pair_is_comp
     trust.write_bytes(old_ca.read_bytes() + new_ca.read_bytes())
     complete = threading.Event()
     stop = threading.Event()
-    failures_after, seen_new = [], []
+    # Every handshake from the first to the last is recorded, with the phase it was
+    # in: the old pair must serve while the files are half-written, as much as the
+    # new one after.
+    phase = ["before"]
+    failures: list[tuple[str, str]] = []
+    served_in: dict[str, int] = {}
+    seen_new: list[float] = []
     first = serial(server.port, old_ca)
 
     def load() -> None:
         while not stop.is_set():
+            now = phase[0]
             try:
                 number = serial(server.port, trust)
-                if complete.is_set() and number != first and not seen_new:
-                    seen_new.append(time.monotonic())
             except (OSError, ssl.SSLError) as exc:
-                if complete.is_set():
-                    failures_after.append(repr(exc))
+                failures.append((now, repr(exc)))
+                continue
+            served_in[now] = served_in.get(now, 0) + 1
+            if complete.is_set() and number != first and not seen_new:
+                seen_new.append(time.monotonic())
+
+    def handshakes_in(name: str, count: int = 20) -> None:
+        """Wait until `count` handshakes succeeded (or any failed) in this phase."""
+        poll(lambda: failures or served_in.get(name, 0) >= count, timeout=20,
+             what=f"{count} handshakes while {name}")
+
+    def reloads(result: str) -> float:
+        return server.metric("keymount_tls_reloads_total", f'result="{result}"')
     threads = [threading.Thread(target=load) for _ in range(3)]
     for t in threads:
         t.start()
     try:
+        handshakes_in("before")
         if swap == "symlink":
             # As the kubelet updates a Secret volume: files are links into ..data.
             old = tmp_path / "..v1"
             write_certificates(old, {k: (live / k).read_bytes() for k in ("tls.crt", "tls.key")})
             write_certificates(tmp_path / "..v2", renewed)
             (tmp_path / "..data").symlink_to(old.name)
+            phase[0] = "linking"
             for name in ("tls.crt", "tls.key"):
                 (live / name).unlink()
                 (live / name).symlink_to(tmp_path / "..data" / name)
-            time.sleep(0.5)  # the links point at the same pair: nothing to reload
+            # The links are new files holding the same pair: each process reloads it
+            # once; only then is the ..data swap the kubelet's one atomic change.
+            poll(lambda: reloads("success") >= server.workers, timeout=20,
+                 what="the linked pair reloaded by every process")
+            handshakes_in("linking")
             (tmp_path / "..data.tmp").symlink_to("..v2")
             os.replace(tmp_path / "..data.tmp", tmp_path / "..data")
         else:
             order = ("tls.crt", "tls.key") if swap == "cert-first" else ("tls.key", "tls.crt")
+            phase[0] = "half-written"
             (live / order[0]).write_bytes(renewed[order[0]])
-            time.sleep(1.5)  # a reload tick with half a pair: handshakes must go on
+            # Each process has tried the half pair (and kept the old one): handshakes
+            # must go on, in this phase, not only once the pair is complete.
+            poll(lambda: reloads("error") >= server.workers, timeout=20,
+                 what="a reload tick over half a pair in every process")
+            handshakes_in("half-written")
             (live / order[1]).write_bytes(renewed[order[1]])
+        phase[0] = "complete"
         complete.set()
         done = time.monotonic()
-        poll(lambda: seen_new, timeout=10, what="the new certificate served")
-        print(f"\n{swap}: new certificate served {seen_new[0] - done:.1f}s after the pair "
-              f"was complete")
-        time.sleep(1.0)
+        poll(lambda: seen_new or failures, timeout=10, what="the new certificate served")
+        if seen_new:
+            print(f"\n{swap}: new certificate served {seen_new[0] - done:.1f}s after the "
+                  f"pair was complete")
+        phase[0] = "renewed"
+        handshakes_in("renewed")
     finally:
         stop.set()
         for t in threads:
             t.join(10)
-    assert failures_after == []
+    assert failures == []
     assert serial(server.port, new_ca) != first
 
 

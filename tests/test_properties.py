@@ -10,6 +10,7 @@ that result.
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 
 import jsonpatch
@@ -120,7 +121,7 @@ def assert_keys_mounted(pod, request) -> None:
     assert verdict.result == "allowed", verdict.message
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=400)
 @given(body=json_values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=64))
 def test_any_body_is_a_request_or_a_400_never_an_exception(body):
     RUNS["any-body"] += 1
@@ -130,7 +131,7 @@ def test_any_body_is_a_request_or_a_400_never_an_exception(body):
             assert_wire_response(request, verdict)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500)
 @given(review=reviews)
 def test_no_backend_pod_is_ever_allowed_without_its_keys(review):
     RUNS["review"] += 1
@@ -165,7 +166,7 @@ backend_pods = st.fixed_dictionaries(
                        {}, optional={"fsGroup": st.integers(0, 5)})})})
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=1500)
 @given(pod=backend_pods, webhook=st.sampled_from(["mutate", "validate"]))
 def test_a_backend_pod_of_any_shape_is_refused_or_gets_every_key(pod, webhook):
     RUNS["backend-pod"] += 1
@@ -197,3 +198,20 @@ def test_a_mount_path_normalises_as_the_kubelet_resolves_it(path):
 
     from webhook.injection import normalize_path
     assert normalize_path(path) == posixpath.normpath("/" + str(path or "/").lstrip("/"))
+
+
+def test_every_property_test_runs_without_timing_checks_and_keeps_its_examples():
+    # A loaded machine must not fail a property (tests/conftest.py): no @settings may
+    # bring back a deadline or the too_slow health check, or cut the examples.
+    import test_decoding
+    import test_metrics
+    tests = {f"{module.__name__}.{name}": test
+             for module in (sys.modules[__name__], test_decoding, test_metrics)
+             for name, test in vars(module).items()
+             if getattr(test, "is_hypothesis_test", False)}
+    assert len(tests) >= 6, sorted(tests)
+    for name, test in tests.items():
+        chosen = test._hypothesis_internal_use_settings
+        assert chosen.deadline is None, name
+        assert HealthCheck.too_slow in chosen.suppress_health_check, name
+        assert chosen.max_examples >= 100, name

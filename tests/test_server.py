@@ -206,9 +206,50 @@ async def test_validate_denies_deleting_a_key_secret(client):
     assert answer["response"]["allowed"] is False
 
 
-def test_the_server_context_refuses_tls_below_1_2_and_speaks_http_1_1(certs):
+def handshake(port: int, context: ssl.SSLContext, request: bytes | None = None
+              ) -> tuple[str | None, str | None, bytes]:
+    """A TLS connection to the server: the protocol it chose by ALPN, the TLS version,
+    and the answer to `request` (read until the server closes)."""
+    import socket
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw, \
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        answer = b""
+        if request is not None:
+            tls.sendall(request)
+            while chunk := tls.recv(65536):
+                answer += chunk
+        return tls.selected_alpn_protocol(), tls.version(), answer
+
+
+@pytest.mark.filterwarnings("ignore:ssl.TLSVersion.TLSv1_1 is deprecated:DeprecationWarning")
+async def test_a_tls_1_1_client_is_refused(server, certs):
+    client_context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    # SECLEVEL=0: this client really offers TLS 1.1, so a refusal is the server's.
+    client_context.set_ciphers("ALL:@SECLEVEL=0")
+    client_context.minimum_version = client_context.maximum_version = ssl.TLSVersion.TLSv1_1
+    with pytest.raises(ssl.SSLError):
+        await asyncio.to_thread(handshake, server.port, client_context)
+    # Set by keymount itself, not left to the system's OpenSSL policy.
     context = build_ssl_context(str(certs.tls_cert), str(certs.tls_key))
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
+
+
+@pytest.mark.parametrize("offer", [None, ["h2", "http/1.1"], ["h2"]],
+                         ids=["no-alpn", "h2-or-http/1.1", "h2-only"])
+async def test_only_http_1_1_is_spoken_whatever_alpn_offers(server, certs, offer):
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    if offer:
+        context.set_alpn_protocols(offer)
+    body = json.dumps(review(pod())).encode()
+    request = (b"POST /mutate HTTP/1.1\r\nHost: keymount\r\nContent-Type: application/json"
+               b"\r\nConnection: close\r\nContent-Length: " + str(len(body)).encode() +
+               b"\r\n\r\n" + body)
+    chosen, version, answer = await asyncio.to_thread(handshake, server.port, context,
+                                                      request)
+    # An h2-only client is not told "h2": no ALPN answer, and it may hang up.
+    assert chosen == ("http/1.1" if offer and "http/1.1" in offer else None)
+    assert version in ("TLSv1.2", "TLSv1.3")
+    assert answer.startswith(b"HTTP/1.1 200 ")
 
 
 async def test_a_tls_1_2_client_is_served(server, certs):
@@ -307,22 +348,66 @@ async def test_metrics_count_admissions_by_webhook_and_result(client, runtime, p
     assert "keymount_admission_duration_seconds_bucket" in text
 
 
+def spellings(key: bytes) -> list[str]:
+    """Every way a log line could carry the key: base64 as in the Secret, hex, and
+    the repr a `default=str` serializer or an f-string would print."""
+    return [base64.b64encode(key).decode(), key.hex(), repr(key)[2:-1]]
+
+
+@pytest.fixture
+def emitted(tmp_path, runtime):
+    """What keymount writes to stderr while serving: decision lines through a real
+    `LineSink` (as `keymount serve` wires it) and every `logging` record rendered by
+    keymount's own formatter, `extra` fields included. `caplog.text` shows neither."""
+    import logging
+
+    from webhook.logs import DecisionLog, JsonFormatter, LineSink
+
+    path = tmp_path / "stderr.log"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    sink = LineSink(fd)
+    runtime.decisions = DecisionLog(sink, fmt="json", level="debug")
+    handler = logging.StreamHandler(open(tmp_path / "records.log", "w"))
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    previous = root.level
+    root.setLevel(logging.DEBUG)
+
+    def read() -> list[dict]:
+        sink.close()
+        handler.flush()
+        text = path.read_text() + (tmp_path / "records.log").read_text()
+        return [json.loads(line) for line in text.splitlines()]
+    yield read
+    root.removeHandler(handler)
+    root.setLevel(previous)
+    handler.close()
+    sink.close()
+    os.close(fd)
+
+
 @pytest.mark.parametrize("body", [
     review(pod()),
     review(key_secret("k", random_key()), kind="Secret"),
     review(None, kind="Secret", operation="DELETE", old=key_secret("k", random_key())),
 ], ids=["pod", "secret-create", "secret-delete"])
-async def test_every_decision_is_logged_as_one_line_without_key_material(client, body, caplog):
-    import logging
-    caplog.set_level(logging.INFO, logger="keymount.admission")
+async def test_every_decision_is_logged_as_one_line_without_key_material(
+        client, body, emitted):
     path = "/mutate" if body["request"]["kind"]["kind"] == "Pod" else "/validate"
     status, answer = await post(client, path, body)
     assert status == 200
-    [record] = [r for r in caplog.records if r.name == "keymount.admission"]
-    assert record.uid == body["request"]["uid"]
+    lines = emitted()
+    [decision] = [line for line in lines if line["logger"] == "keymount.admission"]
+    assert decision["uid"] == body["request"]["uid"]
     secret = body["request"]["object"] or body["request"]["oldObject"]
     if secret.get("kind") == "Secret":
-        assert secret["data"]["encryption-key"] not in caplog.text
+        assert decision["key_action"]  # a decision about this key, logged
+        key = base64.b64decode(secret["data"]["encryption-key"])
+        # Decoded values: a JSON line escapes the backslashes of a bytes repr.
+        values = " ".join(str(value) for line in lines for value in line.values())
+        leaked = any(spelling in values for spelling in spellings(key))
+        assert not leaked, "a log line carries the key (spelling not shown: it is the key)"
 
 
 async def test_a_reused_live_read_is_dropped_once_the_namespace_changes():
