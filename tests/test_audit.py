@@ -95,3 +95,12 @@ def test_unset_key_writers_an_overdue_key_a_stale_pod_and_a_legacy_key_are_findi
     assert sorted(kind for kind, _, _ in findings) == [
         "key-too-old", "key-writers-unset", "legacy-key", "stale-pod"]
     assert ("stale-pod", "shop", "api-0") in findings
+
+
+def test_two_keys_sharing_a_number_are_a_finding_and_listed_as_duplicates():
+    from webhook.lifecycle import build_key_rows
+    ring = keyring_of(key_secret("a-key", random_key(), index=1, legacy=True),
+                      key_secret("b-key", random_key(), index=1, legacy=True))
+    assert ("duplicate-number", "shop", "a-key,b-key") in run({"shop": ring})
+    states = {row.secret: row.state for row in build_key_rows(ring, now=NOW)}
+    assert states == {"a-key": "duplicate", "b-key": "duplicate"}

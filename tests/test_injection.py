@@ -160,7 +160,8 @@ def test_ambiguous_order_refuses_and_names_both_secrets():
     assert outcome.reason == "ambiguous-order"
     assert "'k1'" in outcome.message and "'k2'" in outcome.message
     assert "both have number 4" in outcome.message
-    assert "keymount keys retire NAME -n shop" in outcome.message
+    assert "kubectl delete secret NAME -n shop" in outcome.message
+    assert "made before keymount" not in outcome.message
 
 
 @pytest.mark.parametrize("mount_path", ["/encryption-keys", "/encryption-keys/",

@@ -410,3 +410,16 @@ def test_a_reservation_ends_once_its_key_is_in_view():
     held.reserve("shop", 3, "k3")
     held.settle("shop", ["k1", "k3"])
     assert held.held("shop") == {}
+
+
+@pytest.mark.parametrize("user", ["alice", "mallory"], ids=["writer", "non-writer"])
+def test_either_key_of_a_pair_sharing_a_number_may_be_deleted_by_a_writer_alone(user):
+    a = key_secret("a-key", random_key(), index=1, legacy=True)
+    b = key_secret("b-key", random_key(), index=1, legacy=True)
+    ring = keyring_of(a, b, key_secret("other", random_key(), index=2, legacy=True))
+    for secret in (a, b):
+        verdict = delete(ring, secret, user=user)
+        assert verdict.result == ("allowed" if user == "alice" else "denied"), verdict.message
+    # A key outside the pair is still protected.
+    assert delete(ring, key_secret("other", random_key(), index=2, legacy=True)).result == \
+        "denied"

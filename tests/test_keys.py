@@ -12,6 +12,7 @@ from webhook.keys import (
     MAX_NUMBERS_TEXT,
     NumberSet,
     check_key,
+    describe_conflict,
     fingerprint_key,
     format_numbers,
     parse_numbers,
@@ -288,3 +289,17 @@ def test_the_key_field_is_configurable():
     settings = Settings(key_field="aes")
     ring = keyring_of(key_secret("x", KEY, field="aes"), settings=settings)
     assert names(ring) == ["x"]
+
+
+@pytest.mark.parametrize("legacy", [True, False], ids=["written-around-keymount-0.2",
+                                                       "both-recording-numbers"])
+def test_two_keys_declaring_one_index_are_a_conflict_whatever_their_names(legacy):
+    # keymount 0.2 gave such a pair files 1 and 2 in name order: a name decided which
+    # key encrypted new data.
+    ring = keyring_of(key_secret("b-key", random_key(), index=1, legacy=legacy),
+                      key_secret("a-key", random_key(), index=1, legacy=legacy))
+    assert ring.conflict is not None and {r.name for r in ring.conflict} == {"a-key", "b-key"}
+    message = describe_conflict(ring)
+    assert "'a-key'" in message and "'b-key'" in message and "number 1" in message
+    assert ("made before keymount numbered keys" in message) is legacy
+    assert "kubectl delete secret NAME -n shop" in message

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from .keyguard import SERVICE_ACCOUNT_PREFIX, KeyWriters, Requester
-from .keys import Keyring
+from .keys import Keyring, describe_conflict
 from .lifecycle import PodKeys, build_pod_key_state, newest_key_too_old
 
 READ_VERBS = {"get", "list", "watch", "*"}
@@ -26,6 +26,7 @@ READ_VERBS = {"get", "list", "watch", "*"}
 @dataclass(frozen=True, slots=True)
 class Finding:
     # reused-key | secret-reader | key-writers-unset | key-too-old | stale-pod | legacy-key
+    # | duplicate-number
     kind: str
     namespace: str
     subject: str
@@ -122,6 +123,10 @@ def audit(keyrings: Mapping[str, Keyring], *, rbac: Rbac | None, pods: Iterable[
     for ns, keyring in keyrings.items():
         for record in keyring.keys:
             by_fingerprint[record.fingerprint].add(ns)
+        if keyring.conflict:
+            findings.append(Finding("duplicate-number", ns,
+                                    ",".join(r.name for r in keyring.conflict),
+                                    describe_conflict(keyring)))
         for record in keyring.legacy:
             findings.append(Finding(
                 "legacy-key", ns, record.name, "made before keymount numbered keys; pin it: "

@@ -28,7 +28,14 @@ from .cli_common import (
 )
 from .config import Settings
 from .errors import UserFacingError
-from .keys import KeyRecord, Keyring, build_keyring, check_key, generate_key
+from .keys import (
+    KeyRecord,
+    Keyring,
+    build_keyring,
+    check_key,
+    describe_conflict,
+    generate_key,
+)
 from .names import INDEX_ANNOTATION, RETIRED_ANNOTATION, key_file_name
 
 
@@ -341,10 +348,7 @@ def cmd_pin(args: argparse.Namespace) -> int:
     keys, namespace = connect_namespace(args, settings)
     keyring = keys.keyring(namespace)
     if keyring.conflict:
-        a, b = keyring.conflict
-        raise UserFacingError(f"key Secrets {a.name!r} and {b.name!r} share a number; retire "
-                              f"the one no data needs first: keymount keys retire NAME -n "
-                              f"{namespace}")
+        raise UserFacingError(describe_conflict(keyring))
     if not pin_legacy_keys(keys, keyring):
         print(f"every key of namespace {namespace} already has its number")
     return 0

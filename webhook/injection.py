@@ -23,7 +23,7 @@ import jsonpatch
 import orjson
 
 from .config import CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME, Settings
-from .keys import KeyFile, Keyring
+from .keys import KeyFile, Keyring, describe_conflict
 from .names import key_file_name, slot_secret_name
 
 PatchOp = dict[str, Any]
@@ -109,14 +109,7 @@ def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
     should fix them."""
     ns = keyring.namespace
     if keyring.conflict:
-        a, b = keyring.conflict
-        number = keyring.number_of(a.name)
-        return Refused("ambiguous-order", (
-            f"key Secrets {a.name!r} and {b.name!r} in namespace {ns!r} both have number "
-            f"{number} (Secrets made before keymount numbered keys): keymount cannot tell "
-            f"which one file encryption-key-{number} is. `keymount keys list -n {ns}` shows "
-            f"both; retire the one no data was encrypted with: keymount keys retire NAME "
-            f"-n {ns}"))
+        return Refused("ambiguous-order", describe_conflict(keyring))
     if keyring.invalid and settings.invalid_keys == "deny":
         listed = "; ".join(f"{r.name}: {r.check.reason}" for r in keyring.invalid)
         return Refused("invalid-keys", (

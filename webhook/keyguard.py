@@ -307,6 +307,11 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
     ns, name = change.namespace, change.name
     if not writers.allows(change.requester):
         return _writer_refusal(change, writers, "delete")
+    if old.state == "valid" and keyring.conflict and name in (r.name for r in keyring.conflict):
+        # Two keys share this number: Pods are refused until one goes, and only the
+        # user knows which one their data was encrypted with (keys.describe_conflict).
+        return KeyDecision(True, "deleted", number=old.index if old.index_explicit else None,
+                           fingerprint=old.fingerprint)
     if old.state == "valid":
         return _refused(
             f"Secret {name!r} in namespace {ns!r} holds encryption key number "

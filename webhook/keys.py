@@ -387,6 +387,25 @@ class Keyring:
         return next((r for r in self.retired if r.index_explicit and r.index == number), None)
 
 
+def describe_conflict(keyring: Keyring) -> str:
+    """What is wrong when two keys of a namespace share a number, and how to end it."""
+    if keyring.conflict is None:
+        return ""
+    a, b = keyring.conflict
+    ns = keyring.namespace
+    number = (a.index if a.index_explicit and b.index_explicit and a.index == b.index
+              else keyring.number_of(a.name))
+    how = ("both made before keymount numbered keys" if not (a.numbered or b.numbered) else
+           f"{INDEX_ANNOTATION} written without keymount's webhook")
+    return (f"key Secrets {a.name!r} and {b.name!r} in namespace {ns!r} both have number "
+            f"{number} ({how}): keymount cannot tell which one is file "
+            f"encryption-key-{number}, and their names must not decide which key encrypts "
+            f"new data. `keymount keys list -n {ns}` shows both with their fingerprints. "
+            f"Keep the one your data was encrypted with and delete the other, after keeping "
+            f"a copy as safe as the key itself (keymount allows the delete while they share "
+            f"a number): kubectl delete secret NAME -n {ns}")
+
+
 def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     records = list(records)
     valid = [r for r in records if r.valid]
@@ -411,6 +430,17 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
         if number in holders and conflict is None:
             conflict = (holders[number], record)
         holders.setdefault(number, record)
+    # Two legacy keys that declare one index conflict, as keymount 0.1 refused them,
+    # although legacy numbering would give them two files: otherwise their names would
+    # decide which one encrypts new data. (A legacy key may share its declared index
+    # with a keymount-numbered one: 0.1 sorted by index, and pinning its unindexed
+    # predecessor at position 1 is how such a pair comes about.)
+    declared: dict[int, KeyRecord] = {}
+    for record in sorted((r for r in valid if r.index_explicit and not r.numbered),
+                         key=lambda r: r.name):
+        if record.index in declared and conflict is None:
+            conflict = (declared[record.index], record)
+        declared.setdefault(record.index, record)
 
     used = NumberSet.of(holders, (r.index for r in invalid if r.index_explicit),
                         *(record.numbers_used for record in records))
