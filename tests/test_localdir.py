@@ -172,14 +172,16 @@ def fifo(tmp_path, request):
     still blocked in open() when the code under test regresses."""
     path = tmp_path / "x.yaml"
     os.mkfifo(path)
-
-    def unblock():
-        try:
-            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
-        except OSError:
-            pass  # no reader waiting: nothing to free
-    request.addfinalizer(unblock)
+    request.addfinalizer(lambda: free_reader(path))
     return path
+
+
+def free_reader(path):
+    """Open a FIFO for writing, which lets a reader blocked in open() go on."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # not a FIFO, or no reader waiting: nothing to free
 
 
 def make_socket(path):
@@ -203,7 +205,7 @@ def test_an_entry_that_is_not_a_regular_file_is_skipped_with_a_warning_naming_it
         directory, make, kind, request):
     special = directory / "x.yaml"
     make(special)
-    request.addfinalizer(lambda: special.unlink() if not special.is_dir() else None)
+    request.addfinalizer(lambda: free_reader(special))
     source = DirectoryKeySource(directory, settings=SETTINGS, store=KeyStore())
     records = finishes(source.scan)
     assert [r.name for r in records] == ["a"]
@@ -223,9 +225,13 @@ def test_a_directory_named_like_a_manifest_is_not_entered(directory):
 async def test_a_fifo_does_not_hold_the_reload_and_is_logged_once(directory, fifo, caplog):
     store = KeyStore()
     source = DirectoryKeySource(directory, settings=SETTINGS, store=store)
-    with caplog.at_level(logging.WARNING, logger="keymount.localdir"):
-        await asyncio.wait_for(source.load(), timeout=10)
-        await asyncio.wait_for(source.load(), timeout=10)
+    try:
+        with caplog.at_level(logging.WARNING, logger="keymount.localdir"):
+            await asyncio.wait_for(source.load(), timeout=10)
+            await asyncio.wait_for(source.load(), timeout=10)
+    finally:
+        # Before the loop closes: closing waits for the thread that load() started.
+        free_reader(fifo)
     assert [r.name for r in store.keyring("shop").keys] == ["a"]
     assert [r.getMessage() for r in caplog.records] == [
         f"skipping {fifo}: a FIFO, not a regular file"]
