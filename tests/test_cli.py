@@ -14,9 +14,10 @@ GOLDEN = Path(__file__).parent / "golden" / "inject"
 UPDATE = os.environ.get("KEYMOUNT_UPDATE_GOLDEN") == "1"
 
 
-def keymount(*args: str, stdin: bytes | None = None, env: dict | None = None):
+def keymount(*args: str, stdin: bytes | None = None, env: dict | None = None,
+             timeout: float = 60):
     return subprocess.run([sys.executable, "-m", "webhook", *args], input=stdin,
-                          capture_output=True, timeout=60,
+                          capture_output=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
 
@@ -70,6 +71,37 @@ def test_inject_exits_non_zero_with_the_deny_message_and_prints_nothing(keys_dir
     assert result.stdout == b""
     assert b"denied: Pod elsewhere/debug" in result.stderr
     assert b"keymount keys create encryption-key-1 -n elsewhere --generate" in result.stderr
+
+
+LEAKY = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"  # looks like a base64 key
+
+
+@pytest.mark.parametrize("broken", [
+    f"kind: Secret\ndata:\n  encryption-key: {LEAKY}: oops\n",
+    f"kind: Secret\ndata:\n  encryption-key: !{LEAKY} x\n",
+    "kind: Secret\nmetadata: 5\n",
+], ids=["yaml-error", "unknown-tag", "not-a-secret"])
+def test_inject_fails_naming_a_key_manifest_it_cannot_read(keys_dir, broken):
+    (keys_dir / "more-keys.yaml").write_text(broken)
+    result = keymount("inject", "-f", str(GOLDEN / "workloads.in.yaml"),
+                      "--keys-from", str(keys_dir))
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert result.stdout == b""
+    assert stderr.startswith(f"keymount: cannot read key manifests in --keys-from {keys_dir}: "
+                             f"{keys_dir / 'more-keys.yaml'}: ")
+    assert LEAKY not in stderr and "Traceback" not in stderr
+
+
+def test_inject_skips_a_fifo_named_like_a_manifest_with_a_warning(keys_dir):
+    fifo = keys_dir / "x.yaml"
+    os.mkfifo(fifo)
+    # A regression blocks opening the FIFO; the timeout kills the process then.
+    result = keymount("inject", "-f", str(GOLDEN / "workloads.in.yaml"),
+                      "--keys-from", str(keys_dir), timeout=30)
+    assert result.returncode == 0, result.stderr.decode()
+    assert f"warning: skipping {fifo}: a FIFO, not a regular file" in result.stderr.decode()
+    assert result.stdout == (GOLDEN / "workloads.out.yaml").read_bytes()
 
 
 @pytest.mark.parametrize(("make", "code", "out"), [

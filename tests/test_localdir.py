@@ -3,12 +3,22 @@
 import asyncio
 import base64
 import json
+import logging
+import os
+import socket
+import threading
 
 import pytest
 import yaml
 
+from webhook import localdir
 from webhook.config import Settings
-from webhook.localdir import DirectoryKeySource, ManifestError, parse_key_documents
+from webhook.localdir import (
+    DirectoryKeySource,
+    ManifestError,
+    parse_key_documents,
+    read_manifest,
+)
 from webhook.store import KeyStore
 
 from builders import key_secret, random_key
@@ -103,6 +113,7 @@ async def test_a_file_that_stops_parsing_keeps_its_previous_keys(directory, capl
     await source.load()
     assert [r.name for r in store.keyring("shop").keys] == ["a"]
     assert str(directory / "a.yaml") in source.errors[directory / "a.yaml"]
+    assert str(directory / "a.yaml") in caplog.text
 
 
 async def test_hidden_entries_such_as_configmap_volume_links_are_skipped(directory):
@@ -132,3 +143,159 @@ async def test_an_unchanged_directory_does_not_rebuild_the_keyrings(directory):
     (directory / "b.yaml").write_text(yaml.safe_dump(key_secret("b", random_key())))
     await source.load()
     assert store.keyring("shop") is not ring
+
+
+# --- files that are not regular files, or cannot be read ----------------------------------
+
+def finishes(call, *, timeout: float = 10.0):
+    """`call()` in a daemon thread; its result, or a failure if it is still running at
+    the deadline (blocked opening a FIFO, say) instead of hanging the test run."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["value"] = call()
+        except BaseException as exc:  # handed to the test below
+            outcome["error"] = exc
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"still blocked after {timeout}s"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+@pytest.fixture
+def fifo(tmp_path, request):
+    """A FIFO at tmp_path/x.yaml; teardown opens it for writing, which frees a reader
+    still blocked in open() when the code under test regresses."""
+    path = tmp_path / "x.yaml"
+    os.mkfifo(path)
+    request.addfinalizer(lambda: free_reader(path))
+    return path
+
+
+def free_reader(path):
+    """Open a FIFO for writing, which lets a reader blocked in open() go on."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass  # not a FIFO, or no reader waiting: nothing to free
+
+
+def make_socket(path):
+    server = socket.socket(socket.AF_UNIX)
+    server.bind(str(path))
+    server.close()  # the socket file stays behind
+
+
+def make_symlink_to_fifo(path):
+    os.mkfifo(path.parent / "pipe")
+    path.symlink_to(path.parent / "pipe")
+
+
+@pytest.mark.parametrize("make, kind", [
+    (os.mkfifo, "a FIFO"),
+    (make_socket, "a socket"),
+    (os.mkdir, "a directory"),
+    (make_symlink_to_fifo, "a symlink to a FIFO"),
+], ids=["fifo", "socket", "directory", "symlink-to-fifo"])
+def test_an_entry_that_is_not_a_regular_file_is_skipped_with_a_warning_naming_it(
+        directory, make, kind, request):
+    special = directory / "x.yaml"
+    make(special)
+    request.addfinalizer(lambda: free_reader(special))
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=KeyStore())
+    records = finishes(source.scan)
+    assert [r.name for r in records] == ["a"]
+    assert source.skipped == {special: f"skipping {special}: {kind}, not a regular file"}
+    assert source.errors == {}
+
+
+def test_a_directory_named_like_a_manifest_is_not_entered(directory):
+    (directory / "more.yaml").mkdir()
+    (directory / "more.yaml" / "b.yaml").write_text(
+        yaml.safe_dump(key_secret("b", random_key())))
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=KeyStore())
+    assert [r.name for r in source.scan()] == ["a"]
+    assert list(source.skipped) == [directory / "more.yaml"]
+
+
+async def test_a_fifo_does_not_hold_the_reload_and_is_logged_once(directory, fifo, caplog):
+    store = KeyStore()
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=store)
+    try:
+        with caplog.at_level(logging.WARNING, logger="keymount.localdir"):
+            await asyncio.wait_for(source.load(), timeout=10)
+            await asyncio.wait_for(source.load(), timeout=10)
+    finally:
+        # Before the loop closes: closing waits for the thread that load() started.
+        free_reader(fifo)
+    assert [r.name for r in store.keyring("shop").keys] == ["a"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"skipping {fifo}: a FIFO, not a regular file"]
+
+
+def test_reading_a_fifo_refuses_instead_of_waiting_for_a_writer(fifo):
+    """The entry may become a FIFO between the scan's stat and its open."""
+    with pytest.raises(ManifestError, match="a FIFO, not a regular file"):
+        finishes(lambda: read_manifest(fifo))
+
+
+def test_a_manifest_over_the_size_cap_is_refused_naming_file_and_cap(directory, monkeypatch):
+    monkeypatch.setattr(localdir, "MAX_MANIFEST_BYTES", 1024 * 1024)
+    big = directory / "big.yaml"
+    big.write_text("# padding\n" * (1024 * 1024 // 10 + 1))
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=KeyStore())
+    assert [r.name for r in source.scan()] == ["a"]
+    assert source.errors == {big: f"{big}: larger than 1 MiB, the most keymount reads from "
+                                  "one manifest; split the keys across files"}
+
+
+def test_a_file_that_grows_past_the_cap_after_its_stat_is_not_read_whole(tmp_path):
+    path = tmp_path / "grown.yaml"
+    path.write_text("a: b\n" * 10)
+    with pytest.raises(ManifestError, match=r"grown\.yaml: larger than"):
+        read_manifest(path, limit=20)
+
+
+LEAKY = "c2VjcmV0c2VjcmV0c2VjcmV0c2VjcmV0"  # looks like a base64 key
+
+
+@pytest.mark.parametrize("loader", [localdir.SAFE_LOADER, yaml.SafeLoader],
+                         ids=["libyaml", "pure-python"])
+@pytest.mark.parametrize("text, line", [
+    (f"kind: Secret\ndata:\n  encryption-key: {LEAKY}: oops\n", 3),
+    (f"kind: Secret\ndata:\n  encryption-key: !{LEAKY} x\n", 3),
+    (f"kind: Secret\ndata:\n  encryption-key: *{LEAKY}\n", 3),
+    (f"kind: Secret\ndata: {{encryption-key: [{LEAKY}\n", 3),
+], ids=["line-snippet", "unknown-tag", "undefined-alias", "unclosed-flow"])
+async def test_a_broken_manifest_is_logged_naming_the_file_never_its_content(
+        directory, monkeypatch, caplog, loader, text, line):
+    monkeypatch.setattr(localdir, "SAFE_LOADER", loader)
+    store = KeyStore()
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=store)
+    await source.load()
+    (directory / "a.yaml").write_text(text)
+    with caplog.at_level(logging.ERROR, logger="keymount.localdir"):
+        await source.load()
+    [record] = caplog.records
+    assert record.getMessage().startswith(f"{directory / 'a.yaml'}: not valid YAML at line ")
+    assert record.getMessage().endswith("; keeping its previous keys")
+    assert f"line {line}," in record.getMessage()
+    assert LEAKY not in caplog.text and LEAKY[:8] not in caplog.text
+    assert [r.name for r in store.keyring("shop").keys] == ["a"]
+
+
+@pytest.mark.parametrize("text", [
+    "kind: Secret\nmetadata: 5\n",
+    "kind: List\nitems: 5\n",
+    "kind: Secret\nmetadata: {labels: {keymount.io/encryption-key: 'true'}}\ndata: 5\n",
+], ids=["metadata-not-a-mapping", "items-not-a-list", "data-not-a-mapping"])
+def test_a_document_not_shaped_like_a_secret_is_an_error_naming_the_file(tmp_path, text):
+    (tmp_path / "odd.yaml").write_text(text)
+    source = DirectoryKeySource(tmp_path, settings=SETTINGS, store=KeyStore())
+    assert source.scan() == []
+    assert source.errors[tmp_path / "odd.yaml"].startswith(
+        f"{tmp_path / 'odd.yaml'}: not a Secret manifest keymount can read")

@@ -234,8 +234,16 @@ def cmd_inject(args: argparse.Namespace) -> int:
                                    source=args.filename)
         if args.keys_from:
             store = KeyStore()
-            store.replace_all(DirectoryKeySource(args.keys_from, settings=settings,
-                                                 store=store).scan())
+            source = DirectoryKeySource(args.keys_from, settings=settings, store=store)
+            store.replace_all(source.scan())
+            for message in source.skipped.values():
+                print(f"warning: {message}", file=sys.stderr)
+            if source.errors:
+                # Injecting without a file's keys would write manifests with the wrong
+                # key, or none, and say nothing: the file must be fixed or moved away.
+                raise CommandError("cannot read key manifests in --keys-from "
+                                   f"{args.keys_from}: " + "; ".join(source.errors.values())
+                                   + "; fix these files or move them out of the directory")
             keyring_for: Callable[[str], Keyring] = store.keyring
         else:
             keyring_for = build_cluster_keyrings(args, settings)
