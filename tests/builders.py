@@ -91,3 +91,11 @@ def fixed_key(label: str) -> bytes:
     """
     import hashlib
     return hashlib.sha256(f"keymount test key {label}".encode()).digest()
+
+
+def slot_secret(number: int, *, namespace: str = "shop",
+                numbers_used: str | None = None) -> dict[str, Any]:
+    """An empty key slot as `keys rotate` reserves it: `keymount-key-<n>`, numbered n,
+    labelled, no key material."""
+    return key_secret(f"keymount-key-{number}", None, namespace=namespace, index=number,
+                      annotations={"keymount.io/numbers-used": numbers_used or f"1-{number}"})

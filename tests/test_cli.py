@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from builders import fixed_key, key_secret, random_key
+from builders import fixed_key, key_secret, random_key, slot_secret
 
 GOLDEN = Path(__file__).parent / "golden" / "inject"
 UPDATE = os.environ.get("KEYMOUNT_UPDATE_GOLDEN") == "1"
@@ -27,6 +27,7 @@ def keys_dir(tmp_path):
     directory.mkdir()
     docs = [key_secret("shop-key-1", fixed_key("shop-1"), namespace="shop", index=1),
             key_secret("shop-key-2", fixed_key("shop-2"), namespace="shop", index=2),
+            slot_secret(3, namespace="shop"), slot_secret(4, namespace="shop"),
             key_secret("default-key", fixed_key("default"), namespace="default")]
     (directory / "keys.yaml").write_text(yaml.safe_dump_all(docs))
     return directory

@@ -13,13 +13,13 @@ from webhook.config import Settings
 from webhook.injection import Injected, Refused, inject_keys, needs_keys
 from webhook.names import VOLUME_NAME
 
-from builders import container, fixed_key, key_secret, keyring_of, pod, random_key
+from builders import container, fixed_key, key_secret, keyring_of, pod, random_key, slot_secret
 
 GOLDEN = Path(__file__).parent / "golden" / "pods"
 UPDATE = os.environ.get("KEYMOUNT_UPDATE_GOLDEN") == "1"
 SETTINGS = Settings()
 KEYRING = keyring_of(key_secret("key-b", fixed_key("b"), index=2),
-                     key_secret("key-a", fixed_key("a"), index=1))
+                     key_secret("key-a", fixed_key("a"), index=1), slot_secret(3), slot_secret(4))
 
 
 def inject(obj, keyring=KEYRING, settings=SETTINGS, **kw):
@@ -62,13 +62,23 @@ def test_files_are_numbered_in_key_order_with_the_newest_last():
     assert [f.file for f in outcome.files] == ["encryption-key-1", "encryption-key-2"]
 
 
-@pytest.mark.parametrize("slots", [0, 1, 3])
-def test_the_next_numbers_are_listed_as_optional_slots_for_live_rotation(slots):
-    result, outcome = injected(pod(), settings=Settings(rotation_slots=slots))
+@pytest.mark.parametrize(("slots", "existing", "listed"), [
+    (2, [3, 4], [3, 4]), (0, [3, 4], []), (1, [3, 4], [3]), (3, [3, 4], [3, 4]),
+    (2, [], []), (2, [4], [4]), (2, [1, 5], [5]),
+], ids=["two-of-two", "none-wanted", "lowest-first", "only-what-exists", "no-slots",
+        "a-gap", "not-below-the-active-key"])
+def test_only_existing_slots_above_the_active_key_are_listed_as_optional_sources(
+        slots, existing, listed):
+    # Slot 1 below the active key 2 stays empty for good (its number is used).
+    ring = keyring_of(key_secret("key-a", fixed_key("a"), index=1) if 1 not in existing
+                      else slot_secret(1), key_secret("key-b", fixed_key("b"), index=2),
+                      *(slot_secret(n) for n in existing if n != 1))
+    result, outcome = injected(pod(), keyring=ring, settings=Settings(rotation_slots=slots))
     sources = result["spec"]["volumes"][0]["projected"]["sources"]
-    optional = [s["secret"]["name"] for s in sources if s["secret"]["optional"]]
-    assert optional == [f"keymount-key-{n}" for n in range(3, 3 + slots)]
-    assert [f.file for f in outcome.files] == ["encryption-key-1", "encryption-key-2"]
+    optional = [(s["secret"]["name"], s["secret"]["items"][0]["path"]) for s in sources
+                if s["secret"]["optional"]]
+    assert optional == [(f"keymount-key-{n}", f"encryption-key-{n}") for n in listed]
+    assert outcome.files[-1].file == "encryption-key-2"
 
 
 def test_volume_is_projected_read_only_0440_and_keys_are_not_optional():
@@ -103,7 +113,8 @@ def test_reinvocation_after_a_key_is_added_replaces_the_volume_in_place():
     once, _ = injected(pod(container("app", volumeMounts=[{"name": "x", "mountPath": "/x"}])))
     three = keyring_of(key_secret("key-a", fixed_key("a"), index=1),
                        key_secret("key-b", fixed_key("b"), index=2),
-                       key_secret("key-c", fixed_key("c"), index=3))
+                       key_secret("key-c", fixed_key("c"), index=3), slot_secret(4),
+                       slot_secret(5))
     twice, outcome = injected(once, keyring=three)
     assert [op["op"] for op in outcome.patch] == ["replace", "add"]
     assert len(twice["spec"]["volumes"]) == 1
@@ -274,7 +285,8 @@ def test_a_pod_with_two_volumes_of_keymounts_name_is_refused_not_half_replaced()
 
 def test_the_volume_is_built_once_per_keyring_and_settings():
     from webhook.injection import build_volume
-    keyring = keyring_of(key_secret("k1", random_key(), index=1))
+    keyring = keyring_of(key_secret("k1", random_key(), index=1), slot_secret(2),
+                         slot_secret(3))
     first = build_volume(keyring, settings=SETTINGS)
     assert build_volume(keyring, settings=SETTINGS) is first
     other = build_volume(keyring, settings=Settings(rotation_slots=0))
@@ -283,7 +295,8 @@ def test_the_volume_is_built_once_per_keyring_and_settings():
 
 
 def test_changing_an_applied_pod_leaves_the_shared_volume_alone():
-    keyring = keyring_of(key_secret("k1", random_key(), index=1))
+    keyring = keyring_of(key_secret("k1", random_key(), index=1), slot_secret(2),
+                         slot_secret(3))
     outcome = inject(pod(), keyring=keyring)
     result = outcome.apply(pod())
     [volume] = [v for v in result["spec"]["volumes"] if v["name"] == VOLUME_NAME]

@@ -13,7 +13,7 @@ from webhook.admission import parse_review, review_mutation, review_validation
 from webhook.config import Settings
 from webhook.keyguard import NAMESPACE_CONTROLLER, parse_key_writers
 
-from builders import key_secret, keyring_of, random_key, review
+from builders import key_secret, keyring_of, random_key, review, slot_secret
 
 SETTINGS = Settings()
 WRITERS = parse_key_writers("group:keymount:key-writers,user:alice", own_user="keymount-sa")
@@ -48,12 +48,16 @@ def annotations(obj):
     return obj["metadata"].get("annotations", {})
 
 
-def ring_of_three():
+def three_keys():
     """Keys 1, 2, 3 as keymount makes them: each records the numbers used before it."""
-    return keyring_of(
+    return (
         key_secret("k1", random_key(), index=1, annotations={"keymount.io/numbers-used": "1"}),
         key_secret("k2", random_key(), index=2, annotations={"keymount.io/numbers-used": "1-2"}),
         key_secret("k3", random_key(), index=3, annotations={"keymount.io/numbers-used": "1-3"}))
+
+
+def ring_of_three():
+    return keyring_of(*three_keys())
 
 
 # --- the number stamp ------------------------------------------------------------------------
@@ -423,3 +427,64 @@ def test_either_key_of_a_pair_sharing_a_number_may_be_deleted_by_a_writer_alone(
     # A key outside the pair is still protected.
     assert delete(ring, key_secret("other", random_key(), index=2, legacy=True)).result == \
         "denied"
+
+
+# --- key slots ------------------------------------------------------------------------
+
+def filled(slot, key):
+    stored = json.loads(json.dumps(slot))
+    stored["data"]["encryption-key"] = base64.b64encode(key).decode()
+    return stored
+
+
+@pytest.mark.parametrize(("user", "result"), [("alice", "allowed"), ("mallory", "denied")],
+                         ids=["writer", "non-writer"])
+def test_only_a_writer_reserves_a_slot_and_it_records_the_used_numbers(user, result):
+    verdict, stored = through_api(slot_secret(4, numbers_used="4"), keyring=ring_of_three(),
+                                  user=user)
+    assert verdict.result == result, verdict.message
+    if result == "allowed":
+        assert verdict.key.action == "reserved" and verdict.key.number == 4
+        assert annotations(stored)["keymount.io/numbers-used"] == "1-4"
+
+
+@pytest.mark.parametrize(("user", "result"), [("alice", "allowed"), ("mallory", "denied")],
+                         ids=["writer", "non-writer"])
+def test_filling_a_slot_is_how_a_writer_makes_a_key(user, result):
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    key = random_key()
+    verdict = update(ring, slot_secret(4), filled(slot_secret(4), key), user=user)
+    assert verdict.result == result, verdict.message
+    if result == "allowed":
+        from webhook.keys import fingerprint_key
+        assert (verdict.key.action, verdict.key.number) == ("created", 4)
+        assert verdict.key.fingerprint == fingerprint_key(key)
+    else:
+        assert "fill or retire the slot" in verdict.message
+
+
+def test_a_slot_filled_with_invalid_material_is_refused_with_the_reason():
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    stored = filled(slot_secret(4), bytes(range(1, 32)))
+    verdict = update(ring, slot_secret(4), stored)
+    assert verdict.result == "denied" and "31 bytes" in verdict.message
+
+
+@pytest.mark.parametrize("user", ["alice", "mallory"], ids=["writer", "non-writer"])
+def test_nobody_deletes_or_unlabels_an_empty_slot_it_is_retired_instead(user):
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    assert delete(ring, slot_secret(4), user=user).result == "denied"
+    unlabelled = slot_secret(4)
+    unlabelled["metadata"]["labels"] = {}
+    verdict = update(ring, slot_secret(4), unlabelled, user=user)
+    assert verdict.result == "denied"
+    assert "keymount keys retire keymount-key-4 -n shop" in verdict.message
+    retired = slot_secret(4)
+    retired["metadata"]["annotations"]["keymount.io/retired"] = "2026-12-01T00:00:00Z"
+    assert update(ring, slot_secret(4), retired, user=user).result == \
+        ("allowed" if user == "alice" else "denied")
+
+
+def test_the_namespace_controller_deletes_slots_with_their_namespace():
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    assert delete(ring, slot_secret(4), user=NAMESPACE_CONTROLLER).result == "allowed"

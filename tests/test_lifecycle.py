@@ -19,7 +19,7 @@ from webhook.lifecycle import (
     restart_command,
 )
 
-from builders import key_secret, keyring_of, pod, random_key
+from builders import key_secret, keyring_of, pod, random_key, slot_secret
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -96,9 +96,12 @@ def injected_pod(ring, name="api-0", *, terminating=False):
 def test_a_pod_started_before_a_rotation_gets_the_new_key_live_through_its_slot():
     k1 = key_secret("k1", random_key(), index=1)
     rotated = key_secret("keymount-key-2", random_key(), index=2)
-    old = injected_pod(keyring_of(k1), terminating=True)
+    old = injected_pod(keyring_of(k1, slot_secret(2)), terminating=True)
     state = build_pod_key_state(old, keyring_of(k1, rotated))
     assert state.state == "updating" and state.terminating
+    # Started before the namespace had slots: it lists none, so it needs a restart.
+    before_slots = build_pod_key_state(injected_pod(keyring_of(k1)), keyring_of(k1, rotated))
+    assert before_slots.state == "stale" and before_slots.live == ()
     assert state.missing[0].startswith("keymount-key-2 (") and state.live == state.missing
 
 

@@ -34,9 +34,10 @@ from .keys import (
     build_keyring,
     check_key,
     describe_conflict,
+    format_numbers,
     generate_key,
 )
-from .names import INDEX_ANNOTATION, RETIRED_ANNOTATION, key_file_name
+from .names import INDEX_ANNOTATION, RETIRED_ANNOTATION, key_file_name, slot_secret_name
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -116,14 +117,14 @@ def cluster_namespace(args: argparse.Namespace) -> str:
     return args.namespace or current_namespace(kubeconfig=args.kubeconfig, context=args.context)
 
 
-def predict_number(args: argparse.Namespace, settings: Settings, namespace: str) -> int:
-    """The number keymount's webhook would stamp now: one above every number used in
-    the namespace. Needs the cluster; offline, the user gives --index."""
+def cluster_keyring(args: argparse.Namespace, settings: Settings, namespace: str) -> Keyring:
+    """The namespace's keys as the cluster has them now, for a manifest with the number
+    keymount would give. Needs the cluster; offline, the user gives --index."""
     from .cluster import ClusterError, KeyClient
     try:
         keys = KeyClient.from_kubeconfig(kubeconfig=args.kubeconfig, context=args.context,
                                          settings=settings)
-        return keys.keyring(namespace).next_number
+        return keys.keyring(namespace)
     except ClusterError as exc:
         raise UserFacingError(
             f"cannot compute the next key number of namespace {namespace} without the "
@@ -142,6 +143,8 @@ def report_created(record: KeyRecord, namespace: str, fingerprint: str) -> None:
 
 
 def cmd_create(args: argparse.Namespace) -> int:
+    """A key under NAME (stamped with the next number by the webhook), or, without
+    NAME, the next key filling the lowest empty slot as `keys rotate` does."""
     from .key_secrets import build_key_secret
     settings = _settings(args)
     if args.index is not None and args.index < 1:
@@ -149,16 +152,28 @@ def cmd_create(args: argparse.Namespace) -> int:
     key = read_key_material(args, settings)
     if args.dry_run:
         namespace = cluster_namespace(args)
-        index = args.index if args.index is not None else predict_number(args, settings,
-                                                                          namespace)
-        print_manifest(build_key_secret(args.name, namespace=namespace, key=key,
-                                        index=index, settings=settings), args.output)
+        if args.index is not None:  # offline: the user says which number
+            name = args.name or slot_secret_name(args.index)
+            manifest = build_key_secret(name, namespace=namespace, key=key,
+                                        index=args.index, settings=settings)
+        else:
+            manifest = slot_manifest(cluster_keyring(args, settings, namespace), key=key,
+                                     name=args.name, settings=settings)
+        print_manifest(manifest, args.output)
         warn_manifest_holds_key()
         return 0
     keys, namespace = connect_namespace(args, settings)
-    record = keys.create_secret(build_key_secret(args.name, namespace=namespace, key=key,
-                                                 index=args.index, settings=settings))
+    if args.name or args.index is not None:
+        record = keys.create_secret(build_key_secret(
+            args.name or slot_secret_name(args.index), namespace=namespace, key=key,
+            index=args.index, settings=settings))
+    else:
+        record = fill_next_slot(keys, namespace, key)
+    keep_slots(keys, namespace, settings)
     report_created(record, namespace, check_key(key, encoding=settings.key_encoding).fingerprint)
+    if args.name:
+        print(f"Running backend Pods get {args.name!r} only by a restart (they list the "
+              f"slots keymount-key-N); without a name, `keys create` fills the next slot.")
     return 0
 
 
@@ -167,24 +182,82 @@ def warn_manifest_holds_key() -> None:
           "before it goes anywhere near version control", file=sys.stderr)
 
 
+# Attempts at filling a slot before giving up: each lost race (another writer filled
+# the slot first) moves on to the next one, so this bounds a pathological loop only.
+SLOT_ATTEMPTS = 32
+
+
+def fill_next_slot(keys: Any, namespace: str, key: bytes) -> KeyRecord:
+    """Make a key by filling the lowest empty slot above the active key, reserving one
+    first when there is none (a namespace from before slots). The API server takes one
+    write per resourceVersion, so concurrent writers end with distinct numbers."""
+    keyring = keys.keyring(namespace)
+    for _ in range(SLOT_ATTEMPTS):
+        free = keyring.free_slots
+        if not free:
+            keys.reserve_slot(namespace, keyring.next_number)
+        else:
+            record: KeyRecord | None = keys.fill_slot(namespace, free[0], key)
+            if record is not None:
+                return record
+        keyring = keys.keyring(namespace)
+    raise UserFacingError(f"could not fill a key slot of namespace {namespace} in "
+                          f"{SLOT_ATTEMPTS} attempts: other writers kept taking them. "
+                          f"Retry: keymount keys rotate -n {namespace}")
+
+
+def keep_slots(keys: Any, namespace: str, settings: Settings) -> list[int]:
+    """Reserve empty slots until `--rotation-slots` wait above the active key: the
+    names new backend Pods list, so the next keys reach them without a restart."""
+    reserved = []
+    keyring = keys.keyring(namespace)
+    for _ in range(SLOT_ATTEMPTS):
+        if len(keyring.free_slots) >= settings.rotation_slots:
+            break
+        number = keyring.next_number
+        if keys.reserve_slot(namespace, number):
+            reserved.append(number)
+        keyring = keys.keyring(namespace)
+    return reserved
+
+
+def slot_manifest(keyring: Keyring, *, key: bytes, name: str | None,
+                  settings: Settings) -> dict[str, Any]:
+    """The manifest of the next key, for GitOps: it fills the lowest empty slot (so
+    `kubectl apply` of it is an update of that slot, and running Pods get it), or makes
+    the next number's slot name when the namespace has none. Under `name`, a key of
+    the next number that running Pods get only by a restart."""
+    from .key_secrets import build_key_secret
+    free = keyring.free_slots
+    if name is None and free:
+        slot = free[0]
+        return build_key_secret(slot.name, namespace=keyring.namespace, key=key,
+                                index=slot.index, settings=settings,
+                                numbers_used=format_numbers(slot.numbers_used))
+    number = keyring.next_number
+    return build_key_secret(name or slot_secret_name(number), namespace=keyring.namespace,
+                            key=key, index=number, settings=settings)
+
+
 def cmd_rotate(args: argparse.Namespace) -> int:
     from .key_secrets import build_key_secret
-    from .lifecycle import next_key_name
     settings = _settings(args)
     keys, namespace = connect_namespace(args, settings)
     key = read_key_material(args, settings)
     keyring = keys.keyring(namespace)
-    number = keyring.next_number
-    name = args.name or next_key_name(number)
     if args.dry_run:
-        print_manifest(build_key_secret(name, namespace=namespace, key=key, index=number,
-                                        settings=settings), args.output)
+        print_manifest(slot_manifest(keyring, key=key, name=args.name, settings=settings),
+                       args.output)
         warn_manifest_holds_key()
         return 0
-    # No index in the request: keymount's webhook stamps the next number from a fresh
-    # view, so a key created by someone else meanwhile cannot make this one collide.
-    record = keys.create_secret(build_key_secret(name, namespace=namespace, key=key,
-                                                 index=None, settings=settings))
+    if args.name:
+        # Under a name of the user's: keymount's webhook stamps the next number from a
+        # fresh view; running Pods get it only by a restart (they list slots only).
+        record = keys.create_secret(build_key_secret(args.name, namespace=namespace, key=key,
+                                                     index=None, settings=settings))
+    else:
+        record = fill_next_slot(keys, namespace, key)
+    keep_slots(keys, namespace, settings)
     fingerprint = check_key(key, encoding=settings.key_encoding).fingerprint
     report_created(record, namespace, fingerprint)
     if record.index_explicit:
@@ -539,7 +612,9 @@ def parse_duration_seconds(text: str) -> float:
 def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     create = sub.add_parser("create", help="create a validated, labelled key Secret")
-    create.add_argument("name", help="Secret name")
+    create.add_argument("name", nargs="?", default=None,
+                        help="Secret name (default: fill the next key slot, keymount-key-N, "
+                             "which running Pods get without a restart)")
     material = create.add_mutually_exclusive_group()
     material.add_argument("--generate", action="store_true",
                           help="32 random bytes from the OS CSPRNG")

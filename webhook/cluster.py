@@ -351,6 +351,41 @@ class KeyClient:
                  f"kubectl create namespace {namespace}"})
         return parse_key_secret(json.loads(response.data), settings=self.settings)
 
+    def reserve_slot(self, namespace: str, number: int) -> bool:
+        """Create the empty slot of key `number`; False when a Secret of that name
+        already exists (another writer reserved it first)."""
+        from .key_secrets import build_key_secret
+        from .names import slot_secret_name
+        manifest = build_key_secret(slot_secret_name(number), namespace=namespace, key=None,
+                                    index=number, settings=self.settings)
+        try:
+            self.api.create_namespaced_secret(namespace, manifest, _request_timeout=(5, 30))
+        except ApiException as exc:
+            if exc.status == 409:
+                return False
+            raise ClusterError(describe_api_error(exc)) from None
+        except Exception as exc:
+            raise ClusterError(describe_api_error(exc)) from None
+        return True
+
+    def fill_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None:
+        """Give an empty slot its key, only if it is still as `slot` read it: the patch
+        carries the resourceVersion, so of two writers filling one slot the API server
+        takes one and answers the other 409 Conflict. None for the loser (or when the
+        slot is gone); the stored key otherwise."""
+        patch = {"metadata": {"resourceVersion": str(slot.revision)},
+                 "data": {self.settings.key_field: base64.b64encode(key).decode()}}
+        try:
+            response = self.api.patch_namespaced_secret(
+                slot.name, namespace, patch, _preload_content=False, _request_timeout=(5, 30))
+        except ApiException as exc:
+            if exc.status in (404, 409):
+                return None
+            raise ClusterError(describe_api_error(exc)) from None
+        except Exception as exc:
+            raise ClusterError(describe_api_error(exc)) from None
+        return parse_key_secret(json.loads(response.data), settings=self.settings)
+
     def patch_secret(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         """A strategic merge patch of one Secret (`null` deletes a field); keymount's
         guard judges it."""

@@ -24,7 +24,7 @@ import orjson
 
 from .config import CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .keys import KeyFile, Keyring, describe_conflict
-from .names import key_file_name, slot_secret_name
+from .names import key_file_name
 
 PatchOp = dict[str, Any]
 RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "mount-conflict",
@@ -73,9 +73,9 @@ def build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
     Built once per keyring and settings (shared: never modify the result).
 
     The kubelet never adds a source to a running Pod's projected volume, but it does
-    fill in a listed `optional: true` source once its Secret appears (kubelet projected
-    volume plugin, at each sync), so `keys rotate` reaches running Pods without a
-    restart. The slot names are reserved for their numbers by the key-Secret guard.
+    fill in a listed `optional: true` source once its Secret (or the listed field of
+    it) appears (kubelet projected volume plugin, at each sync), so a key that fills a
+    slot reaches running Pods without a restart (docs/contract.md, "Key slots").
     """
     volume: dict[str, Any] = keyring.derive(
         ("volume", settings.key_field, settings.rotation_slots),
@@ -90,12 +90,13 @@ def _build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
                     "optional": False}}
         for key_file in keyring.files
     ]
-    first = keyring.next_number
+    # Only slots that exist: a slot is a key Secret, so only a key writer can give it
+    # material; a name no Secret holds yet could be created by anyone.
     sources += [
-        {"secret": {"name": slot_secret_name(n),
-                    "items": [{"key": settings.key_field, "path": key_file_name(n)}],
+        {"secret": {"name": slot.name,
+                    "items": [{"key": settings.key_field, "path": key_file_name(slot.index)}],
                     "optional": True}}
-        for n in range(first, first + settings.rotation_slots)
+        for slot in keyring.free_slots[:settings.rotation_slots]
     ]
     return {"name": VOLUME_NAME, "projected": {"defaultMode": FILE_MODE, "sources": sources}}
 

@@ -83,20 +83,22 @@ def key_labels(settings: Settings) -> dict[str, str]:
             if r.operator in ("=", "in") and len(r.values) == 1}
 
 
-def build_key_secret(name: str, *, namespace: str, key: bytes, index: int | None,
-                     settings: Settings) -> dict[str, Any]:
-    """A key Secret manifest, labelled so keymount's selector finds it."""
+def build_key_secret(name: str, *, namespace: str, key: bytes | None, index: int | None,
+                     settings: Settings, numbers_used: str | None = None) -> dict[str, Any]:
+    """A key Secret manifest, labelled so keymount's selector finds it; without `key`,
+    an empty slot. `numbers_used` is the record of a slot the manifest fills (an
+    update must not change it)."""
     labels = key_labels(settings)
     meta: dict[str, Any] = {"name": name, "namespace": namespace, "labels": labels}
     if index is not None:
         # The number is keymount's from the start; the webhook completes the record of
         # the namespace's used numbers when the Secret is created.
         meta["annotations"] = {INDEX_ANNOTATION: str(index),
-                               NUMBERS_USED_ANNOTATION: str(index)}
+                               NUMBERS_USED_ANNOTATION: numbers_used or str(index)}
     return {
         "apiVersion": "v1",
         "kind": "Secret",
         "metadata": meta,
         "type": "Opaque",
-        "data": {settings.key_field: base64.b64encode(key).decode()},
+        "data": {} if key is None else {settings.key_field: base64.b64encode(key).decode()},
     }

@@ -105,7 +105,8 @@ def parse_key_writers(text: str | None, *, own_user: str = "") -> KeyWriters:
 
 # --- outcomes ---------------------------------------------------------------------------
 
-KeyAction = Literal["created", "retired", "pinned", "deleted", "updated", "refused", "none"]
+KeyAction = Literal["created", "reserved", "retired", "pinned", "deleted", "updated",
+                    "refused", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -250,6 +251,8 @@ def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
         return KeyDecision(True, "none")
     if old_is_key and not new_is_key and change.operation == "UPDATE":
         before = _record(change.old, change, settings=settings)
+        if before.state == "slot":
+            return _refused(_slot_kept(change, before, "removing its key label"))
         if before.state == "invalid":
             return _writer_only(change, writers, "updated", "remove the key label from")
         return _refused(
@@ -307,6 +310,8 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
     ns, name = change.namespace, change.name
     if not writers.allows(change.requester):
         return _writer_refusal(change, writers, "delete")
+    if old.state == "slot":
+        return _refused(_slot_kept(change, old, "deleting it"))
     if old.state == "valid" and keyring.conflict and name in (r.name for r in keyring.conflict):
         # Two keys share this number: Pods are refused until one goes, and only the
         # user knows which one their data was encrypted with (keys.describe_conflict).
@@ -392,7 +397,8 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"key Secret {name!r} has number {number}, below the active key "
             f"{newest.name!r} ({keyring.number_of(newest.name)}): applications decrypt with "
             f"it but do not encrypt with it")
-    action: KeyAction = "retired" if record.retired else "created"
+    action: KeyAction = ("retired" if record.retired else "reserved" if record.slot
+                         else "created")
     return KeyDecision(True, action, warnings=tuple(warnings), number=number,
                        fingerprint=record.fingerprint)
 
@@ -416,6 +422,8 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
         return _refused(f"annotation {NUMBERS_USED_ANNOTATION} of key Secret {name!r} is "
                         f"keymount's record of the numbers used in namespace {ns!r}; it "
                         f"cannot change", fingerprint=before.fingerprint)
+    if before.state == "slot":
+        return _guard_fill(change, before, after, keyring=keyring, writers=writers)
     if before.state == "retired":
         if after.state != "retired":
             return _refused(
@@ -440,6 +448,41 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"numbered for good together with {NUMBERS_USED_ANNOTATION}: keymount keys pin "
             f"-n {ns}", fingerprint=before.fingerprint)
     return KeyDecision(True, "none", fingerprint=before.fingerprint)
+
+
+def _slot_kept(change: KeyChange, slot: KeyRecord, act: str) -> str:
+    return (f"{slot.name!r} in namespace {change.namespace!r} is the slot of key number "
+            f"{slot.index}: running backend Pods may list it, and {act} would let anyone "
+            f"who may create Secrets give them a key of their own under that name. A slot "
+            f"is filled or retired, never removed: keymount keys retire {slot.name} -n "
+            f"{change.namespace}")
+
+
+def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyring: Keyring,
+                writers: KeyWriters) -> KeyDecision:
+    """An UPDATE of an empty slot: filling it is how a key is made (one write per
+    resourceVersion, so two writers racing for one number end with one key and a
+    conflict), retiring it closes it; anything else only touches its metadata."""
+    ns, name, number = change.namespace, change.name, before.index
+    if after.state == "slot":
+        return KeyDecision(True, "none", number=number)
+    if not writers.allows(change.requester):
+        return _writer_refusal(change, writers, "fill or retire the slot")
+    if after.state == "retired":
+        return KeyDecision(True, "retired", number=number)
+    if after.state == "invalid":
+        return _refused(
+            f"key material for slot {name!r} in namespace {ns!r} is invalid: "
+            f"{after.check.reason}. Check it with `keymount keys check FILE`, or let "
+            f"keymount make one: keymount keys rotate -n {ns} --generate", number=number)
+    warnings = [f"key Secret {name!r}: {after.check.warning}"] if after.check.warning else []
+    if number < keyring.active_number:
+        warnings.append(
+            f"slot {name!r} (number {number}) is below the active key (number "
+            f"{keyring.active_number}): applications decrypt with it but do not encrypt "
+            f"with it")
+    return KeyDecision(True, "created", warnings=tuple(warnings), number=number,
+                       fingerprint=after.fingerprint)
 
 
 def _guard_pin(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyring: Keyring,

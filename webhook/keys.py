@@ -20,7 +20,13 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION, RETIRED_ANNOTATION, key_file_name
+from .names import (
+    INDEX_ANNOTATION,
+    NUMBERS_USED_ANNOTATION,
+    RETIRED_ANNOTATION,
+    key_file_name,
+    slot_secret_name,
+)
 
 KEY_BYTES = 32
 KeyEncoding = Literal["auto", "raw", "base64"]
@@ -221,7 +227,7 @@ def revision(resource_version: object) -> int:
     return int(text) if text.isdigit() and len(text) <= 19 else 0
 
 
-KeyState = Literal["valid", "invalid", "retired"]
+KeyState = Literal["valid", "invalid", "retired", "slot"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +244,9 @@ class KeyRecord:
     numbers_used: NumberSet = NumberSet()  # keymount.io/numbers-used at creation
     recorded: bool = False  # carries keymount.io/numbers-used: numbered by keymount
     revision: int = 0  # metadata.resourceVersion as a number; 0 when unknown
+    # A key slot: `keymount-key-<n>`, numbered n, no key material yet. Reserved in
+    # advance so Pods can list it; filling it (an UPDATE) is how a key is made.
+    slot: bool = False
 
     @property
     def valid(self) -> bool:
@@ -255,7 +264,9 @@ class KeyRecord:
 
     @property
     def state(self) -> KeyState:
-        return "retired" if self.retired else "valid" if self.check.valid else "invalid"
+        if self.retired:
+            return "retired"
+        return "slot" if self.slot else "valid" if self.check.valid else "invalid"
 
 
 def parse_key_index(raw: str | None) -> tuple[int, bool, str]:
@@ -289,10 +300,15 @@ def build_key_record(*, namespace: str, name: str, value: bytes | None,
                                 f"characters")
     if retired and value is not None:
         retired = False  # judged as an invalid key, not as a tombstone
+    # A slot: the reserved name of its own number, no key material, no other fault.
+    slot = (value is None and not retired and explicit and numbers_used is not None
+            and name == slot_secret_name(index))
+    if slot:
+        check = KeyCheck(False, "empty slot: reserved for the next key")
     return KeyRecord(
         namespace=namespace, name=name, check=check, index=index, index_explicit=explicit,
         created=created, retired=retired, numbers_used=numbers_used or NumberSet(),
-        recorded=NUMBERS_USED_ANNOTATION in annotations,
+        recorded=NUMBERS_USED_ANNOTATION in annotations, slot=slot,
     )
 
 
@@ -340,6 +356,7 @@ class Keyring:
     files: tuple[KeyFile, ...] = ()  # one per key, same order
     invalid: tuple[KeyRecord, ...] = ()
     retired: tuple[KeyRecord, ...] = ()
+    slots: tuple[KeyRecord, ...] = ()  # empty slots, by number
     conflict: tuple[KeyRecord, KeyRecord] | None = None  # two keys share a number
     used: NumberSet = NumberSet()  # every number this namespace has used
     status: str = "[]"
@@ -367,8 +384,21 @@ class Keyring:
         """Valid keys keymount has not numbered: `keymount keys pin` stamps them."""
         return tuple(r for r in self.keys if not r.numbered)
 
+    @property
+    def active_number(self) -> int:
+        """The number of the key applications encrypt with; 0 without one."""
+        return self.files[-1].number if self.files else 0
+
+    @property
+    def free_slots(self) -> tuple[KeyRecord, ...]:
+        """Empty slots above the active key, lowest first: the next keys' places. (A
+        slot left below the active key, when a key made under another name took a
+        higher number, stays empty: its number is used.)"""
+        active = self.active_number
+        return tuple(r for r in self.slots if r.index > active)
+
     def find(self, name: str) -> KeyRecord | None:
-        return next((r for r in (*self.keys, *self.invalid, *self.retired)
+        return next((r for r in (*self.keys, *self.invalid, *self.retired, *self.slots)
                      if r.name == name), None)
 
     def number_of(self, name: str) -> int | None:
@@ -376,7 +406,7 @@ class Keyring:
         for key_file in self.files:
             if key_file.secret == name:
                 return key_file.number
-        record = next((r for r in self.retired if r.name == name), None)
+        record = next((r for r in (*self.retired, *self.slots) if r.name == name), None)
         return record.index if record is not None and record.index_explicit else None
 
     def holder_of(self, number: int) -> KeyRecord | None:
@@ -384,7 +414,8 @@ class Keyring:
         for key_file, record in zip(self.files, self.keys, strict=True):
             if key_file.number == number:
                 return record
-        return next((r for r in self.retired if r.index_explicit and r.index == number), None)
+        return next((r for r in (*self.retired, *self.slots)
+                     if r.index_explicit and r.index == number), None)
 
 
 def describe_conflict(keyring: Keyring) -> str:
@@ -410,6 +441,7 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     records = list(records)
     valid = [r for r in records if r.valid]
     retired = sorted((r for r in records if r.retired), key=lambda r: (r.index, r.name))
+    slots = sorted((r for r in records if r.slot), key=lambda r: r.index)
     numbered = [(r.index, r) for r in valid if r.numbered]
     # Legacy keys take 0.1's positions: in 0.1's order, the lowest numbers not held by
     # a numbered key or a tombstone. A legacy key pinned at its position keeps it, and
@@ -426,7 +458,8 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
 
     conflict = None
     holders: dict[int, KeyRecord] = {}
-    for number, record in [*numbered, *((r.index, r) for r in retired if r.index_explicit)]:
+    for number, record in [*numbered, *((r.index, r) for r in (*retired, *slots)
+                                        if r.index_explicit)]:
         if number in holders and conflict is None:
             conflict = (holders[number], record)
         holders.setdefault(number, record)
@@ -447,4 +480,4 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     files = tuple(KeyFile(n, r.name, r.fingerprint) for n, r in numbered)
     status = json.dumps([f.as_status() for f in files], separators=(",", ":"))
     return Keyring(namespace, tuple(r for _, r in numbered), files, tuple(invalid),
-                   tuple(retired), conflict, used, status)
+                   tuple(retired), tuple(slots), conflict, used, status)

@@ -115,7 +115,7 @@ class StoreCollector(Collector):
         counts = self.store.count_by_state()
         secrets = GaugeMetricFamily("keymount_key_secrets", "Key Secrets in the cache by state",
                                     labels=["state"])
-        for state in ("valid", "invalid", "retired"):
+        for state in ("valid", "invalid", "retired", "slot"):
             secrets.add_metric([state], counts.get(state, 0))
         yield secrets
         yield GaugeMetricFamily("keymount_cache_ready",
