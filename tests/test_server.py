@@ -125,7 +125,8 @@ async def test_an_exception_inside_the_handler_answers_allowed_false_code_500(
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("webhook.server.review_mutation", explode)
+    from webhook.decisions import ROUTES
+    monkeypatch.setitem(ROUTES, ("mutate", "Pod", "CREATE"), explode)
     body = review(pod(), uid="uid-500")
     status, answer = await post(client, "/mutate", body)
     assert status == 200

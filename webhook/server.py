@@ -30,13 +30,11 @@ from .admission import (
     complete,
     denied,
     errored,
-    key_change,
     parse_review,
-    review_mutation,
-    review_validation,
 )
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
+from .decisions import key_change, review_mutation, review_validation
 from .events import EventRecorder, event_for
 from .keyguard import KeyWriters, is_new_key
 from .keys import Keyring
