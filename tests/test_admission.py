@@ -6,14 +6,9 @@ import json
 import jsonpatch
 import pytest
 
-from webhook.admission import (
-    MalformedReview,
-    complete,
-    parse_review,
-    review_mutation,
-    review_validation,
-)
+from webhook.admission import MalformedReview, complete, parse_review
 from webhook.config import Settings
+from webhook.decisions import review_mutation, review_validation
 
 from builders import container, key_secret, keyring_of, pod, random_key, review
 

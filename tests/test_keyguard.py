@@ -9,8 +9,9 @@ import json
 import jsonpatch
 import pytest
 
-from webhook.admission import parse_review, review_mutation, review_validation
+from webhook.admission import parse_review
 from webhook.config import Settings
+from webhook.decisions import review_mutation, review_validation
 from webhook.keyguard import NAMESPACE_CONTROLLER, parse_key_writers
 
 from builders import key_secret, keyring_of, random_key, review, slot_secret

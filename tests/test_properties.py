@@ -18,14 +18,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from webhook.admission import (
-    MalformedReview,
-    complete,
-    parse_review,
-    review_mutation,
-    review_validation,
-)
+from webhook.admission import MalformedReview, complete, parse_review
 from webhook.config import Settings
+from webhook.decisions import review_mutation, review_validation
 from webhook.injection import needs_keys
 from webhook.names import VOLUME_NAME
 

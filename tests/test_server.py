@@ -20,7 +20,7 @@ from webhook.server import MAX_BODY, Runtime, build_probe_app, build_webhook_app
 from webhook.store import KeyStore
 from webhook.tls import CertReloader, build_ssl_context
 
-from builders import container, key_secret, pod, random_key, review
+from builders import container, key_secret, pod, random_key, review, slot_secret
 from polling import wait_for
 
 
@@ -39,7 +39,8 @@ def certs(tmp_path):
 def keys_dir(tmp_path):
     directory = tmp_path / "keys"
     write_keys(directory, key_secret("key-a", random_key(), index=1),
-               key_secret("key-b", random_key(), index=2))
+               key_secret("key-b", random_key(), index=2), slot_secret(3, namespace="shop"),
+               slot_secret(4, namespace="shop"))
     return directory
 
 
@@ -125,7 +126,8 @@ async def test_an_exception_inside_the_handler_answers_allowed_false_code_500(
     def explode(*args, **kwargs):
         raise RuntimeError("boom")
 
-    monkeypatch.setattr("webhook.server.review_mutation", explode)
+    from webhook.decisions import ROUTES
+    monkeypatch.setitem(ROUTES, ("mutate", "Pod", "CREATE"), explode)
     body = review(pod(), uid="uid-500")
     status, answer = await post(client, "/mutate", body)
     assert status == 200

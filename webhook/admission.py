@@ -1,9 +1,10 @@
-"""AdmissionReview in, AdmissionReview out: parsing, the decisions, the responses.
+"""AdmissionReview in, AdmissionReview out: the wire, parsing, responses, `Verdict`.
 
-Pure functions only. The server reads the body and the key cache, calls `review_*`,
-and writes what comes back. Two error families, as the API server sees them:
-`MalformedReview` (the request itself is bad: HTTP 4xx) and a `Verdict` whose response
-says `allowed: false` (the object is refused, with a message a user can act on).
+Pure functions only. The server reads the body, parses it here, has `decisions` judge
+it, and writes what `complete` makes of the verdict. Two error families, as the API
+server sees them: `MalformedReview` (the request itself is bad: HTTP 4xx) and a
+`Verdict` whose response says `allowed: false` (the object is refused, with a message a
+user can act on).
 """
 
 from __future__ import annotations
@@ -12,35 +13,20 @@ import base64
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, Literal, NotRequired, TypedDict
 
 import orjson
 
-from .config import VOLUME_NAME, Settings
 from .decoding import decode_review
-from .injection import (
-    FILE_MODE,
-    Injected,
-    find_mount_problem,
-    inject_keys,
-    needs_keys,
-    select_containers,
-)
-from .keyguard import (
-    KeyChange,
-    KeyDecision,
-    KeyWriters,
-    Requester,
-    guard_key_secret,
-    stamp_key_secret,
-)
-from .keys import KeyFile, Keyring
-from .names import as_dict, key_file_name, slot_number
+from .keyguard import KeyDecision, Requester
+from .keys import KeyFile
+from .names import as_dict
 
 REVIEW_VERSIONS = ("admission.k8s.io/v1", "admission.k8s.io/v1beta1")
 
 Operation = Literal["CREATE", "UPDATE", "DELETE", "CONNECT"]
+OPERATIONS: tuple[Operation, ...] = ("CREATE", "UPDATE", "DELETE", "CONNECT")
+Webhook = Literal["mutate", "validate"]  # the path the request came in on
 Result = Literal["injected", "skipped", "allowed", "denied", "error"]
 
 
@@ -162,7 +148,7 @@ def parse_review(body: bytes) -> AdmissionRequest:
         raise MalformedReview("AdmissionReview request has no uid")
     if not isinstance(kind, dict) or not isinstance(kind.get("kind"), str):
         raise MalformedReview("AdmissionReview request has no kind")
-    if request.get("operation") not in ("CREATE", "UPDATE", "DELETE", "CONNECT"):
+    if request.get("operation") not in OPERATIONS:
         raise MalformedReview("AdmissionReview request has no valid operation")
     for field in ("object", "oldObject"):
         if request.get(field) is not None and not isinstance(request[field], dict):
@@ -223,16 +209,19 @@ def errored(message: str, *, code: int = 500) -> AdmissionResponseWire:
             "status": {"code": code, "message": message, "reason": "InternalError"}}
 
 
-# --- decisions --------------------------------------------------------------------
+# --- what a decision returns ---------------------------------------------------------
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
+    """Every decision in `decisions` returns one; the server completes its response."""
+
     result: Result
     response: AdmissionResponseWire
     files: tuple[KeyFile, ...] = ()
-    # A refusal caused by the namespace's key Secrets: the server confirms it with a
-    # live read before sending it, so a cache a moment behind never denies
-    # (docs/contract.md, "Refusals").
+    # A refusal that a fresher view of the namespace's key Secrets could turn around:
+    # the server reads the namespace live and asks the same decision again, so a cache
+    # a moment behind never denies; past the live-read limit the refusal stands (fail
+    # closed; docs/contract.md, "Refusals").
     key_state: bool = False
     key: KeyDecision | None = None  # a decision on a key Secret: logged, and an Event
     status: str = ""  # with `files`: their keymount.io/status JSON
@@ -245,153 +234,3 @@ class Verdict:
         response: AdmissionResponseWire = {**self.response}
         response["warnings"] = [*self.response.get("warnings", []), warning]
         return dataclasses.replace(self, response=response)
-
-
-def key_change(request: AdmissionRequest, *,
-               reserved: Mapping[int, str] | None = None) -> KeyChange:
-    return KeyChange(request.operation, request.namespace, request.object_name,
-                     request.object, request.old_object, request.requester,
-                     reserved or {})
-
-
-def key_verdict(request: AdmissionRequest, decision: KeyDecision, *,
-                unchanged: Result = "allowed") -> Verdict:
-    if not decision.allowed:
-        return Verdict("denied", denied(decision.message,
-                                        warnings=decision.warnings),
-                       key_state=decision.key_state, key=decision)
-    response = patched(decision.patch, warnings=decision.warnings)
-    return Verdict(unchanged if decision.action == "none" else "allowed", response,
-                   key=decision)
-
-
-def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
-                    now: datetime | None = None,
-                    reserved: Mapping[int, str] | None = None) -> Verdict:
-    """`/mutate`: inject the keys into a backend Pod being created; stamp a new key
-    Secret's number (docs/contract.md, "Injection" and "Key numbers")."""
-    if request.is_secret and request.operation in ("CREATE", "UPDATE"):
-        return key_verdict(request, stamp_key_secret(
-            key_change(request, reserved=reserved), keyring=keyring, settings=settings),
-            unchanged="skipped")
-    if not (request.is_pod and request.operation == "CREATE"):
-        return Verdict("skipped", allowed())
-    pod = request.object
-    if pod is None:
-        return Verdict("denied", denied("Pod CREATE request carries no object",
-                                        code=400))
-    if not needs_keys(pod, settings=settings):
-        return Verdict("skipped", allowed())
-    outcome = inject_keys(pod, keyring=keyring, settings=settings, now=now)
-    if not isinstance(outcome, Injected):
-        return Verdict("denied", denied(outcome.message),
-                       key_state=outcome.from_key_state)
-    return Verdict("injected", patched(outcome.patch, warnings=outcome.warnings,
-                                       audit={"encryption-keys": outcome.status},
-                                       encoded=outcome.encoded),
-                   files=outcome.files, status=outcome.status)
-
-
-def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
-                      writers: KeyWriters = KeyWriters(),
-                      reserved: Mapping[int, str] | None = None) -> Verdict:
-    """`/validate`: backend Pods as finally stored, Pods gaining the backend label, and
-    key Secrets (docs/contract.md, "The validating webhook")."""
-    if request.is_pod and request.operation == "CREATE" and request.object is not None:
-        return review_final_pod(request, keyring=keyring, settings=settings)
-    if request.is_pod and request.operation == "UPDATE" and request.object is not None:
-        return review_pod_relabel(request, keyring=keyring, settings=settings)
-    if request.is_secret:
-        return key_verdict(request, guard_key_secret(
-            key_change(request, reserved=reserved), keyring=keyring, settings=settings,
-            writers=writers))
-    return Verdict("allowed", allowed())
-
-
-def review_pod_relabel(request: AdmissionRequest, *, keyring: Keyring,
-                       settings: Settings) -> Verdict:
-    """A Pod cannot become a backend Pod without its keys: Pod volumes are immutable, so
-    one created without keymount's volume can never get it."""
-    pod, old = request.object or {}, request.old_object or {}
-    if not needs_keys(pod, settings=settings) or needs_keys(old, settings=settings):
-        return Verdict("allowed", allowed())
-    problem = find_injection_problem(pod, keyring=keyring, settings=settings)
-    if problem is None:
-        return Verdict("allowed", allowed())
-    return Verdict("denied", denied(
-        f"Pod {request.object_name!r} cannot become a backend Pod ({settings.pod_selector}) "
-        f"by a label change: {problem[0]}, and a running Pod's volumes cannot be added. "
-        f"Create a new Pod with the label instead (keymount mounts the keys at creation)"),
-        key_state=problem[1])
-
-
-def review_final_pod(request: AdmissionRequest, *, keyring: Keyring,
-                     settings: Settings) -> Verdict:
-    pod = request.object or {}
-    if not needs_keys(pod, settings=settings):
-        return Verdict("allowed", allowed())
-    problem = find_injection_problem(pod, keyring=keyring, settings=settings)
-    if problem is None:
-        return Verdict("allowed", allowed())
-    message, key_state = problem
-    return Verdict("denied", denied(
-        f"backend Pod does not carry keymount's encryption keys as injected: {message}. "
-        f"Another mutating webhook may have changed it after keymount; list them with "
-        f"`kubectl get mutatingwebhookconfigurations`"), key_state=key_state)
-
-
-def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
-                           settings: Settings) -> tuple[str, bool] | None:
-    """What is wrong with a stored backend Pod's key volume, and whether fresher key
-    state could make it right; None when it is as docs/contract.md,
-    "Injection", says."""
-    spec = as_dict(pod.get("spec"))
-    volumes = [v for v in spec.get("volumes") or [] if isinstance(v, dict)
-               and v.get("name") == VOLUME_NAME]
-    if len(volumes) != 1:
-        return f"expected one volume {VOLUME_NAME!r}, found {len(volumes)}", False
-    projected = volumes[0].get("projected")
-    if set(volumes[0]) != {"name", "projected"} or not isinstance(projected, dict):
-        return f"volume {VOLUME_NAME!r} is not a projected volume", False
-    if projected.get("defaultMode") != FILE_MODE:
-        return f"volume {VOLUME_NAME!r} has defaultMode {projected.get('defaultMode')}", False
-    sources = projected.get("sources") or []
-    if not sources:
-        return f"volume {VOLUME_NAME!r} has no key sources", False
-    for source in sources:
-        secret = source.get("secret") if isinstance(source, dict) else None
-        if set(source) != {"secret"} or not isinstance(secret, dict):
-            return f"volume {VOLUME_NAME!r} projects something other than key Secrets", False
-        name = str(secret.get("name"))
-        if secret.get("optional") is True:
-            problem = _slot_problem(secret, settings=settings)
-            if problem:
-                return problem, False
-            continue
-        record = keyring.find(name)
-        number = keyring.number_of(name)
-        if record is None or not record.valid or number is None:
-            return (f"volume {VOLUME_NAME!r} references {name!r}, not a valid key Secret "
-                    f"of namespace {keyring.namespace!r}"), True
-        item = {"key": settings.key_field, "path": key_file_name(number)}
-        if secret.get("items") != [item]:
-            return f"key source {name!r} does not project {item}", False
-    targets = select_containers(pod)
-    if not isinstance(targets, list):
-        return targets.message, False
-    problem = find_mount_problem(spec, targets, settings=settings, injected=True)
-    return (problem, False) if problem else None
-
-
-def _slot_problem(secret: Mapping[str, Any], *, settings: Settings) -> str | None:
-    """An optional source must be a rotation slot: the reserved name of a number, at
-    that number's file. The guard keeps that name for that number, so a slot whose
-    number another key took meanwhile simply stays empty."""
-    name = str(secret.get("name"))
-    number = slot_number(name)
-    if number is None:
-        return f"optional source {name!r} is not one of keymount's rotation slots"
-    item = {"key": settings.key_field, "path": key_file_name(number)}
-    if secret.get("items") != [item]:
-        return f"rotation slot {name!r} does not project {item}"
-    return None

@@ -14,7 +14,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import yaml
 
@@ -44,6 +44,9 @@ from .sources import ClusterKeySource
 
 if TYPE_CHECKING:
     from .logs import LineSink
+    from .metrics import Metrics
+    from .sources import KeySource
+    from .store import KeyStore, PodStore
 
 # --- serve ---------------------------------------------------------------------------
 
@@ -157,8 +160,8 @@ def report_to(fd: int) -> Callable[[str], None]:
     return report
 
 
-def build_key_source(args: argparse.Namespace, *, settings: Settings, store: Any,
-                     metrics: Any, pods: Any = None) -> Any:
+def build_key_source(args: argparse.Namespace, *, settings: Settings, store: KeyStore,
+                     metrics: Metrics, pods: PodStore | None = None) -> KeySource:
     if args.keys_from:
         from .localdir import DirectoryKeySource
         if not Path(args.keys_from).is_dir():

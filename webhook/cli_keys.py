@@ -14,7 +14,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import yaml
 
@@ -38,6 +38,31 @@ from .keys import (
     generate_key,
 )
 from .names import INDEX_ANNOTATION, RETIRED_ANNOTATION, key_file_name, slot_secret_name
+
+if TYPE_CHECKING:  # the CLI imports the Kubernetes client only for cluster commands
+    from .audit import Rbac
+    from .backup import BackedUpKey
+
+ApiObject = dict[str, Any]  # an object as the API server sends it (JSON, not a model)
+
+
+class KeyApi(Protocol):
+    """What the key commands ask of the cluster: `cluster.KeyClient`, whose every
+    failure is one `ClusterError` line; tests pass a fake of it."""
+
+    def key_secrets(self, namespace: str | None) -> list[ApiObject]: ...
+    def create_secrets(self, manifests: list[ApiObject], *, dry_run: bool) -> None: ...
+    def rbac(self, namespace: str | None) -> Rbac: ...
+    def key_records(self, namespace: str | None) -> list[KeyRecord]: ...
+    def keyring(self, namespace: str) -> Keyring: ...
+    def backend_pods(self, namespace: str | None) -> list[ApiObject]: ...
+    def create_secret(self, manifest: ApiObject) -> KeyRecord: ...
+    def patch_secret(self, namespace: str, name: str, patch: ApiObject) -> None: ...
+    def reserve_slot(self, namespace: str, number: int) -> bool: ...
+    def fill_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
+    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str) -> None: ...
+    def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject: ...
+    def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]: ...
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -63,7 +88,7 @@ def add_cluster_flags(parser: argparse.ArgumentParser, *, all_namespaces: bool =
                             default="table", help="output format")
 
 
-def connect(args: argparse.Namespace, settings: Settings) -> tuple[Any, str | None]:
+def connect(args: argparse.Namespace, settings: Settings) -> tuple[KeyApi, str | None]:
     from .cluster import KeyClient, current_namespace
     if getattr(args, "all_namespaces", False):
         namespace = None
@@ -74,7 +99,7 @@ def connect(args: argparse.Namespace, settings: Settings) -> tuple[Any, str | No
                                      settings=settings), namespace
 
 
-def connect_namespace(args: argparse.Namespace, settings: Settings) -> tuple[Any, str]:
+def connect_namespace(args: argparse.Namespace, settings: Settings) -> tuple[KeyApi, str]:
     """A cluster client and the one namespace of a command that takes no -A."""
     keys, namespace = connect(args, settings)
     assert namespace is not None
@@ -187,7 +212,7 @@ def warn_manifest_holds_key() -> None:
 SLOT_ATTEMPTS = 32
 
 
-def fill_next_slot(keys: Any, namespace: str, key: bytes) -> KeyRecord:
+def fill_next_slot(keys: KeyApi, namespace: str, key: bytes) -> KeyRecord:
     """Make a key by filling the lowest empty slot above the active key, reserving one
     first when there is none (a namespace from before slots). The API server takes one
     write per resourceVersion, so concurrent writers end with distinct numbers."""
@@ -197,7 +222,7 @@ def fill_next_slot(keys: Any, namespace: str, key: bytes) -> KeyRecord:
         if not free:
             keys.reserve_slot(namespace, keyring.next_number)
         else:
-            record: KeyRecord | None = keys.fill_slot(namespace, free[0], key)
+            record = keys.fill_slot(namespace, free[0], key)
             if record is not None:
                 return record
         keyring = keys.keyring(namespace)
@@ -206,7 +231,7 @@ def fill_next_slot(keys: Any, namespace: str, key: bytes) -> KeyRecord:
                           f"Retry: keymount keys rotate -n {namespace}")
 
 
-def keep_slots(keys: Any, namespace: str, settings: Settings) -> list[int]:
+def keep_slots(keys: KeyApi, namespace: str, settings: Settings) -> list[int]:
     """Reserve empty slots until `--rotation-slots` wait above the active key: the
     names new backend Pods list, so the next keys reach them without a restart."""
     reserved = []
@@ -269,7 +294,7 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     return 0
 
 
-def restart_workloads(keys: Any, namespace: str, record: KeyRecord, *, wait: bool,
+def restart_workloads(keys: KeyApi, namespace: str, record: KeyRecord, *, wait: bool,
                       timeout: float) -> None:
     """Roll, one at a time, the workloads whose Pods started without the new key, as
     `kubectl rollout restart` does; with `wait`, each must finish before the next, and
@@ -304,7 +329,7 @@ def restart_workloads(keys: Any, namespace: str, record: KeyRecord, *, wait: boo
             time.sleep(1.0)
 
 
-def report_rollout(keys: Any, namespace: str, record: KeyRecord) -> None:
+def report_rollout(keys: KeyApi, namespace: str, record: KeyRecord) -> None:
     """Which running Pods get the new key live (they list its name as a rotation slot)
     and which need a restart, by the workload to restart."""
     from .lifecycle import listed_slots, may_still_read, owner_of, restart_command
@@ -324,15 +349,15 @@ def report_rollout(keys: Any, namespace: str, record: KeyRecord) -> None:
     if restart:
         print("These Pods cannot get it without a restart (started before keymount listed "
               "this key's name, or the key was added under another name):")
-        for kind, owner in sorted(restart):
-            print(f"  {restart_command(kind, owner, namespace)}")
+        for kind, name in sorted(restart):
+            print(f"  {restart_command(kind, name, namespace)}")
     if not live and not restart:
         print("No backend Pods run here now; new ones get it.")
 
 
 # --- list / status ----------------------------------------------------------------------
 
-def cluster_keyrings(keys: Any, namespace: str | None) -> dict[str, Keyring]:
+def cluster_keyrings(keys: KeyApi, namespace: str | None) -> dict[str, Keyring]:
     """Each namespace's keyring, built once from one list (with -n, that namespace's,
     empty or not)."""
     from .lifecycle import records_by_namespace
@@ -404,7 +429,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 # --- retire / pin ------------------------------------------------------------------------
 
-def pin_legacy_keys(keys: Any, keyring: Keyring) -> int:
+def pin_legacy_keys(keys: KeyApi, keyring: Keyring) -> int:
     """Stamp each key made before keymount numbered keys at the number it has now."""
     from .lifecycle import legacy_pins
     pins = legacy_pins(keyring)
@@ -486,7 +511,7 @@ def read_secret_text(path: str, what: str) -> str:
         raise UserFacingError(f"cannot read {what} {path}: {exc.strerror}") from None
 
 
-def decrypt_backup(args: argparse.Namespace, path: str) -> list[Any]:
+def decrypt_backup(args: argparse.Namespace, path: str) -> list[BackedUpKey]:
     from .backup import decrypt, read_identities
     try:
         ciphertext = Path(path).read_bytes()

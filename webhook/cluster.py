@@ -14,11 +14,12 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from .audit import Rbac
 from .config import Settings
 from .errors import UserFacingError
 from .events import EventGone, NamespaceGone
@@ -262,8 +263,19 @@ def current_namespace(*, kubeconfig: str | None, context: str | None) -> str:
     return ((chosen or {}).get("context") or {}).get("namespace") or "default"
 
 
+ApiObject = dict[str, Any]  # an object as the API server sends it (JSON, not a model)
+T = TypeVar("T")
+
+
+def list_items(response: Any) -> list[ApiObject]:
+    """The items of a list read with _preload_content=False (raw JSON)."""
+    items: list[ApiObject] = json.loads(response.data).get("items") or []
+    return items
+
+
 class KeyClient:
-    """The API calls the CLI makes, each turned into one clear error line."""
+    """The API calls the CLI makes, each turned into one clear error line (the CLI
+    holds it as `cli_keys.KeyApi`)."""
 
     def __init__(self, api_client: client.ApiClient, *, settings: Settings) -> None:
         self.api = client.CoreV1Api(api_client)
@@ -275,8 +287,8 @@ class KeyClient:
                         settings: Settings) -> KeyClient:
         return cls(load_api_client(kubeconfig=kubeconfig, context=context), settings=settings)
 
-    def _call(self, function: Callable[..., Any], *args: Any,
-              errors: Mapping[int, str] | None = None, **kwargs: Any) -> Any:
+    def _call(self, function: Callable[..., T], *args: Any,
+              errors: Mapping[int, str] | None = None, **kwargs: Any) -> T:
         """Call the API; `errors` gives the message for a status the caller can explain."""
         try:
             return function(*args, **kwargs)
@@ -287,18 +299,17 @@ class KeyClient:
             raise ClusterError(describe_api_error(exc)) from None
 
     def _list_json(self, namespace: str | None, singular: str, *,
-                   label_selector: str) -> list[dict[str, Any]]:
-        response = self._call(call_list, self.api, singular, namespace,
-                              label_selector=label_selector, _preload_content=False,
-                              _request_timeout=(10, 60))
-        return json.loads(response.data).get("items") or []
+                   label_selector: str) -> list[ApiObject]:
+        return list_items(self._call(call_list, self.api, singular, namespace,
+                                     label_selector=label_selector, _preload_content=False,
+                                     _request_timeout=(10, 60)))
 
-    def key_secrets(self, namespace: str | None) -> list[dict[str, Any]]:
+    def key_secrets(self, namespace: str | None) -> list[ApiObject]:
         """The key Secrets as stored, key bytes included (backups only)."""
         return self._list_json(namespace, "secret",
                                label_selector=self.settings.key_selector.text)
 
-    def create_secrets(self, manifests: list[dict[str, Any]], *, dry_run: bool) -> None:
+    def create_secrets(self, manifests: list[ApiObject], *, dry_run: bool) -> None:
         """Create in order; with dry_run, the API server (and keymount's webhooks) judge
         each without storing it."""
         for manifest in manifests:
@@ -310,15 +321,13 @@ class KeyClient:
                                 f"restored" if dry_run else f"namespace {namespace!r} not found",
                            409: f"secret {name!r} already exists in namespace {namespace!r}"})
 
-    def rbac(self, namespace: str | None) -> Any:
+    def rbac(self, namespace: str | None) -> Rbac:
         """Roles and bindings (of one namespace, and cluster-wide), for `audit`."""
-        from .audit import Rbac
         rbac = client.RbacAuthorizationV1Api(self.api.api_client)
 
-        def items(function: Callable[..., Any], *args: Any) -> list[dict[str, Any]]:
-            response = self._call(function, *args, _preload_content=False,
-                                  _request_timeout=(10, 60))
-            return json.loads(response.data).get("items") or []
+        def items(function: Callable[..., Any], *args: Any) -> list[ApiObject]:
+            return list_items(self._call(function, *args, _preload_content=False,
+                                         _request_timeout=(10, 60)))
         if namespace is None:
             roles = items(rbac.list_role_for_all_namespaces)
             bindings = items(rbac.list_role_binding_for_all_namespaces)
@@ -336,11 +345,11 @@ class KeyClient:
     def keyring(self, namespace: str) -> Keyring:
         return build_keyring(namespace, self.key_records(namespace))
 
-    def backend_pods(self, namespace: str | None) -> list[dict[str, Any]]:
+    def backend_pods(self, namespace: str | None) -> list[ApiObject]:
         return self._list_json(namespace, "pod",
                                label_selector=self.settings.pod_selector.text)
 
-    def create_secret(self, manifest: dict[str, Any]) -> KeyRecord:
+    def create_secret(self, manifest: ApiObject) -> KeyRecord:
         """Create a key Secret; what was stored (keymount's webhook stamps the number)."""
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
         response = self._call(self.api.create_namespaced_secret, namespace, manifest,
@@ -386,7 +395,7 @@ class KeyClient:
             raise ClusterError(describe_api_error(exc)) from None
         return parse_key_secret(json.loads(response.data), settings=self.settings)
 
-    def patch_secret(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
+    def patch_secret(self, namespace: str, name: str, patch: ApiObject) -> None:
         """A strategic merge patch of one Secret (`null` deletes a field); keymount's
         guard judges it."""
         self._call(self.api.patch_namespaced_secret, name, namespace, patch,
@@ -406,10 +415,10 @@ class KeyClient:
         self._call(patch, name, namespace, {"spec": {"template": {"metadata": {
             "annotations": {"kubectl.kubernetes.io/restartedAt": at}}}}})
 
-    def read_workload(self, namespace: str, kind: str, name: str) -> dict[str, Any]:
+    def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject:
         read, _ = self._workload_api(kind)
         response = self._call(read, name, namespace, _preload_content=False)
-        workload: dict[str, Any] = json.loads(response.data)
+        workload: ApiObject = json.loads(response.data)
         return workload
 
     def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]:
@@ -422,5 +431,5 @@ class KeyClient:
             return kind, name
         for ref in rs.metadata.owner_references or []:
             if ref.controller:
-                return ref.kind, ref.name
+                return str(ref.kind), str(ref.name)
         return kind, name

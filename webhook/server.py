@@ -1,6 +1,7 @@
 """The HTTP edge: aiohttp apps for the webhooks (HTTPS) and the probes (plain HTTP).
 
-Handlers parse, call the pure decisions in `admission`, and serialize. Everything that
+Handlers parse (`admission`), route to one pure decision (`decisions`), take the edge
+steps its verdict asks for (a live read, a generated key), and serialize. Everything that
 can go wrong on the way is answered without crashing and without letting a backend
 Pod through: bad requests get a 4xx with a JSON error; anything unexpected gets an
 AdmissionReview that says allowed: false, code 500 (docs/contract.md, "HTTP").
@@ -27,16 +28,14 @@ from .admission import (
     AdmissionRequest,
     MalformedReview,
     Verdict,
+    Webhook,
     complete,
-    denied,
     errored,
-    key_change,
     parse_review,
-    review_mutation,
-    review_validation,
 )
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
+from .decisions import Handler, View, key_change, route
 from .events import EventRecorder, event_for
 from .keyguard import KeyWriters, is_new_key
 from .keys import Keyring
@@ -55,7 +54,6 @@ server_log = logging.getLogger("keymount.server")
 # twice (object and oldObject), so 7 MiB is the most a genuine review needs.
 MAX_BODY = 7 * 1024 * 1024
 LARGE_BODY = 1024 * 1024
-Webhook = Literal["mutate", "validate"]
 
 
 @dataclass
@@ -111,66 +109,98 @@ async def read_review(request: web.Request) -> AdmissionRequest | web.Response:
         return json_error(400, str(exc))
 
 
-async def decide(runtime: Runtime, review: AdmissionRequest, webhook: Webhook) -> Verdict:
-    reservations = runtime.reservations
+async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook) -> Verdict:
+    """Route to one pure decision, then take the edge steps its verdict asks for.
 
-    def verdict_for(keyring: Keyring) -> Verdict:
-        reserved = None
-        if review.is_secret:
-            reservations.settle(review.namespace, (r.name for r in (
-                *keyring.keys, *keyring.invalid, *keyring.retired)))
-            reserved = reservations.held(review.namespace)
-        if webhook == "mutate":
-            return review_mutation(review, keyring=keyring, settings=runtime.settings,
-                                   # the time matters only to --max-key-age
-                                   now=runtime.clock() if runtime.settings.max_key_age
-                                   else None, reserved=reserved)
-        return review_validation(review, keyring=keyring, settings=runtime.settings,
-                                 writers=runtime.writers, reserved=reserved)
-
-    if review.is_secret and is_new_key(key_change(review), settings=runtime.settings):
-        # A new key's number is judged against a fresh view: one live read, as rare as
-        # key creation (docs/contract.md, "Key numbers").
-        fresh = await runtime.live_reads.confirm(review.namespace)
-        if fresh is None:
-            return Verdict("denied", denied(
-                f"keymount is limiting live reads of the API server right now and judges "
-                f"a new key's number only against a fresh read of namespace "
-                f"{review.namespace!r}; retry in a few seconds"))
-        verdict = verdict_for(fresh)
-        key = verdict.key
-        if (webhook == "validate" and key is not None and key.allowed
-                and key.number is not None and not review.dry_run):
-            # Held until the watch brings the Secret: a key racing this one for the same
-            # number is refused, never stored beside it.
-            reservations.reserve(review.namespace, key.number, review.object_name)
-            runtime.live_reads.forget(review.namespace)
+    Nothing here lets a backend Pod through on its own: every answer is a verdict of
+    the routed handler (whose table refuses an unrouted backend Pod), a failed step
+    raises (answered allowed: false, code 500, by the handler), and a live read past
+    its limit leaves the refusal standing.
+    """
+    handler = route(webhook, request)
+    verdict, keyring = await judge(runtime, request, handler)
+    if request.dry_run:
+        # The one place dryRun is honoured: a dry run writes nothing and holds nothing
+        # (no generated key, no reserved number), it only answers.
         return verdict
-    verdict = verdict_for(runtime.store.keyring(review.namespace))
-    if not verdict.key_state:
+    if webhook == "validate":
+        hold_number(runtime, request, verdict)
         return verdict
-    # Confirm a key-state refusal with one live read: a key Secret created a moment
-    # ago may not have reached the cache yet (docs/contract.md, "Refusals"). Rate
-    # limited: past the limit the cached refusal stands (fail closed).
-    keyring = await runtime.live_reads.confirm(review.namespace)
-    if keyring is None:
-        return verdict
-    verdict = verdict_for(keyring)
-    if (verdict.key_state and runtime.auto_generate and webhook == "mutate"
-            and not review.dry_run and not keyring.keys and not keyring.invalid
-            and not keyring.retired):
-        # No key Secret at all: make one. Never on dryRun, which must not write.
-        assert isinstance(runtime.source, ClusterKeySource)  # cmd_serve checked it
-        keyring = await runtime.source.create_generated_key(review.namespace)
-        runtime.live_reads.forget(review.namespace)
-        verdict = verdict_for(keyring)
-        if verdict.result == "injected":
-            verdict = verdict.with_warning(
-                f"keymount generated key Secret {GENERATED_KEY_NAME!r} in namespace "
-                f"{review.namespace!r}: back it up now (data encrypted with it is lost "
-                f"with it): kubectl get secret {GENERATED_KEY_NAME} -n {review.namespace} "
-                f"-o yaml")
+    if keyring is not None and should_generate(runtime, verdict, keyring):
+        return await generate_key(runtime, request, handler)
     return verdict
+
+
+def view_of(runtime: Runtime, request: AdmissionRequest, keyring: Keyring,
+            source: Literal["cache", "live"]) -> View:
+    return View(keyring, runtime.settings, writers=runtime.writers,
+                # the time matters only to --max-key-age
+                now=runtime.clock() if runtime.settings.max_key_age else None,
+                reserved=held_numbers(runtime, request, keyring), source=source)
+
+
+async def judge(runtime: Runtime, request: AdmissionRequest,
+                handler: Handler) -> tuple[Verdict, Keyring | None]:
+    """The handler's verdict on the cache; for a key-state refusal, its verdict on one
+    live read of the namespace instead (with that keyring), since a key Secret created
+    a moment ago may not have reached the cache yet (docs/contract.md, "Refusals").
+    Rate limited: past the limit the cached refusal stands (fail closed)."""
+    namespace = request.namespace
+    verdict = handler(request, view_of(runtime, request, runtime.store.keyring(namespace),
+                                       "cache"))
+    if not verdict.key_state:
+        return verdict, None
+    keyring = await runtime.live_reads.confirm(namespace)
+    if keyring is None:
+        return verdict, None
+    return handler(request, view_of(runtime, request, keyring, "live")), keyring
+
+
+def should_generate(runtime: Runtime, verdict: Verdict, keyring: Keyring) -> bool:
+    """--auto-generate: a key-state refusal, confirmed live, in a namespace with no key
+    Secret at all (not even an invalid or retired one)."""
+    return (runtime.auto_generate and verdict.key_state and not keyring.keys
+            and not keyring.invalid and not keyring.retired)
+
+
+async def generate_key(runtime: Runtime, request: AdmissionRequest,
+                       handler: Handler) -> Verdict:
+    """Create the namespace's generated key, then decide again on it."""
+    assert isinstance(runtime.source, ClusterKeySource)  # cmd_serve checked it
+    keyring = await runtime.source.create_generated_key(request.namespace)
+    runtime.live_reads.forget(request.namespace)
+    verdict = handler(request, view_of(runtime, request, keyring, "live"))
+    if verdict.result != "injected":
+        return verdict
+    return verdict.with_warning(
+        f"keymount generated key Secret {GENERATED_KEY_NAME!r} in namespace "
+        f"{request.namespace!r}: back it up now (data encrypted with it is lost "
+        f"with it): kubectl get secret {GENERATED_KEY_NAME} -n {request.namespace} "
+        f"-o yaml")
+
+
+# --- numbers in flight (in-process; kept to these two steps) ---------------------------
+
+def held_numbers(runtime: Runtime, request: AdmissionRequest,
+                 keyring: Keyring) -> dict[int, str] | None:
+    """For a Secret: the numbers this process gave to keys not in `keyring` yet."""
+    if not request.is_secret:
+        return None
+    reservations = runtime.reservations
+    reservations.settle(request.namespace, (r.name for r in (
+        *keyring.keys, *keyring.invalid, *keyring.retired)))
+    return reservations.held(request.namespace)
+
+
+def hold_number(runtime: Runtime, request: AdmissionRequest, verdict: Verdict) -> None:
+    """A new key allowed at /validate holds its number until the watch brings the
+    Secret: a key racing it for the same number is refused, never stored beside it."""
+    key = verdict.key
+    if (key is None or not key.allowed or key.number is None or not request.is_secret
+            or not is_new_key(key_change(request), settings=runtime.settings)):
+        return
+    runtime.reservations.reserve(request.namespace, key.number, request.object_name)
+    runtime.live_reads.forget(request.namespace)
 
 
 def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:

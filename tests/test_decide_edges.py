@@ -1,0 +1,166 @@
+"""server.decide's edge steps, against a fake key source: the live read a verdict asks
+for, --auto-generate's key, numbers held in flight, and dryRun, which writes nothing."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jsonpatch
+import pytest
+
+from webhook.admission import parse_review
+from webhook.config import Settings
+from webhook.keys import Keyring
+from webhook.lifecycle import GENERATED_KEY_NAME
+from webhook.metrics import Metrics
+from webhook.server import Runtime, decide
+from webhook.store import KeyStore
+
+from builders import key_secret, keyring_of, pod, random_key, review
+
+
+class FakeSource:
+    """A cluster key source whose live reads return `live`, counted."""
+
+    def __init__(self, live: dict[str, Keyring] | None = None) -> None:
+        self.live = dict(live or {})
+        self.reads: list[str] = []
+        self.created: list[str] = []
+
+    async def load(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        pass
+
+    async def confirm(self, namespace: str) -> Keyring:
+        self.reads.append(namespace)
+        return self.live.get(namespace, Keyring(namespace))
+
+    async def create_generated_key(self, namespace: str) -> Keyring:
+        self.created.append(namespace)
+        self.live[namespace] = keyring_of(
+            key_secret(GENERATED_KEY_NAME, random_key(), index=1, namespace=namespace),
+            namespace=namespace)
+        return self.live[namespace]
+
+    def event_sink(self):  # pragma: no cover - the events recorder is not wired here
+        raise NotImplementedError
+
+
+def runtime_of(source: FakeSource, *, auto_generate: bool = False,
+               limited: bool = False) -> Runtime:
+    store = KeyStore()
+    return Runtime(settings=Settings(), store=store, source=source, metrics=Metrics(store),
+                   auto_generate=auto_generate,
+                   live_read_rate=0.0 if limited else 10.0,
+                   live_read_burst=0 if limited else 20)
+
+
+def request(obj, **kw):
+    return parse_review(json.dumps(review(obj, **kw)).encode())
+
+
+def applied(obj, verdict):
+    return jsonpatch.apply_patch(obj, json.loads(base64.b64decode(verdict.response["patch"])))
+
+
+LIVE = {"shop": keyring_of(key_secret("key-a", random_key(), index=1),
+                           key_secret("key-b", random_key(), index=2))}
+
+
+# --- live reads --------------------------------------------------------------------------
+
+async def test_a_key_state_refusal_on_the_cache_is_decided_again_on_a_live_read():
+    source = FakeSource(LIVE)
+    verdict = await decide(runtime_of(source), request(pod()), "mutate")
+    assert verdict.result == "injected"
+    assert source.reads == ["shop"]
+
+
+async def test_an_allowed_pod_costs_no_live_read():
+    source = FakeSource(LIVE)
+    verdict = await decide(runtime_of(source), request(pod(labels={"app": "web"})),
+                           "mutate")
+    assert verdict.result == "skipped" and source.reads == []
+
+
+async def test_a_new_key_is_numbered_on_a_live_read_never_the_cache():
+    source = FakeSource(LIVE)  # the cache is empty: on it, the number would be 1
+    verdict = await decide(runtime_of(source), request(key_secret("k3", random_key()),
+                                                       kind="Secret"), "mutate")
+    assert verdict.key is not None and verdict.key.number == 3
+    assert source.reads == ["shop"]
+
+
+@pytest.mark.parametrize(("obj", "kind", "message"), [
+    (key_secret("k3", random_key()), "Secret", "retry in a few seconds"),
+    (pod(), "Pod", "no valid encryption key"),
+], ids=["new-key", "pod"])
+async def test_past_the_live_read_limit_the_cached_refusal_stands(obj, kind, message):
+    source = FakeSource(LIVE)
+    verdict = await decide(runtime_of(source, auto_generate=True, limited=True),
+                           request(obj, kind=kind), "mutate")
+    assert verdict.response["allowed"] is False and message in verdict.message
+    assert source.reads == [] and source.created == []
+
+
+# --- --auto-generate ----------------------------------------------------------------------
+
+async def test_auto_generate_creates_the_key_and_injects_it_with_a_backup_warning():
+    source = FakeSource()
+    verdict = await decide(runtime_of(source, auto_generate=True), request(pod()), "mutate")
+    assert source.created == ["shop"]
+    assert verdict.result == "injected"
+    assert any("back it up now" in w for w in verdict.response["warnings"])
+    volume = applied(pod(), verdict)["spec"]["volumes"][0]
+    assert volume["projected"]["sources"][0]["secret"]["name"] == GENERATED_KEY_NAME
+
+
+@pytest.mark.parametrize(("auto_generate", "dry_run", "webhook"), [
+    (False, False, "mutate"), (True, True, "mutate"), (True, False, "validate")],
+    ids=["flag-unset", "dry-run", "validate"])
+async def test_no_key_is_generated_without_the_flag_on_dry_run_or_at_validate(
+        auto_generate, dry_run, webhook):
+    source = FakeSource()
+    obj = pod() if webhook == "mutate" else applied(pod(), await decide(
+        runtime_of(FakeSource(LIVE)), request(pod()), "mutate"))
+    verdict = await decide(runtime_of(source, auto_generate=auto_generate),
+                           request(obj, dry_run=dry_run), webhook)
+    assert verdict.response["allowed"] is False
+    assert source.created == []
+
+
+async def test_auto_generate_leaves_a_namespace_with_an_invalid_key_alone():
+    bad = key_secret("bad", b"short", index=1)
+    source = FakeSource({"shop": keyring_of(bad)})
+    verdict = await decide(runtime_of(source, auto_generate=True), request(pod()), "mutate")
+    assert verdict.response["allowed"] is False and source.created == []
+
+
+# --- numbers in flight --------------------------------------------------------------------
+
+async def stamped_key(runtime: Runtime, name: str) -> dict:
+    obj = key_secret(name, random_key())
+    verdict = await decide(runtime, request(obj, kind="Secret"), "mutate")
+    return applied(obj, verdict)
+
+
+async def test_a_new_key_allowed_at_validate_holds_its_number_against_a_racing_key():
+    runtime = runtime_of(FakeSource(LIVE))
+    first, racing = await stamped_key(runtime, "k3"), await stamped_key(runtime, "other")
+    verdict = await decide(runtime, request(first, kind="Secret"), "validate")
+    assert verdict.response["allowed"] is True
+    assert runtime.reservations.held("shop") == {3: "k3"}
+    refused = await decide(runtime, request(racing, kind="Secret"), "validate")
+    assert "being given to key Secret 'k3'" in refused.message
+
+
+@pytest.mark.parametrize("webhook", ["mutate", "validate"])
+async def test_a_dry_run_holds_no_number(webhook):
+    runtime = runtime_of(FakeSource(LIVE))
+    obj = await stamped_key(runtime, "k3")
+    verdict = await decide(runtime, request(obj, kind="Secret", dry_run=True), webhook)
+    assert verdict.response["allowed"] is True
+    assert runtime.reservations.held("shop") == {}

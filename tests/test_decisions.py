@@ -1,0 +1,246 @@
+"""The router's table and each admission decision, called directly (pure)."""
+
+from __future__ import annotations
+
+import base64
+import json
+
+import jsonpatch
+import pytest
+
+from webhook.admission import OPERATIONS, AdmissionRequest, parse_review
+from webhook.config import Settings
+from webhook.decisions import (
+    ROUTES,
+    UNROUTED,
+    View,
+    allow,
+    check_final_pod,
+    check_pod_relabel,
+    guard_secret,
+    inject_pod,
+    review_mutation,
+    route,
+    skip,
+    stamp_secret,
+)
+from webhook.keys import Keyring
+
+from builders import key_secret, keyring_of, pod, random_key, review
+
+SETTINGS = Settings()
+KEYRING = keyring_of(key_secret("key-a", random_key(), index=1),
+                     key_secret("key-b", random_key(), index=2))
+EMPTY = Keyring("shop")
+
+
+def parse(body: dict) -> AdmissionRequest:
+    return parse_review(json.dumps(body).encode())
+
+
+def request_of(obj, *, kind="Pod", operation="CREATE", group="", old=None,
+               dry_run=False) -> AdmissionRequest:
+    body = review(obj, kind=kind, operation=operation, old=old, dry_run=dry_run)
+    body["request"]["kind"]["group"] = group
+    return parse(body)
+
+
+def view(keyring=KEYRING, source="live") -> View:
+    return View(keyring, SETTINGS, source=source)
+
+
+# --- the router -------------------------------------------------------------------------
+
+TABLE = {
+    ("mutate", "Pod", "CREATE"): inject_pod,
+    ("mutate", "Pod", "UPDATE"): skip,
+    ("mutate", "Pod", "DELETE"): skip,
+    ("mutate", "Pod", "CONNECT"): skip,
+    ("mutate", "Secret", "CREATE"): stamp_secret,
+    ("mutate", "Secret", "UPDATE"): stamp_secret,
+    ("mutate", "Secret", "DELETE"): skip,
+    ("mutate", "Secret", "CONNECT"): skip,
+    ("validate", "Pod", "CREATE"): check_final_pod,
+    ("validate", "Pod", "UPDATE"): check_pod_relabel,
+    ("validate", "Pod", "DELETE"): allow,
+    ("validate", "Pod", "CONNECT"): allow,
+    ("validate", "Secret", "CREATE"): guard_secret,
+    ("validate", "Secret", "UPDATE"): guard_secret,
+    ("validate", "Secret", "DELETE"): guard_secret,
+    ("validate", "Secret", "CONNECT"): guard_secret,
+}
+
+
+@pytest.mark.parametrize(("key", "handler"), TABLE.items(),
+                         ids=["/".join(key) for key in TABLE])
+def test_each_webhook_kind_and_operation_routes_to_its_one_handler(key, handler):
+    webhook, kind, operation = key
+    assert route(webhook, request_of({}, kind=kind, operation=operation)) is handler
+
+
+def test_the_table_has_exactly_the_documented_routes():
+    assert ROUTES == TABLE
+
+
+@pytest.mark.parametrize("webhook", ["mutate", "validate"])
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_every_pod_operation_has_a_route_at_both_webhooks(webhook, operation):
+    """A Pod never reaches the default: fail closed is the table's, not a fallback's."""
+    assert (webhook, "Pod", operation) in ROUTES
+
+
+UNKNOWN = {
+    "configmap": ({"kind": "ConfigMap"}, "ConfigMap", ""),
+    "deployment": ({"kind": "Deployment", "spec": {}}, "Deployment", "apps"),
+    # A "Pod" of another API group is not a Pod: it is not routed as one.
+    "pod-of-another-group": (pod(), "Pod", "metrics.k8s.io"),
+}
+
+
+@pytest.mark.parametrize("webhook", ["mutate", "validate"])
+@pytest.mark.parametrize(("obj", "kind", "group"), UNKNOWN.values(), ids=UNKNOWN.keys())
+def test_an_unknown_kind_is_allowed_without_a_patch(webhook, obj, kind, group):
+    request = request_of(obj, kind=kind, group=group)
+    handler = route(webhook, request)
+    assert handler is UNROUTED[webhook]
+    verdict = handler(request, view())
+    assert verdict.response == {"allowed": True}
+    assert verdict.result == ("skipped" if webhook == "mutate" else "allowed")
+
+
+@pytest.mark.parametrize("webhook", ["mutate", "validate"])
+@pytest.mark.parametrize("operation", OPERATIONS)
+def test_an_unrouted_backend_pod_is_refused(webhook, operation):
+    request = request_of(pod(), operation=operation, old=pod())
+    handler = route(webhook, request, routes={})
+    verdict = handler(request, view())
+    assert verdict.response["allowed"] is False
+    assert verdict.response["status"]["code"] == 500
+    assert verdict.result == "error" and request.uid in verdict.message
+
+
+@pytest.mark.parametrize("webhook", ["mutate", "validate"])
+def test_an_unrouted_pod_that_is_not_a_backend_pod_is_allowed(webhook):
+    request = request_of(pod(labels={"app": "web"}))
+    verdict = route(webhook, request, routes={})(request, view())
+    assert verdict.response == {"allowed": True}
+
+
+# --- the Pod decisions -------------------------------------------------------------------
+
+INJECT = {
+    "backend-pod": (pod(), KEYRING, "injected", True),
+    "other-pod": (pod(labels={"app": "web"}), KEYRING, "skipped", True),
+    "no-keys": (pod(), EMPTY, "denied", False),
+    "no-object": (None, KEYRING, "denied", False),
+}
+
+
+@pytest.mark.parametrize(("obj", "keyring", "result", "allowed"), INJECT.values(),
+                         ids=INJECT.keys())
+def test_inject_pod_decides_on_the_pod_and_the_keyring(obj, keyring, result, allowed):
+    verdict = inject_pod(request_of(obj), view(keyring))
+    assert (verdict.result, verdict.response["allowed"]) == (result, allowed)
+    assert ("patch" in verdict.response) == (result == "injected")
+
+
+@pytest.mark.parametrize(("obj", "code", "key_state"), [
+    (pod(), 403, True), (None, 400, False)], ids=["no-keys", "no-object"])
+def test_inject_pod_marks_only_keyring_refusals_as_key_state(obj, code, key_state):
+    verdict = inject_pod(request_of(obj), view(EMPTY))
+    assert verdict.response["status"]["code"] == code
+    assert verdict.key_state is key_state
+
+
+def injected_pod() -> dict:
+    """A backend Pod as /mutate leaves it."""
+    obj = pod()
+    verdict = inject_pod(request_of(obj), view())
+    return jsonpatch.apply_patch(obj, json.loads(base64.b64decode(verdict.response["patch"])))
+
+
+@pytest.mark.parametrize(("obj", "keyring", "allowed", "key_state"), [
+    (injected_pod(), KEYRING, True, False),
+    (pod(), KEYRING, False, False),
+    (injected_pod(), EMPTY, False, True),
+    (pod(labels={"app": "web"}), KEYRING, True, False),
+], ids=["as-injected", "without-the-volume", "key-not-in-view", "not-a-backend-pod"])
+def test_check_final_pod_allows_only_a_backend_pod_as_injected(obj, keyring, allowed,
+                                                               key_state):
+    verdict = check_final_pod(request_of(obj), view(keyring))
+    assert verdict.response["allowed"] is allowed
+    assert verdict.key_state is key_state
+
+
+@pytest.mark.parametrize(("new", "old", "allowed"), [
+    (pod(), pod(labels={"app": "web"}), False),
+    (injected_pod(), {**injected_pod(), "metadata": {"labels": {}}}, True),
+    (pod(), pod(), True),
+    (pod(labels={"app": "web"}), pod(), True),
+], ids=["gains-label-without-keys", "gains-label-with-keys", "already-backend",
+        "loses-label"])
+def test_check_pod_relabel_refuses_becoming_a_backend_pod_without_keys(new, old, allowed):
+    verdict = check_pod_relabel(request_of(new, operation="UPDATE", old=old), view())
+    assert verdict.response["allowed"] is allowed
+    if not allowed:
+        assert "cannot become a backend Pod" in verdict.message
+
+
+# --- the key-Secret decisions ---------------------------------------------------------
+
+NEW_KEY = key_secret("k3", random_key())
+
+
+@pytest.mark.parametrize("handler", [stamp_secret, guard_secret], ids=["stamp", "guard"])
+def test_a_new_key_on_the_cache_asks_for_a_live_view(handler):
+    verdict = handler(request_of(NEW_KEY, kind="Secret"), view(source="cache"))
+    assert verdict.response["allowed"] is False and verdict.key_state is True
+    assert "retry in a few seconds" in verdict.message
+
+
+@pytest.mark.parametrize("handler", [stamp_secret, guard_secret], ids=["stamp", "guard"])
+def test_a_change_to_a_cached_key_is_judged_on_the_cache(handler):
+    old = key_secret("key-a", random_key(), index=1)
+    new = {**old, "metadata": {**old["metadata"], "labels": {**old["metadata"]["labels"],
+                                                             "team": "x"}}}
+    verdict = handler(request_of(new, kind="Secret", operation="UPDATE", old=old),
+                      view(source="cache"))
+    assert verdict.key_state is False and verdict.response["allowed"] is True
+
+
+def test_stamp_secret_gives_a_new_key_the_next_number_of_the_live_view():
+    verdict = stamp_secret(request_of(NEW_KEY, kind="Secret"), view())
+    assert verdict.result == "allowed" and verdict.key is not None
+    assert verdict.key.action == "created" and verdict.key.number == 3
+
+
+def test_stamp_secret_skips_a_secret_that_is_not_a_key():
+    plain = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "db"}, "data": {}}
+    verdict = stamp_secret(request_of(plain, kind="Secret"), view())
+    assert verdict.result == "skipped" and verdict.response == {"allowed": True}
+
+
+def test_guard_secret_refuses_deleting_a_valid_key():
+    old = key_secret("key-a", random_key(), index=1)
+    verdict = guard_secret(request_of(None, kind="Secret", operation="DELETE", old=old),
+                           view())
+    assert verdict.result == "denied" and "keymount keys retire key-a" in verdict.message
+
+
+def test_guard_secret_refuses_a_number_held_in_flight():
+    stamped = review_mutation(request_of(NEW_KEY, kind="Secret"), keyring=KEYRING,
+                              settings=SETTINGS)
+    assert stamped.key is not None and stamped.key.number == 3
+    stored = jsonpatch.apply_patch(NEW_KEY, json.loads(base64.b64decode(
+        stamped.response["patch"])))
+    request = request_of(stored, kind="Secret")
+    assert guard_secret(request, view()).response["allowed"] is True
+    racing = View(KEYRING, SETTINGS, reserved={3: "other"})
+    assert "being given to key Secret 'other'" in guard_secret(request, racing).message
+
+
+@pytest.mark.parametrize(("handler", "result"), [(skip, "skipped"), (allow, "allowed")],
+                         ids=["skip", "allow"])
+def test_nothing_to_decide_is_allowed_without_a_patch(handler, result):
+    verdict = handler(request_of(pod(), operation="DELETE"), view())
+    assert verdict.result == result and verdict.response == {"allowed": True}

@@ -1,0 +1,297 @@
+"""The admission decisions and the router that picks one per request.
+
+`route` looks up (webhook, kind, operation) in `ROUTES` and returns one handler; each
+handler is a pure function `(request, view) -> Verdict` of the request and a `View` of
+its namespace (the keyring, settings, key writers, the time, numbers in flight). No
+handler does I/O: when a verdict says a fresher view could change it (`key_state`),
+the server reads the namespace live and calls the same handler again
+(server.decide).
+
+Failing closed is a property of the table, not of branch order: every Pod operation at
+either webhook has an entry, and a request with no entry gets `UNROUTED[webhook]`,
+which allows anything but a backend Pod and refuses a backend Pod
+(docs/contract.md, "The validating webhook").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+from .admission import (
+    OPERATIONS,
+    AdmissionRequest,
+    Result,
+    Verdict,
+    Webhook,
+    allowed,
+    denied,
+    errored,
+    patched,
+)
+from .config import VOLUME_NAME, Settings
+from .injection import (
+    FILE_MODE,
+    Injected,
+    find_mount_problem,
+    inject_keys,
+    needs_keys,
+    select_containers,
+)
+from .keyguard import (
+    KeyChange,
+    KeyDecision,
+    KeyWriters,
+    guard_key_secret,
+    is_new_key,
+    stamp_key_secret,
+)
+from .keys import Keyring
+from .names import as_dict, key_file_name, slot_number
+
+
+@dataclass(frozen=True, slots=True)
+class View:
+    """What a decision sees besides the request."""
+
+    keyring: Keyring  # the request namespace's keys
+    settings: Settings
+    writers: KeyWriters = field(default_factory=KeyWriters)
+    now: datetime | None = None  # matters only to --max-key-age
+    reserved: Mapping[int, str] | None = None  # numbers just given to keys not yet cached
+    # "cache": the key cache, possibly a moment behind the API server; "live": read
+    # from the API server for this request (or, in tests and the CLI, the truth).
+    source: Literal["cache", "live"] = "live"
+
+
+Handler = Callable[[AdmissionRequest, View], Verdict]
+
+
+# --- key Secrets ----------------------------------------------------------------------
+
+def key_change(request: AdmissionRequest, *,
+               reserved: Mapping[int, str] | None = None) -> KeyChange:
+    return KeyChange(request.operation, request.namespace, request.object_name,
+                     request.object, request.old_object, request.requester,
+                     reserved or {})
+
+
+def key_verdict(request: AdmissionRequest, decision: KeyDecision, *,
+                unchanged: Result = "allowed") -> Verdict:
+    if not decision.allowed:
+        return Verdict("denied", denied(decision.message,
+                                        warnings=decision.warnings),
+                       key_state=decision.key_state, key=decision)
+    response = patched(decision.patch, warnings=decision.warnings)
+    return Verdict(unchanged if decision.action == "none" else "allowed", response,
+                   key=decision)
+
+
+def needs_live_view(request: AdmissionRequest, view: View) -> Verdict | None:
+    """A new key's number is judged only against a live read, never the cache
+    (docs/contract.md, "Key numbers"). On the cache this is a key-state refusal: the
+    server reads live and asks again, and the refusal is what stands when the live-read
+    limit says no."""
+    if view.source != "cache" or not is_new_key(key_change(request), settings=view.settings):
+        return None
+    return Verdict("denied", denied(
+        f"keymount is limiting live reads of the API server right now and judges "
+        f"a new key's number only against a fresh read of namespace "
+        f"{request.namespace!r}; retry in a few seconds"), key_state=True)
+
+
+def stamp_secret(request: AdmissionRequest, view: View) -> Verdict:
+    """`/mutate`, Secret CREATE or UPDATE: a new key Secret's number and used numbers."""
+    return needs_live_view(request, view) or key_verdict(request, stamp_key_secret(
+        key_change(request, reserved=view.reserved), keyring=view.keyring,
+        settings=view.settings), unchanged="skipped")
+
+
+def guard_secret(request: AdmissionRequest, view: View) -> Verdict:
+    """`/validate`, any Secret operation: the key-Secret guard."""
+    return needs_live_view(request, view) or key_verdict(request, guard_key_secret(
+        key_change(request, reserved=view.reserved), keyring=view.keyring,
+        settings=view.settings, writers=view.writers))
+
+
+# --- Pods --------------------------------------------------------------------------------
+
+def inject_pod(request: AdmissionRequest, view: View) -> Verdict:
+    """`/mutate`, Pod CREATE: inject the keys into a backend Pod (docs/contract.md,
+    "Injection")."""
+    pod, settings = request.object, view.settings
+    if pod is None:
+        return Verdict("denied", denied("Pod CREATE request carries no object",
+                                        code=400))
+    if not needs_keys(pod, settings=settings):
+        return Verdict("skipped", allowed())
+    outcome = inject_keys(pod, keyring=view.keyring, settings=settings, now=view.now)
+    if not isinstance(outcome, Injected):
+        return Verdict("denied", denied(outcome.message),
+                       key_state=outcome.from_key_state)
+    return Verdict("injected", patched(outcome.patch, warnings=outcome.warnings,
+                                       audit={"encryption-keys": outcome.status},
+                                       encoded=outcome.encoded),
+                   files=outcome.files, status=outcome.status)
+
+
+def check_final_pod(request: AdmissionRequest, view: View) -> Verdict:
+    """`/validate`, Pod CREATE: a backend Pod as finally stored carries the keys as
+    injected (another mutating webhook may have run after keymount)."""
+    pod, settings = request.object or {}, view.settings
+    if not needs_keys(pod, settings=settings):
+        return Verdict("allowed", allowed())
+    problem = find_injection_problem(pod, keyring=view.keyring, settings=settings)
+    if problem is None:
+        return Verdict("allowed", allowed())
+    message, key_state = problem
+    return Verdict("denied", denied(
+        f"backend Pod does not carry keymount's encryption keys as injected: {message}. "
+        f"Another mutating webhook may have changed it after keymount; list them with "
+        f"`kubectl get mutatingwebhookconfigurations`"), key_state=key_state)
+
+
+def check_pod_relabel(request: AdmissionRequest, view: View) -> Verdict:
+    """`/validate`, Pod UPDATE: a Pod cannot become a backend Pod without its keys: Pod
+    volumes are immutable, so one created without keymount's volume can never get it."""
+    pod, old, settings = request.object or {}, request.old_object or {}, view.settings
+    if not needs_keys(pod, settings=settings) or needs_keys(old, settings=settings):
+        return Verdict("allowed", allowed())
+    problem = find_injection_problem(pod, keyring=view.keyring, settings=settings)
+    if problem is None:
+        return Verdict("allowed", allowed())
+    return Verdict("denied", denied(
+        f"Pod {request.object_name!r} cannot become a backend Pod ({settings.pod_selector}) "
+        f"by a label change: {problem[0]}, and a running Pod's volumes cannot be added. "
+        f"Create a new Pod with the label instead (keymount mounts the keys at creation)"),
+        key_state=problem[1])
+
+
+# --- nothing to decide -------------------------------------------------------------------
+
+def skip(request: AdmissionRequest, view: View) -> Verdict:
+    """`/mutate`: nothing to change."""
+    return Verdict("skipped", allowed())
+
+
+def allow(request: AdmissionRequest, view: View) -> Verdict:
+    """`/validate`: nothing to check."""
+    return Verdict("allowed", allowed())
+
+
+def _unrouted(webhook: Webhook, result: Result) -> Handler:
+    def unrouted(request: AdmissionRequest, view: View) -> Verdict:
+        obj = request.object or request.old_object or {}
+        if request.is_pod and needs_keys(obj, settings=view.settings):
+            # No entry in ROUTES decides on this backend Pod: refuse rather than let
+            # it through without its keys.
+            return Verdict("error", errored(
+                f"keymount has no decision for {request.operation} of a backend Pod at "
+                f"/{webhook}, so it refuses it; this is a keymount bug: report it with "
+                f"the keymount logs for uid {request.uid}"))
+        return Verdict(result, allowed())
+    unrouted.__name__ = f"unrouted_{webhook}"
+    return unrouted
+
+
+# --- the router --------------------------------------------------------------------------
+
+Route = tuple[Webhook, str, str]  # (webhook, kind, operation); a core-group kind bare
+
+ROUTES: dict[Route, Handler] = {
+    ("mutate", "Pod", "CREATE"): inject_pod,
+    **{("mutate", "Pod", op): skip for op in ("UPDATE", "DELETE", "CONNECT")},
+    ("mutate", "Secret", "CREATE"): stamp_secret,
+    ("mutate", "Secret", "UPDATE"): stamp_secret,
+    **{("mutate", "Secret", op): skip for op in ("DELETE", "CONNECT")},
+    ("validate", "Pod", "CREATE"): check_final_pod,
+    ("validate", "Pod", "UPDATE"): check_pod_relabel,
+    **{("validate", "Pod", op): allow for op in ("DELETE", "CONNECT")},
+    **{("validate", "Secret", op): guard_secret for op in OPERATIONS},
+}
+UNROUTED: dict[Webhook, Handler] = {"mutate": _unrouted("mutate", "skipped"),
+                                    "validate": _unrouted("validate", "allowed")}
+
+
+def route(webhook: Webhook, request: AdmissionRequest,
+          routes: Mapping[Route, Handler] = ROUTES) -> Handler:
+    """The one handler for this request."""
+    kind = request.kind if request.group == "" else f"{request.group}/{request.kind}"
+    return routes.get((webhook, kind, request.operation)) or UNROUTED[webhook]
+
+
+def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
+                    now: datetime | None = None,
+                    reserved: Mapping[int, str] | None = None) -> Verdict:
+    """`/mutate` against a keyring taken as the truth (tests, `keymount` offline)."""
+    return route("mutate", request)(request, View(keyring, settings, now=now,
+                                                  reserved=reserved))
+
+
+def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
+                      writers: KeyWriters = KeyWriters(),
+                      reserved: Mapping[int, str] | None = None) -> Verdict:
+    """`/validate` against a keyring taken as the truth."""
+    return route("validate", request)(request, View(keyring, settings, writers=writers,
+                                                    reserved=reserved))
+
+
+# --- what a stored backend Pod must carry ------------------------------------------------
+
+def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
+                           settings: Settings) -> tuple[str, bool] | None:
+    """What is wrong with a stored backend Pod's key volume, and whether fresher key
+    state could make it right; None when it is as docs/contract.md,
+    "Injection", says."""
+    spec = as_dict(pod.get("spec"))
+    volumes = [v for v in spec.get("volumes") or [] if isinstance(v, dict)
+               and v.get("name") == VOLUME_NAME]
+    if len(volumes) != 1:
+        return f"expected one volume {VOLUME_NAME!r}, found {len(volumes)}", False
+    projected = volumes[0].get("projected")
+    if set(volumes[0]) != {"name", "projected"} or not isinstance(projected, dict):
+        return f"volume {VOLUME_NAME!r} is not a projected volume", False
+    if projected.get("defaultMode") != FILE_MODE:
+        return f"volume {VOLUME_NAME!r} has defaultMode {projected.get('defaultMode')}", False
+    sources = projected.get("sources") or []
+    if not sources:
+        return f"volume {VOLUME_NAME!r} has no key sources", False
+    for source in sources:
+        secret = source.get("secret") if isinstance(source, dict) else None
+        if set(source) != {"secret"} or not isinstance(secret, dict):
+            return f"volume {VOLUME_NAME!r} projects something other than key Secrets", False
+        name = str(secret.get("name"))
+        if secret.get("optional") is True:
+            problem = _slot_problem(secret, settings=settings)
+            if problem:
+                return problem, False
+            continue
+        record = keyring.find(name)
+        number = keyring.number_of(name)
+        if record is None or not record.valid or number is None:
+            return (f"volume {VOLUME_NAME!r} references {name!r}, not a valid key Secret "
+                    f"of namespace {keyring.namespace!r}"), True
+        item = {"key": settings.key_field, "path": key_file_name(number)}
+        if secret.get("items") != [item]:
+            return f"key source {name!r} does not project {item}", False
+    targets = select_containers(pod)
+    if not isinstance(targets, list):
+        return targets.message, False
+    problem = find_mount_problem(spec, targets, settings=settings, injected=True)
+    return (problem, False) if problem else None
+
+
+def _slot_problem(secret: Mapping[str, Any], *, settings: Settings) -> str | None:
+    """An optional source must be a rotation slot: the reserved name of a number, at
+    that number's file. The guard keeps that name for that number, so a slot whose
+    number another key took meanwhile simply stays empty."""
+    name = str(secret.get("name"))
+    number = slot_number(name)
+    if number is None:
+        return f"optional source {name!r} is not one of keymount's rotation slots"
+    item = {"key": settings.key_field, "path": key_file_name(number)}
+    if secret.get("items") != [item]:
+        return f"rotation slot {name!r} does not project {item}"
+    return None
