@@ -26,22 +26,21 @@ def parse(body):
 
 
 def through_api(obj, *, keyring, operation="CREATE", old=None, user="alice", groups=(),
-                writers=WRITERS, reserved=None):
+                writers=WRITERS):
     """What the API server does: /mutate, apply its patch, then /validate the result."""
     body = review(obj, kind="Secret", operation=operation, old=old, username=user)
     body["request"]["userInfo"]["groups"] = list(groups)
     body["request"]["name"] = ((obj or old or {}).get("metadata") or {}).get("name", "")
     stored = obj
     if obj is not None:
-        mutation = review_mutation(parse(body), keyring=keyring, settings=SETTINGS,
-                                   reserved=reserved)
+        mutation = review_mutation(parse(body), keyring=keyring, settings=SETTINGS)
         assert mutation.response["allowed"] is True
         if "patch" in mutation.response:
             ops = json.loads(base64.b64decode(mutation.response["patch"]))
             stored = jsonpatch.apply_patch(obj, ops)
             body["request"]["object"] = stored
     verdict = review_validation(parse(body), keyring=keyring, settings=SETTINGS,
-                                writers=writers, reserved=reserved)
+                                writers=writers)
     return verdict, stored
 
 
@@ -83,12 +82,6 @@ def test_a_secret_gaining_the_key_label_is_a_create_and_gets_a_number():
     verdict, stored = through_api(key_secret("later", key), operation="UPDATE", old=old,
                                   keyring=ring_of_three())
     assert verdict.result == "allowed" and annotations(stored)["keymount.io/key-index"] == "4"
-
-
-def test_a_number_stamped_a_moment_ago_is_skipped_by_the_next_stamp():
-    _, stored = through_api(key_secret("b", random_key()), keyring=ring_of_three(),
-                            reserved={4: "a"})
-    assert annotations(stored)["keymount.io/key-index"] == "5"
 
 
 def test_an_existing_key_without_an_index_is_pinned_at_its_number_on_its_next_update():
@@ -172,12 +165,6 @@ def test_a_number_used_by_a_deleted_tombstone_is_never_given_again():
     assert verdict.result == "denied" and "number 1 was used before" in verdict.message
     _, stored = through_api(key_secret("next", random_key()), keyring=ring)
     assert annotations(stored)["keymount.io/key-index"] == "4"
-
-
-def test_a_number_being_given_to_another_key_at_this_moment_is_refused():
-    verdict, _ = through_api(key_secret("b", random_key(), index=4), keyring=ring_of_three(),
-                             reserved={4: "a"})
-    assert verdict.result == "denied" and "being given to key Secret 'a'" in verdict.message
 
 
 def test_an_unused_low_number_is_allowed_for_an_import_with_a_warning():
@@ -407,14 +394,6 @@ def test_a_service_account_writer_matches_its_username():
     from webhook.keyguard import Requester
     assert writers.allows(Requester("system:serviceaccount:ops:rotator"))
     assert not writers.allows(Requester("system:serviceaccount:other:rotator"))
-
-
-def test_a_reservation_ends_once_its_key_is_in_view():
-    from webhook.store import Reservations
-    held = Reservations(clock=lambda: 0.0)
-    held.reserve("shop", 3, "k3")
-    held.settle("shop", ["k1", "k3"])
-    assert held.held("shop") == {}
 
 
 @pytest.mark.parametrize("user", ["alice", "mallory"], ids=["writer", "non-writer"])

@@ -60,7 +60,6 @@ class View:
     settings: Settings
     writers: KeyWriters = field(default_factory=KeyWriters)
     now: datetime | None = None  # matters only to --max-key-age
-    reserved: Mapping[int, str] | None = None  # numbers just given to keys not yet cached
     # "cache": the key cache, possibly a moment behind the API server; "live": read
     # from the API server for this request (or, in tests and the CLI, the truth).
     source: Literal["cache", "live"] = "live"
@@ -71,11 +70,9 @@ Handler = Callable[[AdmissionRequest, View], Verdict]
 
 # --- key Secrets ----------------------------------------------------------------------
 
-def key_change(request: AdmissionRequest, *,
-               reserved: Mapping[int, str] | None = None) -> KeyChange:
+def key_change(request: AdmissionRequest) -> KeyChange:
     return KeyChange(request.operation, request.namespace, request.object_name,
-                     request.object, request.old_object, request.requester,
-                     reserved or {})
+                     request.object, request.old_object, request.requester)
 
 
 def key_verdict(request: AdmissionRequest, decision: KeyDecision, *,
@@ -105,14 +102,14 @@ def needs_live_view(request: AdmissionRequest, view: View) -> Verdict | None:
 def stamp_secret(request: AdmissionRequest, view: View) -> Verdict:
     """`/mutate`, Secret CREATE or UPDATE: a new key Secret's number and used numbers."""
     return needs_live_view(request, view) or key_verdict(request, stamp_key_secret(
-        key_change(request, reserved=view.reserved), keyring=view.keyring,
+        key_change(request), keyring=view.keyring,
         settings=view.settings), unchanged="skipped")
 
 
 def guard_secret(request: AdmissionRequest, view: View) -> Verdict:
     """`/validate`, any Secret operation: the key-Secret guard."""
     return needs_live_view(request, view) or key_verdict(request, guard_key_secret(
-        key_change(request, reserved=view.reserved), keyring=view.keyring,
+        key_change(request), keyring=view.keyring,
         settings=view.settings, writers=view.writers))
 
 
@@ -223,19 +220,15 @@ def route(webhook: Webhook, request: AdmissionRequest,
 
 
 def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
-                    now: datetime | None = None,
-                    reserved: Mapping[int, str] | None = None) -> Verdict:
+                    now: datetime | None = None) -> Verdict:
     """`/mutate` against a keyring taken as the truth (tests, `keymount` offline)."""
-    return route("mutate", request)(request, View(keyring, settings, now=now,
-                                                  reserved=reserved))
+    return route("mutate", request)(request, View(keyring, settings, now=now))
 
 
 def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
-                      writers: KeyWriters = KeyWriters(),
-                      reserved: Mapping[int, str] | None = None) -> Verdict:
+                      writers: KeyWriters = KeyWriters()) -> Verdict:
     """`/validate` against a keyring taken as the truth."""
-    return route("validate", request)(request, View(keyring, settings, writers=writers,
-                                                    reserved=reserved))
+    return route("validate", request)(request, View(keyring, settings, writers=writers))
 
 
 # --- what a stored backend Pod must carry ------------------------------------------------

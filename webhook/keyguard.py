@@ -17,7 +17,7 @@ server reads it live first, so a number is judged against the API server's truth
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from .config import Settings
@@ -141,7 +141,6 @@ class KeyChange:
     new: Mapping[str, Any] | None
     old: Mapping[str, Any] | None
     requester: Requester
-    reserved: Mapping[int, str] = field(default_factory=dict)  # number -> name, in flight
 
 
 def is_new_key(change: KeyChange, *, settings: Settings) -> bool:
@@ -185,19 +184,16 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
     wanted: dict[str, str] = {}
     record = parse_key_secret(new, settings=settings, namespace=change.namespace)
     number = record.index if record.index_explicit else None
-    # Numbers just allowed for other keys, not yet in the cache.
-    others = {n for n, holder in change.reserved.items() if holder != change.name}
     if number is None and INDEX_ANNOTATION not in annotations:
-        # A reserved name carries its number (running Pods list it as that file).
-        number = slot_number(change.name) or max(keyring.next_number,
-                                                 max(others, default=0) + 1)
+        # A slot's name carries its number (running Pods list it as that file).
+        number = slot_number(change.name) or keyring.next_number
         wanted[INDEX_ANNOTATION] = str(number)
     if number is not None:
         # Union with what the Secret already records (a restored key brings the numbers
         # its namespace had used, some of them on no Secret any more): more reserved
         # numbers are harmless, a forgotten one could be handed out again.
         wanted[NUMBERS_USED_ANNOTATION] = format_numbers(
-            NumberSet.of(keyring.used, others, number, record.numbers_used))
+            NumberSet.of(keyring.used, number, record.numbers_used))
     if not wanted or all(annotations.get(k) == v for k, v in wanted.items()):
         return KeyDecision(True, "none", number=number)
     return KeyDecision(True, "created", patch=_annotation_patch(new, wanted), number=number)
@@ -361,10 +357,8 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"it otherwise, or omit {INDEX_ANNOTATION}", number=number,
             fingerprint=record.fingerprint)
     holder = keyring.holder_of(number)
-    in_flight = change.reserved.get(number)
     next_hint = (f"omit {INDEX_ANNOTATION} and keymount assigns the next number "
-                 f"({max(keyring.next_number, max(change.reserved, default=0) + 1)}), or run "
-                 f"keymount keys rotate -n {ns}")
+                 f"({keyring.next_number}), or run keymount keys rotate -n {ns}")
     if holder is not None and holder.name != name:
         return _refused(
             f"number {number} is already held by key Secret {holder.name!r} in namespace "
@@ -374,11 +368,6 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
         return _refused(
             f"number {number} was used before in namespace {ns!r} by a key since retired; "
             f"data encrypted under that number would be read with this key. {next_hint}",
-            number=number, fingerprint=record.fingerprint)
-    if in_flight is not None and in_flight != name:
-        return _refused(
-            f"number {number} is being given to key Secret {in_flight!r} in namespace {ns!r} "
-            f"at this moment; two keys never share a number. Retry: {next_hint}",
             number=number, fingerprint=record.fingerprint)
     recorded = record.numbers_used
     if not NumberSet.of(number, keyring.used) <= recorded:

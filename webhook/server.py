@@ -44,7 +44,7 @@ from .livereads import LiveReads
 from .logs import DecisionLog
 from .metrics import Metrics
 from .sources import ClusterKeySource, KeySource
-from .store import KeyStore, Reservations
+from .store import KeyStore
 from .tls import CertReloader
 
 log = logging.getLogger("keymount.admission")
@@ -66,7 +66,6 @@ class Runtime:
     auto_generate: bool = False  # only with a source that has create_generated_key
     writers: KeyWriters = field(default_factory=KeyWriters)
     events: EventRecorder | None = None
-    reservations: Reservations = field(default_factory=Reservations)
     live_reads: LiveReads = field(init=False)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)  # first full list is in
     large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
@@ -120,11 +119,11 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook) 
     handler = route(webhook, request)
     verdict, keyring = await judge(runtime, request, handler)
     if request.dry_run:
-        # The one place dryRun is honoured: a dry run writes nothing and holds nothing
-        # (no generated key, no reserved number), it only answers.
+        # The one place dryRun is honoured: a dry run writes nothing (no generated
+        # key), it only answers.
         return verdict
     if webhook == "validate":
-        hold_number(runtime, request, verdict)
+        forget_read_after_new_key(runtime, request, verdict)
         return verdict
     if keyring is not None and should_generate(runtime, verdict, keyring):
         return await generate_key(runtime, request, handler)
@@ -136,7 +135,7 @@ def view_of(runtime: Runtime, request: AdmissionRequest, keyring: Keyring,
     return View(keyring, runtime.settings, writers=runtime.writers,
                 # the time matters only to --max-key-age
                 now=runtime.clock() if runtime.settings.max_key_age else None,
-                reserved=held_numbers(runtime, request, keyring), source=source)
+                source=source)
 
 
 async def judge(runtime: Runtime, request: AdmissionRequest,
@@ -179,28 +178,16 @@ async def generate_key(runtime: Runtime, request: AdmissionRequest,
         f"-o yaml")
 
 
-# --- numbers in flight (in-process; kept to these two steps) ---------------------------
-
-def held_numbers(runtime: Runtime, request: AdmissionRequest,
-                 keyring: Keyring) -> dict[int, str] | None:
-    """For a Secret: the numbers this process gave to keys not in `keyring` yet."""
-    if not request.is_secret:
-        return None
-    reservations = runtime.reservations
-    reservations.settle(request.namespace, (r.name for r in (
-        *keyring.keys, *keyring.invalid, *keyring.retired)))
-    return reservations.held(request.namespace)
-
-
-def hold_number(runtime: Runtime, request: AdmissionRequest, verdict: Verdict) -> None:
-    """A new key allowed at /validate holds its number until the watch brings the
-    Secret: a key racing it for the same number is refused, never stored beside it."""
+def forget_read_after_new_key(runtime: Runtime, request: AdmissionRequest,
+                              verdict: Verdict) -> None:
+    """A new key allowed at /validate makes the namespace's last live read stale: the
+    next key-state decision there reads again rather than reuse it. (Numbers are not
+    held here: two writers racing for one number fill one slot, and the API server
+    takes one write per resourceVersion; docs/contract.md, "Key slots".)"""
     key = verdict.key
-    if (key is None or not key.allowed or key.number is None or not request.is_secret
-            or not is_new_key(key_change(request), settings=runtime.settings)):
-        return
-    runtime.reservations.reserve(request.namespace, key.number, request.object_name)
-    runtime.live_reads.forget(request.namespace)
+    if (key is not None and key.allowed and key.number is not None and request.is_secret
+            and is_new_key(key_change(request), settings=runtime.settings)):
+        runtime.live_reads.forget(request.namespace)
 
 
 def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:

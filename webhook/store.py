@@ -9,9 +9,8 @@ the event loop thread; sources that run in threads hand their results over to it
 
 from __future__ import annotations
 
-import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 from .keys import KeyRecord, Keyring, build_keyring, revision
 from .lifecycle import PodKeys, build_pod_key_state
@@ -136,50 +135,6 @@ class KeyStore:
 def _older(candidate: int, than: int) -> bool:
     """`candidate` is known to come before `than` (0 is unknown: not older)."""
     return bool(candidate and than and candidate < than)
-
-
-class Reservations:
-    """Numbers this process has just handed to key Secrets not yet in the cache.
-
-    Two keys created at the same moment both see the same "next number" until the
-    first one is stored; a number stamped here is skipped by the next stamp, and the
-    validating check refuses a second key asking for it. Entries expire after `ttl`
-    seconds (by then the watch has delivered the Secret), and at most `per_namespace`
-    are kept, so forged reviews cannot grow this without bound.
-    """
-
-    def __init__(self, *, ttl: float = 30.0, per_namespace: int = 32,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl, self.per_namespace, self.clock = ttl, per_namespace, clock
-        self._held: dict[str, dict[int, tuple[str, float]]] = {}
-
-    def held(self, namespace: str) -> dict[int, str]:
-        entries = self._held.get(namespace)
-        if not entries:
-            return {}
-        now = self.clock()
-        for number in [n for n, (_, expires) in entries.items() if expires <= now]:
-            del entries[number]
-        if not entries:
-            del self._held[namespace]
-        return {n: name for n, (name, _) in entries.items()}
-
-    def settle(self, namespace: str, present: Iterable[str]) -> None:
-        """Forget the numbers of keys that are now in view: they are no longer in
-        flight, and a stale entry must not outlive its key (a namespace deleted and
-        restored within the TTL would otherwise see its own old numbers as taken)."""
-        entries = self._held.get(namespace)
-        if entries:
-            names = set(present)
-            for number in [n for n, (name, _) in entries.items() if name in names]:
-                del entries[number]
-
-    def reserve(self, namespace: str, number: int, name: str) -> None:
-        self.held(namespace)  # drop expired entries first
-        entries = self._held.setdefault(namespace, {})
-        entries[number] = (name, self.clock() + self.ttl)
-        while len(entries) > self.per_namespace:
-            del entries[min(entries, key=lambda n: entries[n][1])]
 
 
 class PodStore:
