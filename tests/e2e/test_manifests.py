@@ -33,9 +33,42 @@ def test_every_variant_renders_with_kustomize(variant):
 
 def test_every_webhook_fails_closed_with_side_effects_only_off_dry_run():
     hooks = [h for doc in render("manifests") for h in doc.get("webhooks", [])]
-    assert len(hooks) == 5
+    assert len(hooks) == 4
     for hook in hooks:
         assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "NoneOnDryRun"
+
+
+KEY_LABEL = "keymount.io/encryption-key"
+VARIANTS = ["manifests/base", "manifests", "manifests/namespaced", "manifests/cert-manager"]
+
+
+def matches_secrets(hook: dict) -> bool:
+    """Whether one of the webhook's rules lets the API server call it for a Secret."""
+    return any(({"", "*"} & set(rule["apiGroups"]))
+               and ({"secrets", "secrets/*", "*", "*/*"} & set(rule["resources"]))
+               for rule in hook.get("rules", []))
+
+
+def requires_key_label(selector: dict | None) -> bool:
+    """Whether an objectSelector lets through only objects labelled as keys."""
+    selector = selector or {}
+    if selector.get("matchLabels", {}).get(KEY_LABEL) == "true":
+        return True
+    return any(e["key"] == KEY_LABEL and e["operator"] == "In" and e["values"] == ["true"]
+               for e in selector.get("matchExpressions", []))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["base", "default", "namespaced",
+                                                   "cert-manager"])
+def test_only_key_secrets_are_sent_to_keymount(variant):
+    # A webhook that sees Secrets without the key label makes every Secret write in the
+    # cluster (Helm, cert-manager, ...) wait on keymount, and fail while it is down.
+    hooks = [h for doc in render(variant) for h in doc.get("webhooks", [])]
+    secret_hooks = {h["name"] for h in hooks if matches_secrets(h)}
+    unguarded = sorted(h["name"] for h in hooks
+                       if matches_secrets(h) and not requires_key_label(h.get("objectSelector")))
+    assert unguarded == [], f"{variant}: webhooks that see Secrets without the key label"
+    assert {"secrets.keymount.io", "numbers.keymount.io"} <= secret_hooks
 
 
 def test_least_privilege_rbac_grants_exactly_the_verbs_serve_uses():
