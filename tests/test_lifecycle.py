@@ -206,8 +206,7 @@ def test_the_ca_bundle_patch_sets_every_webhook_of_the_manifests():
     docs = list(yaml.safe_load_all(build_ca_bundle_patch("QUJD")))
     hooks = {h["name"]: h["clientConfig"]["caBundle"] for d in docs for h in d["webhooks"]}
     assert hooks == {"inject.keymount.io": "QUJD", "numbers.keymount.io": "QUJD",
-                     "pods.keymount.io": "QUJD", "secrets.keymount.io": "QUJD",
-                     "slots.keymount.io": "QUJD"}
+                     "pods.keymount.io": "QUJD", "secrets.keymount.io": "QUJD"}
 
 
 # --- keys rotate --restart ----------------------------------------------------------------

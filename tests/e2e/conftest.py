@@ -230,11 +230,7 @@ def webhook_configurations(port: int, ca_bundle: str) -> str:
     validating = {"apiVersion": "admissionregistration.k8s.io/v1",
                   "kind": "ValidatingWebhookConfiguration", "metadata": {"name": "keymount"},
                   "webhooks": [hook("pods.keymount.io", "/validate", pod_updates, backend, {}),
-                               hook("secrets.keymount.io", "/validate", secrets, keys),
-                               hook("slots.keymount.io", "/validate", stamps, {
-                                   "matchExpressions": [{
-                                       "key": "keymount.io/encryption-key",
-                                       "operator": "NotIn", "values": ["true"]}]})]}
+                               hook("secrets.keymount.io", "/validate", secrets, keys)]}
     return yaml.safe_dump_all([mutating, validating])
 
 

@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import copy
+import json
 import shutil
 import subprocess
+import uuid
 
 import pytest
 import yaml
+from kubernetes.client.rest import ApiException
 
-from conftest import ROOT, kubectl
+from apihelpers import BACKEND, create_key, create_pod, pod_body
+from conftest import ROOT, free_port, kubectl
+from polling import poll
 
 # The test bed is Kubernetes 1.20, which serves PodDisruptionBudget only as
 # policy/v1beta1; the manifests use policy/v1 (1.21+, the only one since 1.25).
@@ -33,9 +41,42 @@ def test_every_variant_renders_with_kustomize(variant):
 
 def test_every_webhook_fails_closed_with_side_effects_only_off_dry_run():
     hooks = [h for doc in render("manifests") for h in doc.get("webhooks", [])]
-    assert len(hooks) == 5
+    assert len(hooks) == 4
     for hook in hooks:
         assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "NoneOnDryRun"
+
+
+KEY_LABEL = "keymount.io/encryption-key"
+VARIANTS = ["manifests/base", "manifests", "manifests/namespaced", "manifests/cert-manager"]
+
+
+def matches_secrets(hook: dict) -> bool:
+    """Whether one of the webhook's rules lets the API server call it for a Secret."""
+    return any(({"", "*"} & set(rule["apiGroups"]))
+               and ({"secrets", "secrets/*", "*", "*/*"} & set(rule["resources"]))
+               for rule in hook.get("rules", []))
+
+
+def requires_key_label(selector: dict | None) -> bool:
+    """Whether an objectSelector lets through only objects labelled as keys."""
+    selector = selector or {}
+    if selector.get("matchLabels", {}).get(KEY_LABEL) == "true":
+        return True
+    return any(e["key"] == KEY_LABEL and e["operator"] == "In" and e["values"] == ["true"]
+               for e in selector.get("matchExpressions", []))
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["base", "default", "namespaced",
+                                                   "cert-manager"])
+def test_only_key_secrets_are_sent_to_keymount(variant):
+    # A webhook that sees Secrets without the key label makes every Secret write in the
+    # cluster (Helm, cert-manager, ...) wait on keymount, and fail while it is down.
+    hooks = [h for doc in render(variant) for h in doc.get("webhooks", [])]
+    secret_hooks = {h["name"] for h in hooks if matches_secrets(h)}
+    unguarded = sorted(h["name"] for h in hooks
+                       if matches_secrets(h) and not requires_key_label(h.get("objectSelector")))
+    assert unguarded == [], f"{variant}: webhooks that see Secrets without the key label"
+    assert {"secrets.keymount.io", "numbers.keymount.io"} <= secret_hooks
 
 
 def test_least_privilege_rbac_grants_exactly_the_verbs_serve_uses():
@@ -116,3 +157,138 @@ def test_keymounts_namespace_carries_the_name_label_the_webhooks_exclude_it_by()
                 for expr in hook["namespaceSelector"]["matchExpressions"]
                 if expr["operator"] == "NotIn" for value in expr["values"]}
     assert label == namespace["metadata"]["name"] and label in excluded
+
+
+# --- keymount down, with the webhooks exactly as manifests/base declares them ----------
+
+CONFIGURATIONS = ("MutatingWebhookConfiguration", "ValidatingWebhookConfiguration")
+
+
+def base_registrations(port: int, ca_bundle: str) -> list[dict]:
+    """manifests/base's webhook configurations, only clientConfig changed: dialled by URL
+    on loopback, at a port where nothing listens (keymount never started)."""
+    docs = [d for d in render("manifests/base") if d["kind"] in CONFIGURATIONS]
+    for doc in docs:
+        for hook in doc["webhooks"]:
+            path = hook["clientConfig"]["service"]["path"]
+            hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}{path}",
+                                    "caBundle": ca_bundle}
+    return docs
+
+
+@contextlib.contextmanager
+def registered(kubeconfig, docs: list[dict]):
+    """Apply `docs` as the only keymount configurations; put back whatever configurations
+    of that name were there before (the session's live keymount), so that they cannot
+    answer in their place."""
+    saved = []
+    for kind in CONFIGURATIONS:
+        found = kubectl(kubeconfig, "get", kind, "keymount", "-o", "json",
+                        "--ignore-not-found").stdout
+        if found.strip():
+            obj = json.loads(found)
+            obj["metadata"] = {"name": obj["metadata"]["name"]}
+            saved.append(obj)
+            kubectl(kubeconfig, "delete", kind, "keymount")
+    try:
+        kubectl(kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(docs))
+        yield
+    finally:
+        for kind in CONFIGURATIONS:
+            kubectl(kubeconfig, "delete", kind, "keymount", "--ignore-not-found")
+        if saved:
+            kubectl(kubeconfig, "create", "-f", "-", stdin=yaml.safe_dump_all(saved))
+
+
+def call_failure(call) -> str:
+    """The API server's message when it could not reach a webhook (fail closed)."""
+    with pytest.raises(ApiException) as info:
+        call()
+    message = json.loads(info.value.body)["message"]
+    assert "failed calling webhook" in message, message
+    return message
+
+
+def refused_for_want_of(api, namespace: str, probe_pod: str) -> tuple[str, str]:
+    """Both configurations are in force (the API server loads them asynchronously): a
+    backend Pod CREATE reaches the mutating one, a Pod gaining the backend label only the
+    validating one. Dry runs: nothing is created."""
+    def attempt(call):
+        try:
+            call()
+        except ApiException as exc:
+            message = json.loads(exc.body)["message"]
+            return message if "failed calling webhook" in message else None
+        return None
+    mutating = poll(lambda: attempt(lambda: api.create_namespaced_pod(
+        namespace, pod_body("backend"), dry_run="All")), what="mutating webhooks in force")
+    validating = poll(lambda: attempt(lambda: api.patch_namespaced_pod(
+        probe_pod, namespace, {"metadata": {"labels": BACKEND}}, dry_run="All")),
+        what="validating webhooks in force")
+    return mutating, validating
+
+
+@pytest.fixture
+def keymount_down(admin_kubeconfig, api):
+    """A tenant namespace, with manifests/base's webhooks registered and keymount down."""
+    from webhook.certs import build_certificates
+    ca = build_certificates(service="keymount", namespace="keymount")["ca.crt"]
+    name = f"keymount-down-{uuid.uuid4().hex[:8]}"
+    api.create_namespace({"metadata": {"name": name}})
+    # Made before the webhooks exist: the Pod that gains the backend label later.
+    api.create_namespaced_pod(name, pod_body("plain", labels={}))
+    with registered(admin_kubeconfig, base_registrations(free_port(),
+                                                         base64.b64encode(ca).decode())):
+        refused_for_want_of(api, name, "plain")
+        yield name
+
+
+def test_with_keymount_down_a_secret_without_the_key_label_is_written(api, keymount_down):
+    secret = {"metadata": {"name": "helm-release"},
+              "data": {"release": base64.b64encode(b"v1").decode()}}
+    api.create_namespaced_secret(keymount_down, secret)
+    api.patch_namespaced_secret("helm-release", keymount_down,
+                                {"data": {"release": base64.b64encode(b"v2").decode()}})
+    stored = api.read_namespaced_secret("helm-release", keymount_down)
+    assert base64.b64decode(stored.data["release"]) == b"v2"
+
+
+def test_with_keymount_down_key_secrets_and_backend_pods_are_refused(api, keymount_down):
+    key = call_failure(lambda: create_key(api, keymount_down, "keymount-key-1"))
+    assert '"numbers.keymount.io"' in key or '"secrets.keymount.io"' in key, key
+    pod = call_failure(lambda: create_pod(api, keymount_down, "api"))
+    assert '"inject.keymount.io"' in pod, pod
+    assert [s.metadata.name for s in api.list_namespaced_secret(
+        keymount_down, label_selector="keymount.io/encryption-key=true").items] == []
+
+
+# keymount 0.2's third validating webhook, as manifests/base declared it.
+SLOTS_0_2 = {
+    "name": "slots.keymount.io", "admissionReviewVersions": ["v1"],
+    "sideEffects": "NoneOnDryRun", "failurePolicy": "Fail", "timeoutSeconds": 5,
+    "matchPolicy": "Equivalent",
+    "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE", "UPDATE"],
+               "resources": ["secrets"], "scope": "Namespaced"}],
+    "objectSelector": {"matchExpressions": [{"key": "keymount.io/encryption-key",
+                                             "operator": "NotIn", "values": ["true"]}]},
+    "namespaceSelector": {"matchExpressions": [{"key": "kubernetes.io/metadata.name",
+                                                "operator": "NotIn",
+                                                "values": ["keymount", "kube-system"]}]}}
+
+
+def test_applying_the_manifests_over_0_2_removes_the_slots_webhook(admin_kubeconfig):
+    # `kubectl apply` merges webhooks by name and deletes the entries it applied last time
+    # that are gone now: upgrading needs no manual step.
+    now = base_registrations(free_port(), "")
+    before = copy.deepcopy(now)
+    validating = next(d for d in before if d["kind"] == "ValidatingWebhookConfiguration")
+    validating["webhooks"].append({**SLOTS_0_2, "clientConfig": dict(
+        validating["webhooks"][0]["clientConfig"])})
+    with registered(admin_kubeconfig, before):
+        names = kubectl(admin_kubeconfig, "get", "validatingwebhookconfiguration", "keymount",
+                        "-o", "jsonpath={.webhooks[*].name}").stdout.split()
+        assert "slots.keymount.io" in names
+        kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(now))
+        names = kubectl(admin_kubeconfig, "get", "validatingwebhookconfiguration", "keymount",
+                        "-o", "jsonpath={.webhooks[*].name}").stdout.split()
+    assert names == ["pods.keymount.io", "secrets.keymount.io"]
