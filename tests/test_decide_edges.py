@@ -160,3 +160,20 @@ async def test_a_key_review_leaves_nothing_behind_that_a_later_review_could_trip
     assert verdict.response["allowed"] is True, verdict.message
     index = "keymount.io/key-index"
     assert real["metadata"]["annotations"][index] == forged["metadata"]["annotations"][index]
+
+
+@pytest.mark.parametrize(("client_ca", "recorded"), [(None, False), ("ca.crt", True)],
+                         ids=["anyone-may-send-reviews", "only-the-api-server"])
+def test_admissions_write_events_only_when_reviews_come_from_the_api_server(
+        client_ca, recorded, caplog):
+    # A forged review's Event would outlive its answer, in any namespace, naming any user.
+    from webhook.cli import build_event_recorder
+
+    class Sink:
+        pass
+    source = FakeSource()
+    source.event_sink = lambda: Sink()
+    store = KeyStore()
+    recorder = build_event_recorder(source, client_ca=client_ca, metrics=Metrics(store))
+    assert (recorder is not None) is recorded
+    assert ("no Kubernetes Events without --client-ca" in caplog.text) is not recorded

@@ -105,11 +105,7 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
             "--key-writers is not set: anyone RBAC lets write Secrets can choose the key "
             "that encrypts new data; set it, e.g. --key-writers group:system:masters,"
             "group:keymount:key-writers")
-    events = None
-    if isinstance(source, ClusterKeySource):
-        from .cluster import describe_api_error
-        events = EventRecorder(source.event_sink(), host=os.environ.get("HOSTNAME", ""),
-                               on_drop=metrics.events_dropped.inc, describe=describe_api_error)
+    events = build_event_recorder(source, client_ca=args.client_ca, metrics=metrics)
     try:
         runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,
                           auto_generate=bool(args.auto_generate), writers=writers,
@@ -151,6 +147,28 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
         raise CommandError(f"cannot serve on {options.host}:{options.port}/"
                            f"{options.probe_port}: {exc.strerror or exc}") from None
     return 0
+
+
+def build_event_recorder(source: KeySource, *, client_ca: str | None,
+                         metrics: Metrics) -> EventRecorder | None:
+    """Events about admissions, only when every review comes from the API server.
+
+    An Event outlives the request that caused it. Without --client-ca anyone who reaches
+    the port can send a review, so a forged one could write an Event in any namespace
+    claiming any user made any key: keymount then records none and says so once.
+    Decisions are logged either way."""
+    if not isinstance(source, ClusterKeySource):
+        return None
+    if not client_ca:
+        logging.getLogger("keymount.server").warning(
+            "no Kubernetes Events without --client-ca: anyone who reaches the webhook port "
+            "could forge the reviews they would be about; decisions are still logged. "
+            "Have the API server present a client certificate (docs/operations.md, "
+            "\"Client certificates\") and pass its CA with --client-ca")
+        return None
+    from .cluster import describe_api_error
+    return EventRecorder(source.event_sink(), host=os.environ.get("HOSTNAME", ""),
+                         on_drop=metrics.events_dropped.inc, describe=describe_api_error)
 
 
 def report_to(fd: int) -> Callable[[str], None]:

@@ -75,7 +75,8 @@ def build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
     The kubelet never adds a source to a running Pod's projected volume, but it does
     fill in a listed `optional: true` source once its Secret (or the listed field of
     it) appears (kubelet projected volume plugin, at each sync), so a key that fills a
-    slot reaches running Pods without a restart (docs/contract.md, "Key slots").
+    slot reaches running Pods without a restart (docs/contract.md, "Rotation reaches
+    running Pods: key slots").
     """
     volume: dict[str, Any] = keyring.derive(
         ("volume", settings.key_field, settings.rotation_slots),

@@ -25,10 +25,11 @@ CONTAINERS_ANNOTATION = PREFIX + "containers"  # which containers mount the keys
 
 VOLUME_NAME = "keymount-encryption-keys"
 FILE_PREFIX = "encryption-key-"
-# The Secret name of key number n when keymount makes it (`keys rotate`,
-# --auto-generate). Backend Pods list the next numbers' names as optional sources, so
-# the kubelet adds a rotated key to running Pods; such a name is reserved for that
-# number (docs/contract.md, "Rotation reaches running Pods").
+# The Secret name of key number n when keymount makes it: the key slot reserved in
+# advance (`keys create`/`keys rotate`), then filled, or --auto-generate's key 1.
+# Backend Pods list the empty slots as optional sources, so the kubelet adds a key that
+# fills one to running Pods (docs/contract.md, "Rotation reaches running Pods: key
+# slots").
 SLOT_PREFIX = "keymount-key-"
 _SLOT_NAME = re.compile(r"keymount-key-([1-9][0-9]{0,8})")
 

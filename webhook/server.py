@@ -183,7 +183,8 @@ def forget_read_after_new_key(runtime: Runtime, request: AdmissionRequest,
     """A new key allowed at /validate makes the namespace's last live read stale: the
     next key-state decision there reads again rather than reuse it. (Numbers are not
     held here: two writers racing for one number fill one slot, and the API server
-    takes one write per resourceVersion; docs/contract.md, "Key slots".)"""
+    takes one write per resourceVersion; docs/contract.md, "Rotation reaches running
+    Pods: key slots".)"""
     key = verdict.key
     if (key is not None and key.allowed and key.number is not None and request.is_secret
             and is_new_key(key_change(request), settings=runtime.settings)):

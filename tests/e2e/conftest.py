@@ -106,9 +106,9 @@ class Keymount:
     """`keymount serve` as a process, with the probe port for metrics."""
 
     def __init__(self, proc: subprocess.Popen, port: int, probe_port: int, log: Path,
-                 ca_file: Path):
+                 ca_file: Path, client_cert: tuple[Path, Path]):
         self.proc, self.port, self.probe_port, self.log = proc, port, probe_port, log
-        self.ca_file = ca_file
+        self.ca_file, self.client_cert = ca_file, client_cert
 
     def stop(self) -> int | None:
         """SIGTERM, as the kubelet sends it; the exit code, or None if it hung."""
@@ -120,14 +120,14 @@ class Keymount:
             self.proc.wait()
             return None
 
-    def review(self, body: dict, *, client_cert: bool = False) -> dict:
-        """POST an AdmissionReview straight to /mutate, as the API server would; with
-        `client_cert`, presenting the client certificate `keymount certs` made."""
+    def review(self, body: dict, *, client_cert: bool = True) -> dict:
+        """POST an AdmissionReview straight to /mutate, as the API server would,
+        presenting the client certificate keymount's --client-ca trusts (without
+        `client_cert`: as anyone else who reaches the port)."""
         import ssl
         context = ssl.create_default_context(cafile=str(self.ca_file))
         if client_cert:
-            context.load_cert_chain(self.ca_file.parent / "client.crt",
-                                    self.ca_file.parent / "client.key")
+            context.load_cert_chain(*self.client_cert)
         request = urllib.request.Request(
             f"https://127.0.0.1:{self.port}/mutate", data=json.dumps(body).encode(),
             headers={"Content-Type": "application/json"})
@@ -172,7 +172,16 @@ rules:
   verbs: [list, watch]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, patch]
+- apiGroups: [apps]
+  resources: [replicasets, statefulsets, daemonsets]
+  verbs: [get]
+- apiGroups: [batch]
+  resources: [jobs]
+  verbs: [get]
+- apiGroups: [""]
+  resources: [replicationcontrollers]
+  verbs: [get]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
@@ -243,6 +252,14 @@ def launch_keymount(control_plane, work: Path, *extra: str) -> Keymount:
         subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
                         "--namespace", "keymount", "--out", str(work / "certs"),
                         "--ip", "127.0.0.1"], check=True, capture_output=True)
+    # Like the API server in production (docs/operations.md, "Client certificates"),
+    # the test bed's presents a client certificate to webhooks; a test may name its own
+    # --client-ca to speak to keymount directly with the one `keymount certs` made.
+    if "--client-ca" in extra:
+        client_cert = (work / "certs/client.crt", work / "certs/client.key")
+    else:
+        extra = ("--client-ca", str(control_plane.webhook_client_ca), *extra)
+        client_cert = control_plane.webhook_client_cert
     port, probe = free_port(), free_port()
     log = work / f"keymount-{port}.log"
     with open(log, "wb") as out:
@@ -253,7 +270,7 @@ def launch_keymount(control_plane, work: Path, *extra: str) -> Keymount:
              "--shutdown-grace", "0", "--own-user", control_plane.keymount_user,
              "--key-writers", KEY_WRITERS, *extra],
             stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
-    server = Keymount(proc, port, probe, log, work / "certs/ca.crt")
+    server = Keymount(proc, port, probe, log, work / "certs/ca.crt", client_cert)
     poll(lambda: server.ready() or proc.poll() is not None, timeout=60, what="keymount /readyz")
     if proc.poll() is not None:
         raise AssertionError(log.read_text()[-3000:])

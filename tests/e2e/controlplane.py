@@ -29,6 +29,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -222,6 +223,8 @@ class ControlPlane:
         self._etcd: subprocess.Popen | None = None
         self._apiserver: subprocess.Popen | None = None
         self._ssl_ctx: ssl.SSLContext | None = None
+        self.webhook_client_ca: Path | None = None
+        self.webhook_client_cert: tuple[Path, Path] | None = None
 
     # ------------------------------------------------------------------ lifecycle
     def __enter__(self) -> ControlPlane:
@@ -307,9 +310,33 @@ class ControlPlane:
         )
         os.chmod(w / "tokens.csv", 0o600)
         (w / "audit-policy.yaml").write_text(AUDIT_POLICY)
+        self._prepare_webhook_client(w)
         self.audit_log = w / "audit.log"
         self.apiserver_log = w / "kube-apiserver.log"
         self.etcd_log = w / "etcd.log"
+
+    def _prepare_webhook_client(self, w: Path) -> None:
+        """The client certificate the API server presents to every admission webhook
+        (--admission-control-config-file), as docs/operations.md tells users to set
+        it up: keymount serves with --client-ca, so only the API server is answered."""
+        out = w / "webhook-client"
+        subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
+                        "--namespace", "keymount", "--out", str(out), "--ip", "127.0.0.1"],
+                       check=True, capture_output=True, cwd=Path(__file__).resolve().parents[2])
+        self.webhook_client_ca = out / "ca.crt"
+        self.webhook_client_cert = (out / "client.crt", out / "client.key")
+        kubeconfig = {
+            "apiVersion": "v1", "kind": "Config",
+            # "*": every webhook this API server calls presents this certificate.
+            "users": [{"name": "*", "user": {"client-certificate": str(out / "client.crt"),
+                                             "client-key": str(out / "client.key")}}]}
+        (w / "webhook-kubeconfig.json").write_text(json.dumps(kubeconfig))
+        plugin = {"apiVersion": "apiserver.config.k8s.io/v1", "kind": "WebhookAdmission",
+                  "kubeConfigFile": str(w / "webhook-kubeconfig.json")}
+        (w / "admission.json").write_text(json.dumps({
+            "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AdmissionConfiguration",
+            "plugins": [{"name": name, "configuration": plugin} for name in
+                        ("ValidatingAdmissionWebhook", "MutatingAdmissionWebhook")]}))
 
     def _start_etcd(self) -> None:
         w = self.workdir
@@ -369,6 +396,7 @@ class ControlPlane:
             f"--token-auth-file={w / 'tokens.csv'}",
             "--authorization-mode=RBAC",
             "--disable-admission-plugins=ServiceAccount",
+            f"--admission-control-config-file={w / 'admission.json'}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
             f"--audit-policy-file={w / 'audit-policy.yaml'}",
             f"--audit-log-path={self.audit_log}",

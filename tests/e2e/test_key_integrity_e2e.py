@@ -130,19 +130,19 @@ def test_retiring_and_deleting_key_1_of_three_moves_no_file_and_never_reuses_1(
 
 def test_no_secret_but_a_key_can_take_a_name_running_pods_list(api, mallory, namespace,
                                                                keymount):
-    # Backend Pods list keymount-key-4 and -5 as optional sources; the kubelet would
-    # mount any Secret of that name as the newest key, label or not.
+    # The kubelet would mount any Secret of a listed name as the newest key, label or
+    # not. Keys created without slots: a Pod lists no optional source at all...
     before = three_keys(api, namespace, keymount)
     pod = create_pod(api, namespace, "listing")
-    assert key_sources(pod, optional=True) == [("keymount-key-4", "encryption-key-4"),
-                                               ("keymount-key-5", "encryption-key-5")]
-    for actor in (mallory, api):
-        message = denial(lambda actor=actor: actor.create_namespaced_secret(namespace, {
-            "metadata": {"name": "keymount-key-4"},
-            "data": {"encryption-key": base64.b64encode(random_key()).decode()}}))
-        assert "reserved for encryption key number 4" in message
-    assert "may not create" in denial(lambda: create_key(mallory, namespace, "keymount-key-4"))
+    assert key_sources(pod, optional=True) == []
+    # ...so a Secret planted under the next key's name is nobody's file. keymount no
+    # longer sees Secrets without the key label (no webhook in front of every Secret).
+    mallory.create_namespaced_secret(namespace, {
+        "metadata": {"name": "keymount-key-4"},
+        "data": {"encryption-key": base64.b64encode(random_key()).decode()}})
+    assert "may not create" in denial(lambda: create_key(mallory, namespace, "keymount-key-5"))
     assert snapshot(api, namespace) == before
+    assert key_sources(create_pod(api, namespace, "after"), optional=True) == []
 
 
 # --- who may ----------------------------------------------------------------------------------
@@ -245,11 +245,20 @@ def test_every_key_operation_logs_the_user_records_events_and_leaks_no_key_byte(
     denial(lambda: create_key(mallory_api, namespace, "evil"))
     keyless = f"{namespace}-keyless"
     api.create_namespace({"metadata": {"name": keyless}})
-    owned = pod_body("rs-pod")
-    owned["metadata"]["ownerReferences"] = [{
-        "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-5d9c", "controller": True,
-        "uid": "2b3c5d7e-0000-4000-8000-000000000001"}]
-    denial(lambda: api.create_namespaced_pod(keyless, owned))
+    # A ReplicaSet that exists (no replicas: nothing here runs it), and one that does not:
+    # an Event names an owner only once keymount has seen it exist, with that uid.
+    replica_set = client.AppsV1Api(api.api_client).create_namespaced_replica_set(keyless, {
+        "metadata": {"name": "api-5d9c"}, "spec": {
+            "replicas": 0, "selector": {"matchLabels": {"app": "api"}},
+            "template": {"metadata": {"labels": {"app": "api"}},
+                         "spec": {"containers": [{"name": "app", "image": "x"}]}}}})
+    for name, uid in (("api-5d9c", replica_set.metadata.uid),
+                      ("forged-owner", "2b3c5d7e-0000-4000-8000-000000000001")):
+        owned = pod_body(f"{name}-pod")
+        owned["metadata"]["ownerReferences"] = [{
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": name, "controller": True,
+            "uid": uid}]
+        denial(lambda owned=owned: api.create_namespaced_pod(keyless, owned))
     denial(lambda: create_pod(api, keyless, "bare"))
 
     def reasons():
@@ -261,6 +270,7 @@ def test_every_key_operation_logs_the_user_records_events_and_leaks_no_key_byte(
               ("BackendPodRefused", "Namespace", keyless)}
     poll(lambda: wanted <= reasons(), what=f"events {wanted}")
     assert not any(name == "dry" for _, _, name in reasons())  # never on dryRun
+    assert not any(name == "forged-owner" for _, _, name in reasons())
     retired = next(e for e in events(api, namespace) if e.reason == "KeyRetired")
     assert "by bob" in retired.message and "number 1" in retired.message
 

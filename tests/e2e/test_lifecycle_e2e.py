@@ -174,11 +174,10 @@ def test_auto_generate_answers_only_the_api_server_and_two_racing_replicas_make_
         import ssl
         import urllib.error
         with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
-            replicas[0].review(backend_review(namespace, "forged"))
+            replicas[0].review(backend_review(namespace, "forged"), client_cert=False)
         assert [s.metadata.name for s in api.list_namespaced_secret(namespace).items] == []
 
-        dry = replicas[0].review(backend_review(namespace, "dry", dry_run=True),
-                                 client_cert=True)
+        dry = replicas[0].review(backend_review(namespace, "dry", dry_run=True))
         assert dry["allowed"] is False
         assert "no valid encryption key" in dry["status"]["message"]
         assert [s.metadata.name for s in api.list_namespaced_secret(namespace).items] == []
@@ -188,8 +187,7 @@ def test_auto_generate_answers_only_the_api_server_and_two_racing_replicas_make_
 
         def race(i: int) -> None:
             start.wait()
-            answers[i] = replicas[i].review(backend_review(namespace, f"race-{i}"),
-                                            client_cert=True)
+            answers[i] = replicas[i].review(backend_review(namespace, f"race-{i}"))
 
         threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
         for t in threads:

@@ -81,9 +81,13 @@ def test_only_key_secrets_are_sent_to_keymount(variant):
 
 def test_least_privilege_rbac_grants_exactly_the_verbs_serve_uses():
     role = next(d for d in render("manifests") if d["kind"] == "ClusterRole")
+    # Events are created, then patched as they repeat; a refused Pod's owner is read
+    # once before an Event names it (it must exist, with the uid the Pod claims).
     assert {(tuple(r["resources"]), tuple(r["verbs"])) for r in role["rules"]} == {
         (("secrets",), ("list", "watch")), (("pods",), ("list", "watch")),
-        (("events",), ("create",))}
+        (("events",), ("create", "patch")),
+        (("replicasets", "statefulsets", "daemonsets"), ("get",)), (("jobs",), ("get",)),
+        (("replicationcontrollers",), ("get",))}
 
 
 def test_the_shipped_deployment_sets_key_writers():
