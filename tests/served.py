@@ -27,7 +27,8 @@ def free_port() -> int:
 
 class Served:
     def __init__(self, tmp: Path, *args: str, keys: int = 2, namespace: str = "default",
-                 workers: int = 1, event_loop: str = "uvloop", wait: bool = True):
+                 workers: int = 1, event_loop: str = "uvloop", wait: bool = True,
+                 certs: Path | None = None):
         self.tmp, self.workers, self.event_loop = tmp, workers, event_loop
         self.keys_dir = tmp / "keys"
         self.keys_dir.mkdir(parents=True, exist_ok=True)
@@ -35,10 +36,12 @@ class Served:
         for i, key in enumerate(self.key_bytes, start=1):
             (self.keys_dir / f"k{i}.yaml").write_text(yaml.safe_dump(
                 key_secret(f"k{i}", key, namespace=namespace, index=i)))
-        self.certs = tmp / "certs"
-        subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
-                        "--namespace", "keymount", "--out", str(self.certs), "--ip",
-                        "127.0.0.1"], check=True, capture_output=True)
+        # Servers started one after another may share a pair: making one costs a process.
+        self.certs = certs or tmp / "certs"
+        if certs is None:
+            subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",
+                            "--namespace", "keymount", "--out", str(self.certs), "--ip",
+                            "127.0.0.1"], check=True, capture_output=True)
         self.port, self.probe = free_port(), free_port()
         self.log = tmp / "serve.log"
         self._log_handle = open(self.log, "wb")
@@ -50,8 +53,11 @@ class Served:
              "--event-loop", event_loop, *args],
             stdout=self._log_handle, stderr=subprocess.STDOUT)
         if wait:
-            poll(lambda: self.ready() or self.proc.poll() is not None, what="keymount ready")
-            assert self.proc.poll() is None, self.log.read_text()[-2000:]
+            self.wait_ready()
+
+    def wait_ready(self) -> None:
+        poll(lambda: self.ready() or self.proc.poll() is not None, what="keymount ready")
+        assert self.proc.poll() is None, self.log.read_text()[-2000:]
 
     def ready(self) -> bool:
         return probes.ready(self.probe)

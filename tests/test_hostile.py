@@ -8,10 +8,12 @@ import asyncio
 import base64
 import json
 import os
+import signal
 import socket
 import ssl
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -144,83 +146,152 @@ def test_forged_reviews_for_keyless_namespaces_do_not_turn_into_a_flood_of_reads
     assert reads <= 10 + 5 * 5 and limited >= 150, (reads, limited)
 
 
-def test_sigterm_under_load_leaves_no_accepted_request_unanswered(served):
-    server = served("--shutdown-grace", "2")
-    stop = threading.Event()
-    counts = {"answered": 0, "unanswered": 0, "refused": 0, "closing": 0}
-    lock = threading.Lock()
+# A request unanswered (and its connection not closed) this long after it was sent is
+# hanging: the API server gives up at its 5 s webhook timeout and fails the Pod. A
+# connection keymount closes instead is closed at once, or it was left waiting.
+HANGING = 3.0
+AT_ONCE = 1.0
 
-    def count(what: str) -> None:
+
+def sigterm_under_load(server: Served, *, grace: float) -> tuple[Counter, list[str], int, float]:
+    """Load `server` with keep-alive and new-connection clients, half of them sending
+    each request in two parts, as a large Pod's review arrives in several segments;
+    SIGTERM it, and count what became of every request sent: answered (with
+    Connection: close, during the drain), refused (connection or handshake failed:
+    nothing was sent), closed at once, or hanging (a failure)."""
+    stop = threading.Event()
+    counts: Counter = Counter()
+    failures: list[str] = []
+    lock = threading.Lock()
+    # ~40 KB: more than one TLS record, as a Pod with a large spec
+    body = json.dumps(review(pod(annotations={"note": "x" * 40_000}),
+                             namespace="default")).encode()
+    request = (b"POST /mutate HTTP/1.1\r\nHost: k\r\nContent-Type: application/json\r\n"
+               b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    signalled = [float("inf")]
+
+    def count(what: str, failure: str | None = None) -> None:
         with lock:
             counts[what] += 1
+            if failure is not None:
+                failures.append(failure)
 
-    def one_request(sock) -> bool:
-        """Send a review on `sock`; True if it was answered and the connection may be
-        reused, False if the server said Connection: close."""
-        body = Served.body()
-        sock.sendall(b"POST /mutate HTTP/1.1\r\nHost: k\r\nContent-Type: application/json"
-                     b"\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("closed before an answer")
-            data += chunk
-        head, _, rest = data.partition(b"\r\n\r\n")
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length")))
-        while len(rest) < length:
-            chunk = sock.recv(65536)
-            if not chunk:
-                raise ConnectionResetError("closed in the middle of an answer")
-            rest += chunk
+    def one_request(sock: ssl.SSLSocket, split: bool) -> bool:
+        """True if answered on a connection that stays open."""
+        sent = time.monotonic()
+        try:
+            if split:
+                # Not synchronisation: the gap a network puts between two segments.
+                sock.sendall(request[:len(request) // 2])
+                time.sleep(0.01)
+                sock.sendall(request[len(request) // 2:])
+            else:
+                sock.sendall(request)
+            head, _, rest = read_until(sock, b"\r\n\r\n")
+            length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(rest) < length:
+                rest += recv(sock)
+        except TimeoutError:
+            count("hanging", f"no answer and no close within {HANGING}s of a request sent "
+                             f"{sent - signalled[0]:+.2f}s after SIGTERM")
+            return False
+        except (ssl.SSLError, OSError) as exc:
+            took = time.monotonic() - sent
+            if took < AT_ONCE:
+                count("closed")
+            else:
+                count("closed late", f"{exc!r} {took:.1f}s after the request was sent")
+            return False
         count("answered")
         closing = b"connection: close" in head.lower()
         if closing:
             count("closing")
         return not closing
 
-    def client(keep_alive: bool) -> None:
+    def client(keep_alive: bool, split: bool) -> None:
         context = server.context()
         while not stop.is_set():
             try:
-                raw = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+                raw = socket.create_connection(("127.0.0.1", server.port), timeout=HANGING)
             except OSError:
-                count("refused")  # after the grace: nothing listens; not accepted
-                time.sleep(0.01)
+                count("refused")  # after the grace: nothing listens
+                stop.wait(0.01)  # until the process is gone, without spinning a core
                 continue
             try:
                 sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
-            except (ssl.SSLError, ConnectionError, OSError):
-                # The kernel queued the connection but keymount never accepted it (its
-                # listener closed): the client may retry, nothing was sent.
-                count("refused")
+            except (ssl.SSLError, OSError):
+                count("refused")  # queued by the kernel, never taken: nothing was sent
                 raw.close()
                 continue
-            try:
-                with sock:
-                    while not stop.is_set() and one_request(sock) and keep_alive:
-                        pass
-            except (ssl.SSLError, ConnectionError, OSError):
-                # Accepted, request sent, no answer: the failure the API server would
-                # turn into a refused Pod.
-                count("unanswered")
+            with sock:
+                while not stop.is_set() and one_request(sock, split) and keep_alive:
+                    pass
 
-    threads = [threading.Thread(target=client, args=(i % 2 == 0,)) for i in range(4)]
+    threads = [threading.Thread(target=client, args=(keep_alive, split))
+               for keep_alive in (True, False) for split in (True, False)]
     for t in threads:
         t.start()
-    poll(lambda: counts["answered"] > 50, what="load running")
-    started = time.monotonic()
-    server.proc.send_signal(15)
-    code = server.proc.wait(30)
-    took = time.monotonic() - started
-    stop.set()
-    for t in threads:
-        t.join(10)
-    print(f"\nSIGTERM under load: {counts}, exit {code} after {took:.1f}s")
-    assert code == 0 and took < 2 + 10  # grace + shutdown timeout, inside 30 s
-    assert counts["closing"] > 0  # answers during the grace said Connection: close
-    assert counts["unanswered"] == 0, counts
+    try:
+        poll(lambda: counts["answered"] >= 20, what="load running")
+        signalled[0] = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        code = server.proc.wait(30)
+        took = time.monotonic() - signalled[0]
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(HANGING + 5)
+    return counts, failures, code, took
+
+
+def recv(sock: ssl.SSLSocket) -> bytes:
+    chunk = sock.recv(65536)
+    if not chunk:
+        raise ConnectionResetError("closed before the whole answer")
+    return chunk
+
+
+def read_until(sock: ssl.SSLSocket, separator: bytes) -> tuple[bytes, bytes, bytes]:
+    data = b""
+    while separator not in data:
+        data += recv(sock)
+    return data.partition(separator)
+
+
+# Two workers would triple every start-up; their drain is each worker's own (the
+# supervisor only passes SIGTERM on), which the other two runs cover.
+@pytest.mark.parametrize("event_loop", ["uvloop", "asyncio"], ids=["one-process", "asyncio-loop"])
+def test_20_sigterms_under_load_leave_no_request_hanging(tmp_path, event_loop):
+    grace, runs = 0.5, 20
+    certs = tmp_path / "certs"
+    write_certificates(certs, build_certificates(service="keymount", namespace="keymount",
+                                                 ips=["127.0.0.1"]))
+
+    def start(run: int) -> Served:
+        return Served(tmp_path / f"s{run}", "--shutdown-grace", str(grace),
+                      "--shutdown-timeout", "5", event_loop=event_loop, wait=False,
+                      certs=certs)
+    servers = [start(0)]
+    totals: Counter = Counter()
+    failures: list[str] = []
+    try:
+        for run in range(runs):
+            server = servers[-1]
+            server.wait_ready()
+            if run + 1 < runs:  # the next one starts up while this one is loaded and drained
+                servers.append(start(run + 1))
+            counts, hanging, code, took = sigterm_under_load(server, grace=grace)
+            totals += counts
+            failures += [f"run {run}: {failure}" for failure in hanging]
+            if code != 0 or took > grace + 5:
+                failures.append(f"run {run}: exit {code} {took:.1f}s after SIGTERM")
+    finally:
+        for server in servers:
+            server.stop()
+    print(f"\n{runs} SIGTERMs under load: {dict(totals)}")
+    assert failures == [], (dict(totals), failures)
+    assert totals["closing"] > 0  # answers during the grace said Connection: close
 
 
 def serial(port: int, cafile: Path) -> int:

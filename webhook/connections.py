@@ -53,6 +53,7 @@ class ConnectionGuard:
     buffered: int = 0
     paused: deque[GuardedProtocol] = field(default_factory=deque)
     open: dict[GuardedProtocol, None] = field(default_factory=dict)  # insertion-ordered
+    closing: bool = False  # drained: a connection that completes its handshake now is closed
 
     def make_room(self) -> None:
         """Close the connection that holds a slot with the least reason to: the one
@@ -92,15 +93,40 @@ class ConnectionGuard:
                              if p.request_started is not None and p.request_started <= cutoff]:
                 protocol.expire()
 
-    async def settle_fresh(self, timeout: float) -> None:
-        """Wait (at most `timeout`) until no connection is open that was accepted but has
-        not sent its request yet: closing one now would leave a request that is already
-        on its way unanswered (the client sees a reset after sending it)."""
+    async def drain(self, *, timeout: float, fresh_timeout: float,
+                    then: Callable[[], None]) -> None:
+        """Once the listener is closed: wait until no connection has a request under way
+        (arriving, or decided but not yet answered) and, for at most `fresh_timeout`,
+        until none accepted a moment ago is still to send its request; then call `then`,
+        which closes the idle connections, in the same turn of the event loop as the
+        last check, so that no request can begin in between. Connections made after
+        that are closed at once.
+
+        aiohttp's own shutdown closes every connection first: from then on it discards
+        whatever a connection receives, so a request whose body was still arriving
+        waited for bytes that never came, unanswered until the request deadline, past
+        the API server's webhook timeout. A request still under way at `timeout` is
+        dropped here instead: closed at once, not left waiting."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while loop.time() < deadline and (len(self.handshaking) or any(  # noqa: ASYNC110
-                not p.answered_any and p.request_started is None for p in self.open)):
-            await asyncio.sleep(0.02)
+        started = loop.time()
+        while True:
+            elapsed = loop.time() - started
+            if elapsed >= timeout or not self.waiting_for(fresh=elapsed < fresh_timeout):
+                break
+            await asyncio.sleep(0.02)  # once per shutdown, over <= max_connections
+        for protocol in [p for p in self.open if p.request_started is not None]:
+            protocol.drop()
+        self.closing = True
+        then()
+
+    def waiting_for(self, *, fresh: bool) -> bool:
+        """A request is under way, or (`fresh`) a connection is accepted that has not
+        sent its first request yet: closing it now would reset a request already on
+        its way."""
+        if any(p.request_started is not None for p in self.open):
+            return True
+        return fresh and (len(self.handshaking) > 0 or any(
+            not p.answered_any and p.request_started is None for p in self.open))
 
     def release(self, amount: int) -> None:
         self.buffered -= amount
@@ -147,6 +173,10 @@ class GuardedProtocol(asyncio.Protocol):
     def connection_made(self, transport: Any) -> None:
         self.guard.handshaking.discard(self)
         self.transport = transport
+        if self.guard.closing:
+            # Its handshake outlasted the drain: nothing would read its request.
+            transport.abort()
+            return
         if self.guard.active >= self.guard.limits.max_connections:
             self.guard.make_room()
         self.guard.active += 1

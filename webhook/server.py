@@ -369,7 +369,7 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-def server_factory(runner: web.AppRunner) -> Callable[[], asyncio.Protocol]:
+def aiohttp_server(runner: web.AppRunner) -> web.Server:
     """The aiohttp server of a runner that has been set up (a protocol factory)."""
     server = runner.server
     assert server is not None, "AppRunner.setup() first"
@@ -425,7 +425,7 @@ async def serve(runtime: Runtime, options: ServeOptions,
         await web.TCPSite(probe_runner, options.probe_host or options.host,
                           options.probe_port).start()
         listener = await loop.create_server(
-            guard.wrap(server_factory(webhook_runner)), options.host, options.port,
+            guard.wrap(aiohttp_server(webhook_runner)), options.host, options.port,
             ssl=reloader.listening, ssl_handshake_timeout=options.limits.handshake_timeout,
             reuse_address=True, reuse_port=options.reuse_port or None, backlog=512)
         probe_port = probe_runner.addresses[0][1]  # the bound port, when asked for 0
@@ -447,10 +447,14 @@ async def serve(runtime: Runtime, options: ServeOptions,
             report_task.cancel()
         if listener is not None:
             listener.close()
-            # Connections accepted a moment ago still send their request: let them.
-            await guard.settle_fresh(timeout=1.0)
-        # Idle connections close at once; requests in flight get shutdown_timeout to
-        # finish (a body still arriving meets the request deadline first).
+            # Requests under way, and the ones connections accepted a moment ago are
+            # still to send, are answered before aiohttp closes the idle connections
+            # (ConnectionGuard.drain says why not the other way round); a body still
+            # arriving meets the request deadline first.
+            await guard.drain(timeout=options.shutdown_timeout, fresh_timeout=1.0,
+                              then=aiohttp_server(webhook_runner).pre_shutdown)
+        # Idle connections are closed by now; answers still being written get
+        # shutdown_timeout to finish.
         await webhook_runner.cleanup()
         sweep_task.cancel()
         await probe_runner.cleanup()
