@@ -177,3 +177,17 @@ def test_admissions_write_events_only_when_reviews_come_from_the_api_server(
     recorder = build_event_recorder(source, client_ca=client_ca, metrics=Metrics(store))
     assert (recorder is not None) is recorded
     assert ("no Kubernetes Events without --client-ca" in caplog.text) is not recorded
+
+
+async def test_no_review_makes_later_ones_read_the_namespace_again():
+    # keymount 0.2 dropped the namespace's reused read after allowing a new key, so a
+    # forged "key allowed" review in between every Pod review spent a read each.
+    source = FakeSource(LIVE)
+    runtime = runtime_of(source)
+    assert (await decide(runtime, request(pod()), "mutate")).result == "injected"
+    forged = await stamped_key(runtime, "forged")
+    assert (await decide(runtime, request(forged, kind="Secret"),
+                         "validate")).response["allowed"] is True
+    reads = len(source.reads)
+    assert (await decide(runtime, request(pod()), "mutate")).result == "injected"
+    assert len(source.reads) == reads  # the Pod reused the read the key review made

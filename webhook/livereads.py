@@ -6,8 +6,15 @@ reaches the port can send reviews, so those reads must not become a flood of API
 
 - concurrent reads of one namespace share one call;
 - a read is reused for `reuse_seconds` (a burst of refusals costs one call);
-- at most `rate` calls a second (a token bucket of `burst`); past that, the caller
-  decides from its cache: the webhook then fails closed (a refusal stands).
+- a namespace the cache knows (it holds key Secrets there) has a token bucket of its
+  own (`namespace_rate`, `namespace_burst`), so reviews about other namespaces, forged
+  or not, can never use up its reads; reuse makes a flood about it cost one call per
+  `reuse_seconds`, which its bucket refills faster than that;
+- namespaces the cache does not know share one bucket (`rate`, `burst`), which keeps
+  reviews about endless made-up names from turning into a flood of API calls. Draining
+  it can only delay the first Pod of a namespace whose first key the watch has not
+  delivered yet: the refusal stands (fail closed) and the Pod's controller retries.
+Past a limit the caller decides from its cache: the webhook then fails closed.
 """
 
 from __future__ import annotations
@@ -19,47 +26,55 @@ from collections.abc import Awaitable, Callable
 
 from .keys import Keyring
 
-REMEMBERED = 4096  # namespaces whose last read is kept for reuse
+REMEMBERED = 4096  # namespaces whose last read (and own bucket) is kept
 
 
 class LiveReads:
     def __init__(self, read: Callable[[str], Awaitable[Keyring]], *, rate: float = 10.0,
                  burst: int = 20, reuse_seconds: float = 1.0,
+                 namespace_rate: float = 2.0, namespace_burst: int = 4,
                  clock: Callable[[], float] = time.monotonic,
                  version: Callable[[str], int] = lambda namespace: 0,
+                 known: Callable[[str], bool] = lambda namespace: False,
                  on_call: Callable[[str], None] = lambda result: None) -> None:
-        self.read, self.rate, self.burst = read, rate, burst
-        self.reuse_seconds, self.clock, self.on_call = reuse_seconds, clock, on_call
-        self.version = version
-        self._tokens = float(burst)
-        self._filled = clock()
+        self.read, self.reuse_seconds, self.clock = read, reuse_seconds, clock
+        self.version, self.known, self.on_call = version, known, on_call
+        self._shared = _Bucket(rate, burst, clock())
+        self._namespace_rate, self._namespace_burst = namespace_rate, namespace_burst
+        self._own: OrderedDict[str, _Bucket] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[Keyring]] = {}
         # namespace -> (when, the cache's version of it then, what the read found)
         self._recent: OrderedDict[str, tuple[float, int, Keyring]] = OrderedDict()
 
-    async def confirm(self, namespace: str) -> Keyring | None:
-        """The namespace's keys read live, or None when the rate limit says no."""
-        shared = self._inflight.get(namespace)
+    async def confirm(self, namespace: str, *, fresh: bool = False) -> Keyring | None:
+        """The namespace's keys read live, or None when the rate limit says no.
+
+        `fresh`: a read that starts now, shared with no earlier one (a new key's number
+        is judged against everything stored before it, including a key allowed a
+        moment ago that no earlier read or the watch has shown yet)."""
+        shared = None if fresh else self._inflight.get(namespace)
         if shared is not None:
             self.on_call("coalesced")
             return await asyncio.shield(shared)
-        recent = self._recent.get(namespace)
+        recent = None if fresh else self._recent.get(namespace)
         # Reused only while the cache has seen no change of the namespace since: a key
         # the watch delivered after the read must never be missed.
         if (recent is not None and self.clock() - recent[0] < self.reuse_seconds
                 and recent[1] == self.version(namespace)):
             self.on_call("reused")
             return recent[2]
-        if not self._take():
+        if not self._bucket(namespace).take(self.clock()):
             self.on_call("limited")
             return None
         self.on_call("read")
         future = asyncio.ensure_future(self.read(namespace))
-        self._inflight[namespace] = future
+        if not fresh:
+            self._inflight[namespace] = future
         try:
             keyring = await asyncio.shield(future)
         finally:
-            self._inflight.pop(namespace, None)
+            if self._inflight.get(namespace) is future:
+                del self._inflight[namespace]
         self._recent[namespace] = (self.clock(), self.version(namespace), keyring)
         self._recent.move_to_end(namespace)
         while len(self._recent) > REMEMBERED:
@@ -67,14 +82,34 @@ class LiveReads:
         return keyring
 
     def forget(self, namespace: str) -> None:
-        """A write keymount allowed changes the namespace: the next read is fresh."""
+        """keymount itself changed the namespace (--auto-generate): the next read is
+        fresh. Never called because of what a review says: a forged review could then
+        make every later one read again."""
         self._recent.pop(namespace, None)
 
-    def _take(self) -> bool:
-        now = self.clock()
-        self._tokens = min(self.burst, self._tokens + (now - self._filled) * self.rate)
-        self._filled = now
-        if self._tokens < 1:
+    def _bucket(self, namespace: str) -> _Bucket:
+        if not self.known(namespace):
+            return self._shared
+        bucket = self._own.get(namespace)
+        if bucket is None:
+            bucket = self._own[namespace] = _Bucket(
+                self._namespace_rate, self._namespace_burst, self.clock())
+            while len(self._own) > REMEMBERED:
+                self._own.popitem(last=False)
+        self._own.move_to_end(namespace)
+        return bucket
+
+
+class _Bucket:
+    """A token bucket: `rate` tokens a second, at most `burst`."""
+
+    def __init__(self, rate: float, burst: int, now: float) -> None:
+        self.rate, self.burst, self.tokens, self.filled = rate, burst, float(burst), now
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.filled) * self.rate)
+        self.filled = now
+        if self.tokens < 1:
             return False
-        self._tokens -= 1
+        self.tokens -= 1
         return True

@@ -35,9 +35,9 @@ from .admission import (
 )
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
-from .decisions import Handler, View, key_change, route
+from .decisions import Handler, View, route
 from .events import EventRecorder, event_for
-from .keyguard import KeyWriters, is_new_key
+from .keyguard import KeyWriters
 from .keys import Keyring
 from .lifecycle import GENERATED_KEY_NAME
 from .livereads import LiveReads
@@ -78,6 +78,7 @@ class Runtime:
         self.live_reads = LiveReads(
             lambda namespace: self.source.confirm(namespace), rate=self.live_read_rate,
             burst=self.live_read_burst, version=self.store.version,
+            known=self.store.knows,
             on_call=lambda result: self.metrics.live_reads.labels(result).inc())
 
 
@@ -123,7 +124,6 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook) 
         # key), it only answers.
         return verdict
     if webhook == "validate":
-        forget_read_after_new_key(runtime, request, verdict)
         return verdict
     if keyring is not None and should_generate(runtime, verdict, keyring):
         return await generate_key(runtime, request, handler)
@@ -149,7 +149,9 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
                                        "cache"))
     if not verdict.key_state:
         return verdict, None
-    keyring = await runtime.live_reads.confirm(namespace)
+    # A key Secret's number is judged on a read of its own; a Pod may share a read
+    # taken a moment ago (webhook/livereads.py).
+    keyring = await runtime.live_reads.confirm(namespace, fresh=request.is_secret)
     if keyring is None:
         return verdict, None
     return handler(request, view_of(runtime, request, keyring, "live")), keyring
@@ -176,19 +178,6 @@ async def generate_key(runtime: Runtime, request: AdmissionRequest,
         f"{request.namespace!r}: back it up now (data encrypted with it is lost "
         f"with it): kubectl get secret {GENERATED_KEY_NAME} -n {request.namespace} "
         f"-o yaml")
-
-
-def forget_read_after_new_key(runtime: Runtime, request: AdmissionRequest,
-                              verdict: Verdict) -> None:
-    """A new key allowed at /validate makes the namespace's last live read stale: the
-    next key-state decision there reads again rather than reuse it. (Numbers are not
-    held here: two writers racing for one number fill one slot, and the API server
-    takes one write per resourceVersion; docs/contract.md, "Rotation reaches running
-    Pods: key slots".)"""
-    key = verdict.key
-    if (key is not None and key.allowed and key.number is not None and request.is_secret
-            and is_new_key(key_change(request), settings=runtime.settings)):
-        runtime.live_reads.forget(request.namespace)
 
 
 def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:

@@ -51,6 +51,10 @@ class KeyStore:
     def namespaces(self) -> list[str]:
         return sorted(self._rings)
 
+    def knows(self, namespace: str) -> bool:
+        """Whether the cache holds key Secrets of `namespace` (keys, slots, anything)."""
+        return namespace in self._rings
+
     def replace_all(self, records: Iterable[KeyRecord], *, version: str = "") -> None:
         """A full list taken at resourceVersion `version`: afterwards the store holds
         these records, and anything cached that is newer than the list."""

@@ -331,7 +331,8 @@ class ControlPlane:
             "users": [{"name": "*", "user": {"client-certificate": str(out / "client.crt"),
                                              "client-key": str(out / "client.key")}}]}
         (w / "webhook-kubeconfig.json").write_text(json.dumps(kubeconfig))
-        plugin = {"apiVersion": "apiserver.config.k8s.io/v1", "kind": "WebhookAdmission",
+        plugin = {"apiVersion": "apiserver.config.k8s.io/v1",
+                  "kind": "WebhookAdmissionConfiguration",
                   "kubeConfigFile": str(w / "webhook-kubeconfig.json")}
         (w / "admission.json").write_text(json.dumps({
             "apiVersion": "apiserver.config.k8s.io/v1", "kind": "AdmissionConfiguration",
