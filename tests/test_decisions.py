@@ -242,3 +242,28 @@ def test_guard_secret_refuses_a_number_held_in_flight():
 def test_nothing_to_decide_is_allowed_without_a_patch(handler, result):
     verdict = handler(request_of(pod(), operation="DELETE"), view())
     assert verdict.result == result and verdict.response == {"allowed": True}
+
+
+@pytest.mark.parametrize(("listed", "problem"), [
+    ("keymount-key-3", None), ("keymount-key-9", "no key Secret holds that name"),
+], ids=["an-existing-slot", "a-name-no-key-secret-holds"])
+def test_a_stored_pod_may_list_only_slots_that_exist(listed, problem):
+    # A later mutating webhook could add keymount-key-9; anyone could then create that
+    # Secret and the kubelet would mount it as the Pod's newest key.
+    from webhook.decisions import find_injection_problem
+    from webhook.injection import inject_keys
+
+    from builders import slot_secret
+    ring = keyring_of(key_secret("key-a", random_key(), index=1), slot_secret(3),
+                      namespace="shop")
+    injected = inject_keys(pod(), keyring=ring, settings=SETTINGS).apply(pod())
+    volume = next(v for v in injected["spec"]["volumes"] if v["name"] == "keymount-encryption-keys")
+    number = listed.rsplit("-", 1)[1]
+    volume["projected"]["sources"][-1] = {"secret": {
+        "name": listed, "items": [{"key": "encryption-key", "path": f"encryption-key-{number}"}],
+        "optional": True}}
+    found = find_injection_problem(injected, keyring=ring, settings=SETTINGS)
+    if problem is None:
+        assert found is None
+    else:
+        assert problem in found[0] and found[1] is True  # a live read confirms it first

@@ -440,7 +440,7 @@ def test_filling_a_slot_is_how_a_writer_makes_a_key(user, result):
         assert (verdict.key.action, verdict.key.number) == ("created", 4)
         assert verdict.key.fingerprint == fingerprint_key(key)
     else:
-        assert "fill or retire the slot" in verdict.message
+        assert "may not fill, retire or change key Secret" in verdict.message
 
 
 def test_a_slot_filled_with_invalid_material_is_refused_with_the_reason():
@@ -468,3 +468,37 @@ def test_nobody_deletes_or_unlabels_an_empty_slot_it_is_retired_instead(user):
 def test_the_namespace_controller_deletes_slots_with_their_namespace():
     ring = keyring_of(*three_keys(), slot_secret(4))
     assert delete(ring, slot_secret(4), user=NAMESPACE_CONTROLLER).result == "allowed"
+
+
+def retired_slot(number):
+    secret = slot_secret(number)
+    secret["metadata"]["annotations"]["keymount.io/retired"] = "2026-12-01T00:00:00Z"
+    return secret
+
+
+@pytest.mark.parametrize("secret", [retired_slot(4), key_secret(
+    "keymount-key-4", random_key(), index=4, annotations={"keymount.io/numbers-used": "1-4"})],
+    ids=["retired-slot", "filled-slot"])
+def test_a_slot_name_is_never_freed_not_even_by_a_writer(secret):
+    # Pods admitted while it was an empty slot list the name: freed, anyone could create
+    # it with a key of their own, and the kubelet would mount that as their newest file.
+    later = key_secret("k5", random_key(), index=5, annotations={"keymount.io/numbers-used": "1-5"})
+    ring = keyring_of(*three_keys(), secret, later)
+    verdict = delete(ring, secret)
+    assert verdict.result == "denied" and "slot of key number 4" in verdict.message
+
+
+def test_a_non_writer_cannot_touch_a_slot_not_even_its_metadata():
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    frozen = slot_secret(4)
+    frozen["immutable"] = True  # never fillable again
+    assert update(ring, slot_secret(4), frozen, user="mallory").result == "denied"
+    assert update(ring, slot_secret(4), frozen, user="alice").result == "allowed"
+
+
+def test_a_slot_whose_number_another_key_took_is_not_filled():
+    taken = key_secret("gitops", random_key(), index=4,
+                       annotations={"keymount.io/numbers-used": "1-4"})
+    ring = keyring_of(*three_keys(), slot_secret(4), taken)
+    verdict = update(ring, slot_secret(4), filled(slot_secret(4), random_key()))
+    assert verdict.result == "denied" and "already held by key Secret 'gitops'" in verdict.message

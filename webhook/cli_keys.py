@@ -28,6 +28,7 @@ from .cli_common import (
 )
 from .config import Settings
 from .errors import UserFacingError
+from .key_secrets import ApiObject, SlotOutcome
 from .keys import (
     KeyRecord,
     Keyring,
@@ -43,8 +44,6 @@ if TYPE_CHECKING:  # the CLI imports the Kubernetes client only for cluster comm
     from .audit import Rbac
     from .backup import BackedUpKey
 
-ApiObject = dict[str, Any]  # an object as the API server sends it (JSON, not a model)
-
 
 class KeyApi(Protocol):
     """What the key commands ask of the cluster: `cluster.KeyClient`, whose every
@@ -58,7 +57,7 @@ class KeyApi(Protocol):
     def backend_pods(self, namespace: str | None) -> list[ApiObject]: ...
     def create_secret(self, manifest: ApiObject) -> KeyRecord: ...
     def patch_secret(self, namespace: str, name: str, patch: ApiObject) -> None: ...
-    def reserve_slot(self, namespace: str, number: int) -> bool: ...
+    def reserve_slot(self, namespace: str, number: int) -> SlotOutcome: ...
     def fill_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
     def restart_workload(self, namespace: str, kind: str, name: str, *, at: str) -> None: ...
     def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject: ...
@@ -188,14 +187,9 @@ def cmd_create(args: argparse.Namespace) -> int:
         warn_manifest_holds_key()
         return 0
     keys, namespace = connect_namespace(args, settings)
-    if args.name or args.index is not None:
-        record = keys.create_secret(build_key_secret(
-            args.name or slot_secret_name(args.index), namespace=namespace, key=key,
-            index=args.index, settings=settings))
-    else:
-        record = fill_next_slot(keys, namespace, key)
-    keep_slots(keys, namespace, settings)
-    report_created(record, namespace, check_key(key, encoding=settings.key_encoding).fingerprint)
+    record = make_key(keys, namespace, key, name=args.name, index=args.index,
+                      settings=settings)
+    announce_key(keys, namespace, record, key, settings=settings)
     if args.name:
         print(f"Running backend Pods get {args.name!r} only by a restart (they list the "
               f"slots keymount-key-N); without a name, `keys create` fills the next slot.")
@@ -212,6 +206,22 @@ def warn_manifest_holds_key() -> None:
 SLOT_ATTEMPTS = 32
 
 
+def reserve_next(keys: KeyApi, keyring: Keyring) -> None:
+    """Reserve the slot of the next number, or, when an unlabelled Secret already has
+    that slot's name (no webhook sees it, and no Pod lists it), the first number above
+    it whose name is free; say which Secret was in the way."""
+    number = keyring.next_number
+    for _ in range(SLOT_ATTEMPTS):
+        outcome = keys.reserve_slot(keyring.namespace, number)
+        if outcome != "taken":
+            return
+        print(f"warning: Secret {slot_secret_name(number)!r} in namespace "
+              f"{keyring.namespace} is not a key Secret, so number {number} is skipped; "
+              f"no backend Pod lists it. Delete it if nothing needs it: kubectl delete "
+              f"secret {slot_secret_name(number)} -n {keyring.namespace}", file=sys.stderr)
+        number += 1
+
+
 def fill_next_slot(keys: KeyApi, namespace: str, key: bytes) -> KeyRecord:
     """Make a key by filling the lowest empty slot above the active key, reserving one
     first when there is none (a namespace from before slots). The API server takes one
@@ -220,7 +230,7 @@ def fill_next_slot(keys: KeyApi, namespace: str, key: bytes) -> KeyRecord:
     for _ in range(SLOT_ATTEMPTS):
         free = keyring.free_slots
         if not free:
-            keys.reserve_slot(namespace, keyring.next_number)
+            reserve_next(keys, keyring)
         else:
             record = keys.fill_slot(namespace, free[0], key)
             if record is not None:
@@ -231,19 +241,42 @@ def fill_next_slot(keys: KeyApi, namespace: str, key: bytes) -> KeyRecord:
                           f"Retry: keymount keys rotate -n {namespace}")
 
 
-def keep_slots(keys: KeyApi, namespace: str, settings: Settings) -> list[int]:
+def keep_slots(keys: KeyApi, namespace: str, settings: Settings) -> None:
     """Reserve empty slots until `--rotation-slots` wait above the active key: the
-    names new backend Pods list, so the next keys reach them without a restart."""
-    reserved = []
-    keyring = keys.keyring(namespace)
-    for _ in range(SLOT_ATTEMPTS):
-        if len(keyring.free_slots) >= settings.rotation_slots:
-            break
-        number = keyring.next_number
-        if keys.reserve_slot(namespace, number):
-            reserved.append(number)
+    names new backend Pods list, so the next keys reach them without a restart. The
+    key is made already: a failure here is a warning, never a reason to retry it."""
+    try:
         keyring = keys.keyring(namespace)
-    return reserved
+        for _ in range(SLOT_ATTEMPTS):
+            if len(keyring.free_slots) >= settings.rotation_slots:
+                return
+            reserve_next(keys, keyring)
+            keyring = keys.keyring(namespace)
+    except UserFacingError as exc:
+        print(f"warning: the key is made, but keymount could not reserve the next slots "
+              f"({exc}); running Pods get the next key live only through a slot. Reserve "
+              f"them later: keymount keys create -n {namespace} --dry-run shows the next, "
+              f"and the next keys rotate reserves them", file=sys.stderr)
+
+
+def make_key(keys: KeyApi, namespace: str, key: bytes, *, name: str | None,
+             index: int | None, settings: Settings) -> KeyRecord:
+    """A new key: under `name` (or at `index`), stamped by keymount's webhook from a
+    fresh view, which running Pods get only by a restart; otherwise filling the next
+    slot, which they get live."""
+    from .key_secrets import build_key_secret
+    if name is None and index is None:
+        return fill_next_slot(keys, namespace, key)
+    return keys.create_secret(build_key_secret(
+        name or slot_secret_name(index or 0), namespace=namespace, key=key, index=index,
+        settings=settings))
+
+
+def announce_key(keys: KeyApi, namespace: str, record: KeyRecord, key: bytes, *,
+                 settings: Settings) -> None:
+    """Say what was made, then keep the slots (the key exists whatever happens next)."""
+    report_created(record, namespace, check_key(key, encoding=settings.key_encoding).fingerprint)
+    keep_slots(keys, namespace, settings)
 
 
 def slot_manifest(keyring: Keyring, *, key: bytes, name: str | None,
@@ -265,7 +298,6 @@ def slot_manifest(keyring: Keyring, *, key: bytes, name: str | None,
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
-    from .key_secrets import build_key_secret
     settings = _settings(args)
     keys, namespace = connect_namespace(args, settings)
     key = read_key_material(args, settings)
@@ -275,16 +307,8 @@ def cmd_rotate(args: argparse.Namespace) -> int:
                        args.output)
         warn_manifest_holds_key()
         return 0
-    if args.name:
-        # Under a name of the user's: keymount's webhook stamps the next number from a
-        # fresh view; running Pods get it only by a restart (they list slots only).
-        record = keys.create_secret(build_key_secret(args.name, namespace=namespace, key=key,
-                                                     index=None, settings=settings))
-    else:
-        record = fill_next_slot(keys, namespace, key)
-    keep_slots(keys, namespace, settings)
-    fingerprint = check_key(key, encoding=settings.key_encoding).fingerprint
-    report_created(record, namespace, fingerprint)
+    record = make_key(keys, namespace, key, name=args.name, index=None, settings=settings)
+    announce_key(keys, namespace, record, key, settings=settings)
     if record.index_explicit:
         print(f"New backend Pods get it as {key_file_name(record.index)}, the highest "
               f"number: applications encrypt with it from now on.")

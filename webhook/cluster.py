@@ -23,7 +23,13 @@ from .audit import Rbac
 from .config import Settings
 from .errors import UserFacingError
 from .events import EventGone, NamespaceGone
-from .key_secrets import build_key_secret, parse_key_secret
+from .key_secrets import (
+    ApiObject,
+    SlotOutcome,
+    build_key_secret,
+    is_key_secret,
+    parse_key_secret,
+)
 from .keys import KeyRecord, Keyring, build_keyring, generate_key
 from .lifecycle import GENERATED_KEY_NAME, PodKeys, parse_pod_keys
 from .metrics import Metrics
@@ -263,7 +269,7 @@ def current_namespace(*, kubeconfig: str | None, context: str | None) -> str:
     return ((chosen or {}).get("context") or {}).get("namespace") or "default"
 
 
-ApiObject = dict[str, Any]  # an object as the API server sends it (JSON, not a model)
+
 T = TypeVar("T")
 
 
@@ -360,22 +366,26 @@ class KeyClient:
                  f"kubectl create namespace {namespace}"})
         return parse_key_secret(json.loads(response.data), settings=self.settings)
 
-    def reserve_slot(self, namespace: str, number: int) -> bool:
-        """Create the empty slot of key `number`; False when a Secret of that name
-        already exists (another writer reserved it first)."""
-        from .key_secrets import build_key_secret
+    def reserve_slot(self, namespace: str, number: int) -> SlotOutcome:
+        """Create the empty slot of key `number`: "reserved"; "exists" when a key
+        Secret has that name already (another writer reserved it first); "taken" when
+        a Secret that is no key Secret has it (the number cannot be a slot)."""
         from .names import slot_secret_name
-        manifest = build_key_secret(slot_secret_name(number), namespace=namespace, key=None,
-                                    index=number, settings=self.settings)
+        name = slot_secret_name(number)
+        manifest = build_key_secret(name, namespace=namespace, key=None, index=number,
+                                    settings=self.settings)
         try:
             self.api.create_namespaced_secret(namespace, manifest, _request_timeout=(5, 30))
+            return "reserved"
         except ApiException as exc:
-            if exc.status == 409:
-                return False
-            raise ClusterError(describe_api_error(exc)) from None
+            if exc.status != 409:
+                raise ClusterError(describe_api_error(exc)) from None
         except Exception as exc:
             raise ClusterError(describe_api_error(exc)) from None
-        return True
+        response = self._call(self.api.read_namespaced_secret, name, namespace,
+                              _preload_content=False, _request_timeout=(5, 30))
+        return "exists" if is_key_secret(json.loads(response.data),
+                                         settings=self.settings) else "taken"
 
     def fill_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None:
         """Give an empty slot its key, only if it is still as `slot` read it: the patch

@@ -40,6 +40,7 @@ from .injection import (
     needs_keys,
     select_containers,
 )
+from .key_secrets import parse_key_secret
 from .keyguard import (
     KeyChange,
     KeyDecision,
@@ -92,6 +93,12 @@ def needs_live_view(request: AdmissionRequest, view: View) -> Verdict | None:
     server reads live and asks again, and the refusal is what stands when the live-read
     limit says no."""
     if view.source != "cache" or not is_new_key(key_change(request), settings=view.settings):
+        return None
+    if parse_key_secret(request.object or {}, settings=view.settings,
+                        namespace=request.namespace).slot:
+        # A slot's number is its name's, and the API server holds one Secret per name;
+        # filling it is judged again (keyguard._guard_fill). So reserving one needs no
+        # live read, and no review about other keys can hold a rotation up.
         return None
     return Verdict("denied", denied(
         f"keymount is limiting live reads of the API server right now and judges "
@@ -257,9 +264,9 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
             return f"volume {VOLUME_NAME!r} projects something other than key Secrets", False
         name = str(secret.get("name"))
         if secret.get("optional") is True:
-            problem = _slot_problem(secret, settings=settings)
-            if problem:
-                return problem, False
+            slot_problem = _slot_problem(secret, keyring=keyring, settings=settings)
+            if slot_problem:
+                return slot_problem
             continue
         record = keyring.find(name)
         number = keyring.number_of(name)
@@ -276,15 +283,22 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
     return (problem, False) if problem else None
 
 
-def _slot_problem(secret: Mapping[str, Any], *, settings: Settings) -> str | None:
-    """An optional source must be a rotation slot: the reserved name of a number, at
-    that number's file. The guard keeps that name for that number, so a slot whose
-    number another key took meanwhile simply stays empty."""
+def _slot_problem(secret: Mapping[str, Any], *, keyring: Keyring,
+                  settings: Settings) -> tuple[str, bool] | None:
+    """An optional source must be a slot that exists, at its number's file: a key
+    Secret (empty, filled since, or retired) holds the name, so only a key writer can
+    give it material. A name no key Secret holds could be created by anyone, and the
+    kubelet would mount it (docs/contract.md, "Rotation reaches running Pods: key
+    slots"); one the cache does not show yet is confirmed by a live read."""
     name = str(secret.get("name"))
     number = slot_number(name)
     if number is None:
-        return f"optional source {name!r} is not one of keymount's rotation slots"
+        return f"optional source {name!r} is not one of keymount's key slots", False
     item = {"key": settings.key_field, "path": key_file_name(number)}
     if secret.get("items") != [item]:
-        return f"rotation slot {name!r} does not project {item}"
+        return f"key slot {name!r} does not project {item}", False
+    record = keyring.find(name)
+    if record is None or not record.index_explicit or record.index != number:
+        return (f"optional source {name!r} is not a key slot of namespace "
+                f"{keyring.namespace!r}: no key Secret holds that name"), True
     return None

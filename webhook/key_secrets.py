@@ -11,13 +11,17 @@ import binascii
 import dataclasses
 from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from .config import Settings
 from .keys import KeyCheck, KeyRecord, build_key_record, revision
 from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION
 
 SecretObject = Mapping[str, Any]
+ApiObject = dict[str, Any]  # an object as the API server sends it (JSON, not a model)
+# What creating a key slot found: made now; a key Secret of that name already (another
+# writer's slot); or a Secret that is no key Secret (the number cannot be a slot).
+SlotOutcome = Literal["reserved", "exists", "taken"]
 
 
 def parse_timestamp(value: str | None) -> datetime | None:

@@ -306,7 +306,10 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
     ns, name = change.namespace, change.name
     if not writers.allows(change.requester):
         return _writer_refusal(change, writers, "delete")
-    if old.state == "slot":
+    if slot_number(name) is not None:
+        # Pods list slot names as optional sources (and a filled slot is a key): once
+        # deleted, the name is anyone's to create, and the kubelet mounts what they put
+        # there. A tombstone costs nothing; it stays (docs/contract.md, key slots).
         return _refused(_slot_kept(change, old, "deleting it"))
     if old.state == "valid" and keyring.conflict and name in (r.name for r in keyring.conflict):
         # Two keys share this number: Pods are refused until one goes, and only the
@@ -440,11 +443,14 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
 
 
 def _slot_kept(change: KeyChange, slot: KeyRecord, act: str) -> str:
+    number = slot_number(slot.name)
+    how = ("retire it (it keeps its name and number, and costs nothing): keymount keys "
+           f"retire {slot.name} -n {change.namespace}" if slot.state in ("slot", "valid")
+           else "the tombstone stays")
     return (f"{slot.name!r} in namespace {change.namespace!r} is the slot of key number "
-            f"{slot.index}: running backend Pods may list it, and {act} would let anyone "
-            f"who may create Secrets give them a key of their own under that name. A slot "
-            f"is filled or retired, never removed: keymount keys retire {slot.name} -n "
-            f"{change.namespace}")
+            f"{number}: running backend Pods may list it, and {act} would let anyone who "
+            f"may create Secrets give them a key of their own under that name. A slot is "
+            f"filled or retired, never removed; {how}")
 
 
 def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyring: Keyring,
@@ -453,10 +459,12 @@ def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyri
     resourceVersion, so two writers racing for one number end with one key and a
     conflict), retiring it closes it; anything else only touches its metadata."""
     ns, name, number = change.namespace, change.name, before.index
+    if not writers.allows(change.requester):
+        # Also metadata: a non-writer could otherwise make the slot `immutable` (never
+        # fillable) or keep changing its resourceVersion under the writers' fills.
+        return _writer_refusal(change, writers, "fill, retire or change")
     if after.state == "slot":
         return KeyDecision(True, "none", number=number)
-    if not writers.allows(change.requester):
-        return _writer_refusal(change, writers, "fill or retire the slot")
     if after.state == "retired":
         return KeyDecision(True, "retired", number=number)
     if after.state == "invalid":
@@ -464,6 +472,13 @@ def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyri
             f"key material for slot {name!r} in namespace {ns!r} is invalid: "
             f"{after.check.reason}. Check it with `keymount keys check FILE`, or let "
             f"keymount make one: keymount keys rotate -n {ns} --generate", number=number)
+    holder = keyring.holder_of(number)
+    if holder is not None and holder.name != name:
+        return _refused(
+            f"number {number} of slot {name!r} in namespace {ns!r} is already held by key "
+            f"Secret {holder.name!r} (made under another name meanwhile); two keys never "
+            f"share a number. Retire the slot and fill the next one: keymount keys retire "
+            f"{name} -n {ns}, then keymount keys rotate -n {ns}", number=number)
     warnings = [f"key Secret {name!r}: {after.check.warning}"] if after.check.warning else []
     if number < keyring.active_number:
         warnings.append(

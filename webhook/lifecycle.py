@@ -49,13 +49,14 @@ def format_age(created: datetime | None, now: datetime) -> str:
 
 def key_state_label(record: KeyRecord, keyring: Keyring) -> str:
     """active (encrypts new data), older (decrypts), legacy (no index yet: `keys pin`),
-    duplicate (shares its number: Pods are refused), retired, or invalid: reason."""
+    duplicate (shares its number: Pods are refused), retired, slot (reserved for a
+    next key, empty), or invalid: reason."""
     if record.state == "invalid":
         return f"invalid: {record.check.reason}"
     if keyring.conflict and record in keyring.conflict:
         return "duplicate"
-    if record.state == "retired":
-        return "retired"
+    if record.state in ("retired", "slot"):
+        return record.state
     state = "active" if record is keyring.newest else "older"
     if not record.numbered:
         state += ", legacy"
@@ -63,10 +64,11 @@ def key_state_label(record: KeyRecord, keyring: Keyring) -> str:
 
 
 def build_key_rows(keyring: Keyring, *, now: datetime) -> list[KeyRow]:
-    """Every key Secret by number (what a new backend Pod gets, and the tombstones),
+    """Every key Secret by number (what a new backend Pod gets, the tombstones and
+    the empty slots),
     then the invalid ones."""
     numbered = [(f.number, f.file, r) for f, r in zip(keyring.files, keyring.keys, strict=True)]
-    numbered += [(r.index, "-", r) for r in keyring.retired]
+    numbered += [(r.index, "-", r) for r in (*keyring.retired, *keyring.slots)]
     numbered.sort(key=lambda row: (row[0], row[2].name))
     rows = [KeyRow(file, r.name, str(r.index) if r.index_explicit else "-",
                    key_state_label(r, keyring), r.fingerprint or "-",

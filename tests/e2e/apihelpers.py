@@ -92,3 +92,12 @@ def key_material(api, namespace: str) -> list[str]:
             if raw.isascii():
                 spellings.append(raw.decode())
     return spellings
+
+
+def wait_for_slots(api, namespace: str, count: int) -> None:
+    """Until a new backend Pod of the namespace lists `count` empty slots: keymount's
+    cache has them (a Pod lists only slots it knows exist)."""
+    poll(lambda: len(key_sources(api.create_namespaced_pod(namespace, pod_body("probe"),
+                                                           dry_run="All"),
+                                 optional=True)) == count,
+         what=f"{count} key slots listed by a new Pod")

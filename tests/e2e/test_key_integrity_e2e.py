@@ -161,7 +161,7 @@ def test_a_key_writer_may_create_rotate_and_retire_and_a_secret_admin_may_not(
     assert "keymount.io/retired" in tombstone.metadata.annotations
     assert "encryption-key" not in (tombstone.data or {})
     refused = cli(mallory, "keys", "rotate", "-n", namespace, check=False)
-    assert "user 'mallory' may not create" in refused.stderr
+    assert "user 'mallory' may not fill" in refused.stderr  # the next slot
     mallory_api = client.CoreV1Api(config.new_client_from_config(config_file=str(mallory)))
     assert "may not delete" in denial(lambda: mallory_api.delete_namespaced_secret(
         "k1", namespace))

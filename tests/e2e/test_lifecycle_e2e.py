@@ -17,6 +17,7 @@ from apihelpers import (
     key_sources,
     keymount_cli,
     wait_for_cached_keys,
+    wait_for_slots,
 )
 from conftest import ROOT, kubectl, launch_keymount
 from polling import poll
@@ -28,11 +29,13 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
     assert (f"secret/k1 created in namespace {namespace}: number 1 (file encryption-key-1)"
             in created.stdout)
 
-    [row] = json.loads(keymount_cli(cfg, "keys", "list", "-n", namespace, "-o", "json").stdout)
-    assert (row["file"], row["secret"], row["index"], row["state"]) == \
-        ("encryption-key-1", "k1", "1", "active")
+    rows = json.loads(keymount_cli(cfg, "keys", "list", "-n", namespace, "-o", "json").stdout)
+    assert [(r["file"], r["secret"], r["index"], r["state"]) for r in rows] == [
+        ("encryption-key-1", "k1", "1", "active"), ("-", "keymount-key-2", "2", "slot"),
+        ("-", "keymount-key-3", "3", "slot")]  # keys create keeps two empty slots
 
     wait_for_cached_keys(keymount, 1)
+    wait_for_slots(api, namespace, 2)
     old = create_pod(api, namespace, "old")
     assert key_sources(old) == [("k1", "encryption-key-1")]
 
@@ -57,9 +60,10 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
     table = keymount_cli(cfg, "status", "-n", namespace).stdout
     assert "old" in table and "live (kubelet sync)" in table and "new " not in table
 
-    # A key added under a name no Pod lists reaches running Pods only by a restart.
+    # A key added under a name no Pod lists reaches running Pods only by a restart. It
+    # takes a number above the slots (3 and 4, kept by the rotation).
     other = keymount_cli(cfg, "keys", "create", "by-hand", "-n", namespace, "--generate")
-    assert "number 3" in other.stdout
+    assert "number 5" in other.stdout
     wait_for_cached_keys(keymount, valid_before + 2)
     states = {s["pod"]: s for s in json.loads(
         keymount_cli(cfg, "status", "-n", namespace, "-o", "json").stdout)}

@@ -41,6 +41,8 @@ def expected_files(api, namespace: str) -> dict:
     files = {}
     selector = ",".join(f"{k}={v}" for k, v in KEY_LABELS.items())
     for secret in api.list_namespaced_secret(namespace, label_selector=selector).items:
+        if not (secret.data or {}).get("encryption-key"):
+            continue  # an empty slot or a tombstone: no file
         number = secret.metadata.annotations["keymount.io/key-index"]
         key = base64.b64decode(secret.data["encryption-key"])
         files[f"encryption-key-{number}"] = hashlib.sha256(key).hexdigest()

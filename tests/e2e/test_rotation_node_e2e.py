@@ -38,11 +38,13 @@ def deployment(name: str, *, image: str | None = None, deadline: int | None = No
     return body
 
 
-def keys_cached(keymount, count: int):
-    """A condition: keymount's cache holds `count` more valid keys than now. Only for
-    the start of a test: a namespace another test deletes meanwhile lowers the count."""
-    before = keymount.metric(*VALID_KEYS)
-    return lambda: keymount.metric(*VALID_KEYS) >= before + count
+def keys_cached(keymount, count: int, *, state: str = "valid"):
+    """A condition: keymount's cache holds `count` more key Secrets in `state` than now.
+    Only for the start of a test: a namespace another test deletes meanwhile lowers the
+    count."""
+    labels = (VALID_KEYS[0], f'state="{state}"')
+    before = keymount.metric(*labels)
+    return lambda: keymount.metric(*labels) >= before + count
 
 
 def running_reporters(node, api, apps, namespace: str, name: str, files: dict) -> dict:
@@ -58,18 +60,21 @@ def restarts(api, namespace: str, name: str) -> list[int]:
     return [s.restart_count for p in pods for s in p.status.container_statuses or []]
 
 
-def one_key_and_a_running_deployment(api, apps, namespace, keymount, node) -> dict:
-    """Key k1, and Deployment api with both replicas reading it."""
-    arrived = keys_cached(keymount, 1)
-    create_key(api, namespace, "k1")
-    poll(arrived, what="k1 cached")
+def one_key_and_a_running_deployment(api, apps, namespace, keymount, node,
+                                     admin_kubeconfig) -> dict:
+    """Key 1 and two empty slots (`keys create`), in keymount's cache, and Deployment
+    api with both replicas reading key 1 and listing the slots."""
+    arrived, slots = keys_cached(keymount, 1), keys_cached(keymount, 2, state="slot")
+    cli(admin_kubeconfig, "keys", "create", "-n", namespace, "--generate")
+    poll(lambda: arrived() and slots(), what="key 1 and its slots cached")
     return running_reporters(node, api, apps, namespace, "api",
                              expected_files(api, namespace))
 
 
 def test_a_rotation_reaches_running_pods_without_a_restart(
         api, apps, namespace, keymount, node, admin_kubeconfig):
-    before = one_key_and_a_running_deployment(api, apps, namespace, keymount, node)
+    before = one_key_and_a_running_deployment(api, apps, namespace, keymount, node,
+                                              admin_kubeconfig)
 
     started = time.monotonic()
     rotated = cli(admin_kubeconfig, "keys", "rotate", "-n", namespace)
@@ -95,7 +100,8 @@ def test_a_rotation_reaches_running_pods_without_a_restart(
 
 def test_rotate_restart_wait_rolls_deployments_and_new_pods_carry_every_key(
         api, apps, namespace, keymount, node, admin_kubeconfig):
-    before = one_key_and_a_running_deployment(api, apps, namespace, keymount, node)
+    before = one_key_and_a_running_deployment(api, apps, namespace, keymount, node,
+                                              admin_kubeconfig)
 
     result = cli(admin_kubeconfig, "keys", "rotate", "-n", namespace, "--restart", "--wait",
                  "--timeout", "90s")

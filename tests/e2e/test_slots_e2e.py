@@ -15,8 +15,8 @@ from apihelpers import (
     denial,
     key_sources,
     keymount_cli,
-    pod_body,
     random_key,
+    wait_for_slots,
 )
 from conftest import ROOT, kubectl, launch_keymount, webhook_configurations
 from polling import poll
@@ -79,9 +79,7 @@ def test_only_a_key_writer_touches_a_slot_and_pods_list_only_slots_that_exist(
     keymount_cli(admin_kubeconfig, "keys", "create", "-n", namespace, "--generate",
                  "--rotation-slots", "1")
     assert key_numbers(api, namespace) == ([1], [2])
-    poll(lambda: key_sources(api.create_namespaced_pod(namespace, pod_body("probe"),
-                                                     dry_run="All"), optional=True) != [],
-         what="keymount's cache holding the slot")
+    wait_for_slots(api, namespace, 1)
     pod = create_pod(api, namespace, "api")
     # Only the slot that exists: none for number 3, which no Secret holds.
     assert key_sources(pod, optional=True) == [("keymount-key-2", "encryption-key-2")]
@@ -91,8 +89,10 @@ def test_only_a_key_writer_touches_a_slot_and_pods_list_only_slots_that_exist(
         "keymount-key-2", namespace, fill))
     assert "slot of key number 2" in denial(lambda: mallory.patch_namespaced_secret(
         "keymount-key-2", namespace, {"metadata": {"labels": {KEY_LABEL: None}}}))
-    assert "slot of key number 2" in denial(lambda: mallory.delete_namespaced_secret(
+    assert "may not delete" in denial(lambda: mallory.delete_namespaced_secret(
         "keymount-key-2", namespace))
+    assert "slot of key number 2" in denial(lambda: api.delete_namespaced_secret(
+        "keymount-key-2", namespace))  # nor may a key writer: retired, never removed
     # A name no slot holds is anyone's, and no Pod lists it.
     mallory.create_namespaced_secret(namespace, {"metadata": {"name": "keymount-key-3"},
                                                  "data": fill["data"]})
