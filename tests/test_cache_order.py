@@ -98,8 +98,9 @@ async def start(api: HeldApi, source: KubernetesKeySource, tasks, *, listed: lis
 async def test_a_live_read_overtaken_by_the_watch_does_not_undo_what_the_watch_saw(
         parts, listed, watched, expected):
     api, store, source, tasks = parts
+    # The first list holds what existed at its revision: k2 only if the read saw it too.
     hang = await start(api, source, tasks, listed=[k1, *([k2] if k2 in listed else [])],
-                       at="21", watch_lines=watched)
+                       at="21" if k2 in listed else "10", watch_lines=watched)
     release, taken = threading.Event(), threading.Event()
     # The live read lists the namespace as of revision 21 ...
     api.lists.append(held(listing(listed, "21" if k2 in listed else "20"), release, taken))
@@ -136,3 +137,30 @@ async def test_a_watch_lagging_behind_a_live_read_does_not_undo_what_the_read_sa
         "metadata"]["resourceVersion"], what="the lagging events applied")
     hang.set()
     assert names(store) == expected
+
+
+async def test_a_secret_a_later_list_did_not_hold_is_not_brought_back_by_an_older_event(parts):
+    # X was added at 15 and deleted at 20; a live read at 22 lists nothing. The watch,
+    # lagging, then delivers ADDED X@15 (its DELETED@20 still to come).
+    api, store, source, tasks = parts
+    x = secret("x", "15", index=1)
+    hold = threading.Event()
+    hang = await start(api, source, tasks, listed=[], at="10",
+                       watch_lines=[event("ADDED", x)], hold_watch=hold)
+    api.lists.append(listing([], "22"))
+    await source.confirm("shop")
+    hold.set()
+    await wait_for(lambda: source.keys.versions.get(None) == "15", what="ADDED x@15 applied")
+    hang.set()
+    assert names(store) == {}
+
+
+def test_a_list_without_a_version_is_the_truth_as_it_stands():
+    # --keys-from (no resourceVersions): a file replaced by an older export still wins.
+    from webhook.key_secrets import parse_key_secret
+    store = KeyStore()
+    newer = parse_key_secret(secret("k1", "30", index=1), settings=SETTINGS)
+    older = parse_key_secret(secret("k1", "12", index=1), settings=SETTINGS)
+    store.replace_all([newer])
+    store.replace_all([older])
+    assert [r.revision for r in store.keyring("shop").keys] == [12]

@@ -520,9 +520,11 @@ def cmd_retire(args: argparse.Namespace) -> int:
         "data": {settings.key_field: None},
         "metadata": {"annotations": {RETIRED_ANNOTATION: _now().strftime("%Y-%m-%dT%H:%M:%SZ")}}})
     kept = f"number {number} stays reserved" if number is not None else "it had no number"
-    print(f"secret/{args.name} retired: its key material is destroyed and {kept}. The "
-          f"Secret may be deleted (kubectl delete secret {args.name} -n {namespace}) once a "
-          f"newer key records its number; keeping it costs nothing.")
+    after = ("It keeps its slot name for good: running Pods may list it"
+             if slot_secret_name(number or 0) == args.name else
+             f"The Secret may be deleted (kubectl delete secret {args.name} -n {namespace}) "
+             f"once a newer key records its number; keeping it costs nothing")
+    print(f"secret/{args.name} retired: its key material is destroyed and {kept}. {after}.")
     return 0
 
 

@@ -2,7 +2,7 @@
 
 `route` looks up (webhook, kind, operation) in `ROUTES` and returns one handler; each
 handler is a pure function `(request, view) -> Verdict` of the request and a `View` of
-its namespace (the keyring, settings, key writers, the time, numbers in flight). No
+its namespace (the keyring, settings, key writers, the time). No
 handler does I/O: when a verdict says a fresher view could change it (`key_state`),
 the server reads the namespace live and calls the same handler again
 (server.decide).

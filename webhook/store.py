@@ -15,10 +15,10 @@ from collections.abc import Iterable
 from .keys import KeyRecord, Keyring, build_keyring, revision
 from .lifecycle import PodKeys, build_pod_key_state
 
-# Deletions remembered so that a live read taken before a delete cannot bring the
-# Secret back (see KeyStore). A live read is applied within seconds of being taken,
-# while thousands of later deletions would have to happen in between to push its
-# entry out; the oldest entries go first.
+# Deletions (and the revision of each namespace's newest list) remembered so that an
+# older list or event cannot bring a deleted Secret back (see KeyStore). A live read is
+# applied within seconds of being taken, while thousands of later deletions would have
+# to happen in between to push its entry out; the oldest entries go first.
 REMEMBERED_DELETIONS = 10_000
 
 
@@ -39,6 +39,10 @@ class KeyStore:
         self._rings: dict[str, Keyring] = {}
         self._versions: Counter[str] = Counter()  # bumped whenever a namespace changes
         self._deleted: OrderedDict[tuple[str, str], int] = OrderedDict()
+        # The revision of the newest list of each namespace: a Secret it did not hold was
+        # gone by then, so an older event for it (a lagging watch) cannot bring it back.
+        # Bounded like the deletions: reviews name the namespaces live reads list.
+        self._listed_at: OrderedDict[str, int] = OrderedDict()
         self.ready = False
 
     def version(self, namespace: str) -> int:
@@ -102,6 +106,9 @@ class KeyStore:
         cached = self._records.get(record.namespace, {}).get(record.name)
         if cached is not None and _older(record.revision, cached.revision):
             return False
+        if cached is None and record.revision and \
+                record.revision <= self._listed_at.get(record.namespace, 0):
+            return False  # a list taken after this version did not hold it: deleted
         deleted_at = self._deleted.get((record.namespace, record.name))
         if deleted_at is not None:
             if record.revision and record.revision <= deleted_at:
@@ -110,14 +117,22 @@ class KeyStore:
         return True
 
     def _merge(self, namespace: str, listed: Iterable[KeyRecord], listed_at: int) -> None:
+        if not listed_at:
+            # A list without a version (--keys-from, the first load of several scopes)
+            # is the truth as it stands.
+            self._records[namespace] = {r.name: r for r in listed}
+            return
         cached = self._records.get(namespace, {})
         merged = {r.name: r for r in cached.values()
-                  if listed_at and _older(listed_at, r.revision)}  # newer than the list
+                  if _older(listed_at, r.revision)}  # changed after the list was taken
         for record in listed:
-            if record.name in merged or not self._admit(record):
-                continue
-            merged[record.name] = record
+            if record.name not in merged and self._admit(record):
+                merged[record.name] = record
         self._records[namespace] = merged
+        self._listed_at[namespace] = max(listed_at, self._listed_at.get(namespace, 0))
+        self._listed_at.move_to_end(namespace)
+        while len(self._listed_at) > REMEMBERED_DELETIONS:
+            self._listed_at.popitem(last=False)
 
     def _remember_deletion(self, namespace: str, name: str, at: int) -> None:
         self._deleted[(namespace, name)] = at
