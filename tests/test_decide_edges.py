@@ -191,3 +191,12 @@ async def test_no_review_makes_later_ones_read_the_namespace_again():
     reads = len(source.reads)
     assert (await decide(runtime, request(pod()), "mutate")).result == "injected"
     assert len(source.reads) == reads  # the Pod reused the read the key review made
+
+
+async def test_auto_generate_leaves_a_namespace_with_only_an_empty_slot_to_its_writers():
+    # Its generated key would take the name keymount-key-1, which slot 1 holds: creating
+    # it would only ever meet 409 and refuse every Pod of the namespace again.
+    from builders import slot_secret
+    source = FakeSource({"shop": keyring_of(slot_secret(1))})
+    verdict = await decide(runtime_of(source, auto_generate=True), request(pod()), "mutate")
+    assert verdict.response["allowed"] is False and source.created == []

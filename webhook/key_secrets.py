@@ -98,7 +98,8 @@ def build_key_secret(name: str, *, namespace: str, key: bytes | None, index: int
         # The number is keymount's from the start; the webhook completes the record of
         # the namespace's used numbers when the Secret is created.
         meta["annotations"] = {INDEX_ANNOTATION: str(index),
-                               NUMBERS_USED_ANNOTATION: numbers_used or str(index)}
+                               NUMBERS_USED_ANNOTATION: str(index) if numbers_used is None
+                               else numbers_used}
     return {
         "apiVersion": "v1",
         "kind": "Secret",

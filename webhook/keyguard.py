@@ -258,6 +258,9 @@ def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"retired, not unlabelled: keymount keys retire {change.name} -n "
             f"{change.namespace}", fingerprint=before.fingerprint)
     if not new_is_key:
+        # The shipped webhooks send only key Secrets (objectSelector on the key label),
+        # so this is reached only through a registration that sends every Secret, as
+        # keymount 0.2's did: then it still keeps unlabelled Secrets off slot names.
         reserved = slot_number(change.name)
         if reserved is not None:
             return _refused(

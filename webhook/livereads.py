@@ -8,8 +8,11 @@ reaches the port can send reviews, so those reads must not become a flood of API
 - a read is reused for `reuse_seconds` (a burst of refusals costs one call);
 - a namespace the cache knows (it holds key Secrets there) has a token bucket of its
   own (`namespace_rate`, `namespace_burst`), so reviews about other namespaces, forged
-  or not, can never use up its reads; reuse makes a flood about it cost one call per
-  `reuse_seconds`, which its bucket refills faster than that;
+  or not, can never use up its reads; reuse makes a flood of Pod reviews about it cost
+  one call per `reuse_seconds`, which its bucket refills faster than that. A new key
+  made under a name of its own is judged on a read of its own (`fresh`), so forged
+  reviews of such keys can use up that namespace's reads (only `--client-ca` stops
+  them); keys made by filling a slot, as `keys rotate` does, need no read at all;
 - namespaces the cache does not know share one bucket (`rate`, `burst`), which keeps
   reviews about endless made-up names from turning into a flood of API calls. Draining
   it can only delay the first Pod of a namespace whose first key the watch has not

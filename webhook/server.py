@@ -159,9 +159,10 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
 
 def should_generate(runtime: Runtime, verdict: Verdict, keyring: Keyring) -> bool:
     """--auto-generate: a key-state refusal, confirmed live, in a namespace with no key
-    Secret at all (not even an invalid or retired one)."""
+    Secret at all (not even an invalid or retired one, or an empty slot: its key is a
+    key writer's to make, and slot 1 holds the name the generated key would take)."""
     return (runtime.auto_generate and verdict.key_state and not keyring.keys
-            and not keyring.invalid and not keyring.retired)
+            and not keyring.invalid and not keyring.retired and not keyring.slots)
 
 
 async def generate_key(runtime: Runtime, request: AdmissionRequest,
