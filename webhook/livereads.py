@@ -35,7 +35,7 @@ REMEMBERED = 4096  # namespaces whose last read (and own bucket) is kept
 class LiveReads:
     def __init__(self, read: Callable[[str], Awaitable[Keyring]], *, rate: float = 10.0,
                  burst: int = 20, reuse_seconds: float = 1.0,
-                 namespace_rate: float = 2.0, namespace_burst: int = 4,
+                 namespace_rate: float | None = None, namespace_burst: int | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  version: Callable[[str], int] = lambda namespace: 0,
                  known: Callable[[str], bool] = lambda namespace: False,
@@ -43,7 +43,11 @@ class LiveReads:
         self.read, self.reuse_seconds, self.clock = read, reuse_seconds, clock
         self.version, self.known, self.on_call = version, known, on_call
         self._shared = _Bucket(rate, burst, clock())
-        self._namespace_rate, self._namespace_burst = namespace_rate, namespace_burst
+        # By default each namespace keymount knows has as many reads as all the others
+        # together: `--live-reads-per-second` (a key made under a name of its own costs
+        # two, one at /mutate and one at /validate).
+        self._namespace_rate = rate if namespace_rate is None else namespace_rate
+        self._namespace_burst = burst if namespace_burst is None else namespace_burst
         self._own: OrderedDict[str, _Bucket] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[Keyring]] = {}
         # namespace -> (when, the cache's version of it then, what the read found)

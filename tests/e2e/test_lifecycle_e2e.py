@@ -250,5 +250,7 @@ def test_kubectl_keymount_is_a_kubectl_plugin(api, namespace, admin_kubeconfig):
                              "-o", "json", "--kubeconfig", str(admin_kubeconfig)],
                             capture_output=True, text=True, timeout=60, env=env)
     assert result.returncode == 0, result.stderr
-    [row] = json.loads(result.stdout)
-    assert (row["secret"], row["file"], row["state"]) == ("k1", "encryption-key-1", "active")
+    rows = json.loads(result.stdout)
+    assert [(r["secret"], r["file"], r["state"]) for r in rows] == [
+        ("k1", "encryption-key-1", "active"), ("keymount-key-2", "-", "slot"),
+        ("keymount-key-3", "-", "slot")]
