@@ -116,14 +116,19 @@ def test_the_ca_bundle_patch_names_every_webhook_the_base_registers():
     assert registered == WEBHOOKS
 
 
-def test_the_auto_generate_component_adds_create_and_turns_the_flag_on(tmp_path):
+def render_with_component(tmp_path, component: str) -> list[dict]:
+    """The default install with one of manifests/components, as a user adds it."""
     shutil.copytree(ROOT / "manifests", tmp_path / "manifests")
     (tmp_path / "kustomization.yaml").write_text(
-        "resources: [manifests]\ncomponents: [manifests/components/auto-generate]\n")
+        f"resources: [manifests]\ncomponents: [manifests/components/{component}]\n")
     result = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True,
                             text=True, timeout=60)
     assert result.returncode == 0, result.stderr
-    docs = [d for d in yaml.safe_load_all(result.stdout) if d]
+    return [d for d in yaml.safe_load_all(result.stdout) if d]
+
+
+def test_the_auto_generate_component_adds_create_and_turns_the_flag_on(tmp_path):
+    docs = render_with_component(tmp_path, "auto-generate")
     role = next(d for d in docs if d["kind"] == "ClusterRole")
     assert ["create"] in [r["verbs"] for r in role["rules"]]
     base_role = next(d for d in render("manifests") if d["kind"] == "ClusterRole")
@@ -135,14 +140,8 @@ def test_the_auto_generate_component_adds_create_and_turns_the_flag_on(tmp_path)
 
 
 def test_the_restrict_webhook_port_component_opens_8443_only_to_the_range_it_sets(tmp_path):
-    shutil.copytree(ROOT / "manifests", tmp_path / "manifests")
-    (tmp_path / "kustomization.yaml").write_text(
-        "resources: [manifests]\ncomponents: [manifests/components/restrict-webhook-port]\n")
-    result = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True,
-                            text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
-    policy = next(d for d in yaml.safe_load_all(result.stdout)
-                  if d and d["kind"] == "NetworkPolicy")
+    policy = next(d for d in render_with_component(tmp_path, "restrict-webhook-port")
+                  if d["kind"] == "NetworkPolicy")
     rules = sorted(((p["port"], r.get("from")) for r in policy["spec"]["ingress"]
                     for p in r["ports"]), key=str)
     # The webhook port only from the one range set in the component (no rule left that
