@@ -365,6 +365,7 @@ def test_certificates_swapped_under_load_fail_no_handshake_once_the_pair_is_comp
             poll(lambda: reloads("success") >= server.workers, timeout=20,
                  what="the linked pair reloaded by every process")
             handshakes_in("linking")
+            loaded_before = reloads("success")
             (tmp_path / "..data.tmp").symlink_to("..v2")
             os.replace(tmp_path / "..data.tmp", tmp_path / "..data")
         else:
@@ -376,6 +377,7 @@ def test_certificates_swapped_under_load_fail_no_handshake_once_the_pair_is_comp
             poll(lambda: reloads("error") >= server.workers, timeout=20,
                  what="a reload tick over half a pair in every process")
             handshakes_in("half-written")
+            loaded_before = reloads("success")
             (live / order[1]).write_bytes(renewed[order[1]])
         phase[0] = "complete"
         complete.set()
@@ -386,12 +388,16 @@ def test_certificates_swapped_under_load_fail_no_handshake_once_the_pair_is_comp
                   f"pair was complete")
         phase[0] = "renewed"
         handshakes_in("renewed")
+        # Every process has loaded the new pair (each reloads on its own tick): only
+        # then does any connection, to whichever worker, get the new certificate.
+        poll(lambda: reloads("success") >= loaded_before + server.workers, timeout=20,
+             what="the new pair loaded by every process")
     finally:
         stop.set()
         for t in threads:
             t.join(10)
     assert failures == []
-    assert serial(server.port, new_ca) != first
+    assert all(serial(server.port, new_ca) != first for _ in range(4 * server.workers))
 
 
 def test_no_key_byte_reaches_the_log_at_debug_level(served):
