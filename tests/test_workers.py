@@ -104,8 +104,21 @@ def two_workers(tmp_path):
 
 
 def worker_pids(server: Served, count: int = 2) -> list[int]:
-    return poll(lambda: len(server.pids()) == count + 1 and server.pids()[1:], timeout=10,
-                what=f"{count} workers started")
+    """The workers' pids, once each runs the worker's command line. A child caught
+    between fork and exec is not a worker yet: stopped there, it would hold up the
+    supervisor's spawn (libuv waits for the exec), not the worker's start."""
+    def workers() -> list[int] | None:
+        pids = server.pids()[1:]
+        if len(pids) != count:
+            return None
+        try:
+            if all(b"--worker-report-fd" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                   for pid in pids):
+                return pids
+        except OSError:
+            pass
+        return None
+    return poll(workers, timeout=10, what=f"{count} workers started")
 
 
 def test_both_workers_answer_and_each_reports_its_own_metrics(two_workers):
