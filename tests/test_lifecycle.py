@@ -14,7 +14,6 @@ from webhook.lifecycle import (
     import_helm_values,
     legacy_pins,
     newest_key_too_old,
-    next_key_name,
     pods_mounting,
     restart_command,
 )
@@ -76,10 +75,6 @@ def test_an_invalid_secret_index_counts_too_so_fixing_it_later_cannot_collide():
     ring = keyring_of(key_secret("k1", random_key(), index=1),
                       key_secret("broken", b"x", index=7))
     assert ring.next_number == 8
-
-
-def test_a_rotated_key_is_named_by_its_number_the_name_running_pods_list():
-    assert next_key_name(4) == "keymount-key-4"
 
 
 def injected_pod(ring, name="api-0", *, terminating=False):

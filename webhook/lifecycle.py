@@ -103,14 +103,6 @@ def format_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:
     return "\n".join(lines)
 
 
-# --- keys rotate ----------------------------------------------------------------------
-
-def next_key_name(number: int) -> str:
-    """`keys rotate` names key n by its number: running Pods list that name as the
-    optional source of file encryption-key-n, so the kubelet adds it to them."""
-    return slot_secret_name(number)
-
-
 # --- status: which Pods run on a stale key set ------------------------------------------
 
 @dataclass(frozen=True, slots=True)
