@@ -1,0 +1,119 @@
+"""The controller's next step, decided from what is stored and the clock alone."""
+
+from __future__ import annotations
+
+import dataclasses
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from webhook.rotation import (
+    Activate,
+    Fill,
+    Hold,
+    NamespaceKeys,
+    Reserve,
+    Schedule,
+    Stage,
+    Step,
+    Wait,
+    next_rotation,
+    next_step,
+)
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+DAY = timedelta(days=1)
+STAGING = timedelta(minutes=2)
+POLICY = Schedule(rotation_period=30 * DAY, staging_period=STAGING)
+
+
+def keys(**fields: object) -> NamespaceKeys:
+    base = NamespaceKeys(namespace="team-a", active=1, active_since=T0, staged=None,
+                         staged_since=None, free_slots=(2, 3), next_number=4)
+    return dataclasses.replace(base, **fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("stored", "now", "expected"), [
+    pytest.param(keys(), T0 + DAY, Wait(T0 + 30 * DAY), id="fresh-key-waits-for-its-period"),
+    pytest.param(keys(), T0 + 30 * DAY, Stage(2), id="due-key-gets-a-staged-successor"),
+    pytest.param(keys(free_slots=()), T0 + 31 * DAY, Reserve(4),
+                 id="due-without-a-slot-reserves-one-first"),
+    pytest.param(keys(staged=2, staged_since=T0, free_slots=(3,)), T0 + STAGING / 2,
+                 Wait(T0 + STAGING), id="staged-key-waits-out-its-staging"),
+    pytest.param(keys(staged=2, staged_since=T0, free_slots=(3,)), T0 + STAGING,
+                 Activate(2), id="staged-key-activates-after-staging"),
+    pytest.param(keys(staged=2, staged_since=T0, free_slots=()), T0,
+                 Reserve(4), id="slots-kept-while-staging"),
+    pytest.param(keys(active=None, active_since=None, free_slots=(1, 2), next_number=3),
+                 T0, Fill(1), id="first-key-is-active-at-once"),
+    pytest.param(keys(active=None, active_since=None, free_slots=(), next_number=1),
+                 T0, Reserve(1), id="first-key-needs-a-slot"),
+    pytest.param(keys(free_slots=(2,)), T0, Reserve(4), id="missing-slot-reserved"),
+    pytest.param(keys(problem="two keys hold number 1"), T0 + 90 * DAY,
+                 Hold("two keys hold number 1"), id="ambiguous-keys-are-never-rotated"),
+])
+def test_next_step(stored: NamespaceKeys, now: datetime, expected: Step) -> None:
+    assert next_step(stored, POLICY, now=now, slots=2) == expected
+
+
+def test_a_namespace_without_a_period_is_only_kept_in_slots() -> None:
+    manual = Schedule(rotation_period=None, staging_period=STAGING)
+    assert next_step(keys(), manual, now=T0 + 900 * DAY, slots=2) == Wait(None)
+    assert next_rotation(keys(), manual) is None
+
+
+# --- the model: steps applied to a namespace as the API server would hold them ---------
+
+def apply(stored: NamespaceKeys, step: Step, *, now: datetime) -> NamespaceKeys:
+    match step:
+        case Reserve(number):
+            return dataclasses.replace(stored, free_slots=(*stored.free_slots, number),
+                                       next_number=number + 1)
+        case Fill(number):
+            rest = tuple(n for n in stored.free_slots if n != number)
+            return dataclasses.replace(stored, active=number, active_since=now,
+                                       free_slots=rest)
+        case Stage(number):
+            rest = tuple(n for n in stored.free_slots if n != number)
+            return dataclasses.replace(stored, staged=number, staged_since=now,
+                                       free_slots=rest)
+        case Activate(number):
+            return dataclasses.replace(stored, active=number, active_since=now,
+                                       staged=None, staged_since=None)
+    raise AssertionError(step)
+
+
+@given(period_hours=st.integers(1, 24 * 90), staging_seconds=st.integers(10, 3600),
+       slots=st.integers(1, 4), gaps=st.lists(st.integers(1, 48 * 3600), max_size=60))
+def test_rotations_follow_the_schedule_without_running_ahead(
+        period_hours: int, staging_seconds: int, slots: int, gaps: list[int]) -> None:
+    schedule = Schedule(rotation_period=timedelta(hours=period_hours),
+                        staging_period=timedelta(seconds=staging_seconds))
+    stored = keys(active=None, active_since=None, free_slots=(), next_number=1)
+    now = T0
+    for gap in [0, *gaps]:  # the controller wakes at arbitrary times
+        now += timedelta(seconds=gap)
+        for _ in range(10):  # enough writes to settle one wake-up
+            step = next_step(stored, schedule, now=now, slots=slots)
+            if isinstance(step, Wait):
+                assert step.until is None or step.until > now
+                break
+            before = stored
+            stored = apply(stored, step, now=now)
+            if isinstance(step, Activate):
+                assert before.staged_since is not None
+                assert now - before.staged_since >= schedule.staging_period
+        else:
+            raise AssertionError(f"no rest at {now}: {stored}")
+        assert stored.active is not None
+        ahead = len(stored.free_slots) + (stored.staged is not None)
+        assert ahead == slots  # kept full, never beyond
+        assert stored.active_since is not None
+        overdue = now - stored.active_since
+        # A key older than its period always has a staged successor by now.
+        assert overdue < schedule.rotation_period or stored.staged is not None
+        numbers = [n for n in (stored.active, stored.staged, *stored.free_slots) if n]
+        assert len(numbers) == len(set(numbers))
+        assert max(numbers) < stored.next_number

@@ -1,0 +1,116 @@
+"""What the controller does next in one namespace: a pure function of what is stored.
+
+Level-based, as controller-runtime's reconcilers are: the controller reads the
+namespace's key Secrets live, asks `next_step` for the one write that brings them
+closer to the policy, makes that write with the resourceVersion it read, and asks
+again. Nothing is remembered between two steps, so a controller killed between any two
+of them, or a new leader, continues from what the API server holds (docs/contract.md,
+"Managed rotation"):
+
+- a namespace whose keys are invalid or ambiguous is not touched (`Hold`);
+- a staged key is activated once its staging period has passed (`Activate`);
+- a namespace with no key gets key 1 active at once (`Fill`): there is nothing to
+  decrypt yet, so nothing to stage for;
+- an active key older than the rotation period gets a successor, staged (`Stage`);
+- empty slots are kept, never more than `slots` numbers above the active key;
+- otherwise nothing is written until `Wait.until` (None: until something changes).
+The controller never retires or deletes a key: that stays a person's decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """The namespace's effective policy, as far as the next step depends on it."""
+
+    rotation_period: timedelta | None  # None: rotated by hand only
+    staging_period: timedelta
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceKeys:
+    """What the next step depends on, read from the namespace's key Secrets."""
+
+    namespace: str
+    active: int | None  # the active key's number
+    active_since: datetime | None  # its activation, else its creation
+    staged: int | None
+    staged_since: datetime | None
+    free_slots: tuple[int, ...]  # empty slots' numbers, ascending
+    next_number: int  # the lowest number no Secret and no record has used
+    problem: str | None = None  # why the keys cannot be rotated now (invalid, ambiguous)
+
+
+@dataclass(frozen=True, slots=True)
+class Reserve:
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fill:
+    number: int  # an empty slot that becomes the active key at once
+
+
+@dataclass(frozen=True, slots=True)
+class Stage:
+    number: int  # an empty slot that gets a new key under staged/
+
+
+@dataclass(frozen=True, slots=True)
+class Activate:
+    number: int
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    until: datetime | None  # None: nothing is due until the namespace changes
+
+
+@dataclass(frozen=True, slots=True)
+class Hold:
+    reason: str
+
+
+Step = Reserve | Fill | Stage | Activate | Wait | Hold
+
+
+def next_step(keys: NamespaceKeys, schedule: Schedule, *, now: datetime, slots: int
+              ) -> Step:
+    """The one write that brings `keys` closer to `schedule` at `now`, or when to look
+    again. `slots` (>= 1) is how many numbers may wait above the active key, the staged
+    one included."""
+    if keys.problem is not None:
+        return Hold(keys.problem)
+    if keys.staged is not None:
+        assert keys.staged_since is not None
+        due = keys.staged_since + schedule.staging_period
+        if now >= due:
+            return Activate(keys.staged)
+        return _keep_slots(keys, slots) or Wait(due)
+    if keys.active is None:
+        return Fill(keys.free_slots[0]) if keys.free_slots else Reserve(keys.next_number)
+    due_rotation = _rotation_due(keys, schedule)
+    if due_rotation is not None and now >= due_rotation:
+        return Stage(keys.free_slots[0]) if keys.free_slots else Reserve(keys.next_number)
+    return _keep_slots(keys, slots) or Wait(due_rotation)
+
+
+def next_rotation(keys: NamespaceKeys, schedule: Schedule) -> datetime | None:
+    """When the active key is due for a successor (None: never by schedule); for the
+    policy's status."""
+    return _rotation_due(keys, schedule)
+
+
+def _rotation_due(keys: NamespaceKeys, schedule: Schedule) -> datetime | None:
+    if schedule.rotation_period is None or keys.active_since is None:
+        return None
+    return keys.active_since + schedule.rotation_period
+
+
+def _keep_slots(keys: NamespaceKeys, slots: int) -> Reserve | None:
+    waiting = len(keys.free_slots) + (keys.staged is not None)
+    return Reserve(keys.next_number) if waiting < slots else None
