@@ -376,7 +376,13 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"data encrypted under that number would be read with this key. {next_hint}",
             number=number, fingerprint=record.fingerprint)
     recorded = record.numbers_used
-    if not NumberSet.of(number, keyring.used) <= recorded:
+    # What the record must hold to prove keymount's stamp ran. A slot's number is its
+    # name's, and a slot is judged on the cache, not a live read: the stamping replica
+    # (or worker) may have seen less of the namespace than this one, and a record that
+    # knows less only keeps tombstones longer. Any other new key was stamped from a
+    # live read, so its record covers everything this process knows.
+    required = NumberSet.of(number) if record.slot else NumberSet.of(number, keyring.used)
+    if not required <= recorded:
         return _refused(
             f"key Secret {name!r} does not record the numbers used in namespace {ns!r} "
             f"({NUMBERS_USED_ANNOTATION}); keymount's mutating webhook stamps it, so it did "
