@@ -258,10 +258,13 @@ class ClusterKeyPolicy:
 
 def _metadata(obj: Mapping[str, Any]) -> tuple[str, str, datetime | None, int]:
     meta = as_dict(obj.get("metadata"))
-    name = meta.get("name") or meta.get("generateName") or ""
-    namespace = meta.get("namespace") or ""
+    name = meta.get("name") or meta.get("generateName")
+    namespace = meta.get("namespace")
     generation = meta.get("generation")
-    return (str(name)[:MAX_NAME], str(namespace)[:MAX_NAME],
+    # Strings only, clipped: these names go into messages, and a review's object is
+    # written by whoever sends it.
+    return (name[:MAX_NAME] if isinstance(name, str) else "",
+            namespace[:MAX_NAME] if isinstance(namespace, str) else "",
             _timestamp(meta.get("creationTimestamp")),
             generation if isinstance(generation, int) and generation >= 0 else 0)
 
