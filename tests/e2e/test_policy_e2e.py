@@ -157,3 +157,5 @@ def test_kubectl_lists_keypolicies_with_their_columns(admin_kubeconfig, custom, 
     assert row[:7] == [namespace, "rotation", "3", "4", "3", "2027-01-01T00:00:00Z", "True"]
     short = kubectl(admin_kubeconfig, "get", "kpol", "-n", namespace).stdout
     assert "rotation" in short
+    header = kubectl(admin_kubeconfig, "get", "ckpol").stdout.splitlines()[0].split()
+    assert header == ["NAME", "ROTATION", "MAX-ROTATION", "MIN-STAGING", "READY", "AGE"]
