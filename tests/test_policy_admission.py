@@ -120,6 +120,7 @@ def test_a_failed_read_refuses_the_keypolicy_with_the_reason():
                               view(failure="API server said 403: forbidden"))
     assert verdict.result == "error" and verdict.response["allowed"] is False
     assert "API server said 403: forbidden" in verdict.message
+    assert "kubectl auth can-i list clusterkeypolicies.keymount.io" in verdict.message
 
 
 def test_an_invalid_stored_clusterkeypolicy_refuses_keypolicies_naming_it():

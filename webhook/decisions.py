@@ -246,7 +246,9 @@ def check_keypolicy(request: AdmissionRequest, view: View) -> Verdict:
         return Verdict("error", errored(
             f"keymount could not read the ClusterKeyPolicies that bound KeyPolicy {name!r} "
             f"in namespace {namespace!r} ({reason}), so it refuses it; retry in a few "
-            f"seconds"))
+            f"seconds. If it persists, check keymount's read access: kubectl auth can-i "
+            f"list {CLUSTERKEYPOLICY_PLURAL}.{POLICY_GROUP} --as "
+            f"system:serviceaccount:keymount:keymount (and get namespaces)"))
     clusters: list[ClusterKeyPolicy] = []
     for obj in context.cluster_policies:
         try:
