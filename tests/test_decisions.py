@@ -15,7 +15,9 @@ from webhook.decisions import (
     UNROUTED,
     View,
     allow,
+    check_clusterkeypolicy,
     check_final_pod,
+    check_keypolicy,
     check_pod_relabel,
     guard_secret,
     inject_pod,
@@ -68,6 +70,10 @@ TABLE = {
     ("validate", "Secret", "UPDATE"): guard_secret,
     ("validate", "Secret", "DELETE"): guard_secret,
     ("validate", "Secret", "CONNECT"): guard_secret,
+    ("validate", "keymount.io/KeyPolicy", "CREATE"): check_keypolicy,
+    ("validate", "keymount.io/KeyPolicy", "UPDATE"): check_keypolicy,
+    ("validate", "keymount.io/ClusterKeyPolicy", "CREATE"): check_clusterkeypolicy,
+    ("validate", "keymount.io/ClusterKeyPolicy", "UPDATE"): check_clusterkeypolicy,
 }
 
 
@@ -75,7 +81,9 @@ TABLE = {
                          ids=["/".join(key) for key in TABLE])
 def test_each_webhook_kind_and_operation_routes_to_its_one_handler(key, handler):
     webhook, kind, operation = key
-    assert route(webhook, request_of({}, kind=kind, operation=operation)) is handler
+    group, _, kind = kind.rpartition("/")
+    assert route(webhook, request_of({}, kind=kind, operation=operation,
+                                     group=group)) is handler
 
 
 def test_the_table_has_exactly_the_documented_routes():

@@ -2,6 +2,7 @@
 
 import base64
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
@@ -201,7 +202,21 @@ def test_the_ca_bundle_patch_sets_every_webhook_of_the_manifests():
     docs = list(yaml.safe_load_all(build_ca_bundle_patch("QUJD")))
     hooks = {h["name"]: h["clientConfig"]["caBundle"] for d in docs for h in d["webhooks"]}
     assert hooks == {"inject.keymount.io": "QUJD", "numbers.keymount.io": "QUJD",
-                     "pods.keymount.io": "QUJD", "secrets.keymount.io": "QUJD"}
+                     "pods.keymount.io": "QUJD", "secrets.keymount.io": "QUJD",
+                     "policies.keymount.io": "QUJD"}
+
+
+def test_the_shipped_ca_bundle_patch_names_every_webhook():
+    # A webhook missing here keeps the base's empty caBundle: the API server cannot
+    # call it and, failing closed, refuses everything it matches.
+    import yaml
+
+    from webhook.certs import WEBHOOKS
+    from webhook.names import as_dict
+    path = Path(__file__).resolve().parents[1] / "manifests/ca-bundle.yaml"
+    docs = list(yaml.safe_load_all(path.read_text()))
+    assert {d["kind"]: [h["name"] for h in as_dict(d).get("webhooks", [])]
+            for d in docs} == WEBHOOKS
 
 
 # --- keys rotate --restart ----------------------------------------------------------------

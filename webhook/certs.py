@@ -119,7 +119,8 @@ def write_certificates(out: Path, pems: dict[str, bytes]) -> CertFiles:
 
 # The webhook names of manifests/base; the patch sets the caBundle of each of them.
 WEBHOOKS = {"MutatingWebhookConfiguration": ["inject.keymount.io", "numbers.keymount.io"],
-            "ValidatingWebhookConfiguration": ["pods.keymount.io", "secrets.keymount.io"]}
+            "ValidatingWebhookConfiguration": ["pods.keymount.io", "secrets.keymount.io",
+                                               "policies.keymount.io"]}
 
 
 def build_ca_bundle_patch(ca_bundle: str) -> str:

@@ -45,6 +45,7 @@ from .sources import ClusterKeySource
 if TYPE_CHECKING:
     from .logs import LineSink
     from .metrics import Metrics
+    from .policyreads import PolicyReads
     from .sources import KeySource
     from .store import KeyStore, PodStore
 
@@ -112,7 +113,8 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
                           events=events, live_read_rate=float(args.live_reads_per_second),
                           decisions=DecisionLog(sink, fmt=args.log_format,
                                                 level=args.log_level),
-                          live_read_burst=max(1, int(2 * float(args.live_reads_per_second))))
+                          live_read_burst=max(1, int(2 * float(args.live_reads_per_second))),
+                          policies=build_policy_reads(source, args))
         limits = ConnectionLimits(request_timeout=float(args.request_timeout),
                                   max_connections=int(args.max_connections),
                                   max_buffered=int(args.max_buffered_mib) * 1024 * 1024,
@@ -176,6 +178,18 @@ def report_to(fd: int) -> Callable[[str], None]:
     def report(line: str) -> None:
         os.write(fd, line.encode() + b"\n")
     return report
+
+
+def build_policy_reads(source: KeySource, args: argparse.Namespace) -> PolicyReads | None:
+    """The reads behind KeyPolicy decisions, through the key source's API client (None
+    with --keys-from: KeyPolicies are then refused)."""
+    from .cluster import KubernetesKeySource, KubernetesPolicyApi
+    from .policyreads import PolicyReads
+    if not isinstance(source, KubernetesKeySource):
+        return None
+    rate = float(args.live_reads_per_second)
+    return PolicyReads(KubernetesPolicyApi(source.api.api_client), rate=rate,
+                       burst=max(1, int(2 * rate)))
 
 
 def build_key_source(args: argparse.Namespace, *, settings: Settings, store: KeyStore,

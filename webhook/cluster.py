@@ -33,7 +33,13 @@ from .key_secrets import (
 from .keys import KeyRecord, Keyring, build_keyring, generate_key
 from .lifecycle import GENERATED_KEY_NAME, PodKeys, parse_pod_keys
 from .metrics import Metrics
-from .names import GENERATED_ANNOTATION
+from .names import (
+    CLUSTERKEYPOLICY_PLURAL,
+    GENERATED_ANNOTATION,
+    POLICY_GROUP,
+    POLICY_VERSION,
+)
+from .policyreads import PolicyReadError
 from .store import KeyStore, PodStore
 from .watch import ListWatch, WatchTimings, call_list, describe_error, in_daemon_thread
 
@@ -193,6 +199,45 @@ class KubernetesKeySource:
 
     def event_sink(self) -> KubernetesEvents:
         return KubernetesEvents(self.api.api_client)
+
+
+# A list of ClusterKeyPolicies longer than this is refused unread: with the schema's
+# caps, MAX_CLUSTER_POLICIES of them fill far less.
+MAX_POLICY_LIST_BYTES = 8 * 1024 * 1024
+
+
+class KubernetesPolicyApi:
+    """policyreads.PolicyApi: the reads behind a KeyPolicy decision, each in a daemon
+    thread and bounded in time well inside the webhook's 5 s timeout."""
+
+    def __init__(self, api_client: client.ApiClient) -> None:
+        self.core = client.CoreV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
+
+    async def namespace_labels(self, namespace: str) -> dict[str, str]:
+        try:
+            response = await in_daemon_thread(lambda: self.core.read_namespace(
+                namespace, _request_timeout=(2, 3), _preload_content=False))
+        except ApiException as exc:
+            if exc.status == 404:
+                raise PolicyReadError(f"namespace {namespace!r} not found") from None
+            raise
+        labels = (json.loads(response.data).get("metadata") or {}).get("labels") or {}
+        return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+
+    async def cluster_policies(self, limit: int) -> list[dict[str, Any]]:
+        response = await in_daemon_thread(lambda: self.custom.list_cluster_custom_object(
+            POLICY_GROUP, POLICY_VERSION, CLUSTERKEYPOLICY_PLURAL, limit=limit,
+            _request_timeout=(2, 3), _preload_content=False))
+        if len(response.data) > MAX_POLICY_LIST_BYTES:
+            raise PolicyReadError(f"the ClusterKeyPolicies take more than "
+                                  f"{MAX_POLICY_LIST_BYTES} bytes")
+        listed = json.loads(response.data)
+        if (listed.get("metadata") or {}).get("continue"):
+            raise PolicyReadError(f"there are more than {limit} ClusterKeyPolicies; "
+                                  f"merge some (kubectl get {CLUSTERKEYPOLICY_PLURAL})")
+        items = listed.get("items") or []
+        return [item for item in items if isinstance(item, dict)]
 
 
 # The controllers whose Pods keymount may refuse, and how to read one. Any other owner

@@ -50,7 +50,35 @@ from .keyguard import (
     stamp_key_secret,
 )
 from .keys import Keyring
-from .names import as_dict, key_file_name, slot_number
+from .names import (
+    CLUSTERKEYPOLICY_KIND,
+    CLUSTERKEYPOLICY_PLURAL,
+    KEYPOLICY_KIND,
+    POLICY_GROUP,
+    as_dict,
+    key_file_name,
+    slot_number,
+)
+from .policy import (
+    ClusterKeyPolicy,
+    PolicyError,
+    bound_violations,
+    cluster_policy_problems,
+    parse_cluster_key_policy,
+    parse_key_policy,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyView:
+    """What a KeyPolicy decision reads besides the request, read from the API server
+    for this request: the labels of the request's namespace and every
+    ClusterKeyPolicy as stored; or, in `failure`, why they could not be read (the
+    decision then refuses: failing closed)."""
+
+    namespace_labels: Mapping[str, str] = field(default_factory=dict)
+    cluster_policies: tuple[Mapping[str, Any], ...] = ()
+    failure: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,6 +92,8 @@ class View:
     # "cache": the key cache, possibly a moment behind the API server; "live": read
     # from the API server for this request (or, in tests and the CLI, the truth).
     source: Literal["cache", "live"] = "live"
+    # Only for the requests `needs_policy_view` names; None otherwise.
+    policies: PolicyView | None = None
 
 
 Handler = Callable[[AdmissionRequest, View], Verdict]
@@ -173,6 +203,87 @@ def check_pod_relabel(request: AdmissionRequest, view: View) -> Verdict:
         key_state=problem[1])
 
 
+# --- keymount's policies ---------------------------------------------------------------
+
+def _policy_name(request: AdmissionRequest) -> str:
+    return request.object_name[:253]
+
+
+def needs_policy_view(request: AdmissionRequest) -> bool:
+    """Whether the server must read the namespace's labels and the ClusterKeyPolicies
+    before `check_keypolicy` judges this request: a KeyPolicy created, or updated with
+    a new spec."""
+    if request.group != POLICY_GROUP or request.kind != KEYPOLICY_KIND:
+        return False
+    return request.operation == "CREATE" or (
+        request.operation == "UPDATE" and not _same_spec(request))
+
+
+def _same_spec(request: AdmissionRequest) -> bool:
+    return request.old_object is not None and request.object is not None and \
+        request.object.get("spec") == request.old_object.get("spec")
+
+
+def check_keypolicy(request: AdmissionRequest, view: View) -> Verdict:
+    """`/validate`, KeyPolicy CREATE or UPDATE: the bounds of every ClusterKeyPolicy
+    that selects its namespace (docs/contract.md, "Policies")."""
+    name, namespace = _policy_name(request), request.namespace
+    if request.object is None:
+        return Verdict("denied", denied("KeyPolicy request carries no object", code=400))
+    if request.operation == "UPDATE" and _same_spec(request):
+        # Labels, annotations, finalizers: a KeyPolicy admitted before its bounds were
+        # tightened can still be changed (and deleted). Its spec is held to the bounds
+        # anyway (policy.effective_policy).
+        return Verdict("allowed", allowed())
+    try:
+        policy = parse_key_policy(request.object)
+    except PolicyError as exc:
+        return Verdict("denied", denied(f"KeyPolicy {name!r} in namespace {namespace!r}: "
+                                        f"{exc}"))
+    context = view.policies
+    if context is None or context.failure:
+        reason = context.failure if context else "no read of them was made"
+        return Verdict("error", errored(
+            f"keymount could not read the ClusterKeyPolicies that bound KeyPolicy {name!r} "
+            f"in namespace {namespace!r} ({reason}), so it refuses it; retry in a few "
+            f"seconds. If it persists, check keymount's read access: kubectl auth can-i "
+            f"list {CLUSTERKEYPOLICY_PLURAL}.{POLICY_GROUP} --as "
+            f"system:serviceaccount:keymount:keymount (and get namespaces)"))
+    clusters: list[ClusterKeyPolicy] = []
+    for obj in context.cluster_policies:
+        try:
+            clusters.append(parse_cluster_key_policy(obj))
+        except PolicyError as exc:
+            broken = str(as_dict(obj.get("metadata")).get("name") or "")[:253]
+            return Verdict("denied", denied(
+                f"ClusterKeyPolicy {broken!r} is invalid ({exc}), so keymount cannot tell "
+                f"whether KeyPolicy {name!r} keeps its bounds; fix it first: kubectl edit "
+                f"{CLUSTERKEYPOLICY_PLURAL} {broken}"))
+    violations = bound_violations(policy, context.namespace_labels, clusters)
+    if violations:
+        return Verdict("denied", denied(
+            f"KeyPolicy {name!r} in namespace {namespace!r} is outside the bounds set for "
+            f"its namespace: {'; '.join(violations)} (see the bounds with `kubectl get "
+            f"{CLUSTERKEYPOLICY_PLURAL} -o yaml`)"))
+    return Verdict("allowed", allowed())
+
+
+def check_clusterkeypolicy(request: AdmissionRequest, view: View) -> Verdict:
+    """`/validate`, ClusterKeyPolicy CREATE or UPDATE: a valid selector and durations,
+    and defaults within its own bounds."""
+    name = _policy_name(request)
+    if request.object is None:
+        return Verdict("denied", denied("ClusterKeyPolicy request carries no object",
+                                        code=400))
+    try:
+        problems = cluster_policy_problems(parse_cluster_key_policy(request.object))
+    except PolicyError as exc:
+        problems = (str(exc),)
+    if problems:
+        return Verdict("denied", denied(f"ClusterKeyPolicy {name!r}: {'; '.join(problems)}"))
+    return Verdict("allowed", allowed())
+
+
 # --- nothing to decide -------------------------------------------------------------------
 
 def skip(request: AdmissionRequest, view: View) -> Verdict:
@@ -214,6 +325,11 @@ ROUTES: dict[Route, Handler] = {
     ("validate", "Pod", "UPDATE"): check_pod_relabel,
     **{("validate", "Pod", op): allow for op in ("DELETE", "CONNECT")},
     **{("validate", "Secret", op): guard_secret for op in OPERATIONS},
+    # keymount's own kinds: writes are judged; a DELETE has nothing to judge (UNROUTED).
+    **{("validate", f"{POLICY_GROUP}/{KEYPOLICY_KIND}", op): check_keypolicy
+       for op in ("CREATE", "UPDATE")},
+    **{("validate", f"{POLICY_GROUP}/{CLUSTERKEYPOLICY_KIND}", op): check_clusterkeypolicy
+       for op in ("CREATE", "UPDATE")},
 }
 UNROUTED: dict[Webhook, Handler] = {"mutate": _unrouted("mutate", "skipped"),
                                     "validate": _unrouted("validate", "allowed")}

@@ -1,4 +1,5 @@
-"""Every `keymount.io/` name in one place: labels, annotations, the volume.
+"""Every `keymount.io/` name in one place: labels, annotations, the volume, the API
+group of keymount's policies.
 
 What each means is in docs/contract.md; code imports the names from here only.
 """
@@ -22,6 +23,15 @@ GENERATED_ANNOTATION = PREFIX + "generated"  # made by --auto-generate
 # On Pods.
 STATUS_ANNOTATION = PREFIX + "status"  # files, Secrets and fingerprints injected
 CONTAINERS_ANNOTATION = PREFIX + "containers"  # which containers mount the keys
+
+# The policies (docs/contract.md, "Policies"): custom resources of keymount's own API group.
+POLICY_GROUP = "keymount.io"
+POLICY_VERSION = "v1alpha1"
+POLICY_API_VERSION = f"{POLICY_GROUP}/{POLICY_VERSION}"
+KEYPOLICY_KIND = "KeyPolicy"  # namespaced: one namespace's rotation
+KEYPOLICY_PLURAL = "keypolicies"
+CLUSTERKEYPOLICY_KIND = "ClusterKeyPolicy"  # cluster-scoped: defaults and bounds
+CLUSTERKEYPOLICY_PLURAL = "clusterkeypolicies"
 
 VOLUME_NAME = "keymount-encryption-keys"
 FILE_PREFIX = "encryption-key-"

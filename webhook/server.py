@@ -35,7 +35,7 @@ from .admission import (
 )
 from .config import Settings
 from .connections import ConnectionGuard, ConnectionLimits
-from .decisions import Handler, View, route
+from .decisions import Handler, PolicyView, View, needs_policy_view, route
 from .events import EventRecorder, event_for
 from .keyguard import KeyWriters
 from .keys import Keyring
@@ -43,6 +43,7 @@ from .lifecycle import GENERATED_KEY_NAME
 from .livereads import LiveReads
 from .logs import DecisionLog
 from .metrics import Metrics
+from .policyreads import PolicyReads
 from .sources import ClusterKeySource, KeySource
 from .store import KeyStore
 from .tls import CertReloader
@@ -73,6 +74,9 @@ class Runtime:
     decisions: DecisionLog = field(default_factory=DecisionLog)
     live_read_rate: float = 10.0
     live_read_burst: int = 20
+    # The reads behind a KeyPolicy decision; None without the Kubernetes API
+    # (--keys-from), where KeyPolicies are refused.
+    policies: PolicyReads | None = None
 
     def __post_init__(self) -> None:
         self.live_reads = LiveReads(
@@ -131,11 +135,21 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook) 
 
 
 def view_of(runtime: Runtime, request: AdmissionRequest, keyring: Keyring,
-            source: Literal["cache", "live"]) -> View:
+            source: Literal["cache", "live"], policies: PolicyView | None = None) -> View:
     return View(keyring, runtime.settings, writers=runtime.writers,
                 # the time matters only to --max-key-age
                 now=runtime.clock() if runtime.settings.max_key_age else None,
-                source=source)
+                source=source, policies=policies)
+
+
+async def policy_view(runtime: Runtime, request: AdmissionRequest) -> PolicyView | None:
+    """For a KeyPolicy decision: its namespace's labels and every ClusterKeyPolicy,
+    read for this request (webhook/policyreads.py), or why not."""
+    if not needs_policy_view(request):
+        return None
+    if runtime.policies is None:
+        return PolicyView(failure="keymount runs without the Kubernetes API (--keys-from)")
+    return await runtime.policies.view(request.namespace)
 
 
 async def judge(runtime: Runtime, request: AdmissionRequest,
@@ -146,7 +160,7 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
     Rate limited: past the limit the cached refusal stands (fail closed)."""
     namespace = request.namespace
     verdict = handler(request, view_of(runtime, request, runtime.store.keyring(namespace),
-                                       "cache"))
+                                       "cache", await policy_view(runtime, request)))
     if not verdict.key_state:
         return verdict, None
     # A key Secret's number is judged on a read of its own; a Pod may share a read

@@ -182,6 +182,12 @@ rules:
 - apiGroups: [""]
   resources: [replicationcontrollers]
   verbs: [get]
+- apiGroups: [""]
+  resources: [namespaces]
+  verbs: [get]
+- apiGroups: [keymount.io]
+  resources: [keypolicies, clusterkeypolicies]
+  verbs: [list, watch]
 ---
 apiVersion: rbac.authorization.k8s.io/v1
 kind: ClusterRole
@@ -239,8 +245,20 @@ def webhook_configurations(port: int, ca_bundle: str) -> str:
     validating = {"apiVersion": "admissionregistration.k8s.io/v1",
                   "kind": "ValidatingWebhookConfiguration", "metadata": {"name": "keymount"},
                   "webhooks": [hook("pods.keymount.io", "/validate", pod_updates, backend, {}),
-                               hook("secrets.keymount.io", "/validate", secrets, keys)]}
+                               hook("secrets.keymount.io", "/validate", secrets, keys),
+                               manifest_webhook("policies.keymount.io", port, ca_bundle)]}
     return yaml.safe_dump_all([mutating, validating])
+
+
+def manifest_webhook(name: str, port: int, ca_bundle: str) -> dict:
+    """One webhook exactly as manifests/base/validatingwebhook.yaml declares it, only its
+    clientConfig replaced: dialled by URL on loopback."""
+    path = ROOT / "manifests/base/validatingwebhook.yaml"
+    hook = next(h for h in yaml.safe_load(path.read_text())["webhooks"] if h["name"] == name)
+    hook["clientConfig"] = {"url": f"https://127.0.0.1:{port}"
+                                   f"{hook['clientConfig']['service']['path']}",
+                            "caBundle": ca_bundle}
+    return hook
 
 
 def launch_keymount(control_plane, work: Path, *extra: str) -> Keymount:

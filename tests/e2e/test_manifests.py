@@ -41,7 +41,7 @@ def test_every_variant_renders_with_kustomize(variant):
 
 def test_every_webhook_fails_closed_with_side_effects_only_off_dry_run():
     hooks = [h for doc in render("manifests") for h in doc.get("webhooks", [])]
-    assert len(hooks) == 4
+    assert len(hooks) == 5
     for hook in hooks:
         assert hook["failurePolicy"] == "Fail" and hook["sideEffects"] == "NoneOnDryRun"
 
@@ -87,7 +87,11 @@ def test_least_privilege_rbac_grants_exactly_the_verbs_serve_uses():
         (("secrets",), ("list", "watch")), (("pods",), ("list", "watch")),
         (("events",), ("create", "patch")),
         (("replicasets", "statefulsets", "daemonsets"), ("get",)), (("jobs",), ("get",)),
-        (("replicationcontrollers",), ("get",))}
+        (("replicationcontrollers",), ("get",)),
+        # A KeyPolicy is judged on its namespace's labels and the ClusterKeyPolicies;
+        # policies are read, never written, here.
+        (("namespaces",), ("get",)),
+        (("keypolicies", "clusterkeypolicies"), ("list", "watch"))}
 
 
 def test_the_shipped_deployment_sets_key_writers():
@@ -294,4 +298,60 @@ def test_applying_the_manifests_over_0_2_removes_the_slots_webhook(admin_kubecon
         kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(now))
         names = kubectl(admin_kubeconfig, "get", "validatingwebhookconfiguration", "keymount",
                         "-o", "jsonpath={.webhooks[*].name}").stdout.split()
-    assert names == ["pods.keymount.io", "secrets.keymount.io"]
+    assert names == ["pods.keymount.io", "secrets.keymount.io", "policies.keymount.io"]
+
+
+# --- keymount's policies (docs/contract.md, "Policies") ----------------------------------
+
+CRDS = {"keypolicies.keymount.io", "clusterkeypolicies.keymount.io"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=["base", "default", "namespaced",
+                                                   "cert-manager"])
+def test_every_variant_installs_both_policy_kinds_and_their_webhook(variant):
+    docs = render(variant)
+    assert {d["metadata"]["name"] for d in docs
+            if d["kind"] == "CustomResourceDefinition"} == CRDS
+    hook = next(h for d in docs for h in d.get("webhooks", [])
+                if h["name"] == "policies.keymount.io")
+    # keymount's own kinds and nothing else: the webhook adds no blast radius.
+    assert [(r["apiGroups"], sorted(r["resources"]), r["operations"]) for r in hook["rules"]] \
+        == [(["keymount.io"], ["clusterkeypolicies", "keypolicies"], ["CREATE", "UPDATE"])]
+    assert hook["failurePolicy"] == "Fail" and hook["clientConfig"]["service"]["path"] == \
+        "/validate"
+
+
+def test_the_namespaced_variant_reads_only_its_tenants_namespaces_for_policies():
+    docs = render("manifests/namespaced")
+    role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert role["metadata"]["name"] == "keymount-policies"
+    assert {(tuple(r["resources"]), tuple(r.get("resourceNames", ())), tuple(r["verbs"]))
+            for r in role["rules"]} == {(("namespaces",), ("tenant-a",), ("get",)),
+                                        (("clusterkeypolicies",), (), ("list", "watch"))}
+    hook = next(h for d in docs for h in d.get("webhooks", [])
+                if h["name"] == "policies.keymount.io")
+    assert hook["namespaceSelector"]["matchExpressions"][0]["values"] == ["tenant-a"]
+
+
+def crd(docs, plural):
+    return next(d for d in docs if d["kind"] == "CustomResourceDefinition"
+                and d["spec"]["names"]["plural"] == plural)
+
+
+def test_the_keypolicy_columns_are_active_staged_keys_next_rotation_ready_age():
+    version = crd(render("manifests"), "keypolicies")["spec"]["versions"][0]
+    columns = [c["name"].upper() for c in version["additionalPrinterColumns"]]
+    assert columns == ["ACTIVE", "STAGED", "KEYS", "NEXT-ROTATION", "READY", "AGE"]
+    assert version["subresources"] == {"status": {}}
+
+
+@pytest.mark.parametrize("plural", ["keypolicies", "clusterkeypolicies"])
+def test_every_duration_in_the_schemas_has_the_pattern_keymount_parses(plural):
+    from webhook.policy import DURATION_PATTERN, MAX_DURATION_TEXT
+    spec = crd(render("manifests"), plural)["spec"]["versions"][0]["schema"][
+        "openAPIV3Schema"]["properties"]["spec"]["properties"]
+    durations = {name: field for name, field in spec.items() if name.endswith("Period")}
+    assert len(durations) == (2 if plural == "keypolicies" else 4)
+    for field in durations.values():
+        assert (field["pattern"], field["maxLength"]) == (DURATION_PATTERN, MAX_DURATION_TEXT)
+    assert spec["restart"]["enum"] == ["none", "rolling"]

@@ -1,0 +1,350 @@
+"""KeyPolicy and ClusterKeyPolicy, parsed and judged (webhook/policy.py, pure)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from webhook.policy import (
+    DURATION_PATTERN,
+    MAX_DURATION,
+    Bounds,
+    ClusterDefaults,
+    ClusterKeyPolicy,
+    KeyPolicy,
+    KeyPolicySpec,
+    PolicyError,
+    bound_violations,
+    cluster_policy_problems,
+    effective_policy,
+    format_duration,
+    parse_cluster_key_policy,
+    parse_duration,
+    parse_key_policy,
+    parse_namespace_selector,
+)
+
+from strategies import json_values
+
+DAY, HOUR, MINUTE = timedelta(days=1), timedelta(hours=1), timedelta(minutes=1)
+
+
+# --- durations ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "period"), [
+    ("90d", 90 * DAY), ("12h", 12 * HOUR), ("45s", timedelta(seconds=45)),
+    ("2m", 2 * MINUTE), ("1h30m", 90 * MINUTE), ("1d12h", 36 * HOUR),
+    ("0h30m", 30 * MINUTE), ("3650d", MAX_DURATION),
+], ids=["days", "hours", "seconds", "minutes", "hours-and-minutes", "days-and-hours",
+        "a-zero-part", "the-maximum"])
+def test_a_duration_is_read_as_whole_units(text, period):
+    assert parse_duration(text, field="spec.rotationPeriod") == period
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("0s", "is zero"), ("0d0h", "is zero"), ("-5m", "must be positive"),
+    ("", "is not a duration"), ("90", "is not a duration"), ("1.5h", "is not a duration"),
+    ("30m1h", "is not a duration"), ("1h1h", "is not a duration"), ("90D", "is not a duration"),
+    (" 90d", "is not a duration"), ("90d\n", "is not a duration"), ("1w", "is not a duration"),
+    ("3651d", "longer than 3650d"), ("999999999s", "longer than 3650d"),
+    ("1" * 33 + "s", "at most 32"), (90, "not int"), (None, "not NoneType"),
+], ids=["zero", "zero-in-parts", "negative", "empty", "no-unit", "fraction",
+        "units-out-of-order", "unit-twice", "upper-case", "leading-space", "trailing-newline",
+        "weeks", "over-ten-years", "over-ten-years-in-seconds", "too-long-to-read", "a-number",
+        "null"])
+def test_a_bad_duration_is_refused_naming_the_field(text, says):
+    with pytest.raises(PolicyError) as info:
+        parse_duration(text, field="spec.rotationPeriod")
+    assert str(info.value).startswith("spec.rotationPeriod") and says in str(info.value)
+
+
+@given(st.timedeltas(min_value=timedelta(seconds=1), max_value=MAX_DURATION))
+def test_format_duration_reads_back(period):
+    period = timedelta(seconds=int(period.total_seconds()))
+    assert parse_duration(format_duration(period), field="f") == period
+
+
+@given(st.text(max_size=40))
+def test_the_crd_pattern_and_the_parser_agree(text):
+    """What the API server's schema lets through (its anchored pattern, length 2..32),
+    keymount reads as a duration, unless it is zero or over ten years."""
+    import re
+    schema_ok = 2 <= len(text) <= 32 and re.search(DURATION_PATTERN, text) is not None \
+        and "\n" not in text
+    try:
+        parse_duration(text, field="f")
+        parsed = True
+    except PolicyError as exc:
+        parsed = False
+        assert schema_ok is False or "zero" in str(exc) or "ten years" in str(exc)
+    assert not parsed or schema_ok
+
+
+# --- namespace selectors -------------------------------------------------------------------
+
+TEAM = {"team": "payments", "tier": "prod"}
+
+SELECTORS = {
+    "empty-selects-all": ({}, True),
+    "absent-selects-none": (None, False),
+    "match-labels": ({"matchLabels": {"team": "payments"}}, True),
+    "match-labels-other": ({"matchLabels": {"team": "search"}}, False),
+    "in": ({"matchExpressions": [{"key": "tier", "operator": "In",
+                                  "values": ["prod", "staging"]}]}, True),
+    "not-in": ({"matchExpressions": [{"key": "tier", "operator": "NotIn",
+                                      "values": ["prod"]}]}, False),
+    "exists": ({"matchExpressions": [{"key": "team", "operator": "Exists"}]}, True),
+    "does-not-exist": ({"matchExpressions": [{"key": "team", "operator": "DoesNotExist"}]},
+                       False),
+    "all-must-hold": ({"matchLabels": {"team": "payments"}, "matchExpressions": [
+        {"key": "tier", "operator": "In", "values": ["dev"]}]}, False),
+}
+
+
+@pytest.mark.parametrize(("selector", "selected"), SELECTORS.values(), ids=SELECTORS.keys())
+def test_a_namespace_selector_matches_as_kubernetes_label_selectors_do(selector, selected):
+    assert parse_namespace_selector(selector).matches(TEAM) is selected
+
+
+BAD_SELECTORS = {
+    "not-an-object": ("team=payments", "must be a label selector"),
+    "unknown-operator": ({"matchExpressions": [{"key": "a", "operator": "Gt",
+                                                "values": ["1"]}]}, "operator must be"),
+    "in-without-values": ({"matchExpressions": [{"key": "a", "operator": "In"}]},
+                          "needs at least one value"),
+    "exists-with-values": ({"matchExpressions": [{"key": "a", "operator": "Exists",
+                                                  "values": ["x"]}]}, "takes no values"),
+    "too-many-terms": ({"matchLabels": {f"k{i}": "v" for i in range(65)}}, "at most 64"),
+    "too-many-values": ({"matchExpressions": [{"key": "a", "operator": "In",
+                                               "values": ["v"] * 257}]}, "at most 256"),
+    "long-value": ({"matchLabels": {"a": "v" * 64}}, "at most 63"),
+    "empty-key": ({"matchExpressions": [{"key": "", "operator": "Exists"}]}, "label key"),
+}
+
+
+@pytest.mark.parametrize(("selector", "says"), BAD_SELECTORS.values(), ids=BAD_SELECTORS.keys())
+def test_a_bad_namespace_selector_is_refused(selector, says):
+    with pytest.raises(PolicyError, match=says):
+        parse_namespace_selector(selector)
+
+
+# --- parsing the kinds ---------------------------------------------------------------------
+
+def keypolicy_object(name="rotation", namespace="shop", created=None, **spec):
+    meta = {"name": name, "namespace": namespace}
+    if created:
+        meta["creationTimestamp"] = created
+    return {"apiVersion": "keymount.io/v1alpha1", "kind": "KeyPolicy", "metadata": meta,
+            "spec": spec}
+
+
+def cluster_object(name="baseline", selector=None, created=None, **spec):
+    meta = {"name": name, **({"creationTimestamp": created} if created else {})}
+    return {"apiVersion": "keymount.io/v1alpha1", "kind": "ClusterKeyPolicy",
+            "metadata": meta, "spec": {"namespaceSelector": selector or {}, **spec}}
+
+
+def test_a_keypolicy_without_fields_rotates_by_hand_with_a_two_minute_staging():
+    policy = parse_key_policy(keypolicy_object(created="2026-01-02T03:04:05Z"))
+    assert policy == KeyPolicy("rotation", "shop", KeyPolicySpec(None, 2 * MINUTE, "none"),
+                               created=datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC))
+
+
+def test_a_keypolicy_reads_every_field():
+    policy = parse_key_policy(keypolicy_object(rotationPeriod="90d", stagingPeriod="5m",
+                                               restart="rolling"))
+    assert policy.spec == KeyPolicySpec(90 * DAY, 5 * MINUTE, "rolling")
+
+
+BAD_KEYPOLICIES = {
+    "staging-under-10s": ({"stagingPeriod": "9s"}, "spec.stagingPeriod 9s is shorter than 10s"),
+    "rotation-not-longer-than-staging": ({"rotationPeriod": "2m", "stagingPeriod": "2m"},
+                                         "is not longer than spec.stagingPeriod"),
+    "unknown-restart": ({"restart": "always"}, "spec.restart 'always' is not one of"),
+    "bad-period": ({"rotationPeriod": "soon"}, "spec.rotationPeriod 'soon' is not a duration"),
+}
+
+
+@pytest.mark.parametrize(("spec", "says"), BAD_KEYPOLICIES.values(), ids=BAD_KEYPOLICIES.keys())
+def test_a_bad_keypolicy_is_refused_naming_the_field(spec, says):
+    with pytest.raises(PolicyError) as info:
+        parse_key_policy(keypolicy_object(**spec))
+    assert says in str(info.value)
+
+
+def test_a_clusterkeypolicy_reads_defaults_and_bounds():
+    policy = parse_cluster_key_policy(cluster_object(
+        selector={"matchLabels": {"team": "payments"}}, rotationPeriod="30d",
+        stagingPeriod="3m", restart="rolling", maxRotationPeriod="90d",
+        minStagingPeriod="1m"))
+    assert policy.defaults == ClusterDefaults(30 * DAY, 3 * MINUTE, "rolling")
+    assert policy.bounds == Bounds(90 * DAY, MINUTE)
+    assert policy.selects(TEAM) and not policy.selects({"team": "search"})
+
+
+@given(json_values)
+def test_any_json_is_parsed_or_refused_with_policy_error(value):
+    for parse in (parse_key_policy, parse_cluster_key_policy):
+        for obj in ({"spec": value}, {"metadata": value, "spec": {"rotationPeriod": value}},
+                    {"spec": {"namespaceSelector": value, "restart": value}}):
+            try:
+                parse(obj)
+            except PolicyError:
+                pass
+
+
+# --- bounds ------------------------------------------------------------------------------
+
+def cluster(name="baseline", selector=None, created=None, *, rotation=None, staging=None,
+            restart=None, max_rotation=None, min_staging=None) -> ClusterKeyPolicy:
+    return ClusterKeyPolicy(name, parse_namespace_selector(selector or {}),
+                            ClusterDefaults(rotation, staging, restart),
+                            Bounds(max_rotation, min_staging), created=created)
+
+
+def keypolicy(rotation=None, staging=2 * MINUTE, restart="none", *, name="rotation",
+              created=None) -> KeyPolicy:
+    return KeyPolicy(name, "shop", KeyPolicySpec(rotation, staging, restart), created=created)
+
+
+VIOLATIONS = {
+    "rotation-over-the-maximum": (keypolicy(180 * DAY), cluster(max_rotation=90 * DAY),
+                                  ["spec.rotationPeriod 180d is longer than maxRotationPeriod "
+                                   "90d of ClusterKeyPolicy 'baseline'; set "
+                                   "spec.rotationPeriod to at most 90d"]),
+    "no-rotation-under-a-maximum": (keypolicy(None), cluster(max_rotation=90 * DAY),
+                                    ["spec.rotationPeriod is not set (rotation by hand "
+                                     "only), but ClusterKeyPolicy 'baseline' bounds it by "
+                                     "maxRotationPeriod 90d; set spec.rotationPeriod to at "
+                                     "most 90d"]),
+    "staging-under-the-minimum": (keypolicy(30 * DAY, MINUTE), cluster(min_staging=5 * MINUTE),
+                                  ["spec.stagingPeriod 1m is shorter than minStagingPeriod "
+                                   "5m of ClusterKeyPolicy 'baseline'; set "
+                                   "spec.stagingPeriod to at least 5m"]),
+    "within": (keypolicy(90 * DAY, 5 * MINUTE),
+               cluster(max_rotation=90 * DAY, min_staging=5 * MINUTE), []),
+    "not-selected": (keypolicy(180 * DAY),
+                     cluster(selector={"matchLabels": {"team": "search"}},
+                             max_rotation=90 * DAY), []),
+    "defaults-are-no-bounds": (keypolicy(180 * DAY, MINUTE),
+                               cluster(rotation=30 * DAY, staging=5 * MINUTE), []),
+}
+
+
+@pytest.mark.parametrize(("policy", "bounds", "messages"), VIOLATIONS.values(),
+                         ids=VIOLATIONS.keys())
+def test_a_keypolicy_outside_a_selecting_clusterkeypolicy_names_the_bound(policy, bounds,
+                                                                         messages):
+    assert list(bound_violations(policy, TEAM, [bounds])) == messages
+
+
+def test_every_selecting_clusterkeypolicy_bounds_a_keypolicy():
+    loose, strict = cluster("loose", max_rotation=180 * DAY), cluster("strict",
+                                                                     max_rotation=30 * DAY)
+    found = bound_violations(keypolicy(90 * DAY), TEAM, [strict, loose])
+    assert len(found) == 1 and "ClusterKeyPolicy 'strict'" in found[0]
+    found = bound_violations(keypolicy(365 * DAY), TEAM, [strict, loose])
+    assert ["'loose'" in m for m in found] == [True, False]  # sorted by name
+
+
+CLUSTER_PROBLEMS = {
+    "default-over-own-maximum": (dict(rotation=180 * DAY, max_rotation=90 * DAY),
+                                 "spec.rotationPeriod 180d is longer than its own "
+                                 "spec.maxRotationPeriod 90d"),
+    "default-under-own-minimum": (dict(staging=MINUTE, min_staging=5 * MINUTE),
+                                  "spec.stagingPeriod 1m is shorter than its own "
+                                  "spec.minStagingPeriod 5m"),
+    "bounds-nobody-can-keep": (dict(max_rotation=HOUR, min_staging=HOUR),
+                               "spec.minStagingPeriod 1h is not shorter than "
+                               "spec.maxRotationPeriod 1h"),
+    "rotation-within-its-staging": (dict(rotation=3 * MINUTE, min_staging=5 * MINUTE),
+                                    "is not longer than the staging period 5m"),
+}
+
+
+@pytest.mark.parametrize(("fields", "says"), CLUSTER_PROBLEMS.values(),
+                         ids=CLUSTER_PROBLEMS.keys())
+def test_a_clusterkeypolicy_whose_defaults_break_its_bounds_is_a_problem(fields, says):
+    problems = cluster_policy_problems(cluster(**fields))
+    assert len(problems) == 1 and says in problems[0], problems
+
+
+def test_a_consistent_clusterkeypolicy_has_no_problem():
+    assert cluster_policy_problems(cluster(rotation=30 * DAY, staging=5 * MINUTE,
+                                           max_rotation=90 * DAY, min_staging=MINUTE)) == ()
+
+
+# --- the effective policy ------------------------------------------------------------------
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def test_a_namespace_without_any_policy_has_none():
+    assert effective_policy(TEAM, [], [cluster(selector={"matchLabels": {"team": "x"}})]) \
+        is None
+
+
+def test_a_keypolicy_wins_over_clusterkeypolicy_defaults_as_a_whole():
+    effective = effective_policy(TEAM, [keypolicy(None, 3 * MINUTE)],
+                                 [cluster(rotation=30 * DAY, restart="rolling")])
+    assert effective is not None
+    assert effective.spec == KeyPolicySpec(None, 3 * MINUTE, "none")
+    assert (effective.keypolicy, effective.cluster_policies) == ("rotation", ("baseline",))
+
+
+def test_of_several_keypolicies_the_oldest_is_in_effect_then_the_first_name():
+    older = keypolicy(30 * DAY, name="zeta", created=T0)
+    younger = keypolicy(60 * DAY, name="alpha", created=T0 + timedelta(seconds=1))
+    same_age = keypolicy(90 * DAY, name="beta", created=T0)
+    effective = effective_policy(TEAM, [younger, same_age, older], [])
+    assert effective is not None
+    assert (effective.keypolicy, effective.rotation_period) == ("beta", 90 * DAY)
+    assert effective.ignored == ("zeta", "alpha")
+
+
+def test_without_a_keypolicy_each_default_comes_from_the_oldest_clusterkeypolicy_setting_it():
+    old = cluster("old", created=T0, staging=5 * MINUTE)
+    new = cluster("new", created=T0 + DAY, rotation=30 * DAY, staging=MINUTE,
+                  restart="rolling")
+    effective = effective_policy(TEAM, [], [new, old])
+    assert effective is not None and effective.keypolicy is None
+    assert effective.spec == KeyPolicySpec(30 * DAY, 5 * MINUTE, "rolling")
+    assert effective.cluster_policies == ("old", "new")
+
+
+def test_a_selecting_clusterkeypolicy_without_defaults_gives_the_keypolicy_defaults():
+    effective = effective_policy(TEAM, [], [cluster()])
+    assert effective is not None
+    assert effective.spec == KeyPolicySpec(None, 2 * MINUTE, "none")
+
+
+def test_the_strictest_bounds_of_all_selecting_clusterkeypolicies_hold():
+    policies = [cluster("a", max_rotation=90 * DAY, min_staging=3 * MINUTE),
+                cluster("b", max_rotation=30 * DAY, min_staging=MINUTE),
+                cluster("elsewhere", selector={"matchLabels": {"team": "x"}},
+                        max_rotation=DAY, min_staging=HOUR)]
+    effective = effective_policy(TEAM, [keypolicy(60 * DAY, 2 * MINUTE)], policies)
+    assert effective is not None
+    assert (effective.rotation_period, effective.staging_period) == (30 * DAY, 3 * MINUTE)
+    assert len(effective.adjusted) == 2
+    assert "maxRotationPeriod 30d of ClusterKeyPolicy 'b'" in effective.adjusted[0]
+    assert "minStagingPeriod 3m of ClusterKeyPolicy 'a'" in effective.adjusted[1]
+
+
+def test_a_maximum_without_a_default_period_is_the_period():
+    effective = effective_policy(TEAM, [], [cluster(max_rotation=90 * DAY)])
+    assert effective is not None and effective.rotation_period == 90 * DAY
+
+
+@given(st.lists(st.tuples(st.sampled_from(["a", "b", "c", "d"]), st.integers(0, 3)),
+                max_size=4, unique_by=lambda pair: pair[0]))
+def test_the_effective_policy_does_not_depend_on_the_order_given(entries):
+    policies = [cluster(name, created=T0 + i * DAY, rotation=(i + 2) * DAY,
+                        max_rotation=(5 - i) * DAY) for name, i in entries]
+    keypolicies = [keypolicy((i + 1) * DAY, name=name, created=T0 + (i % 2) * DAY)
+                   for name, i in entries]
+    forward = effective_policy(TEAM, keypolicies, policies)
+    assert forward == effective_policy(TEAM, keypolicies[::-1], policies[::-1])
