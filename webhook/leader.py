@@ -357,7 +357,8 @@ class KubernetesLeases:
 
 # What the leader runs: a coroutine that works until it is cancelled (leadership lost,
 # or the process stopping). Returning ends the work but not the leadership; raising
-# makes the leader step down (release the Lease) and campaign again.
+# makes the leader step down (release the Lease) and campaign again two retry periods
+# later.
 LeaderWork = Callable[[], Awaitable[None]]
 
 
@@ -417,6 +418,11 @@ class LeaderElector:
                 outcome = await self._lead(work, stopping)
                 if outcome == "stopped":
                     return
+                if outcome == "failed":
+                    # Stepped down: give every follower (each asks once per retry
+                    # period) the chance to take over before campaigning again, and
+                    # keep a failing work from looping on the API server.
+                    await _wait(stopping, 2 * self.timings.retry_period)
         finally:
             stopping.cancel()
 
@@ -427,11 +433,14 @@ class LeaderElector:
         while not stopping.done():
             started = self.clock()
             outcome = await self._attempt_until(stopping, self.timings.renew_deadline)
-            if stopping.done():
-                return False
             if isinstance(outcome, float):
                 self._last_renewal = outcome
+                if stopping.done():  # acquired just as we were told to stop
+                    await self._release()
+                    return False
                 return True
+            if stopping.done():
+                return False
             delay = next_attempt(outcome, now=self.clock(), timings=self.timings,
                                  spread=self.spread())
             # The attempt itself took time: wait only the rest of the period.

@@ -9,6 +9,8 @@ from __future__ import annotations
 import signal
 import socket
 import time
+import urllib.request
+from pathlib import Path
 
 import pytest
 import yaml
@@ -141,3 +143,46 @@ def test_when_the_leader_stops_gracefully_it_releases_and_the_other_takes_over_a
     # not after the 15 s lease.
     assert took < 5, took
     assert "released the controller Lease" in leader.log.read_text()
+
+
+def test_a_replica_that_may_not_touch_the_lease_still_serves_admission(
+        control_plane, namespace, tmp_path):
+    # No Role in this namespace: every Lease call is refused (403).
+    server = launch_keymount(control_plane, tmp_path, "--controller",
+                             "--controller-namespace", namespace)
+    try:
+        log = poll(lambda: "cannot read or write the controller Lease" in (
+            text := server.log_text()) and text, timeout=30, what="the Lease refusal logged")
+        assert "403" in log
+        assert server.ready() and server.metric("keymount_leader") == 0
+    finally:
+        assert server.stop() == 0
+
+
+def test_with_workers_only_worker_0_campaigns(control_plane, admin_kubeconfig, namespace,
+                                              leases, tmp_path):
+    kubectl(admin_kubeconfig, "apply", "-f", "-",
+            stdin=lease_rbac(namespace, control_plane.keymount_user))
+    server = launch_keymount(control_plane, tmp_path, "--controller",
+                             "--controller-namespace", namespace, "--workers", "2")
+    try:
+        held = poll(lambda: holder(leases, namespace), timeout=30, what="a Lease holder")
+        pid = int(held.rsplit("_", 1)[1])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        # The holder is a worker of this supervisor, the one told it is worker 0.
+        assert Path(f"/proc/{pid}/stat").read_text().split()[3] == str(server.proc.pid)
+        assert command[command.index(b"--worker-index") + 1] == b"0"
+
+        def leader_samples() -> dict[str, float]:
+            with urllib.request.urlopen(
+                    f"http://127.0.0.1:{server.probe_port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+            return {line.split('worker="')[1].split('"')[0]: float(line.rsplit(" ", 1)[1])
+                    for line in text.splitlines() if line.startswith("keymount_leader{")}
+        assert poll(lambda: leader_samples() == {"0": 1.0, "1": 0.0}, timeout=10,
+                    what="keymount_leader by worker")
+        campaigns = poll(lambda: server.log.read_text().count(
+            "campaigning for the controller Lease"), timeout=10, what="the campaign logged")
+        assert campaigns == 1
+    finally:
+        assert server.stop() == 0
