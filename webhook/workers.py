@@ -16,7 +16,8 @@ probe port (loopback) listens, then `ready` once its cache is listed. SIGTERM (o
 SIGINT) is passed to every worker, which drains as a single process does; the
 supervisor exits 0 once all have exited 0. A worker that exits on its own takes the
 others down and the supervisor exits 1: Kubernetes restarts the container, which is
-simpler to reason about than a half-populated set.
+simpler to reason about than a half-populated set. Under `--controller` only worker 0
+campaigns for the controller Lease (cli.build_controller).
 """
 
 from __future__ import annotations
