@@ -11,6 +11,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from kubernetes import client
 
+from webhook.config import Settings
+from webhook.keys import Keyring
 from webhook.leader import (
     Claim,
     Controller,
@@ -32,6 +34,9 @@ from webhook.leader import (
     renewal_overdue,
     together,
 )
+from webhook.metrics import Metrics
+from webhook.server import Runtime, _control
+from webhook.store import KeyStore
 
 from polling import wait_for
 
@@ -470,3 +475,40 @@ def test_with_workers_only_worker_0_campaigns(monkeypatch, worker_index, campaig
     if controller is not None:
         assert controller.elector.identity == "keymount-abc"
         assert controller.elector.leases.where == "keymount-system/keymount-controller"
+
+
+# --- beside the server ----------------------------------------------------------------
+
+class NoKeys:
+    """A key source with nothing in it: the server's election needs only `loaded`."""
+
+    async def load(self) -> None:
+        pass
+
+    async def run(self) -> None:
+        pass
+
+    async def confirm(self, namespace: str) -> Keyring:
+        return Keyring(namespace)
+
+
+async def test_the_server_campaigns_once_keys_are_loaded_and_releases_on_stop():
+    leases, store = FakeLeases(), KeyStore()
+    metrics = Metrics(store)
+    candidate = elector(leases, ME)
+    candidate.on_change = lambda leading: metrics.leader.set(int(leading))
+    runtime = Runtime(settings=Settings(), store=store, source=NoKeys(), metrics=metrics,
+                      controller=Controller(candidate))
+    stop = asyncio.Event()
+    task = asyncio.create_task(_control(runtime, stop))
+    for _ in range(20):  # turns of the loop, no time: an attempt would be made by now
+        await asyncio.sleep(0)
+    assert leases.writes == []  # the key cache is not loaded yet
+    runtime.loaded.set()
+    await wait_for(lambda: metrics.registry.get_sample_value("keymount_leader") == 1,
+                   what="leading")
+    assert leases.holder == ME
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    assert leases.holder == ""
+    assert metrics.registry.get_sample_value("keymount_leader") == 0
