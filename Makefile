@@ -12,7 +12,7 @@ LINT   := .venv-lint/bin
 help:
 	@echo "make run            serve the webhook on https://127.0.0.1:$(PORT) with demo keys"
 	@echo "make test           lint, then the whole test suite (e2e runs when the test bed is prepared)"
-	@echo "make lint           hadolint on the Dockerfile, checkov on every manifest variant"
+	@echo "make lint           hadolint on the Dockerfile, checkov on every manifest variant (and the default with the opt-in components)"
 	@echo "make control-plane  build the e2e test bed: kube-apiserver, kubelet, controllers, etcd, containerd"
 	@echo "make bench          keymount as in production against a bare aiohttp server"
 
@@ -70,7 +70,12 @@ lint: $(LINT)/.installed $(BIN)/.installed
 	$(LINT)/ruff check webhook tests bench
 	$(LINT)/mypy --python-executable $(BIN)/python
 	$(LINT)/hadolint Dockerfile
-	@for variant in manifests manifests/namespaced manifests/cert-manager; do \
+	@mkdir -p .venv-lint/with-components
+	@printf 'resources: [../../manifests]\ncomponents:\n%s\n' \
+		'  [../../manifests/components/controller, ../../manifests/components/auto-generate]' \
+		> .venv-lint/with-components/kustomization.yaml
+	@for variant in manifests manifests/namespaced manifests/cert-manager \
+			.venv-lint/with-components; do \
 		echo "checkov: $$variant"; \
 		kubectl kustomize $$variant > .venv-lint/rendered.yaml || exit 1; \
 		$(LINT)/checkov -f .venv-lint/rendered.yaml --framework kubernetes --compact \

@@ -23,6 +23,8 @@ CASES = [
     # A switch takes no value on the command line: only the environment can be wrong.
     pytest.param("env", "--auto-generate", "maybe", "use true or false (also 1/0, yes/no)",
                  id="env-auto-generate=maybe"),
+    pytest.param("env", "--controller", "maybe", "use true or false (also 1/0, yes/no)",
+                 id="env-controller=maybe"),
 ]
 
 
@@ -60,12 +62,14 @@ def test_valid_values_from_the_environment_are_converted_like_flags(monkeypatch)
                         ("--log-format", "TEXT"), ("--event-loop", "asyncio"),
                         ("--auto-generate", "Yes"), ("--shutdown-grace", "0"),
                         ("--max-connections", "1"), ("--max-buffered-mib", "8"),
-                        ("--request-timeout", "2.5"), ("--workers", "3")]:
+                        ("--request-timeout", "2.5"), ("--workers", "3"),
+                        ("--controller", "true"), ("--controller-namespace", "ops")]:
         monkeypatch.setenv(env_name(flag), value)
     args = build_parser().parse_args(["serve"])
     assert (args.port, args.probe_port, args.log_format, args.event_loop) == (
         9443, 65535, "text", "asyncio")
     assert args.auto_generate is True
+    assert (args.controller, args.controller_namespace) == (True, "ops")
     assert (args.shutdown_grace, args.max_connections, args.max_buffered_mib,
             args.request_timeout, args.workers) == (0.0, 1, 8, 2.5, 3)
 

@@ -69,10 +69,10 @@ def test_a_worker_that_did_not_answer_the_scrape_adds_nothing():
 
 
 def test_a_worker_runs_serve_with_the_supervisors_flags_and_the_last_word_on_its_own():
-    argv = worker_argv(["serve", "--port", "9443", "--workers", "4"], report_fd=7)
+    argv = worker_argv(["serve", "--port", "9443", "--workers", "4"], report_fd=7, index=2)
     assert argv[:3] == [sys.executable, "-m", "webhook"]
     assert argv[3:] == ["serve", "--port", "9443", "--workers", "4", "--workers", "1",
-                        "--worker-report-fd", "7"]
+                        "--worker-report-fd", "7", "--worker-index", "2"]
 
 
 # --- the supervisor as a process ----------------------------------------------------

@@ -43,6 +43,7 @@ from .keys import Keyring, check_key
 from .sources import ClusterKeySource
 
 if TYPE_CHECKING:
+    from .leader import Controller
     from .logs import LineSink
     from .metrics import Metrics
     from .policyreads import PolicyReads
@@ -107,10 +108,12 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
             "that encrypts new data; set it, e.g. --key-writers group:system:masters,"
             "group:keymount:key-writers")
     events = build_event_recorder(source, client_ca=args.client_ca, metrics=metrics)
+    controller = build_controller(args, source=source, metrics=metrics)
     try:
         runtime = Runtime(settings=settings, store=store, source=source, metrics=metrics,
                           auto_generate=bool(args.auto_generate), writers=writers,
                           events=events, live_read_rate=float(args.live_reads_per_second),
+                          controller=controller,
                           decisions=DecisionLog(sink, fmt=args.log_format,
                                                 level=args.log_level),
                           live_read_burst=max(1, int(2 * float(args.live_reads_per_second))),
@@ -171,6 +174,40 @@ def build_event_recorder(source: KeySource, *, client_ca: str | None,
     from .cluster import describe_api_error
     return EventRecorder(source.event_sink(), host=os.environ.get("HOSTNAME", ""),
                          on_drop=metrics.events_dropped.inc, describe=describe_api_error)
+
+
+def build_controller(args: argparse.Namespace, *, source: KeySource,
+                     metrics: Metrics) -> Controller | None:
+    """--controller: the election for the controller Lease (webhook/leader.py).
+
+    With --workers N only worker 0 campaigns: the supervisor holds no API client and no
+    key cache (the controller needs both), and a worker that exits takes the whole Pod
+    down, so worker 0 lives exactly as long as the Pod. One identity (the Pod's name)
+    then means one candidate, and the leader's work runs once per Pod, not N times."""
+    if not args.controller:
+        return None
+    from .cluster import KubernetesKeySource, service_account_namespace
+    if not isinstance(source, KubernetesKeySource):
+        raise CommandError("--controller needs the Kubernetes key source, not --keys-from: "
+                           "the controller's Lease and work live in the API server", 2)
+    if args.worker_index not in (None, 0):
+        return None
+    import socket
+
+    from .leader import (
+        Controller,
+        KubernetesLeases,
+        LeaderElector,
+        controller_identity,
+        controller_namespace,
+    )
+    namespace = controller_namespace(args.controller_namespace, os.environ,
+                                     service_account_namespace=service_account_namespace())
+    identity = controller_identity(os.environ, hostname=socket.gethostname(), pid=os.getpid())
+    elector = LeaderElector(KubernetesLeases(source.api.api_client, namespace=namespace),
+                            identity=identity,
+                            on_change=lambda leading: metrics.leader.set(int(leading)))
+    return Controller(elector)
 
 
 def report_to(fd: int) -> Callable[[str], None]:
@@ -252,6 +289,13 @@ def add_serve(commands: SubParsers) -> None:
              help="worker processes sharing the webhook port (SO_REUSEPORT), each with its "
                   "own key cache: one per core the Pod is given")
     p.add_argument("--worker-report-fd", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    add_switch(p, "--controller",
+               help="campaign for the controller Lease (keymount-controller); its holder "
+                    "runs the controller, every replica serves admission either way")
+    add_flag(p, "--controller-namespace", default=None,
+             help="namespace of the controller Lease (default: $POD_NAMESPACE, else the "
+                  "ServiceAccount's namespace, else keymount)")
     add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
 

@@ -63,6 +63,15 @@ def has_cluster_config(kubeconfig: str | None = None) -> bool:
 
 
 SERVICE_ACCOUNT_TOKEN = Path("/var/run/secrets/kubernetes.io/serviceaccount/token")
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def service_account_namespace(path: Path = SERVICE_ACCOUNT_NAMESPACE) -> str | None:
+    """The namespace of this Pod's ServiceAccount; None outside a cluster."""
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
 
 
 def in_cluster_username(token_file: Path = SERVICE_ACCOUNT_TOKEN) -> str:
@@ -303,7 +312,7 @@ class KubernetesEvents:
 def current_namespace(*, kubeconfig: str | None, context: str | None) -> str:
     """The namespace of the kubeconfig context, as kubectl defaults to it."""
     if os.environ.get("KUBERNETES_SERVICE_HOST") and not kubeconfig:
-        path = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+        path = SERVICE_ACCOUNT_NAMESPACE
         if path.is_file():
             return path.read_text().strip() or "default"
     try:

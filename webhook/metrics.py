@@ -50,6 +50,9 @@ class Metrics:
         self.log_lines_dropped = Counter(
             "keymount_log_lines_dropped", "Log lines dropped because stderr did not take "
             "them fast enough (the queue was full)", registry=r)
+        self.leader = Gauge(
+            "keymount_leader", "1 while this process holds the controller Lease and runs "
+            "the controller (serve --controller), else 0", registry=r)
         if store is not None:
             r.register(StoreCollector(store, pods))
 

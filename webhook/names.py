@@ -34,6 +34,9 @@ CLUSTERKEYPOLICY_KIND = "ClusterKeyPolicy"  # cluster-scoped: defaults and bound
 CLUSTERKEYPOLICY_PLURAL = "clusterkeypolicies"
 
 VOLUME_NAME = "keymount-encryption-keys"
+# The coordination.k8s.io/v1 Lease in keymount's own namespace whose holder runs the
+# controller (`serve --controller`; docs/operations.md, "The controller").
+CONTROLLER_LEASE = "keymount-controller"
 FILE_PREFIX = "encryption-key-"
 # The Secret name of key number n when keymount makes it: the key slot reserved in
 # advance (`keys create`/`keys rotate`), then filled, or --auto-generate's key 1.

@@ -39,6 +39,7 @@ from .decisions import Handler, PolicyView, View, needs_policy_view, route
 from .events import EventRecorder, event_for
 from .keyguard import KeyWriters
 from .keys import Keyring
+from .leader import Controller
 from .lifecycle import GENERATED_KEY_NAME
 from .livereads import LiveReads
 from .logs import DecisionLog
@@ -77,6 +78,8 @@ class Runtime:
     # The reads behind a KeyPolicy decision; None without the Kubernetes API
     # (--keys-from), where KeyPolicies are refused.
     policies: PolicyReads | None = None
+    # serve --controller: the election, and the work its leader runs (webhook/leader.py).
+    controller: Controller | None = None
 
     def __post_init__(self) -> None:
         self.live_reads = LiveReads(
@@ -322,6 +325,28 @@ async def _keep_keys(runtime: Runtime) -> None:
     await runtime.source.run()
 
 
+async def _control(runtime: Runtime, stop: asyncio.Event) -> None:
+    """serve --controller: campaign once the key cache is loaded (a replica that cannot
+    read key Secrets should not lead), until `stop`, which releases the Lease. Whatever
+    the election does, admission is served: a failure here is logged, never raised."""
+    controller = runtime.controller
+    assert controller is not None
+    loaded = asyncio.ensure_future(runtime.loaded.wait())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({loaded, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        loaded.cancel()
+        stopping.cancel()
+    if stop.is_set():
+        return
+    try:
+        await controller.run(stop=stop)
+    except Exception:
+        server_log.exception("the controller's election failed; admission is still served")
+        runtime.metrics.leader.set(0)
+
+
 async def _report_ready(runtime: Runtime, report: Callable[[str], None]) -> None:
     await runtime.loaded.wait()
     report("ready")
@@ -425,6 +450,10 @@ async def serve(runtime: Runtime, options: ServeOptions,
     sweep_task = asyncio.create_task(guard.sweep(), name="keymount-request-deadlines")
     listener: asyncio.AbstractServer | None = None
     report_task: asyncio.Task[None] | None = None
+    # Started with the server and stopped by the same `stop`: on SIGTERM the leader
+    # releases the Lease at once, while this replica goes on draining admission.
+    control_task = (asyncio.create_task(_control(runtime, stop), name="keymount-controller")
+                    if runtime.controller is not None else None)
     try:
         await web.TCPSite(probe_runner, options.probe_host or options.host,
                           options.probe_port).start()
@@ -461,5 +490,17 @@ async def serve(runtime: Runtime, options: ServeOptions,
         # shutdown_timeout to finish.
         await webhook_runner.cleanup()
         sweep_task.cancel()
+        if control_task is not None:
+            stop.set()  # also when serving failed: the election ends with the server
+            await _finish(control_task, timeout=options.shutdown_timeout)
         await probe_runner.cleanup()
         server_log.info("stopped")
+
+
+async def _finish(task: asyncio.Task[None], *, timeout: float) -> None:
+    """Let `task` end on its own (the Lease released) for `timeout`, then cancel it."""
+    done, _ = await asyncio.wait({task}, timeout=timeout)
+    if not done:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -16,7 +16,8 @@ probe port (loopback) listens, then `ready` once its cache is listed. SIGTERM (o
 SIGINT) is passed to every worker, which drains as a single process does; the
 supervisor exits 0 once all have exited 0. A worker that exits on its own takes the
 others down and the supervisor exits 1: Kubernetes restarts the container, which is
-simpler to reason about than a half-populated set.
+simpler to reason about than a half-populated set. Under `--controller` only worker 0
+campaigns for the controller Lease (cli.build_controller).
 """
 
 from __future__ import annotations
@@ -39,13 +40,15 @@ from prometheus_client.samples import Sample
 log = logging.getLogger("keymount.server")
 
 
-def worker_argv(argv: Sequence[str], *, report_fd: int) -> list[str]:
+def worker_argv(argv: Sequence[str], *, report_fd: int, index: int) -> list[str]:
     """The command line of one worker: the supervisor's own `serve` arguments, with
     the last word on what each worker must do differently (argparse keeps the last
     occurrence of a flag, and flags beat KEYMOUNT_* variables). --worker-report-fd
-    also moves the worker's probes to a free loopback port (cli._serve)."""
+    also moves the worker's probes to a free loopback port (cli._serve);
+    --worker-index tells worker 0 that it is the one to campaign for the controller
+    Lease under --controller (cli.build_controller)."""
     return [sys.executable, "-m", "webhook", *argv, "--workers", "1",
-            "--worker-report-fd", str(report_fd)]
+            "--worker-report-fd", str(report_fd), "--worker-index", str(index)]
 
 
 def merge_metrics(texts: Sequence[str]) -> bytes:
@@ -156,7 +159,7 @@ class Supervisor:
         read_fd, write_fd = os.pipe()
         try:
             process = await asyncio.create_subprocess_exec(
-                *worker_argv(self.argv, report_fd=write_fd), pass_fds=(write_fd,),
+                *worker_argv(self.argv, report_fd=write_fd, index=index), pass_fds=(write_fd,),
                 stdin=asyncio.subprocess.DEVNULL)
         except BaseException:
             os.close(read_fd)

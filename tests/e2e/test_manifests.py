@@ -143,6 +143,33 @@ def test_the_auto_generate_component_adds_create_and_turns_the_flag_on(tmp_path)
     assert {"name": "KEYMOUNT_AUTO_GENERATE", "value": "true"} in env
 
 
+def test_the_controller_component_grants_exactly_the_lease_calls_and_turns_it_on(tmp_path):
+    from webhook.names import CONTROLLER_LEASE
+    docs = render_with_component(tmp_path, "controller")
+    role = next(d for d in docs if d["kind"] == "Role"
+                and d["metadata"]["name"] == "keymount-controller")
+    assert role["metadata"]["namespace"] == "keymount"
+    # get/update only on the one Lease; create cannot be narrowed by name.
+    assert sorted((tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"]),
+                   tuple(r.get("resourceNames", ()))) for r in role["rules"]) == [
+        (("coordination.k8s.io",), ("leases",), ("create",), ()),
+        (("coordination.k8s.io",), ("leases",), ("get", "update"), (CONTROLLER_LEASE,))]
+    binding = next(d for d in docs if d["kind"] == "RoleBinding")
+    assert binding["roleRef"]["name"] == "keymount-controller"
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "keymount",
+                                    "namespace": "keymount"}]
+    env = {e["name"]: e for e in next(d for d in docs if d["kind"] == "Deployment")[
+        "spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["KEYMOUNT_CONTROLLER"]["value"] == "true"
+    assert env["POD_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    assert env["POD_NAMESPACE"]["valueFrom"] == {
+        "fieldRef": {"fieldPath": "metadata.namespace"}}
+    # Without the component: no Lease access and no controller.
+    base = render("manifests")
+    assert not any("leases" in r["resources"] for d in base
+                   if d["kind"] in ("Role", "ClusterRole") for r in d["rules"])
+
+
 def test_the_restrict_webhook_port_component_opens_8443_only_to_the_range_it_sets(tmp_path):
     policy = next(d for d in render_with_component(tmp_path, "restrict-webhook-port")
                   if d["kind"] == "NetworkPolicy")
