@@ -64,10 +64,10 @@ $(LINT)/.installed: Makefile
 		'mypy==2.4.1'
 	touch $@
 
-# mypy --strict on webhook/ (the settings are in pyproject.toml), checked against the
+# mypy --strict on webhook/ and keymount/ (the settings are in pyproject.toml), checked against the
 # packages of the test environment; ruff on everything.
 lint: $(LINT)/.installed $(BIN)/.installed
-	$(LINT)/ruff check webhook tests bench
+	$(LINT)/ruff check webhook keymount tests bench
 	$(LINT)/mypy --python-executable $(BIN)/python
 	$(LINT)/hadolint Dockerfile
 	@mkdir -p .venv-lint/with-components
