@@ -19,6 +19,7 @@ COPY requirements.lock ./
 RUN pip install --no-cache-dir --require-hashes -r requirements.lock
 COPY pyproject.toml README.md ./
 COPY webhook/ webhook/
+COPY keymount/ keymount/
 RUN pip install --no-cache-dir --no-deps .
 
 # --- runtime ------------------------------------------------------------------------

@@ -14,7 +14,7 @@ help:
 	@echo "make test           lint, then the whole test suite (e2e runs when the test bed is prepared)"
 	@echo "make lint           hadolint on the Dockerfile, checkov on every manifest variant (and the default with the opt-in components)"
 	@echo "make control-plane  build the e2e test bed: kube-apiserver, kubelet, controllers, etcd, containerd"
-	@echo "make bench          keymount as in production against a bare aiohttp server"
+	@echo "make bench          keymount as in production against a bare aiohttp server; the key reader's cost"
 
 # The virtualenv is rebuilt when the project or its lock changes: exactly the locked
 # versions, each checked against its hash, then keymount itself (editable, no deps).
@@ -64,10 +64,10 @@ $(LINT)/.installed: Makefile
 		'mypy==2.4.1'
 	touch $@
 
-# mypy --strict on webhook/ (the settings are in pyproject.toml), checked against the
-# packages of the test environment; ruff on everything.
+# mypy --strict on webhook/ and keymount/ (the settings are in pyproject.toml), checked
+# against the packages of the test environment; ruff on everything.
 lint: $(LINT)/.installed $(BIN)/.installed
-	$(LINT)/ruff check webhook tests bench
+	$(LINT)/ruff check webhook keymount tests bench
 	$(LINT)/mypy --python-executable $(BIN)/python
 	$(LINT)/hadolint Dockerfile
 	@mkdir -p .venv-lint/with-components
@@ -103,6 +103,7 @@ bench: $(BIN)/.installed
 	command -v wrk >/dev/null || apt-get install -y -qq wrk
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/admission.py
+	$(BIN)/python bench/reader.py
 
 clean:
 	rm -rf $(VENV) .venv-lint .pytest_cache *.egg-info

@@ -5,6 +5,7 @@ lives")."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "webhook"
@@ -50,3 +51,18 @@ def test_the_pure_core_does_no_io():
         text = (PACKAGE / f"{module}.py").read_text()
         assert "import kubernetes" not in text and "from kubernetes" not in text
         assert "aiohttp" not in text
+
+
+def test_the_application_package_imports_the_standard_library_alone():
+    """keymount/ is what applications import: never the webhook, and no third-party
+    library, but for the example's AES-GCM (cryptography)."""
+    found = {}
+    for path in sorted((PACKAGE.parent / "keymount").glob("*.py")):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module.split(".")[0])
+        found[path.stem] = sorted(names - set(sys.stdlib_module_names) - {"keymount"})
+    assert found == {"__init__": [], "example": ["cryptography"], "keyrule": [], "reader": []}

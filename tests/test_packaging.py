@@ -3,8 +3,14 @@ dependency keymount declares."""
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
+import subprocess
+import sys
 import tomllib
+import venv
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
@@ -61,3 +67,61 @@ def test_the_test_environment_runs_the_locked_versions():
     for requirement in declared() + declared("test"):
         name = requirement.name.lower().replace("_", "-")
         assert metadata.version(requirement.name) == pins[name][0], name
+
+
+def image_sources() -> list[str]:
+    """What the Dockerfile copies into the build stage before `pip install .`."""
+    sources = []
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words[:1] == ["COPY"] and not words[1].startswith("--"):
+            sources.extend(word.rstrip("/") for word in words[1:-1])
+    return [source for source in sources if source != "requirements.lock"]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel built from exactly what the image build copies."""
+    source = tmp_path_factory.mktemp("source")
+    for name in image_sources():
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, source / name,
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, source / name)
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet",
+                    "--no-cache-dir", str(source), "-w", str(source / "dist")],
+                   check=True, timeout=300)
+    (built,) = (source / "dist").glob("keymount-*.whl")
+    return built
+
+
+def test_the_image_copies_both_packages():
+    assert sorted(image_sources()) == ["README.md", "keymount", "pyproject.toml", "webhook"]
+
+
+@pytest.mark.parametrize("member", ["keymount/__init__.py", "keymount/reader.py",
+                                    "keymount/keyrule.py", "keymount/example.py",
+                                    "webhook/keys.py", "webhook/cli.py"])
+def test_the_distribution_ships_the_webhook_and_the_application_reader(wheel, member):
+    assert member in zipfile.ZipFile(wheel).namelist()
+
+
+def test_the_reader_runs_from_the_wheel_installed_without_any_dependency(wheel, tmp_path):
+    """keymount.reader needs the standard library alone: installed with --no-deps into
+    an empty virtualenv, it reads a key directory."""
+    venv.create(tmp_path / "venv", with_pip=True)
+    python = tmp_path / "venv" / "bin" / "python"
+    # Not the source tree on PYTHONPATH: the venv must see only what the wheel installed.
+    alone = {name: value for name, value in os.environ.items() if name != "PYTHONPATH"}
+    subprocess.run([python, "-m", "pip", "install", "--no-deps", "--quiet", "--no-index",
+                    str(wheel)], check=True, timeout=300, env=alone)
+    (tmp_path / "keys").mkdir()
+    (tmp_path / "keys" / "encryption-key-4").write_bytes(bytes(range(32)))
+    read = subprocess.run(
+        [python, "-c", "import sys, keymount.reader as r; print(r.__file__); "
+                       "n, key = r.KeyDirectory(sys.argv[1]).active(); print(n, len(key))",
+         tmp_path / "keys"], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=alone)
+    assert (read.returncode, read.stderr) == (0, ""), read.stderr
+    where, found = read.stdout.splitlines()
+    assert Path(where).is_relative_to(tmp_path / "venv") and found == "4 32"

@@ -7,8 +7,6 @@ keys"), so the rest of the program cannot log or cache key material by accident.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import bisect
 import json
 import re
@@ -20,6 +18,12 @@ from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+# The validity rule lives in the standard-library package applications import; its
+# names stay importable from here.
+from keymount.keyrule import KEY_BYTES as KEY_BYTES
+from keymount.keyrule import KeyEncoding as KeyEncoding
+from keymount.keyrule import decode_key
+
 from .names import (
     INDEX_ANNOTATION,
     NUMBERS_USED_ANNOTATION,
@@ -27,13 +31,6 @@ from .names import (
     key_file_name,
     slot_secret_name,
 )
-
-KEY_BYTES = 32
-KeyEncoding = Literal["auto", "raw", "base64"]
-
-# Standard and URL-safe alphabets, padding optional (docs/contract.md, "Valid keys").
-_BASE64_TEXT = re.compile(rb"[A-Za-z0-9+/\-_]+={0,2}")
-_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,45 +50,19 @@ def fingerprint_key(key: bytes) -> str:
     return (encryptor.update(bytes(16)) + encryptor.finalize())[:3].hex()
 
 
-def decode_base64_key(text: bytes) -> bytes | None:
-    """Standard or URL-safe base64, padding optional; None when it is not base64."""
-    if not _BASE64_TEXT.fullmatch(text):
-        return None
-    unpadded = text.rstrip(b"=")
-    padded = unpadded + b"=" * (-len(unpadded) % 4)
-    try:
-        return base64.b64decode(padded.replace(b"-", b"+").replace(b"_", b"/"), validate=True)
-    except (binascii.Error, ValueError):
-        return None
-
-
 def check_key(value: bytes | None, *, subject: str = "field 'encryption-key'",
               encoding: KeyEncoding = "auto") -> KeyCheck:
     """Decide whether the bytes of a key field are a usable AES-256 key
-    (docs/contract.md, "Valid keys").
+    (docs/contract.md, "Valid keys"), by the rule applications' readers share
+    (keymount/keyrule.py).
 
     `subject` names where the bytes came from in the reason ("field 'x'", "stdin").
     """
-    if value is None:
-        return KeyCheck(False, f"{subject} is missing")
-    if not value:
-        return KeyCheck(False, f"{subject} is empty (0 bytes); need 32 random bytes")
-    if encoding != "base64" and len(value) == KEY_BYTES:
-        return _check_key_bytes(value, encoding="raw")
-    if encoding != "raw":
-        text = value.rstrip()
-        decoded = decode_base64_key(text)
-        if decoded is not None:
-            if len(decoded) == KEY_BYTES:
-                return _check_key_bytes(decoded, encoding="base64")
-            return KeyCheck(False, f"{subject} is base64 of {len(decoded)} bytes; "
-                                   f"need base64 of exactly {KEY_BYTES} bytes")
-    wanted = {
-        "auto": f"exactly {KEY_BYTES} raw bytes or base64 of {KEY_BYTES} bytes",
-        "raw": f"exactly {KEY_BYTES} raw bytes (--key-encoding raw)",
-        "base64": f"base64 of exactly {KEY_BYTES} bytes (--key-encoding base64)",
-    }[encoding]
-    return KeyCheck(False, f"{subject} holds {len(value)} bytes; need {wanted}")
+    decoded = decode_key(value, subject=subject, encoding=encoding)
+    if not decoded.valid:
+        return KeyCheck(False, decoded.reason)
+    return KeyCheck(True, fingerprint=fingerprint_key(decoded.key), encoding=decoded.encoding,
+                    warning=decoded.warning)
 
 
 def generate_key() -> bytes:
@@ -102,16 +73,6 @@ def generate_key() -> bytes:
         result = check_key(key)
         if result.valid and not result.warning:
             return key
-
-
-def _check_key_bytes(key: bytes, *, encoding: Literal["raw", "base64"]) -> KeyCheck:
-    if key.count(key[:1]) == len(key):
-        return KeyCheck(False, f"key is degenerate: all {KEY_BYTES} bytes are equal")
-    warning = ""
-    if encoding == "raw" and _PRINTABLE_ASCII.fullmatch(key):
-        warning = ("key is 32 printable ASCII characters: it looks like a passphrase, "
-                   "not random bytes; generate one with `keymount keys create --generate`")
-    return KeyCheck(True, fingerprint=fingerprint_key(key), encoding=encoding, warning=warning)
 
 
 MAX_NUMBERS_TEXT = 4096
