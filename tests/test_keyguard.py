@@ -472,7 +472,7 @@ def test_filling_a_slot_is_how_a_writer_makes_a_key(user, result):
         assert (verdict.key.action, verdict.key.number) == ("created", 4)
         assert verdict.key.fingerprint == fingerprint_key(key)
     else:
-        assert "may not fill, retire or change key Secret" in verdict.message
+        assert "may not fill, stage, retire or change key Secret" in verdict.message
 
 
 def test_a_slot_filled_with_invalid_material_is_refused_with_the_reason():

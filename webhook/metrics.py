@@ -118,7 +118,7 @@ class StoreCollector(Collector):
         counts = self.store.count_by_state()
         secrets = GaugeMetricFamily("keymount_key_secrets", "Key Secrets in the cache by state",
                                     labels=["state"])
-        for state in ("valid", "invalid", "retired", "slot"):
+        for state in ("valid", "invalid", "retired", "slot", "staged"):
             secrets.add_metric([state], counts.get(state, 0))
         yield secrets
         yield GaugeMetricFamily("keymount_cache_ready",
