@@ -21,9 +21,11 @@ from typing import Any, Literal
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .names import (
+    ACTIVATED_AT_ANNOTATION,
     INDEX_ANNOTATION,
     NUMBERS_USED_ANNOTATION,
     RETIRED_ANNOTATION,
+    STAGED_AT_ANNOTATION,
     key_file_name,
     slot_secret_name,
     staged_field,
@@ -252,6 +254,10 @@ class KeyRecord:
     # those bytes (its fingerprint is the key's), but it is not a key yet: not valid,
     # not counted, not a file; Pods hold it under staged/ until it is activated.
     staged: bool = False
+    # keymount.io/staged-at and keymount.io/activated-at, as keymount's mutating webhook
+    # stamped them; None when absent or not a time (a key from before staged keys).
+    staged_at: datetime | None = None
+    activated_at: datetime | None = None
 
     @property
     def valid(self) -> bool:
@@ -284,6 +290,21 @@ def parse_key_index(raw: str | None) -> tuple[int, bool, str]:
     if not re.fullmatch(r"\+?[0-9]{1,9}", text) or int(text) < 1:
         return 0, False, f"annotation {INDEX_ANNOTATION}={raw!r} is not a positive integer"
     return int(text), True, ""
+
+
+MAX_TIME_TEXT = 64  # longer than any RFC 3339 time; a longer value is not parsed
+
+
+def parse_time(text: object) -> datetime | None:
+    """An RFC 3339 time with its offset (`2026-12-02T13:00:00Z`); None for anything
+    else."""
+    if not isinstance(text, str) or not text or len(text) > MAX_TIME_TEXT:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else None
 
 
 def build_key_record(*, namespace: str, name: str, value: bytes | None,
@@ -331,6 +352,8 @@ def build_key_record(*, namespace: str, name: str, value: bytes | None,
         namespace=namespace, name=name, check=check, index=index, index_explicit=explicit,
         created=created, retired=retired, numbers_used=numbers_used or NumberSet(),
         recorded=NUMBERS_USED_ANNOTATION in annotations, slot=slot, staged=staged,
+        staged_at=parse_time(annotations.get(STAGED_AT_ANNOTATION)),
+        activated_at=parse_time(annotations.get(ACTIVATED_AT_ANNOTATION)),
     )
 
 
