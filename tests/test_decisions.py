@@ -275,3 +275,32 @@ def test_a_stored_pod_may_list_only_slots_that_exist(listed, problem):
         assert found is None
     else:
         assert problem in found[0] and found[1] is True  # a live read confirms it first
+
+
+@pytest.mark.parametrize(("items", "problem"), [
+    ([{"key": "encryption-key", "path": "encryption-key-3"},
+      {"key": "staged-encryption-key", "path": "staged/encryption-key-3"}], None),
+    ([{"key": "encryption-key", "path": "encryption-key-3"}], None),
+    ([{"key": "encryption-key", "path": "encryption-key-3"},
+      {"key": "staged-encryption-key", "path": "encryption-key-9"}], "does not project"),
+    ([{"key": "staged-encryption-key", "path": "encryption-key-3"}], "does not project"),
+], ids=["key-and-staged-fields", "before-staged-keys", "staged-at-another-file",
+        "staged-bytes-as-the-active-file"])
+def test_a_stored_pods_slot_projects_its_key_field_and_staged_field_at_their_files(
+        items, problem):
+    # The staged field at a top-level file would make a staged key one that Pods
+    # encrypt with before every Pod has it.
+    from webhook.decisions import find_injection_problem
+    from webhook.injection import inject_keys
+
+    from builders import slot_secret
+    ring = keyring_of(key_secret("key-a", random_key(), index=1), slot_secret(3),
+                      namespace="shop")
+    injected = inject_keys(pod(), keyring=ring, settings=SETTINGS).apply(pod())
+    volume = next(v for v in injected["spec"]["volumes"] if v["name"] == "keymount-encryption-keys")
+    volume["projected"]["sources"][-1]["secret"]["items"] = items
+    found = find_injection_problem(injected, keyring=ring, settings=SETTINGS)
+    if problem is None:
+        assert found is None
+    else:
+        assert problem in found[0] and found[1] is False

@@ -500,7 +500,7 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
         return KeyDecision(True, "none")
     if before.state == "valid" and after.state == "retired":
         return _guard_retire(change, before, keyring=keyring, writers=writers)
-    if (before.state == "valid" and after.state == "valid"
+    if (before.state == "valid" and after.state != "retired"
             and _staged_bytes(change.old, settings) != _staged_bytes(change.new, settings)):
         return _refused(
             f"this update changes field {staged_field(settings.key_field)!r} of key Secret "

@@ -338,8 +338,8 @@ def build_key_record(*, namespace: str, name: str, value: bytes | None,
     if retired and (value is not None or staged_value is not None):
         retired = False  # judged as an invalid key, not as a tombstone
     # A slot: the reserved name of its own number, no key material, no other fault.
-    slot = (value is None and not retired and explicit and numbers_used is not None
-            and name == slot_secret_name(index))
+    slot = (value is None and RETIRED_ANNOTATION not in annotations and explicit
+            and numbers_used is not None and name == slot_secret_name(index))
     staged = False
     if slot and staged_value is not None:
         # A staged key: a slot holding its key in the staged field only.
