@@ -36,6 +36,7 @@ from .metrics import Metrics
 from .names import (
     CLUSTERKEYPOLICY_PLURAL,
     GENERATED_ANNOTATION,
+    KEYPOLICY_PLURAL,
     POLICY_GROUP,
     POLICY_VERSION,
     slot_secret_name,
@@ -478,7 +479,7 @@ class KeyClient:
         rotate` stages. Without the CRD installed (404) there is none."""
         try:
             response = self.custom.list_namespaced_custom_object(
-                "keymount.io", "v1alpha1", namespace, "keypolicies", limit=1,
+                POLICY_GROUP, POLICY_VERSION, namespace, KEYPOLICY_PLURAL, limit=1,
                 _preload_content=False, _request_timeout=(5, 30))
         except ApiException as exc:
             if exc.status == 404:
