@@ -256,13 +256,15 @@ def fill_next_slot(keys: KeyApi, namespace: str, key: bytes, *,
 
 
 def keep_slots(keys: KeyApi, namespace: str, settings: Settings) -> None:
-    """Reserve empty slots until `--rotation-slots` wait above the active key: the
-    names new backend Pods list, so the next keys reach them without a restart. The
-    key is made already: a failure here is a warning, never a reason to retry it."""
+    """Reserve empty slots until `--rotation-slots` numbers wait above the active key
+    (a staged key counts as one): the names new backend Pods list, so the next keys
+    reach them without a restart. The key is made already: a failure here is a
+    warning, never a reason to retry it."""
     try:
         keyring = keys.keyring(namespace)
         for _ in range(SLOT_ATTEMPTS):
-            if len(keyring.free_slots) >= settings.rotation_slots:
+            waiting = len(keyring.free_slots) + len(keyring.staged_keys)
+            if waiting >= settings.rotation_slots:
                 return
             reserve_next(keys, keyring)
             keyring = keys.keyring(namespace)
