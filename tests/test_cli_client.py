@@ -248,3 +248,18 @@ def test_a_staged_manifest_holds_the_key_in_the_staged_field_of_the_next_slot():
     assert manifest["metadata"]["name"] == "keymount-key-2"
     assert manifest["data"] == {"staged-encryption-key": base64.b64encode(key).decode()}
     assert records(manifest)[0].state == "staged"
+
+
+@pytest.mark.parametrize(("secrets", "reserved"), [
+    (lambda: [staged_secret(2, random_key()), slot_secret(3)], []),
+    (lambda: [staged_secret(2, random_key())], [3]),
+    (lambda: [slot_secret(2)], [3]),
+], ids=["staged-and-a-slot", "staged-alone", "a-slot-alone"])
+def test_keep_slots_counts_a_staged_key_among_the_numbers_waiting(secrets, reserved):
+    from webhook.cli_keys import keep_slots
+    keys = StagingKeys(key_secret("keymount-key-1", random_key(), index=1), *secrets())
+    before = {s["metadata"]["name"] for s in keys.secrets}
+    keep_slots(keys, "shop", Settings(rotation_slots=2))
+    added = sorted(int(s["metadata"]["name"].rsplit("-", 1)[1]) for s in keys.secrets
+                   if s["metadata"]["name"] not in before)
+    assert added == reserved
