@@ -263,3 +263,15 @@ def test_keep_slots_counts_a_staged_key_among_the_numbers_waiting(secrets, reser
     added = sorted(int(s["metadata"]["name"].rsplit("-", 1)[1]) for s in keys.secrets
                    if s["metadata"]["name"] not in before)
     assert added == reserved
+
+
+def test_a_user_who_may_not_read_policies_gets_the_key_active_with_a_warning(capsys):
+    from webhook.errors import PolicyUnknown
+
+    class Forbidden(StagingKeys):
+        def has_policy(self, namespace):
+            raise PolicyUnknown("you may not list KeyPolicies in namespace 'shop'")
+    assert rotation_mode(Forbidden(), "shop", stage=False, activate_now=False) == "activate"
+    err = capsys.readouterr().err
+    assert "may not list KeyPolicies" in err
+    assert "keymount keys rotate -n shop --stage" in err

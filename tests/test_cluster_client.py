@@ -420,9 +420,16 @@ def test_has_policy_lists_the_namespaces_keypolicies(policy_keys, fake, answer, 
     assert args == ("keymount.io", "v1alpha1", "shop", "keypolicies")
 
 
-def test_a_policy_that_cannot_be_read_asks_the_user_to_say_how_to_rotate(policy_keys, fake):
-    fake.fail["list_namespaced_custom_object"] = api_error(403, "forbidden")
-    with pytest.raises(ClusterError, match="--stage, or --activate-now"):
+@pytest.mark.parametrize(("status", "error", "message"), [
+    (403, "PolicyUnknown", "may not list KeyPolicies in namespace 'shop'"),
+    (500, "ClusterError", "--stage, or --activate-now"),
+], ids=["forbidden", "server-error"])
+def test_a_policy_that_cannot_be_read_is_an_error_that_says_why(policy_keys, fake, status,
+                                                                 error, message):
+    from webhook.errors import PolicyUnknown
+    fake.fail["list_namespaced_custom_object"] = api_error(status, "no")
+    with pytest.raises(ClusterError if error == "ClusterError" else PolicyUnknown,
+                       match=message):
         policy_keys.has_policy("shop")
 
 

@@ -27,7 +27,7 @@ from .cli_common import (
     read_input,
 )
 from .config import Settings
-from .errors import UserFacingError
+from .errors import PolicyUnknown, UserFacingError
 from .key_secrets import ApiObject, SlotOutcome
 from .keys import (
     KeyRecord,
@@ -299,8 +299,15 @@ def should_stage(*, stage: bool, activate_now: bool, has_policy: bool) -> bool:
 def rotation_mode(keys: KeyApi, namespace: str, *, stage: bool,
                   activate_now: bool) -> RotationMode:
     """How `keys rotate` adds its key; asks for the namespace's policy only when no flag
-    says."""
-    policy = not (stage or activate_now) and keys.has_policy(namespace)
+    says. A user who may not read policies gets the key active at once, as before
+    policies existed, with a warning that says how to stage instead."""
+    try:
+        policy = not (stage or activate_now) and keys.has_policy(namespace)
+    except PolicyUnknown as exc:
+        print(f"warning: {exc}; the new key is active at once, as in a namespace without "
+              f"one. To stage it: keymount keys rotate -n {namespace} --stage (or ask for "
+              f"list on keypolicies.keymount.io)", file=sys.stderr)
+        return "activate"
     if should_stage(stage=stage, activate_now=activate_now, has_policy=policy):
         return "stage"
     if activate_now:

@@ -21,7 +21,7 @@ from kubernetes.client.rest import ApiException
 
 from .audit import Rbac
 from .config import Settings
-from .errors import UserFacingError
+from .errors import PolicyUnknown, UserFacingError
 from .events import EventGone, NamespaceGone
 from .key_secrets import (
     ApiObject,
@@ -476,7 +476,10 @@ class KeyClient:
 
     def has_policy(self, namespace: str) -> bool:
         """Whether the namespace has a KeyPolicy (keymount.io/v1alpha1): then `keys
-        rotate` stages. Without the CRD installed (404) there is none."""
+        rotate` stages. Without the CRD installed (404) there is none; PolicyUnknown
+        when the user may not list them (403: RBAC answers before the API server looks
+        for the resource, so this is also what a user without that right sees when the
+        CRD is not installed)."""
         try:
             response = self.custom.list_namespaced_custom_object(
                 POLICY_GROUP, POLICY_VERSION, namespace, KEYPOLICY_PLURAL, limit=1,
@@ -484,6 +487,10 @@ class KeyClient:
         except ApiException as exc:
             if exc.status == 404:
                 return False
+            if exc.status == 403:
+                raise PolicyUnknown(
+                    f"you may not list KeyPolicies in namespace {namespace!r}, so keymount "
+                    f"cannot tell whether new keys are staged there") from None
             raise ClusterError(
                 f"cannot tell whether namespace {namespace!r} has a KeyPolicy "
                 f"({describe_api_error(exc)}); say how to rotate: --stage, or "
