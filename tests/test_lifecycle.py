@@ -290,3 +290,17 @@ def test_key_rows_show_a_staged_key_at_its_staged_file_with_its_fingerprint():
                          fingerprint_key(key)),
                         ("-", "keymount-key-3", "slot", "-")]
     assert rows[0][2] == "active"
+
+
+@pytest.mark.parametrize(("activated", "too_old"), [
+    ("2026-05-31T00:00:00Z", False), (None, True), ("2025-01-01T00:00:00Z", True),
+], ids=["filled-yesterday", "never-stamped", "activated-long-ago"])
+def test_a_keys_age_counts_from_its_activation_not_from_its_slots_creation(activated,
+                                                                           too_old):
+    # Slots are reserved in advance: a key that filled a year-old slot yesterday is new.
+    annotations = {"keymount.io/numbers-used": "1"}
+    if activated:
+        annotations["keymount.io/activated-at"] = activated
+    ring = keyring_of(key_secret("keymount-key-1", random_key(), index=1,
+                                 created="2025-06-01T00:00:00Z", annotations=annotations))
+    assert newest_key_too_old(ring, max_age=timedelta(days=90), now=NOW) is too_old

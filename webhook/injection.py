@@ -149,8 +149,9 @@ def build_key_warnings(keyring: Keyring, *, settings: Settings,
     # What depends on the keyring alone, once per keyring; a copy to add to.
     warnings = list(keyring.derive("key-warnings", lambda: _keyring_warnings(keyring)))
     newest = keyring.newest
-    if (settings.max_key_age and now and newest and newest.created
-            and now - newest.created > settings.max_key_age):
+    since = newest.active_since if newest else None
+    if (settings.max_key_age and now and newest and since
+            and now - since > settings.max_key_age):
         warnings.append(
             f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older than "
             f"--max-key-age; rotate: keymount keys rotate -n {keyring.namespace} --generate")

@@ -268,6 +268,12 @@ class KeyRecord:
         return self.check.fingerprint
 
     @property
+    def active_since(self) -> datetime | None:
+        """When the key became usable: its activation (a slot filled or a staged key
+        activated, maybe long after the slot was made), else its creation."""
+        return self.activated_at or self.created
+
+    @property
     def numbered(self) -> bool:
         """Its number is its index for good: keymount stamped or pinned it. Otherwise it
         is a legacy key (made before keymount numbered keys), numbered as 0.1 did."""

@@ -92,7 +92,8 @@ def legacy_pins(keyring: Keyring) -> list[tuple[str, int]]:
 def newest_key_too_old(keyring: Keyring, *, max_age: timedelta | None,
                        now: datetime) -> bool:
     newest = keyring.newest
-    return bool(max_age and newest and newest.created and now - newest.created > max_age)
+    since = newest.active_since if newest else None
+    return bool(max_age and since and now - since > max_age)
 
 
 def format_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:

@@ -125,13 +125,15 @@ class StoreCollector(Collector):
                                 "1 once the first full list of key Secrets is in",
                                 value=1 if self.store.ready else 0)
         ages = GaugeMetricFamily("keymount_newest_key_age_seconds",
-                                 "Age of the newest valid key of each namespace",
+                                 "Age of the newest valid key of each namespace, "
+                                 "from its activation (else its creation)",
                                  labels=["namespace"])
         now = datetime.now(UTC)
         for namespace in self.store.namespaces():
             newest = self.store.keyring(namespace).newest
-            if newest is not None and newest.created is not None:
-                ages.add_metric([namespace], (now - newest.created).total_seconds())
+            since = newest.active_since if newest is not None else None
+            if since is not None:
+                ages.add_metric([namespace], (now - since).total_seconds())
         yield ages
         if self.pods is not None:
             behind = GaugeMetricFamily(
