@@ -730,3 +730,13 @@ def test_filling_a_slot_stamps_its_activation_time():
                                   old=slot_secret(4), keyring=ring)
     assert verdict.result == "allowed"
     assert annotations(stored)["keymount.io/activated-at"] == STAMPED
+
+
+def test_a_slot_made_with_a_time_of_its_own_gets_keymounts_when_it_is_filled():
+    slot = slot_secret(4)
+    slot["metadata"]["annotations"]["keymount.io/activated-at"] = "2020-01-01T00:00:00Z"
+    ring = keyring_of(*three_keys(), slot)
+    verdict, stored = through_api(filled(slot, random_key()), operation="UPDATE", old=slot,
+                                  keyring=ring)
+    assert verdict.result == "allowed", verdict.message
+    assert annotations(stored)["keymount.io/activated-at"] == STAMPED

@@ -543,15 +543,15 @@ def _staged_bytes(obj: Mapping[str, Any] | None, settings: Settings) -> bytes | 
 
 def _changed_time_stamp(change: KeyChange, before: KeyRecord, after: KeyRecord, *,
                         settings: Settings) -> str:
-    """The time annotation this update sets, changes or removes other than as keymount
-    stamps it (time_stamps), or ""."""
+    """The time annotation this update sets, changes or removes on a change that
+    keymount does not stamp it on (time_stamps), or ""."""
     old_ann, new_ann = _annotations(change.old or {}), _annotations(change.new or {})
     for name in (STAGED_AT_ANNOTATION, ACTIVATED_AT_ANNOTATION):
         old, new = old_ann.get(name), new_ann.get(name)
         if old == new:
             continue
-        if old is None and _stamped_now(name, change, before, after, settings=settings):
-            continue
+        if _stamped_now(name, change, before, after, settings=settings):
+            continue  # keymount's webhook stamps it on this change, whatever was there
         return name
     return ""
 
