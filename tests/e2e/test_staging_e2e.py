@@ -21,6 +21,7 @@ from apihelpers import (
     wait_for_slots,
 )
 from polling import poll
+from test_policy_e2e import policy_crds  # noqa: F401  (a fixture: the CRDs of manifests/)
 
 STAGED_FIELD = "staged-encryption-key"
 
@@ -142,12 +143,31 @@ def test_a_second_staging_is_refused_until_the_first_is_activated_or_cancelled(
     assert "secret/keymount-key-3 staged" in staged.stdout
 
 
+def test_with_a_keypolicy_rotate_stages_and_activate_now_overrides_it_with_a_warning(
+        api, namespace, keymount, admin_kubeconfig, policy_crds):  # noqa: F811
+    keymount_cli(admin_kubeconfig, "keys", "create", "-n", namespace, "--generate")
+    custom = client.CustomObjectsApi(api.api_client)
+    custom.create_namespaced_custom_object("keymount.io", "v1alpha1", namespace,
+                                           "keypolicies", {
+        "apiVersion": "keymount.io/v1alpha1", "kind": "KeyPolicy",
+        "metadata": {"name": "rotation"}, "spec": {"stagingPeriod": "10s"}})
+    staged = keymount_cli(admin_kubeconfig, "keys", "rotate", "-n", namespace)
+    assert "secret/keymount-key-2 staged" in staged.stdout
+    keymount_cli(admin_kubeconfig, "keys", "activate", "-n", namespace)
+
+    now = keymount_cli(admin_kubeconfig, "keys", "rotate", "-n", namespace, "--activate-now")
+    assert "warning: --activate-now skips staging" in now.stderr
+    assert "number 3 (file encryption-key-3)" in now.stdout
+    assert set(api.read_namespaced_secret("keymount-key-3", namespace).data) == \
+        {"encryption-key"}
+
+
 def test_activate_now_adds_an_active_key_with_a_warning_and_no_policy_means_active(
         api, namespace, keymount, admin_kubeconfig):
     keymount_cli(admin_kubeconfig, "keys", "create", "-n", namespace, "--generate")
     now = keymount_cli(admin_kubeconfig, "keys", "rotate", "-n", namespace, "--activate-now")
     assert "warning: --activate-now skips staging" in now.stderr
     assert "number 2 (file encryption-key-2)" in now.stdout
-    # No KeyPolicy (its CRD is not even installed here): rotate makes the key active.
+    # No KeyPolicy in the namespace (or not even its CRD): rotate makes the key active.
     plain = keymount_cli(admin_kubeconfig, "keys", "rotate", "-n", namespace)
     assert "number 3 (file encryption-key-3)" in plain.stdout and "warning" not in plain.stderr
