@@ -485,8 +485,7 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"(keymount keeps it); `keymount keys list -n {ns}` shows the key",
             fingerprint=before.fingerprint)
     if before.state == "slot":
-        return _guard_fill(change, before, after, keyring=keyring, writers=writers,
-                           settings=settings)
+        return _guard_fill(change, before, after, keyring=keyring, writers=writers)
     if before.state == "staged":
         return _guard_staged(change, before, after, keyring=keyring, writers=writers,
                              settings=settings)
@@ -650,7 +649,7 @@ def _guard_staged(change: KeyChange, before: KeyRecord, after: KeyRecord, *,
 
 
 def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyring: Keyring,
-                writers: KeyWriters, settings: Settings) -> KeyDecision:
+                writers: KeyWriters) -> KeyDecision:
     """An UPDATE of an empty slot: filling it is how a key is made (one write per
     resourceVersion, so two writers racing for one number end with one key and a
     conflict), staging it how a key is first delivered, retiring it closes it;
