@@ -124,3 +124,28 @@ def test_a_number_used_since_the_backup_refuses_the_whole_restore():
     later = key_secret("k9", random_key(), index=9, annotations={"keymount.io/numbers-used": "1-9"})
     with pytest.raises(BackupError, match="used after the backup"):
         plan_restore(keys, {"shop": keyring_of(later)})
+
+
+def test_a_staged_key_is_backed_up_and_restored_staged_with_its_bytes():
+    import base64
+
+    from webhook.backup import restored_secret
+
+    from builders import slot_secret
+    secrets, _, _ = three_keys()
+    key = random_key()
+    staged = slot_secret(4)
+    staged["data"]["staged-encryption-key"] = base64.b64encode(key).decode()
+    secrets.append(staged)
+    rings = {"shop": build_keyring("shop", [parse_key_secret(s, settings=SETTINGS)
+                                            for s in secrets])}
+    identity = x25519.Identity.generate()
+    ciphertext = encrypt(encode(collect(secrets, rings, settings=SETTINGS)),
+                         recipients=[str(identity.to_public())])
+    restored = decrypt(ciphertext, identities=[identity])  # checks every fingerprint
+    [back] = [k for k in restored if k.number == 4]
+    assert (back.name, back.staged, back.value) == ("keymount-key-4", True, key)
+    manifest = restored_secret(back, settings=SETTINGS,
+                               labels={"keymount.io/encryption-key": "true"})
+    assert manifest["data"] == {"staged-encryption-key": base64.b64encode(key).decode()}
+    assert parse_key_secret(manifest, settings=SETTINGS).state == "staged"

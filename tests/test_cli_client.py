@@ -4,18 +4,31 @@ one, and the key commands work against a fake of it."""
 from __future__ import annotations
 
 import inspect
+from datetime import UTC, datetime, timedelta
 from typing import get_type_hints
 
 import pytest
 
 from webhook import audit, cli_keys
-from webhook.cli_keys import KeyApi, cluster_keyrings, pin_legacy_keys, report_rollout
+from webhook.cli_keys import (
+    KeyApi,
+    activate_staged_key,
+    activation_warning,
+    cluster_keyrings,
+    fill_next_slot,
+    pin_legacy_keys,
+    report_rollout,
+    rotation_mode,
+    should_stage,
+    slot_manifest,
+)
 from webhook.cluster import KeyClient
 from webhook.config import Settings
+from webhook.errors import UserFacingError
 from webhook.key_secrets import parse_key_secret
-from webhook.keys import KeyRecord
+from webhook.keys import KeyRecord, build_keyring
 
-from builders import key_secret, keyring_of, random_key
+from builders import key_secret, keyring_of, random_key, slot_secret
 
 SETTINGS = Settings()
 API_METHODS = [name for name in vars(KeyApi) if not name.startswith("_")]
@@ -79,3 +92,186 @@ def test_report_rollout_names_the_controller_to_restart(capsys):
     [record] = records(key_secret("keymount-key-3", random_key(), index=3))
     report_rollout(FakeKeys([], [pod]), "shop", record)
     assert "kubectl rollout restart deployment/api -n shop" in capsys.readouterr().out
+
+
+# --- staged keys ---------------------------------------------------------------------
+
+def staged_secret(number, key, *, staged_at="2026-12-02T13:00:00Z"):
+    import base64
+    secret = slot_secret(number)
+    secret["data"]["staged-encryption-key"] = base64.b64encode(key).decode()
+    secret["metadata"]["annotations"]["keymount.io/staged-at"] = staged_at
+    return secret
+
+
+class StagingKeys:
+    """A KeyApi over a namespace's key Secrets: `stage_slot` and `activate_staged` lose
+    `conflicts` races first (another writer got there), as the API server answers 409."""
+
+    def __init__(self, *secrets, policy=False, conflicts=0):
+        self.secrets = list(secrets)
+        self.policy, self.conflicts = policy, conflicts
+        self.calls: list[tuple[str, str]] = []
+
+    def keyring(self, namespace):
+        return build_keyring(namespace, records(*self.secrets))
+
+    def has_policy(self, namespace):
+        self.calls.append(("has_policy", namespace))
+        return self.policy
+
+    def _lose(self):
+        if self.conflicts:
+            self.conflicts -= 1
+            return True
+        return False
+
+    def stage_slot(self, namespace, slot, key):
+        self.calls.append(("stage_slot", slot.name))
+        if self._lose():
+            # Another writer staged nothing but took this slot (filled it).
+            self._replace(slot.name, key_secret(slot.name, random_key(), index=slot.index,
+                                                annotations={"keymount.io/numbers-used":
+                                                             f"1-{slot.index}"}))
+            return None
+        stored = staged_secret(slot.index, key)
+        self._replace(slot.name, stored)
+        return records(stored)[0]
+
+    def fill_slot(self, namespace, slot, key):
+        self.calls.append(("fill_slot", slot.name))
+        return None
+
+    def activate_staged(self, namespace, staged):
+        self.calls.append(("activate_staged", staged.name))
+        if self._lose():
+            return None
+        secret = next(s for s in self.secrets if s["metadata"]["name"] == staged.name)
+        secret["data"]["encryption-key"] = secret["data"]["staged-encryption-key"]
+        return records(secret)[0]
+
+    def reserve_slot(self, namespace, number):
+        self.secrets.append(slot_secret(number))
+        return "reserved"
+
+    def _replace(self, name, secret):
+        self.secrets = [s for s in self.secrets if s["metadata"]["name"] != name] + [secret]
+
+
+@pytest.mark.parametrize(("stage", "activate_now", "policy", "staged"), [
+    (False, False, False, False), (False, False, True, True), (True, False, False, True),
+    (False, True, True, False), (True, False, True, True),
+], ids=["no-policy", "policy", "flag-stage", "activate-now-beats-policy",
+        "flag-and-policy"])
+def test_rotate_stages_with_the_flag_or_a_policy_unless_activate_now(
+        stage, activate_now, policy, staged):
+    assert should_stage(stage=stage, activate_now=activate_now, has_policy=policy) is staged
+
+
+@pytest.mark.parametrize(("flags", "asked"), [
+    ({"stage": True, "activate_now": False}, False),
+    ({"stage": False, "activate_now": True}, False),
+    ({"stage": False, "activate_now": False}, True),
+], ids=["stage", "activate-now", "no-flag"])
+def test_the_policy_is_looked_up_only_when_no_flag_says_how(flags, asked):
+    keys = StagingKeys(policy=True)
+    rotation_mode(keys, "shop", **flags)
+    assert (("has_policy", "shop") in keys.calls) is asked
+
+
+def test_activate_now_warns_that_it_skips_staging(capsys):
+    assert rotation_mode(StagingKeys(policy=True), "shop", stage=False,
+                         activate_now=True) == "activate"
+    err = capsys.readouterr().err
+    assert "warning: --activate-now skips staging" in err
+    assert "keymount keys rotate -n shop --stage" in err
+
+
+def test_staging_fills_the_staged_field_of_the_lowest_free_slot_and_moves_on_after_a_race():
+    keys = StagingKeys(key_secret("keymount-key-1", random_key(), index=1), slot_secret(2),
+                       slot_secret(3), conflicts=1)
+    key = random_key()
+    record = fill_next_slot(keys, "shop", key, staged=True)
+    assert (record.name, record.state) == ("keymount-key-3", "staged")
+    assert [c for c in keys.calls if c[0] == "stage_slot"] == [
+        ("stage_slot", "keymount-key-2"), ("stage_slot", "keymount-key-3")]
+
+
+@pytest.mark.parametrize("staged", [True, False], ids=["stage", "activate-now"])
+def test_no_key_is_added_while_one_is_staged(staged):
+    keys = StagingKeys(key_secret("keymount-key-1", random_key(), index=1),
+                       staged_secret(2, random_key()), slot_secret(3))
+    with pytest.raises(UserFacingError) as refused:
+        fill_next_slot(keys, "shop", random_key(), staged=staged)
+    assert "has a staged key, keymount-key-2" in str(refused.value)
+    assert "keymount keys activate -n shop" in str(refused.value)
+    assert not [c for c in keys.calls if c[0] in ("stage_slot", "fill_slot")]
+
+
+def test_activate_copies_the_staged_key_and_reads_again_after_a_conflict():
+    key = random_key()
+    keys = StagingKeys(key_secret("keymount-key-1", random_key(), index=1),
+                       staged_secret(2, key), conflicts=1)
+    record = activate_staged_key(keys, "shop")
+    from webhook.keys import fingerprint_key
+    assert (record.name, record.state, record.fingerprint) == \
+        ("keymount-key-2", "valid", fingerprint_key(key))
+    assert keys.calls == [("activate_staged", "keymount-key-2")] * 2
+    assert keys.keyring("shop").active_number == 2
+
+
+def test_activate_with_nothing_staged_says_how_to_stage():
+    keys = StagingKeys(key_secret("keymount-key-1", random_key(), index=1), slot_secret(2))
+    with pytest.raises(UserFacingError) as refused:
+        activate_staged_key(keys, "shop")
+    assert "has no staged key to activate" in str(refused.value)
+    assert "keymount keys rotate -n shop --stage" in str(refused.value)
+
+
+@pytest.mark.parametrize(("age", "warned"), [(30, True), (119, True), (120, False)],
+                         ids=["30s", "119s", "120s"])
+def test_activating_a_key_staged_moments_ago_earns_a_warning(age, warned):
+    [record] = records(staged_secret(2, random_key()))
+    now = datetime(2026, 12, 2, 13, 0, tzinfo=UTC) + timedelta(seconds=age)
+    warning = activation_warning(record, now=now)
+    assert bool(warning) is warned
+    if warned:
+        assert f"staged {age}s ago" in warning
+
+
+def test_a_staged_manifest_holds_the_key_in_the_staged_field_of_the_next_slot():
+    import base64
+    ring = build_keyring("shop", records(key_secret("keymount-key-1", random_key(), index=1),
+                                         slot_secret(2)))
+    key = random_key()
+    manifest = slot_manifest(ring, key=key, name=None, settings=SETTINGS, staged=True)
+    assert manifest["metadata"]["name"] == "keymount-key-2"
+    assert manifest["data"] == {"staged-encryption-key": base64.b64encode(key).decode()}
+    assert records(manifest)[0].state == "staged"
+
+
+@pytest.mark.parametrize(("secrets", "reserved"), [
+    (lambda: [staged_secret(2, random_key()), slot_secret(3)], []),
+    (lambda: [staged_secret(2, random_key())], [3]),
+    (lambda: [slot_secret(2)], [3]),
+], ids=["staged-and-a-slot", "staged-alone", "a-slot-alone"])
+def test_keep_slots_counts_a_staged_key_among_the_numbers_waiting(secrets, reserved):
+    from webhook.cli_keys import keep_slots
+    keys = StagingKeys(key_secret("keymount-key-1", random_key(), index=1), *secrets())
+    before = {s["metadata"]["name"] for s in keys.secrets}
+    keep_slots(keys, "shop", Settings(rotation_slots=2))
+    added = sorted(int(s["metadata"]["name"].rsplit("-", 1)[1]) for s in keys.secrets
+                   if s["metadata"]["name"] not in before)
+    assert added == reserved
+
+
+def test_a_user_who_may_not_read_policies_gets_the_key_active_with_a_warning(capsys):
+    from webhook.errors import PolicyUnknown
+
+    class Forbidden(StagingKeys):
+        def has_policy(self, namespace):
+            raise PolicyUnknown("you may not list KeyPolicies in namespace 'shop'")
+    assert rotation_mode(Forbidden(), "shop", stage=False, activate_now=False) == "activate"
+    err = capsys.readouterr().err
+    assert "may not list KeyPolicies" in err
+    assert "keymount keys rotate -n shop --stage" in err

@@ -394,3 +394,87 @@ def test_keymounts_own_user_is_read_from_its_service_account_token(tmp_path):
     token.write_text("not a token")
     assert in_cluster_username(token) == ""
     assert in_cluster_username(tmp_path / "missing") == ""
+
+
+# --- staged keys ---------------------------------------------------------------------
+
+@pytest.fixture
+def policy_keys(keys, fake) -> KeyClient:
+    keys.custom = fake.strict(client.CustomObjectsApi)
+    return keys
+
+
+@pytest.mark.parametrize(("answer", "expected"), [
+    ({"items": [{"metadata": {"name": "rotation"}}]}, True),
+    ({"items": []}, False),
+    (api_error(404, "the server could not find the requested resource"), False),
+], ids=["a-policy", "no-policy", "crd-not-installed"])
+def test_has_policy_lists_the_namespaces_keypolicies(policy_keys, fake, answer, expected):
+    def answered(*args, **kwargs):
+        if isinstance(answer, Exception):
+            raise answer
+        return Response(answer)
+    fake.answers["list_namespaced_custom_object"] = answered
+    assert policy_keys.has_policy("shop") is expected
+    [(_, args, _)] = [c for c in fake.calls if c[0] == "list_namespaced_custom_object"]
+    assert args == ("keymount.io", "v1alpha1", "shop", "keypolicies")
+
+
+@pytest.mark.parametrize(("status", "error", "message"), [
+    (403, "PolicyUnknown", "may not list KeyPolicies in namespace 'shop'"),
+    (500, "ClusterError", "--stage, or --activate-now"),
+], ids=["forbidden", "server-error"])
+def test_a_policy_that_cannot_be_read_is_an_error_that_says_why(policy_keys, fake, status,
+                                                                 error, message):
+    from webhook.errors import PolicyUnknown
+    fake.fail["list_namespaced_custom_object"] = api_error(status, "no")
+    with pytest.raises(ClusterError if error == "ClusterError" else PolicyUnknown,
+                       match=message):
+        policy_keys.has_policy("shop")
+
+
+def test_staging_patches_the_staged_field_at_the_slots_version(keys, fake):
+    from webhook.key_secrets import parse_key_secret
+
+    from builders import slot_secret
+    slot = slot_secret(3)
+    slot["metadata"]["resourceVersion"] = "41"
+    key = random_key()
+
+    def patched(name, namespace, body, **kwargs):
+        stored = json.loads(json.dumps(slot))
+        stored["data"].update(body["data"])
+        return Response(stored)
+    fake.answers["patch_namespaced_secret"] = patched
+    record = keys.stage_slot("shop", parse_key_secret(slot, settings=SETTINGS), key)
+    [(_, args, _)] = [c for c in fake.calls if c[0] == "patch_namespaced_secret"]
+    assert args[2] == {"metadata": {"resourceVersion": "41"},
+                       "data": {"staged-encryption-key": base64.b64encode(key).decode()}}
+    assert record is not None and record.state == "staged"
+
+
+@pytest.mark.parametrize("status", [409, 404], ids=["conflict", "gone"])
+def test_a_lost_staging_race_is_none(keys, fake, status):
+    from webhook.key_secrets import parse_key_secret
+
+    from builders import slot_secret
+    fake.fail["patch_namespaced_secret"] = api_error(status)
+    slot = parse_key_secret(slot_secret(3), settings=SETTINGS)
+    assert keys.stage_slot("shop", slot, random_key()) is None
+
+
+def test_activation_copies_the_staged_field_as_stored_at_the_version_read(keys, fake):
+    from webhook.key_secrets import parse_key_secret
+
+    from builders import slot_secret
+    stored = slot_secret(3)
+    stored["metadata"]["resourceVersion"] = "57"
+    stored["data"]["staged-encryption-key"] = base64.b64encode(random_key()).decode()
+    fake.answers["read_namespaced_secret"] = lambda *a, **kw: Response(stored)
+    fake.answers["patch_namespaced_secret"] = lambda name, ns, body, **kw: Response(
+        {**stored, "data": {**stored["data"], **body["data"]}})
+    record = keys.activate_staged("shop", parse_key_secret(stored, settings=SETTINGS))
+    [(_, args, _)] = [c for c in fake.calls if c[0] == "patch_namespaced_secret"]
+    assert args[2] == {"metadata": {"resourceVersion": "57"},
+                       "data": {"encryption-key": stored["data"]["staged-encryption-key"]}}
+    assert record is not None and record.state == "valid"

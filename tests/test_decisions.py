@@ -275,3 +275,51 @@ def test_a_stored_pod_may_list_only_slots_that_exist(listed, problem):
         assert found is None
     else:
         assert problem in found[0] and found[1] is True  # a live read confirms it first
+
+
+@pytest.mark.parametrize(("items", "problem"), [
+    ([{"key": "encryption-key", "path": "encryption-key-3"},
+      {"key": "staged-encryption-key", "path": "staged/encryption-key-3"}], None),
+    ([{"key": "encryption-key", "path": "encryption-key-3"}], None),
+    ([{"key": "encryption-key", "path": "encryption-key-3"},
+      {"key": "staged-encryption-key", "path": "encryption-key-9"}], "does not project"),
+    ([{"key": "staged-encryption-key", "path": "encryption-key-3"}], "does not project"),
+], ids=["key-and-staged-fields", "before-staged-keys", "staged-at-another-file",
+        "staged-bytes-as-the-active-file"])
+def test_a_stored_pods_slot_projects_its_key_field_and_staged_field_at_their_files(
+        items, problem):
+    # The staged field at a top-level file would make a staged key one that Pods
+    # encrypt with before every Pod has it.
+    from webhook.decisions import find_injection_problem
+    from webhook.injection import inject_keys
+
+    from builders import slot_secret
+    ring = keyring_of(key_secret("key-a", random_key(), index=1), slot_secret(3),
+                      namespace="shop")
+    injected = inject_keys(pod(), keyring=ring, settings=SETTINGS).apply(pod())
+    volume = next(v for v in injected["spec"]["volumes"] if v["name"] == "keymount-encryption-keys")
+    volume["projected"]["sources"][-1]["secret"]["items"] = items
+    found = find_injection_problem(injected, keyring=ring, settings=SETTINGS)
+    if problem is None:
+        assert found is None
+    else:
+        assert problem in found[0] and found[1] is False
+
+
+@pytest.mark.parametrize("handler", [stamp_secret, guard_secret], ids=["mutate", "validate"])
+@pytest.mark.parametrize(("source", "key_state"), [("cache", True), ("live", False)])
+def test_a_staging_is_judged_only_against_a_live_read(handler, source, key_state):
+    # At most one staged key per namespace: one staged a moment ago through another
+    # replica may not be in this one's cache yet.
+    from datetime import UTC, datetime
+
+    from builders import slot_secret
+    ring = keyring_of(key_secret("key-a", random_key(), index=1), slot_secret(2))
+    staged = slot_secret(2)
+    staged["data"]["staged-encryption-key"] = base64.b64encode(random_key()).decode()
+    staged["metadata"]["annotations"]["keymount.io/staged-at"] = "2026-12-02T13:00:00Z"
+    request = request_of(staged, kind="Secret", operation="UPDATE", old=slot_secret(2))
+    verdict = handler(request, View(ring, SETTINGS, source=source,
+                                    now=datetime(2026, 12, 2, 13, 0, tzinfo=UTC)))
+    assert verdict.key_state is key_state
+    assert (verdict.result == "denied") is key_state

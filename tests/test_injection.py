@@ -333,3 +333,60 @@ def test_a_keyring_keeps_at_most_a_bounded_number_of_patch_shapes():
         outcome = inject(pod(*(container(f"c{i}") for i in range(count))), keyring=keyring)
         assert len(json.loads(base64.b64decode(outcome.encoded))) == count + 2
     assert sum(1 for key in keyring.derived if key[0] == "patch") == MAX_PATCH_SHAPES
+
+
+# --- staged keys ---------------------------------------------------------------------
+
+def staged_slot(number, key):
+    """A staged key as keymount's webhooks store it: the slot with its staged field."""
+    import base64
+    secret = slot_secret(number)
+    secret["data"]["staged-encryption-key"] = base64.b64encode(key).decode()
+    secret["metadata"]["annotations"]["keymount.io/staged-at"] = "2026-12-02T13:00:00Z"
+    return secret
+
+
+def slot_sources(result):
+    sources = result["spec"]["volumes"][0]["projected"]["sources"]
+    return [(s["secret"]["name"], [i["path"] for i in s["secret"]["items"]])
+            for s in sources if s["secret"]["optional"]]
+
+
+def test_a_pod_created_during_staging_lists_the_staged_file_and_then_the_free_slots():
+    ring = keyring_of(key_secret("key-a", fixed_key("a"), index=1),
+                      staged_slot(2, fixed_key("b")), slot_secret(3), slot_secret(4))
+    result, outcome = injected(pod(), keyring=ring)
+    assert slot_sources(result) == [
+        ("keymount-key-2", ["encryption-key-2", "staged/encryption-key-2"]),
+        ("keymount-key-3", ["encryption-key-3", "staged/encryption-key-3"]),
+        ("keymount-key-4", ["encryption-key-4", "staged/encryption-key-4"])]
+    # Staged is not active: the Pod encrypts with key 1 until the activation.
+    assert [f.file for f in outcome.files] == ["encryption-key-1"]
+
+
+def test_every_slot_source_lists_its_key_field_and_its_staged_field_optionally():
+    result, _ = injected(pod())
+    sources = result["spec"]["volumes"][0]["projected"]["sources"]
+    slot = next(s["secret"] for s in sources if s["secret"]["name"] == "keymount-key-3")
+    assert slot == {"name": "keymount-key-3", "optional": True, "items": [
+        {"key": "encryption-key", "path": "encryption-key-3"},
+        {"key": "staged-encryption-key", "path": "staged/encryption-key-3"}]}
+
+
+def test_a_namespace_with_only_a_staged_key_has_no_valid_key_and_is_told_to_activate_it():
+    ring = keyring_of(staged_slot(1, fixed_key("a")), slot_secret(2))
+    outcome = inject(pod(), keyring=ring)
+    assert isinstance(outcome, Refused) and outcome.reason == "no-valid-key"
+    assert "only the staged key 'keymount-key-1'" in outcome.message
+    assert "keymount keys activate -n shop" in outcome.message
+
+
+def test_an_activated_key_is_a_plain_key_source_of_its_key_field():
+    active = staged_slot(2, fixed_key("b"))
+    active["data"]["encryption-key"] = active["data"]["staged-encryption-key"]
+    ring = keyring_of(key_secret("key-a", fixed_key("a"), index=1), active, slot_secret(3))
+    result, outcome = injected(pod(), keyring=ring)
+    sources = result["spec"]["volumes"][0]["projected"]["sources"]
+    assert sources[1]["secret"] == {"name": "keymount-key-2", "optional": False, "items": [
+        {"key": "encryption-key", "path": "encryption-key-2"}]}
+    assert outcome.files[-1].file == "encryption-key-2"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+from datetime import UTC, datetime
 
 import jsonpatch
 import pytest
@@ -19,6 +20,8 @@ from builders import key_secret, keyring_of, random_key, review, slot_secret
 SETTINGS = Settings()
 WRITERS = parse_key_writers("group:keymount:key-writers,user:alice", own_user="keymount-sa")
 RETIRED = {"keymount.io/retired": "2026-11-29T00:00:00Z"}
+NOW = datetime(2026, 12, 2, 13, 0, 0, 123000, tzinfo=UTC)  # keymount's clock in reviews
+STAMPED = "2026-12-02T13:00:00Z"
 
 
 def parse(body):
@@ -26,14 +29,14 @@ def parse(body):
 
 
 def through_api(obj, *, keyring, operation="CREATE", old=None, user="alice", groups=(),
-                writers=WRITERS):
+                writers=WRITERS, now=NOW):
     """What the API server does: /mutate, apply its patch, then /validate the result."""
     body = review(obj, kind="Secret", operation=operation, old=old, username=user)
     body["request"]["userInfo"]["groups"] = list(groups)
     body["request"]["name"] = ((obj or old or {}).get("metadata") or {}).get("name", "")
     stored = obj
     if obj is not None:
-        mutation = review_mutation(parse(body), keyring=keyring, settings=SETTINGS)
+        mutation = review_mutation(parse(body), keyring=keyring, settings=SETTINGS, now=now)
         assert mutation.response["allowed"] is True
         if "patch" in mutation.response:
             ops = json.loads(base64.b64decode(mutation.response["patch"]))
@@ -73,7 +76,8 @@ def test_a_key_created_in_an_empty_namespace_gets_number_1():
     verdict, stored = through_api(key_secret("first", random_key()), keyring=keyring_of())
     assert verdict.result == "allowed"
     assert annotations(stored) == {"keymount.io/key-index": "1",
-                                   "keymount.io/numbers-used": "1"}
+                                   "keymount.io/numbers-used": "1",
+                                   "keymount.io/activated-at": STAMPED}
 
 
 def test_a_secret_gaining_the_key_label_is_a_create_and_gets_a_number():
@@ -472,7 +476,7 @@ def test_filling_a_slot_is_how_a_writer_makes_a_key(user, result):
         assert (verdict.key.action, verdict.key.number) == ("created", 4)
         assert verdict.key.fingerprint == fingerprint_key(key)
     else:
-        assert "may not fill, retire or change key Secret" in verdict.message
+        assert "may not fill, stage, retire or change key Secret" in verdict.message
 
 
 def test_a_slot_filled_with_invalid_material_is_refused_with_the_reason():
@@ -534,3 +538,205 @@ def test_a_slot_whose_number_another_key_took_is_not_filled():
     ring = keyring_of(*three_keys(), slot_secret(4), taken)
     verdict = update(ring, slot_secret(4), filled(slot_secret(4), random_key()))
     assert verdict.result == "denied" and "already held by key Secret 'gitops'" in verdict.message
+
+
+# --- staged keys ------------------------------------------------------------------------
+
+def staged(slot, key):
+    """A slot staged as `keys rotate --stage` does it: the key in the staged field."""
+    stored = json.loads(json.dumps(slot))
+    stored["data"]["staged-encryption-key"] = base64.b64encode(key).decode()
+    return stored
+
+
+def staged_as_stored(number, key, *, at=STAMPED):
+    """A staged key as the API server holds it after keymount's webhooks."""
+    secret = staged(slot_secret(number), key)
+    secret["metadata"]["annotations"]["keymount.io/staged-at"] = at
+    return secret
+
+
+def activated(secret):
+    """`keys activate`: the key field gets the staged field's stored bytes."""
+    stored = json.loads(json.dumps(secret))
+    stored["data"]["encryption-key"] = stored["data"]["staged-encryption-key"]
+    return stored
+
+
+def test_a_writer_stages_a_slot_and_keymount_stamps_when():
+    ring = keyring_of(*three_keys(), slot_secret(4), slot_secret(5))
+    key = random_key()
+    verdict, stored = through_api(staged(slot_secret(4), key), operation="UPDATE",
+                                  old=slot_secret(4), keyring=ring)
+    assert verdict.result == "allowed", verdict.message
+    from webhook.keys import fingerprint_key
+    assert (verdict.key.action, verdict.key.number, verdict.key.fingerprint) == \
+        ("staged", 4, fingerprint_key(key))
+    assert annotations(stored)["keymount.io/staged-at"] == STAMPED
+    assert "keymount.io/activated-at" not in annotations(stored)
+
+
+def test_the_staged_at_time_is_keymounts_not_the_requests():
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    lying = staged(slot_secret(4), random_key())
+    lying["metadata"]["annotations"]["keymount.io/staged-at"] = "2020-01-01T00:00:00Z"
+    verdict, stored = through_api(lying, operation="UPDATE", old=slot_secret(4), keyring=ring)
+    assert verdict.result == "allowed", verdict.message
+    assert annotations(stored)["keymount.io/staged-at"] == STAMPED
+
+
+def test_a_staging_that_skipped_the_mutating_webhook_is_refused():
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    verdict = update(ring, slot_secret(4), staged(slot_secret(4), random_key()), now=None)
+    assert verdict.result == "denied" and "has no keymount.io/staged-at" in verdict.message
+
+
+@pytest.mark.parametrize("change", ["stage", "activate", "cancel", "change-metadata"])
+def test_a_non_writer_can_neither_stage_nor_activate_nor_cancel(change):
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    key = random_key()
+    if change == "stage":
+        old, new = slot_secret(4), staged(slot_secret(4), key)
+    else:
+        old = staged_as_stored(4, key)
+        ring = keyring_of(*three_keys(), old)
+        new = json.loads(json.dumps(old))
+        if change == "activate":
+            new = activated(old)
+        elif change == "cancel":
+            new["data"] = {}
+            new["metadata"]["annotations"].update(RETIRED)
+        else:
+            new["metadata"]["labels"]["team"] = "payments"
+    verdict = update(ring, old, new, user="mallory")
+    assert verdict.result == "denied"
+    assert "only keymount's key writers may" in verdict.message
+    assert update(ring, old, new, user="alice").result == "allowed"
+
+
+def test_a_second_staged_key_is_refused_with_the_commands_that_end_the_first():
+    first = staged_as_stored(4, random_key())
+    ring = keyring_of(*three_keys(), first, slot_secret(5))
+    verdict = update(ring, slot_secret(5), staged(slot_secret(5), random_key()))
+    assert verdict.result == "denied"
+    assert "already has a staged key, 'keymount-key-4'" in verdict.message
+    assert "keymount keys activate -n shop" in verdict.message
+    assert "keymount keys retire keymount-key-4 -n shop" in verdict.message
+
+
+def test_a_staged_key_whose_number_another_key_took_is_refused():
+    taken = key_secret("gitops", random_key(), index=4,
+                       annotations={"keymount.io/numbers-used": "1-4"})
+    ring = keyring_of(*three_keys(), slot_secret(4), taken)
+    verdict = update(ring, slot_secret(4), staged(slot_secret(4), random_key()))
+    assert verdict.result == "denied" and "already held by key Secret 'gitops'" in verdict.message
+    assert "keymount keys rotate -n shop --stage" in verdict.message
+
+
+def test_staging_invalid_bytes_is_refused_with_the_reason():
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    verdict = update(ring, slot_secret(4), staged(slot_secret(4), bytes(range(1, 32))))
+    assert verdict.result == "denied"
+    assert "field 'staged-encryption-key' holds 31 bytes" in verdict.message
+
+
+def test_activation_copies_the_staged_bytes_and_keymount_stamps_when():
+    key = random_key()
+    old = staged_as_stored(4, key)
+    ring = keyring_of(*three_keys(), old)
+    verdict, stored = through_api(activated(old), operation="UPDATE", old=old, keyring=ring)
+    assert verdict.result == "allowed", verdict.message
+    assert (verdict.key.action, verdict.key.number) == ("activated", 4)
+    assert annotations(stored)["keymount.io/activated-at"] == STAMPED
+    assert annotations(stored)["keymount.io/staged-at"] == STAMPED  # kept
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(lambda old: {**old, "encryption-key": base64.b64encode(random_key()).decode()},
+                 id="other-key-bytes"),
+    pytest.param(lambda old: {"staged-encryption-key": base64.b64encode(random_key()).decode()},
+                 id="staged-bytes-changed"),
+    pytest.param(lambda old: {}, id="staged-bytes-removed"),
+    pytest.param(lambda old: {"encryption-key": old["staged-encryption-key"]},
+                 id="activated-without-the-staged-field"),
+])
+def test_a_staged_keys_bytes_change_only_by_being_copied_into_the_key_field(data):
+    old = staged_as_stored(4, random_key())
+    ring = keyring_of(*three_keys(), old)
+    new = json.loads(json.dumps(old))
+    new["data"] = data(dict(old["data"]))
+    verdict = update(ring, old, new)
+    assert verdict.result == "denied"
+    assert "keymount keys activate -n shop" in verdict.message
+
+
+def test_cancelling_a_staged_key_retires_it():
+    old = staged_as_stored(4, random_key())
+    ring = keyring_of(*three_keys(), old)
+    cancelled = json.loads(json.dumps(old))
+    cancelled["data"] = {}
+    cancelled["metadata"]["annotations"].update(RETIRED)
+    verdict = update(ring, old, cancelled)
+    assert verdict.result == "allowed" and verdict.key.action == "retired"
+
+
+@pytest.mark.parametrize("data", [
+    pytest.param(lambda d: {"encryption-key": d["encryption-key"]}, id="staged-field-removed"),
+    pytest.param(lambda d: {**d, "staged-encryption-key": base64.b64encode(
+        random_key()).decode()}, id="staged-field-changed"),
+])
+def test_an_activated_keys_staged_field_stays_as_it_was(data):
+    old = activated(staged_as_stored(4, random_key()))
+    old["metadata"]["annotations"]["keymount.io/activated-at"] = STAMPED
+    ring = keyring_of(*three_keys(), old)
+    new = json.loads(json.dumps(old))
+    new["data"] = data(dict(old["data"]))
+    verdict = update(ring, old, new)
+    assert verdict.result == "denied", verdict.message
+    assert "staged-encryption-key" in verdict.message
+
+
+@pytest.mark.parametrize("annotation", ["keymount.io/staged-at", "keymount.io/activated-at"])
+@pytest.mark.parametrize("value", ["2030-01-01T00:00:00Z", None], ids=["changed", "removed"])
+def test_the_staging_and_activation_times_cannot_be_changed_and_come_back_when_dropped(
+        annotation, value):
+    old = activated(staged_as_stored(4, random_key()))
+    old["metadata"]["annotations"]["keymount.io/activated-at"] = STAMPED
+    ring = keyring_of(*three_keys(), old)
+    new = json.loads(json.dumps(old))
+    if value is None:
+        # A GitOps sync that leaves keymount's annotations out: they come back.
+        del new["metadata"]["annotations"][annotation]
+        verdict, stored = through_api(new, operation="UPDATE", old=old, keyring=ring)
+        assert verdict.result == "allowed", verdict.message
+        assert annotations(stored)[annotation] == STAMPED
+    else:
+        new["metadata"]["annotations"][annotation] = value
+        verdict = update(ring, old, new)
+        assert verdict.result == "denied" and annotation in verdict.message
+
+
+def test_a_key_cannot_gain_an_activation_time_it_was_not_stamped_with():
+    old = key_secret("k3", random_key(), index=3, annotations={"keymount.io/numbers-used": "1-3"})
+    new = json.loads(json.dumps(old))
+    new["metadata"]["annotations"]["keymount.io/activated-at"] = "2030-01-01T00:00:00Z"
+    verdict = update(keyring_of(*three_keys()), old, new)
+    assert verdict.result == "denied" and "keymount.io/activated-at" in verdict.message
+
+
+def test_filling_a_slot_stamps_its_activation_time():
+    ring = keyring_of(*three_keys(), slot_secret(4))
+    verdict, stored = through_api(filled(slot_secret(4), random_key()), operation="UPDATE",
+                                  old=slot_secret(4), keyring=ring)
+    assert verdict.result == "allowed"
+    assert annotations(stored)["keymount.io/activated-at"] == STAMPED
+
+
+def test_a_slot_made_with_a_time_of_its_own_gets_keymounts_when_it_is_filled():
+    slot = slot_secret(4)
+    slot["metadata"]["annotations"]["keymount.io/activated-at"] = "2020-01-01T00:00:00Z"
+    ring = keyring_of(*three_keys(), slot)
+    verdict, stored = through_api(filled(slot, random_key()), operation="UPDATE", old=slot,
+                                  keyring=ring)
+    assert verdict.result == "allowed", verdict.message
+    assert annotations(stored)["keymount.io/activated-at"] == STAMPED

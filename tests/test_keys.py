@@ -303,3 +303,54 @@ def test_two_keys_declaring_one_index_are_a_conflict_whatever_their_names(legacy
     assert "'a-key'" in message and "'b-key'" in message and "number 1" in message
     assert ("made before keymount numbered keys" in message) is legacy
     assert "kubectl delete secret NAME -n shop" in message
+
+
+# --- staged keys ---------------------------------------------------------------------
+
+def _slot_with(number, *, key=None, staged=None, retired=False):
+    from builders import slot_secret
+    secret = slot_secret(number)
+    if key is not None:
+        secret["data"]["encryption-key"] = base64.b64encode(key).decode()
+    if staged is not None:
+        secret["data"]["staged-encryption-key"] = base64.b64encode(staged).decode()
+    if retired:
+        secret["metadata"]["annotations"]["keymount.io/retired"] = "2026-12-01T00:00:00Z"
+    secret["metadata"]["annotations"]["keymount.io/staged-at"] = "2026-12-02T13:00:00Z"
+    return secret
+
+
+OTHER = random_key()
+
+
+@pytest.mark.parametrize(("fields", "state", "reason_part"), [
+    pytest.param({"staged": KEY}, "staged", "", id="staged"),
+    pytest.param({"staged": KEY, "key": KEY}, "valid", "", id="activated"),
+    pytest.param({"staged": KEY, "key": OTHER}, "invalid", "hold different bytes",
+                 id="two-different-keys"),
+    pytest.param({"staged": bytes(31)}, "invalid", "field 'staged-encryption-key'",
+                 id="staged-bytes-invalid"),
+    pytest.param({"staged": KEY, "retired": True}, "invalid", "still holds key material",
+                 id="retired-with-staged-bytes"),
+    pytest.param({}, "slot", "", id="empty-slot"),
+])
+def test_a_slots_fields_decide_whether_it_is_a_slot_a_staged_key_or_a_key(
+        fields, state, reason_part):
+    from webhook.key_secrets import parse_key_secret
+    record = parse_key_secret(_slot_with(4, **fields), settings=Settings())
+    assert record.state == state
+    assert reason_part in record.check.reason
+    if state == "staged":
+        assert record.fingerprint == fingerprint_key(KEY) and not record.valid
+        assert record.staged_at is not None and record.staged_at.year == 2026
+
+
+def test_a_staged_key_holds_its_number_but_is_neither_a_key_nor_a_free_slot():
+    from builders import slot_secret
+    ring = keyring_of(key_secret("key-a", random_key(), index=1), _slot_with(2, staged=KEY),
+                      slot_secret(3))
+    assert ring.staged is not None and ring.staged.name == "keymount-key-2"
+    assert [r.name for r in ring.keys] == ["key-a"] and ring.active_number == 1
+    assert [r.name for r in ring.free_slots] == ["keymount-key-3"]
+    assert ring.holder_of(2) is ring.staged and ring.number_of("keymount-key-2") == 2
+    assert 2 in ring.used and ring.next_number == 4

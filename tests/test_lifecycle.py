@@ -276,3 +276,31 @@ def test_restart_targets_are_the_workloads_whose_pods_started_without_the_new_ke
     assert workloads == [("Deployment", "api"), ("StatefulSet", "db")]
     assert others == ["kubectl delete pod bare -n shop  # a bare Pod: recreate it",
                       "restart job/migrate -n shop"]
+
+
+def test_key_rows_show_a_staged_key_at_its_staged_file_with_its_fingerprint():
+    from webhook.keys import fingerprint_key
+    key = random_key()
+    staged = slot_secret(2)
+    staged["data"]["staged-encryption-key"] = base64.b64encode(key).decode()
+    ring = keyring_of(key_secret("keymount-key-1", random_key(), index=1), staged,
+                      slot_secret(3))
+    rows = [(r.file, r.secret, r.state, r.fingerprint) for r in build_key_rows(ring, now=NOW)]
+    assert rows[1:] == [("staged/encryption-key-2", "keymount-key-2", "staged",
+                         fingerprint_key(key)),
+                        ("-", "keymount-key-3", "slot", "-")]
+    assert rows[0][2] == "active"
+
+
+@pytest.mark.parametrize(("activated", "too_old"), [
+    ("2026-05-31T00:00:00Z", False), (None, True), ("2025-01-01T00:00:00Z", True),
+], ids=["filled-yesterday", "never-stamped", "activated-long-ago"])
+def test_a_keys_age_counts_from_its_activation_not_from_its_slots_creation(activated,
+                                                                           too_old):
+    # Slots are reserved in advance: a key that filled a year-old slot yesterday is new.
+    annotations = {"keymount.io/numbers-used": "1"}
+    if activated:
+        annotations["keymount.io/activated-at"] = activated
+    ring = keyring_of(key_secret("keymount-key-1", random_key(), index=1,
+                                 created="2025-06-01T00:00:00Z", annotations=annotations))
+    assert newest_key_too_old(ring, max_age=timedelta(days=90), now=NOW) is too_old

@@ -36,6 +36,7 @@ from .names import (
     INDEX_ANNOTATION,
     NUMBERS_USED_ANNOTATION,
     RETIRED_ANNOTATION,
+    staged_field,
 )
 
 FORMAT = "keymount-backup/v1"
@@ -56,12 +57,14 @@ class BackedUpKey:
     retired: bool
     value: bytes | None  # the key field as stored; None for a retired key
     generated: bool = False
+    # A staged key: `value` is its staged field, restored there (not yet active).
+    staged: bool = False
 
     def as_json(self) -> dict[str, Any]:
         return {"namespace": self.namespace, "name": self.name, "number": self.number,
                 "created": self.created, "fingerprint": self.fingerprint,
                 "numbersUsed": self.numbers_used, "retired": self.retired,
-                "generated": self.generated,
+                "generated": self.generated, "staged": self.staged,
                 "key": None if self.value is None else base64.b64encode(self.value).decode()}
 
 
@@ -85,13 +88,15 @@ def collect(secrets: Iterable[Mapping[str, Any]], keyrings: Mapping[str, Keyring
                 f"key Secret {name!r} in namespace {namespace} has no number of its own yet "
                 f"(made before keymount numbered keys); pin it first so a restore gives it "
                 f"the same file: keymount keys pin -n {namespace}")
-        value, _ = read_key_field(secret, settings.key_field)
+        staged = record.state == "staged"
+        value, _ = read_key_field(secret, staged_field(settings.key_field) if staged
+                                  else settings.key_field)
         annotations = meta.get("annotations") or {}
         keys.append(BackedUpKey(
             namespace, name, number, str(meta.get("creationTimestamp") or ""),
             record.fingerprint, format_numbers(record.numbers_used | number),
             record.retired, None if record.retired else value,
-            annotations.get(GENERATED_ANNOTATION) == "true"))
+            annotations.get(GENERATED_ANNOTATION) == "true", staged))
     return sorted(keys, key=lambda k: (k.namespace, k.number))
 
 
@@ -157,7 +162,7 @@ def parse(plaintext: bytes, *, source: str) -> list[BackedUpKey]:
             str(k["namespace"]), str(k["name"]), int(k["number"]), str(k.get("created", "")),
             str(k["fingerprint"]), str(k.get("numbersUsed", "")), bool(k.get("retired")),
             None if k.get("key") is None else base64.b64decode(k["key"], validate=True),
-            bool(k.get("generated"))) for k in document["keys"]]
+            bool(k.get("generated")), bool(k.get("staged"))) for k in document["keys"]]
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
         raise BackupError(f"{source} is not a keymount backup ({FORMAT})") from None
     for key in keys:
@@ -226,5 +231,7 @@ def restored_secret(key: BackedUpKey, *, settings: Settings,
         "metadata": {"name": key.name, "namespace": key.namespace, "labels": dict(labels),
                      "annotations": annotations}}
     if key.value is not None:
-        secret["data"] = {settings.key_field: base64.b64encode(key.value).decode()}
+        # An activated key held its bytes in both fields; the key field alone is the key.
+        field = staged_field(settings.key_field) if key.staged else settings.key_field
+        secret["data"] = {field: base64.b64encode(key.value).decode()}
     return secret

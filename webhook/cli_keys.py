@@ -14,7 +14,7 @@ import json
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import yaml
 
@@ -27,7 +27,7 @@ from .cli_common import (
     read_input,
 )
 from .config import Settings
-from .errors import UserFacingError
+from .errors import PolicyUnknown, UserFacingError
 from .key_secrets import ApiObject, SlotOutcome
 from .keys import (
     KeyRecord,
@@ -38,7 +38,14 @@ from .keys import (
     format_numbers,
     generate_key,
 )
-from .names import INDEX_ANNOTATION, RETIRED_ANNOTATION, key_file_name, slot_secret_name
+from .names import (
+    INDEX_ANNOTATION,
+    RETIRED_ANNOTATION,
+    key_file_name,
+    slot_secret_name,
+    staged_field,
+    staged_file_name,
+)
 
 if TYPE_CHECKING:  # the CLI imports the Kubernetes client only for cluster commands
     from .audit import Rbac
@@ -59,6 +66,9 @@ class KeyApi(Protocol):
     def patch_secret(self, namespace: str, name: str, patch: ApiObject) -> None: ...
     def reserve_slot(self, namespace: str, number: int) -> SlotOutcome: ...
     def fill_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
+    def stage_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
+    def activate_staged(self, namespace: str, staged: KeyRecord) -> KeyRecord | None: ...
+    def has_policy(self, namespace: str) -> bool: ...
     def restart_workload(self, namespace: str, kind: str, name: str, *, at: str) -> None: ...
     def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject: ...
     def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]: ...
@@ -222,17 +232,21 @@ def reserve_next(keys: KeyApi, keyring: Keyring) -> None:
         number += 1
 
 
-def fill_next_slot(keys: KeyApi, namespace: str, key: bytes) -> KeyRecord:
-    """Make a key by filling the lowest empty slot above the active key, reserving one
-    first when there is none (a namespace from before slots). The API server takes one
-    write per resourceVersion, so concurrent writers end with distinct numbers."""
+def fill_next_slot(keys: KeyApi, namespace: str, key: bytes, *,
+                   staged: bool = False) -> KeyRecord:
+    """Make a key by filling the lowest empty slot above the active key (with `staged`,
+    its staged field: a staged key), reserving one first when there is none (a
+    namespace from before slots). The API server takes one write per resourceVersion,
+    so concurrent writers end with distinct numbers."""
     keyring = keys.keyring(namespace)
+    fill = keys.stage_slot if staged else keys.fill_slot
     for _ in range(SLOT_ATTEMPTS):
+        refuse_beside_staged(keyring)
         free = keyring.free_slots
         if not free:
             reserve_next(keys, keyring)
         else:
-            record = keys.fill_slot(namespace, free[0], key)
+            record = fill(namespace, free[0], key)
             if record is not None:
                 return record
         keyring = keys.keyring(namespace)
@@ -242,13 +256,15 @@ def fill_next_slot(keys: KeyApi, namespace: str, key: bytes) -> KeyRecord:
 
 
 def keep_slots(keys: KeyApi, namespace: str, settings: Settings) -> None:
-    """Reserve empty slots until `--rotation-slots` wait above the active key: the
-    names new backend Pods list, so the next keys reach them without a restart. The
-    key is made already: a failure here is a warning, never a reason to retry it."""
+    """Reserve empty slots until `--rotation-slots` numbers wait above the active key
+    (a staged key counts as one): the names new backend Pods list, so the next keys
+    reach them without a restart. The key is made already: a failure here is a
+    warning, never a reason to retry it."""
     try:
         keyring = keys.keyring(namespace)
         for _ in range(SLOT_ATTEMPTS):
-            if len(keyring.free_slots) >= settings.rotation_slots:
+            waiting = len(keyring.free_slots) + len(keyring.staged_keys)
+            if waiting >= settings.rotation_slots:
                 return
             reserve_next(keys, keyring)
             keyring = keys.keyring(namespace)
@@ -259,14 +275,70 @@ def keep_slots(keys: KeyApi, namespace: str, settings: Settings) -> None:
               f"and the next keys rotate reserves them", file=sys.stderr)
 
 
+def refuse_beside_staged(keyring: Keyring) -> None:
+    """No key is added while one is staged: a key made now would take a number above
+    it, and activating the staged key later would not make it the active one."""
+    staged, ns = keyring.staged, keyring.namespace
+    if staged is not None:
+        raise UserFacingError(
+            f"namespace {ns} has a staged key, {staged.name} (number {staged.index}); one "
+            f"key is staged at a time and activated before the next is added. Activate it "
+            f"(keymount keys activate -n {ns}) or cancel it (keymount keys retire "
+            f"{staged.name} -n {ns}), then rotate again")
+
+
+RotationMode = Literal["stage", "activate"]
+
+
+def should_stage(*, stage: bool, activate_now: bool, has_policy: bool) -> bool:
+    """`keys rotate` stages with --stage, or when the namespace has a KeyPolicy unless
+    --activate-now says otherwise (docs/contract.md, "Staged keys")."""
+    return stage or (has_policy and not activate_now)
+
+
+def rotation_mode(keys: KeyApi, namespace: str, *, stage: bool,
+                  activate_now: bool) -> RotationMode:
+    """How `keys rotate` adds its key; asks for the namespace's policy only when no flag
+    says. A user who may not read policies gets the key active at once, as before
+    policies existed, with a warning that says how to stage instead."""
+    try:
+        policy = not (stage or activate_now) and keys.has_policy(namespace)
+    except PolicyUnknown as exc:
+        print(f"warning: {exc}; the new key is active at once, as in a namespace without "
+              f"one. To stage it: keymount keys rotate -n {namespace} --stage (or ask for "
+              f"list on keypolicies.keymount.io)", file=sys.stderr)
+        return "activate"
+    if should_stage(stage=stage, activate_now=activate_now, has_policy=policy):
+        return "stage"
+    if activate_now:
+        print(f"warning: --activate-now skips staging: applications in namespace "
+              f"{namespace} encrypt with the new key at once, while running Pods that "
+              f"have not received it yet (until the kubelet's next sync and Secret cache "
+              f"refresh, about 2 minutes with kubelet defaults) cannot decrypt what it "
+              f"encrypts. Stage instead: keymount keys rotate -n {namespace} --stage",
+              file=sys.stderr)
+    return "activate"
+
+
+def refuse_staged_name(name: str | None, index: int | None) -> None:
+    """A staged key is made only in the next slot: Pods list nothing else."""
+    if name is not None or index is not None:
+        raise UserFacingError(
+            "a staged key lives in the next key slot (keymount-key-N): running Pods get "
+            "it only there. Drop --name/--index, or add the key active at once with "
+            "--activate-now", 2)
+
+
 def make_key(keys: KeyApi, namespace: str, key: bytes, *, name: str | None,
-             index: int | None, settings: Settings) -> KeyRecord:
+             index: int | None, settings: Settings, staged: bool = False) -> KeyRecord:
     """A new key: under `name` (or at `index`), stamped by keymount's webhook from a
     fresh view, which running Pods get only by a restart; otherwise filling the next
-    slot, which they get live."""
+    slot (with `staged`, as a staged key), which they get live."""
     from .key_secrets import build_key_secret
+    if staged:
+        refuse_staged_name(name, index)
     if name is None and index is None:
-        return fill_next_slot(keys, namespace, key)
+        return fill_next_slot(keys, namespace, key, staged=staged)
     return keys.create_secret(build_key_secret(
         name or slot_secret_name(index or 0), namespace=namespace, key=key, index=index,
         settings=settings))
@@ -275,26 +347,39 @@ def make_key(keys: KeyApi, namespace: str, key: bytes, *, name: str | None,
 def announce_key(keys: KeyApi, namespace: str, record: KeyRecord, key: bytes, *,
                  settings: Settings) -> None:
     """Say what was made, then keep the slots (the key exists whatever happens next)."""
-    report_created(record, namespace, check_key(key, encoding=settings.key_encoding).fingerprint)
+    fingerprint = check_key(key, encoding=settings.key_encoding).fingerprint
+    if record.state == "staged":
+        print(f"secret/{record.name} staged in namespace {namespace}: number "
+              f"{record.index} (file {staged_file_name(record.index)}), fingerprint "
+              f"{fingerprint}")
+    else:
+        report_created(record, namespace, fingerprint)
     keep_slots(keys, namespace, settings)
 
 
 def slot_manifest(keyring: Keyring, *, key: bytes, name: str | None,
-                  settings: Settings) -> dict[str, Any]:
+                  settings: Settings, staged: bool = False) -> dict[str, Any]:
     """The manifest of the next key, for GitOps: it fills the lowest empty slot (so
     `kubectl apply` of it is an update of that slot, and running Pods get it), or makes
     the next number's slot name when the namespace has none. Under `name`, a key of
-    the next number that running Pods get only by a restart."""
+    the next number that running Pods get only by a restart. With `staged`, the key
+    is in the staged field: a staged key."""
     from .key_secrets import build_key_secret
     free = keyring.free_slots
     if name is None and free:
         slot = free[0]
-        return build_key_secret(slot.name, namespace=keyring.namespace, key=key,
-                                index=slot.index, settings=settings,
-                                numbers_used=format_numbers(slot.numbers_used))
-    number = keyring.next_number
-    return build_key_secret(name or slot_secret_name(number), namespace=keyring.namespace,
-                            key=key, index=number, settings=settings)
+        manifest = build_key_secret(slot.name, namespace=keyring.namespace, key=key,
+                                    index=slot.index, settings=settings,
+                                    numbers_used=format_numbers(slot.numbers_used))
+    else:
+        number = keyring.next_number
+        manifest = build_key_secret(name or slot_secret_name(number),
+                                    namespace=keyring.namespace, key=key, index=number,
+                                    settings=settings)
+    if staged:
+        data = manifest["data"]
+        data[staged_field(settings.key_field)] = data.pop(settings.key_field)
+    return manifest
 
 
 def cmd_rotate(args: argparse.Namespace) -> int:
@@ -302,13 +387,31 @@ def cmd_rotate(args: argparse.Namespace) -> int:
     keys, namespace = connect_namespace(args, settings)
     key = read_key_material(args, settings)
     keyring = keys.keyring(namespace)
+    staged = rotation_mode(keys, namespace, stage=args.stage,
+                           activate_now=args.activate_now) == "stage"
+    if staged and args.restart:
+        raise UserFacingError(
+            "--restart rolls workloads after the new key is active; a staged key is not "
+            "active yet. Restart after activating it: keymount keys activate -n "
+            f"{namespace} --restart", 2)
     if args.dry_run:
-        print_manifest(slot_manifest(keyring, key=key, name=args.name, settings=settings),
-                       args.output)
+        refuse_beside_staged(keyring)
+        if staged:
+            refuse_staged_name(args.name, None)
+        print_manifest(slot_manifest(keyring, key=key, name=args.name, settings=settings,
+                                     staged=staged), args.output)
         warn_manifest_holds_key()
         return 0
-    record = make_key(keys, namespace, key, name=args.name, index=None, settings=settings)
+    record = make_key(keys, namespace, key, name=args.name, index=None, settings=settings,
+                      staged=staged)
     announce_key(keys, namespace, record, key, settings=settings)
+    if record.state == "staged":
+        print(f"Backend Pods get it as {staged_file_name(record.index)}: applications "
+              f"decrypt with it but do not encrypt with it yet. Once every running Pod has "
+              f"it (the kubelet's sync period plus its Secret cache TTL, about 2 minutes "
+              f"with kubelet defaults), activate it: keymount keys activate -n {namespace}")
+        report_rollout(keys, namespace, record)
+        return 0
     if record.index_explicit:
         print(f"New backend Pods get it as {key_file_name(record.index)}, the highest "
               f"number: applications encrypt with it from now on.")
@@ -377,6 +480,62 @@ def report_rollout(keys: KeyApi, namespace: str, record: KeyRecord) -> None:
             print(f"  {restart_command(kind, name, namespace)}")
     if not live and not restart:
         print("No backend Pods run here now; new ones get it.")
+
+
+# --- activate ---------------------------------------------------------------------------
+
+# How long every running Pod may take to receive a staged key with kubelet defaults
+# (syncFrequency 1 minute plus the Secret cache TTL): activating sooner is allowed, with
+# a warning.
+DELIVERY_HINT_SECONDS = 120
+
+
+def activation_warning(staged: KeyRecord, *, now: datetime) -> str:
+    """A warning when the staged key is younger than the time Pods may need to receive
+    it; "" otherwise (or when its staged-at is unknown)."""
+    if staged.staged_at is None:
+        return ""
+    age = (now - staged.staged_at).total_seconds()
+    if age >= DELIVERY_HINT_SECONDS:
+        return ""
+    return (f"warning: {staged.name} was staged {max(0, int(age))}s ago; running Pods "
+            f"that have not received it under staged/ yet (up to the kubelet's sync period "
+            f"plus its Secret cache TTL, about {DELIVERY_HINT_SECONDS}s with kubelet "
+            f"defaults) cannot decrypt what the new key encrypts until they do")
+
+
+def activate_staged_key(keys: KeyApi, namespace: str) -> KeyRecord:
+    """Activate the namespace's staged key, reading it again when it changed under us."""
+    for _ in range(SLOT_ATTEMPTS):
+        staged = keys.keyring(namespace).staged
+        if staged is None:
+            raise UserFacingError(
+                f"namespace {namespace} has no staged key to activate; `keymount keys list "
+                f"-n {namespace}` shows its keys, and `keymount keys rotate -n {namespace} "
+                f"--stage` stages one")
+        record = keys.activate_staged(namespace, staged)
+        if record is not None:
+            return record
+    raise UserFacingError(f"could not activate the staged key of namespace {namespace} in "
+                          f"{SLOT_ATTEMPTS} attempts: it kept changing. Retry: keymount "
+                          f"keys activate -n {namespace}")
+
+
+def cmd_activate(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    keys, namespace = connect_namespace(args, settings)
+    staged = keys.keyring(namespace).staged
+    warning = activation_warning(staged, now=_now()) if staged is not None else ""
+    if warning:
+        print(warning, file=sys.stderr)
+    record = activate_staged_key(keys, namespace)
+    print(f"secret/{record.name} activated in namespace {namespace}: number {record.index} "
+          f"(file {key_file_name(record.index)}), fingerprint {record.fingerprint}. "
+          f"Applications encrypt with it from now on; running Pods that list its slot get "
+          f"the file within the kubelet's sync period, new Pods at once.")
+    if args.restart:
+        restart_workloads(keys, namespace, record, wait=args.wait, timeout=args.timeout)
+    return 0
 
 
 # --- list / status ----------------------------------------------------------------------
@@ -493,8 +652,13 @@ def cmd_retire(args: argparse.Namespace) -> int:
             f"{args.name} is the active key of namespace {namespace}: applications encrypt "
             f"new data with it. Add a new key first: keymount keys rotate -n {namespace}")
     number = keyring.number_of(args.name)
-    pods = pods_mounting(keys.backend_pods(namespace), args.name)
-    if pods:
+    # A staged key encrypted nothing yet: cancelling it takes staged/ away from the Pods
+    # that hold it, and no data needs it.
+    pods = [] if record.state == "staged" else pods_mounting(keys.backend_pods(namespace),
+                                                             args.name)
+    if record.state == "staged":
+        print(f"{args.name} is staged (number {number}); retiring it cancels the staging")
+    elif pods:
         print(f"{len(pods)} Pod(s) still mount {args.name} (number {number}, fingerprint "
               f"{record.fingerprint or '-'}):")
         for pod in pods:
@@ -515,9 +679,10 @@ def cmd_retire(args: argparse.Namespace) -> int:
             raise UserFacingError("not retired")
     if record.state == "valid" and keyring.legacy:
         pin_legacy_keys(keys, keyring)
-    # A merge patch: `null` deletes the key field; the label and number stay.
+    # A merge patch: `null` deletes the key field (and the staged one, which a staged or
+    # activated key has); the label and number stay.
     keys.patch_secret(namespace, args.name, {
-        "data": {settings.key_field: None},
+        "data": {settings.key_field: None, staged_field(settings.key_field): None},
         "metadata": {"annotations": {RETIRED_ANNOTATION: _now().strftime("%Y-%m-%dT%H:%M:%SZ")}}})
     kept = f"number {number} stays reserved" if number is not None else "it had no number"
     after = ("It keeps its slot name for good: running Pods may list it"
@@ -679,7 +844,8 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
     add_settings_flags(create)
     create.set_defaults(func=cmd_create)
 
-    rotate = sub.add_parser("rotate", help="add a new key at the next number")
+    rotate = sub.add_parser("rotate", help="add a new key at the next number (staged first "
+                                           "when the namespace has a KeyPolicy)")
     material = rotate.add_mutually_exclusive_group()
     material.add_argument("--generate", action="store_true", help="(the default)")
     material.add_argument("--from-file", metavar="FILE", help="key file")
@@ -691,6 +857,15 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
                              "stamp, instead of creating it")
     rotate.add_argument("-o", "--output", choices=("yaml", "json"), default="yaml",
                         help="manifest format with --dry-run")
+    staging = rotate.add_mutually_exclusive_group()
+    staging.add_argument("--stage", action="store_true",
+                         help="stage the key: Pods get it under staged/ first, and it is "
+                              "used to encrypt only after `keys activate` (the default "
+                              "when the namespace has a KeyPolicy)")
+    staging.add_argument("--activate-now", action="store_true",
+                         help="make the key active at once, even with a KeyPolicy (Pods "
+                              "that have not received it yet cannot decrypt what it "
+                              "encrypts)")
     rotate.add_argument("--restart", action="store_true",
                         help="then roll, one at a time, the Deployments, StatefulSets and "
                              "DaemonSets whose Pods started without the new key (for "
@@ -703,6 +878,18 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
     add_cluster_flags(rotate)
     add_settings_flags(rotate)
     rotate.set_defaults(func=cmd_rotate, default_generate=True)
+
+    activate = sub.add_parser("activate", help="make the staged key the active one")
+    activate.add_argument("--restart", action="store_true",
+                          help="then roll the workloads whose Pods started without it, as "
+                               "keys rotate --restart does")
+    activate.add_argument("--wait", action="store_true",
+                          help="with --restart: wait for each rollout")
+    activate.add_argument("--timeout", type=parse_duration_seconds, default=300.0,
+                          help="with --wait: how long one rollout may take (default 5m)")
+    add_cluster_flags(activate)
+    add_settings_flags(activate)
+    activate.set_defaults(func=cmd_activate)
 
     listing = sub.add_parser("list", help="the keys a new backend Pod would get, and why not")
     add_cluster_flags(listing, all_namespaces=True, output=True)

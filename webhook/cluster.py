@@ -21,7 +21,7 @@ from kubernetes.client.rest import ApiException
 
 from .audit import Rbac
 from .config import Settings
-from .errors import UserFacingError
+from .errors import PolicyUnknown, UserFacingError
 from .events import EventGone, NamespaceGone
 from .key_secrets import (
     ApiObject,
@@ -36,8 +36,11 @@ from .metrics import Metrics
 from .names import (
     CLUSTERKEYPOLICY_PLURAL,
     GENERATED_ANNOTATION,
+    KEYPOLICY_PLURAL,
     POLICY_GROUP,
     POLICY_VERSION,
+    slot_secret_name,
+    staged_field,
 )
 from .policyreads import PolicyReadError
 from .store import KeyStore, PodStore
@@ -340,6 +343,7 @@ class KeyClient:
     def __init__(self, api_client: client.ApiClient, *, settings: Settings) -> None:
         self.api = client.CoreV1Api(api_client)
         self.apps = client.AppsV1Api(api_client)
+        self.custom = client.CustomObjectsApi(api_client)
         self.settings = settings
 
     @classmethod
@@ -424,7 +428,6 @@ class KeyClient:
         """Create the empty slot of key `number`: "reserved"; "exists" when a key
         Secret has that name already (another writer reserved it first); "taken" when
         a Secret that is no key Secret has it (the number cannot be a slot)."""
-        from .names import slot_secret_name
         name = slot_secret_name(number)
         manifest = build_key_secret(name, namespace=namespace, key=None, index=number,
                                     settings=self.settings)
@@ -446,11 +449,64 @@ class KeyClient:
         carries the resourceVersion, so of two writers filling one slot the API server
         takes one and answers the other 409 Conflict. None for the loser (or when the
         slot is gone); the stored key otherwise."""
-        patch = {"metadata": {"resourceVersion": str(slot.revision)},
-                 "data": {self.settings.key_field: base64.b64encode(key).decode()}}
+        return self._patch_versioned(namespace, slot.name, slot.revision, {
+            self.settings.key_field: base64.b64encode(key).decode()})
+
+    def stage_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None:
+        """Stage a key in an empty slot (its staged field), as `fill_slot` fills one:
+        None when another writer changed the slot first."""
+        return self._patch_versioned(namespace, slot.name, slot.revision, {
+            staged_field(self.settings.key_field): base64.b64encode(key).decode()})
+
+    def activate_staged(self, namespace: str, staged: KeyRecord) -> KeyRecord | None:
+        """Activate a staged key: its key field gets the staged field's bytes, copied as
+        stored (the CLI never decodes them), if the Secret is still as read here. None
+        when it changed meanwhile (read the namespace again) or is gone."""
+        response = self._call(self.api.read_namespaced_secret, staged.name, namespace,
+                              _preload_content=False, _request_timeout=(5, 30), errors={
+            404: f"staged key {staged.name!r} is gone from namespace {namespace!r}; "
+                 f"`keymount keys list -n {namespace}` shows its keys"})
+        secret = json.loads(response.data)
+        stored = (secret.get("data") or {}).get(staged_field(self.settings.key_field))
+        if not isinstance(stored, str):
+            return None  # activated or cancelled meanwhile
+        version = (secret.get("metadata") or {}).get("resourceVersion")
+        return self._patch_versioned(namespace, staged.name, version,
+                                     {self.settings.key_field: stored})
+
+    def has_policy(self, namespace: str) -> bool:
+        """Whether the namespace has a KeyPolicy (keymount.io/v1alpha1): then `keys
+        rotate` stages. Without the CRD installed (404) there is none; PolicyUnknown
+        when the user may not list them (403: RBAC answers before the API server looks
+        for the resource, so this is also what a user without that right sees when the
+        CRD is not installed)."""
+        try:
+            response = self.custom.list_namespaced_custom_object(
+                POLICY_GROUP, POLICY_VERSION, namespace, KEYPOLICY_PLURAL, limit=1,
+                _preload_content=False, _request_timeout=(5, 30))
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            if exc.status == 403:
+                raise PolicyUnknown(
+                    f"you may not list KeyPolicies in namespace {namespace!r}, so keymount "
+                    f"cannot tell whether new keys are staged there") from None
+            raise ClusterError(
+                f"cannot tell whether namespace {namespace!r} has a KeyPolicy "
+                f"({describe_api_error(exc)}); say how to rotate: --stage, or "
+                f"--activate-now") from None
+        except Exception as exc:
+            raise ClusterError(describe_api_error(exc)) from None
+        return bool(list_items(response))
+
+    def _patch_versioned(self, namespace: str, name: str, version: object,
+                         data: dict[str, str]) -> KeyRecord | None:
+        """A merge patch of `data` that the API server applies only at `version` (409
+        otherwise): None on a conflict or when the Secret is gone."""
+        patch = {"metadata": {"resourceVersion": str(version)}, "data": data}
         try:
             response = self.api.patch_namespaced_secret(
-                slot.name, namespace, patch, _preload_content=False, _request_timeout=(5, 30))
+                name, namespace, patch, _preload_content=False, _request_timeout=(5, 30))
         except ApiException as exc:
             if exc.status in (404, 409):
                 return None

@@ -39,6 +39,7 @@ from .injection import (
     inject_keys,
     needs_keys,
     select_containers,
+    slot_items,
 )
 from .key_secrets import parse_key_secret
 from .keyguard import (
@@ -88,7 +89,9 @@ class View:
     keyring: Keyring  # the request namespace's keys
     settings: Settings
     writers: KeyWriters = field(default_factory=KeyWriters)
-    now: datetime | None = None  # matters only to --max-key-age
+    # --max-key-age, and the times keymount stamps on key Secrets (staged-at,
+    # activated-at); None stamps none.
+    now: datetime | None = None
     # "cache": the key cache, possibly a moment behind the API server; "live": read
     # from the API server for this request (or, in tests and the CLI, the truth).
     source: Literal["cache", "live"] = "live"
@@ -122,10 +125,21 @@ def needs_live_view(request: AdmissionRequest, view: View) -> Verdict | None:
     (docs/contract.md, "Key numbers"). On the cache this is a key-state refusal: the
     server reads live and asks again, and the refusal is what stands when the live-read
     limit says no."""
-    if view.source != "cache" or not is_new_key(key_change(request), settings=view.settings):
+    if view.source != "cache":
         return None
-    if parse_key_secret(request.object or {}, settings=view.settings,
-                        namespace=request.namespace).slot:
+    record = parse_key_secret(request.object or {}, settings=view.settings,
+                              namespace=request.namespace)
+    if record.staged and not parse_key_secret(request.old_object or {}, settings=view.settings,
+                                              namespace=request.namespace).staged:
+        # At most one staged key per namespace: a staging is judged against a fresh
+        # read, so one made a moment ago through another replica is seen.
+        return Verdict("denied", denied(
+            f"keymount is limiting live reads of the API server right now and judges "
+            f"a staging only against a fresh read of namespace {request.namespace!r}; "
+            f"retry in a few seconds"), key_state=True)
+    if not is_new_key(key_change(request), settings=view.settings):
+        return None
+    if record.slot:
         # A slot's number is its name's, and the API server holds one Secret per name;
         # filling it is judged again (keyguard._guard_fill). So reserving one needs no
         # live read, and no review about other keys can hold a rotation up.
@@ -140,7 +154,7 @@ def stamp_secret(request: AdmissionRequest, view: View) -> Verdict:
     """`/mutate`, Secret CREATE or UPDATE: a new key Secret's number and used numbers."""
     return needs_live_view(request, view) or key_verdict(request, stamp_key_secret(
         key_change(request), keyring=view.keyring,
-        settings=view.settings), unchanged="skipped")
+        settings=view.settings, now=view.now), unchanged="skipped")
 
 
 def guard_secret(request: AdmissionRequest, view: View) -> Verdict:
@@ -410,9 +424,11 @@ def _slot_problem(secret: Mapping[str, Any], *, keyring: Keyring,
     number = slot_number(name)
     if number is None:
         return f"optional source {name!r} is not one of keymount's key slots", False
-    item = {"key": settings.key_field, "path": key_file_name(number)}
-    if secret.get("items") != [item]:
-        return f"key slot {name!r} does not project {item}", False
+    items = slot_items(number, settings=settings)
+    # keymount before staged keys listed the key field alone: such a Pod may still be
+    # relabelled (check_pod_relabel).
+    if secret.get("items") not in (items, items[:1]):
+        return f"key slot {name!r} does not project {items}", False
     record = keyring.find(name)
     if record is None or not record.index_explicit or record.index != number:
         return (f"optional source {name!r} is not a key slot of namespace "

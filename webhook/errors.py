@@ -7,3 +7,8 @@ class UserFacingError(Exception):
     def __init__(self, message: str, code: int = 1) -> None:
         super().__init__(message)
         self.code = code
+
+
+class PolicyUnknown(UserFacingError):
+    """Whether a namespace has a KeyPolicy cannot be read (no permission to list them):
+    `keys rotate` then needs to be told how to rotate, or falls back with a warning."""

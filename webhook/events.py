@@ -58,6 +58,7 @@ class EventNote:
 
 
 _KEY_REASONS = {"created": ("Normal", "KeyCreated"), "retired": ("Normal", "KeyRetired"),
+                "staged": ("Normal", "KeyStaged"), "activated": ("Normal", "KeyActivated"),
                 "pinned": ("Normal", "KeyPinned"), "refused": ("Warning", "KeyChangeRefused")}
 
 
@@ -88,6 +89,7 @@ def _key_event(request: AdmissionRequest, verdict: Verdict) -> EventNote:
     if decision.fingerprint:
         facts.append(f"fingerprint {decision.fingerprint}")
     summary = {"created": "key created", "retired": "key retired", "pinned": "key number pinned",
+               "staged": "key staged", "activated": "staged key activated",
                "refused": f"refused: {decision.message}"}[decision.action]
     return EventNote(request.namespace, "Secret", request.object_name, "v1", uid, type_,
                      reason, _clip(f"{summary} ({', '.join(facts)})"))

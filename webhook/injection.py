@@ -24,7 +24,7 @@ import orjson
 
 from .config import CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .keys import KeyFile, Keyring, describe_conflict
-from .names import key_file_name
+from .names import key_file_name, staged_field, staged_file_name
 
 PatchOp = dict[str, Any]
 RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "mount-conflict",
@@ -92,14 +92,22 @@ def _build_volume(keyring: Keyring, *, settings: Settings) -> dict[str, Any]:
         for key_file in keyring.files
     ]
     # Only slots that exist: a slot is a key Secret, so only a key writer can give it
-    # material; a name no Secret holds yet could be created by anyone.
+    # material; a name no Secret holds yet could be created by anyone. A staged key is
+    # listed as a slot: its staged field is there now, its key field comes with the
+    # activation, and the kubelet skips an item of an optional source until it exists.
     sources += [
-        {"secret": {"name": slot.name,
-                    "items": [{"key": settings.key_field, "path": key_file_name(slot.index)}],
+        {"secret": {"name": slot.name, "items": slot_items(slot.index, settings=settings),
                     "optional": True}}
-        for slot in keyring.free_slots[:settings.rotation_slots]
+        for slot in (*keyring.staged_keys, *keyring.free_slots[:settings.rotation_slots])
     ]
     return {"name": VOLUME_NAME, "projected": {"defaultMode": FILE_MODE, "sources": sources}}
+
+
+def slot_items(number: int, *, settings: Settings) -> list[dict[str, str]]:
+    """What a slot source projects: the key field as the key's file, and the staged
+    field under staged/ (docs/contract.md, "Staged keys")."""
+    return [{"key": settings.key_field, "path": key_file_name(number)},
+            {"key": staged_field(settings.key_field), "path": staged_file_name(number)}]
 
 
 def build_mount(*, settings: Settings) -> dict[str, Any]:
@@ -120,6 +128,13 @@ def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
             f"NAME -n {ns} --generate` makes a good one), retire the bad Secret with "
             f"`keymount keys retire NAME -n {ns}`, or run the webhook with "
             f"--invalid-keys skip"))
+    if not keyring.keys and keyring.staged is not None:
+        staged = keyring.staged
+        return Refused("no-valid-key", (
+            f"namespace {ns!r} has no active encryption key, only the staged key "
+            f"{staged.name!r} (number {staged.index}): a staged key is delivered but not "
+            f"yet used to encrypt, and a Pod needs an active one. Activate it: keymount "
+            f"keys activate -n {ns}"))
     if not keyring.keys:
         return Refused("no-valid-key", (
             f"namespace {ns!r} has no valid encryption key: keymount needs a Secret "
@@ -134,8 +149,9 @@ def build_key_warnings(keyring: Keyring, *, settings: Settings,
     # What depends on the keyring alone, once per keyring; a copy to add to.
     warnings = list(keyring.derive("key-warnings", lambda: _keyring_warnings(keyring)))
     newest = keyring.newest
-    if (settings.max_key_age and now and newest and newest.created
-            and now - newest.created > settings.max_key_age):
+    since = newest.active_since if newest else None
+    if (settings.max_key_age and now and newest and since
+            and now - since > settings.max_key_age):
         warnings.append(
             f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older than "
             f"--max-key-age; rotate: keymount keys rotate -n {keyring.namespace} --generate")

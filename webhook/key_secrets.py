@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from .config import Settings
 from .keys import KeyCheck, KeyRecord, build_key_record, revision
-from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION
+from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION, staged_field
 
 SecretObject = Mapping[str, Any]
 ApiObject = dict[str, Any]  # an object as the API server sends it (JSON, not a model)
@@ -61,6 +61,8 @@ def parse_key_secret(secret: SecretObject, *, settings: Settings,
     meta = secret.get("metadata") or {}
     annotations = meta.get("annotations") or {}
     value, error = read_key_field(secret, settings.key_field)
+    staged_value, staged_error = read_key_field(secret, staged_field(settings.key_field))
+    error = error or staged_error
     record = build_key_record(
         namespace=namespace or meta.get("namespace") or "default",
         name=meta.get("name") or meta.get("generateName") or "",
@@ -69,10 +71,12 @@ def parse_key_secret(secret: SecretObject, *, settings: Settings,
         created=parse_timestamp(meta.get("creationTimestamp")),
         field=settings.key_field,
         encoding=settings.key_encoding,
+        staged_value=staged_value,
     )
     version = revision(meta.get("resourceVersion"))
     if error:
-        return dataclasses.replace(record, check=KeyCheck(False, error), revision=version)
+        return dataclasses.replace(record, check=KeyCheck(False, error), revision=version,
+                                   slot=False, staged=False)
     return dataclasses.replace(record, revision=version) if version else record
 
 

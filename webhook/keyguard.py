@@ -18,12 +18,20 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from .config import Settings
-from .key_secrets import is_key_secret, parse_key_secret
-from .keys import KeyRecord, Keyring, NumberSet, format_numbers
-from .names import INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION, slot_number
+from .key_secrets import is_key_secret, parse_key_secret, read_key_field
+from .keys import KeyRecord, Keyring, NumberSet, format_numbers, parse_time
+from .names import (
+    ACTIVATED_AT_ANNOTATION,
+    INDEX_ANNOTATION,
+    NUMBERS_USED_ANNOTATION,
+    STAGED_AT_ANNOTATION,
+    slot_number,
+    staged_field,
+)
 
 # The namespace controller deletes every object of a namespace being deleted; refusing
 # it leaves the namespace stuck in Terminating (kube-controller-manager's namespace
@@ -105,8 +113,8 @@ def parse_key_writers(text: str | None, *, own_user: str = "") -> KeyWriters:
 
 # --- outcomes ---------------------------------------------------------------------------
 
-KeyAction = Literal["created", "reserved", "retired", "pinned", "deleted", "updated",
-                    "refused", "none"]
+KeyAction = Literal["created", "reserved", "staged", "activated", "retired", "pinned",
+                    "deleted", "updated", "refused", "none"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,22 +162,62 @@ def is_new_key(change: KeyChange, *, settings: Settings) -> bool:
 
 # --- /mutate: the number stamp ------------------------------------------------------------
 
-def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings) -> KeyDecision:
-    """Give a new key Secret its number and the namespace's used numbers."""
+# keymount's annotations on a key Secret that nobody changes once set; a tool that
+# rewrites annotations and leaves them out gets them back from the mutating webhook.
+KEPT_ANNOTATIONS = (INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION, STAGED_AT_ANNOTATION,
+                    ACTIVATED_AT_ANNOTATION)
+
+
+def format_time(now: datetime) -> str:
+    """RFC 3339 in UTC, to the second: what keymount stamps (reinvocation a moment
+    later stamps the same value)."""
+    return now.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def time_stamps(change: KeyChange, *, settings: Settings,
+                now: datetime | None) -> dict[str, str]:
+    """The time annotations this change earns: staged-at when a slot becomes a staged
+    key, activated-at when a key gets its key field (a new key, a filled slot, an
+    activated staged key). keymount's clock, never the request's."""
+    if now is None or change.new is None:
+        return {}
+    after = parse_key_secret(change.new, settings=settings, namespace=change.namespace)
+    new_key = is_new_key(change, settings=settings)
+    before = None if new_key else parse_key_secret(change.old or {}, settings=settings,
+                                                   namespace=change.namespace)
+    stamps = {}
+    if after.state == "staged" and (before is None or before.state != "staged"):
+        stamps[STAGED_AT_ANNOTATION] = format_time(now)
+    had_key = before is not None and _has_field(change.old, settings.key_field)
+    if after.state == "valid" and _has_field(change.new, settings.key_field) and not had_key:
+        stamps[ACTIVATED_AT_ANNOTATION] = format_time(now)
+    return stamps
+
+
+def _has_field(obj: Mapping[str, Any] | None, field: str) -> bool:
+    return obj is not None and read_key_field(obj, field)[0] is not None
+
+
+def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
+                     now: datetime | None = None) -> KeyDecision:
+    """Give a new key Secret its number and the namespace's used numbers, and any key
+    Secret the times it was staged and activated."""
     new = change.new
     if new is None or not is_key_secret(new, settings=settings):
         return KeyDecision(True, "none")
     annotations = _annotations(new)
+    stamps = time_stamps(change, settings=settings, now=now)
     if not is_new_key(change, settings=settings):
         old = parse_key_secret(change.old or {}, settings=settings, namespace=change.namespace)
         if old.numbered:
             # A tool that rewrites annotations (a GitOps sync, External Secrets) and
             # leaves keymount's out gets them back; changing them is the guard's call.
             lost = {k: v for k, v in _annotations(change.old or {}).items()
-                    if k in (INDEX_ANNOTATION, NUMBERS_USED_ANNOTATION)
-                    and k not in annotations}
-            return KeyDecision(True, "none", patch=_annotation_patch(new, lost)
-                               if lost else ())
+                    if k in KEPT_ANNOTATIONS and k not in annotations}
+            restored = {**lost, **{k: v for k, v in stamps.items()
+                                   if annotations.get(k) != v}}
+            return KeyDecision(True, "none", patch=_annotation_patch(new, restored)
+                               if restored else ())
         # A legacy key (made before keymount numbered keys) is pinned at the number it
         # has today on its next update, so it can never move.
         number = keyring.number_of(change.name)
@@ -188,6 +236,7 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings)
         # A slot's name carries its number (running Pods list it as that file).
         number = slot_number(change.name) or keyring.next_number
         wanted[INDEX_ANNOTATION] = str(number)
+    wanted.update(stamps)
     if number is not None:
         # Union with what the Secret already records (a restored key brings the numbers
         # its namespace had used, some of them on no Secret any more): more reserved
@@ -398,8 +447,12 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"key Secret {name!r} has number {number}, below the active key "
             f"{newest.name!r} ({keyring.number_of(newest.name)}): applications decrypt with "
             f"it but do not encrypt with it")
+    if record.state == "staged":
+        refusal = _staging_refusal(change, record, keyring=keyring)
+        if refusal is not None:
+            return refusal
     action: KeyAction = ("retired" if record.retired else "reserved" if record.slot
-                         else "created")
+                         else "staged" if record.staged else "created")
     return KeyDecision(True, action, warnings=tuple(warnings), number=number,
                        fingerprint=record.fingerprint)
 
@@ -423,8 +476,19 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
         return _refused(f"annotation {NUMBERS_USED_ANNOTATION} of key Secret {name!r} is "
                         f"keymount's record of the numbers used in namespace {ns!r}; it "
                         f"cannot change", fingerprint=before.fingerprint)
+    changed_time = _changed_time_stamp(change, before, after, settings=settings)
+    if changed_time:
+        return _refused(
+            f"annotation {changed_time} of key Secret {name!r} in namespace {ns!r} is "
+            f"stamped by keymount's mutating webhook when the key is staged or activated; "
+            f"nobody sets, changes or removes it. Leave it out of your manifest or patch "
+            f"(keymount keeps it); `keymount keys list -n {ns}` shows the key",
+            fingerprint=before.fingerprint)
     if before.state == "slot":
         return _guard_fill(change, before, after, keyring=keyring, writers=writers)
+    if before.state == "staged":
+        return _guard_staged(change, before, after, keyring=keyring, writers=writers,
+                             settings=settings)
     if before.state == "retired":
         if after.state != "retired":
             return _refused(
@@ -435,6 +499,14 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
         return KeyDecision(True, "none")
     if before.state == "valid" and after.state == "retired":
         return _guard_retire(change, before, keyring=keyring, writers=writers)
+    if (before.state == "valid" and after.state != "retired"
+            and _staged_bytes(change.old, settings) != _staged_bytes(change.new, settings)):
+        return _refused(
+            f"this update changes field {staged_field(settings.key_field)!r} of key Secret "
+            f"{name!r} in namespace {ns!r} (number {number}): running Pods that received "
+            f"the key while it was staged read it from there until their next sync, so it "
+            f"stays as it was. Leave the field as it is; a new key is added with keymount "
+            f"keys rotate -n {ns}", fingerprint=before.fingerprint)
     if before.state == "valid" and after.fingerprint != before.fingerprint:
         return _refused(
             f"this update replaces the key material of key Secret {name!r} in namespace "
@@ -454,7 +526,8 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
 def _slot_kept(change: KeyChange, slot: KeyRecord, act: str) -> str:
     number = slot_number(slot.name)
     how = ("retire it (it keeps its name and number, and costs nothing): keymount keys "
-           f"retire {slot.name} -n {change.namespace}" if slot.state in ("slot", "valid")
+           f"retire {slot.name} -n {change.namespace}" if slot.state in ("slot", "valid",
+                                                                         "staged")
            else "the tombstone stays")
     return (f"{slot.name!r} in namespace {change.namespace!r} is the slot of key number "
             f"{number}: running backend Pods may list it, and {act} would let anyone who "
@@ -462,20 +535,138 @@ def _slot_kept(change: KeyChange, slot: KeyRecord, act: str) -> str:
             f"filled or retired, never removed; {how}")
 
 
+def _staged_bytes(obj: Mapping[str, Any] | None, settings: Settings) -> bytes | None:
+    """The stored bytes of a Secret's staged field (compared here, never kept)."""
+    return None if obj is None else read_key_field(obj, staged_field(settings.key_field))[0]
+
+
+def _changed_time_stamp(change: KeyChange, before: KeyRecord, after: KeyRecord, *,
+                        settings: Settings) -> str:
+    """The time annotation this update sets, changes or removes on a change that
+    keymount does not stamp it on (time_stamps), or ""."""
+    old_ann, new_ann = _annotations(change.old or {}), _annotations(change.new or {})
+    for name in (STAGED_AT_ANNOTATION, ACTIVATED_AT_ANNOTATION):
+        old, new = old_ann.get(name), new_ann.get(name)
+        if old == new:
+            continue
+        if _stamped_now(name, change, before, after, settings=settings):
+            continue  # keymount's webhook stamps it on this change, whatever was there
+        return name
+    return ""
+
+
+def _stamped_now(name: str, change: KeyChange, before: KeyRecord, after: KeyRecord, *,
+                 settings: Settings) -> bool:
+    """Whether this update is one keymount stamps `name` on, with a well-formed time."""
+    if parse_time(_annotations(change.new or {}).get(name)) is None:
+        return False
+    if name == STAGED_AT_ANNOTATION:
+        return before.state == "slot" and after.state == "staged"
+    return (after.state == "valid" and not _has_field(change.old, settings.key_field)
+            and _has_field(change.new, settings.key_field))
+
+
+def _staging_refusal(change: KeyChange, staged: KeyRecord, *,
+                     keyring: Keyring) -> KeyDecision | None:
+    """At most one staged key per namespace, above the active key, of a number nobody
+    else holds."""
+    ns, name, number = change.namespace, change.name, staged.index
+    other = next((r for r in keyring.staged_keys if r.name != name), None)
+    if other is not None:
+        return _refused(
+            f"namespace {ns!r} already has a staged key, {other.name!r} (number "
+            f"{other.index}); at most one key is staged at a time, so that applications "
+            f"encrypt with the keys in the order they reached every Pod. Activate it "
+            f"(keymount keys activate -n {ns}) or cancel it (keymount keys retire "
+            f"{other.name} -n {ns}) first", number=number, fingerprint=staged.fingerprint)
+    holder = keyring.holder_of(number)
+    if holder is not None and holder.name != name:
+        return _refused(
+            f"number {number} of slot {name!r} in namespace {ns!r} is already held by key "
+            f"Secret {holder.name!r} (made under another name meanwhile); two keys never "
+            f"share a number. Retire the slot and stage into the next one: keymount keys "
+            f"retire {name} -n {ns}, then keymount keys rotate -n {ns} --stage",
+            number=number)
+    if number < keyring.active_number:
+        return _refused(
+            f"slot {name!r} (number {number}) in namespace {ns!r} is below the active key "
+            f"(number {keyring.active_number}): once activated it would not be the key "
+            f"applications encrypt with. Stage into the next free slot: keymount keys "
+            f"rotate -n {ns} --stage", number=number, fingerprint=staged.fingerprint)
+    if STAGED_AT_ANNOTATION not in _annotations(change.new or {}):
+        return _refused(
+            f"staged key {name!r} in namespace {ns!r} has no {STAGED_AT_ANNOTATION}: "
+            f"keymount's mutating webhook stamps it, so it did not run for this request. "
+            f"Check that the MutatingWebhookConfiguration keymount has its key-Secret rule "
+            f"(kubectl get mutatingwebhookconfiguration keymount -o yaml)", number=number)
+    return None
+
+
+def _guard_staged(change: KeyChange, before: KeyRecord, after: KeyRecord, *,
+                  keyring: Keyring, writers: KeyWriters, settings: Settings) -> KeyDecision:
+    """An UPDATE of a staged key: activation (the key field gets the staged bytes, the
+    only change ever allowed to a key's material), cancelling (retiring), or metadata.
+    The staged bytes themselves never change: running Pods may hold them already."""
+    ns, name, number = change.namespace, change.name, before.index
+    if not writers.allows(change.requester):
+        return _writer_refusal(change, writers, "activate, cancel or change")
+    if after.state == "retired":
+        return KeyDecision(True, "retired", number=number, fingerprint=before.fingerprint)
+    staged_name = staged_field(settings.key_field)
+    if _staged_bytes(change.old, settings) != _staged_bytes(change.new, settings):
+        return _refused(
+            f"this update changes or removes field {staged_name!r} of staged key {name!r} "
+            f"in namespace {ns!r} (number {number}, fingerprint {before.fingerprint}): "
+            f"running Pods may hold those bytes already, and data may be encrypted with "
+            f"them once the key is activated. Activate it (keymount keys activate -n {ns}) "
+            f"or cancel it (keymount keys retire {name} -n {ns}); a different key is staged "
+            f"after that with keymount keys rotate -n {ns} --stage",
+            number=number, fingerprint=before.fingerprint)
+    if after.state == "staged":
+        return KeyDecision(True, "none", number=number, fingerprint=before.fingerprint)
+    if after.state != "valid":
+        # The key field holds other bytes than the staged field (or is malformed).
+        return _refused(
+            f"activating staged key {name!r} in namespace {ns!r} (number {number}) must "
+            f"copy its field {staged_name!r} unchanged into field {settings.key_field!r}: "
+            f"{after.check.reason}. Activate it with keymount keys activate -n {ns}",
+            number=number, fingerprint=before.fingerprint)
+    holder = keyring.holder_of(number)
+    if holder is not None and holder.name != name:
+        return _refused(
+            f"number {number} of staged key {name!r} in namespace {ns!r} is already held "
+            f"by key Secret {holder.name!r}; two keys never share a number. Cancel this "
+            f"one and stage the next: keymount keys retire {name} -n {ns}, then keymount "
+            f"keys rotate -n {ns} --stage", number=number, fingerprint=before.fingerprint)
+    warnings = []
+    if number < keyring.active_number:
+        warnings.append(
+            f"key {name!r} (number {number}) is below the active key (number "
+            f"{keyring.active_number}): applications decrypt with it but do not encrypt "
+            f"with it")
+    return KeyDecision(True, "activated", warnings=tuple(warnings), number=number,
+                       fingerprint=after.fingerprint)
+
+
 def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyring: Keyring,
                 writers: KeyWriters) -> KeyDecision:
     """An UPDATE of an empty slot: filling it is how a key is made (one write per
     resourceVersion, so two writers racing for one number end with one key and a
-    conflict), retiring it closes it; anything else only touches its metadata."""
+    conflict), staging it how a key is first delivered, retiring it closes it;
+    anything else only touches its metadata."""
     ns, name, number = change.namespace, change.name, before.index
     if not writers.allows(change.requester):
         # Also metadata: a non-writer could otherwise make the slot `immutable` (never
         # fillable) or keep changing its resourceVersion under the writers' fills.
-        return _writer_refusal(change, writers, "fill, retire or change")
+        return _writer_refusal(change, writers, "fill, stage, retire or change")
     if after.state == "slot":
         return KeyDecision(True, "none", number=number)
     if after.state == "retired":
         return KeyDecision(True, "retired", number=number)
+    if after.state == "staged":
+        refusal = _staging_refusal(change, after, keyring=keyring)
+        return refusal or KeyDecision(True, "staged", number=number,
+                                      fingerprint=after.fingerprint)
     if after.state == "invalid":
         return _refused(
             f"key material for slot {name!r} in namespace {ns!r} is invalid: "

@@ -25,11 +25,14 @@ from keymount.keyrule import KeyEncoding as KeyEncoding
 from keymount.keyrule import decode_key
 
 from .names import (
+    ACTIVATED_AT_ANNOTATION,
     INDEX_ANNOTATION,
     NUMBERS_USED_ANNOTATION,
     RETIRED_ANNOTATION,
+    STAGED_AT_ANNOTATION,
     key_file_name,
     slot_secret_name,
+    staged_field,
 )
 
 
@@ -188,7 +191,7 @@ def revision(resource_version: object) -> int:
     return int(text) if text.isdigit() and len(text) <= 19 else 0
 
 
-KeyState = Literal["valid", "invalid", "retired", "slot"]
+KeyState = Literal["valid", "invalid", "retired", "slot", "staged"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,14 +211,28 @@ class KeyRecord:
     # A key slot: `keymount-key-<n>`, numbered n, no key material yet. Reserved in
     # advance so Pods can list it; filling it (an UPDATE) is how a key is made.
     slot: bool = False
+    # A staged key: a slot whose bytes are in the staged field only. `check` judges
+    # those bytes (its fingerprint is the key's), but it is not a key yet: not valid,
+    # not counted, not a file; Pods hold it under staged/ until it is activated.
+    staged: bool = False
+    # keymount.io/staged-at and keymount.io/activated-at, as keymount's mutating webhook
+    # stamped them; None when absent or not a time (a key from before staged keys).
+    staged_at: datetime | None = None
+    activated_at: datetime | None = None
 
     @property
     def valid(self) -> bool:
-        return self.check.valid and not self.retired
+        return self.check.valid and not self.retired and not self.staged
 
     @property
     def fingerprint(self) -> str:
         return self.check.fingerprint
+
+    @property
+    def active_since(self) -> datetime | None:
+        """When the key became usable: its activation (a slot filled or a staged key
+        activated, maybe long after the slot was made), else its creation."""
+        return self.activated_at or self.created
 
     @property
     def numbered(self) -> bool:
@@ -227,6 +244,8 @@ class KeyRecord:
     def state(self) -> KeyState:
         if self.retired:
             return "retired"
+        if self.staged:
+            return "staged"
         return "slot" if self.slot else "valid" if self.check.valid else "invalid"
 
 
@@ -240,15 +259,39 @@ def parse_key_index(raw: str | None) -> tuple[int, bool, str]:
     return int(text), True, ""
 
 
+MAX_TIME_TEXT = 64  # longer than any RFC 3339 time; a longer value is not parsed
+
+
+def parse_time(text: object) -> datetime | None:
+    """An RFC 3339 time with its offset (`2026-12-02T13:00:00Z`); None for anything
+    else."""
+    if not isinstance(text, str) or not text or len(text) > MAX_TIME_TEXT:
+        return None
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return value if value.tzinfo is not None else None
+
+
 def build_key_record(*, namespace: str, name: str, value: bytes | None,
                      annotations: Mapping[str, str], created: datetime | None,
-                     field: str, encoding: KeyEncoding) -> KeyRecord:
-    """Check one Secret's key field and annotations; the bytes stop here."""
+                     field: str, encoding: KeyEncoding,
+                     staged_value: bytes | None = None) -> KeyRecord:
+    """Check one Secret's key field (and staged field) and annotations; the bytes stop
+    here."""
     retired = RETIRED_ANNOTATION in annotations
+    staged_name = staged_field(field)
     if retired:
         # A tombstone keeps its number and nothing else (docs/contract.md, retiring).
-        check = (KeyCheck(False, "retired") if value is None else
+        check = (KeyCheck(False, "retired") if value is None and staged_value is None else
                  KeyCheck(False, f"marked {RETIRED_ANNOTATION} but still holds key material"))
+    elif value is not None and staged_value is not None and value != staged_value:
+        # An activated key keeps its staged field: running Pods may read either, so the
+        # two must be one key (the guard refuses anything else; this is a Secret written
+        # around it).
+        check = KeyCheck(False, f"fields {field!r} and {staged_name!r} hold different "
+                                f"bytes; an activated key holds the same key in both")
     else:
         check = check_key(value, subject=f"field {field!r}", encoding=encoding)
     index, explicit, index_error = parse_key_index(annotations.get(INDEX_ANNOTATION))
@@ -259,17 +302,25 @@ def build_key_record(*, namespace: str, name: str, value: bytes | None,
         check = KeyCheck(False, f"annotation {NUMBERS_USED_ANNOTATION} is not a list of "
                                 f"numbers such as 1-3,5 of at most {MAX_NUMBERS_TEXT} "
                                 f"characters")
-    if retired and value is not None:
+    if retired and (value is not None or staged_value is not None):
         retired = False  # judged as an invalid key, not as a tombstone
     # A slot: the reserved name of its own number, no key material, no other fault.
-    slot = (value is None and not retired and explicit and numbers_used is not None
-            and name == slot_secret_name(index))
-    if slot:
+    slot = (value is None and RETIRED_ANNOTATION not in annotations and explicit
+            and numbers_used is not None and name == slot_secret_name(index))
+    staged = False
+    if slot and staged_value is not None:
+        # A staged key: a slot holding its key in the staged field only.
+        slot = False
+        check = check_key(staged_value, subject=f"field {staged_name!r}", encoding=encoding)
+        staged = check.valid
+    elif slot:
         check = KeyCheck(False, "empty slot: reserved for the next key")
     return KeyRecord(
         namespace=namespace, name=name, check=check, index=index, index_explicit=explicit,
         created=created, retired=retired, numbers_used=numbers_used or NumberSet(),
-        recorded=NUMBERS_USED_ANNOTATION in annotations, slot=slot,
+        recorded=NUMBERS_USED_ANNOTATION in annotations, slot=slot, staged=staged,
+        staged_at=parse_time(annotations.get(STAGED_AT_ANNOTATION)),
+        activated_at=parse_time(annotations.get(ACTIVATED_AT_ANNOTATION)),
     )
 
 
@@ -321,6 +372,9 @@ class Keyring:
     conflict: tuple[KeyRecord, KeyRecord] | None = None  # two keys share a number
     used: NumberSet = NumberSet()  # every number this namespace has used
     status: str = "[]"
+    # Staged keys, by number: at most one as the guard allows it (two writers staging
+    # two slots at one instant can both pass; `staged` is then the lowest).
+    staged_keys: tuple[KeyRecord, ...] = ()
     # What admissions derive from this keyring and the settings (the projected volume),
     # computed on first use: a keyring never changes, a new one replaces it.
     derived: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
@@ -351,31 +405,39 @@ class Keyring:
         return self.files[-1].number if self.files else 0
 
     @property
+    def staged(self) -> KeyRecord | None:
+        """The staged key (the next to activate), if any."""
+        return self.staged_keys[0] if self.staged_keys else None
+
+    @property
     def free_slots(self) -> tuple[KeyRecord, ...]:
         """Empty slots above the active key, lowest first: the next keys' places. (A
         slot left below the active key, when a key made under another name took a
-        higher number, stays empty: its number is used.)"""
+        higher number, stays empty: its number is used.) A staged key is no free slot."""
         active = self.active_number
         return tuple(r for r in self.slots if r.index > active)
 
     def find(self, name: str) -> KeyRecord | None:
-        return next((r for r in (*self.keys, *self.invalid, *self.retired, *self.slots)
-                     if r.name == name), None)
+        return next((r for r in (*self.keys, *self.invalid, *self.retired, *self.slots,
+                                 *self.staged_keys) if r.name == name), None)
 
     def number_of(self, name: str) -> int | None:
-        """The number of a valid key, or of a tombstone; None for anything else."""
+        """The number of a valid key, or of a tombstone, slot or staged key; None for
+        anything else."""
         for key_file in self.files:
             if key_file.secret == name:
                 return key_file.number
-        record = next((r for r in (*self.retired, *self.slots) if r.name == name), None)
+        record = next((r for r in (*self.retired, *self.slots, *self.staged_keys)
+                       if r.name == name), None)
         return record.index if record is not None and record.index_explicit else None
 
     def holder_of(self, number: int) -> KeyRecord | None:
-        """The valid key or tombstone that holds `number` now, if any."""
+        """The valid key, tombstone, slot or staged key that holds `number` now, if
+        any."""
         for key_file, record in zip(self.files, self.keys, strict=True):
             if key_file.number == number:
                 return record
-        return next((r for r in (*self.retired, *self.slots)
+        return next((r for r in (*self.retired, *self.slots, *self.staged_keys)
                      if r.index_explicit and r.index == number), None)
 
 
@@ -403,6 +465,7 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     valid = [r for r in records if r.valid]
     retired = sorted((r for r in records if r.retired), key=lambda r: (r.index, r.name))
     slots = sorted((r for r in records if r.slot), key=lambda r: r.index)
+    staged = sorted((r for r in records if r.staged), key=lambda r: r.index)
     numbered = [(r.index, r) for r in valid if r.numbered]
     # Legacy keys take 0.1's positions: in 0.1's order, the lowest numbers not held by
     # a numbered key or a tombstone. A legacy key pinned at its position keeps it, and
@@ -419,7 +482,7 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
 
     conflict = None
     holders: dict[int, KeyRecord] = {}
-    for number, record in [*numbered, *((r.index, r) for r in (*retired, *slots)
+    for number, record in [*numbered, *((r.index, r) for r in (*retired, *slots, *staged)
                                         if r.index_explicit)]:
         if number in holders and conflict is None:
             conflict = (holders[number], record)
@@ -441,4 +504,4 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     files = tuple(KeyFile(n, r.name, r.fingerprint) for n, r in numbered)
     status = json.dumps([f.as_status() for f in files], separators=(",", ":"))
     return Keyring(namespace, tuple(r for _, r in numbered), files, tuple(invalid),
-                   tuple(retired), tuple(slots), conflict, used, status)
+                   tuple(retired), tuple(slots), conflict, used, status, tuple(staged))

@@ -15,7 +15,7 @@ from typing import Any
 from .config import STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .key_secrets import build_key_secret
 from .keys import KeyRecord, Keyring, check_key
-from .names import as_dict, slot_secret_name
+from .names import as_dict, slot_secret_name, staged_file_name
 
 GENERATED_KEY_NAME = slot_secret_name(1)  # --auto-generate's one and only name
 
@@ -50,12 +50,13 @@ def format_age(created: datetime | None, now: datetime) -> str:
 def key_state_label(record: KeyRecord, keyring: Keyring) -> str:
     """active (encrypts new data), older (decrypts), legacy (no index yet: `keys pin`),
     duplicate (shares its number: Pods are refused), retired, slot (reserved for a
-    next key, empty), or invalid: reason."""
+    next key, empty), staged (delivered under staged/, not yet used to encrypt: `keys
+    activate`), or invalid: reason."""
     if record.state == "invalid":
         return f"invalid: {record.check.reason}"
     if keyring.conflict and record in keyring.conflict:
         return "duplicate"
-    if record.state in ("retired", "slot"):
+    if record.state in ("retired", "slot", "staged"):
         return record.state
     state = "active" if record is keyring.newest else "older"
     if not record.numbered:
@@ -69,6 +70,7 @@ def build_key_rows(keyring: Keyring, *, now: datetime) -> list[KeyRow]:
     then the invalid ones."""
     numbered = [(f.number, f.file, r) for f, r in zip(keyring.files, keyring.keys, strict=True)]
     numbered += [(r.index, "-", r) for r in (*keyring.retired, *keyring.slots)]
+    numbered += [(r.index, staged_file_name(r.index), r) for r in keyring.staged_keys]
     numbered.sort(key=lambda row: (row[0], row[2].name))
     rows = [KeyRow(file, r.name, str(r.index) if r.index_explicit else "-",
                    key_state_label(r, keyring), r.fingerprint or "-",
@@ -90,7 +92,8 @@ def legacy_pins(keyring: Keyring) -> list[tuple[str, int]]:
 def newest_key_too_old(keyring: Keyring, *, max_age: timedelta | None,
                        now: datetime) -> bool:
     newest = keyring.newest
-    return bool(max_age and newest and newest.created and now - newest.created > max_age)
+    since = newest.active_since if newest else None
+    return bool(max_age and since and now - since > max_age)
 
 
 def format_table(headers: list[str], rows: Iterable[Iterable[str]]) -> str:

@@ -118,20 +118,22 @@ class StoreCollector(Collector):
         counts = self.store.count_by_state()
         secrets = GaugeMetricFamily("keymount_key_secrets", "Key Secrets in the cache by state",
                                     labels=["state"])
-        for state in ("valid", "invalid", "retired", "slot"):
+        for state in ("valid", "invalid", "retired", "slot", "staged"):
             secrets.add_metric([state], counts.get(state, 0))
         yield secrets
         yield GaugeMetricFamily("keymount_cache_ready",
                                 "1 once the first full list of key Secrets is in",
                                 value=1 if self.store.ready else 0)
         ages = GaugeMetricFamily("keymount_newest_key_age_seconds",
-                                 "Age of the newest valid key of each namespace",
+                                 "Age of the newest valid key of each namespace, "
+                                 "from its activation (else its creation)",
                                  labels=["namespace"])
         now = datetime.now(UTC)
         for namespace in self.store.namespaces():
             newest = self.store.keyring(namespace).newest
-            if newest is not None and newest.created is not None:
-                ages.add_metric([namespace], (now - newest.created).total_seconds())
+            since = newest.active_since if newest is not None else None
+            if since is not None:
+                ages.add_metric([namespace], (now - since).total_seconds())
         yield ages
         if self.pods is not None:
             behind = GaugeMetricFamily(

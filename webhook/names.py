@@ -19,6 +19,11 @@ INDEX_ANNOTATION = PREFIX + "key-index"  # the key's number: its file is encrypt
 NUMBERS_USED_ANNOTATION = PREFIX + "numbers-used"
 RETIRED_ANNOTATION = PREFIX + "retired"  # set by `keys retire`: the key material is gone
 GENERATED_ANNOTATION = PREFIX + "generated"  # made by --auto-generate
+# Stamped by keymount's mutating webhook with its own clock (RFC 3339, UTC), then
+# unchangeable: when a slot became a staged key, and when a key got its key field (a
+# new key, a filled slot, an activated staged key). Key age counts from activated-at.
+STAGED_AT_ANNOTATION = PREFIX + "staged-at"
+ACTIVATED_AT_ANNOTATION = PREFIX + "activated-at"
 
 # On Pods.
 STATUS_ANNOTATION = PREFIX + "status"  # files, Secrets and fingerprints injected
@@ -45,6 +50,24 @@ FILE_PREFIX = "encryption-key-"
 # slots").
 SLOT_PREFIX = "keymount-key-"
 _SLOT_NAME = re.compile(r"keymount-key-([1-9][0-9]{0,8})")
+
+
+# A staged key: a slot whose key bytes are in the field `staged-<key field>` and not
+# yet in the key field. Pods list that field at STAGED_DIR/encryption-key-<n>, so every
+# running Pod holds the key before any Pod encrypts with it (docs/contract.md, "Staged
+# keys").
+STAGED_FIELD_PREFIX = "staged-"
+STAGED_DIR = "staged"
+
+
+def staged_field(key_field: str) -> str:
+    """The data field of a staged key's bytes: `staged-encryption-key` by default."""
+    return STAGED_FIELD_PREFIX + key_field
+
+
+def staged_file_name(number: int) -> str:
+    """The path, in the key volume, of staged key number n."""
+    return f"{STAGED_DIR}/{key_file_name(number)}"
 
 
 def key_file_name(number: int) -> str:

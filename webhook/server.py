@@ -140,8 +140,10 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook) 
 def view_of(runtime: Runtime, request: AdmissionRequest, keyring: Keyring,
             source: Literal["cache", "live"], policies: PolicyView | None = None) -> View:
     return View(keyring, runtime.settings, writers=runtime.writers,
-                # the time matters only to --max-key-age
-                now=runtime.clock() if runtime.settings.max_key_age else None,
+                # the time matters to --max-key-age and to the times stamped on key
+                # Secrets; a Pod's injection is cached per keyring without it
+                now=runtime.clock() if runtime.settings.max_key_age or not request.is_pod
+                else None,
                 source=source, policies=policies)
 
 
@@ -176,10 +178,12 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
 
 def should_generate(runtime: Runtime, verdict: Verdict, keyring: Keyring) -> bool:
     """--auto-generate: a key-state refusal, confirmed live, in a namespace with no key
-    Secret at all (not even an invalid or retired one, or an empty slot: its key is a
-    key writer's to make, and slot 1 holds the name the generated key would take)."""
+    Secret at all (not even an invalid or retired one, an empty slot or a staged key:
+    its key is a key writer's to make, and slot 1 holds the name the generated key would
+    take)."""
     return (runtime.auto_generate and verdict.key_state and not keyring.keys
-            and not keyring.invalid and not keyring.retired and not keyring.slots)
+            and not keyring.invalid and not keyring.retired and not keyring.slots
+            and not keyring.staged_keys)
 
 
 async def generate_key(runtime: Runtime, request: AdmissionRequest,

@@ -85,12 +85,13 @@ def key_material(api, namespace: str) -> list[str]:
     """Every spelling of the namespace's keys that must never be printed."""
     spellings = []
     for secret in api.list_namespaced_secret(namespace).items:
-        stored = (secret.data or {}).get("encryption-key")
-        if stored:
-            raw = base64.b64decode(stored)
-            spellings += [stored, raw.hex()]
-            if raw.isascii():
-                spellings.append(raw.decode())
+        for field in ("encryption-key", "staged-encryption-key"):
+            stored = (secret.data or {}).get(field)
+            if stored:
+                raw = base64.b64decode(stored)
+                spellings += [stored, raw.hex()]
+                if raw.isascii():
+                    spellings.append(raw.decode())
     return spellings
 
 

@@ -118,6 +118,14 @@ while :; do
         line="$line $f=$1"
       fi
     done
+    if [ -d /encryption-keys/staged ]; then
+      for f in `ls /encryption-keys/staged | sort`; do
+        if [ -f "/encryption-keys/staged/$f" ]; then
+          set -- `sha256sum "/encryption-keys/staged/$f"`
+          line="$line staged/$f=$1"
+        fi
+      done
+    fi
     [ "$line" = keys: ] && line="keys: empty"
     echo "$line"
   else
@@ -327,8 +335,9 @@ def _image_archive(cache: Path, fallback_dir: Path, busybox: Path = BUSYBOX) -> 
 def key_reporter_container(name: str = "app", *, image: str = BUSYBOX_IMAGE) -> dict:
     """A container spec (a dict for the API) whose process prints, every second, one
     ``keys: ...`` line describing what it reads under /encryption-keys
-    (``keys: encryption-key-1=<sha256> encryption-key-2=<sha256>``, names sorted;
-    ``keys: none`` without the directory; ``keys: empty`` for an empty one)."""
+    (``keys: encryption-key-1=<sha256> encryption-key-2=<sha256>``, names sorted, then
+    the staged keys as ``staged/encryption-key-3=<sha256>``; ``keys: none`` without the
+    directory; ``keys: empty`` for an empty one)."""
     return {
         "name": name,
         "image": image,
