@@ -43,6 +43,8 @@ from .keys import Keyring, check_key
 from .sources import ClusterKeySource
 
 if TYPE_CHECKING:
+    from .cluster import KubernetesKeySource
+    from .controller import KeyController
     from .leader import Controller
     from .logs import LineSink
     from .metrics import Metrics
@@ -207,7 +209,28 @@ def build_controller(args: argparse.Namespace, *, source: KeySource,
     elector = LeaderElector(KubernetesLeases(source.api.api_client, namespace=namespace),
                             identity=identity,
                             on_change=lambda leading: metrics.leader.set(int(leading)))
-    return Controller(elector)
+    work = build_key_controller(args, source=source, metrics=metrics)
+    return Controller(elector, work=[work.run])
+
+
+def build_key_controller(args: argparse.Namespace, *, source: KubernetesKeySource,
+                         metrics: Metrics) -> KeyController:
+    """The leader's work: managed rotation (webhook/controller.py)."""
+    from .cluster import KeyClient, describe_api_error, policy_watches
+    from .controller import KeyController, WriteBudget
+    from .policystore import PolicyStore
+    client = source.api.api_client
+    policies = PolicyStore()
+    rate = float(args.controller_writes_per_second)
+    # Its own Events: they are about the controller's writes, never about a review, so
+    # no forged request can cause one (unlike admission Events, which need --client-ca).
+    events = EventRecorder(source.event_sink(), host=os.environ.get("HOSTNAME", ""),
+                           on_drop=metrics.events_dropped.inc, describe=describe_api_error)
+    return KeyController(KeyClient(client, settings=source.settings), keys=source.store,
+                         policies=policies, watches=lambda: policy_watches(client, policies),
+                         slots=source.settings.rotation_slots,
+                         budget=WriteBudget(rate, max(1, int(2 * rate))), metrics=metrics,
+                         events=events)
 
 
 def report_to(fd: int) -> Callable[[str], None]:
@@ -296,6 +319,10 @@ def add_serve(commands: SubParsers) -> None:
     add_flag(p, "--controller-namespace", default=None,
              help="namespace of the controller Lease (default: $POD_NAMESPACE, else the "
                   "ServiceAccount's namespace, else keymount)")
+    add_flag(p, "--controller-writes-per-second", default=10.0,
+             type=seconds(zero=False, what="a rate"),
+             help="the controller's writes to the API server (slots, keys, status); a "
+                  "wave of namespaces due at once is spread at this rate")
     add_settings_flags(p)
     p.set_defaults(func=cmd_serve)
 

@@ -43,6 +43,7 @@ from .names import (
     staged_field,
 )
 from .policyreads import PolicyReadError
+from .policystore import PolicyStore
 from .store import KeyStore, PodStore
 from .watch import ListWatch, WatchTimings, call_list, describe_error, in_daemon_thread
 
@@ -499,6 +500,13 @@ class KeyClient:
             raise ClusterError(describe_api_error(exc)) from None
         return bool(list_items(response))
 
+    def write_policy_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """The controller's status of a KeyPolicy, through its status subresource (a
+        merge patch: a field set to None is removed)."""
+        self._call(self.custom.patch_namespaced_custom_object_status, POLICY_GROUP,
+                   POLICY_VERSION, namespace, KEYPOLICY_PLURAL, name, {"status": status},
+                   _request_timeout=(5, 30))
+
     def _patch_versioned(self, namespace: str, name: str, version: object,
                          data: dict[str, str]) -> KeyRecord | None:
         """A merge patch of `data` that the API server applies only at `version` (409
@@ -553,3 +561,35 @@ class KeyClient:
             if ref.controller:
                 return str(ref.kind), str(ref.name)
         return kind, name
+
+
+class _ClusterList:
+    """A cluster-wide list/watch of one resource in the shape ListWatch calls
+    (`list_object_for_all_namespaces`): custom objects and Namespaces."""
+
+    def __init__(self, list_call: Callable[..., Any]) -> None:
+        self.list_object_for_all_namespaces = list_call
+
+
+def policy_watches(api_client: client.ApiClient, policies: PolicyStore
+                   ) -> list[ListWatch[Any]]:
+    """The controller's watches: every KeyPolicy, every ClusterKeyPolicy and the
+    namespaces' labels (what a namespaceSelector matches), each cluster-wide."""
+    from functools import partial
+
+    from .policystore import (
+        parse_stored_clusterkeypolicy,
+        parse_stored_keypolicy,
+        parse_stored_namespace,
+    )
+    custom, core = client.CustomObjectsApi(api_client), client.CoreV1Api(api_client)
+    kinds: list[tuple[Callable[..., Any], Callable[..., Any], Any]] = [
+        (partial(custom.list_cluster_custom_object, POLICY_GROUP, POLICY_VERSION,
+                 KEYPOLICY_PLURAL), parse_stored_keypolicy, policies.keypolicies),
+        (partial(custom.list_cluster_custom_object, POLICY_GROUP, POLICY_VERSION,
+                 CLUSTERKEYPOLICY_PLURAL), parse_stored_clusterkeypolicy,
+         policies.clusterkeypolicies),
+        (core.list_namespace, parse_stored_namespace, policies.namespaces),
+    ]
+    return [ListWatch(_ClusterList(call), singular="object", selector="", scopes=[None],
+                      parse=parse, sink=sink) for call, parse, sink in kinds]

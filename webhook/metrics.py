@@ -53,6 +53,14 @@ class Metrics:
         self.leader = Gauge(
             "keymount_leader", "1 while this process holds the controller Lease and runs "
             "the controller (serve --controller), else 0", registry=r)
+        self.rotations = Counter(
+            "keymount_rotations", "The controller's key writes by step: reserved (a slot), "
+            "first (a namespace's first key, active at once), staged, activated; and "
+            "failed (a step that did not go through)", ["step"], registry=r)
+        # The active key's activation (else creation) per namespace the leader manages;
+        # ages are computed at scrape time, so they never go stale between two looks.
+        self.key_activations: dict[str, datetime] = {}
+        r.register(KeyAgeCollector(self.key_activations))
         if store is not None:
             r.register(StoreCollector(store, pods))
 
@@ -106,6 +114,23 @@ class AdmissionStats(Collector):
                 buckets.append((bound, cumulative))
             durations.add_metric([webhook], buckets, sum_value=row[-1])
         yield durations
+
+
+class KeyAgeCollector(Collector):
+    """`keymount_key_age_seconds`: how old each managed namespace's active key is."""
+
+    def __init__(self, activations: dict[str, datetime]) -> None:
+        self.activations = activations
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        ages = GaugeMetricFamily("keymount_key_age_seconds",
+                                 "Age of the active key of each namespace the controller "
+                                 "manages (since its activation, else its creation)",
+                                 labels=["namespace"])
+        now = datetime.now(UTC)
+        for namespace, since in sorted(self.activations.items()):
+            ages.add_metric([namespace], max(0.0, (now - since).total_seconds()))
+        yield ages
 
 
 class StoreCollector(Collector):

@@ -10,7 +10,7 @@ the event loop thread; sources that run in threads hand their results over to it
 from __future__ import annotations
 
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from .keys import KeyRecord, Keyring, build_keyring, revision
 from .lifecycle import PodKeys, build_pod_key_state
@@ -44,6 +44,9 @@ class KeyStore:
         # Bounded like the deletions: reviews name the namespaces live reads list.
         self._listed_at: OrderedDict[str, int] = OrderedDict()
         self.ready = False
+        # Called with a namespace whose records changed (the controller's wake-up; on
+        # the event loop thread, like every change).
+        self.listeners: list[Callable[[str], None]] = []
 
     def version(self, namespace: str) -> int:
         return self._versions[namespace]
@@ -143,12 +146,17 @@ class KeyStore:
     def _rebuild(self, namespaces: Iterable[str]) -> None:
         for ns in namespaces:
             self._versions[ns] += 1
+            before = self._rings.get(ns)
             records = self._records.get(ns)
             if records:
                 self._rings[ns] = build_keyring(ns, records.values())
             else:
                 self._records.pop(ns, None)
                 self._rings.pop(ns, None)
+            # Only a real change: a resync's re-list rebuilds every namespace.
+            if self.listeners and self._rings.get(ns) != before:
+                for listener in self.listeners:
+                    listener(ns)
 
 
 def _older(candidate: int, than: int) -> bool:

@@ -11,6 +11,7 @@ import base64
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -330,3 +331,20 @@ def namespace(api, keymount, request) -> str:
     name = f"{name}-{next(_counter)}"
     api.create_namespace({"metadata": {"name": name}})
     return name
+
+
+@pytest.fixture(scope="session")
+def policy_crds(admin_kubeconfig):
+    """The two CRDs of manifests/, applied and served."""
+    assert shutil.which("kubectl"), "kubectl is needed to render manifests/"
+    rendered = subprocess.run(["kubectl", "kustomize", str(ROOT / "manifests")],
+                              capture_output=True, text=True, timeout=60, check=True).stdout
+    crds = [d for d in yaml.safe_load_all(rendered)
+            if d and d["kind"] == "CustomResourceDefinition"]
+    assert len(crds) == 2
+    kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(crds))
+    for crd in crds:
+        kubectl(admin_kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
+                f"crd/{crd['metadata']['name']}")
+    poll(lambda: kubectl(admin_kubeconfig, "get", "keypolicies,clusterkeypolicies", "-A",
+                         check=False).returncode == 0, what="the policy kinds served")

@@ -5,37 +5,17 @@ clientConfig replaced; conftest.webhook_configurations)."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import uuid
 
 import pytest
-import yaml
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from apihelpers import denial
-from conftest import ROOT, kubectl
+from conftest import kubectl
 from polling import poll
 
 GROUP, VERSION = "keymount.io", "v1alpha1"
-
-
-@pytest.fixture(scope="module")
-def policy_crds(admin_kubeconfig):
-    """The two CRDs of manifests/, applied and served."""
-    assert shutil.which("kubectl"), "kubectl is needed to render manifests/"
-    rendered = subprocess.run(["kubectl", "kustomize", str(ROOT / "manifests")],
-                              capture_output=True, text=True, timeout=60, check=True).stdout
-    crds = [d for d in yaml.safe_load_all(rendered)
-            if d and d["kind"] == "CustomResourceDefinition"]
-    assert len(crds) == 2
-    kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump_all(crds))
-    for crd in crds:
-        kubectl(admin_kubeconfig, "wait", "--for=condition=Established", "--timeout=60s",
-                f"crd/{crd['metadata']['name']}")
-    poll(lambda: kubectl(admin_kubeconfig, "get", "keypolicies,clusterkeypolicies", "-A",
-                         check=False).returncode == 0, what="the policy kinds served")
 
 
 @pytest.fixture

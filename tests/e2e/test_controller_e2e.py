@@ -1,0 +1,199 @@
+"""Managed rotation on the real API server: `keymount serve --controller` replicas
+running as the least-privileged user keymount with manifests/components/controller's
+RBAC, their writes judged by keymount's webhooks as manifests/ declares them."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import signal
+import time
+from datetime import datetime, timedelta
+
+import pytest
+import yaml
+from kubernetes import client
+
+from webhook.cluster import KeyClient, load_api_client
+from webhook.config import Settings
+from webhook.controller import WriteBudget, reconcile
+from webhook.rotation import Schedule
+
+from conftest import ROOT, kubectl, launch_keymount
+from polling import poll
+
+GROUP, VERSION = "keymount.io", "v1alpha1"
+KEY_LABEL = "keymount.io/encryption-key"
+
+
+def component_rbac(namespace: str, user: str) -> str:
+    """manifests/components/controller's RBAC as it ships, the Lease Role moved to
+    `namespace`, every binding given to the test bed's keymount user."""
+    docs = list(yaml.safe_load_all(
+        (ROOT / "manifests/components/controller/rbac.yaml").read_text()))
+    for doc in docs:
+        if doc["kind"] in ("Role", "RoleBinding"):
+            doc["metadata"]["namespace"] = namespace
+        if doc["kind"].endswith("Binding"):
+            doc["subjects"] = [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
+                                "name": user}]
+    return yaml.safe_dump_all(docs)
+
+
+@pytest.fixture
+def custom(api):
+    return client.CustomObjectsApi(api.api_client)
+
+
+@pytest.fixture
+def controllers(control_plane, admin_kubeconfig, namespace, policy_crds, tmp_path):
+    """Start `serve --controller` replicas whose Lease lives in the test's namespace."""
+    kubectl(admin_kubeconfig, "apply", "-f", "-",
+            stdin=component_rbac(namespace, control_plane.keymount_user))
+    started = []
+
+    def start(count: int = 1):
+        for _ in range(count):
+            started.append(launch_keymount(
+                control_plane, tmp_path / f"c{len(started)}", "--controller",
+                "--controller-namespace", namespace))
+        return started[-count:]
+    yield start
+    for server in started:
+        if server.proc.poll() is None:
+            server.stop()
+
+
+def key_policy(custom, namespace: str, **spec) -> None:
+    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "keypolicies", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "KeyPolicy",
+        "metadata": {"name": "rotation"}, "spec": spec})
+
+
+def stored_keys(api, namespace: str) -> dict[int, dict]:
+    """Every key Secret by number: its state and keymount's times."""
+    found: dict[int, dict] = {}
+    for secret in api.list_namespaced_secret(namespace, label_selector=KEY_LABEL).items:
+        notes = secret.metadata.annotations or {}
+        number = int(notes["keymount.io/key-index"])
+        data = secret.data or {}
+        state = ("active" if data.get("encryption-key") else
+                 "staged" if data.get("staged-encryption-key") else "slot")
+        assert number not in found, f"two key Secrets hold number {number}"
+        found[number] = {"state": state, "name": secret.metadata.name,
+                         "staged_at": when(notes.get("keymount.io/staged-at")),
+                         "activated_at": when(notes.get("keymount.io/activated-at"))}
+    return found
+
+
+def when(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text) if text else None
+
+
+def keys_in(api, namespace: str, state: str) -> list[int]:
+    return sorted(n for n, key in stored_keys(api, namespace).items() if key["state"] == state)
+
+
+def test_a_policy_rotates_a_namespace_staging_each_key_before_it_is_active(
+        api, custom, namespace, controllers):
+    key_policy(custom, namespace, rotationPeriod="40s", stagingPeriod="10s")
+    controllers(1)
+    # No key yet: key 1 is made active at once (nothing is encrypted to stage for).
+    poll(lambda: keys_in(api, namespace, "active") == [1], timeout=60, what="key 1")
+    poll(lambda: keys_in(api, namespace, "slot") == [2, 3], timeout=30, what="two slots")
+    poll(lambda: keys_in(api, namespace, "active") == [1, 2], timeout=120,
+         what="key 2 active after its rotation")
+    keys = stored_keys(api, namespace)
+    first, second = keys[1], keys[2]
+    assert second["staged_at"] - first["activated_at"] >= timedelta(seconds=40)
+    assert second["activated_at"] - second["staged_at"] >= timedelta(seconds=10)
+    assert keys_in(api, namespace, "slot") == [3, 4]  # kept: never more than two ahead
+
+    def status() -> dict:
+        policy = custom.get_namespaced_custom_object(GROUP, VERSION, namespace,
+                                                     "keypolicies", "rotation")
+        return policy.get("status") or {}
+    poll(lambda: status().get("activeKey") == 2, timeout=30, what="the KeyPolicy's status")
+    written = status()
+    assert written["keys"] == 2 and written.get("stagedKey") is None
+    ready = {c["type"]: c["status"] for c in written["conditions"]}
+    assert ready == {"Ready": "True", "RotationDue": "False", "Staged": "False"}
+    reasons = {e.reason for e in api.list_namespaced_event(namespace).items}
+    assert {"KeyStaged", "KeyActivated"} <= reasons
+
+
+class Killed(Exception):
+    """The controller stopped between two writes (a lost Lease, SIGKILL)."""
+
+
+class KillingBudget(WriteBudget):
+    """Lets `writes` writes through, then stops the controller before the next."""
+
+    def __init__(self, writes: int) -> None:
+        super().__init__(1000.0, 1000)
+        self.left = writes
+
+    async def take(self) -> None:
+        if self.left == 0:
+            raise Killed()
+        self.left -= 1
+        await super().take()
+
+
+# The writes of a namespace's first key and one rotation: reserve 1, fill 1, reserve 2
+# and 3; then stage 2, reserve 4; then activate 2.
+@pytest.mark.parametrize("kill_after", range(7), ids=lambda n: f"killed-after-{n}-writes")
+def test_a_controller_killed_between_any_two_writes_is_finished_by_the_next(
+        api, namespace, keymount, control_plane, admin_kubeconfig, tmp_path, kill_after):
+    kubeconfig = control_plane.write_kubeconfig(tmp_path / "kubeconfig",
+                                                token=control_plane.keymount_token)
+    kubectl(admin_kubeconfig, "apply", "-f", "-",
+            stdin=component_rbac(namespace, control_plane.keymount_user))
+    keys = KeyClient(load_api_client(kubeconfig=str(kubeconfig)), settings=Settings())
+    first = Schedule(rotation_period=timedelta(hours=1), staging_period=timedelta(seconds=1))
+    due = Schedule(rotation_period=timedelta(seconds=1), staging_period=timedelta(seconds=1))
+
+    async def run(schedule: Schedule, budget: WriteBudget) -> None:
+        await reconcile(keys, namespace, schedule, slots=2, budget=budget)
+
+    async def killed_then_finished() -> None:
+        budget = KillingBudget(kill_after)
+        for schedule in (first, due, due):
+            try:
+                await run(schedule, budget)
+            except Killed:
+                break
+            await asyncio.sleep(1.1)  # the staging period, on the API server's clock
+        # A new controller: nothing carried over but what the API server holds.
+        for schedule in (first, due, due):
+            await run(schedule, WriteBudget(1000.0, 1000))
+            await asyncio.sleep(1.1)
+
+    asyncio.run(killed_then_finished())
+    final = stored_keys(api, namespace)
+    active = [n for n, key in final.items() if key["state"] == "active"]
+    assert active[:2] == [1, 2]  # key 1, then its successor: never two of one number
+    assert all(key["state"] != "staged" or n > active[-1] for n, key in final.items())
+    assert len([n for n, k in final.items() if k["state"] in ("slot", "staged")]) == 2
+
+
+def test_the_next_leader_activates_the_key_a_killed_leader_staged(
+        api, custom, namespace, controllers):
+    key_policy(custom, namespace, rotationPeriod="30s", stagingPeriod="25s")
+    replicas = controllers(2)
+    poll(lambda: keys_in(api, namespace, "staged") == [2], timeout=120, what="key 2 staged")
+    leader = next(r for r in replicas if r.metric("keymount_leader") == 1)
+    other = next(r for r in replicas if r is not leader)
+    leader.proc.send_signal(signal.SIGKILL)
+    leader.proc.wait(10)
+    killed = time.monotonic()
+    poll(lambda: other.metric("keymount_leader") == 1, timeout=30, what="the other leading")
+    took = time.monotonic() - killed
+    poll(lambda: keys_in(api, namespace, "active") == [1, 2], timeout=60,
+         what="key 2 activated by the new leader")
+    keys = stored_keys(api, namespace)  # raises if two Secrets hold one number
+    assert keys[2]["activated_at"] - keys[2]["staged_at"] >= timedelta(seconds=25)
+    assert took < 30
+    secret = api.read_namespaced_secret(keys[2]["name"], namespace)
+    assert secret.data["encryption-key"] == secret.data["staged-encryption-key"]
+    assert len(base64.b64decode(secret.data["encryption-key"])) == 32

@@ -1,0 +1,111 @@
+"""The controller's loop parts: the due-time queue and the write budget."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from webhook.controller import Queue, WriteBudget
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def test_the_queue_hands_out_namespaces_when_due_earliest_first() -> None:
+    clock = Clock()
+    queue = Queue(clock=clock)
+    queue.set("b", T0 + timedelta(seconds=20))
+    queue.set("a", T0 + timedelta(seconds=10))
+    queue.set("later", T0 + timedelta(days=90))
+    assert queue.take_due() == []
+    clock.now = T0 + timedelta(seconds=30)
+    assert queue.take_due() == ["a", "b"]
+    assert queue.take_due() == [] and len(queue) == 1
+
+
+def test_a_poke_moves_a_namespace_earlier_never_later() -> None:
+    clock = Clock()
+    queue = Queue(clock=clock)
+    queue.set("a", T0 + timedelta(hours=1))
+    queue.poke("a", T0 + timedelta(hours=2))
+    assert queue.due_at("a") == T0 + timedelta(hours=1)
+    queue.poke("a")
+    assert queue.take_due() == ["a"]
+    clock.now = T0 + timedelta(hours=3)
+    assert queue.take_due() == []  # the superseded entry is not handed out again
+
+
+def test_superseded_entries_do_not_pile_up() -> None:
+    queue = Queue(clock=Clock())
+    for minute in range(10_000):
+        queue.set("a", T0 + timedelta(minutes=10_000 - minute))
+    assert len(queue._heap) < 200  # the bound is the point
+
+
+async def test_waiting_ends_when_the_earliest_namespace_is_due() -> None:
+    queue = Queue()
+    queue.set("soon", datetime.now(UTC) + timedelta(milliseconds=50))
+    queue.set("later", datetime.now(UTC) + timedelta(days=1))
+    await asyncio.wait_for(queue.wait(), 5)
+    assert queue.take_due() == ["soon"]
+
+
+async def test_waiting_with_nothing_due_ends_only_on_a_change() -> None:
+    queue = Queue()
+    waiting = asyncio.create_task(queue.wait())
+    done, _ = await asyncio.wait({waiting}, timeout=0.2)
+    assert not done  # no timer: nothing is due
+    queue.poke("new")
+    await asyncio.wait_for(waiting, 5)
+    assert queue.take_due() == ["new"]
+
+
+@pytest.mark.parametrize(("rate", "burst", "writes", "seconds"), [
+    pytest.param(5.0, 5, 5, 0.0, id="a-burst-goes-at-once"),
+    pytest.param(5.0, 5, 25, 4.0, id="beyond-the-burst-at-the-rate"),
+    pytest.param(20.0, 1, 101, 5.0, id="no-burst"),
+])
+async def test_the_write_budget_spreads_writes(rate: float, burst: int, writes: int,
+                                               seconds: float) -> None:
+    now = [0.0]
+
+    async def sleep(delay: float) -> None:
+        now[0] += delay
+
+    budget = WriteBudget(rate, burst, clock=lambda: now[0], sleep=sleep)
+    for _ in range(writes):
+        await budget.take()
+    assert now[0] == pytest.approx(seconds)
+
+
+def test_the_key_cache_wakes_the_controller_only_for_namespaces_that_changed() -> None:
+    from webhook.config import Settings
+    from webhook.key_secrets import parse_key_secret
+    from webhook.store import KeyStore
+
+    from builders import key_secret, random_key
+
+    def record(name: str, namespace: str, version: str) -> object:
+        secret = key_secret(name, random_key(), namespace=namespace, index=1)
+        secret["metadata"]["resourceVersion"] = version
+        return parse_key_secret(secret, settings=Settings())
+
+    store, woken = KeyStore(), []
+    store.listeners.append(woken.append)
+    a, b = record("k1", "a", "5"), record("k1", "b", "6")
+    store.replace_all([a, b], version="6")
+    assert sorted(woken) == ["a", "b"]
+    woken.clear()
+    store.replace_all([a, b], version="9")  # a resync's re-list: nothing new
+    assert woken == []
+    store.put(record("k2", "b", "10"))
+    assert woken == ["b"]

@@ -1,0 +1,412 @@
+"""The controller's loop: which namespace is due when, and one step at a time.
+
+`rotation.next_step` decides; this module only runs it. Every write is one API call
+made with the resourceVersion just read (a slot is filled, staged or activated only if
+it is still as read; a slot is reserved by a CREATE the API server takes once), and
+before every step the namespace is read again live: nothing in memory decides a write,
+so a controller killed between two steps, or a new leader, carries on from what the
+API server holds (docs/contract.md, "Managed rotation").
+
+Between due times it uses no CPU: namespaces wait in a heap ordered by when they are
+next due, and the loop sleeps until the earliest or until a change (a key Secret or a
+policy) pokes a namespace. Writes go through one token bucket (`WriteBudget`), so a
+wave of namespaces due in the same minute is spread out instead of landing on the API
+server at once (docs/operations.md, "The controller").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import heapq
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any, Protocol
+
+from .events import EventNote, EventRecorder
+from .key_secrets import SlotOutcome
+from .keys import KeyRecord, Keyring
+from .metrics import Metrics
+from .policystore import PolicyStore
+from .rotation import (
+    Activate,
+    Fill,
+    Hold,
+    NamespaceKeys,
+    Reserve,
+    Schedule,
+    Stage,
+    Step,
+    Wait,
+    next_rotation,
+    next_step,
+)
+from .store import KeyStore
+from .watch import ListWatch, in_daemon_thread
+
+log = logging.getLogger("keymount.controller")
+
+# Steps taken in one namespace before it goes back in the queue: a namespace needs at
+# most four writes to settle (a slot, a key, the slots above it); anything more means
+# another writer keeps changing it, and the others must not wait behind it.
+MAX_STEPS = 6
+RETRY_AFTER = timedelta(seconds=30)  # a namespace whose step failed is looked at again
+
+
+class ControllerApi(Protocol):
+    """The controller's writes and its live read; blocking calls, run in a thread."""
+
+    def keyring(self, namespace: str) -> Keyring: ...
+    def reserve_slot(self, namespace: str, number: int) -> SlotOutcome: ...
+    def fill_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
+    def stage_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
+    def activate_staged(self, namespace: str, staged: KeyRecord) -> KeyRecord | None: ...
+    def write_policy_status(self, namespace: str, name: str, status: dict[str, Any]
+                            ) -> None: ...
+
+
+class WriteBudget:
+    """A token bucket the controller's writes wait on: `rate` writes a second, at most
+    `burst` at once."""
+
+    def __init__(self, rate: float, burst: int, *,
+                 clock: Callable[[], float] = time.monotonic,
+                 sleep: Callable[[float], Awaitable[None]] = asyncio.sleep) -> None:
+        self.rate, self.burst, self.clock, self.sleep = rate, burst, clock, sleep
+        self.tokens, self.filled = float(burst), clock()
+
+    async def take(self) -> None:
+        """Wait for this write's turn. The token is taken at once (the count may go
+        below zero), so concurrent writers queue in order, as a reservation in Go's
+        x/time/rate does."""
+        now = self.clock()
+        self.tokens = min(self.burst, self.tokens + (now - self.filled) * self.rate)
+        self.filled = now
+        self.tokens -= 1
+        if self.tokens < 0:
+            await self.sleep(-self.tokens / self.rate)
+
+
+class SlotTaken(Exception):
+    """An unlabelled Secret holds the name of the slot to reserve."""
+
+
+def execute(api: ControllerApi, keyring: Keyring, step: Step) -> None:
+    """Make the write `step` stands for, from the records of `keyring` (their
+    resourceVersions); a lost race is no error: the next read shows who won."""
+    namespace = keyring.namespace
+    match step:
+        case Reserve(number):
+            if api.reserve_slot(namespace, number) == "taken":
+                raise SlotTaken(number)
+        case Fill(number):
+            api.fill_slot(namespace, _slot(keyring, number), secrets.token_bytes(32))
+        case Stage(number):
+            api.stage_slot(namespace, _slot(keyring, number), secrets.token_bytes(32))
+        case Activate(number):
+            staged = keyring.staged
+            if staged is not None and staged.index == number:
+                api.activate_staged(namespace, staged)
+        case _:
+            raise AssertionError(f"not a write: {step!r}")
+
+
+def _slot(keyring: Keyring, number: int) -> KeyRecord:
+    for slot in keyring.free_slots:
+        if slot.index == number:
+            return slot
+    raise AssertionError(f"no empty slot {number} in {keyring.namespace}")
+
+
+async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, slots: int,
+                    budget: WriteBudget,
+                    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                    on_step: Callable[[Keyring, Step], None] = lambda keyring, step: None
+                    ) -> tuple[Wait | Hold, Keyring]:
+    """Step `namespace` towards `schedule` until nothing is due now: when to look again
+    (`Wait`) or why it cannot be rotated (`Hold`), and the keys as last read."""
+    for _ in range(MAX_STEPS):
+        keyring = await in_daemon_thread(lambda: api.keyring(namespace))
+        step = next_step(observe(keyring), schedule, now=clock(), slots=slots)
+        if isinstance(step, Wait | Hold):
+            return step, keyring
+        await budget.take()
+        try:
+            await in_daemon_thread(lambda: execute(api, keyring, step))  # noqa: B023
+        except SlotTaken as taken:
+            name = f"keymount-key-{taken.args[0]}"
+            return Hold(f"Secret {name!r} in namespace {namespace!r} is not a key Secret, "
+                        f"so keymount cannot reserve that slot; delete or rename it: "
+                        f"kubectl delete secret {name} -n {namespace}"), keyring
+        on_step(keyring, step)
+    return Wait(clock()), keyring
+
+
+class Queue:
+    """Namespaces by when they are next due; `poke` moves one earlier (never later,
+    except through `set`)."""
+
+    def __init__(self, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.clock = clock
+        self._due: dict[str, datetime] = {}
+        self._heap: list[tuple[datetime, str]] = []
+        self._changed = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def due_at(self, namespace: str) -> datetime | None:
+        return self._due.get(namespace)
+
+    def poke(self, namespace: str, at: datetime | None = None) -> None:
+        """Look at `namespace` at `at` (now by default), unless it is due earlier."""
+        at = at or self.clock()
+        current = self._due.get(namespace)
+        if current is None or at < current:
+            self.set(namespace, at)
+
+    def set(self, namespace: str, at: datetime | None) -> None:
+        """Look at `namespace` at `at` exactly; None: only when poked."""
+        if at is None:
+            self._due.pop(namespace, None)
+        else:
+            self._due[namespace] = at
+            heapq.heappush(self._heap, (at, namespace))
+        if len(self._heap) > 2 * len(self._due) + 64:  # drop superseded entries
+            self._heap = [(when, ns) for ns, when in self._due.items()]
+            heapq.heapify(self._heap)
+        self._changed.set()
+
+    def take_due(self) -> list[str]:
+        """The namespaces due now, earliest first; they leave the queue."""
+        now, due = self.clock(), []
+        while self._heap and self._heap[0][0] <= now:
+            at, namespace = heapq.heappop(self._heap)
+            if self._due.get(namespace) == at:  # else superseded by a later set/poke
+                del self._due[namespace]
+                due.append(namespace)
+        return due
+
+    async def wait(self) -> None:
+        """Until something is due or the queue changed; no timer runs while nothing is
+        due (the heap's head says when)."""
+        self._changed.clear()
+        while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
+            heapq.heappop(self._heap)  # superseded
+        timeout = None
+        if self._heap:
+            timeout = max(0.0, (self._heap[0][0] - self.clock()).total_seconds())
+        try:
+            await asyncio.wait_for(self._changed.wait(), timeout)
+        except TimeoutError:
+            pass
+
+
+# --- from a keyring to what the next step depends on ---------------------------------------
+
+def observe(keyring: Keyring) -> NamespaceKeys:
+    """What `next_step` reads of a namespace's keys (pure)."""
+    from .keys import describe_conflict
+    problem = None
+    if keyring.conflict is not None:
+        problem = describe_conflict(keyring)
+    elif keyring.invalid:
+        bad = keyring.invalid[0]
+        problem = (f"key Secret {bad.name!r} is invalid ({bad.check.reason}); keymount "
+                   f"rotates only a namespace whose keys are all valid. Check it: keymount "
+                   f"keys list -n {keyring.namespace}")
+    newest, staged = keyring.newest, keyring.staged
+    if staged is not None and staged.staged_at is None and problem is None:
+        problem = (f"staged key {staged.name!r} carries no keymount.io/staged-at, so its "
+                   f"staging period cannot be counted; activate it by hand: keymount keys "
+                   f"activate -n {keyring.namespace}")
+    return NamespaceKeys(
+        namespace=keyring.namespace,
+        active=keyring.active_number or None,
+        active_since=(newest.activated_at or newest.created) if newest else None,
+        staged=staged.index if staged else None,
+        staged_since=staged.staged_at if staged else None,
+        free_slots=tuple(slot.index for slot in keyring.free_slots),
+        next_number=keyring.next_number, problem=problem)
+
+
+# --- a KeyPolicy's status ------------------------------------------------------------------
+
+def _time(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+
+
+def policy_status(keys: NamespaceKeys, result: Wait | Hold, *, schedule: Schedule,
+                  valid_keys: int, generation: int, now: datetime,
+                  previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The `status` keymount writes on the KeyPolicy in effect (pure). A condition keeps
+    its lastTransitionTime while its status stays (metav1.Condition's rule)."""
+    due = next_rotation(keys, schedule)
+    before = {c.get("type"): c for c in previous.get("conditions") or []
+              if isinstance(c, Mapping)}
+
+    def condition(kind: str, true: bool, reason: str, message: str) -> dict[str, Any]:
+        status = "True" if true else "False"
+        old = before.get(kind) or {}
+        since = old.get("lastTransitionTime") if old.get("status") == status else None
+        return {"type": kind, "status": status, "reason": reason, "message": message[:1024],
+                "lastTransitionTime": since or _time(now)}
+
+    held = isinstance(result, Hold)
+    return {
+        "activeKey": keys.active, "stagedKey": keys.staged, "keys": valid_keys,
+        "lastRotation": _time(keys.active_since), "nextRotation": _time(due),
+        "observedGeneration": generation,
+        "conditions": [
+            condition("Ready", not held, "NotRotated" if held else "Reconciled",
+                      result.reason if isinstance(result, Hold) else
+                      "keys follow the policy"),
+            condition("RotationDue", due is not None and due <= now,
+                      "PeriodElapsed" if due is not None and due <= now else "NotDue",
+                      f"next rotation {_time(due)}" if due else "no rotationPeriod"),
+            condition("Staged", keys.staged is not None,
+                      "KeyStaged" if keys.staged is not None else "NothingStaged",
+                      f"key {keys.staged} is staged" if keys.staged is not None else
+                      "no key is staged"),
+        ],
+    }
+
+
+# --- the leader's work ---------------------------------------------------------------------
+
+HOLD_RETRY = timedelta(minutes=5)  # a held namespace is also looked at again after this
+_STEP_NAMES = {Reserve: "reserved", Fill: "first", Stage: "staged", Activate: "activated"}
+
+
+class KeyController:
+    """Managed rotation, run by the holder of the controller Lease (webhook/leader.py):
+    `run` is the leader's work, cancelled when leadership ends. Everything it holds is
+    rebuilt on the next `run`: the policies from their watches, the due times from the
+    keys."""
+
+    def __init__(self, api: ControllerApi, *, keys: KeyStore, policies: PolicyStore,
+                 watches: Callable[[], list[ListWatch[Any]]], slots: int,
+                 budget: WriteBudget, metrics: Metrics,
+                 events: EventRecorder | None = None,
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+        self.api, self.keys, self.policies, self.watches = api, keys, policies, watches
+        self.slots, self.budget, self.metrics = max(1, slots), budget, metrics
+        self.events, self.clock = events, clock
+        self.queue = Queue(clock=clock)
+
+    def _key_changed(self, namespace: str) -> None:
+        if self.policies.effective(namespace) is not None:
+            self.queue.poke(namespace)
+
+    def _policy_changed(self, namespace: str | None) -> None:
+        for name in self.policies.managed() if namespace is None else [namespace]:
+            self.queue.poke(name)
+
+    async def run(self) -> None:
+        self.queue = Queue(clock=self.clock)
+        self.keys.listeners.append(self._key_changed)
+        self.policies.listeners.append(self._policy_changed)
+        try:
+            async with asyncio.TaskGroup() as group:
+                if self.events is not None:
+                    group.create_task(self.events.run(), name="keymount-controller-events")
+                for watch in self.watches():
+                    await watch.load()
+                    group.create_task(watch.run(), name="keymount-policy-watch")
+                for namespace in self.policies.managed():
+                    self.queue.poke(namespace)
+                log.info("controller started", extra={"namespaces": len(self.queue)})
+                while True:
+                    for namespace in self.queue.take_due():
+                        await self.handle(namespace)
+                    await self.queue.wait()
+        finally:
+            self.keys.listeners.remove(self._key_changed)
+            self.policies.listeners.remove(self._policy_changed)
+            self.metrics.key_activations.clear()
+
+    async def handle(self, namespace: str) -> None:
+        """Bring one due namespace up to its policy, write its status, and say when it
+        is due next."""
+        effective = self.policies.effective(namespace)
+        if effective is None:
+            self.metrics.key_activations.pop(namespace, None)
+            return  # no policy (any more): rotated by hand
+        schedule = Schedule(effective.rotation_period, effective.staging_period)
+        try:
+            result, keyring = await reconcile(self.api, namespace, schedule, slots=self.slots,
+                                              budget=self.budget, clock=self.clock,
+                                              on_step=self._stepped)
+        except Exception as exc:  # an API error: this namespace waits, the others go on
+            self.metrics.rotations.labels("failed").inc()
+            log.warning("rotation step failed; retrying later",
+                        extra={"namespace": namespace, "error": _describe(exc),
+                               "retry_seconds": RETRY_AFTER.total_seconds()})
+            self._event(namespace, "Namespace", namespace, "v1", "Warning", "RotationFailed",
+                        f"a rotation step failed: {_describe(exc)}; keymount retries in "
+                        f"{RETRY_AFTER.total_seconds():g}s")
+            self.queue.set(namespace, self.clock() + RETRY_AFTER)
+            return
+        keys = observe(keyring)
+        if keys.active_since is not None:
+            self.metrics.key_activations[namespace] = keys.active_since
+        if isinstance(result, Hold):
+            log.warning("namespace not rotated", extra={"namespace": namespace,
+                                                         "reason": result.reason})
+            self._event(namespace, "Namespace", namespace, "v1", "Warning", "RotationFailed",
+                        result.reason)
+            self.queue.set(namespace, self.clock() + HOLD_RETRY)
+        else:
+            self.queue.set(namespace, result.until)
+        if effective.keypolicy is not None:
+            await self._write_status(namespace, effective.keypolicy, keys, result, schedule,
+                                     len(keyring.keys))
+
+    async def _write_status(self, namespace: str, name: str, keys: NamespaceKeys,
+                            result: Wait | Hold, schedule: Schedule, valid: int) -> None:
+        stored = self.policies.keypolicies.get(namespace, name)
+        if stored is None:
+            return
+        status = policy_status(keys, result, schedule=schedule, valid_keys=valid,
+                               generation=stored.generation, now=self.clock(),
+                               previous=stored.status)
+        if status == stored.status:
+            return  # as the watch last showed it: nothing to write
+        await self.budget.take()
+        try:
+            await in_daemon_thread(lambda: self.api.write_policy_status(namespace, name, status))
+        except Exception as exc:
+            log.warning("could not write a KeyPolicy's status",
+                        extra={"namespace": namespace, "keypolicy": name,
+                               "error": _describe(exc)})
+
+    def _stepped(self, keyring: Keyring, step: Step) -> None:
+        namespace = keyring.namespace
+        self.metrics.rotations.labels(_STEP_NAMES[type(step)]).inc()
+        log.info("rotation step", extra={"namespace": namespace,
+                                         "step": _STEP_NAMES[type(step)],
+                                         "number": getattr(step, "number", None)})
+        name = f"keymount-key-{getattr(step, 'number', 0)}"
+        if isinstance(step, Stage):
+            self._event(namespace, "Secret", name, "v1", "Normal", "KeyStaged",
+                        f"key number {step.number} staged in {name}: running Pods get it as "
+                        f"staged/encryption-key-{step.number}, and it becomes active after "
+                        f"the staging period")
+        elif isinstance(step, Activate | Fill):
+            self._event(namespace, "Secret", name, "v1", "Normal", "KeyActivated",
+                        f"key number {step.number} in {name} is active: applications "
+                        f"encrypt with encryption-key-{step.number} from now on")
+
+    def _event(self, namespace: str, kind: str, name: str, api_version: str, type_: str,
+               reason: str, message: str) -> None:
+        if self.events is not None:
+            self.events.emit(EventNote(namespace=namespace, kind=kind, name=name,
+                                       api_version=api_version, uid="", type=type_,
+                                       reason=reason, message=message))
+
+
+def _describe(exc: Exception) -> str:
+    from .cluster import describe_api_error
+    return describe_api_error(exc)
