@@ -109,3 +109,62 @@ def test_the_key_cache_wakes_the_controller_only_for_namespaces_that_changed() -
     assert woken == []
     store.put(record("k2", "b", "10"))
     assert woken == ["b"]
+
+
+# --- reconcile: the cache may only say "nothing is due" ------------------------------
+
+class CountingApi:
+    """A fake of our own ControllerApi: one namespace whose keys never change, the
+    live reads counted and every write recorded."""
+
+    def __init__(self, keyring) -> None:
+        self.ring, self.reads, self.writes = keyring, 0, []
+
+    def keyring(self, namespace):
+        self.reads += 1
+        return self.ring
+
+    def reserve_slot(self, namespace, number):
+        self.writes.append(("reserve", number))
+        return "reserved"
+
+    def fill_slot(self, namespace, slot, key):
+        self.writes.append(("fill", slot.index))
+
+    def stage_slot(self, namespace, slot, key):
+        self.writes.append(("stage", slot.index))
+
+    def activate_staged(self, namespace, staged):
+        self.writes.append(("activate", staged.index))
+
+    def write_policy_status(self, namespace, name, status):
+        self.writes.append(("status", name))
+
+
+def rotated_at(when: str, *, slots: tuple[int, ...] = (2, 3)):
+    from builders import key_secret, keyring_of, random_key, slot_secret
+    return keyring_of(key_secret("keymount-key-1", random_key(), index=1,
+                                 annotations={"keymount.io/activated-at": when}),
+                      *(slot_secret(n) for n in slots))
+
+
+@pytest.mark.parametrize(("cached", "reads", "writes"), [
+    pytest.param(rotated_at("2026-01-01T00:00:00Z"), 0, [], id="cache-says-not-due-no-read"),
+    pytest.param(rotated_at("2025-01-01T00:00:00Z"), 6, [("stage", 2)] * 6,
+                 id="cache-says-due-decided-again-live"),
+    pytest.param(None, 1, [], id="no-cache-reads-live"),
+])
+async def test_the_cache_only_spares_reads_when_nothing_is_due(cached, reads, writes) -> None:
+    from webhook.controller import reconcile
+    from webhook.rotation import Schedule, Wait
+
+    # The live keys agree with the cache, or say the key is due (and stay so: the fake
+    # never changes, so every step is decided again and made again, up to the bound).
+    api = CountingApi(cached or rotated_at("2026-01-01T00:00:00Z"))
+    schedule = Schedule(rotation_period=timedelta(days=30),
+                        staging_period=timedelta(minutes=2))
+    result, _ = await reconcile(api, "shop", schedule, slots=2,
+                                budget=WriteBudget(1000.0, 1000),
+                                clock=lambda: T0 + timedelta(days=1), cached=cached)
+    assert api.reads == reads and api.writes == writes
+    assert isinstance(result, Wait)

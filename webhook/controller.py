@@ -123,10 +123,18 @@ def _slot(keyring: Keyring, number: int) -> KeyRecord:
 async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, slots: int,
                     budget: WriteBudget,
                     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                    on_step: Callable[[Keyring, Step], None] = lambda keyring, step: None
-                    ) -> tuple[Wait | Hold, Keyring]:
+                    on_step: Callable[[Keyring, Step], None] = lambda keyring, step: None,
+                    cached: Keyring | None = None) -> tuple[Wait | Hold, Keyring]:
     """Step `namespace` towards `schedule` until nothing is due now: when to look again
-    (`Wait`) or why it cannot be rotated (`Hold`), and the keys as last read."""
+    (`Wait`) or why it cannot be rotated (`Hold`), and the keys as last read.
+
+    `cached`, the watch's copy of the keys, may only say that nothing is due: then no
+    live read is made (a controller starting with 10,000 namespaces reads none of them
+    until one is due). Anything else is decided again on a live read."""
+    if cached is not None:
+        step = next_step(observe(cached), schedule, now=clock(), slots=slots)
+        if isinstance(step, Wait):
+            return step, cached
     for _ in range(MAX_STEPS):
         keyring = await in_daemon_thread(lambda: api.keyring(namespace))
         step = next_step(observe(keyring), schedule, now=clock(), slots=slots)
@@ -338,7 +346,8 @@ class KeyController:
         try:
             result, keyring = await reconcile(self.api, namespace, schedule, slots=self.slots,
                                               budget=self.budget, clock=self.clock,
-                                              on_step=self._stepped)
+                                              on_step=self._stepped,
+                                              cached=self.keys.keyring(namespace))
         except Exception as exc:  # an API error: this namespace waits, the others go on
             self.metrics.rotations.labels("failed").inc()
             log.warning("rotation step failed; retrying later",
