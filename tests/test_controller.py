@@ -168,3 +168,61 @@ async def test_the_cache_only_spares_reads_when_nothing_is_due(cached, reads, wr
                                 clock=lambda: T0 + timedelta(days=1), cached=cached)
     assert api.reads == reads and api.writes == writes
     assert isinstance(result, Wait)
+
+
+# --- restart: rolling ----------------------------------------------------------------
+
+class RollingApi(CountingApi):
+    """Pods of two Deployments and a bare Pod; workloads as the API server holds them."""
+
+    def __init__(self, keyring, pods, workloads) -> None:
+        super().__init__(keyring)
+        self.pods, self.workloads = pods, workloads
+
+    def backend_pods(self, namespace):
+        return self.pods
+
+    def controller_of(self, namespace, kind, name):
+        return ("Deployment", name.rsplit("-", 1)[0]) if kind == "ReplicaSet" else (kind, name)
+
+    def read_workload(self, namespace, kind, name):
+        return self.workloads[(kind, name)]
+
+    def restart_workload(self, namespace, kind, name, *, at):
+        self.writes.append(("restart", kind, name, at))
+
+
+def running_pod(name: str, owner: str | None, secrets: list[str]) -> dict:
+    import json as json_module
+    meta = {"name": name, "namespace": "shop", "annotations": {
+        "keymount.io/status": json_module.dumps([{"secret": s} for s in secrets])}}
+    if owner:
+        meta["ownerReferences"] = [{"kind": "ReplicaSet", "name": owner, "controller": True}]
+    return {"metadata": meta, "status": {"phase": "Running"}}
+
+
+def deployment(restarted_at: str | None = None) -> dict:
+    annotations = {"kubectl.kubernetes.io/restartedAt": restarted_at} if restarted_at else {}
+    return {"spec": {"template": {"metadata": {"annotations": annotations}}}}
+
+
+@pytest.mark.parametrize(("restarted_at", "rolled"), [
+    pytest.param(None, True, id="never-restarted-is-rolled"),
+    pytest.param("2026-01-01T00:00:00Z", True, id="restarted-before-activation-is-rolled"),
+    pytest.param("2026-01-03T00:00:00Z", False, id="restarted-since-is-left-alone"),
+])
+def test_rolling_restarts_only_workloads_whose_pods_lack_the_active_key(restarted_at, rolled):
+    from webhook.controller import roll_workloads
+
+    ring = rotated_at("2026-01-02T00:00:00Z")  # key 1 activated on Jan 2
+    pods = [running_pod("old-abc12-x", "old-abc12", []),  # started without key 1
+            running_pod("new-def34-y", "new-def34", ["keymount-key-1"]),
+            running_pod("bare", None, [])]  # no workload to roll: never touched
+    api = RollingApi(ring, pods, {("Deployment", "old"): deployment(restarted_at),
+                                  ("Deployment", "new"): deployment()})
+    taken = []
+    rolled_now = roll_workloads(api, ring, now=T0 + timedelta(days=3),
+                                take=lambda: taken.append(1))
+    assert rolled_now == ([("Deployment", "old")] if rolled else [])
+    assert len(taken) == len(rolled_now)  # every restart went through the budget
+    assert [w[:3] for w in api.writes] == [("restart", "Deployment", "old")] * rolled

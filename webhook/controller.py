@@ -65,6 +65,11 @@ class ControllerApi(Protocol):
     def activate_staged(self, namespace: str, staged: KeyRecord) -> KeyRecord | None: ...
     def write_policy_status(self, namespace: str, name: str, status: dict[str, Any]
                             ) -> None: ...
+    # restart: rolling
+    def backend_pods(self, namespace: str | None) -> list[dict[str, Any]]: ...
+    def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]: ...
+    def read_workload(self, namespace: str, kind: str, name: str) -> dict[str, Any]: ...
+    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str) -> None: ...
 
 
 class WriteBudget:
@@ -240,6 +245,49 @@ def observe(keyring: Keyring) -> NamespaceKeys:
         next_number=keyring.next_number, problem=problem)
 
 
+# --- restart: rolling -----------------------------------------------------------------------
+
+def needs_restart(workload: Mapping[str, Any], *, activated: datetime) -> bool:
+    """Whether a workload whose Pods lack the active key still needs rolling: not if
+    its Pod template was restarted at or after the key's activation (a rollout under
+    way, by keymount or by anyone). Read from the workload itself, so a new leader
+    never rolls a workload twice for one key."""
+    from .lifecycle import RESTARTED_AT
+    template = (workload.get("spec") or {}).get("template") or {}
+    stamp = ((template.get("metadata") or {}).get("annotations") or {}).get(RESTARTED_AT)
+    if not isinstance(stamp, str):
+        return True
+    try:
+        restarted = datetime.fromisoformat(stamp)
+    except ValueError:
+        return True
+    return (restarted if restarted.tzinfo else restarted.replace(tzinfo=UTC)) < activated
+
+
+def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
+                   take: Callable[[], None]) -> list[tuple[str, str]]:
+    """`restart: rolling`: restart each Deployment, StatefulSet or DaemonSet whose
+    running Pods started without the active key, as `keys rotate --restart` does, unless
+    it was restarted since the key's activation. `take` is called before each write.
+    Returns what was restarted."""
+    from .lifecycle import restart_targets
+    active = keyring.newest
+    if active is None or active.activated_at is None:
+        return []  # a key never activated by keymount (made before staged keys)
+    namespace = keyring.namespace
+    workloads, _ = restart_targets(
+        api.backend_pods(namespace), active.name,
+        controller_of=lambda kind, name: api.controller_of(namespace, kind, name))
+    restarted = []
+    for kind, name in workloads:
+        if needs_restart(api.read_workload(namespace, kind, name),
+                         activated=active.activated_at):
+            take()
+            api.restart_workload(namespace, kind, name, at=_time(now) or "")
+            restarted.append((kind, name))
+    return restarted
+
+
 # --- a KeyPolicy's status ------------------------------------------------------------------
 
 def _time(value: datetime | None) -> str | None:
@@ -369,6 +417,8 @@ class KeyController:
             self.queue.set(namespace, self.clock() + HOLD_RETRY)
         else:
             self.queue.set(namespace, result.until)
+        if effective.restart == "rolling" and isinstance(result, Wait):
+            await self._roll(keyring)
         if effective.keypolicy is not None:
             await self._write_status(namespace, effective.keypolicy, keys, result, schedule,
                                      len(keyring.keys))
@@ -390,6 +440,26 @@ class KeyController:
             log.warning("could not write a KeyPolicy's status",
                         extra={"namespace": namespace, "keypolicy": name,
                                "error": _describe(exc)})
+
+    async def _roll(self, keyring: Keyring) -> None:
+        loop = asyncio.get_running_loop()
+
+        def take() -> None:  # the budget, from the API thread
+            asyncio.run_coroutine_threadsafe(self.budget.take(), loop).result()
+
+        try:
+            rolled = await in_daemon_thread(
+                lambda: roll_workloads(self.api, keyring, now=self.clock(), take=take))
+        except Exception as exc:
+            log.warning("could not restart workloads", extra={
+                "namespace": keyring.namespace, "error": _describe(exc)})
+            self._event(keyring.namespace, "Namespace", keyring.namespace, "v1", "Warning",
+                        "RotationFailed", f"restart: rolling failed: {_describe(exc)}")
+            return
+        for kind, name in rolled:
+            self.metrics.rotations.labels("restarted").inc()
+            log.info("workload restarted for the active key", extra={
+                "namespace": keyring.namespace, "workload": f"{kind.lower()}/{name}"})
 
     def _stepped(self, keyring: Keyring, step: Step) -> None:
         namespace = keyring.namespace

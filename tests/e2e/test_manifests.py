@@ -143,7 +143,7 @@ def test_the_auto_generate_component_adds_create_and_turns_the_flag_on(tmp_path)
     assert {"name": "KEYMOUNT_AUTO_GENERATE", "value": "true"} in env
 
 
-def test_the_controller_component_grants_exactly_the_lease_calls_and_turns_it_on(tmp_path):
+def test_the_controller_component_grants_exactly_its_calls_and_turns_it_on(tmp_path):
     from webhook.names import CONTROLLER_LEASE
     docs = render_with_component(tmp_path, "controller")
     role = next(d for d in docs if d["kind"] == "Role"
@@ -154,6 +154,20 @@ def test_the_controller_component_grants_exactly_the_lease_calls_and_turns_it_on
                    tuple(r.get("resourceNames", ()))) for r in role["rules"]) == [
         (("coordination.k8s.io",), ("leases",), ("create",), ()),
         (("coordination.k8s.io",), ("leases",), ("get", "update"), (CONTROLLER_LEASE,))]
+    # The work: key Secrets (never delete), namespace labels, KeyPolicy status, and the
+    # rolling restart; bound cluster-wide to keymount's ServiceAccount.
+    work = next(d for d in docs if d["kind"] == "ClusterRole"
+                and d["metadata"]["name"] == "keymount-controller")
+    assert sorted((tuple(r["apiGroups"]), tuple(r["resources"]), tuple(r["verbs"]))
+                  for r in work["rules"]) == [
+        (("",), ("namespaces",), ("list", "watch")),
+        (("",), ("secrets",), ("get", "create", "patch")),
+        (("apps",), ("deployments", "statefulsets", "daemonsets"), ("get", "patch")),
+        (("keymount.io",), ("keypolicies/status",), ("patch",))]
+    cluster_binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding"
+                           and d["metadata"]["name"] == "keymount-controller")
+    assert cluster_binding["subjects"] == [{"kind": "ServiceAccount", "name": "keymount",
+                                            "namespace": "keymount"}]
     binding = next(d for d in docs if d["kind"] == "RoleBinding")
     assert binding["roleRef"]["name"] == "keymount-controller"
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "keymount",
