@@ -420,8 +420,23 @@ def test_has_policy_lists_the_namespaces_keypolicies(policy_keys, fake, answer, 
     assert args == ("keymount.io", "v1alpha1", "shop", "keypolicies")
 
 
+@pytest.mark.parametrize(("selector", "expected"), [
+    ({"matchLabels": {"tier": "payments"}}, True),
+    ({"matchLabels": {"tier": "web"}}, False),
+    ({"matchExpressions": [{"key": "tier", "operator": "Bogus"}]}, False),
+], ids=["selected", "not-selected", "invalid-selects-nothing"])
+def test_a_namespace_selected_by_a_clusterkeypolicy_has_a_policy(policy_keys, fake, selector,
+                                                                 expected):
+    policy_keys.api = fake.strict(client.CoreV1Api)
+    fake.answers["list_cluster_custom_object"] = lambda *a, **kw: Response({"items": [
+        {"metadata": {"name": "baseline"}, "spec": {"namespaceSelector": selector}}]})
+    fake.answers["read_namespace"] = lambda name, **kw: Response(
+        {"metadata": {"name": name, "labels": {"tier": "payments"}}})
+    assert policy_keys.has_policy("shop") is expected
+
+
 @pytest.mark.parametrize(("status", "error", "message"), [
-    (403, "PolicyUnknown", "may not list KeyPolicies in namespace 'shop'"),
+    (403, "PolicyUnknown", "may not list keypolicies .* staged in namespace 'shop'"),
     (500, "ClusterError", "--stage, or --activate-now"),
 ], ids=["forbidden", "server-error"])
 def test_a_policy_that_cannot_be_read_is_an_error_that_says_why(policy_keys, fake, status,

@@ -291,7 +291,7 @@ RotationMode = Literal["stage", "activate"]
 
 
 def should_stage(*, stage: bool, activate_now: bool, has_policy: bool) -> bool:
-    """`keys rotate` stages with --stage, or when the namespace has a KeyPolicy unless
+    """`keys rotate` stages with --stage, or when the namespace has a policy unless
     --activate-now says otherwise (docs/contract.md, "Staged keys")."""
     return stage or (has_policy and not activate_now)
 
@@ -845,7 +845,7 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
     create.set_defaults(func=cmd_create)
 
     rotate = sub.add_parser("rotate", help="add a new key at the next number (staged first "
-                                           "when the namespace has a KeyPolicy)")
+                                           "when the namespace has a policy)")
     material = rotate.add_mutually_exclusive_group()
     material.add_argument("--generate", action="store_true", help="(the default)")
     material.add_argument("--from-file", metavar="FILE", help="key file")
@@ -861,7 +861,7 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
     staging.add_argument("--stage", action="store_true",
                          help="stage the key: Pods get it under staged/ first, and it is "
                               "used to encrypt only after `keys activate` (the default "
-                              "when the namespace has a KeyPolicy)")
+                              "when the namespace has a policy)")
     staging.add_argument("--activate-now", action="store_true",
                          help="make the key active at once, even with a KeyPolicy (Pods "
                               "that have not received it yet cannot decrypt what it "

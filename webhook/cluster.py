@@ -39,6 +39,7 @@ from .names import (
     KEYPOLICY_PLURAL,
     POLICY_GROUP,
     POLICY_VERSION,
+    as_dict,
     slot_secret_name,
     staged_field,
 )
@@ -476,29 +477,51 @@ class KeyClient:
                                      {self.settings.key_field: stored})
 
     def has_policy(self, namespace: str) -> bool:
-        """Whether the namespace has a KeyPolicy (keymount.io/v1alpha1): then `keys
-        rotate` stages. Without the CRD installed (404) there is none; PolicyUnknown
-        when the user may not list them (403: RBAC answers before the API server looks
-        for the resource, so this is also what a user without that right sees when the
-        CRD is not installed)."""
+        """Whether the namespace has a policy (keymount.io/v1alpha1): a KeyPolicy of its
+        own, or a ClusterKeyPolicy selecting it. Then `keys rotate` stages. Without the
+        CRDs installed (404) there is none; PolicyUnknown when the user may not read
+        them (403: RBAC answers before the API server looks for the resource, so this is
+        also what a user without that right sees when the CRDs are not installed)."""
+        if self._listed(namespace, KEYPOLICY_PLURAL, lambda: list_items(
+                self.custom.list_namespaced_custom_object(
+                    POLICY_GROUP, POLICY_VERSION, namespace, KEYPOLICY_PLURAL, limit=1,
+                    _preload_content=False, _request_timeout=(5, 30)))):
+            return True
+        cluster = self._listed(namespace, CLUSTERKEYPOLICY_PLURAL, lambda: list_items(
+            self.custom.list_cluster_custom_object(
+                POLICY_GROUP, POLICY_VERSION, CLUSTERKEYPOLICY_PLURAL,
+                _preload_content=False, _request_timeout=(5, 30))))
+        if not cluster:
+            return False
+        from .policy import PolicyError, parse_cluster_key_policy
+        response = self._call(self.api.read_namespace, namespace, _preload_content=False,
+                              _request_timeout=(5, 30))
+        labels = as_dict(as_dict(json.loads(response.data).get("metadata")).get("labels"))
+        for obj in cluster:
+            try:
+                if parse_cluster_key_policy(obj).selects(labels):
+                    return True
+            except PolicyError:
+                continue  # an invalid one selects nothing (the controller says so)
+        return False
+
+    def _listed(self, namespace: str, plural: str,
+                list_call: Callable[[], list[ApiObject]]) -> list[ApiObject]:
         try:
-            response = self.custom.list_namespaced_custom_object(
-                POLICY_GROUP, POLICY_VERSION, namespace, KEYPOLICY_PLURAL, limit=1,
-                _preload_content=False, _request_timeout=(5, 30))
+            return list_call()
         except ApiException as exc:
             if exc.status == 404:
-                return False
+                return []
             if exc.status == 403:
                 raise PolicyUnknown(
-                    f"you may not list KeyPolicies in namespace {namespace!r}, so keymount "
-                    f"cannot tell whether new keys are staged there") from None
+                    f"you may not list {plural} (keymount.io), so keymount cannot tell "
+                    f"whether new keys are staged in namespace {namespace!r}") from None
             raise ClusterError(
-                f"cannot tell whether namespace {namespace!r} has a KeyPolicy "
+                f"cannot tell whether namespace {namespace!r} has a policy "
                 f"({describe_api_error(exc)}); say how to rotate: --stage, or "
                 f"--activate-now") from None
         except Exception as exc:
             raise ClusterError(describe_api_error(exc)) from None
-        return bool(list_items(response))
 
     def write_policy_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
         """The controller's status of a KeyPolicy, through its status subresource (a

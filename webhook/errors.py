@@ -10,5 +10,5 @@ class UserFacingError(Exception):
 
 
 class PolicyUnknown(UserFacingError):
-    """Whether a namespace has a KeyPolicy cannot be read (no permission to list them):
+    """Whether a namespace has a policy cannot be read (no permission to list them):
     `keys rotate` then needs to be told how to rotate, or falls back with a warning."""
