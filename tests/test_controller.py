@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from webhook.controller import Queue, WriteBudget
+from webhook.rotation import Hold, Wait
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -226,3 +227,47 @@ def test_rolling_restarts_only_workloads_whose_pods_lack_the_active_key(restarte
     assert rolled_now == ([("Deployment", "old")] if rolled else [])
     assert len(taken) == len(rolled_now)  # every restart went through the budget
     assert [w[:3] for w in api.writes] == [("restart", "Deployment", "old")] * rolled
+
+
+# --- status ----------------------------------------------------------------------------
+
+def test_a_clusterkeypolicy_is_ready_only_while_none_of_its_namespaces_is_held() -> None:
+    from webhook.controller import Summary, cluster_policy_status
+
+    fine = Summary(("baseline",), None, 2, T0, T0 + timedelta(days=30))
+    held = Summary(("baseline",), "two keys hold number 1", 1, T0 - timedelta(days=1), None)
+    status = cluster_policy_status([fine, held], generation=3, now=T0, previous={})
+    assert status["keys"] == 3 and status["observedGeneration"] == 3
+    assert status["lastRotation"] == "2026-01-01T00:00:00Z"
+    assert status["nextRotation"] == "2026-01-31T00:00:00Z"
+    [ready] = status["conditions"]
+    assert ready["status"] == "False" and "two keys hold number 1" in ready["message"]
+    later = cluster_policy_status([fine], generation=3, now=T0 + timedelta(hours=1),
+                                  previous=status)
+    assert later["conditions"][0]["status"] == "True"
+    assert later["conditions"][0]["lastTransitionTime"] == "2026-01-01T01:00:00Z"
+    again = cluster_policy_status([fine], generation=3, now=T0 + timedelta(hours=2),
+                                  previous=later)
+    assert again == later  # nothing changed: the same status, nothing to write
+
+
+def test_a_keypolicy_condition_keeps_its_transition_time_while_its_status_stays() -> None:
+    from webhook.controller import policy_status
+    from webhook.rotation import NamespaceKeys, Schedule
+
+    keys = NamespaceKeys("shop", active=1, active_since=T0, staged=None, staged_since=None,
+                         free_slots=(2, 3), next_number=4)
+    schedule = Schedule(rotation_period=timedelta(days=30), staging_period=timedelta(minutes=2))
+    first = policy_status(keys, Wait(T0 + timedelta(days=30)), schedule=schedule,
+                          valid_keys=1, generation=1, now=T0, previous={})
+    assert first["activeKey"] == 1 and first["stagedKey"] is None
+    assert first["nextRotation"] == "2026-01-31T00:00:00Z"
+    stored = {k: v for k, v in first.items() if v is not None}  # as the merge patch left it
+    later = policy_status(keys, Wait(T0 + timedelta(days=30)), schedule=schedule,
+                          valid_keys=1, generation=1, now=T0 + timedelta(days=1),
+                          previous=stored)
+    assert later == first
+    held = policy_status(keys, Hold("invalid key"), schedule=schedule, valid_keys=1,
+                         generation=1, now=T0 + timedelta(days=2), previous=stored)
+    ready = next(c for c in held["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and ready["lastTransitionTime"] == "2026-01-03T00:00:00Z"

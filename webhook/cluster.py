@@ -505,6 +505,12 @@ class KeyClient:
                 continue  # an invalid one selects nothing (the controller says so)
         return False
 
+    def write_cluster_policy_status(self, name: str, status: dict[str, Any]) -> None:
+        """The controller's status of a ClusterKeyPolicy (its status subresource)."""
+        self._call(self.custom.patch_cluster_custom_object_status, POLICY_GROUP,
+                   POLICY_VERSION, CLUSTERKEYPOLICY_PLURAL, name, {"status": status},
+                   _request_timeout=(5, 30))
+
     def _listed(self, namespace: str, plural: str,
                 list_call: Callable[[], list[ApiObject]]) -> list[ApiObject]:
         try:

@@ -22,7 +22,9 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any, Protocol
 
 from .events import EventNote, EventRecorder
@@ -65,6 +67,7 @@ class ControllerApi(Protocol):
     def activate_staged(self, namespace: str, staged: KeyRecord) -> KeyRecord | None: ...
     def write_policy_status(self, namespace: str, name: str, status: dict[str, Any]
                             ) -> None: ...
+    def write_cluster_policy_status(self, name: str, status: dict[str, Any]) -> None: ...
     # restart: rolling
     def backend_pods(self, namespace: str | None) -> list[dict[str, Any]]: ...
     def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]: ...
@@ -330,6 +333,41 @@ def policy_status(keys: NamespaceKeys, result: Wait | Hold, *, schedule: Schedul
     }
 
 
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """One managed namespace, as a ClusterKeyPolicy's status counts it."""
+
+    cluster_policies: tuple[str, ...]
+    held: str | None  # why it is not rotated, if it is not
+    keys: int
+    last_rotation: datetime | None
+    next_rotation: datetime | None
+
+
+def cluster_policy_status(summaries: list[Summary], *, generation: int, now: datetime,
+                          previous: Mapping[str, Any]) -> dict[str, Any]:
+    """A ClusterKeyPolicy's `status` (pure): its namespaces' valid keys, their latest
+    rotation and the next one due, and Ready unless one of them is held."""
+    held = [s.held for s in summaries if s.held]
+    old = next((c for c in previous.get("conditions") or []
+                if isinstance(c, Mapping) and c.get("type") == "Ready"), {})
+    ready = "False" if held else "True"
+    since = old.get("lastTransitionTime") if old.get("status") == ready else None
+    message = (f"{len(held)} of {len(summaries)} namespaces not rotated; first: {held[0]}"
+               if held else f"{len(summaries)} namespaces follow their policy")
+    return {
+        "keys": sum(s.keys for s in summaries),
+        "lastRotation": _time(max((s.last_rotation for s in summaries if s.last_rotation),
+                                  default=None)),
+        "nextRotation": _time(min((s.next_rotation for s in summaries if s.next_rotation),
+                                  default=None)),
+        "observedGeneration": generation,
+        "conditions": [{"type": "Ready", "status": ready,
+                        "reason": "NotRotated" if held else "Reconciled",
+                        "message": message[:1024], "lastTransitionTime": since or _time(now)}],
+    }
+
+
 # --- the leader's work ---------------------------------------------------------------------
 
 HOLD_RETRY = timedelta(minutes=5)  # a held namespace is also looked at again after this
@@ -351,6 +389,9 @@ class KeyController:
         self.slots, self.budget, self.metrics = max(1, slots), budget, metrics
         self.events, self.clock = events, clock
         self.queue = Queue(clock=clock)
+        # What each managed namespace looked like when last handled, for the
+        # ClusterKeyPolicies' status only (never for a write).
+        self.summaries: dict[str, Summary] = {}
 
     def _key_changed(self, namespace: str) -> None:
         if self.policies.effective(namespace) is not None:
@@ -361,7 +402,7 @@ class KeyController:
             self.queue.poke(name)
 
     async def run(self) -> None:
-        self.queue = Queue(clock=self.clock)
+        self.queue, self.summaries = Queue(clock=self.clock), {}
         self.keys.listeners.append(self._key_changed)
         self.policies.listeners.append(self._policy_changed)
         try:
@@ -375,8 +416,11 @@ class KeyController:
                     self.queue.poke(namespace)
                 log.info("controller started", extra={"namespaces": len(self.queue)})
                 while True:
-                    for namespace in self.queue.take_due():
+                    due = self.queue.take_due()
+                    for namespace in due:
                         await self.handle(namespace)
+                    if due:
+                        await self._write_cluster_status()
                     await self.queue.wait()
         finally:
             self.keys.listeners.remove(self._key_changed)
@@ -389,6 +433,7 @@ class KeyController:
         effective = self.policies.effective(namespace)
         if effective is None:
             self.metrics.key_activations.pop(namespace, None)
+            self.summaries.pop(namespace, None)
             return  # no policy (any more): rotated by hand
         schedule = Schedule(effective.rotation_period, effective.staging_period)
         try:
@@ -409,6 +454,9 @@ class KeyController:
         keys = observe(keyring)
         if keys.active_since is not None:
             self.metrics.key_activations[namespace] = keys.active_since
+        self.summaries[namespace] = Summary(
+            effective.cluster_policies, result.reason if isinstance(result, Hold) else None,
+            len(keyring.keys), keys.active_since, next_rotation(keys, schedule))
         if isinstance(result, Hold):
             log.warning("namespace not rotated", extra={"namespace": namespace,
                                                          "reason": result.reason})
@@ -431,15 +479,36 @@ class KeyController:
         status = policy_status(keys, result, schedule=schedule, valid_keys=valid,
                                generation=stored.generation, now=self.clock(),
                                previous=stored.status)
-        if status == stored.status:
-            return  # as the watch last showed it: nothing to write
+        await self._patch_status(stored.status, status, lambda: self.api.write_policy_status(
+            namespace, name, status), what=f"KeyPolicy {namespace}/{name}")
+
+    async def _patch_status(self, stored: Mapping[str, Any], status: dict[str, Any],
+                            write: Callable[[], None], *, what: str) -> None:
+        """Write `status` unless the watch shows it stored already (a None field is
+        absent once written: the merge patch removes it)."""
+        if {k: v for k, v in status.items() if v is not None} == stored:
+            return
         await self.budget.take()
         try:
-            await in_daemon_thread(lambda: self.api.write_policy_status(namespace, name, status))
+            await in_daemon_thread(write)
         except Exception as exc:
-            log.warning("could not write a KeyPolicy's status",
-                        extra={"namespace": namespace, "keypolicy": name,
-                               "error": _describe(exc)})
+            log.warning("could not write a policy's status",
+                        extra={"policy": what, "error": _describe(exc)})
+
+    async def _write_cluster_status(self) -> None:
+        """Each ClusterKeyPolicy's status: over the namespaces it gives their policy, the
+        valid keys, the latest rotation, the next one, and Ready unless one is held."""
+        for stored in list(self.policies.clusterkeypolicies.all()):
+            if stored.value is None:
+                continue
+            summaries = [summary for summary in self.summaries.values()
+                         if stored.name in summary.cluster_policies]
+            status = cluster_policy_status(summaries, generation=stored.generation,
+                                           now=self.clock(), previous=stored.status)
+            await self._patch_status(stored.status, status,
+                                     partial(self.api.write_cluster_policy_status,
+                                             stored.name, status),
+                                     what=f"ClusterKeyPolicy {stored.name}")
 
     async def _roll(self, keyring: Keyring) -> None:
         loop = asyncio.get_running_loop()

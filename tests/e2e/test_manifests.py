@@ -163,7 +163,7 @@ def test_the_controller_component_grants_exactly_its_calls_and_turns_it_on(tmp_p
         (("",), ("namespaces",), ("list", "watch")),
         (("",), ("secrets",), ("get", "create", "patch")),
         (("apps",), ("deployments", "statefulsets", "daemonsets"), ("get", "patch")),
-        (("keymount.io",), ("keypolicies/status",), ("patch",))]
+        (("keymount.io",), ("keypolicies/status", "clusterkeypolicies/status"), ("patch",))]
     cluster_binding = next(d for d in docs if d["kind"] == "ClusterRoleBinding"
                            and d["metadata"]["name"] == "keymount-controller")
     assert cluster_binding["subjects"] == [{"kind": "ServiceAccount", "name": "keymount",
