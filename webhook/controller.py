@@ -243,7 +243,10 @@ def observe(keyring: Keyring) -> NamespaceKeys:
         active=keyring.active_number or None,
         active_since=(newest.activated_at or newest.created) if newest else None,
         staged=staged.index if staged else None,
-        staged_since=staged.staged_at if staged else None,
+        # The stamp is to the second, rounded down: counting from one second later, a
+        # key is never active before its whole staging period has passed.
+        staged_since=(staged.staged_at + timedelta(seconds=1)
+                      if staged and staged.staged_at else None),
         free_slots=tuple(slot.index for slot in keyring.free_slots),
         next_number=keyring.next_number, problem=problem)
 
