@@ -136,7 +136,8 @@ class Run:
     pods_after: dict[str, str]
     restarts: list[int]  # every container of both Deployments
     records: list[tuple[str, int, int | None]]  # (writer, seq, key number)
-    checks: dict[str, list[tuple[str, str, int, int | None, str | None]]]  # reader ->
+    # pod -> what its reader program logged: (outcome, writer, seq, n, top|staged|None)
+    checks: dict[str, list[tuple[str, str, int, int | None, str | None]]]
     reports: dict[str, list]  # pod -> timed_reports
     views: list[tuple[float, View]] = field(default_factory=list)  # (monotonic, view)
     view_pod: str = ""
@@ -257,7 +258,7 @@ def managed_rotation(control_plane, admin_kubeconfig, api, keymount, node, polic
              what="keys 2 and 3 active and shown by every Pod")
         controller.stop()  # no third rotation while the records are counted
 
-        # Every record written so far, checked by both readers.
+        # Every record written so far, checked in every Pod.
         written = parse_records((records / "records").read_text())
         readers = sorted(before)  # every Pod runs the reader program
 
@@ -265,7 +266,7 @@ def managed_rotation(control_plane, admin_kubeconfig, api, keymount, node, polic
             found = {pod: parse_checks(node.file_logs(namespace, pod, "reader", before[pod]))
                      for pod in readers}
             return found if all(len(c) >= len(written) for c in found.values()) else None
-        all_checks = poll(checks, timeout=30, what="both readers checking every record")
+        all_checks = poll(checks, timeout=30, what="every Pod checking every record")
 
         stored = {s.metadata.name: s.data or {} for s in
                   api.list_namespaced_secret(namespace, label_selector=KEY_LABEL).items}
