@@ -8,10 +8,9 @@ import asyncio
 import base64
 import signal
 import time
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
-import yaml
 from kubernetes import client
 
 from webhook.cluster import KeyClient, load_api_client
@@ -19,25 +18,9 @@ from webhook.config import Settings
 from webhook.controller import WriteBudget, reconcile
 from webhook.rotation import Schedule
 
-from conftest import ROOT, kubectl, launch_keymount
+from apihelpers import GROUP, VERSION, component_rbac, key_policy, keys_in, stored_keys
+from conftest import kubectl, launch_keymount
 from polling import poll
-
-GROUP, VERSION = "keymount.io", "v1alpha1"
-KEY_LABEL = "keymount.io/encryption-key"
-
-
-def component_rbac(namespace: str, user: str) -> str:
-    """manifests/components/controller's RBAC as it ships, the Lease Role moved to
-    `namespace`, every binding given to the test bed's keymount user."""
-    docs = list(yaml.safe_load_all(
-        (ROOT / "manifests/components/controller/rbac.yaml").read_text()))
-    for doc in docs:
-        if doc["kind"] in ("Role", "RoleBinding"):
-            doc["metadata"]["namespace"] = namespace
-        if doc["kind"].endswith("Binding"):
-            doc["subjects"] = [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                                "name": user}]
-    return yaml.safe_dump_all(docs)
 
 
 @pytest.fixture
@@ -62,36 +45,6 @@ def controllers(control_plane, admin_kubeconfig, namespace, policy_crds, tmp_pat
     for server in started:
         if server.proc.poll() is None:
             server.stop()
-
-
-def key_policy(custom, namespace: str, **spec) -> None:
-    custom.create_namespaced_custom_object(GROUP, VERSION, namespace, "keypolicies", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "KeyPolicy",
-        "metadata": {"name": "rotation"}, "spec": spec})
-
-
-def stored_keys(api, namespace: str) -> dict[int, dict]:
-    """Every key Secret by number: its state and keymount's times."""
-    found: dict[int, dict] = {}
-    for secret in api.list_namespaced_secret(namespace, label_selector=KEY_LABEL).items:
-        notes = secret.metadata.annotations or {}
-        number = int(notes["keymount.io/key-index"])
-        data = secret.data or {}
-        state = ("active" if data.get("encryption-key") else
-                 "staged" if data.get("staged-encryption-key") else "slot")
-        assert number not in found, f"two key Secrets hold number {number}"
-        found[number] = {"state": state, "name": secret.metadata.name,
-                         "staged_at": when(notes.get("keymount.io/staged-at")),
-                         "activated_at": when(notes.get("keymount.io/activated-at"))}
-    return found
-
-
-def when(text: str | None) -> datetime | None:
-    return datetime.fromisoformat(text) if text else None
-
-
-def keys_in(api, namespace: str, state: str) -> list[int]:
-    return sorted(n for n, key in stored_keys(api, namespace).items() if key["state"] == state)
 
 
 def test_a_policy_rotates_a_namespace_staging_each_key_before_it_is_active(

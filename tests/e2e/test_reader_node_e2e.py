@@ -7,23 +7,16 @@ Only digests of key bytes are compared and printed, never the bytes.
 
 from __future__ import annotations
 
-import hashlib
 import os
 
 import pytest
 
 from keymount.reader import KeyDirectory, MissingKey
 
-from apihelpers import BACKEND, keymount_cli
+from apihelpers import BACKEND, digest, key_volume, keymount_cli
 from polling import poll
 from test_node_e2e import expected_files, pod_spec
 from test_rotation_node_e2e import keys_cached
-
-VOLUME = "keymount-encryption-keys"
-
-
-def digest(key: bytes) -> str:
-    return hashlib.sha256(key).hexdigest()
 
 
 def test_the_reader_follows_a_running_pods_volume_through_a_rotation(
@@ -35,8 +28,7 @@ def test_the_reader_follows_a_running_pods_volume_through_a_rotation(
                                           "spec": pod_spec()})
     pod = poll(lambda: (p := api.read_namespaced_pod("app", namespace)).status.phase ==
                "Running" and p, timeout=90, what="the backend Pod running")
-    volume = (node.workdir / "kubelet" / "pods" / pod.metadata.uid / "volumes" /
-              "kubernetes.io~projected" / VOLUME)
+    volume = key_volume(node, pod.metadata.uid)
     assert os.readlink(volume / "encryption-key-1") == "..data/encryption-key-1"
     first_version = os.readlink(volume / "..data")  # the kubelet's timestamped directory
 

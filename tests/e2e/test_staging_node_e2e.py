@@ -17,8 +17,7 @@ from datetime import UTC, datetime
 import pytest
 from kubernetes import client, config
 
-from apihelpers import keymount_cli
-from node import POD_LOGS, parse_key_reports
+from apihelpers import first_seen, keymount_cli, timed_reports
 from polling import poll
 from test_node_e2e import TIMINGS_FILE, expected_files, reporting
 from test_rotation_node_e2e import keys_cached, restarts, running_reporters
@@ -29,24 +28,6 @@ cli = keymount_cli
 @pytest.fixture
 def apps(admin_kubeconfig):
     return client.AppsV1Api(config.new_client_from_config(config_file=str(admin_kubeconfig)))
-
-
-def timed_reports(namespace: str, pod: str, uid: str) -> list[tuple[datetime, dict]]:
-    """Every `keys:` report of a container with the time the runtime logged it."""
-    reports = []
-    for path in sorted((POD_LOGS / f"{namespace}_{pod}_{uid}" / "app").glob("*.log")):
-        for line in path.read_text(errors="replace").splitlines():
-            stamp, _, rest = line.partition(" ")
-            parsed = parse_key_reports(rest.split(" ", 2)[-1])
-            if parsed and parsed[0] is not None:
-                reports.append((datetime.fromisoformat(stamp.replace("Z", "+00:00")),
-                                parsed[0]))
-    return reports
-
-
-def first_seen(reports: list[tuple[datetime, dict]], file: str,
-               after: datetime) -> datetime | None:
-    return next((at for at, files in reports if at >= after and file in files), None)
 
 
 def digest(secret, field: str) -> str:
