@@ -21,7 +21,6 @@ from apihelpers import (
     wait_for_slots,
 )
 from polling import poll
-from test_policy_e2e import policy_crds  # noqa: F401  (a fixture: the CRDs of manifests/)
 
 STAGED_FIELD = "staged-encryption-key"
 
@@ -144,7 +143,7 @@ def test_a_second_staging_is_refused_until_the_first_is_activated_or_cancelled(
 
 
 def test_with_a_keypolicy_rotate_stages_and_activate_now_overrides_it_with_a_warning(
-        api, namespace, keymount, admin_kubeconfig, policy_crds):  # noqa: F811
+        api, namespace, keymount, admin_kubeconfig, policy_crds):
     keymount_cli(admin_kubeconfig, "keys", "create", "-n", namespace, "--generate")
     custom = client.CustomObjectsApi(api.api_client)
     custom.create_namespaced_custom_object("keymount.io", "v1alpha1", namespace,
