@@ -271,3 +271,39 @@ def test_a_keypolicy_condition_keeps_its_transition_time_while_its_status_stays(
                          generation=1, now=T0 + timedelta(days=2), previous=stored)
     ready = next(c for c in held["conditions"] if c["type"] == "Ready")
     assert ready["status"] == "False" and ready["lastTransitionTime"] == "2026-01-03T00:00:00Z"
+
+
+async def test_a_policy_watch_that_fails_is_retried_and_never_ends_the_leaders_work() -> None:
+    # A replica without the rights to list policies (or without the CRDs) must keep the
+    # Lease and keep trying, not step down and flap (seen on the e2e bed).
+    from kubernetes.client.rest import ApiException
+
+    from webhook.controller import KeyController
+    from webhook.metrics import Metrics
+    from webhook.policystore import PolicyStore, parse_stored_keypolicy
+    from webhook.store import KeyStore
+    from webhook.watch import ListWatch
+
+    lists = []
+
+    class Forbidden:
+        def list_object_for_all_namespaces(self, **kwargs):
+            lists.append(kwargs)
+            raise ApiException(status=403, reason="Forbidden")
+
+    async def quick(delay: float) -> None:
+        await asyncio.sleep(0.001)
+
+    policies = PolicyStore()
+    controller = KeyController(
+        CountingApi(None), keys=KeyStore(), policies=policies,
+        watches=lambda: [ListWatch(Forbidden(), singular="object", selector="",
+                                   scopes=[None], parse=parse_stored_keypolicy,
+                                   sink=policies.keypolicies, sleep=quick)],
+        slots=2, budget=WriteBudget(10.0, 20), metrics=Metrics())
+    work = asyncio.create_task(controller.run())
+    await asyncio.sleep(0.3)
+    assert not work.done() and len(lists) >= 3  # still leading, still trying
+    work.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await work

@@ -412,12 +412,12 @@ class KeyController:
             async with asyncio.TaskGroup() as group:
                 if self.events is not None:
                     group.create_task(self.events.run(), name="keymount-controller-events")
+                # Each watch lists first and keeps re-listing after an error (with
+                # backoff, logged): a missing right or CRD is reported and retried, never
+                # a reason to give up the Lease. Its first list pokes what it brings.
                 for watch in self.watches():
-                    await watch.load()
                     group.create_task(watch.run(), name="keymount-policy-watch")
-                for namespace in self.policies.managed():
-                    self.queue.poke(namespace)
-                log.info("controller started", extra={"namespaces": len(self.queue)})
+                log.info("controller started: following the policies")
                 while True:
                     due = self.queue.take_due()
                     for namespace in due:
