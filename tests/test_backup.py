@@ -202,3 +202,24 @@ def test_keys_are_created_in_the_order_they_were_made_not_by_number():
     keys = [entry("k2", 2, numbers_used="1-5"), entry("k5", 5, numbers_used="1,5"),
             entry("k1", 1, numbers_used="1")]
     assert [k.name for k in plan_restore(keys, {}).create] == ["k1", "k5", "k2"]
+
+
+@pytest.mark.parametrize("damage", [None, lambda b: b[:-20], lambda b: b[:-1] + bytes([b[-1] ^ 1])],
+                         ids=["intact", "truncated", "last-byte-flipped"])
+@pytest.mark.parametrize("secret", ["identity", "passphrase"])
+def test_a_backup_file_is_read_as_a_stream_and_refused_whole_when_damaged(
+        tmp_path, damage, secret):
+    from webhook.backup import decrypt_file
+    secrets, rings, keys = three_keys()
+    identity = x25519.Identity.generate()
+    plain = encode(collect(secrets, rings, settings=SETTINGS))
+    ciphertext = (encrypt(plain, passphrase="pw") if secret == "passphrase"
+                  else encrypt(plain, recipients=[str(identity.to_public())]))
+    path = tmp_path / "b.age"
+    path.write_bytes(damage(ciphertext) if damage else ciphertext)
+    how = {"passphrase": "pw"} if secret == "passphrase" else {"identities": [identity]}
+    if damage is None:
+        assert [k.value for k in decrypt_file(str(path), **how) if not k.retired] == keys
+        return
+    with pytest.raises(BackupError, match="nothing was restored"):
+        decrypt_file(str(path), **how)

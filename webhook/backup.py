@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyrage
 from pyrage import passphrase as age_passphrase
@@ -150,23 +151,41 @@ def decrypt(ciphertext: bytes, *, identities: Sequence[x25519.Identity] = (),
 
 def decrypt_file(path: str, *, identities: Sequence[x25519.Identity] = (),
                  passphrase: str | None = None) -> list[BackedUpKey]:
-    """`decrypt` of a file, holding as little at once as it can: the ciphertext is
-    dropped once decrypted, the plaintext once decoded to text, and each entry becomes
-    a `BackedUpKey` as soon as it is parsed (never a dict of the whole document), so a
-    restore stays within twice the backup's size (README, "Restoring a large backup")."""
+    """`decrypt` of a file, holding as little at once as it can: with identities the
+    file is decrypted as a stream (the ciphertext is never in memory whole), the
+    plaintext is dropped once decoded to text, and each entry becomes a `BackedUpKey`
+    as soon as it is parsed (never a dict of the whole document), so a restore stays
+    within twice the backup's size plus 100 MB (README, "Backup and restore"). pyrage
+    decrypts a passphrase only from memory: such a file costs one more copy."""
+    plaintext: bytes | memoryview
     try:
         with open(path, "rb") as handle:
-            ciphertext = handle.read()
+            if passphrase is not None:
+                plaintext = _open(handle.read(), identities=(), passphrase=passphrase,
+                                  source=path)
+            else:
+                plaintext = _stream(handle, identities=identities, source=path)
     except OSError as exc:
         raise BackupError(f"cannot read {path}: {exc.strerror}") from None
-    plaintext = _open(ciphertext, identities=identities, passphrase=passphrase, source=path)
-    del ciphertext
     try:
-        text = plaintext.decode()
+        text = str(plaintext, "utf-8")
     except ValueError:
         raise BackupError(f"{path} is not a keymount backup ({FORMAT})") from None
-    del plaintext
+    finally:
+        del plaintext
     return _keys_of(text, source=path)
+
+
+def _stream(handle: BinaryIO, *, identities: Sequence[x25519.Identity],
+            source: str) -> bytes | memoryview:
+    out = io.BytesIO()
+    try:
+        pyrage.decrypt_io(handle, out, list(identities))
+    except (pyrage.DecryptError, OSError):  # a damaged stream is an OSError from pyrage
+        raise BackupError(
+            f"cannot decrypt {source}: wrong identity or passphrase, or the file is damaged "
+            f"or truncated (age authenticates every chunk); nothing was restored") from None
+    return out.getbuffer()
 
 
 def _open(ciphertext: bytes, *, identities: Sequence[x25519.Identity],
@@ -190,8 +209,11 @@ def _entry(obj: dict[str, Any]) -> Any:
         return obj
     key = obj["key"]
     return BackedUpKey(
-        sys.intern(str(obj["namespace"])), str(obj["name"]), int(obj["number"]),
-        str(obj.get("created", "")), str(obj["fingerprint"]), str(obj.get("numbersUsed", "")),
+        # Interned: a namespace has many keys, and keymount names keys by their number
+        # (keymount-key-<n>), so namespaces share names.
+        sys.intern(str(obj["namespace"])), sys.intern(str(obj["name"])), int(obj["number"]),
+        str(obj.get("created", "")), str(obj["fingerprint"]),
+        sys.intern(str(obj.get("numbersUsed", ""))),  # keys of one number share it
         bool(obj.get("retired")),
         None if key is None else base64.b64decode(key, validate=True),
         bool(obj.get("generated")), bool(obj.get("staged")))

@@ -704,20 +704,15 @@ def read_secret_text(path: str, what: str) -> str:
 
 
 def decrypt_backup(args: argparse.Namespace, path: str) -> list[BackedUpKey]:
-    from .backup import decrypt, read_identities
-    try:
-        ciphertext = Path(path).read_bytes()
-    except OSError as exc:
-        raise UserFacingError(f"cannot read {path}: {exc.strerror}") from None
+    from .backup import decrypt_file, read_identities
     if args.passphrase_file:
-        return decrypt(ciphertext, passphrase=read_secret_text(args.passphrase_file,
-                                                                "passphrase file"),
-                       source=path)
+        return decrypt_file(path, passphrase=read_secret_text(args.passphrase_file,
+                                                              "passphrase file"))
     if not args.identity:
         raise UserFacingError("give --identity FILE (an age identity) or --passphrase-file F",
                               2)
-    return decrypt(ciphertext, identities=read_identities(read_secret_text(
-        args.identity, "identity file")), source=path)
+    return decrypt_file(path, identities=read_identities(read_secret_text(
+        args.identity, "identity file")))
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -764,18 +759,10 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .backup import decrypt_file, read_identities, restored_secret
+    from .backup import restored_secret
     from .key_secrets import key_labels
     settings = _settings(args)
-    if args.passphrase_file:
-        keys = decrypt_file(args.file, passphrase=read_secret_text(args.passphrase_file,
-                                                                  "passphrase file"))
-    elif args.identity:
-        keys = decrypt_file(args.file, identities=read_identities(read_secret_text(
-            args.identity, "identity file")))
-    else:
-        raise UserFacingError("give --identity FILE (an age identity) or --passphrase-file F",
-                              2)
+    keys = decrypt_backup(args, args.file)
     if args.namespace:
         keys = [k for k in keys if k.namespace == args.namespace]
         if not keys:
