@@ -8,9 +8,12 @@ stored. Key bytes exist only inside the ciphertext and in this process's memory:
 never go to a temporary file, a log or an error. The cryptography is pyrage's (rage,
 a maintained implementation of age); nothing here encrypts by hand.
 
-Restoring is all or nothing (docs/operations.md, "Backup and restore"): the plan is
-judged against the cluster first, and a number held by a different key refuses the
-whole restore; the same key already present is a no-op.
+Restoring is all or nothing (docs/operations.md, "Backup and restore"): the whole file
+is judged first, against itself (one number, one name per key in a namespace), then
+against the cluster (a number held by a different key, a missing namespace, a name held
+by another Secret refuse the whole restore; the same key already present is a no-op).
+Only keys of the file are then written, as backed up, so a restore that stops half-way
+is finished by running it again.
 """
 
 from __future__ import annotations
