@@ -14,7 +14,7 @@ help:
 	@echo "make test           lint, then the whole test suite (e2e runs when the test bed is prepared)"
 	@echo "make lint           hadolint on the Dockerfile, checkov on every manifest variant (and the default with the opt-in components)"
 	@echo "make control-plane  build the e2e test bed: kube-apiserver, kubelet, controllers, etcd, containerd"
-	@echo "make bench          keymount as in production against a bare aiohttp server; the key reader's cost"
+	@echo "make bench          keymount as in production against a bare aiohttp server; the key reader's cost; a large restore's memory"
 
 # The virtualenv is rebuilt when the project or its lock changes: exactly the locked
 # versions, each checked against its hash, then keymount itself (editable, no deps).
@@ -104,6 +104,7 @@ bench: $(BIN)/.installed
 	$(BIN)/pip install --quiet -e '.[test,bench]'
 	$(BIN)/python bench/admission.py
 	$(BIN)/python bench/reader.py
+	$(BIN)/python bench/restore.py
 
 clean:
 	rm -rf $(VENV) .venv-lint .pytest_cache *.egg-info

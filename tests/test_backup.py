@@ -149,3 +149,77 @@ def test_a_staged_key_is_backed_up_and_restored_staged_with_its_bytes():
                                labels={"keymount.io/encryption-key": "true"})
     assert manifest["data"] == {"staged-encryption-key": base64.b64encode(key).decode()}
     assert parse_key_secret(manifest, settings=SETTINGS).state == "staged"
+
+
+# --- the whole file judged before anything is written ------------------------------------
+
+def entry(name, number, *, namespace="shop", retired=False, numbers_used=""):
+    from webhook.backup import BackedUpKey
+    from webhook.keys import check_key
+    value = None if retired else random_key()
+    return BackedUpKey(namespace, name, number, "", "" if retired else
+                       check_key(value).fingerprint, numbers_used or str(number), retired,
+                       value)
+
+
+@pytest.mark.parametrize(("entries", "message"), [
+    ([entry("dup-a", 1), entry("dup-b", 1)],
+     "two entries with number 1 in namespace shop: 'dup-a' (fingerprint"),
+    ([entry("dup", 1), entry("dup", 2)],
+     "two entries named 'dup' in namespace shop: number 1 (fingerprint"),
+    ([entry("k1", 1), entry("k2", 2, retired=True), entry("k2b", 2)],
+     "two entries with number 2 in namespace shop: 'k2' (retired) and 'k2b'"),
+], ids=["same-number", "same-name", "same-number-as-a-retired-entry"])
+def test_a_file_that_contradicts_itself_is_refused_whole_naming_both_entries(entries, message):
+    with pytest.raises(BackupError) as info:
+        plan_restore(entries, {})
+    assert message in str(info.value) and "nothing was restored" in str(info.value)
+
+
+@pytest.mark.parametrize("entries", [
+    [entry("k1", 1), entry("k1", 1, namespace="web")],
+    [entry("k1", 1), entry("k2", 1, namespace="web")],
+], ids=["same-name-other-namespace", "same-number-other-namespace"])
+def test_the_same_number_or_name_in_two_namespaces_is_no_conflict(entries):
+    assert len(plan_restore(entries, {}).create) == 2
+
+
+@pytest.mark.parametrize(("names", "message"), [
+    ({"shop": None}, "namespace(s) shop do not exist; create them first (kubectl create "
+                     "namespace shop)"),
+    ({"shop": frozenset({"k2"})}, "Secret 'k2' in namespace shop exists and is not a key "
+                                  "Secret"),
+], ids=["namespace-missing", "name-held-by-another-secret"])
+def test_the_cluster_is_checked_for_every_entry_before_anything_is_written(names, message):
+    keys, _ = backed_up()
+    with pytest.raises(BackupError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        plan_restore(keys, {}, secret_names=names)
+
+
+def test_keys_are_created_in_the_order_they_were_made_not_by_number():
+    # Key 2 was imported below the active key 5 (it records 1-5, so it came later):
+    # written first, its record would make number 5 look used before.
+    keys = [entry("k2", 2, numbers_used="1-5"), entry("k5", 5, numbers_used="1,5"),
+            entry("k1", 1, numbers_used="1")]
+    assert [k.name for k in plan_restore(keys, {}).create] == ["k1", "k5", "k2"]
+
+
+@pytest.mark.parametrize("damage", [None, lambda b: b[:-20], lambda b: b[:-1] + bytes([b[-1] ^ 1])],
+                         ids=["intact", "truncated", "last-byte-flipped"])
+@pytest.mark.parametrize("secret", ["identity", "passphrase"])
+def test_a_backup_file_is_read_as_a_stream_and_refused_whole_when_damaged(
+        tmp_path, damage, secret):
+    from webhook.backup import decrypt_file
+    secrets, rings, keys = three_keys()
+    identity = x25519.Identity.generate()
+    plain = encode(collect(secrets, rings, settings=SETTINGS))
+    ciphertext = (encrypt(plain, passphrase="pw") if secret == "passphrase"
+                  else encrypt(plain, recipients=[str(identity.to_public())]))
+    path = tmp_path / "b.age"
+    path.write_bytes(damage(ciphertext) if damage else ciphertext)
+    how = {"passphrase": "pw"} if secret == "passphrase" else {"identities": [identity]}
+    if damage is None:
+        assert [k.value for k in decrypt_file(str(path), **how) if not k.retired] == keys
+        return
+    with pytest.raises(BackupError, match="nothing was restored"):
+        decrypt_file(str(path), **how)

@@ -275,3 +275,93 @@ def test_a_user_who_may_not_read_policies_gets_the_key_active_with_a_warning(cap
     err = capsys.readouterr().err
     assert "may not list KeyPolicies" in err
     assert "keymount keys rotate -n shop --stage" in err
+
+
+# --- restore ---------------------------------------------------------------------------
+
+class RestoreKeys:
+    """A KeyApi for `restore_keys`: the cluster's key records and Secret names, and the
+    API server's answers to each create in turn (True: created; False: keymount's 429;
+    an exception: a failed write)."""
+
+    def __init__(self, records=(), names=None, answers=()) -> None:
+        self.records, self.answers = list(records), list(answers)
+        self.names = names
+        self.created: list[str] = []
+
+    def key_records(self, namespace):
+        return [r for r in self.records if namespace is None or r.namespace == namespace]
+
+    def secret_names(self, namespaces):
+        return self.names or {ns: frozenset() for ns in namespaces}
+
+    def restore_secret(self, manifest):
+        answer = self.answers.pop(0) if self.answers else True
+        if isinstance(answer, Exception):
+            raise answer
+        if answer:
+            self.created.append(manifest["metadata"]["name"])
+        return answer
+
+
+def backup_entries(count, namespace="shop"):
+    from webhook.backup import BackedUpKey
+    from webhook.keys import check_key
+    entries = []
+    for n in range(1, count + 1):
+        value = random_key()
+        entries.append(BackedUpKey(namespace, f"k{n}", n, "", check_key(value).fingerprint,
+                                   f"1-{n}" if n > 1 else "1", False, value))
+    return entries
+
+
+def restore(client, entries, **kw):
+    clock = [0.0]
+
+    def sleep(seconds):
+        clock[0] += seconds
+    return cli_keys.restore_keys(client, entries, settings=SETTINGS, source="b.age",
+                                 sleep=sleep, clock=lambda: clock[0], **kw)
+
+
+def test_a_restore_waits_out_keymounts_429s_and_writes_every_key():
+    client = RestoreKeys(answers=[True, False, False, True, False, True])
+    assert restore(client, backup_entries(3)) == 0
+    assert client.created == ["k1", "k2", "k3"]
+
+
+def test_a_restore_gives_up_on_endless_429s_and_says_what_is_left(capsys):
+    client = RestoreKeys(answers=[True] + [False] * 1000)
+    with pytest.raises(UserFacingError) as info:
+        restore(client, backup_entries(3), patience=5.0)
+    message = str(info.value)
+    assert "limits live reads" in message and "1 of 3 key Secret(s) were written" in message
+    assert "2 are not: shop/k2, shop/k3" in message and "run the same command again" in message
+
+
+def test_a_failed_write_half_way_is_finished_by_running_the_same_restore_again(capsys):
+    from webhook.cluster import ClusterError
+    entries = backup_entries(3)
+    client = RestoreKeys(answers=[True, ClusterError("cannot reach the API server")])
+    with pytest.raises(UserFacingError, match="1 of 3 key Secret"):
+        restore(client, entries)
+    # The cluster now holds k1 as backed up: the same command writes only the rest.
+    written = [key_secret("k1", entries[0].value, index=1,
+                          annotations={"keymount.io/numbers-used": "1"})]
+    again = RestoreKeys(records=records(*written))
+    assert restore(again, entries) == 0
+    assert again.created == ["k2", "k3"]
+    assert "shop/k1: number 1 already there, unchanged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("cluster", "names"), [
+    ([key_secret("intruder", random_key(), index=2,
+                 annotations={"keymount.io/numbers-used": "1-2"})], None),
+    ([], {"shop": None}),
+    ([], {"shop": frozenset({"k3"})}),
+], ids=["number-held-by-another-key", "namespace-missing", "name-held-by-another-secret"])
+def test_a_restore_the_cluster_contradicts_writes_nothing(cluster, names):
+    client = RestoreKeys(records=records(*cluster), names=names)
+    with pytest.raises(UserFacingError, match="nothing was restored"):
+        restore(client, backup_entries(3))
+    assert client.created == []

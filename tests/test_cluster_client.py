@@ -313,15 +313,31 @@ def test_an_unreachable_api_server_is_one_line(keys, fake):
         keys.patch_secret("shop", "k1", {"metadata": {}})
 
 
-def test_restores_are_judged_by_a_dry_run_first(keys, fake):
+@pytest.mark.parametrize(("status", "outcome"), [
+    (None, True), (429, False), (409, "already exists in namespace 'shop'"),
+    (404, "namespace 'shop' not found")], ids=["created", "throttled-429-is-retryable",
+                                               "name-taken", "namespace-gone"])
+def test_a_restored_secret_is_created_once_and_a_throttled_refusal_is_told_apart(
+        keys, fake, status, outcome):
+    if status is not None:
+        fake.fail["create_namespaced_secret"] = api_error(status)
     manifest = key_secret("k5", random_key(), index=5)
-    keys.create_secrets([manifest], dry_run=True)
-    keys.create_secrets([manifest], dry_run=False)
-    dry, real = [kw for name, _, kw in fake.calls if name == "create_namespaced_secret"]
-    assert dry.get("dry_run") == "All" and "dry_run" not in real
-    fake.fail["create_namespaced_secret"] = api_error(404)
-    with pytest.raises(ClusterError, match="does not exist; create it first"):
-        keys.create_secrets([manifest], dry_run=True)
+    if isinstance(outcome, bool):
+        assert keys.restore_secret(manifest) is outcome
+    else:
+        with pytest.raises(ClusterError, match=outcome):
+            keys.restore_secret(manifest)
+    [(_, _, kwargs)] = [c for c in fake.calls if c[0] == "create_namespaced_secret"]
+    assert "dry_run" not in kwargs
+
+
+def test_a_restore_learns_which_namespaces_exist_and_every_secret_name_there(keys, fake):
+    fake.secrets = [key_secret("k1", random_key(), index=1),
+                    {"metadata": {"name": "plain", "namespace": "shop"}}]
+    fake.answers["list_namespace"] = lambda **_: Response(
+        {"items": [{"metadata": {"name": "shop"}}]})
+    assert keys.secret_names(["shop", "gone"]) == {"shop": frozenset({"k1", "plain"}),
+                                                   "gone": None}
 
 
 @pytest.mark.parametrize("kind", ["Deployment", "StatefulSet", "DaemonSet"])

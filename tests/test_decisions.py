@@ -204,6 +204,33 @@ def test_a_new_key_on_the_cache_asks_for_a_live_view(handler):
     verdict = handler(request_of(NEW_KEY, kind="Secret"), view(source="cache"))
     assert verdict.response["allowed"] is False and verdict.key_state is True
     assert "retry in a few seconds" in verdict.message
+    # What stands when the live read is limited: 429, which a client retries.
+    assert verdict.response["status"]["code"] == 429
+
+
+RESTORED_KEY = key_secret("k7", random_key(), index=7,
+                          annotations={"keymount.io/numbers-used": "1-7"})
+
+
+@pytest.mark.parametrize(("handler", "live_read"), [(stamp_secret, False), (guard_secret, True)],
+                         ids=["stamp-judges-on-the-cache", "guard-still-reads-live"])
+def test_a_new_key_that_names_its_number_costs_one_live_read_not_two(handler, live_read):
+    verdict = handler(request_of(RESTORED_KEY, kind="Secret"), view(source="cache"))
+    assert verdict.key_state is live_read
+    assert verdict.response["allowed"] is not live_read
+
+
+def test_a_record_stamped_on_a_cache_that_was_behind_is_refused_by_the_live_guard():
+    # The cache knew keys 1 and 2; the live read also holds 9, made a moment ago.
+    stamped = stamp_secret(request_of(RESTORED_KEY, kind="Secret"), view(source="cache"))
+    new = jsonpatch.apply_patch(RESTORED_KEY, list(stamped.key.patch))
+    later = keyring_of(key_secret("key-a", random_key(), index=1),
+                       key_secret("key-b", random_key(), index=2),
+                       key_secret("k9", random_key(), index=9,
+                                  annotations={"keymount.io/numbers-used": "1-2,9"}))
+    verdict = guard_secret(request_of(new, kind="Secret"), view(later))
+    assert verdict.response["allowed"] is False
+    assert "does not record the numbers used" in verdict.message
 
 
 @pytest.mark.parametrize("handler", [stamp_secret, guard_secret], ids=["stamp", "guard"])

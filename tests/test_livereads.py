@@ -60,3 +60,15 @@ async def test_a_fresh_read_shares_nothing_with_an_earlier_one(earlier):
     reader.release.set()
     await first
     assert reader.reads == ["shop", "shop"]
+
+
+@pytest.mark.parametrize("namespace", ["shop", "new-namespace"],
+                         ids=["known-namespace", "namespace-not-yet-cached"])
+async def test_reads_judging_new_keys_never_use_up_the_reads_that_confirm_pods(namespace):
+    # A key writer's restore costs one read per key: however many, a Pod's refusal in
+    # that namespace (or in one the cache does not know yet) is still confirmed live.
+    reader, clock = Reader(), [0.0]
+    reads = live(reader, clock, rate=0.0, burst=3)
+    keys = [await reads.confirm(namespace, fresh=True) for _ in range(10)]
+    assert sum(k is not None for k in keys) == 3  # the key writers' budget, then limited
+    assert await reads.confirm(namespace) is not None  # a Pod's budget is untouched

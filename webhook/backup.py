@@ -8,20 +8,25 @@ stored. Key bytes exist only inside the ciphertext and in this process's memory:
 never go to a temporary file, a log or an error. The cryptography is pyrage's (rage,
 a maintained implementation of age); nothing here encrypts by hand.
 
-Restoring is all or nothing (docs/operations.md, "Backup and restore"): the plan is
-judged against the cluster first, and a number held by a different key refuses the
-whole restore; the same key already present is a no-op.
+Restoring is all or nothing (docs/operations.md, "Backup and restore"): the whole file
+is judged first, against itself (one number, one name per key in a namespace), then
+against the cluster (a number held by a different key, a missing namespace, a name held
+by another Secret refuse the whole restore; the same key already present is a no-op).
+Only keys of the file are then written, as backed up, so a restore that stops half-way
+is finished by running it again.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import io
 import json
+import sys
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, BinaryIO
 
 import pyrage
 from pyrage import passphrase as age_passphrase
@@ -30,7 +35,7 @@ from pyrage import x25519
 from .config import Settings
 from .errors import UserFacingError
 from .key_secrets import read_key_field
-from .keys import KeyRecord, Keyring, check_key, format_numbers
+from .keys import KeyRecord, Keyring, NumberSet, check_key, format_numbers, parse_numbers
 from .names import (
     GENERATED_ANNOTATION,
     INDEX_ANNOTATION,
@@ -143,26 +148,96 @@ def read_identities(text: str) -> list[x25519.Identity]:
 def decrypt(ciphertext: bytes, *, identities: Sequence[x25519.Identity] = (),
             passphrase: str | None = None, source: str = "the backup") -> list[BackedUpKey]:
     """Decrypt and check every key's fingerprint; any fault refuses the whole file."""
+    return parse(_open(ciphertext, identities=identities, passphrase=passphrase,
+                       source=source), source=source)
+
+
+def decrypt_file(path: str, *, identities: Sequence[x25519.Identity] = (),
+                 passphrase: str | None = None) -> list[BackedUpKey]:
+    """`decrypt` of a file, holding as little at once as it can: with identities the
+    file is decrypted as a stream (the ciphertext is never in memory whole), the
+    plaintext is dropped once decoded to text, and each entry becomes a `BackedUpKey`
+    as soon as it is parsed (never a dict of the whole document), so a restore stays
+    within twice the backup's size plus 100 MB (README, "Backup and restore"). pyrage
+    decrypts a passphrase only from memory: such a file costs one more copy."""
+    plaintext: bytes | memoryview
     try:
-        plaintext = (age_passphrase.decrypt(ciphertext, passphrase) if passphrase is not None
+        with open(path, "rb") as handle:
+            if passphrase is not None:
+                plaintext = _open(handle.read(), identities=(), passphrase=passphrase,
+                                  source=path)
+            else:
+                plaintext = _stream(handle, identities=identities, source=path)
+    except OSError as exc:
+        raise BackupError(f"cannot read {path}: {exc.strerror}") from None
+    try:
+        text = str(plaintext, "utf-8")
+    except ValueError:
+        raise BackupError(f"{path} is not a keymount backup ({FORMAT})") from None
+    finally:
+        del plaintext
+    return _keys_of(text, source=path)
+
+
+def _stream(handle: BinaryIO, *, identities: Sequence[x25519.Identity],
+            source: str) -> bytes | memoryview:
+    out = io.BytesIO()
+    try:
+        pyrage.decrypt_io(handle, out, list(identities))
+    except (pyrage.DecryptError, OSError):  # a damaged stream is an OSError from pyrage
+        raise BackupError(
+            f"cannot decrypt {source}: wrong identity or passphrase, or the file is damaged "
+            f"or truncated (age authenticates every chunk); nothing was restored") from None
+    return out.getbuffer()
+
+
+def _open(ciphertext: bytes, *, identities: Sequence[x25519.Identity],
+          passphrase: str | None, source: str) -> bytes:
+    try:
+        return bytes(age_passphrase.decrypt(ciphertext, passphrase) if passphrase is not None
                      else pyrage.decrypt(ciphertext, list(identities)))
     except pyrage.DecryptError:
         raise BackupError(
             f"cannot decrypt {source}: wrong identity or passphrase, or the file is damaged "
             f"or truncated (age authenticates every chunk); nothing was restored") from None
-    return parse(plaintext, source=source)
+
+
+_ENTRY_FIELDS = frozenset(("namespace", "name", "number", "fingerprint", "key"))
+
+
+def _entry(obj: dict[str, Any]) -> Any:
+    """json's object_hook: a key entry becomes a BackedUpKey at once (its dict is
+    dropped); any other object (the document itself) is kept as it is."""
+    if not _ENTRY_FIELDS <= obj.keys():
+        return obj
+    key = obj["key"]
+    return BackedUpKey(
+        # Interned: a namespace has many keys, and keymount names keys by their number
+        # (keymount-key-<n>), so namespaces share names.
+        sys.intern(str(obj["namespace"])), sys.intern(str(obj["name"])), int(obj["number"]),
+        str(obj.get("created", "")), str(obj["fingerprint"]),
+        sys.intern(str(obj.get("numbersUsed", ""))),  # keys of one number share it
+        bool(obj.get("retired")),
+        None if key is None else base64.b64decode(key, validate=True),
+        bool(obj.get("generated")), bool(obj.get("staged")))
 
 
 def parse(plaintext: bytes, *, source: str) -> list[BackedUpKey]:
     try:
-        document = json.loads(plaintext)
-        if document.get("format") != FORMAT:
+        text = plaintext.decode()
+    except ValueError:
+        raise BackupError(f"{source} is not a keymount backup ({FORMAT})") from None
+    return _keys_of(text, source=source)
+
+
+def _keys_of(text: str, *, source: str) -> list[BackedUpKey]:
+    try:
+        document = json.loads(text, object_hook=_entry)
+        if not isinstance(document, dict) or document.get("format") != FORMAT:
             raise ValueError("format")
-        keys = [BackedUpKey(
-            str(k["namespace"]), str(k["name"]), int(k["number"]), str(k.get("created", "")),
-            str(k["fingerprint"]), str(k.get("numbersUsed", "")), bool(k.get("retired")),
-            None if k.get("key") is None else base64.b64decode(k["key"], validate=True),
-            bool(k.get("generated")), bool(k.get("staged"))) for k in document["keys"]]
+        keys = document["keys"]
+        if not isinstance(keys, list) or not all(isinstance(k, BackedUpKey) for k in keys):
+            raise ValueError("keys")
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
         raise BackupError(f"{source} is not a keymount backup ({FORMAT})") from None
     for key in keys:
@@ -185,9 +260,50 @@ class RestorePlan:
     present: tuple[BackedUpKey, ...]  # the same key is already there: nothing to do
 
 
-def plan_restore(keys: list[BackedUpKey], keyrings: Mapping[str, Keyring]) -> RestorePlan:
-    """Judge the restore against the namespaces as they are; refuse it whole on any
-    number held by a different key, or used since the backup was made."""
+def file_conflict(keys: Iterable[BackedUpKey]) -> str | None:
+    """Why the file contradicts itself, or None: two entries of one namespace with the
+    same number, or the same name (the API server holds one Secret per name; a number
+    belongs to one key). Both entries are named, so the user can tell which to drop."""
+    by_number: dict[tuple[str, int], BackedUpKey] = {}
+    by_name: dict[tuple[str, str], BackedUpKey] = {}
+    for key in keys:
+        first = by_number.setdefault((key.namespace, key.number), key)
+        if first is not key:
+            return (f"the backup holds two entries with number {key.number} in namespace "
+                    f"{key.namespace}: {first.name!r} ({_describe(first)}) and {key.name!r} "
+                    f"({_describe(key)})")
+        first = by_name.setdefault((key.namespace, key.name), key)
+        if first is not key:
+            return (f"the backup holds two entries named {key.name!r} in namespace "
+                    f"{key.namespace}: number {first.number} ({_describe(first)}) and "
+                    f"number {key.number} ({_describe(key)})")
+    return None
+
+
+def _describe(key: BackedUpKey) -> str:
+    return "retired" if key.retired else f"fingerprint {key.fingerprint}"
+
+
+def plan_restore(keys: Sequence[BackedUpKey], keyrings: Mapping[str, Keyring], *,
+                 secret_names: Mapping[str, frozenset[str] | None] | None = None
+                 ) -> RestorePlan:
+    """Judge the whole restore before anything is written: the file against itself,
+    then against the namespaces as they are; refuse it whole on any entry the file
+    contradicts, any number held by a different key, or used since the backup was made.
+    What is left to create comes in the order the keys were made (`creation_order`).
+
+    `secret_names`: per namespace of the file, the names of every Secret there (None:
+    the namespace does not exist); without it only key Secrets are checked."""
+    conflict = file_conflict(keys)
+    if conflict is not None:
+        raise BackupError(f"{conflict}; fix or remake the backup (keymount keys backup); "
+                          f"nothing was restored")
+    if secret_names is not None:
+        missing = sorted({k.namespace for k in keys if secret_names.get(k.namespace) is None})
+        if missing:
+            raise BackupError(
+                f"namespace(s) {', '.join(missing)} do not exist; create them first "
+                f"(kubectl create namespace {' '.join(missing)}); nothing was restored")
     create, present = [], []
     for key in keys:
         keyring = keyrings.get(key.namespace) or Keyring(key.namespace)
@@ -208,13 +324,29 @@ def plan_restore(keys: list[BackedUpKey], keyrings: Mapping[str, Keyring]) -> Re
             raise BackupError(
                 f"Secret {key.name!r} in namespace {key.namespace} exists with another "
                 f"number; nothing was restored")
+        names = (secret_names or {}).get(key.namespace) or frozenset()
+        if key.name in names:
+            raise BackupError(
+                f"Secret {key.name!r} in namespace {key.namespace} exists and is not a key "
+                f"Secret; rename or delete it (kubectl get secret {key.name} -n "
+                f"{key.namespace}); nothing was restored")
         if key.number in keyring.used:
             raise BackupError(
                 f"number {key.number} in namespace {key.namespace} was used after the backup "
                 f"was made (its key is gone); restore into an empty namespace; nothing was "
                 f"restored")
         create.append(key)
+    create.sort(key=creation_order)
     return RestorePlan(tuple(create), tuple(present))
+
+
+def creation_order(key: BackedUpKey) -> tuple[str, int, int]:
+    """Keys of a namespace in the order they were made: each key records every number
+    used before it and its own, so a later key's record is strictly larger. Restored in
+    that order, each key's number is one no key written before it recorded (an old key
+    imported below the highest comes after the keys whose numbers it records)."""
+    numbers = parse_numbers(key.numbers_used) or NumberSet()
+    return (key.namespace, sum(high - low + 1 for low, high in numbers.ranges), key.number)
 
 
 def restored_secret(key: BackedUpKey, *, settings: Settings,

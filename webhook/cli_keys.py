@@ -57,7 +57,8 @@ class KeyApi(Protocol):
     failure is one `ClusterError` line; tests pass a fake of it."""
 
     def key_secrets(self, namespace: str | None) -> list[ApiObject]: ...
-    def create_secrets(self, manifests: list[ApiObject], *, dry_run: bool) -> None: ...
+    def secret_names(self, namespaces: list[str]) -> dict[str, frozenset[str] | None]: ...
+    def restore_secret(self, manifest: ApiObject) -> bool: ...
     def rbac(self, namespace: str | None) -> Rbac: ...
     def key_records(self, namespace: str | None) -> list[KeyRecord]: ...
     def keyring(self, namespace: str) -> Keyring: ...
@@ -703,20 +704,15 @@ def read_secret_text(path: str, what: str) -> str:
 
 
 def decrypt_backup(args: argparse.Namespace, path: str) -> list[BackedUpKey]:
-    from .backup import decrypt, read_identities
-    try:
-        ciphertext = Path(path).read_bytes()
-    except OSError as exc:
-        raise UserFacingError(f"cannot read {path}: {exc.strerror}") from None
+    from .backup import decrypt_file, read_identities
     if args.passphrase_file:
-        return decrypt(ciphertext, passphrase=read_secret_text(args.passphrase_file,
-                                                                "passphrase file"),
-                       source=path)
+        return decrypt_file(path, passphrase=read_secret_text(args.passphrase_file,
+                                                              "passphrase file"))
     if not args.identity:
         raise UserFacingError("give --identity FILE (an age identity) or --passphrase-file F",
                               2)
-    return decrypt(ciphertext, identities=read_identities(read_secret_text(
-        args.identity, "identity file")), source=path)
+    return decrypt_file(path, identities=read_identities(read_secret_text(
+        args.identity, "identity file")))
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
@@ -763,7 +759,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    from .backup import plan_restore, restored_secret
+    from .backup import restored_secret
     from .key_secrets import key_labels
     settings = _settings(args)
     keys = decrypt_backup(args, args.file)
@@ -771,29 +767,81 @@ def cmd_restore(args: argparse.Namespace) -> int:
         keys = [k for k in keys if k.namespace == args.namespace]
         if not keys:
             raise UserFacingError(f"{args.file} holds no key of namespace {args.namespace}")
-    manifests_of = [restored_secret(k, settings=settings, labels=key_labels(settings))
-                    for k in keys]
     if args.dry_run:
-        print_manifest({"apiVersion": "v1", "kind": "List", "items": manifests_of},
-                       args.output)
+        labels = key_labels(settings)
+        print_manifest({"apiVersion": "v1", "kind": "List", "items": [
+            restored_secret(k, settings=settings, labels=labels) for k in keys]}, args.output)
         warn_manifest_holds_key()
         return 0
     from .cluster import KeyClient
     client = KeyClient.from_kubeconfig(kubeconfig=args.kubeconfig, context=args.context,
                                        settings=settings)
-    keyrings = {ns: client.keyring(ns) for ns in sorted({k.namespace for k in keys})}
-    plan = plan_restore(keys, keyrings)
-    manifests = [restored_secret(k, settings=settings, labels=key_labels(settings))
-                 for k in plan.create]
-    # All or nothing: the API server and keymount's webhooks judge every Secret first.
-    client.create_secrets(manifests, dry_run=True)
-    client.create_secrets(manifests, dry_run=False)
+    return restore_keys(client, keys, settings=settings, source=args.file)
+
+
+# How long a restore waits out keymount's refusals while it limits live reads (HTTP
+# 429), per key: its budget refills within a second or two, so a longer wait means
+# something else holds it, and the restore stops with what is left.
+RESTORE_PATIENCE = 120.0
+
+
+def restore_keys(client: KeyApi, keys: list[BackedUpKey], *, settings: Settings,
+                 source: str, patience: float = RESTORE_PATIENCE,
+                 sleep: Any = None, clock: Any = None) -> int:
+    """Judge the whole file (against itself, then the cluster: `backup.plan_restore`)
+    before writing anything; then write what is missing in namespace and number order.
+
+    A write that fails half-way leaves only keys of the file, each with its backed-up
+    name, number and bytes: the command names them and what is left, and the same
+    command run again finishes it (keys already there are no-ops)."""
+    import time
+
+    from .backup import plan_restore, restored_secret
+    from .key_secrets import key_labels
+    sleep = sleep or time.sleep
+    clock = clock or time.monotonic
+    namespaces = sorted({k.namespace for k in keys})
+    names = client.secret_names(namespaces)
+    keyrings = cluster_keyrings(client, namespaces[0] if len(namespaces) == 1 else None)
+    plan = plan_restore(keys, keyrings, secret_names=names)
+    labels = key_labels(settings)
     for key in plan.present:
         print(f"{key.namespace}/{key.name}: number {key.number} already there, unchanged")
-    for key in plan.create:
+    for done, key in enumerate(plan.create):
+        manifest = restored_secret(key, settings=settings, labels=labels)
+        try:
+            _create_patiently(client, manifest, patience=patience, sleep=sleep, clock=clock)
+        except UserFacingError as exc:
+            left = plan.create[done:]
+            raise UserFacingError(
+                f"restoring {key.namespace}/{key.name} (number {key.number}) failed: {exc}. "
+                f"{done} of {len(plan.create)} key Secret(s) were written, each as in the "
+                f"backup; {len(left)} are not: "
+                f"{_summary(left)}. Fix the cause and run the same command again: the keys "
+                f"already written are left as they are and the rest are written "
+                f"(keymount keys restore {source} ...)") from None
         print(f"{key.namespace}/{key.name}: restored at number {key.number} "
               f"({'retired' if key.retired else 'fingerprint ' + key.fingerprint})")
     return 0
+
+
+def _create_patiently(client: KeyApi, manifest: ApiObject, *, patience: float,
+                      sleep: Any, clock: Any) -> None:
+    """Create, waiting out keymount's 429s with backoff (0.05 s doubling to 1 s)."""
+    deadline, delay = clock() + patience, 0.05
+    while not client.restore_secret(manifest):
+        if clock() + delay > deadline:
+            raise UserFacingError(
+                f"keymount kept refusing it for {patience:.0f} s because it limits live "
+                f"reads of the API server (429); check its --live-reads-per-second and "
+                f"the keymount_live_reads_total metric")
+        sleep(delay)
+        delay = min(delay * 2, 1.0)
+
+
+def _summary(keys: tuple[BackedUpKey, ...]) -> str:
+    shown = ", ".join(f"{k.namespace}/{k.name}" for k in keys[:10])
+    return shown + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
 
 
 # --- import ---------------------------------------------------------------------------

@@ -330,6 +330,7 @@ def current_namespace(*, kubeconfig: str | None, context: str | None) -> str:
 
 
 T = TypeVar("T")
+THROTTLED = 429  # keymount's refusal while it limits live reads (webhook/decisions.py)
 
 
 def list_items(response: Any) -> list[ApiObject]:
@@ -375,17 +376,41 @@ class KeyClient:
         return self._list_json(namespace, "secret",
                                label_selector=self.settings.key_selector.text)
 
-    def create_secrets(self, manifests: list[ApiObject], *, dry_run: bool) -> None:
-        """Create in order; with dry_run, the API server (and keymount's webhooks) judge
-        each without storing it."""
-        for manifest in manifests:
-            namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
-            self._call(self.api.create_namespaced_secret, namespace, manifest,
-                       **({"dry_run": "All"} if dry_run else {}), errors={
-                           404: f"namespace {namespace!r} does not exist; create it first "
-                                f"(kubectl create namespace {namespace}); nothing was "
-                                f"restored" if dry_run else f"namespace {namespace!r} not found",
-                           409: f"secret {name!r} already exists in namespace {namespace!r}"})
+    def secret_names(self, namespaces: list[str]) -> dict[str, frozenset[str] | None]:
+        """For a restore's check before it writes: per namespace, the names of every
+        Secret in it (key Secrets or not: a name is one Secret), None when the namespace
+        does not exist. One list of namespaces, then one list of Secrets each."""
+        listed = list_items(self._call(self.api.list_namespace, _preload_content=False,
+                                       _request_timeout=(10, 60)))
+        existing = {(item.get("metadata") or {}).get("name") for item in listed}
+        names: dict[str, frozenset[str] | None] = {}
+        for namespace in namespaces:
+            if namespace not in existing:
+                names[namespace] = None
+                continue
+            items = list_items(self._call(self.api.list_namespaced_secret, namespace,
+                                          _preload_content=False, _request_timeout=(10, 60)))
+            names[namespace] = frozenset(
+                str((item.get("metadata") or {}).get("name")) for item in items)
+        return names
+
+    def restore_secret(self, manifest: ApiObject) -> bool:
+        """Create one restored key Secret; False when keymount refused it only because
+        it is limiting live reads right now (HTTP 429: retry after a moment)."""
+        namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]
+        try:
+            self.api.create_namespaced_secret(namespace, manifest, _preload_content=False,
+                                              _request_timeout=(10, 30))
+            return True
+        except ApiException as exc:
+            if exc.status == THROTTLED:
+                return False
+            message = {404: f"namespace {namespace!r} not found",
+                       409: f"secret {name!r} already exists in namespace {namespace!r}"
+                       }.get(exc.status or 0) or describe_api_error(exc)
+            raise ClusterError(message) from None
+        except Exception as exc:
+            raise ClusterError(describe_api_error(exc)) from None
 
     def rbac(self, namespace: str | None) -> Rbac:
         """Roles and bindings (of one namespace, and cluster-wide), for `audit`."""

@@ -101,6 +101,8 @@ class View:
 
 Handler = Callable[[AdmissionRequest, View], Verdict]
 
+THROTTLED = 429  # a refusal that stands only because live reads are limited right now
+
 
 # --- key Secrets ----------------------------------------------------------------------
 
@@ -120,11 +122,19 @@ def key_verdict(request: AdmissionRequest, decision: KeyDecision, *,
                    key=decision)
 
 
-def needs_live_view(request: AdmissionRequest, view: View) -> Verdict | None:
+def needs_live_view(request: AdmissionRequest, view: View, *,
+                    stamping: bool = False) -> Verdict | None:
     """A new key's number is judged only against a live read, never the cache
     (docs/contract.md, "Key numbers"). On the cache this is a key-state refusal: the
     server reads live and asks again, and the refusal is what stands when the live-read
-    limit says no."""
+    limit says no, with code 429 (Too Many Requests), so a client can tell it from a
+    refusal on the merits and retry (`keys restore` does).
+
+    `stamping` (`/mutate`): a new key that names its own number (a restore, an import)
+    is stamped on the cache: the stamp only adds the numbers used to its record, and the
+    guard at `/validate` judges the number, and that the record covers every number
+    used, on a live read of its own, refusing the key if the cache was behind. One read
+    per such key instead of two."""
     if view.source != "cache":
         return None
     record = parse_key_secret(request.object or {}, settings=view.settings,
@@ -136,7 +146,7 @@ def needs_live_view(request: AdmissionRequest, view: View) -> Verdict | None:
         return Verdict("denied", denied(
             f"keymount is limiting live reads of the API server right now and judges "
             f"a staging only against a fresh read of namespace {request.namespace!r}; "
-            f"retry in a few seconds"), key_state=True)
+            f"retry in a few seconds", code=THROTTLED), key_state=True)
     if not is_new_key(key_change(request), settings=view.settings):
         return None
     if record.slot:
@@ -144,15 +154,17 @@ def needs_live_view(request: AdmissionRequest, view: View) -> Verdict | None:
         # filling it is judged again (keyguard._guard_fill). So reserving one needs no
         # live read, and no review about other keys can hold a rotation up.
         return None
+    if stamping and record.index_explicit:
+        return None
     return Verdict("denied", denied(
         f"keymount is limiting live reads of the API server right now and judges "
         f"a new key's number only against a fresh read of namespace "
-        f"{request.namespace!r}; retry in a few seconds"), key_state=True)
+        f"{request.namespace!r}; retry in a few seconds", code=THROTTLED), key_state=True)
 
 
 def stamp_secret(request: AdmissionRequest, view: View) -> Verdict:
     """`/mutate`, Secret CREATE or UPDATE: a new key Secret's number and used numbers."""
-    return needs_live_view(request, view) or key_verdict(request, stamp_key_secret(
+    return needs_live_view(request, view, stamping=True) or key_verdict(request, stamp_key_secret(
         key_change(request), keyring=view.keyring,
         settings=view.settings, now=view.now), unchanged="skipped")
 

@@ -16,7 +16,11 @@ reaches the port can send reviews, so those reads must not become a flood of API
 - namespaces the cache does not know share one bucket (`rate`, `burst`), which keeps
   reviews about endless made-up names from turning into a flood of API calls. Draining
   it can only delay the first Pod of a namespace whose first key the watch has not
-  delivered yet: the refusal stands (fail closed) and the Pod's controller retries.
+  delivered yet: the refusal stands (fail closed) and the Pod's controller retries;
+- the reads that judge new keys (`fresh`) have buckets of their own, the same again,
+  apart from the reads that confirm a Pod's refusal: a key writer's restore of
+  thousands of keys (one read each) never delays a Pod's admission, and forged key
+  reviews can drain only the key writers' budget, whose refusals (429) they retry.
 Past a limit the caller decides from its cache: the webhook then fails closed.
 """
 
@@ -42,13 +46,14 @@ class LiveReads:
                  on_call: Callable[[str], None] = lambda result: None) -> None:
         self.read, self.reuse_seconds, self.clock = read, reuse_seconds, clock
         self.version, self.known, self.on_call = version, known, on_call
-        self._shared = _Bucket(rate, burst, clock())
+        # Index 0: reads for Pods; 1: reads judging a new key (`fresh`).
+        self._shared = (_Bucket(rate, burst, clock()), _Bucket(rate, burst, clock()))
         # By default each namespace keymount knows has as many reads as all the others
         # together: `--live-reads-per-second` (a key made under a name of its own costs
         # two, one at /mutate and one at /validate).
         self._namespace_rate = rate if namespace_rate is None else namespace_rate
         self._namespace_burst = burst if namespace_burst is None else namespace_burst
-        self._own: OrderedDict[str, _Bucket] = OrderedDict()
+        self._own: OrderedDict[tuple[str, bool], _Bucket] = OrderedDict()
         self._inflight: dict[str, asyncio.Future[Keyring]] = {}
         # namespace -> (when, the cache's version of it then, what the read found)
         self._recent: OrderedDict[str, tuple[float, int, Keyring]] = OrderedDict()
@@ -70,7 +75,7 @@ class LiveReads:
                 and recent[1] == self.version(namespace)):
             self.on_call("reused")
             return recent[2]
-        if not self._bucket(namespace).take(self.clock()):
+        if not self._bucket(namespace, fresh).take(self.clock()):
             self.on_call("limited")
             return None
         self.on_call("read")
@@ -94,16 +99,16 @@ class LiveReads:
         make every later one read again."""
         self._recent.pop(namespace, None)
 
-    def _bucket(self, namespace: str) -> _Bucket:
+    def _bucket(self, namespace: str, fresh: bool) -> _Bucket:
         if not self.known(namespace):
-            return self._shared
-        bucket = self._own.get(namespace)
+            return self._shared[fresh]
+        bucket = self._own.get((namespace, fresh))
         if bucket is None:
-            bucket = self._own[namespace] = _Bucket(
+            bucket = self._own[(namespace, fresh)] = _Bucket(
                 self._namespace_rate, self._namespace_burst, self.clock())
-            while len(self._own) > REMEMBERED:
+            while len(self._own) > 2 * REMEMBERED:
                 self._own.popitem(last=False)
-        self._own.move_to_end(namespace)
+        self._own.move_to_end((namespace, fresh))
         return bucket
 
 
