@@ -48,7 +48,7 @@ from .names import (
 )
 
 if TYPE_CHECKING:  # the CLI imports the Kubernetes client only for cluster commands
-    from .audit import Rbac
+    from .audit import Grant, Rbac
     from .backup import BackedUpKey
 
 
@@ -59,6 +59,8 @@ class KeyApi(Protocol):
     def key_secrets(self, namespace: str | None) -> list[ApiObject]: ...
     def create_secrets(self, manifests: list[ApiObject], *, dry_run: bool) -> None: ...
     def rbac(self, namespace: str | None) -> Rbac: ...
+    def confirm(self, grants: list[Grant]) -> dict[Grant, bool]: ...
+    def slot_named_secrets(self, namespace: str | None) -> list[ApiObject]: ...
     def key_records(self, namespace: str | None) -> list[KeyRecord]: ...
     def keyring(self, namespace: str) -> Keyring: ...
     def backend_pods(self, namespace: str | None) -> list[ApiObject]: ...
@@ -950,22 +952,35 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit
+    from .audit import audit, confirm, unlabelled_slots
     from .lifecycle import parse_pod_keys
     settings = _settings(args)
     keys, namespace = connect(args, settings)
     keyrings = cluster_keyrings(keys, namespace)
     pods = [parse_pod_keys(p) for p in keys.backend_pods(namespace)]
+    unlabelled = unlabelled_slots(keys.slot_named_secrets(namespace),
+                                  key_selector=settings.key_selector)
     findings = audit(keyrings, rbac=keys.rbac(namespace), pods=pods,
                      writers=build_key_writers(args), max_age=settings.max_key_age,
-                     now=_now())
+                     now=_now(), unlabelled=unlabelled)
+    grants = [f.grant for f in findings if f.grant is not None]
+    findings = confirm(findings, keys.confirm(grants) if grants else {})
     rows = [f.as_dict() for f in findings]
     if args.output == "table" and not rows:
         print(f"no findings in {namespace or 'any namespace'} "
               f"({len(keyrings)} namespace(s) with keys)")
         return 0
+    if args.output == "table":
+        rows = [{**row, "detail": row["detail"] + _confirmation(row["confirmed"])}
+                for row in rows]
     emit(rows, output=args.output, headers=["kind", "namespace", "subject", "detail"])
     return 1 if rows else 0
+
+
+def _confirmation(confirmed: bool | None) -> str:
+    if confirmed is None:
+        return ""
+    return " [API server: allowed]" if confirmed else " [API server: not allowed]"
 
 
 def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
