@@ -3,6 +3,7 @@ and what is expected, not a finding."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -289,3 +290,49 @@ def test_two_keys_sharing_a_number_are_a_finding_and_listed_as_duplicates():
     assert ("duplicate-number", "shop", "a-key,b-key") in run({"shop": ring})
     states = {row.secret: row.state for row in build_key_rows(ring, now=NOW)}
     assert states == {"a-key": "duplicate", "b-key": "duplicate"}
+
+
+class FakeAuditKeys:
+    """The KeyApi calls `audit` makes: one key, one grant to system:authenticated, one
+    unlabelled slot name; the API server's answers are given."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def key_records(self, namespace):
+        return list(keyring_of(key_secret("k1", random_key(), index=1)).keys)
+
+    def backend_pods(self, namespace):
+        return []
+
+    def slot_named_secrets(self, namespace):
+        return [{"metadata": {"namespace": "shop", "name": "keymount-key-9"}}]
+
+    def rbac(self, namespace):
+        return Rbac([role("reader", READ)], [binding(
+            "ClusterRoleBinding", "open", "ClusterRole", "reader",
+            [{"kind": "Group", "name": "system:authenticated"}])], [], [])
+
+    def confirm(self, grants):
+        self.asked += grants
+        return {g: self.answers for g in grants} if self.answers is not None else {}
+
+
+@pytest.mark.parametrize(("answer", "shown"), [
+    (True, "[API server: allowed]"), (False, "[API server: not allowed]"), (None, "")],
+    ids=["allowed", "not-allowed", "not-asked"])
+def test_audit_command_asks_the_api_server_and_exits_1(monkeypatch, capsys, answer, shown):
+    from webhook import cli, cli_keys
+    keys = FakeAuditKeys(answer)
+    monkeypatch.setattr(cli_keys, "connect", lambda args, settings: (keys, "shop"))
+    common = ["--own-user", "keymount", "--key-writers", "group:system:masters"]
+    assert cli.main(["audit", "-n", "shop", "-o", "json", *common]) == 1
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["kind"], r["subject"], r["confirmed"]) for r in rows] == [
+        ("secret-reader", "group:system:authenticated", answer),
+        ("unlabelled-slot", "keymount-key-9", None)]
+    assert [g.subject for g in keys.asked] == ["group:system:authenticated"]
+    assert cli.main(["audit", "-n", "shop", *common]) == 1
+    table = capsys.readouterr().out
+    assert "get secrets through ClusterRoleBinding open -> ClusterRole reader" in table
+    assert (shown in table) if shown else "API server" not in table

@@ -446,19 +446,13 @@ class KeyClient:
     def slot_named_secrets(self, namespace: str | None) -> list[ApiObject]:
         """The metadata (never the data: the API server sends PartialObjectMetadata) of
         every Secret named like a key slot, labelled or not, page by page."""
-        path = "/api/v1/secrets" if namespace is None else \
-            f"/api/v1/namespaces/{namespace}/secrets"
         found: list[ApiObject] = []
         token = ""
         while True:
-            query: list[tuple[str, Any]] = [("limit", 500)]
-            if token:
-                query.append(("continue", token))
-            response = self._call(
-                self.api.api_client.call_api, path, "GET", query_params=query,
-                header_params={"Accept": METADATA_LIST}, auth_settings=["BearerToken"],
-                _preload_content=False, _return_http_data_only=True,
-                _request_timeout=(10, 60))
+            response = self._call(call_list, self.api, "secret", namespace, limit=500,
+                                  _continue=token or None,
+                                  _headers={"Accept": METADATA_LIST},
+                                  _preload_content=False, _request_timeout=(10, 60))
             page = json.loads(response.data)
             found += [item for item in page.get("items") or []
                       if slot_number(str((item.get("metadata") or {}).get("name"))) is not None]
