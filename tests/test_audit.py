@@ -327,7 +327,9 @@ def test_audit_command_asks_the_api_server_and_exits_1(monkeypatch, capsys, answ
     monkeypatch.setattr(cli_keys, "connect", lambda args, settings: (keys, "shop"))
     common = ["--own-user", "keymount", "--key-writers", "group:system:masters"]
     assert cli.main(["audit", "-n", "shop", "-o", "json", *common]) == 1
-    rows = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert ("1 RBAC path(s) not confirmed" in err) is (answer is None)
     assert [(r["kind"], r["subject"], r["confirmed"]) for r in rows] == [
         ("secret-reader", "group:system:authenticated", answer),
         ("unlabelled-slot", "keymount-key-9", None)]

@@ -964,7 +964,13 @@ def cmd_audit(args: argparse.Namespace) -> int:
                      writers=build_key_writers(args), max_age=settings.max_key_age,
                      now=_now(), unlabelled=unlabelled)
     grants = [f.grant for f in findings if f.grant is not None]
-    findings = confirm(findings, keys.confirm(grants) if grants else {})
+    answers = keys.confirm(grants) if grants else {}
+    if len(answers) < len(grants):
+        print(f"warning: {len(grants) - len(answers)} RBAC path(s) not confirmed by a "
+              f"SubjectAccessReview: your user needs create on "
+              f"subjectaccessreviews.authorization.k8s.io (kubectl auth can-i create "
+              f"subjectaccessreviews), and at most 500 are asked", file=sys.stderr)
+    findings = confirm(findings, answers)
     rows = [f.as_dict() for f in findings]
     if args.output == "table" and not rows:
         print(f"no findings in {namespace or 'any namespace'} "

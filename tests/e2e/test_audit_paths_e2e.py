@@ -189,3 +189,26 @@ def test_audit_reads_slot_named_secrets_without_their_data(audited, admin_kubeco
     assert [i["metadata"]["name"] for i in items] == ["keymount-key-7"]
     assert [i.get("kind") for i in items] == ["PartialObjectMetadata"]
     assert "data" not in items[0]
+
+
+def test_a_user_who_may_not_ask_the_api_server_gets_unconfirmed_findings_and_a_warning(
+        audited, admin_kubeconfig, user_kubeconfig):
+    """mallory may read RBAC, Secrets and Pods but not create SubjectAccessReviews."""
+    ns, _, _ = audited
+    cfg = admin_kubeconfig
+    reader = [role("ClusterRole", f"{ns}-rbac-reader", [rule(
+                  ["list"], ["roles", "rolebindings", "clusterroles", "clusterrolebindings"],
+                  RBAC)]),
+              bind("ClusterRoleBinding", f"{ns}-rbac-reader", "ClusterRole",
+                   f"{ns}-rbac-reader", {"kind": "User", "name": "mallory"})]
+    kubectl(cfg, "apply", "-f", "-", stdin=yaml.safe_dump_all(reader))
+    try:
+        result = keymount_cli(user_kubeconfig("mallory"), "audit", "-n", ns, "-o", "json",
+                              "--own-user", "keymount", "--key-writers", KEY_WRITERS,
+                              check=False)
+    finally:
+        kubectl(cfg, "delete", "-f", "-", stdin=yaml.safe_dump_all(reader))
+    assert result.returncode == 1, result.stderr
+    findings = json.loads(result.stdout)
+    assert finding_of(findings, f"RoleBinding {ns}/pod-maker")["confirmed"] is None
+    assert "not confirmed by a SubjectAccessReview" in result.stderr
