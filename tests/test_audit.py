@@ -338,3 +338,15 @@ def test_audit_command_asks_the_api_server_and_exits_1(monkeypatch, capsys, answ
     table = capsys.readouterr().out
     assert "get secrets through ClusterRoleBinding open -> ClusterRole reader" in table
     assert (shown in table) if shown else "API server" not in table
+
+
+@pytest.mark.parametrize("command", [["keys", "list", "-n", "shop"], ["status", "-n", "shop"]],
+                         ids=["keys-list", "status"])
+def test_keys_list_and_status_warn_of_an_unlabelled_slot_name(monkeypatch, capsys, command):
+    from webhook import cli, cli_keys
+    monkeypatch.setattr(cli_keys, "connect", lambda args, settings: (FakeAuditKeys(None),
+                                                                     "shop"))
+    assert cli.main(command) == 0
+    err = capsys.readouterr().err
+    assert "Secret 'keymount-key-9' in namespace 'shop' has a key slot's name" in err
+    assert "kubectl delete secret keymount-key-9 -n shop" in err

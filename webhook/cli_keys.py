@@ -569,7 +569,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no key Secrets in namespace {namespace}; create one: keymount keys create "
               f"encryption-key-1 -n {namespace} --generate", file=sys.stderr)
     warn_old_keys(keyrings, settings)
+    warn_unlabelled_slots(keys, namespace, settings)
     return 0
+
+
+def warn_unlabelled_slots(keys: KeyApi, namespace: str | None, settings: Settings) -> None:
+    """A Secret under a key slot's name without the key label: backend Pods list that
+    name as an optional key source, so what it holds would reach them unchecked."""
+    from .audit import unlabelled_slots
+    for ns, name in unlabelled_slots(keys.slot_named_secrets(namespace),
+                                     key_selector=settings.key_selector):
+        print(f"warning: Secret {name!r} in namespace {ns!r} has a key slot's name but not "
+              f"the key label ({settings.key_selector}): backend Pods would mount what it "
+              f"holds as a key; delete or rename it (kubectl delete secret {name} -n {ns})",
+              file=sys.stderr)
 
 
 def warn_old_keys(keyrings: dict[str, Keyring], settings: Settings) -> None:
@@ -596,6 +609,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if state is not None:
             states.append(state.as_dict())
     warn_old_keys(keyrings, settings)
+    warn_unlabelled_slots(keys, namespace, settings)
     behind = [s for s in states if s["state"] != "current"]
     if args.output == "table":
         if not behind:

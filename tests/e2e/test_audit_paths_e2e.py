@@ -161,10 +161,13 @@ def test_an_aggregated_cluster_role_is_read_with_the_rules_it_selects(audited):
     assert found["confirmed"] is False
 
 
-def test_an_unlabelled_secret_under_a_slot_name_is_a_finding(audited):
+def test_an_unlabelled_secret_under_a_slot_name_is_a_finding(audited, admin_kubeconfig):
     ns, findings, _ = audited
     assert [(f["namespace"], f["subject"]) for f in findings
             if f["kind"] == "unlabelled-slot"] == [(ns, "keymount-key-7")]
+    listed = keymount_cli(admin_kubeconfig, "keys", "list", "-n", ns)
+    assert f"Secret 'keymount-key-7' in namespace '{ns}' has a key slot's name" in \
+        listed.stderr
 
 
 def test_kubernetes_controllers_and_cluster_admins_are_expected_by_name(audited):
