@@ -1,14 +1,17 @@
-"""`keymount audit` (pure): each kind of finding, and what is expected, not a finding."""
+"""`keymount audit` (pure): each kind of finding, each RBAC path to a namespace's keys,
+and what is expected, not a finding."""
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from webhook.audit import Rbac, audit, reads_secrets
+from webhook.audit import Access, Finding, Grant, Rbac, audit, confirm, unlabelled_slots
 from webhook.keyguard import parse_key_writers
 from webhook.lifecycle import PodKeys
+from webhook.selectors import parse_selector
 
 from builders import key_secret, keyring_of, random_key
 
@@ -50,17 +53,199 @@ def test_the_same_key_in_two_namespaces_is_a_finding():
     assert kind == "reused-key" and namespaces == "bank,shop"
 
 
-@pytest.mark.parametrize(("rules", "reads"), [
-    (READ, True), ([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}], True),
-    ([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}], False),
-    ([{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}], False),
-    ([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["get"],
-       "resourceNames": ["other"]}], False),
-    ([{"apiGroups": [""], "resources": ["secrets"], "verbs": ["list"],
-       "resourceNames": ["k1"]}], True),
-], ids=["get-secrets", "wildcards", "create-only", "configmaps", "other-name", "this-name"])
-def test_which_rules_read_key_secrets(rules, reads):
-    assert reads_secrets(rules, {"k1"}) is reads
+def strongest(rules, *, cluster_wide=True):
+    """(verb, resource) of the strongest path a role's rules give to key Secret k1."""
+    rbac = Rbac([role("r", rules)], [], [], [])
+    binding_ = binding("ClusterRoleBinding", "b", "ClusterRole", "r",
+                       [{"kind": "User", "name": "eve"}])
+    if cluster_wide:
+        rbac = Rbac(rbac.cluster_roles, [binding_], [], [])
+    else:
+        rbac = Rbac(rbac.cluster_roles, [], [],
+                    [{**binding_, "kind": "RoleBinding",
+                      "metadata": {"name": "b", "namespace": "shop"}}])
+    grants = [f.grant for f in audit({"shop": keyring_of(key_secret("k1", random_key(),
+                                                                     index=1))},
+                                     rbac=rbac, pods=(), writers=WRITERS, max_age=None,
+                                     now=NOW) if f.grant]
+    assert len(grants) <= 1
+    return (grants[0].access.verb, grants[0].access.resource_text) if grants else None
+
+
+def rule(verbs, resources, group="", names=None):
+    return {"apiGroups": [group], "resources": resources, "verbs": verbs,
+            **({"resourceNames": names} if names else {})}
+
+
+WORKLOADS = [("apps", "deployments"), ("apps", "statefulsets"), ("apps", "daemonsets"),
+             ("apps", "replicasets"), ("batch", "jobs"), ("batch", "cronjobs"),
+             ("", "replicationcontrollers")]
+
+
+@pytest.mark.parametrize(("rules", "path"), [
+    (READ, ("get", "secrets")),
+    ([{"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]}], ("get", "secrets")),
+    ([rule(["create"], ["secrets"])], None),
+    ([rule(["get"], ["configmaps"])], None),
+    ([rule(["get"], ["secrets"], names=["other"])], None),
+    ([rule(["list"], ["secrets"], names=["k1"])], ("list", "secrets")),
+    ([rule(["watch"], ["secrets"])], ("watch", "secrets")),
+    ([rule(["patch"], ["secrets"])], ("patch", "secrets")),
+    ([rule(["update"], ["secrets"], names=["k1"])], ("update", "secrets")),
+    ([rule(["patch"], ["secrets"], names=["other"])], None),
+    ([rule(["impersonate"], ["users"])], ("impersonate", "users")),
+    ([rule(["impersonate"], ["groups"])], ("impersonate", "groups")),
+    ([rule(["impersonate"], ["serviceaccounts"])], ("impersonate", "serviceaccounts")),
+    ([rule(["impersonate"], ["users"], names=["alice"])], ("impersonate", "users")),
+    ([rule(["create"], ["pods"])], ("create", "pods")),
+    ([rule(["create"], ["pods"], names=["x"])], None),
+    ([rule(["get", "list", "delete"], ["pods"])], None),
+    *(([rule(["create"], [r], g)], ("create", f"{r}.{g}" if g else r)) for g, r in WORKLOADS),
+    ([rule(["create"], ["deployments"])], None),  # the core group has no deployments
+    ([rule(["create"], ["pods"]), rule(["patch"], ["secrets"])], ("patch", "secrets")),
+], ids=["get-secrets", "wildcards", "create-secrets-only", "configmaps", "other-name",
+        "list-this-name", "watch-secrets", "patch-secrets", "update-this-name",
+        "patch-other-name", "impersonate-users", "impersonate-groups",
+        "impersonate-serviceaccounts", "impersonate-one-user", "create-pods",
+        "create-pods-by-name-never-matches", "read-pods", *(f"create-{r}" for _, r in WORKLOADS),
+        "deployments-of-the-wrong-group", "the-strongest-path-is-named"])
+def test_which_rules_reach_key_secrets_and_by_which_path(rules, path):
+    assert strongest(rules) == path
+
+
+@pytest.mark.parametrize(("resource", "path"), [
+    ("users", None), ("groups", None),
+    ("serviceaccounts", ("impersonate", "serviceaccounts"))],
+    ids=["users", "groups", "serviceaccounts"])
+def test_a_rolebinding_grants_impersonating_only_its_namespaces_service_accounts(
+        resource, path):
+    assert strongest([rule(["impersonate"], [resource])], cluster_wide=False) == path
+
+
+def bound_reader(subject, *, role_name="reader", cluster_wide=True):
+    """The secret-reader findings of one subject bound to a role that reads Secrets."""
+    roles = [role("reader", READ), role("cluster-admin", READ)]
+    made = binding("ClusterRoleBinding" if cluster_wide else "RoleBinding", "b",
+                   "ClusterRole", role_name, [subject],
+                   None if cluster_wide else "shop")
+    rbac = Rbac(roles, [made] if cluster_wide else [], [], [] if cluster_wide else [made])
+    return run({"shop": keyring_of(key_secret("k1", random_key(), index=1))}, rbac=rbac)
+
+
+@pytest.mark.parametrize("subject", [
+    {"kind": "Group", "name": "system:authenticated"},
+    {"kind": "Group", "name": "system:unauthenticated"},
+    {"kind": "Group", "name": "system:serviceaccounts"},
+    {"kind": "Group", "name": "system:serviceaccounts:shop"},
+    {"kind": "Group", "name": "system:serviceaccounts:kube-system"},
+    {"kind": "User", "name": "system:eve"},
+    {"kind": "ServiceAccount", "namespace": "kube-system", "name": "anything"},
+    {"kind": "User", "name": "system:serviceaccount:kube-system:anything"},
+], ids=["authenticated", "unauthenticated", "every-service-account",
+        "a-namespaces-service-accounts", "kube-systems-service-accounts", "system-eve",
+        "a-kube-system-service-account", "a-service-account-as-user"])
+def test_a_system_name_is_no_longer_expected_by_its_prefix(subject):
+    assert [kind for kind, _, _ in bound_reader(subject)] == ["secret-reader"]
+
+
+@pytest.mark.parametrize("subject", [
+    {"kind": "Group", "name": "system:masters"},
+    {"kind": "User", "name": "system:kube-controller-manager"},
+    {"kind": "ServiceAccount", "namespace": "kube-system", "name": "namespace-controller"},
+    {"kind": "User", "name": "system:serviceaccount:kube-system:namespace-controller"},
+    {"kind": "ServiceAccount", "namespace": "kube-system", "name": "replicaset-controller"},
+    {"kind": "ServiceAccount", "namespace": "keymount", "name": "keymount"},
+    {"kind": "Group", "name": "keymount:key-writers"},
+], ids=["masters", "controller-manager", "namespace-controller",
+        "namespace-controller-as-user", "replicaset-controller", "keymount-itself",
+        "key-writers"])
+def test_precisely_named_readers_are_expected(subject):
+    assert bound_reader(subject) == []
+
+
+@pytest.mark.parametrize(("cluster_wide", "found"), [(True, []), (False, ["secret-reader"])],
+                         ids=["clusterrolebinding-a-cluster-admin",
+                              "rolebinding-a-namespace-admin"])
+def test_cluster_admin_bound_cluster_wide_is_expected_and_in_a_namespace_is_not(
+        cluster_wide, found):
+    findings = bound_reader({"kind": "User", "name": "ann"}, role_name="cluster-admin",
+                            cluster_wide=cluster_wide)
+    assert [kind for kind, _, _ in findings] == found
+
+
+def aggregated(selector):
+    return {"metadata": {"name": "agg"}, "rules": [],
+            "aggregationRule": {"clusterRoleSelectors": [selector]}}
+
+
+@pytest.mark.parametrize(("selector", "found"), [
+    ({"matchLabels": {"team/read": "true"}}, True),
+    ({"matchLabels": {"team/read": "false"}}, False),
+    ({"matchExpressions": [{"key": "team/read", "operator": "In", "values": ["true"]}]}, True),
+    ({"matchExpressions": [{"key": "team/read", "operator": "NotIn", "values": ["true"]}]},
+     False),
+    ({"matchExpressions": [{"key": "team/read", "operator": "Exists"}]}, True),
+    ({"matchExpressions": [{"key": "team/read", "operator": "DoesNotExist"}]}, False),
+], ids=["match-labels", "other-value", "in", "not-in", "exists", "does-not-exist"])
+def test_an_aggregated_cluster_role_reads_what_the_roles_it_selects_read(selector, found):
+    piece = {**role("piece", READ), "metadata": {"name": "piece",
+                                                  "labels": {"team/read": "true"}}}
+    rbac = Rbac([aggregated(selector), piece],
+                [binding("ClusterRoleBinding", "b", "ClusterRole", "agg",
+                         [{"kind": "Group", "name": "auditors"}])], [], [])
+    findings = audit({"shop": keyring_of(key_secret("k1", random_key(), index=1))},
+                     rbac=rbac, pods=(), writers=WRITERS, max_age=None, now=NOW)
+    assert [(f.subject, f.grant.role) for f in findings] == \
+        ([("group:auditors", "ClusterRole agg")] if found else [])
+
+
+def test_a_finding_names_subject_verb_binding_and_role_in_a_stable_json_shape():
+    grant = Grant("group:system:authenticated", Access("create", "apps", "deployments", "shop"),
+                  "ClusterRoleBinding open", "ClusterRole deployer")
+    [finding] = confirm([Finding("secret-reader", "shop", grant.subject, "d", grant)],
+                        {grant: True})
+    assert finding.as_dict() == {
+        "kind": "secret-reader", "namespace": "shop", "subject": "group:system:authenticated",
+        "detail": "d", "confirmed": True,
+        "path": {"verb": "create", "group": "apps", "resource": "deployments", "name": "",
+                 "binding": "ClusterRoleBinding open", "role": "ClusterRole deployer"}}
+    unasked = confirm([Finding("secret-reader", "shop", grant.subject, "d", grant)], {})
+    assert unasked[0].as_dict()["confirmed"] is None
+    other = Finding("legacy-key", "shop", "old", "d").as_dict()
+    assert other["path"] is None and other["confirmed"] is None
+
+
+@pytest.mark.parametrize(("name", "labels", "found"), [
+    ("keymount-key-3", {}, True),
+    ("keymount-key-3", {"app": "x"}, True),
+    ("keymount-key-3", {"keymount.io/encryption-key": "true"}, False),
+    ("keymount-key-0", {}, False),
+    ("keymount-key-x", {}, False),
+    ("my-secret", {}, False),
+], ids=["unlabelled", "other-labels", "a-key-slot", "number-0", "not-a-number",
+        "another-name"])
+def test_an_unlabelled_secret_under_a_slot_name_is_a_finding(name, labels, found):
+    meta = {"metadata": {"namespace": "shop", "name": name, "labels": labels}}
+    unlabelled = unlabelled_slots([meta], key_selector=parse_selector(
+        "keymount.io/encryption-key=true"))
+    findings = audit({}, rbac=None, pods=(), writers=WRITERS, max_age=None, now=NOW,
+                     unlabelled=unlabelled)
+    assert [(f.kind, f.subject) for f in findings] == \
+        ([("unlabelled-slot", name)] if found else [])
+
+
+@pytest.mark.parametrize(("subject", "who"), [
+    ("user:eve", {"user": "eve"}),
+    ("group:system:authenticated", {"groups": ["system:authenticated"]}),
+    ("serviceaccount:shop:api", {"user": "system:serviceaccount:shop:api"}),
+], ids=["user", "group", "serviceaccount"])
+def test_the_access_review_asks_for_the_subject_and_the_path(subject, who):
+    from webhook.cluster import access_review
+    grant = Grant(subject, Access("get", "", "secrets", "shop", "k1"), "b", "r")
+    spec = access_review(grant)["spec"]
+    assert spec == {**who, "resourceAttributes": {
+        "verb": "get", "group": "", "resource": "secrets", "namespace": "shop",
+        "name": "k1"}}
 
 
 def test_a_rolebinding_granting_a_group_get_secrets_is_a_finding_and_expected_ones_are_not():
@@ -71,7 +256,8 @@ def test_a_rolebinding_granting_a_group_get_secrets_is_a_finding_and_expected_on
                     [{"kind": "Group", "name": "platform-admins"}]),
             binding("ClusterRoleBinding", "controllers", "ClusterRole", "reader",
                     [{"kind": "User", "name": "system:kube-controller-manager"},
-                     {"kind": "ServiceAccount", "namespace": "kube-system", "name": "x"},
+                     {"kind": "ServiceAccount", "namespace": "kube-system",
+                      "name": "namespace-controller"},
                      {"kind": "ServiceAccount", "namespace": "keymount", "name": "keymount"},
                      {"kind": "Group", "name": "keymount:key-writers"}])],
         roles=[role("secret-reader", READ, "shop")],
@@ -104,3 +290,63 @@ def test_two_keys_sharing_a_number_are_a_finding_and_listed_as_duplicates():
     assert ("duplicate-number", "shop", "a-key,b-key") in run({"shop": ring})
     states = {row.secret: row.state for row in build_key_rows(ring, now=NOW)}
     assert states == {"a-key": "duplicate", "b-key": "duplicate"}
+
+
+class FakeAuditKeys:
+    """The KeyApi calls `audit` makes: one key, one grant to system:authenticated, one
+    unlabelled slot name; the API server's answers are given."""
+
+    def __init__(self, answers):
+        self.answers, self.asked = answers, []
+
+    def key_records(self, namespace):
+        return list(keyring_of(key_secret("k1", random_key(), index=1)).keys)
+
+    def backend_pods(self, namespace):
+        return []
+
+    def slot_named_secrets(self, namespace):
+        return [{"metadata": {"namespace": "shop", "name": "keymount-key-9"}}]
+
+    def rbac(self, namespace):
+        return Rbac([role("reader", READ)], [binding(
+            "ClusterRoleBinding", "open", "ClusterRole", "reader",
+            [{"kind": "Group", "name": "system:authenticated"}])], [], [])
+
+    def confirm(self, grants):
+        self.asked += grants
+        return {g: self.answers for g in grants} if self.answers is not None else {}
+
+
+@pytest.mark.parametrize(("answer", "shown"), [
+    (True, "[API server: allowed]"), (False, "[API server: not allowed]"), (None, "")],
+    ids=["allowed", "not-allowed", "not-asked"])
+def test_audit_command_asks_the_api_server_and_exits_1(monkeypatch, capsys, answer, shown):
+    from webhook import cli, cli_keys
+    keys = FakeAuditKeys(answer)
+    monkeypatch.setattr(cli_keys, "connect", lambda args, settings: (keys, "shop"))
+    common = ["--own-user", "keymount", "--key-writers", "group:system:masters"]
+    assert cli.main(["audit", "-n", "shop", "-o", "json", *common]) == 1
+    out, err = capsys.readouterr()
+    rows = json.loads(out)
+    assert ("1 RBAC path(s) not confirmed" in err) is (answer is None)
+    assert [(r["kind"], r["subject"], r["confirmed"]) for r in rows] == [
+        ("secret-reader", "group:system:authenticated", answer),
+        ("unlabelled-slot", "keymount-key-9", None)]
+    assert [g.subject for g in keys.asked] == ["group:system:authenticated"]
+    assert cli.main(["audit", "-n", "shop", *common]) == 1
+    table = capsys.readouterr().out
+    assert "get secrets through ClusterRoleBinding open -> ClusterRole reader" in table
+    assert (shown in table) if shown else "API server" not in table
+
+
+@pytest.mark.parametrize("command", [["keys", "list", "-n", "shop"], ["status", "-n", "shop"]],
+                         ids=["keys-list", "status"])
+def test_keys_list_and_status_warn_of_an_unlabelled_slot_name(monkeypatch, capsys, command):
+    from webhook import cli, cli_keys
+    monkeypatch.setattr(cli_keys, "connect", lambda args, settings: (FakeAuditKeys(None),
+                                                                     "shop"))
+    assert cli.main(command) == 0
+    err = capsys.readouterr().err
+    assert "Secret 'keymount-key-9' in namespace 'shop' has a key slot's name" in err
+    assert "kubectl delete secret keymount-key-9 -n shop" in err

@@ -39,8 +39,8 @@ def test_keymounts_client_has_each_key_api_method_with_its_signature_and_types(n
     wanted, got = getattr(KeyApi, name), getattr(KeyClient, name)
     assert inspect.signature(got).parameters.keys() == \
         inspect.signature(wanted).parameters.keys()
-    # KeyApi names Rbac for the type checker only (the CLI imports audit lazily).
-    names = {**vars(cli_keys), "Rbac": audit.Rbac}
+    # KeyApi names Rbac and Grant for the type checker only (the CLI imports audit lazily).
+    names = {**vars(cli_keys), "Rbac": audit.Rbac, "Grant": audit.Grant}
     assert get_type_hints(got) == get_type_hints(wanted, globalns=names)
 
 

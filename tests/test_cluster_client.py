@@ -373,6 +373,54 @@ def test_rbac_is_read_for_one_namespace_or_all(keys, fake, monkeypatch, namespac
     assert list(rbac.roles) == []
 
 
+def test_slot_named_secrets_are_read_as_metadata_page_by_page(keys, fake):
+    pages = iter([{"items": [{"metadata": {"name": "keymount-key-2"}},
+                             {"metadata": {"name": "db-password"}}],
+                   "metadata": {"continue": "next"}},
+                  {"items": [{"metadata": {"name": "keymount-key-5"}}], "metadata": {}}])
+    fake.answers["list_namespaced_secret"] = lambda *a, **kw: Response(next(pages))
+    names = [s["metadata"]["name"] for s in keys.slot_named_secrets("shop")]
+    assert names == ["keymount-key-2", "keymount-key-5"]
+    sent = [kw for name, _, kw in fake.calls if name == "list_namespaced_secret"]
+    assert [kw["_continue"] for kw in sent] == [None, "next"]
+    assert {kw["_headers"]["Accept"] for kw in sent} == {cluster.METADATA_LIST}
+
+
+def grants(count: int) -> list:
+    from webhook.audit import Access, Grant
+    return [Grant(f"user:u{i}", Access("create", "", "pods", "shop"), "b", "r")
+            for i in range(count)]
+
+
+@pytest.mark.parametrize(("answer", "confirmed"), [
+    (lambda *a, **kw: Response({"status": {"allowed": True}}), [True, True]),
+    (lambda *a, **kw: Response({"status": {"allowed": False}}), [False, False]),
+    (None, []),
+], ids=["allowed", "denied", "may-not-ask"])
+def test_each_grant_is_confirmed_by_a_subject_access_review(keys, fake, monkeypatch,
+                                                            answer, confirmed):
+    reviews = fake.strict(client.AuthorizationV1Api)  # before the class is patched
+    monkeypatch.setattr(cluster.client, "AuthorizationV1Api", lambda api: reviews)
+    if answer is None:
+        fake.fail["create_subject_access_review"] = api_error(403)
+    else:
+        fake.answers["create_subject_access_review"] = answer
+    asked = grants(2)
+    assert list(keys.confirm(asked).values()) == confirmed
+    sent = [a[0] for name, a, _ in fake.calls if name == "create_subject_access_review"]
+    assert sent[0]["spec"]["user"] == "u0"
+    assert len(sent) == (1 if answer is None else 2)  # a refusal is not asked again
+
+
+def test_subject_access_reviews_are_bounded(keys, fake, monkeypatch):
+    reviews = fake.strict(client.AuthorizationV1Api)
+    monkeypatch.setattr(cluster.client, "AuthorizationV1Api", lambda api: reviews)
+    monkeypatch.setattr(cluster, "MAX_ACCESS_REVIEWS", 3)
+    fake.answers["create_subject_access_review"] = \
+        lambda *a, **kw: Response({"status": {"allowed": True}})
+    assert len(keys.confirm(grants(5))) == 3
+
+
 # --- configuration ------------------------------------------------------------------------
 
 def kubeconfig(path, namespace: str | None = "team") -> str:

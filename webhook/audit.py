@@ -1,40 +1,116 @@
 """`keymount audit`: what a security team asks before it trusts a key service (pure).
 
-Findings: one key (by fingerprint) in more than one namespace; subjects that can read
-a namespace's key Secrets through RBAC (cluster admins, Kubernetes' own `system:`
-identities, kube-system's service accounts, keymount itself and the key writers are
-expected, not findings); key writers unset; a namespace whose newest key is older than
---max-key-age; backend Pods on a stale key set; keys made before keymount numbered
-them. Any finding makes the command exit 1, so CI can gate on it.
+Findings: one key (by fingerprint) in more than one namespace; subjects that can reach
+a namespace's keys through RBAC (read or patch its key Secrets, impersonate, create
+Pods or what makes Pods; cluster admins, the named Kubernetes controllers, keymount
+itself and the key writers are expected, not findings); key writers unset; a namespace
+whose newest key is older than --max-key-age; backend Pods on a stale key set; keys
+made before keymount numbered them; a Secret without the key label under a key slot's
+name. Any finding makes the command exit 1, so CI can gate on it. The CLI confirms each
+RBAC path with a SubjectAccessReview (`confirm`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
-from .keyguard import SERVICE_ACCOUNT_PREFIX, KeyWriters, Requester
+from .keyguard import KeyWriters, Requester
 from .keys import Keyring, describe_conflict
 from .lifecycle import PodKeys, build_pod_key_state, newest_key_too_old
+from .names import slot_number
+from .selectors import Selector
 
-READ_VERBS = {"get", "list", "watch", "*"}
+# --- who can reach a namespace's keys through RBAC --------------------------------------
+#
+# Reading a key Secret is one way to its bytes; these are the others RBAC grants
+# (docs/operations.md, "Audit"), strongest first: the first one a binding grants is the
+# path a finding names.
+READ_VERBS = ("get", "list", "watch")
+# A dryRun=All patch or update answers with the whole Secret, key field included.
+WRITE_VERBS = ("patch", "update")
+# A Pod can mount any Secret of its namespace; these create Pods from a template.
+POD_MAKERS: tuple[tuple[str, str], ...] = (
+    ("", "pods"), ("apps", "deployments"), ("apps", "statefulsets"),
+    ("apps", "daemonsets"), ("apps", "replicasets"), ("batch", "jobs"),
+    ("batch", "cronjobs"), ("", "replicationcontrollers"))
+# Impersonating a subject that may read is reading; users and groups are cluster-scoped,
+# so only a ClusterRoleBinding grants impersonating them.
+IMPERSONATED = ("users", "groups", "serviceaccounts")
+
+# Expected readers, each named precisely (never a prefix: `system:eve` is anyone's name).
+CLUSTER_ADMIN_ROLE = "cluster-admin"  # bound cluster-wide: a cluster admin
+CLUSTER_ADMIN_GROUP = "group:system:masters"
+# Kubernetes' own controllers whose bootstrap roles reach Secrets or make Pods (the
+# default policy of kube-apiserver; kube-controller-manager runs each controller as
+# kube-system's service account of that name with --use-service-account-credentials).
+KUBERNETES_CONTROLLERS = frozenset({
+    "user:system:kube-controller-manager",
+    *(f"serviceaccount:kube-system:{name}" for name in (
+        "namespace-controller", "generic-garbage-collector", "resourcequota-controller",
+        "expand-controller", "persistent-volume-binder", "replicaset-controller",
+        "replication-controller", "job-controller", "cronjob-controller",
+        "daemon-set-controller", "statefulset-controller", "deployment-controller",
+        "bootstrap-signer", "token-cleaner",
+        "legacy-service-account-token-cleaner")),
+})
+SERVICE_ACCOUNT_USER = "system:serviceaccount:"
+
+
+@dataclass(frozen=True, slots=True)
+class Access:
+    """One request that reaches a namespace's keys: the SubjectAccessReview to confirm it."""
+
+    verb: str
+    group: str
+    resource: str
+    namespace: str  # "" for a cluster-scoped resource (users, groups)
+    name: str = ""  # a resourceName the rule is limited to, else any
+
+    @property
+    def resource_text(self) -> str:
+        return f"{self.resource}.{self.group}" if self.group else self.resource
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """A subject's path to a namespace's keys: the access, and the binding and role."""
+
+    subject: str  # user:NAME | group:NAME | serviceaccount:NS:NAME
+    access: Access
+    binding: str  # "ClusterRoleBinding NAME" or "RoleBinding NS/NAME"
+    role: str  # "ClusterRole NAME" or "Role NAME"
+
+    def describe(self) -> str:
+        named = f" {self.access.name}" if self.access.name else ""
+        return (f"{self.access.verb} {self.access.resource_text}{named} through "
+                f"{self.binding} -> {self.role}")
 
 
 @dataclass(frozen=True, slots=True)
 class Finding:
     # reused-key | secret-reader | key-writers-unset | key-too-old | stale-pod | legacy-key
-    # | duplicate-number
+    # | duplicate-number | unlabelled-slot
     kind: str
     namespace: str
     subject: str
     detail: str
+    grant: Grant | None = None  # secret-reader: the path
+    # secret-reader: what the API server's SubjectAccessReview answered (None: not asked)
+    confirmed: bool | None = None
 
-    def as_dict(self) -> dict[str, str]:
+    def as_dict(self) -> dict[str, Any]:
+        """The stable `-o json` form (docs/operations.md, "Audit")."""
+        path = None if self.grant is None else {
+            "verb": self.grant.access.verb, "group": self.grant.access.group,
+            "resource": self.grant.access.resource, "name": self.grant.access.name,
+            "binding": self.grant.binding, "role": self.grant.role}
         return {"kind": self.kind, "namespace": self.namespace or "*",
-                "subject": self.subject, "detail": self.detail}
+                "subject": self.subject, "detail": self.detail, "path": path,
+                "confirmed": self.confirmed}
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,38 +123,94 @@ class Rbac:
     role_bindings: Sequence[Mapping[str, Any]]
 
 
-def reads_secrets(rules: Iterable[Mapping[str, Any]], names: set[str]) -> bool:
-    """Whether RBAC rules allow reading any of the Secrets `names`."""
-    for rule in rules or []:
-        groups, resources = set(rule.get("apiGroups") or []), set(rule.get("resources") or [])
-        if not groups & {"", "*"} or not resources & {"secrets", "*"}:
+def _has(values: Any, wanted: str) -> bool:
+    listed = set(values or [])
+    return wanted in listed or "*" in listed
+
+
+def rule_accesses(rule: Mapping[str, Any], names: Sequence[str], *, namespace: str,
+                  cluster_wide: bool) -> list[Access]:
+    """Each way one RBAC rule reaches the key Secrets `names` of `namespace`."""
+    found: list[Access] = []
+    only = list(rule.get("resourceNames") or [])
+    groups, resources, verbs = rule.get("apiGroups"), rule.get("resources"), rule.get("verbs")
+    key_names = [n for n in names if n in only] if only else [""]
+    if _has(groups, "") and _has(resources, "secrets") and key_names:
+        for verb in (*READ_VERBS, *WRITE_VERBS):
+            if _has(verbs, verb):
+                found.append(Access(verb, "", "secrets", namespace, key_names[0]))
+    for resource in IMPERSONATED:
+        if _has(groups, "") and _has(resources, resource) and _has(verbs, "impersonate") \
+                and (cluster_wide or resource == "serviceaccounts"):
+            found.append(Access("impersonate", "", resource,
+                                namespace if resource == "serviceaccounts" else "",
+                                only[0] if only else ""))
+    if not only:  # create is authorized before the name is known: resourceNames never match
+        for group, resource in POD_MAKERS:
+            if _has(groups, group) and _has(resources, resource) and _has(verbs, "create"):
+                found.append(Access("create", group, resource, namespace))
+    return found
+
+
+def _matches_selector(selector: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    """A metav1.LabelSelector (matchLabels and matchExpressions) against labels."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    return all(_expression_holds(e, labels) for e in selector.get("matchExpressions") or [])
+
+
+def _expression_holds(expression: Mapping[str, Any], labels: Mapping[str, str]) -> bool:
+    key, values = expression.get("key"), set(expression.get("values") or [])
+    present = key in labels
+    match expression.get("operator"):
+        case "In":
+            return present and labels[str(key)] in values
+        case "NotIn":
+            return not present or labels[str(key)] not in values
+        case "Exists":
+            return present
+        case "DoesNotExist":
+            return not present
+    return False  # an operator the API server would have refused selects nothing
+
+
+def effective_rules(cluster_roles: Sequence[Mapping[str, Any]]
+                    ) -> dict[str, list[Mapping[str, Any]]]:
+    """ClusterRole name -> its rules, an aggregated role's with the rules of every
+    ClusterRole its aggregationRule selects. kube-controller-manager writes the same
+    union into the role, but only while it runs and some time after a change: audit
+    does not wait for it."""
+    rules = {str(r["metadata"]["name"]): list(r.get("rules") or []) for r in cluster_roles}
+    for role in cluster_roles:
+        selectors = (role.get("aggregationRule") or {}).get("clusterRoleSelectors")
+        if not selectors:
             continue
-        if not set(rule.get("verbs") or []) & READ_VERBS:
-            continue
-        only = set(rule.get("resourceNames") or [])
-        if not only or only & names:
-            return True
-    return False
+        name = str(role["metadata"]["name"])
+        for other in cluster_roles:
+            labels = other["metadata"].get("labels") or {}
+            if other is not role and any(_matches_selector(s, labels) for s in selectors):
+                rules[name] += list(other.get("rules") or [])
+    return rules
 
 
 def subject_name(subject: Mapping[str, Any]) -> str:
-    kind = subject.get("kind")
+    kind, name = subject.get("kind"), str(subject.get("name") or "")
     if kind == "ServiceAccount":
-        return f"serviceaccount:{subject.get('namespace')}:{subject.get('name')}"
-    return f"{'group' if kind == 'Group' else 'user'}:{subject.get('name')}"
+        return f"serviceaccount:{subject.get('namespace')}:{name}"
+    if kind == "User" and name.startswith(SERVICE_ACCOUNT_USER):
+        # The username of a service account's token: the same subject.
+        return f"serviceaccount:{name.removeprefix(SERVICE_ACCOUNT_USER)}"
+    return f"{'group' if kind == 'Group' else 'user'}:{name}"
 
 
-def expected_reader(subject: Mapping[str, Any], *, writers: KeyWriters,
-                    role: str) -> bool:
-    """Cluster admins, Kubernetes' own identities, keymount, the key writers."""
-    name, kind = str(subject.get("name") or ""), subject.get("kind")
-    if role == "cluster-admin" or name.startswith("system:"):
+def expected_reader(subject: str, *, writers: KeyWriters, cluster_admin: bool) -> bool:
+    """Cluster admins, the named Kubernetes controllers, keymount, the key writers."""
+    if cluster_admin or subject == CLUSTER_ADMIN_GROUP or subject in KUBERNETES_CONTROLLERS:
         return True
-    if kind == "ServiceAccount":
-        if subject.get("namespace") == "kube-system":
-            return True
-        requester = Requester(f"{SERVICE_ACCOUNT_PREFIX}{subject.get('namespace')}:{name}")
-    elif kind == "Group":
+    kind, _, name = subject.partition(":")
+    if kind == "serviceaccount":
+        requester = Requester(SERVICE_ACCOUNT_USER + name)
+    elif kind == "group":
         requester = Requester("", (name,))
     else:
         requester = Requester(name)
@@ -87,32 +219,72 @@ def expected_reader(subject: Mapping[str, Any], *, writers: KeyWriters,
     return any(s.matches(requester) for s in writers.subjects or ())
 
 
-def secret_readers(rbac: Rbac, namespace: str, names: set[str], *,
-                   writers: KeyWriters) -> dict[str, str]:
-    """subject -> the binding that lets it read key Secrets of `namespace`."""
-    cluster_roles = {r["metadata"]["name"]: r for r in rbac.cluster_roles}
+def secret_readers(rbac: Rbac, namespace: str, names: Sequence[str], *,
+                   writers: KeyWriters) -> list[Grant]:
+    """Each unexpected subject's path to `namespace`'s key Secrets: one per binding, the
+    strongest access its role grants."""
+    cluster_rules = effective_rules(rbac.cluster_roles)
     roles = {(r["metadata"].get("namespace"), r["metadata"]["name"]): r for r in rbac.roles}
-    readers: dict[str, str] = {}
-    bindings = [(b, "ClusterRoleBinding") for b in rbac.cluster_role_bindings]
-    bindings += [(b, "RoleBinding") for b in rbac.role_bindings
+    bindings = [(b, True) for b in rbac.cluster_role_bindings]
+    bindings += [(b, False) for b in rbac.role_bindings
                  if b["metadata"].get("namespace") == namespace]
-    for binding, kind in bindings:
+    grants: list[Grant] = []
+    for binding, cluster_wide in bindings:
         ref = binding.get("roleRef") or {}
-        role = cluster_roles.get(ref.get("name")) if ref.get("kind") == "ClusterRole" else \
-            roles.get((namespace, ref.get("name")))
-        if role is None or not reads_secrets(role.get("rules") or [], names):
+        role_name = str(ref.get("name"))
+        if ref.get("kind") == "ClusterRole":
+            rules = cluster_rules.get(role_name)
+        else:
+            role = roles.get((namespace, role_name))
+            rules = None if role is None else list(role.get("rules") or [])
+        if not rules:
             continue
+        accesses = [a for rule in rules for a in rule_accesses(
+            rule, names, namespace=namespace, cluster_wide=cluster_wide)]
+        if not accesses:
+            continue
+        access = min(accesses, key=_strength)
+        meta = binding["metadata"]
+        where = f"ClusterRoleBinding {meta['name']}" if cluster_wide else \
+            f"RoleBinding {meta.get('namespace')}/{meta['name']}"
+        admin = cluster_wide and ref.get("kind") == "ClusterRole" and \
+            role_name == CLUSTER_ADMIN_ROLE
         for subject in binding.get("subjects") or []:
-            if expected_reader(subject, writers=writers, role=str(ref.get("name"))):
-                continue
-            readers.setdefault(subject_name(subject),
-                               f"{kind} {binding['metadata']['name']} -> "
-                               f"{ref.get('kind')} {ref.get('name')}")
-    return readers
+            name = subject_name(subject)
+            if not expected_reader(name, writers=writers, cluster_admin=admin):
+                grants.append(Grant(name, access, where, f"{ref.get('kind')} {role_name}"))
+    return grants
+
+
+_ORDER = [*(("", "secrets", v) for v in (*READ_VERBS, *WRITE_VERBS)),
+          *(("", r, "impersonate") for r in IMPERSONATED),
+          *((g, r, "create") for g, r in POD_MAKERS)]
+
+
+def _strength(access: Access) -> int:
+    return _ORDER.index((access.group, access.resource, access.verb))
+
+
+def unlabelled_slots(secrets: Iterable[Mapping[str, Any]], *, key_selector: Selector
+                     ) -> list[tuple[str, str]]:
+    """(namespace, name) of each Secret (metadata) under a key slot's name that is not a
+    key Secret: it predates keymount's webhooks, and backend Pods list that name as an
+    optional source, so its `encryption-key` field would become a key file."""
+    return sorted((str(meta.get("namespace")), str(meta.get("name")))
+                  for meta in (s.get("metadata") or {} for s in secrets)
+                  if slot_number(str(meta.get("name") or "")) is not None
+                  and not key_selector.matches(meta.get("labels") or {}))
+
+
+def confirm(findings: Sequence[Finding], answers: Mapping[Grant, bool]) -> list[Finding]:
+    """The findings with what the API server answered for each path it was asked."""
+    return [replace(f, confirmed=answers.get(f.grant)) if f.grant is not None else f
+            for f in findings]
 
 
 def audit(keyrings: Mapping[str, Keyring], *, rbac: Rbac | None, pods: Iterable[PodKeys],
-          writers: KeyWriters, max_age: timedelta | None, now: datetime) -> list[Finding]:
+          writers: KeyWriters, max_age: timedelta | None, now: datetime,
+          unlabelled: Iterable[tuple[str, str]] = ()) -> list[Finding]:
     findings: list[Finding] = []
     if not writers.configured:
         findings.append(Finding(
@@ -138,17 +310,25 @@ def audit(keyrings: Mapping[str, Keyring], *, rbac: Rbac | None, pods: Iterable[
                 f"the newest key is older than --max-key-age; rotate: keymount keys rotate "
                 f"-n {ns}"))
         if rbac is not None:
-            names = {r.name for r in (*keyring.keys, *keyring.invalid, *keyring.retired)}
-            for subject, via in sorted(secret_readers(rbac, ns, names,
-                                                      writers=writers).items()):
-                findings.append(Finding("secret-reader", ns, subject,
-                                        f"can read its key Secrets ({via})"))
+            names = sorted({r.name for r in (*keyring.keys, *keyring.invalid,
+                                              *keyring.retired, *keyring.slots,
+                                              *keyring.staged_keys)})
+            for grant in sorted(secret_readers(rbac, ns, names, writers=writers),
+                                key=lambda g: (g.subject, g.binding)):
+                findings.append(Finding("secret-reader", ns, grant.subject,
+                                        f"can reach its keys: {grant.describe()}", grant))
     for fingerprint, namespaces in sorted(by_fingerprint.items()):
         if len(namespaces) > 1:
             findings.append(Finding(
                 "reused-key", ",".join(sorted(namespaces)), f"fingerprint {fingerprint}",
                 "the same key in more than one namespace: one namespace's data is readable "
                 "with another's key; rotate all but one"))
+    for ns, name in unlabelled:
+        findings.append(Finding(
+            "unlabelled-slot", ns, name,
+            "a Secret without the key label under a key slot's name: backend Pods list it "
+            "as an optional key source, so a key written into it bypasses keymount; "
+            f"delete it (kubectl delete secret {name} -n {ns}) or rename it"))
     for pod in pods:
         if pod.finished or pod.namespace not in keyrings:
             continue

@@ -48,7 +48,7 @@ from .names import (
 )
 
 if TYPE_CHECKING:  # the CLI imports the Kubernetes client only for cluster commands
-    from .audit import Rbac
+    from .audit import Grant, Rbac
     from .backup import BackedUpKey
 
 
@@ -60,6 +60,8 @@ class KeyApi(Protocol):
     def secret_names(self, namespaces: list[str]) -> dict[str, frozenset[str] | None]: ...
     def restore_secret(self, manifest: ApiObject) -> bool: ...
     def rbac(self, namespace: str | None) -> Rbac: ...
+    def confirm(self, grants: list[Grant]) -> dict[Grant, bool]: ...
+    def slot_named_secrets(self, namespace: str | None) -> list[ApiObject]: ...
     def key_records(self, namespace: str | None) -> list[KeyRecord]: ...
     def keyring(self, namespace: str) -> Keyring: ...
     def backend_pods(self, namespace: str | None) -> list[ApiObject]: ...
@@ -568,7 +570,20 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no key Secrets in namespace {namespace}; create one: keymount keys create "
               f"encryption-key-1 -n {namespace} --generate", file=sys.stderr)
     warn_old_keys(keyrings, settings)
+    warn_unlabelled_slots(keys, namespace, settings)
     return 0
+
+
+def warn_unlabelled_slots(keys: KeyApi, namespace: str | None, settings: Settings) -> None:
+    """A Secret under a key slot's name without the key label: backend Pods list that
+    name as an optional key source, so what it holds would reach them unchecked."""
+    from .audit import unlabelled_slots
+    for ns, name in unlabelled_slots(keys.slot_named_secrets(namespace),
+                                     key_selector=settings.key_selector):
+        print(f"warning: Secret {name!r} in namespace {ns!r} has a key slot's name but not "
+              f"the key label ({settings.key_selector}): backend Pods would mount what it "
+              f"holds as a key; delete or rename it (kubectl delete secret {name} -n {ns})",
+              file=sys.stderr)
 
 
 def warn_old_keys(keyrings: dict[str, Keyring], settings: Settings) -> None:
@@ -595,6 +610,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if state is not None:
             states.append(state.as_dict())
     warn_old_keys(keyrings, settings)
+    warn_unlabelled_slots(keys, namespace, settings)
     behind = [s for s in states if s["state"] != "current"]
     if args.output == "table":
         if not behind:
@@ -998,22 +1014,41 @@ def add_key_lifecycle_commands(sub: argparse._SubParsersAction[argparse.Argument
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    from .audit import audit
+    from .audit import audit, confirm, unlabelled_slots
     from .lifecycle import parse_pod_keys
     settings = _settings(args)
     keys, namespace = connect(args, settings)
     keyrings = cluster_keyrings(keys, namespace)
     pods = [parse_pod_keys(p) for p in keys.backend_pods(namespace)]
+    unlabelled = unlabelled_slots(keys.slot_named_secrets(namespace),
+                                  key_selector=settings.key_selector)
     findings = audit(keyrings, rbac=keys.rbac(namespace), pods=pods,
                      writers=build_key_writers(args), max_age=settings.max_key_age,
-                     now=_now())
+                     now=_now(), unlabelled=unlabelled)
+    grants = [f.grant for f in findings if f.grant is not None]
+    answers = keys.confirm(grants) if grants else {}
+    if len(answers) < len(grants):
+        print(f"warning: {len(grants) - len(answers)} RBAC path(s) not confirmed by a "
+              f"SubjectAccessReview: your user needs create on "
+              f"subjectaccessreviews.authorization.k8s.io (kubectl auth can-i create "
+              f"subjectaccessreviews), and at most 500 are asked", file=sys.stderr)
+    findings = confirm(findings, answers)
     rows = [f.as_dict() for f in findings]
     if args.output == "table" and not rows:
         print(f"no findings in {namespace or 'any namespace'} "
               f"({len(keyrings)} namespace(s) with keys)")
         return 0
+    if args.output == "table":
+        rows = [{**row, "detail": row["detail"] + _confirmation(row["confirmed"])}
+                for row in rows]
     emit(rows, output=args.output, headers=["kind", "namespace", "subject", "detail"])
     return 1 if rows else 0
+
+
+def _confirmation(confirmed: bool | None) -> str:
+    if confirmed is None:
+        return ""
+    return " [API server: allowed]" if confirmed else " [API server: not allowed]"
 
 
 def add_status_command(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from .audit import Rbac
+from .audit import Grant, Rbac
 from .config import Settings
 from .errors import PolicyUnknown, UserFacingError
 from .events import EventGone, NamespaceGone
@@ -40,6 +40,7 @@ from .names import (
     POLICY_GROUP,
     POLICY_VERSION,
     as_dict,
+    slot_number,
     slot_secret_name,
     staged_field,
 )
@@ -339,6 +340,23 @@ def list_items(response: Any) -> list[ApiObject]:
     return items
 
 
+# A bound on `audit`'s SubjectAccessReviews: one per finding, each a request.
+MAX_ACCESS_REVIEWS = 500
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+
+
+def access_review(grant: Grant) -> ApiObject:
+    """The SubjectAccessReview that asks whether the grant's subject may do its access."""
+    kind, _, name = grant.subject.partition(":")
+    who: ApiObject = {"groups": [name]} if kind == "group" else \
+        {"user": f"system:serviceaccount:{name}" if kind == "serviceaccount" else name}
+    access = grant.access
+    attributes = {"verb": access.verb, "group": access.group, "resource": access.resource,
+                  "namespace": access.namespace, "name": access.name}
+    return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {**who, "resourceAttributes": attributes}}
+
+
 class KeyClient:
     """The API calls the CLI makes, each turned into one clear error line (the CLI
     holds it as `cli_keys.KeyApi`)."""
@@ -427,6 +445,44 @@ class KeyClient:
             bindings = items(rbac.list_namespaced_role_binding, namespace)
         return Rbac(items(rbac.list_cluster_role), items(rbac.list_cluster_role_binding),
                     roles, bindings)
+
+    def confirm(self, grants: list[Grant]) -> dict[Grant, bool]:
+        """What the API server answers, by SubjectAccessReview, for each grant's subject
+        and access: True, it may. Asked as the kubeconfig's user, who needs `create` on
+        subjectaccessreviews (cluster admins have it); without it, or past
+        MAX_ACCESS_REVIEWS, a grant is left out and audit shows it unconfirmed."""
+        reviews = client.AuthorizationV1Api(self.api.api_client)
+        answers: dict[Grant, bool] = {}
+        for grant in grants[:MAX_ACCESS_REVIEWS]:
+            try:
+                response = reviews.create_subject_access_review(
+                    access_review(grant), _preload_content=False, _request_timeout=(10, 30))
+            except ApiException as exc:
+                if exc.status in (401, 403):  # the caller says what is unconfirmed
+                    break
+                raise ClusterError(describe_api_error(exc)) from None
+            except Exception as exc:  # connection refused, TLS, timeouts
+                raise ClusterError(describe_api_error(exc)) from None
+            status = json.loads(response.data).get("status") or {}
+            answers[grant] = status.get("allowed") is True
+        return answers
+
+    def slot_named_secrets(self, namespace: str | None) -> list[ApiObject]:
+        """The metadata (never the data: the API server sends PartialObjectMetadata) of
+        every Secret named like a key slot, labelled or not, page by page."""
+        found: list[ApiObject] = []
+        token = ""
+        while True:
+            response = self._call(call_list, self.api, "secret", namespace, limit=500,
+                                  _continue=token or None,
+                                  _headers={"Accept": METADATA_LIST},
+                                  _preload_content=False, _request_timeout=(10, 60))
+            page = json.loads(response.data)
+            found += [item for item in page.get("items") or []
+                      if slot_number(str((item.get("metadata") or {}).get("name"))) is not None]
+            token = (page.get("metadata") or {}).get("continue") or ""
+            if not token:
+                return found
 
     def key_records(self, namespace: str | None) -> list[KeyRecord]:
         items = self._list_json(namespace, "secret",
