@@ -333,15 +333,17 @@ def run(plane: ControlPlane, tmp: Path, args: argparse.Namespace) -> subprocess.
     log_path = RESULTS / "controller_scale-keymount.log"
     log = open(log_path, "wb")
     launched = time.monotonic()
+
+    def serve(port: int, probe: int, *extra: str) -> list[str]:
+        return ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "webhook", "serve",
+                "--host", "127.0.0.1", "--port", str(port), "--probe-port", str(probe),
+                "--kubeconfig", str(kubeconfig), "--tls-cert", str(tmp / "certs/tls.crt"),
+                "--tls-key", str(tmp / "certs/tls.key"), "--shutdown-grace", "0",
+                "--own-user", plane.keymount_user, "--key-writers", KEY_WRITERS,
+                "--log-format", "json", "--log-level", "info", *extra]
     proc = subprocess.Popen(
-        ["taskset", "-c", SERVER_CPU, sys.executable, "-m", "webhook", "serve",
-         "--host", "127.0.0.1", "--port", str(port), "--probe-port", str(probe),
-         "--kubeconfig", str(kubeconfig), "--tls-cert", str(tmp / "certs/tls.crt"),
-         "--tls-key", str(tmp / "certs/tls.key"), "--shutdown-grace", "0",
-         "--own-user", plane.keymount_user, "--key-writers", KEY_WRITERS,
-         "--log-format", "json", "--log-level", "info",
-         "--controller", "--controller-namespace", "keymount",
-         "--controller-writes-per-second", str(args.writes_per_second)],
+        serve(port, probe, "--controller", "--controller-namespace", "keymount",
+              "--controller-writes-per-second", str(args.writes_per_second)),
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     sampler = Process(proc.pid)
     import probes
@@ -400,11 +402,27 @@ def run(plane: ControlPlane, tmp: Path, args: argparse.Namespace) -> subprocess.
     sampler.stopped.set()
     assert proc.poll() is None, log_path.read_text()[-3000:]
     rotations = probes.metric(probe, "keymount_rotations_total")
+    # The same server without --controller, on the same cluster: what the key cache
+    # and the rest of admission hold, apart from the controller.
+    plain_port, plain_probe = free_port(), free_port()
+    with open(tmp / "plain.log", "wb") as plain_log:
+        plain = subprocess.Popen(serve(plain_port, plain_probe), stdout=plain_log,
+                                 stderr=subprocess.STDOUT, cwd=ROOT)
+    try:
+        wait_until(time.monotonic() + 600, "keymount /readyz (without --controller)",
+                   lambda: probes.ready(plain_probe) or plain.poll() is not None)
+        plain_sampler = Process(plain.pid)
+        time.sleep(20)
+        plain_sampler.stopped.set()
+        plain_rss = max(r for _, r, _ in plain_sampler.samples)
+    finally:
+        plain.terminate()
+        plain.wait(30)
     report(args=args, plane=plane, sampler=sampler, created_in=created_in,
            ready_in=ready_in, first_pass=first_pass_end - launched, launched=launched,
            quiet_cpu=quiet_cpu, quiet_span=quiet_span, quiet=quiet, wave=wave,
            due_at=due_at, due_mono=due_mono, period=period, rotations=rotations,
-           idle=idle, ready_rss=ready_rss)
+           idle=idle, ready_rss=ready_rss, plain_rss=plain_rss)
     return proc
 
 
@@ -413,7 +431,7 @@ def report(*, args: argparse.Namespace, plane: ControlPlane, sampler: Process,
            quiet_cpu: float, quiet_span: float, quiet: list[tuple[float, float]],
            wave: list[tuple[float, float]], due_at: datetime, due_mono: float,
            period: int, rotations: float, idle: list[tuple[float, float, float]],
-           ready_rss: float) -> None:
+           ready_rss: float, plain_rss: float) -> None:
     assert plane.audit_log is not None
     writes, reads = audit_counts(Path(plane.audit_log), plane.keymount_user)
     due = int(due_at.timestamp())
@@ -464,7 +482,8 @@ def report(*, args: argparse.Namespace, plane: ControlPlane, sampler: Process,
         f"{full_wave / 60:.0f} min.",
         f"- RSS: peak {peak_rss:.1f} MiB (at /readyz, before the controller's first pass "
         f"{ready_rss:.1f}; start {rss_at['start']:.1f}, quiet "
-        f"{rss_at['quiet']:.1f}, wave {rss_at['wave']:.1f}).",
+        f"{rss_at['quiet']:.1f}, wave {rss_at['wave']:.1f}); the same `serve` without "
+        f"--controller on the same cluster, 20 s after /readyz: {plain_rss:.1f} MiB.",
         f"- CPU between due times: {quiet_cpu:.2f} s in a quiet {quiet_span:.0f} s window "
         f"({quiet_cpu / max(1.0, quiet_span) * 100:.2f}% of a core: the Lease renewals and "
         f"watches); during the wave "
