@@ -230,6 +230,39 @@ def audit_counts(path: Path, user: str) -> tuple[collections.Counter[int],
     return writes, reads
 
 
+def controller_state_mib(count: int) -> float:
+    """MiB the controller's own state holds for `count` managed namespaces (tracemalloc):
+    the policy store's namespaces, the due-time queue, the key-age gauge's times."""
+    import tracemalloc
+
+    from webhook.controller import Queue
+    from webhook.policystore import (
+        PolicyStore,
+        parse_stored_clusterkeypolicy,
+        parse_stored_namespace,
+    )
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    policies = PolicyStore()
+    policies.clusterkeypolicies.put(parse_stored_clusterkeypolicy({
+        "apiVersion": "keymount.io/v1alpha1", "kind": "ClusterKeyPolicy",
+        "metadata": {"name": "scale", "creationTimestamp": "2026-01-01T00:00:00Z"},
+        "spec": {"namespaceSelector": {"matchLabels": {LABEL: "true"}},
+                 "rotationPeriod": "30d"}}))
+    policies.namespaces.replace_all([parse_stored_namespace({"metadata": {
+        "name": f"scale-{i:05d}", "labels": {LABEL: "true",
+                                             "kubernetes.io/metadata.name": f"scale-{i:05d}"}}})
+        for i in range(count)])
+    queue, activations, now = Queue(), {}, datetime.now(UTC)
+    for name in policies.managed():
+        queue.set(name, now + timedelta(days=30))
+        activations[name] = now
+    after = tracemalloc.take_snapshot()
+    tracemalloc.stop()
+    assert len(queue) == count
+    return sum(s.size_diff for s in after.compare_to(before, "filename")) / 2**20
+
+
 def wait_until(deadline: float, what: str, check: Any, interval: float = 1.0) -> None:
     while time.monotonic() < deadline:
         if check():
@@ -498,7 +531,8 @@ def report(*, args: argparse.Namespace, plane: ControlPlane, sampler: Process,
         f"wave {w_rate:,.0f} ({min(r for r, _ in wave):,.0f}-{max(r for r, _ in wave):,.0f})"
         f" req/s, {w_cpu:.0f} us CPU/request: **{(w_rate / q_rate - 1) * 100:+.1f}%** "
         f"throughput, {(w_cpu / q_cpu - 1) * 100:+.1f}% CPU per request.",
-        f"- keymount_rotations_total at the end: {rotations:.0f}.", ""]
+        f"- keymount_rotations_total at the end: {rotations:.0f}; the controller's own "
+        f"state (tracemalloc, this process): {controller_state_mib(n):.1f} MiB.", ""]
     text = "\n".join(lines)
     (RESULTS / "controller_scale.md").write_text(text)
     (RESULTS / "controller_scale-writes.json").write_text(json.dumps(
