@@ -393,7 +393,7 @@ def run(plane: ControlPlane, tmp: Path, args: argparse.Namespace) -> subprocess.
     def settled() -> bool:
         window = [s for s in sampler.samples if s[0] >= time.monotonic() - 5.5]
         return len(window) >= 5 and window[-1][2] - window[0][2] < 0.05 and \
-            '"controller started"' in log_path.read_text()
+            '"msg":"controller started' in log_path.read_text()
     wait_until(due_mono, "the controller's first pass", settled)
     first_pass_end = time.monotonic()
     print(f"ready in {ready_in:.1f} s; first pass over {first_pass_end - launched:.0f} s "
