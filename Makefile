@@ -7,7 +7,7 @@ PORT   ?= 8443
 
 LINT   := .venv-lint/bin
 
-.PHONY: run test unit e2e bench lint lock coverage control-plane clean help
+.PHONY: run test unit e2e bench bench-scale lint lock coverage control-plane clean help
 
 help:
 	@echo "make run            serve the webhook on https://127.0.0.1:$(PORT) with demo keys"
@@ -15,6 +15,7 @@ help:
 	@echo "make lint           hadolint on the Dockerfile, checkov on every manifest variant (and the default with the opt-in components)"
 	@echo "make control-plane  build the e2e test bed: kube-apiserver, kubelet, controllers, etcd, containerd"
 	@echo "make bench          keymount as in production against a bare aiohttp server; the key reader's cost; a large restore's memory"
+	@echo "make bench-scale    the controller with 10,000 namespaces on the e2e test bed (about 20 min)"
 
 # The virtualenv is rebuilt when the project or its lock changes: exactly the locked
 # versions, each checked against its hash, then keymount itself (editable, no deps).
@@ -105,6 +106,13 @@ bench: $(BIN)/.installed
 	$(BIN)/python bench/admission.py
 	$(BIN)/python bench/reader.py
 	$(BIN)/python bench/restore.py
+
+# Optional, minutes long: the controller over 10,000 namespaces on the e2e test bed's
+# API server (`make control-plane` first). BENCH_SCALE_ARGS=--namespaces 2000 for fewer.
+bench-scale: $(BIN)/.installed
+	command -v wrk >/dev/null || apt-get install -y -qq wrk
+	$(BIN)/pip install --quiet -e '.[test,bench]'
+	$(BIN)/python bench/controller_scale.py $(BENCH_SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-lint .pytest_cache *.egg-info
