@@ -162,58 +162,75 @@ async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, s
 
 class Queue:
     """Namespaces by when they are next due; `poke` moves one earlier (never later,
-    except through `set`)."""
+    except through `set`). An `urgent` namespace (a staged key waiting for activation)
+    goes before every other due one: a wave of 10,000 namespaces due at once must not
+    keep keys staged for the hour their stagings take at the write budget."""
 
     def __init__(self, *, clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
         self.clock = clock
-        self._due: dict[str, datetime] = {}
-        self._heap: list[tuple[datetime, str]] = []
+        self._due: dict[str, tuple[datetime, bool]] = {}
+        self._heaps: dict[bool, list[tuple[datetime, str]]] = {True: [], False: []}
         self._changed = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._due)
 
     def due_at(self, namespace: str) -> datetime | None:
-        return self._due.get(namespace)
+        entry = self._due.get(namespace)
+        return entry[0] if entry else None
 
     def poke(self, namespace: str, at: datetime | None = None) -> None:
         """Look at `namespace` at `at` (now by default), unless it is due earlier."""
         at = at or self.clock()
         current = self._due.get(namespace)
-        if current is None or at < current:
-            self.set(namespace, at)
+        if current is None or at < current[0]:
+            self.set(namespace, at, urgent=current[1] if current else False)
 
-    def set(self, namespace: str, at: datetime | None) -> None:
+    def set(self, namespace: str, at: datetime | None, *, urgent: bool = False) -> None:
         """Look at `namespace` at `at` exactly; None: only when poked."""
         if at is None:
             self._due.pop(namespace, None)
         else:
-            self._due[namespace] = at
-            heapq.heappush(self._heap, (at, namespace))
-        if len(self._heap) > 2 * len(self._due) + 64:  # drop superseded entries
-            self._heap = [(when, ns) for ns, when in self._due.items()]
-            heapq.heapify(self._heap)
+            self._due[namespace] = (at, urgent)
+            heapq.heappush(self._heaps[urgent], (at, namespace))
+        if sum(map(len, self._heaps.values())) > 2 * len(self._due) + 64:
+            for flag in (True, False):  # drop superseded entries
+                self._heaps[flag] = [(when, ns) for ns, (when, u) in self._due.items()
+                                     if u is flag]
+                heapq.heapify(self._heaps[flag])
         self._changed.set()
 
+    def _head(self, urgent: bool) -> tuple[datetime, str] | None:
+        heap = self._heaps[urgent]
+        while heap and self._due.get(heap[0][1]) != (heap[0][0], urgent):
+            heapq.heappop(heap)  # superseded by a later set or poke
+        return heap[0] if heap else None
+
+    def pop_due(self) -> str | None:
+        """The next namespace due now (urgent ones first, then the earliest); it leaves
+        the queue. None when nothing is due."""
+        now = self.clock()
+        for urgent in (True, False):
+            head = self._head(urgent)
+            if head is not None and head[0] <= now:
+                heapq.heappop(self._heaps[urgent])
+                del self._due[head[1]]
+                return head[1]
+        return None
+
     def take_due(self) -> list[str]:
-        """The namespaces due now, earliest first; they leave the queue."""
-        now, due = self.clock(), []
-        while self._heap and self._heap[0][0] <= now:
-            at, namespace = heapq.heappop(self._heap)
-            if self._due.get(namespace) == at:  # else superseded by a later set/poke
-                del self._due[namespace]
-                due.append(namespace)
+        """Every namespace due now, in the order `pop_due` gives them."""
+        due = []
+        while (namespace := self.pop_due()) is not None:
+            due.append(namespace)
         return due
 
     async def wait(self) -> None:
         """Until something is due or the queue changed; no timer runs while nothing is
-        due (the heap's head says when)."""
+        due (the heads say when)."""
         self._changed.clear()
-        while self._heap and self._due.get(self._heap[0][1]) != self._heap[0][0]:
-            heapq.heappop(self._heap)  # superseded
-        timeout = None
-        if self._heap:
-            timeout = max(0.0, (self._heap[0][0] - self.clock()).total_seconds())
+        heads = [head[0] for head in (self._head(True), self._head(False)) if head]
+        timeout = max(0.0, (min(heads) - self.clock()).total_seconds()) if heads else None
         try:
             await asyncio.wait_for(self._changed.wait(), timeout)
         except TimeoutError:
@@ -401,8 +418,13 @@ class KeyController:
             self.queue.poke(namespace)
 
     def _policy_changed(self, namespace: str | None) -> None:
-        for name in self.policies.managed() if namespace is None else [namespace]:
-            self.queue.poke(name)
+        # Whether a namespace has a policy is judged when it is handled, a namespace at
+        # a time between yields: judging 10,000 here would stall the loop (0.25 s).
+        if namespace is not None:
+            self.queue.poke(namespace)
+            return
+        for stored in list(self.policies.namespaces.all()):
+            self.queue.poke(stored.name)
 
     async def run(self) -> None:
         self.queue, self.summaries = Queue(clock=self.clock), {}
@@ -419,10 +441,15 @@ class KeyController:
                     group.create_task(watch.run(), name="keymount-policy-watch")
                 log.info("controller started: following the policies")
                 while True:
-                    due = self.queue.take_due()
-                    for namespace in due:
+                    handled = 0
+                    # One at a time, so an activation that falls due meanwhile goes next;
+                    # the loop yields between namespaces, so a wave never holds up the
+                    # admissions this process serves.
+                    while (namespace := self.queue.pop_due()) is not None:
                         await self.handle(namespace)
-                    if due:
+                        handled += 1
+                        await asyncio.sleep(0)
+                    if handled:
                         await self._write_cluster_status()
                     await self.queue.wait()
         finally:
@@ -467,7 +494,7 @@ class KeyController:
                         result.reason)
             self.queue.set(namespace, self.clock() + HOLD_RETRY)
         else:
-            self.queue.set(namespace, result.until)
+            self.queue.set(namespace, result.until, urgent=keys.staged is not None)
         if effective.restart == "rolling" and isinstance(result, Wait):
             await self._roll(keyring)
         if effective.keypolicy is not None:
