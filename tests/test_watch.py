@@ -141,6 +141,20 @@ async def test_the_first_list_fills_the_store_and_marks_it_ready(loop_parts):
     assert api.calls[0]["label_selector"] == "keymount.io/encryption-key=true"
 
 
+async def test_a_list_is_read_in_pages_that_follow_the_continue_token(loop_parts):
+    # One page's JSON alive at a time: a single 30,000-Secret list left the process
+    # 100 MiB larger for good.
+    api, store, _, watcher = loop_parts
+    first = {"items": [secret("k1", "5", index=1)],
+             "metadata": {"resourceVersion": "9", "continue": "token-1"}}
+    api.lists.append(Response(data=json.dumps(first).encode()))
+    api.lists.append(listing([secret("k2", "6", index=2)], "9"))
+    assert await watcher.load() == 2
+    assert names(store) == ["k1", "k2"] and watcher.versions == {None: "9"}
+    assert [call.get("limit") for call in api.calls] == [500, 500]
+    assert [call.get("_continue") for call in api.calls] == [None, "token-1"]
+
+
 async def test_watch_events_add_change_and_remove_keys_and_resume_from_the_last_version(
         loop_parts):
     api, store, recorder, watcher = loop_parts

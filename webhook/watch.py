@@ -86,6 +86,9 @@ def call_list(api: Any, singular: str, namespace: str | None, **kwargs: Any) -> 
     return getattr(api, f"list_namespaced_{singular}")(namespace, **kwargs)
 
 
+LIST_PAGE = 500  # objects per page of a list: what client-go's reflector asks for
+
+
 class Gone(Exception):
     """The resourceVersion is too old (410 Gone): re-list."""
 
@@ -130,13 +133,29 @@ class ListWatch(Generic[N]):
         self.versions: dict[str | None, str] = {}
 
     def list(self, scope: str | None) -> tuple[list[N], str]:
-        """One list call (blocking): the parsed records and the list's resourceVersion."""
-        response = call_list(self.api, self.singular, scope, label_selector=self.selector,
-                             _preload_content=False,
-                             _request_timeout=(self.timings.connect_timeout, 60.0))
-        body = json.loads(response.data)
-        records = [self.parse(item) for item in body.get("items") or []]
-        return records, body["metadata"]["resourceVersion"]
+        """A list (blocking), in pages of LIST_PAGE objects: the parsed records and the
+        list's resourceVersion. Pages are one consistent snapshot (the API server keeps
+        the version in the continue token), and only one page's JSON is alive at a time:
+        parsed whole, a list of 30,000 Secrets took the process from 120 to 219 MiB of
+        RSS that the allocator never gave back (the controller's scale benchmark)."""
+        records: list[N] = []
+        version, token = "", None
+        while True:
+            paging: dict[str, Any] = {"limit": LIST_PAGE}
+            if token:
+                paging["_continue"] = token
+            response = call_list(self.api, self.singular, scope, label_selector=self.selector,
+                                 _preload_content=False,
+                                 _request_timeout=(self.timings.connect_timeout, 60.0),
+                                 **paging)
+            body = json.loads(response.data)
+            del response
+            records.extend(self.parse(item) for item in body.get("items") or [])
+            meta = body.get("metadata") or {}
+            version = meta.get("resourceVersion") or version
+            token = meta.get("continue")
+            if not token:
+                return records, version
 
     async def load(self) -> int:
         """The first full list of every scope; returns how many records came."""
