@@ -325,3 +325,24 @@ async def test_a_policy_watch_that_fails_is_retried_and_never_ends_the_leaders_w
     work.cancel()
     with pytest.raises(asyncio.CancelledError):
         await work
+
+
+@pytest.mark.parametrize(("won", "reported"), [(True, 1), (False, 0)],
+                         ids=["write-made-is-reported", "race-lost-is-not"])
+async def test_only_a_write_the_api_server_took_is_reported(won, reported) -> None:
+    # Events and keymount_rotations_total say what keymount did, not what it tried.
+    from webhook.controller import reconcile
+    from webhook.rotation import Schedule
+
+    class Racing(CountingApi):
+        def stage_slot(self, namespace, slot, key):
+            super().stage_slot(namespace, slot, key)
+            return slot if won else None  # None: another writer changed the slot first
+
+    api, steps = Racing(rotated_at("2025-01-01T00:00:00Z")), []
+    await reconcile(api, "shop", Schedule(rotation_period=timedelta(days=30),
+                                          staging_period=timedelta(minutes=2)),
+                    slots=2, budget=WriteBudget(1000.0, 1000),
+                    clock=lambda: T0 + timedelta(days=1),
+                    on_step=lambda keyring, step: steps.append(step))
+    assert len(steps) == reported * len(api.writes) and api.writes

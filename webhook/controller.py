@@ -31,6 +31,7 @@ from .events import EventNote, EventRecorder
 from .key_secrets import SlotOutcome
 from .keys import KeyRecord, Keyring
 from .metrics import Metrics
+from .names import slot_secret_name
 from .policystore import PolicyStore
 from .rotation import (
     Activate,
@@ -101,22 +102,27 @@ class SlotTaken(Exception):
     """An unlabelled Secret holds the name of the slot to reserve."""
 
 
-def execute(api: ControllerApi, keyring: Keyring, step: Step) -> None:
+def execute(api: ControllerApi, keyring: Keyring, step: Step) -> bool:
     """Make the write `step` stands for, from the records of `keyring` (their
-    resourceVersions); a lost race is no error: the next read shows who won."""
+    resourceVersions). False when another writer got there first: no error, the next
+    read shows who won (and no Event or count claims the step)."""
     namespace = keyring.namespace
     match step:
         case Reserve(number):
-            if api.reserve_slot(namespace, number) == "taken":
+            outcome = api.reserve_slot(namespace, number)
+            if outcome == "taken":
                 raise SlotTaken(number)
+            return outcome == "reserved"
         case Fill(number):
-            api.fill_slot(namespace, _slot(keyring, number), secrets.token_bytes(32))
+            return api.fill_slot(namespace, _slot(keyring, number),
+                                 secrets.token_bytes(32)) is not None
         case Stage(number):
-            api.stage_slot(namespace, _slot(keyring, number), secrets.token_bytes(32))
+            return api.stage_slot(namespace, _slot(keyring, number),
+                                  secrets.token_bytes(32)) is not None
         case Activate(number):
             staged = keyring.staged
-            if staged is not None and staged.index == number:
-                api.activate_staged(namespace, staged)
+            return (staged is not None and staged.index == number
+                    and api.activate_staged(namespace, staged) is not None)
         case _:
             raise AssertionError(f"not a write: {step!r}")
 
@@ -150,13 +156,14 @@ async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, s
             return step, keyring
         await budget.take()
         try:
-            await in_daemon_thread(lambda: execute(api, keyring, step))  # noqa: B023
+            made = await in_daemon_thread(lambda: execute(api, keyring, step))  # noqa: B023
         except SlotTaken as taken:
-            name = f"keymount-key-{taken.args[0]}"
+            name = slot_secret_name(taken.args[0])
             return Hold(f"Secret {name!r} in namespace {namespace!r} is not a key Secret, "
                         f"so keymount cannot reserve that slot; delete or rename it: "
                         f"kubectl delete secret {name} -n {namespace}"), keyring
-        on_step(keyring, step)
+        if made:
+            on_step(keyring, step)
     return Wait(clock()), keyring
 
 
@@ -566,7 +573,7 @@ class KeyController:
         log.info("rotation step", extra={"namespace": namespace,
                                          "step": _STEP_NAMES[type(step)],
                                          "number": getattr(step, "number", None)})
-        name = f"keymount-key-{getattr(step, 'number', 0)}"
+        name = slot_secret_name(getattr(step, "number", 0))
         if isinstance(step, Stage):
             self._event(namespace, "Secret", name, "v1", "Normal", "KeyStaged",
                         f"key number {step.number} staged in {name}: running Pods get it as "
