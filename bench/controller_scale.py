@@ -52,6 +52,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "e2e"),
 
 from admission import review_body  # noqa: E402
 
+from apihelpers import component_rbac  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 
 KEY_WRITERS = "group:system:masters,group:keymount:key-writers"
@@ -143,20 +144,6 @@ def kubectl(kubeconfig: str, *args: str, stdin: str | None = None) -> str:
     if result.returncode != 0:
         raise SystemExit(f"kubectl {' '.join(args)}: {result.stderr}")
     return result.stdout
-
-
-def controller_rbac(namespace: str, user: str) -> str:
-    """manifests/components/controller's RBAC, the Lease Role in `namespace`, bound to
-    the test bed's keymount user (as tests/e2e/test_controller_e2e.py does)."""
-    docs = list(yaml.safe_load_all(
-        (ROOT / "manifests/components/controller/rbac.yaml").read_text()))
-    for doc in docs:
-        if doc["kind"] in ("Role", "RoleBinding"):
-            doc["metadata"]["namespace"] = namespace
-        if doc["kind"].endswith("Binding"):
-            doc["subjects"] = [{"apiGroup": "rbac.authorization.k8s.io", "kind": "User",
-                                "name": user}]
-    return yaml.safe_dump_all(docs)
 
 
 class Process:
@@ -328,7 +315,7 @@ def run(plane: ControlPlane, tmp: Path, args: argparse.Namespace) -> subprocess.
     RBAC, webhook_configurations = e2e.RBAC, e2e.webhook_configurations
     kubectl(admin, "create", "namespace", "keymount")
     kubectl(admin, "apply", "-f", "-", stdin=RBAC)
-    kubectl(admin, "apply", "-f", "-", stdin=controller_rbac("keymount",
+    kubectl(admin, "apply", "-f", "-", stdin=component_rbac("keymount",
                                                                plane.keymount_user))
     rendered = kubectl(admin, "kustomize", str(ROOT / "manifests"))
     crds = [d for d in yaml.safe_load_all(rendered)

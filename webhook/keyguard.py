@@ -638,14 +638,18 @@ def _guard_staged(change: KeyChange, before: KeyRecord, after: KeyRecord, *,
             f"by key Secret {holder.name!r}; two keys never share a number. Cancel this "
             f"one and stage the next: keymount keys retire {name} -n {ns}, then keymount "
             f"keys rotate -n {ns} --stage", number=number, fingerprint=before.fingerprint)
-    warnings = []
-    if number < keyring.active_number:
-        warnings.append(
-            f"key {name!r} (number {number}) is below the active key (number "
-            f"{keyring.active_number}): applications decrypt with it but do not encrypt "
-            f"with it")
+    warnings = _below_active(f"key {name!r}", number, keyring)
     return KeyDecision(True, "activated", warnings=tuple(warnings), number=number,
                        fingerprint=after.fingerprint)
+
+
+def _below_active(what: str, number: int, keyring: Keyring) -> list[str]:
+    """The warning for a key that becomes a file below the active one."""
+    if number >= keyring.active_number:
+        return []
+    return [f"{what} (number {number}) is below the active key (number "
+            f"{keyring.active_number}): applications decrypt with it but do not encrypt "
+            f"with it"]
 
 
 def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyring: Keyring,
@@ -680,11 +684,7 @@ def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyri
             f"share a number. Retire the slot and fill the next one: keymount keys retire "
             f"{name} -n {ns}, then keymount keys rotate -n {ns}", number=number)
     warnings = [f"key Secret {name!r}: {after.check.warning}"] if after.check.warning else []
-    if number < keyring.active_number:
-        warnings.append(
-            f"slot {name!r} (number {number}) is below the active key (number "
-            f"{keyring.active_number}): applications decrypt with it but do not encrypt "
-            f"with it")
+    warnings += _below_active(f"slot {name!r}", number, keyring)
     return KeyDecision(True, "created", warnings=tuple(warnings), number=number,
                        fingerprint=after.fingerprint)
 
