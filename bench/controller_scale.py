@@ -261,8 +261,8 @@ def wait_until(deadline: float, what: str, check: Any, interval: float = 1.0) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--namespaces", type=int, default=10_000)
-    parser.add_argument("--writes-per-second", type=float, default=10.0,
-                        help="keymount --controller-writes-per-second")
+    parser.add_argument("--writes-per-second", type=float, default=4.0,
+                        help="keymount --controller-writes-per-second (4: its default)")
     parser.add_argument("--staging-period", default="2m")
     parser.add_argument("--quiet-seconds", type=int, default=60,
                         help="the CPU window after the first pass, before the wave")

@@ -319,9 +319,8 @@ def add_serve(commands: SubParsers) -> None:
     add_flag(p, "--controller-namespace", default=None,
              help="namespace of the controller Lease (default: $POD_NAMESPACE, else the "
                   "ServiceAccount's namespace, else keymount)")
-    # 4: the scale benchmark measured 22-23 ms of CPU per write (the write's reads and
-    # the two admission reviews of it, on the leader's own core); at 4 a second that
-    # stays under a tenth of the core admission runs on (README, "The controller at
+    # 4: at 10 a second a wave of 10,000 namespaces cost admission on the leader's core
+    # 23-27% of CPU a request; at 4, measured, 7.5% (README, "The controller at
     # scale"). Rotations are due every few weeks: spreading a wave over hours is fine.
     add_flag(p, "--controller-writes-per-second", default=4.0,
              type=seconds(zero=False, what="a rate"),
