@@ -350,6 +350,19 @@ async def test_metrics_count_admissions_by_webhook_and_result(client, runtime, p
     assert "keymount_admission_duration_seconds_bucket" in text
 
 
+async def test_loop_cpu_counts_every_request_whose_body_arrived(client, probes):
+    """Decided and malformed alike: the CPU a hostile body costs the loop is the figure
+    that matters most (README, "Benchmark")."""
+    await post(client, "/mutate", review(pod()))
+    resp = await client.post("/mutate", data=b"{not json",
+                             headers={"Content-Type": "application/json"})
+    assert resp.status == 400
+    text = await (await probes.get("/metrics")).text()
+    count = next(line for line in text.splitlines()
+                 if line.startswith('keymount_admission_loop_cpu_seconds_count{webhook="mutate"}'))
+    assert float(count.split()[-1]) == 2.0
+
+
 def spellings(key: bytes) -> list[str]:
     """Every way a log line could carry the key: base64 as in the Secret, hex, and
     the repr a `default=str` serializer or an f-string would print."""

@@ -88,6 +88,7 @@ class _Review(msgspec.Struct, forbid_unknown_fields=True):
 
 
 _decoder = msgspec.json.Decoder(_Review)
+_asdict = msgspec.structs.asdict
 
 
 def decode_review(body: bytes) -> Any:
@@ -116,8 +117,9 @@ def decode_review(body: bytes) -> Any:
 
 
 def _fields(struct: msgspec.Struct) -> dict[str, Any]:
-    return {name: value for name in struct.__struct_fields__
-            if (value := getattr(struct, name)) is not UNSET}
+    # asdict copies the fields in C; filtering its dict is half the cost of a getattr
+    # per field (bench/cpu_profile.py).
+    return {name: value for name, value in _asdict(struct).items() if value is not UNSET}
 
 
 def _object_dict(obj: _Object | None) -> dict[str, Any] | None:
