@@ -251,8 +251,11 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
             server_log.exception("recording the decision failed", extra={"uid": review.uid})
         response = web.Response(body=orjson.dumps(complete(review, verdict.response)),
                                 content_type="application/json")
-        runtime.metrics.admissions.record(webhook, verdict.result, elapsed,
-                                          loop_cpu=time.thread_time() - cpu)
+        try:  # recorded last: the answer's encoding is part of the loop's work
+            runtime.metrics.admissions.record(webhook, verdict.result, elapsed,
+                                              loop_cpu=time.thread_time() - cpu)
+        except Exception:  # bookkeeping must not turn a decision into an HTTP 500
+            server_log.exception("recording the decision failed", extra={"uid": review.uid})
         if runtime.draining:
             # Shutting down: answer, then close, so the API server's next request opens
             # a connection that the Service sends to another replica.
