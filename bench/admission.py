@@ -307,14 +307,29 @@ async def wait_ready(server: Server, context: ssl.SSLContext, body: bytes,
     raise SystemExit(f"{server.name} not ready within {timeout}s")
 
 
-def wrk(server: Server, body_file: Path, connections: int, seconds: int) -> tuple[float, float]:
-    """Requests per second, and the server's CPU microseconds per request (CPU time
-    is what a request costs, however much the machine's speed drifts)."""
+def prepare(tmp: Path, body: bytes) -> tuple[Any, ssl.SSLContext]:
+    """A bench's serving certificates and a client context trusting them, and the
+    review in tmp/body.json."""
+    certs = write_certificates(tmp / "certs", build_certificates(
+        service="bench", namespace="bench", ips=["127.0.0.1"]))
+    (tmp / "body.json").write_bytes(body)
+    return certs, ssl.create_default_context(cafile=str(certs.ca_cert))
+
+
+def wrk_script(body_file: Path) -> Path:
+    """wrk's Lua script that POSTs `body_file` as JSON."""
     script = body_file.with_suffix(".lua")
     script.write_text(
         'wrapper = io.open("' + str(body_file) + '", "rb")\n'
         'wrk.method = "POST"\nwrk.body = wrapper:read("*a")\n'
         'wrk.headers["Content-Type"] = "application/json"\n')
+    return script
+
+
+def wrk(server: Server, body_file: Path, connections: int, seconds: int) -> tuple[float, float]:
+    """Requests per second, and the server's CPU microseconds per request (CPU time
+    is what a request costs, however much the machine's speed drifts)."""
+    script = wrk_script(body_file)
     cpu = server.cpu_seconds()
     out = subprocess.run(["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{connections}",
                           f"-d{seconds}s", "-s", str(script), server.url],
@@ -411,10 +426,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        certs = write_certificates(tmp / "certs", build_certificates(
-            service="bench", namespace="bench", ips=["127.0.0.1"]))
-        context = ssl.create_default_context(cafile=str(certs.ca_cert))
-        (tmp / "body.json").write_bytes(body)
+        certs, context = prepare(tmp, body)
         write_keys(tmp / "small", 1, args.keys)
         write_keys(tmp / "large", args.namespaces, args.keys)
         tls = [str(certs.tls_cert), str(certs.tls_key)]

@@ -17,7 +17,6 @@ import argparse
 import collections
 import os
 import shutil
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -33,12 +32,12 @@ from admission import (  # noqa: E402
     SERVER_CPU,
     Server,
     free_port,
+    prepare,
     review_body,
     wait_ready,
     write_keys,
+    wrk_script,
 )
-
-from webhook.certs import build_certificates, write_certificates  # noqa: E402
 
 # (bucket, substrings of a frame "function (file)"): the first bucket, scanning from the
 # innermost frame outwards, whose pattern matches a frame takes the sample.
@@ -79,10 +78,7 @@ def main() -> None:
     body = review_body()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        certs = write_certificates(tmp / "certs", build_certificates(
-            service="bench", namespace="bench", ips=["127.0.0.1"]))
-        context = ssl.create_default_context(cafile=str(certs.ca_cert))
-        (tmp / "body.json").write_bytes(body)
+        certs, context = prepare(tmp, body)
         write_keys(tmp / "keys", 1, 5)
         port, probe = free_port(), free_port()
         server = Server("keymount", [
@@ -94,10 +90,7 @@ def main() -> None:
         try:
             import asyncio
             asyncio.run(wait_ready(server, context, body))
-            script = tmp / "body.lua"
-            script.write_text(f'f = io.open("{tmp / "body.json"}", "rb")\n'
-                              'wrk.method = "POST"\nwrk.body = f:read("*a")\n'
-                              'wrk.headers["Content-Type"] = "application/json"\n')
+            script = wrk_script(tmp / "body.json")
             load = subprocess.Popen(
                 ["taskset", "-c", CLIENT_CPU, "wrk", "-t1", f"-c{args.connections}",
                  f"-d{args.seconds + 4}s", "-s", str(script), server.url],
