@@ -348,3 +348,16 @@ def policy_crds(admin_kubeconfig):
                 f"crd/{crd['metadata']['name']}")
     poll(lambda: kubectl(admin_kubeconfig, "get", "keypolicies,clusterkeypolicies", "-A",
                          check=False).returncode == 0, what="the policy kinds served")
+
+
+@pytest.fixture
+def age_identity(tmp_path):
+    """An age identity file as age-keygen writes one (a comment, then the key; mode
+    0600), and its recipient: what `keys backup --recipient` and `keys restore
+    --identity` take."""
+    from pyrage import x25519
+    key = x25519.Identity.generate()
+    path = tmp_path / "identity.txt"
+    path.write_text(f"# keymount e2e\n{key}\n")
+    os.chmod(path, 0o600)
+    return path, str(key.to_public())

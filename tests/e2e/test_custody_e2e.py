@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 
-import pytest
 from kubernetes.client.rest import ApiException
 from pyrage import x25519
 
@@ -40,17 +39,8 @@ def secrets_of(api, namespace: str) -> dict:
     return found
 
 
-@pytest.fixture
-def identity(tmp_path):
-    key = x25519.Identity.generate()
-    path = tmp_path / "identity.txt"
-    path.write_text(f"# keymount e2e\n{key}\n")
-    os.chmod(path, 0o600)
-    return path, str(key.to_public())
-
-
 def test_backup_delete_the_namespace_restore_every_pod_gets_the_same_files(
-        api, namespace, keymount, node, admin_kubeconfig, identity, tmp_path):
+        api, namespace, keymount, node, admin_kubeconfig, age_identity, tmp_path):
     # `node` brings kube-controller-manager, whose namespace controller deletes the
     # namespace's objects (keymount allows it to delete live key Secrets).
     cfg = admin_kubeconfig
@@ -63,7 +53,7 @@ def test_backup_delete_the_namespace_restore_every_pod_gets_the_same_files(
     before_files = key_sources(create_pod(api, namespace, "before"))
     assert before_files == [("k1", "encryption-key-1"), ("k3", "encryption-key-3")]
 
-    path, recipient = identity
+    path, recipient = age_identity
     backup = tmp_path / "keys.age"
     made = cli(cfg, "keys", "backup", "-n", namespace, "-o", str(backup),
                "--recipient", recipient)
@@ -109,11 +99,11 @@ def _gone(api, namespace: str) -> bool:
 
 
 def test_a_damaged_or_unreadable_backup_restores_nothing(api, namespace, keymount,
-                                                         admin_kubeconfig, identity,
+                                                         admin_kubeconfig, age_identity,
                                                          tmp_path):
     cfg = admin_kubeconfig
     create_key(api, namespace, "k1")
-    path, recipient = identity
+    path, recipient = age_identity
     backup = tmp_path / "keys.age"
     cli(cfg, "keys", "backup", "-n", namespace, "-o", str(backup), "--recipient", recipient)
     empty = f"{namespace}-empty"

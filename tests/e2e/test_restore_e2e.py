@@ -6,10 +6,7 @@ confirm a Pod's refusal."""
 
 from __future__ import annotations
 
-import os
-
 import pytest
-from pyrage import x25519
 
 from webhook.backup import BackedUpKey, encode, encrypt
 from webhook.keys import check_key
@@ -18,15 +15,6 @@ from apihelpers import create_key, key_sources, keymount_cli, pod_body, random_k
 
 cli = keymount_cli
 KEY_LABEL = "keymount.io/encryption-key=true"
-
-
-@pytest.fixture
-def identity(tmp_path):
-    key = x25519.Identity.generate()
-    path = tmp_path / "identity.txt"
-    path.write_text(f"{key}\n")
-    os.chmod(path, 0o600)
-    return path, str(key.to_public())
 
 
 def entry(namespace: str, name: str, number: int, *, key: bytes | None = None,
@@ -56,8 +44,8 @@ def stored(api, namespace: str) -> dict[str, str]:
      "two entries named 'dup' in namespace {ns}: number 2 (fingerprint"),
 ], ids=["two-entries-one-number", "two-entries-one-name"])
 def test_a_backup_that_contradicts_itself_writes_nothing_and_names_both_entries(
-        api, namespace, keymount, admin_kubeconfig, identity, tmp_path, entries, said):
-    path, recipient = identity
+        api, namespace, keymount, admin_kubeconfig, age_identity, tmp_path, entries, said):
+    path, recipient = age_identity
     backup = write_backup(tmp_path / "b.age", recipient, entries(namespace))
     refused = cli(admin_kubeconfig, "keys", "restore", str(backup), "--identity", str(path),
                   check=False)
@@ -71,8 +59,8 @@ def test_a_backup_that_contradicts_itself_writes_nothing_and_names_both_entries(
                                      "name-held-by-a-secret-that-is-no-key",
                                      "namespace-missing"])
 def test_a_restore_the_cluster_contradicts_writes_nothing(
-        api, namespace, keymount, admin_kubeconfig, identity, tmp_path, cluster):
-    path, recipient = identity
+        api, namespace, keymount, admin_kubeconfig, age_identity, tmp_path, cluster):
+    path, recipient = age_identity
     other = f"{namespace}-x"  # a namespace of the file that is fine
     api.create_namespace({"metadata": {"name": other}})
     target = namespace
@@ -99,9 +87,9 @@ def test_a_restore_the_cluster_contradicts_writes_nothing(
 
 
 def test_keys_already_there_are_no_ops_and_the_rest_is_written(
-        api, namespace, keymount, admin_kubeconfig, identity, tmp_path):
+        api, namespace, keymount, admin_kubeconfig, age_identity, tmp_path):
     # What a restore that stopped half-way leaves: the first keys, as in the backup.
-    path, recipient = identity
+    path, recipient = age_identity
     entries = [entry(namespace, f"k{n}", n, retired=n == 2) for n in range(1, 5)]
     first = write_backup(tmp_path / "first.age", recipient, entries[:2])
     cli(admin_kubeconfig, "keys", "restore", str(first), "--identity", str(path))
@@ -113,8 +101,8 @@ def test_keys_already_there_are_no_ops_and_the_rest_is_written(
 
 
 def test_one_namespace_of_200_keys_is_restored_whole(
-        api, namespace, keymount, admin_kubeconfig, identity, tmp_path):
-    path, recipient = identity
+        api, namespace, keymount, admin_kubeconfig, age_identity, tmp_path):
+    path, recipient = age_identity
     entries = [entry(namespace, f"k{n}", n) for n in range(1, 201)]
     backup = write_backup(tmp_path / "b.age", recipient, entries)
     done = cli(admin_kubeconfig, "keys", "restore", str(backup), "--identity", str(path),
@@ -127,8 +115,8 @@ def test_one_namespace_of_200_keys_is_restored_whole(
 
 
 def test_a_backup_of_60_namespaces_is_restored_whole(
-        api, namespace, keymount, admin_kubeconfig, identity, tmp_path):
-    path, recipient = identity
+        api, namespace, keymount, admin_kubeconfig, age_identity, tmp_path):
+    path, recipient = age_identity
     names = [f"{namespace}-{i}" for i in range(60)]
     for name in names:
         api.create_namespace({"metadata": {"name": name}})
