@@ -86,7 +86,8 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
     from .connections import ConnectionLimits
     from .logs import DecisionLog, configure_logging
     from .metrics import Metrics
-    from .server import Runtime, ServeOptions, new_event_loop, serve
+    from .offload import Offload
+    from .server import MAX_BODY, Runtime, ServeOptions, new_event_loop, serve
     from .store import KeyStore, PodStore
 
     configure_logging(fmt=args.log_format, level=args.log_level, sink=sink)
@@ -119,7 +120,9 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
                           decisions=DecisionLog(sink, fmt=args.log_format,
                                                 level=args.log_level),
                           live_read_burst=max(1, int(2 * float(args.live_reads_per_second))),
-                          policies=build_policy_reads(source, args))
+                          policies=build_policy_reads(source, args),
+                          offload=Offload(max_body=MAX_BODY,
+                                          on_restart=metrics.review_worker_restarts.inc))
         limits = ConnectionLimits(request_timeout=float(args.request_timeout),
                                   max_connections=int(args.max_connections),
                                   max_buffered=int(args.max_buffered_mib) * 1024 * 1024,

@@ -50,6 +50,10 @@ class Metrics:
         self.log_lines_dropped = Counter(
             "keymount_log_lines_dropped", "Log lines dropped because stderr did not take "
             "them fast enough (the queue was full)", registry=r)
+        self.review_worker_restarts = Counter(
+            "keymount_review_worker_restarts", "Times the process that decodes and judges "
+            "large reviews died (on a review it could not finish) and was started again",
+            registry=r)
         self.leader = Gauge(
             "keymount_leader", "1 while this process holds the controller Lease and runs "
             "the controller (serve --controller), else 0", registry=r)

@@ -44,6 +44,7 @@ from .lifecycle import GENERATED_KEY_NAME
 from .livereads import LiveReads
 from .logs import DecisionLog
 from .metrics import Metrics
+from .offload import INLINE_BODY, Offload, WorkerFailed
 from .policyreads import PolicyReads
 from .sources import ClusterKeySource, KeySource
 from .store import KeyStore
@@ -80,6 +81,9 @@ class Runtime:
     policies: PolicyReads | None = None
     # serve --controller: the election, and the work its leader runs (webhook/leader.py).
     controller: Controller | None = None
+    # Bodies over INLINE_BODY are decoded and judged in a worker process
+    # (webhook/offload.py); None decodes every body on the loop, large ones one at a time.
+    offload: Offload | None = None
 
     def __post_init__(self) -> None:
         self.live_reads = LiveReads(
@@ -98,18 +102,43 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "status": status}, status=status)
 
 
-async def read_body(request: web.Request) -> bytes | web.Response:
-    """The request's body, or the 4xx response that refuses it."""
+def refuse_headers(request: web.Request) -> web.Response | None:
+    """The 4xx response that refuses the request on its headers alone, or None."""
     if request.content_type != "application/json":
         return json_error(415, f"content type {request.content_type!r} is not supported; "
                                "send application/json")
     if request.content_length is not None and request.content_length > MAX_BODY:
         return json_error(413, f"body of {request.content_length} bytes is over the "
                                f"{MAX_BODY}-byte limit")
+    return None
+
+
+async def read_body(request: web.Request) -> bytes | web.Response:
+    """The request's body, or the 4xx response that refuses it."""
+    refusal = refuse_headers(request)
+    if refusal is not None:
+        return refusal
     try:
         return await request.read()
     except web.HTTPRequestEntityTooLarge:
         return json_error(413, f"body is over the {MAX_BODY}-byte limit")
+
+
+async def read_body_into(request: web.Request, buffer: memoryview) -> int | web.Response:
+    """The request's body copied into `buffer` chunk by chunk as it arrives (each copy
+    a few microseconds, never the whole body at once): its length, or the 4xx response
+    that refuses it."""
+    refusal = refuse_headers(request)
+    if refusal is not None:
+        return refusal
+    size = 0
+    async for chunk in request.content.iter_any():
+        end = size + len(chunk)
+        if end > len(buffer):
+            return json_error(413, f"body is over the {MAX_BODY}-byte limit")
+        buffer[size:end] = chunk
+        size = end
+    return size
 
 
 def read_review(body: bytes) -> AdmissionRequest | web.Response:
@@ -120,7 +149,30 @@ def read_review(body: bytes) -> AdmissionRequest | web.Response:
         return json_error(400, str(exc))
 
 
-async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook) -> Verdict:
+@dataclass(frozen=True, slots=True)
+class Judge:
+    """Who gives the verdict on a view: the routed handler here, or, for a review
+    decoded in the worker process (`request` is then its head), the same handler there."""
+
+    request: AdmissionRequest
+    handler: Handler | None = None
+    offload: Offload | None = None
+    policy_view: bool = False  # for the worker's reviews: needs_policy_view of the whole
+
+    @classmethod
+    def here(cls, webhook: Webhook, request: AdmissionRequest) -> Judge:
+        return cls(request, handler=route(webhook, request),
+                   policy_view=needs_policy_view(request))
+
+    async def verdict(self, view: View) -> Verdict:
+        if self.handler is not None:
+            return self.handler(self.request, view)
+        assert self.offload is not None
+        return await self.offload.judge(view)
+
+
+async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook, *,
+                 judge_by: Judge | None = None) -> Verdict:
     """Route to one pure decision, then take the edge steps its verdict asks for.
 
     Nothing here lets a backend Pod through on its own: every answer is a verdict of
@@ -128,7 +180,7 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook) 
     raises (answered allowed: false, code 500, by the handler), and a live read past
     its limit leaves the refusal standing.
     """
-    handler = route(webhook, request)
+    handler = judge_by or Judge.here(webhook, request)
     verdict, keyring = await judge(runtime, request, handler)
     if request.dry_run:
         # The one place dryRun is honoured: a dry run writes nothing (no generated
@@ -151,10 +203,11 @@ def view_of(runtime: Runtime, request: AdmissionRequest, keyring: Keyring,
                 source=source, policies=policies)
 
 
-async def policy_view(runtime: Runtime, request: AdmissionRequest) -> PolicyView | None:
-    """For a KeyPolicy decision: its namespace's labels and every ClusterKeyPolicy,
-    read for this request (webhook/policyreads.py), or why not."""
-    if not needs_policy_view(request):
+async def policy_view(runtime: Runtime, request: AdmissionRequest,
+                      needed: bool) -> PolicyView | None:
+    """For a KeyPolicy decision (`needed`): its namespace's labels and every
+    ClusterKeyPolicy, read for this request (webhook/policyreads.py), or why not."""
+    if not needed:
         return None
     if runtime.policies is None:
         return PolicyView(failure="keymount runs without the Kubernetes API (--keys-from)")
@@ -162,14 +215,15 @@ async def policy_view(runtime: Runtime, request: AdmissionRequest) -> PolicyView
 
 
 async def judge(runtime: Runtime, request: AdmissionRequest,
-                handler: Handler) -> tuple[Verdict, Keyring | None]:
+                handler: Judge) -> tuple[Verdict, Keyring | None]:
     """The handler's verdict on the cache; for a key-state refusal, its verdict on one
     live read of the namespace instead (with that keyring), since a key Secret created
     a moment ago may not have reached the cache yet (docs/contract.md, "Refusals").
     Rate limited: past the limit the cached refusal stands (fail closed)."""
     namespace = request.namespace
-    verdict = handler(request, view_of(runtime, request, runtime.store.keyring(namespace),
-                                       "cache", await policy_view(runtime, request)))
+    verdict = await handler.verdict(view_of(
+        runtime, request, runtime.store.keyring(namespace), "cache",
+        await policy_view(runtime, request, handler.policy_view)))
     if not verdict.key_state:
         return verdict, None
     # A key Secret's number is judged on a read of its own; a Pod may share a read
@@ -177,7 +231,7 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
     keyring = await runtime.live_reads.confirm(namespace, fresh=request.is_secret)
     if keyring is None:
         return verdict, None
-    return handler(request, view_of(runtime, request, keyring, "live")), keyring
+    return await handler.verdict(view_of(runtime, request, keyring, "live")), keyring
 
 
 def should_generate(runtime: Runtime, verdict: Verdict, keyring: Keyring) -> bool:
@@ -191,12 +245,12 @@ def should_generate(runtime: Runtime, verdict: Verdict, keyring: Keyring) -> boo
 
 
 async def generate_key(runtime: Runtime, request: AdmissionRequest,
-                       handler: Handler) -> Verdict:
+                       handler: Judge) -> Verdict:
     """Create the namespace's generated key, then decide again on it."""
     assert isinstance(runtime.source, ClusterKeySource)  # cmd_serve checked it
     keyring = await runtime.source.create_generated_key(request.namespace)
     runtime.live_reads.forget(request.namespace)
-    verdict = handler(request, view_of(runtime, request, keyring, "live"))
+    verdict = await handler.verdict(view_of(runtime, request, keyring, "live"))
     if verdict.result != "injected":
         return verdict
     return verdict.with_warning(
@@ -210,13 +264,18 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
     async def handle(request: web.Request) -> web.Response:
         runtime = request.app[RUNTIME]
         length = request.content_length
-        if length is not None and length <= LARGE_BODY:
+        offload = runtime.offload
+        if length is not None and length <= (LARGE_BODY if offload is None else INLINE_BODY):
             return await answer(request, runtime)
-        # Decoded, a hostile body of a few MiB can become hundreds of MiB of objects:
-        # large (or unannounced) ones are handled one at a time; genuine reviews are
-        # rarely over 1 MiB, and the API server always sends a Content-Length.
-        async with runtime.large_bodies:
-            return await answer(request, runtime)
+        # Decoded, a hostile body of a few MiB can become hundreds of MiB of objects
+        # and take tens of milliseconds: large (or unannounced) ones are handled one at
+        # a time, in the worker process if there is one (the API server always sends a
+        # Content-Length).
+        if offload is None:
+            async with runtime.large_bodies:
+                return await answer(request, runtime)
+        async with offload.lock:
+            return await answer_offloaded(request, runtime, offload)
 
     async def answer(request: web.Request, runtime: Runtime) -> web.Response:
         started = time.perf_counter()
@@ -232,13 +291,50 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
             runtime.metrics.admissions.record(webhook, "error",
                                               loop_cpu=time.thread_time() - cpu)
             return review
+        verdict = await decide_safely(runtime, review)
+        return finish(runtime, review, verdict, started=started, cpu=cpu)
+
+    async def answer_offloaded(request: web.Request, runtime: Runtime,
+                               offload: Offload) -> web.Response:
+        """`answer` for a body decoded and judged in the worker process: the loop only
+        copies chunks, and logs and encodes the answer (webhook/offload.py)."""
+        started = time.perf_counter()
+        length = await read_body_into(request, offload.buffer)
+        if isinstance(length, web.Response):
+            runtime.metrics.admissions.record(webhook, "error")
+            return length
+        cpu = time.thread_time()
         try:
-            verdict = await decide(runtime, review, webhook)
+            head = await offload.parse(webhook, length)
+        except WorkerFailed as exc:
+            server_log.error("a review could not be decoded", extra={"error": str(exc)})
+            runtime.metrics.admissions.record(webhook, "error")
+            return json_error(500, f"{exc}; the review is refused, retry it")
+        if isinstance(head, str):
+            runtime.metrics.admissions.record(
+                webhook, "error", loop_cpu=time.thread_time() - cpu - offload.waited_cpu)
+            return json_error(400, head)
+        review = head.request
+        verdict = await decide_safely(runtime, review, Judge(
+            review, offload=offload, policy_view=head.policy_view))
+        offload.release()
+        return finish(runtime, review, verdict, started=started,
+                      cpu=cpu + offload.waited_cpu)
+
+    async def decide_safely(runtime: Runtime, review: AdmissionRequest,
+                            judge_by: Judge | None = None) -> Verdict:
+        try:
+            return await decide(runtime, review, webhook, judge_by=judge_by)
         except Exception as exc:  # fail closed, whatever broke
             server_log.exception("admission failed", extra={"uid": review.uid})
-            verdict = Verdict("error", errored(
+            return Verdict("error", errored(
                 f"keymount could not decide ({type(exc).__name__}); see the keymount logs "
                 f"for uid {review.uid}"))
+
+    def finish(runtime: Runtime, review: AdmissionRequest, verdict: Verdict, *,
+               started: float, cpu: float) -> web.Response:
+        """Log and record the verdict and encode its answer; `cpu`: the loop's CPU clock
+        when the review's work began (moved on by what it did for others meanwhile)."""
         elapsed = time.perf_counter() - started
         try:
             log_decision(runtime.decisions, review, verdict, webhook=webhook,
@@ -474,6 +570,9 @@ async def serve(runtime: Runtime, options: ServeOptions,
     # releases the Lease at once, while this replica goes on draining admission.
     control_task = (asyncio.create_task(_control(runtime, stop), name="keymount-controller")
                     if runtime.controller is not None else None)
+    offload_task = (asyncio.create_task(_start_offload(runtime.offload),
+                                        name="keymount-review-worker")
+                    if runtime.offload is not None else None)
     try:
         await web.TCPSite(probe_runner, options.probe_host or options.host,
                           options.probe_port).start()
@@ -514,7 +613,20 @@ async def serve(runtime: Runtime, options: ServeOptions,
             stop.set()  # also when serving failed: the election ends with the server
             await _finish(control_task, timeout=options.shutdown_timeout)
         await probe_runner.cleanup()
+        if runtime.offload is not None:
+            assert offload_task is not None
+            offload_task.cancel()
+            await loop.run_in_executor(None, runtime.offload.close)
         server_log.info("stopped")
+
+
+async def _start_offload(offload: Offload) -> None:
+    """Spawn the review worker while the server starts, not at the first large review;
+    a failure here is logged, and the first large review tries again."""
+    try:
+        await offload.start()
+    except Exception:
+        server_log.exception("the review worker did not start; large reviews will retry it")
 
 
 async def _finish(task: asyncio.Task[None], *, timeout: float) -> None:

@@ -1,0 +1,215 @@
+"""Large reviews, decoded and judged in the worker process (webhook/offload.py), over
+real TLS: the same answers as on the event loop, a bounded loop, and a dead worker
+answered allowed: false."""
+
+import json
+import os
+import signal
+import ssl
+
+import aiohttp
+import pytest
+import yaml
+
+from webhook.admission import MAX_CONTAINERS, parse_review
+from webhook.certs import build_certificates, write_certificates
+from webhook.config import Settings
+from webhook.events import event_for
+from webhook.localdir import DirectoryKeySource
+from webhook.metrics import Metrics
+from webhook.offload import HEAD_STRING, INLINE_BODY, Offload, head_of
+from webhook.server import MAX_BODY, Runtime, build_webhook_app
+from webhook.store import KeyStore
+from webhook.tls import build_ssl_context
+
+from builders import container, key_secret, pod, random_key, review, slot_secret
+from polling import wait_for
+
+
+@pytest.fixture
+def certs(tmp_path):
+    return write_certificates(tmp_path / "certs", build_certificates(
+        service="keymount", namespace="keymount", ips=["127.0.0.1"]))
+
+
+@pytest.fixture
+async def offload():
+    offload = Offload(max_body=MAX_BODY)
+    await offload.start()
+    yield offload
+    offload.close()
+
+
+@pytest.fixture
+def runtime(tmp_path, offload):
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "keys.yaml").write_text(yaml.safe_dump_all([
+        key_secret("key-a", random_key(), index=1), key_secret("key-b", random_key(), index=2),
+        slot_secret(3)]))
+    store = KeyStore()
+    source = DirectoryKeySource(keys, settings=Settings(), store=store, poll_interval=3600)
+    return Runtime(settings=Settings(), store=store, source=source, metrics=Metrics(store),
+                   offload=offload)
+
+
+@pytest.fixture
+async def client(aiohttp_server, runtime, certs):
+    server = await aiohttp_server(build_webhook_app(runtime), ssl=build_ssl_context(
+        str(certs.tls_cert), str(certs.tls_key)))
+    await wait_for(lambda: runtime.store.ready)
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    async with aiohttp.ClientSession(base_url=str(server.make_url("/")),
+                                     connector=aiohttp.TCPConnector(ssl=context)) as session:
+        yield session
+
+
+async def post(client, path, body: bytes):
+    async with client.post(path, data=body, headers={"Content-Type": "application/json"}) as r:
+        return r.status, await r.json()
+
+
+def padded(body: dict, size: int = 4 * INLINE_BODY) -> bytes:
+    """`body` with environment variables on its Pod's first container (or a filler
+    data field on its Secret) until it is `size` bytes: past INLINE_BODY, into the worker."""
+    obj = body["request"]["object"]
+    filler = "x" * (size - len(json.dumps(body).encode()))
+    if obj["kind"] == "Pod":
+        obj["spec"]["containers"][0]["env"] = [{"name": "FILLER", "value": filler}]
+    else:
+        obj.setdefault("data", {})["filler"] = filler
+    encoded = json.dumps(body).encode()
+    assert len(encoded) > INLINE_BODY
+    return encoded
+
+
+KEYPOLICY = {"apiVersion": "keymount.io/v1alpha1", "kind": "KeyPolicy",
+             "metadata": {"name": "default", "namespace": "shop"},
+             "spec": {"rotationPeriod": "720h", "stagingPeriod": "24h"}}
+
+
+def keypolicy_review() -> dict:
+    body = review(json.loads(json.dumps(KEYPOLICY)), kind="KeyPolicy")
+    body["request"]["kind"]["group"] = "keymount.io"
+    return body
+
+
+CASES = {
+    "backend-pod-injected": ("/mutate", review(pod())),
+    "mount-conflict-denied": ("/mutate", review(pod(container("app", volumeMounts=[
+        {"name": "other", "mountPath": "/encryption-keys"}])))),
+    "other-pod-skipped": ("/mutate", review(pod(labels={"app": "web"}))),
+    "no-key-namespace-denied-after-a-live-read": ("/mutate", review(pod(), namespace="empty")),
+    "dry-run": ("/mutate", review(pod(), dry_run=True)),
+    "key-secret-stamped": ("/mutate", review(key_secret("key-c", random_key()),
+                                              kind="Secret")),
+    "key-secret-guarded": ("/validate", review(key_secret("key-c", random_key(), index=3),
+                                                kind="Secret")),
+    "final-pod-checked": ("/validate", review(pod())),
+    "keypolicy-without-the-api": ("/validate", keypolicy_review()),
+}
+
+
+@pytest.mark.parametrize("case", CASES, ids=list(CASES))
+async def test_a_large_review_gets_the_answer_the_event_loop_would_give(
+        client, runtime, offload, case):
+    path, body = CASES[case]
+    data = padded(body)
+    status, worker_answer = await post(client, path, data)
+    runtime.offload = None  # the same runtime, the same keys: decoded on the loop
+    inline_status, inline_answer = await post(client, path, data)
+    assert (status, worker_answer) == (inline_status, inline_answer)
+    assert status == 200 and worker_answer["response"]["uid"] == body["request"]["uid"]
+
+
+@pytest.mark.parametrize("body", [
+    b'{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": ' +
+    b" " * INLINE_BODY + b"nope}",
+    b"[" + b"{}," * (MAX_CONTAINERS + 1) + b"{}]",
+], ids=["invalid-json", "too-many-objects"])
+async def test_a_large_malformed_body_is_400_with_the_event_loops_message(
+        client, runtime, body):
+    status, answer = await post(client, "/mutate", body)
+    runtime.offload = None
+    assert (status, answer) == await post(client, "/mutate", body)
+    assert status == 400
+
+
+async def test_an_overlong_uid_in_a_large_review_is_400():
+    body = review(pod(), uid="u" * (HEAD_STRING + 1))
+    request = parse_review(padded(body))
+    from webhook.offload import check_head
+    assert "request uid is over" in check_head(head_of(request))
+
+
+def hostile_review() -> bytes:
+    """Just under 7 MiB: a backend Pod with ~95,000 environment variables, about
+    50 ms to decode on the event loop."""
+    body = review(pod())
+    body["request"]["object"]["spec"]["containers"][0]["env"] = [
+        {"name": f"E{i:06d}", "value": "v" * 40} for i in range(95_000)]
+    data = json.dumps(body).encode()
+    assert 6 * 2**20 < len(data) < MAX_BODY
+    return data
+
+
+async def test_a_7_mib_review_costs_the_event_loop_under_a_millisecond(client, runtime):
+    data = hostile_review()
+    status, answer = await post(client, "/mutate", data)
+    assert status == 200 and answer["response"]["allowed"] is True
+    offloaded = runtime.metrics.admissions.loop_cpu["mutate"][-1]  # the sum, one request
+    assert offloaded < 0.001, f"{offloaded * 1000:.2f} ms of loop CPU"
+    # The same review on the loop: what the worker spares it (so the bound can fail).
+    runtime.offload = None
+    assert (await post(client, "/mutate", data))[1] == answer
+    assert runtime.metrics.admissions.loop_cpu["mutate"][-1] - offloaded > 0.005
+
+
+async def test_a_dead_worker_refuses_its_review_and_the_next_one_starts_a_new_worker(
+        client, runtime, offload):
+    restarts = []
+    offload._on_restart = lambda: restarts.append(1)
+    pool = offload._executor()
+    os.kill(next(iter(pool._processes)), signal.SIGKILL)
+    data = padded(review(pod()))
+    status, answer = await post(client, "/mutate", data)
+    assert status == 500 and "worker" in answer["error"] and "allowed" not in answer
+    assert restarts == [1]
+    status, answer = await post(client, "/mutate", data)
+    assert status == 200 and answer["response"]["allowed"] is True
+    assert "patch" in answer["response"]
+
+
+def test_the_head_gives_events_and_logs_what_the_whole_request_gives():
+    owned = pod()
+    owned["metadata"]["ownerReferences"] = [
+        {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "1"},
+        {"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "api-7d9", "uid": "2",
+         "controller": True, "blockOwnerDeletion": True}]
+    from webhook.admission import Verdict, denied
+    from webhook.keyguard import KeyDecision
+    refused = Verdict("denied", denied("no key"))
+    for body in (review(owned), review(pod(name="")), review({}), review(None),
+                 review(key_secret("key-c", random_key()), kind="Secret", operation="DELETE",
+                        old=key_secret("key-c", random_key()))):
+        request = parse_review(json.dumps(body).encode())
+        head = head_of(request).request
+        assert head.object_name == request.object_name
+        assert (head.is_pod, head.uid, head.namespace) == (request.is_pod, request.uid,
+                                                          request.namespace)
+        assert event_for(head, refused, webhook="validate") == \
+            event_for(request, refused, webhook="validate")
+        key = Verdict("denied", denied("no"), key=KeyDecision(False, "refused", "no"))
+        assert event_for(head, key, webhook="validate") == \
+            event_for(request, key, webhook="validate")
+
+
+async def test_a_refusal_quoting_a_megabyte_name_is_refused_without_the_quote(client):
+    long_name = "c" * (300 * 1024)
+    body = review(pod(container(long_name, volumeMounts=[
+        {"name": "other", "mountPath": "/encryption-keys"}])))
+    status, answer = await post(client, "/mutate", json.dumps(body).encode())
+    response = answer["response"]
+    assert status == 200 and response["allowed"] is False
+    assert response["status"]["code"] == 500 and "limit" in response["status"]["message"]
+    assert long_name not in json.dumps(answer)

@@ -1,0 +1,288 @@
+"""Large reviews, decoded and judged in a second process, so that no body stalls the
+event loop.
+
+The event loop serves every admission in turn: while it decodes one review, every
+other request waits. A review of a few KiB takes well under a millisecond; a body of
+7 MiB (a Pod with ~95,000 environment variables, which anyone who can reach the port
+may send) takes about 50 ms to decode, and neither msgspec nor orjson lets go of the
+GIL or decodes in pieces, so a thread would not help. So a body over `INLINE_BODY`
+goes to one worker process instead (docs/architecture.md, "Large reviews"):
+
+1. the server streams the body, chunk by chunk as it arrives, into a shared-memory
+   buffer (no single large copy on the loop);
+2. the worker decodes it (`admission.parse_review`, the same function as inline),
+   keeps the request, and returns its `Head`: what the server's own steps read (uid,
+   kind, namespace, user; the object's name, uid and controlling owner), a few hundred
+   bytes however large the body;
+3. the server takes each edge step as for any review (the key cache, a live read, a
+   KeyPolicy's reads, a generated key) and asks the worker for the verdict on each
+   `View` it builds: the worker runs the same routed handler on the whole request.
+
+So the decision is the one the inline path makes, on the same input, by construction;
+only what crosses the pipe is small. One review at a time (the buffer and the worker's
+request are single): the server holds `lock` from the first byte to the last verdict.
+If the worker dies (a decode that exhausts its memory), that review is answered
+`allowed: false` and the next one starts a new worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import multiprocessing
+import signal
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing.shared_memory import SharedMemory
+from typing import Any, TypeVar
+
+from .admission import (
+    AdmissionRequest,
+    MalformedReview,
+    Verdict,
+    Webhook,
+    errored,
+    parse_review,
+)
+from .decisions import View, needs_policy_view, route
+
+# Bodies up to this size are decoded and judged on the event loop. Measured
+# (tests/test_offload.py holds the bound): the costliest shape per byte, a Pod of
+# hundreds of one-mount containers, takes about 0.4 ms at 16 KiB, decoding, deciding
+# and encoding the answer; the benchmark's review of a three-container Pod is 7.8 KB.
+INLINE_BODY = 16 * 1024
+
+# Strings of the head are what the server logs and puts in Events; no Kubernetes name,
+# uid or namespace comes near this (names are at most 253 characters).
+HEAD_STRING = 4096
+
+# The most a verdict from the worker may carry (messages, patch, warnings): a Pod with
+# hundreds of containers has a patch of tens of KiB.
+ANSWER_LIMIT = 256 * 1024
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Head:
+    """What the server reads of a request judged in the worker: the request with its
+    object and oldObject cut to the metadata logs and Events use."""
+
+    request: AdmissionRequest
+    policy_view: bool  # decisions.needs_policy_view of the whole request
+
+
+def head_of(request: AdmissionRequest) -> Head:
+    """`request` as the server's own steps see it (server.log_decision, events.event_for,
+    server.decide): the fields of the request itself and, of each object, its name,
+    generateName, uid and first controlling owner reference. An object keeps its
+    truthiness (an empty object stays empty), which those steps test."""
+    return Head(dataclasses.replace(request, object=_cut(request.object),
+                                    old_object=_cut(request.old_object)),
+                needs_policy_view(request))
+
+
+def _cut(obj: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    if obj is None:
+        return None
+    if not obj:
+        return {}
+    meta = obj.get("metadata")
+    if not isinstance(meta, dict):
+        return {"metadata": None}
+    kept: dict[str, Any] = {k: meta[k] for k in ("name", "generateName", "uid") if k in meta}
+    owner = next((r for r in meta.get("ownerReferences") or []
+                  if isinstance(r, Mapping) and r.get("controller")), None)
+    if owner is not None:
+        kept["ownerReferences"] = [{k: owner.get(k) for k in
+                                    ("apiVersion", "kind", "name", "uid", "controller")}]
+    return {"metadata": kept}
+
+
+def check_head(head: Head) -> str:
+    """Why the head is too large to hand to the server's logs and Events, or ""."""
+    request = head.request
+    strings: list[tuple[str, Any]] = [
+        ("uid", request.uid), ("namespace", request.namespace), ("name", request.name),
+        ("kind", request.kind), ("kind group", request.group),
+        ("userInfo.username", request.username)]
+    for field, obj in (("object", request.object), ("oldObject", request.old_object)):
+        meta = (obj or {}).get("metadata") or {}
+        strings += [(f"{field}.metadata.{k}", v) for k, v in meta.items()
+                    if k != "ownerReferences"]
+        for owner in meta.get("ownerReferences") or ():
+            strings += [(f"{field}.metadata.ownerReferences[].{k}", v)
+                        for k, v in owner.items()]
+    for field, value in strings:
+        if len(str(value)) > HEAD_STRING:
+            return f"request {field} is over {HEAD_STRING} characters; not a Kubernetes object"
+    return ""
+
+
+# --- the worker process ----------------------------------------------------------------
+
+_buffer: SharedMemory | None = None
+_request: tuple[Webhook, AdmissionRequest] | None = None
+
+
+def _start_worker(name: str) -> None:
+    global _buffer
+    # Ctrl-C reaches the whole process group: the server decides when the worker stops.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # Attaching registers the segment with the parent's resource tracker once more; it
+    # keeps names in a set, and the server unlinks it (Python 3.11 has no track=False).
+    _buffer = SharedMemory(name=name)
+
+
+def _ready() -> bool:
+    return True
+
+
+def _parse(webhook: Webhook, length: int) -> Head | str:
+    """Decode the body in the buffer and keep it; its head, or why it is malformed."""
+    global _request
+    assert _buffer is not None
+    _request = None
+    buf = _buffer.buf
+    assert buf is not None
+    body = bytes(buf[:length])  # copied first: the buffer is the server's again
+    try:
+        request = parse_review(body)
+    except MalformedReview as exc:
+        return str(exc)
+    head = head_of(request)
+    problem = check_head(head)
+    if problem:
+        return problem
+    _request = (webhook, request)
+    return head
+
+
+def _release() -> None:
+    global _request
+    _request = None  # a decoded 7 MiB review is tens of MiB of objects
+
+
+def _judge(view: View) -> Verdict:
+    """The routed handler's verdict on the kept request, with `view`."""
+    assert _request is not None, "no review parsed"
+    webhook, request = _request
+    return bound_answer(route(webhook, request)(request, view))
+
+
+def bound_answer(verdict: Verdict) -> Verdict:
+    """`verdict`, unless its answer is over ANSWER_LIMIT: a refusal quotes names from
+    the request, which a hostile one makes megabytes long, and the server logs and
+    encodes the answer on the event loop. Such a verdict becomes a refusal (fail
+    closed): no Kubernetes object's answer comes near the limit."""
+    response = verdict.response
+    size = (len(verdict.message) + len(response.get("patch", "")) + len(verdict.status)
+            + sum(len(w) for w in response.get("warnings", ())))
+    if size <= ANSWER_LIMIT:
+        return verdict
+    return Verdict("error", errored(
+        f"keymount's answer to this review would be {size} bytes, over its "
+        f"{ANSWER_LIMIT}-byte limit: the review names something far longer than "
+        f"Kubernetes allows (a container, volume or key Secret name?); fix the object"))
+
+
+# --- the server's side --------------------------------------------------------------------
+
+class WorkerFailed(RuntimeError):
+    """The worker process died or could not be started: the review is refused."""
+
+
+class Offload:
+    """The worker process and its buffer, for one server process."""
+
+    def __init__(self, *, max_body: int,
+                 on_restart: Callable[[], None] | None = None) -> None:
+        self.max_body = max_body
+        self.lock = asyncio.Lock()
+        # Made at start (or at the first large review), so a server that never starts
+        # leaves no segment for the resource tracker to find at exit.
+        self._buffer: SharedMemory | None = None
+        self._pool: ProcessPoolExecutor | None = None
+        self._on_restart = on_restart
+        # The loop's CPU time spent on other requests while this review waited for the
+        # worker, since the last parse: not this review's work (server.answer_offloaded).
+        self.waited_cpu = 0.0
+
+    @property
+    def buffer(self) -> memoryview:
+        buf = self._segment().buf
+        assert buf is not None, "closed"
+        return buf
+
+    def _segment(self) -> SharedMemory:
+        if self._buffer is None:
+            self._buffer = SharedMemory(create=True, size=self.max_body)
+        return self._buffer
+
+    def _executor(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            # spawn, not fork: the server has threads (the log sink, the Kubernetes
+            # client), and a forked child inherits their locks in whatever state.
+            self._pool = ProcessPoolExecutor(
+                max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                initializer=_start_worker, initargs=(self._segment().name,))
+        return self._pool
+
+    async def start(self) -> None:
+        """Start the worker now rather than at the first large review (spawning a
+        Python takes a few hundred milliseconds)."""
+        await self._call(_ready)
+
+    async def parse(self, webhook: Webhook, length: int) -> Head | str:
+        self.waited_cpu = 0.0
+        return await self._call(_parse, webhook, length)
+
+    async def judge(self, view: View) -> Verdict:
+        return await self._call(_judge, view)
+
+    def release(self) -> None:
+        """Let the worker free the review it keeps. Not waited for: the next review's
+        parse is queued behind it, and the buffer is not touched."""
+        with contextlib.suppress(RuntimeError):  # broken: the review is gone with it
+            self._executor().submit(_release)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        waiting = time.thread_time()
+        try:
+            future = asyncio.wrap_future(self._executor().submit(fn, *args))
+        except RuntimeError as exc:  # BrokenProcessPool, or shut down
+            self._restart()
+            raise WorkerFailed(f"keymount's review worker is not running ({exc})") from None
+        try:
+            # Shielded: cancelled, the caller still waits for the worker to finish with
+            # the buffer before its lock lets the next review write there.
+            return await asyncio.shield(future)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                await future
+            raise
+        except BrokenExecutor:
+            self._restart()
+            raise WorkerFailed("keymount's review worker died on this review") from None
+        finally:
+            self.waited_cpu += time.thread_time() - waiting
+
+    def _restart(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+            if self._on_restart is not None:
+                self._on_restart()
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        segment, self._buffer = self._buffer, None
+        if segment is not None:
+            with contextlib.suppress(FileNotFoundError):
+                segment.unlink()
+            segment.close()
