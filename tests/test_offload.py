@@ -213,3 +213,9 @@ async def test_a_refusal_quoting_a_megabyte_name_is_refused_without_the_quote(cl
     assert status == 200 and response["allowed"] is False
     assert response["status"]["code"] == 500 and "limit" in response["status"]["message"]
     assert long_name not in json.dumps(answer)
+
+
+async def test_the_worker_yields_the_cpu_to_the_event_loop(offload):
+    pool = offload._executor()
+    (pid,) = pool._processes
+    assert os.getpriority(os.PRIO_PROCESS, pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)

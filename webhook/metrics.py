@@ -50,6 +50,9 @@ class Metrics:
         self.log_lines_dropped = Counter(
             "keymount_log_lines_dropped", "Log lines dropped because stderr did not take "
             "them fast enough (the queue was full)", registry=r)
+        self.large_reviews = Counter(
+            "keymount_large_reviews", "Admission requests whose body was over 16 KiB, or "
+            "announced no size: decoded and judged in the review worker", registry=r)
         self.review_worker_restarts = Counter(
             "keymount_review_worker_restarts", "Times the process that decodes and judges "
             "large reviews died (on a review it could not finish) and was started again",

@@ -299,6 +299,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
         """`answer` for a body decoded and judged in the worker process: the loop only
         copies chunks, and logs and encodes the answer (webhook/offload.py)."""
         started = time.perf_counter()
+        runtime.metrics.large_reviews.inc()
         length = await read_body_into(request, offload.buffer)
         if isinstance(length, web.Response):
             runtime.metrics.admissions.record(webhook, "error")

@@ -32,6 +32,26 @@ def test_a_backend_pod_is_stored_with_both_keys_in_spec_order(api, namespace):
     assert [s["secret"] for s in status] == ["first", "second"]
 
 
+def test_a_pod_too_large_for_the_event_loop_gets_its_keys_from_the_review_worker(
+        api, namespace, keymount):
+    create_key(api, namespace, "only", index=1)
+    body = pod_body("large")
+    body["spec"]["containers"][0]["env"] = [{"name": f"E{i}", "value": "v" * 40}
+                                            for i in range(600)]  # ~35 KB as reviewed
+    large = keymount.metric("keymount_large_reviews_total")
+    pod = api.create_namespaced_pod(namespace, body)
+    assert key_sources(pod) == [("only", "encryption-key-1")]
+    assert len(pod.spec.containers[0].env) == 600
+    # Both webhooks saw it over 16 KiB: the mutating one, then the validating one.
+    assert keymount.metric("keymount_large_reviews_total") == large + 2
+    message = denial(lambda: api.create_namespaced_pod(namespace, {
+        **body, "metadata": {"name": "clash", "labels": body["metadata"]["labels"]},
+        "spec": {**body["spec"], "volumes": [{"name": "other", "emptyDir": {}}],
+                 "containers": [{**body["spec"]["containers"][0], "volumeMounts": [
+                     {"name": "other", "mountPath": "/encryption-keys/x"}]}]}}))
+    assert "mounts volume 'other' at or under /encryption-keys" in message
+
+
 def test_a_namespace_without_keys_rejects_backend_pods_with_the_fix(api, namespace):
     message = denial(lambda: create_pod(api, namespace))
     assert f"keymount keys create encryption-key-1 -n {namespace} --generate" in message
