@@ -180,8 +180,8 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook, 
     raises (answered allowed: false, code 500, by the handler), and a live read past
     its limit leaves the refusal standing.
     """
-    handler = judge_by or Judge.here(webhook, request)
-    verdict, keyring = await judge(runtime, request, handler)
+    by = judge_by or Judge.here(webhook, request)
+    verdict, keyring = await judge(runtime, request, by)
     if request.dry_run:
         # The one place dryRun is honoured: a dry run writes nothing (no generated
         # key), it only answers.
@@ -189,7 +189,7 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook, 
     if webhook == "validate":
         return verdict
     if keyring is not None and should_generate(runtime, verdict, keyring):
-        return await generate_key(runtime, request, handler)
+        return await generate_key(runtime, request, by)
     return verdict
 
 
@@ -215,15 +215,16 @@ async def policy_view(runtime: Runtime, request: AdmissionRequest,
 
 
 async def judge(runtime: Runtime, request: AdmissionRequest,
-                handler: Judge) -> tuple[Verdict, Keyring | None]:
-    """The handler's verdict on the cache; for a key-state refusal, its verdict on one
-    live read of the namespace instead (with that keyring), since a key Secret created
-    a moment ago may not have reached the cache yet (docs/contract.md, "Refusals").
+                by: Judge) -> tuple[Verdict, Keyring | None]:
+    """The routed handler's verdict on the cache; for a key-state refusal, its verdict
+    on one live read of the namespace instead (with that keyring), since a key Secret
+    created a moment ago may not have reached the cache yet (docs/contract.md,
+    "Refusals").
     Rate limited: past the limit the cached refusal stands (fail closed)."""
     namespace = request.namespace
-    verdict = await handler.verdict(view_of(
+    verdict = await by.verdict(view_of(
         runtime, request, runtime.store.keyring(namespace), "cache",
-        await policy_view(runtime, request, handler.policy_view)))
+        await policy_view(runtime, request, by.policy_view)))
     if not verdict.key_state:
         return verdict, None
     # A key Secret's number is judged on a read of its own; a Pod may share a read
@@ -231,7 +232,7 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
     keyring = await runtime.live_reads.confirm(namespace, fresh=request.is_secret)
     if keyring is None:
         return verdict, None
-    return await handler.verdict(view_of(runtime, request, keyring, "live")), keyring
+    return await by.verdict(view_of(runtime, request, keyring, "live")), keyring
 
 
 def should_generate(runtime: Runtime, verdict: Verdict, keyring: Keyring) -> bool:
@@ -245,12 +246,12 @@ def should_generate(runtime: Runtime, verdict: Verdict, keyring: Keyring) -> boo
 
 
 async def generate_key(runtime: Runtime, request: AdmissionRequest,
-                       handler: Judge) -> Verdict:
+                       by: Judge) -> Verdict:
     """Create the namespace's generated key, then decide again on it."""
     assert isinstance(runtime.source, ClusterKeySource)  # cmd_serve checked it
     keyring = await runtime.source.create_generated_key(request.namespace)
     runtime.live_reads.forget(request.namespace)
-    verdict = await handler.verdict(view_of(runtime, request, keyring, "live"))
+    verdict = await by.verdict(view_of(runtime, request, keyring, "live"))
     if verdict.result != "injected":
         return verdict
     return verdict.with_warning(
