@@ -2,10 +2,12 @@
 real TLS: the same answers as on the event loop, a bounded loop, and a dead worker
 answered allowed: false."""
 
+import asyncio
 import json
 import os
 import signal
 import ssl
+import time
 
 import aiohttp
 import pytest
@@ -54,10 +56,15 @@ def runtime(tmp_path, offload):
 
 
 @pytest.fixture
-async def client(aiohttp_server, runtime, certs):
+async def server(aiohttp_server, runtime, certs):
     server = await aiohttp_server(build_webhook_app(runtime), ssl=build_ssl_context(
         str(certs.tls_cert), str(certs.tls_key)))
     await wait_for(lambda: runtime.store.ready)
+    return server
+
+
+@pytest.fixture
+async def client(server, certs):
     context = ssl.create_default_context(cafile=str(certs.ca_cert))
     async with aiohttp.ClientSession(base_url=str(server.make_url("/")),
                                      connector=aiohttp.TCPConnector(ssl=context)) as session:
@@ -178,6 +185,55 @@ async def test_a_dead_worker_refuses_its_review_and_the_next_one_starts_a_new_wo
     status, answer = await post(client, "/mutate", data)
     assert status == 200 and answer["response"]["allowed"] is True
     assert "patch" in answer["response"]
+
+
+async def test_a_large_body_sent_slowly_does_not_hold_up_other_large_reviews(
+        server, client, runtime, certs):
+    # A client that announces a large body and sends it a byte now and then: were the
+    # worker's lock taken before the body is in, every large review from the API
+    # server would wait behind it until the connection's request deadline, one slow
+    # client after another.
+    data = padded(review(pod()))
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    _, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=context,
+                                              server_hostname="127.0.0.1")
+    try:
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: keymount\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n" % len(data)
+                     + data[:1000])
+        await writer.drain()
+        await wait_for(lambda: runtime.metrics.large_reviews._value.get() == 1,
+                       what="the slow body's handler has started")
+        status, answer = await asyncio.wait_for(post(client, "/mutate", data), timeout=5)
+        assert status == 200 and answer["response"]["allowed"] is True
+        assert "patch" in answer["response"]
+    finally:
+        writer.close()
+
+
+async def test_copying_a_7_mib_body_into_the_worker_never_holds_the_loop_a_millisecond(
+        offload):
+    chunks = [os.urandom(64 * 1024)] * 112  # 7 MiB as the socket hands it over
+    copied = False
+    slices: list[float] = []
+
+    async def another_request() -> None:
+        # What the loop spends between two turns of this task is the copy's slice.
+        while not copied:
+            mark = time.thread_time()
+            await asyncio.sleep(0)
+            slices.append(time.thread_time() - mark)
+
+    other = asyncio.create_task(another_request())
+    await asyncio.sleep(0)
+    async with offload.lock:
+        length = await offload.write(chunks)
+    copied = True
+    await other
+    assert length == 112 * 64 * 1024
+    assert bytes(offload.buffer[:length]) == b"".join(chunks)
+    assert len(slices) >= length // (2 * 2**20), "the copy never let another request run"
+    assert max(slices) < 0.001, f"a slice of {max(slices) * 1000:.2f} ms"
 
 
 def test_the_head_gives_events_and_logs_what_the_whole_request_gives():

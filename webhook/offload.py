@@ -8,8 +8,9 @@ may send) takes about 50 ms to decode, and neither msgspec nor orjson lets go of
 GIL or decodes in pieces, so a thread would not help. So a body over `INLINE_BODY`
 goes to one worker process instead (docs/architecture.md, "Large reviews"):
 
-1. the server streams the body, chunk by chunk as it arrives, into a shared-memory
-   buffer (no single large copy on the loop);
+1. the server reads the body as it arrives, then, holding the worker's lock, copies
+   it into a shared-memory buffer a slice at a time (no single large copy on the
+   loop; a client that sends its body slowly holds only its own request);
 2. the worker decodes it (`admission.parse_review`, the same function as inline),
    keeps the request, and returns its `Head`: what the server's own steps read (uid,
    kind, namespace, user; the object's name, uid and controlling owner), a few hundred
@@ -20,7 +21,7 @@ goes to one worker process instead (docs/architecture.md, "Large reviews"):
 
 So the decision is the one the inline path makes, on the same input, by construction;
 only what crosses the pipe is small. One review at a time (the buffer and the worker's
-request are single): the server holds `lock` from the first byte to the last verdict.
+request are single): the server holds `lock` from the copy to the last verdict.
 If the worker dies (a decode that exhausts its memory), that review is answered
 `allowed: false` and the next one starts a new worker.
 """
@@ -63,6 +64,9 @@ HEAD_STRING = 4096
 # The most a verdict from the worker may carry (messages, patch, warnings): a Pod with
 # hundreds of containers has a patch of tens of KiB.
 ANSWER_LIMIT = 256 * 1024
+
+# The most the loop copies into the buffer before it lets other requests run.
+COPY_SLICE = 256 * 1024
 
 # Scheduling weight 110 against the server's 1024 (Linux CFS, nice 10 against 0).
 WORKER_NICENESS = 10
@@ -217,7 +221,7 @@ class Offload:
         self._pool: ProcessPoolExecutor | None = None
         self._on_restart = on_restart
         # The loop's CPU time spent on other requests while this review waited for the
-        # worker, since the last parse: not this review's work (server.answer_offloaded).
+        # worker, since the last write: not this review's work (server.answer_offloaded).
         self.waited_cpu = 0.0
 
     @property
@@ -245,8 +249,24 @@ class Offload:
         Python takes a few hundred milliseconds)."""
         await self._call(_ready)
 
-    async def parse(self, webhook: Webhook, length: int) -> Head | str:
+    async def write(self, chunks: list[bytes]) -> int:
+        """Copy a body's chunks into the buffer (hold `lock`): its length. The copying
+        yields to the loop every COPY_SLICE bytes: 7 MiB at once would take it about a
+        millisecond, ten on the segment's first use (its pages are mapped as touched)."""
         self.waited_cpu = 0.0
+        buffer = self.buffer
+        size = since = 0
+        for chunk in chunks:
+            end = size + len(chunk)
+            buffer[size:end] = chunk
+            size, since = end, since + len(chunk)
+            if since >= COPY_SLICE:
+                since = 0
+                await asyncio.sleep(0)
+        return size
+
+    async def parse(self, webhook: Webhook, length: int) -> Head | str:
+        """Decode the body `write` put in the buffer (hold `lock`)."""
         return await self._call(_parse, webhook, length)
 
     async def judge(self, view: View) -> Verdict:

@@ -124,21 +124,21 @@ async def read_body(request: web.Request) -> bytes | web.Response:
         return json_error(413, f"body is over the {MAX_BODY}-byte limit")
 
 
-async def read_body_into(request: web.Request, buffer: memoryview) -> int | web.Response:
-    """The request's body copied into `buffer` chunk by chunk as it arrives (each copy
-    a few microseconds, never the whole body at once): its length, or the 4xx response
-    that refuses it."""
+async def read_chunks(request: web.Request) -> list[bytes] | web.Response:
+    """The request's body as the chunks it arrived in (none copied or joined, which
+    for a body of MiBs would take the loop a millisecond), or the 4xx response that
+    refuses it."""
     refusal = refuse_headers(request)
     if refusal is not None:
         return refusal
+    chunks: list[bytes] = []
     size = 0
     async for chunk in request.content.iter_any():
-        end = size + len(chunk)
-        if end > len(buffer):
+        size += len(chunk)
+        if size > MAX_BODY:
             return json_error(413, f"body is over the {MAX_BODY}-byte limit")
-        buffer[size:end] = chunk
-        size = end
-    return size
+        chunks.append(chunk)
+    return chunks
 
 
 def read_review(body: bytes) -> AdmissionRequest | web.Response:
@@ -275,8 +275,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
         if offload is None:
             async with runtime.large_bodies:
                 return await answer(request, runtime)
-        async with offload.lock:
-            return await answer_offloaded(request, runtime, offload)
+        return await answer_offloaded(request, runtime, offload)
 
     async def answer(request: web.Request, runtime: Runtime) -> web.Response:
         started = time.perf_counter()
@@ -298,30 +297,35 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
     async def answer_offloaded(request: web.Request, runtime: Runtime,
                                offload: Offload) -> web.Response:
         """`answer` for a body decoded and judged in the worker process: the loop only
-        copies chunks, and logs and encodes the answer (webhook/offload.py)."""
+        copies chunks, and logs and encodes the answer (webhook/offload.py). The body is
+        read before the worker's lock is taken: a client that sends its body slowly
+        holds up no one but itself (until the request deadline drops it)."""
         started = time.perf_counter()
         runtime.metrics.large_reviews.inc()
-        length = await read_body_into(request, offload.buffer)
-        if isinstance(length, web.Response):
+        chunks = await read_chunks(request)
+        if isinstance(chunks, web.Response):
             runtime.metrics.admissions.record(webhook, "error")
-            return length
-        cpu = time.thread_time()
-        try:
-            head = await offload.parse(webhook, length)
-        except WorkerFailed as exc:
-            server_log.error("a review could not be decoded", extra={"error": str(exc)})
-            runtime.metrics.admissions.record(webhook, "error")
-            return json_error(500, f"{exc}; the review is refused, retry it")
-        if isinstance(head, str):
-            runtime.metrics.admissions.record(
-                webhook, "error", loop_cpu=time.thread_time() - cpu - offload.waited_cpu)
-            return json_error(400, head)
-        review = head.request
-        verdict = await decide_safely(runtime, review, Judge(
-            review, offload=offload, policy_view=head.policy_view))
-        offload.release()
-        return finish(runtime, review, verdict, started=started,
-                      cpu=cpu + offload.waited_cpu)
+            return chunks
+        async with offload.lock:
+            length = await offload.write(chunks)
+            del chunks  # in the shared buffer now: a 7 MiB body is not kept twice
+            cpu = time.thread_time()
+            try:
+                head = await offload.parse(webhook, length)
+            except WorkerFailed as exc:
+                server_log.error("a review could not be decoded", extra={"error": str(exc)})
+                runtime.metrics.admissions.record(webhook, "error")
+                return json_error(500, f"{exc}; the review is refused, retry it")
+            if isinstance(head, str):
+                runtime.metrics.admissions.record(
+                    webhook, "error", loop_cpu=time.thread_time() - cpu - offload.waited_cpu)
+                return json_error(400, head)
+            review = head.request
+            verdict = await decide_safely(runtime, review, Judge(
+                review, offload=offload, policy_view=head.policy_view))
+            offload.release()
+            waited = offload.waited_cpu
+        return finish(runtime, review, verdict, started=started, cpu=cpu + waited)
 
     async def decide_safely(runtime: Runtime, review: AdmissionRequest,
                             judge_by: Judge | None = None) -> Verdict:
