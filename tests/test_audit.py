@@ -113,6 +113,48 @@ def test_which_rules_reach_key_secrets_and_by_which_path(rules, path):
     assert strongest(rules) == path
 
 
+TEMPLATES = [(g, r) for g, r in WORKLOADS if r != "jobs"]
+
+
+@pytest.mark.parametrize(("rules", "path"), [
+    ([rule(["create"], ["pods/exec"])], ("create", "pods/exec")),
+    ([rule(["get"], ["pods/exec"])], ("get", "pods/exec")),  # exec over WebSocket
+    ([rule(["create"], ["pods/attach"])], ("create", "pods/attach")),
+    ([rule(["get"], ["pods/attach"])], ("get", "pods/attach")),
+    ([rule(["create"], ["*/exec"])], ("create", "pods/exec")),
+    ([rule(["create"], ["pods/exec"], names=["api-0"])], ("create", "pods/exec")),
+    ([rule(["create", "get"], ["pods/log", "pods/portforward", "pods/status"])], None),
+    ([rule(["create"], ["pods"])], ("create", "pods")),
+    ([rule(["create"], ["pods", "pods/exec"])], ("create", "pods/exec")),
+    ([rule(["patch"], ["pods"])], ("patch", "pods")),
+    ([rule(["update"], ["pods"], names=["api-0"])], ("update", "pods")),
+    ([rule(["patch"], ["pods/ephemeralcontainers"])], ("patch", "pods/ephemeralcontainers")),
+    ([rule(["patch", "update"], ["pods/status", "pods/finalizers"])], None),
+    ([rule(["get"], ["nodes/proxy"])], ("get", "nodes/proxy")),
+    ([rule(["create"], ["nodes/proxy"])], ("create", "nodes/proxy")),
+    ([rule(["get"], ["nodes", "nodes/stats", "nodes/log"])], None),
+    *(([rule(["patch"], [r], g)], ("patch", f"{r}.{g}" if g else r)) for g, r in TEMPLATES),
+    ([rule(["update"], ["deployments"], "apps", names=["api"])], ("update", "deployments.apps")),
+    ([rule(["patch", "update"], ["jobs"], "batch")], None),
+    ([rule(["patch", "update"], ["deployments/scale", "deployments/status"], "apps")], None),
+    ([rule(["patch"], ["deployments"], "apps"), rule(["create"], ["pods"])], ("create", "pods")),
+], ids=["exec", "exec-over-websocket", "attach", "attach-over-websocket",
+        "exec-into-any-resource", "exec-into-named-pods", "logs-port-forward-status",
+        "create-pods", "exec-is-stronger-than-creating-a-pod", "patch-pods-image",
+        "update-named-pods", "ephemeral-containers", "status-and-finalizers",
+        "node-proxy-get", "node-proxy-create", "node-reads", *(f"patch-{r}" for _, r in TEMPLATES),
+        "update-named-deployment", "job-templates-cannot-change", "scale-and-status",
+        "a-new-pod-is-stronger-than-a-template-change"])
+def test_a_way_into_a_backend_pod_or_its_template_is_a_path_to_its_keys(rules, path):
+    # A shell in a backend Pod, a new image or container in one, or a template that
+    # makes Pods reads /encryption-keys as surely as a read of the Secret.
+    assert strongest(rules) == path
+
+
+def test_only_a_clusterrolebinding_grants_the_node_proxy():
+    assert strongest([rule(["get"], ["nodes/proxy"])], cluster_wide=False) is None
+
+
 @pytest.mark.parametrize(("resource", "path"), [
     ("users", None), ("groups", None),
     ("serviceaccounts", ("impersonate", "serviceaccounts"))],
@@ -246,6 +288,14 @@ def test_the_access_review_asks_for_the_subject_and_the_path(subject, who):
     assert spec == {**who, "resourceAttributes": {
         "verb": "get", "group": "", "resource": "secrets", "namespace": "shop",
         "name": "k1"}}
+
+
+def test_the_access_review_names_a_subresource_apart():
+    from webhook.cluster import access_review
+    grant = Grant("user:eve", Access("create", "", "pods/exec", "shop"), "b", "r")
+    assert access_review(grant)["spec"]["resourceAttributes"] == {
+        "verb": "create", "group": "", "resource": "pods", "subresource": "exec",
+        "namespace": "shop", "name": ""}
 
 
 def test_a_rolebinding_granting_a_group_get_secrets_is_a_finding_and_expected_ones_are_not():

@@ -1,8 +1,9 @@
 """`keymount audit`: what a security team asks before it trusts a key service (pure).
 
 Findings: one key (by fingerprint) in more than one namespace; subjects that can reach
-a namespace's keys through RBAC (read or patch its key Secrets, impersonate, create
-Pods or what makes Pods; cluster admins, the named Kubernetes controllers, keymount
+a namespace's keys through RBAC (read or patch its key Secrets, impersonate, exec or
+attach into its Pods, change a running Pod, create Pods or what makes Pods, change a
+pod template; cluster admins, the named Kubernetes controllers, keymount
 itself and the key writers are expected, not findings); key writers unset; a namespace
 whose newest key is older than --max-key-age; backend Pods on a stale key set; keys
 made before keymount numbered them; a Secret without the key label under a key slot's
@@ -40,6 +41,22 @@ POD_MAKERS: tuple[tuple[str, str], ...] = (
 # Impersonating a subject that may read is reading; users and groups are cluster-scoped,
 # so only a ClusterRoleBinding grants impersonating them.
 IMPERSONATED = ("users", "groups", "serviceaccounts")
+# A shell in a running backend Pod reads /encryption-keys: exec and attach are POSTs
+# (create), and GETs (get) when the client speaks WebSocket.
+INTO_PODS: tuple[tuple[str, str], ...] = tuple(
+    (verb, resource) for resource in ("pods/exec", "pods/attach") for verb in ("create", "get"))
+# The kubelet's own API, reached through the API server's node proxy, execs into any
+# Pod of the node; nodes are cluster-scoped, so only a ClusterRoleBinding grants it.
+NODE_PROXY: tuple[tuple[str, str], ...] = (("get", "nodes/proxy"), ("create", "nodes/proxy"))
+# A running Pod's container image may be changed (the new image runs with the keys
+# mounted), and an ephemeral container may mount the Pod's volumes.
+CHANGE_PODS: tuple[tuple[str, str], ...] = tuple(
+    (verb, resource) for resource in ("pods", "pods/ephemeralcontainers")
+    for verb in ("patch", "update"))
+# A changed pod template makes Pods from it. A Job's template cannot change after it is
+# created (the API server refuses it), so jobs are not here.
+TEMPLATE_CHANGERS: tuple[tuple[str, str], ...] = tuple(
+    (group, resource) for group, resource in POD_MAKERS if resource not in ("pods", "jobs"))
 
 # Expected readers, each named precisely (never a prefix: `system:eve` is anyone's name).
 CLUSTER_ADMIN_ROLE = "cluster-admin"  # bound cluster-wide: a cluster admin
@@ -128,6 +145,14 @@ def _has(values: Any, wanted: str) -> bool:
     return wanted in listed or "*" in listed
 
 
+def _has_resource(values: Any, wanted: str) -> bool:
+    """As RBAC matches a rule's resources: `*` is every resource and subresource,
+    `*/exec` the exec subresource of any resource; `pods` is not `pods/exec`."""
+    listed = set(values or [])
+    _, slash, subresource = wanted.partition("/")
+    return wanted in listed or "*" in listed or bool(slash and f"*/{subresource}" in listed)
+
+
 def rule_accesses(rule: Mapping[str, Any], names: Sequence[str], *, namespace: str,
                   cluster_wide: bool) -> list[Access]:
     """Each way one RBAC rule reaches the key Secrets `names` of `namespace`."""
@@ -145,10 +170,25 @@ def rule_accesses(rule: Mapping[str, Any], names: Sequence[str], *, namespace: s
             found.append(Access("impersonate", "", resource,
                                 namespace if resource == "serviceaccounts" else "",
                                 only[0] if only else ""))
+    # Into a running Pod, or a change that runs other code with its keys: a Pod's or a
+    # workload's name in resourceNames narrows the path to those, and which of them are
+    # (or will be) backend Pods is not known here, so the path is reported all the same.
+    name = only[0] if only else ""
+    core = _has(groups, "")
+    for verb, resource in (*INTO_PODS, *CHANGE_PODS):
+        if core and _has_resource(resources, resource) and _has(verbs, verb):
+            found.append(Access(verb, "", resource, namespace, name))
+    for verb, resource in NODE_PROXY:
+        if cluster_wide and core and _has_resource(resources, resource) and _has(verbs, verb):
+            found.append(Access(verb, "", resource, "", name))
     if not only:  # create is authorized before the name is known: resourceNames never match
         for group, resource in POD_MAKERS:
             if _has(groups, group) and _has(resources, resource) and _has(verbs, "create"):
                 found.append(Access("create", group, resource, namespace))
+    for group, resource in TEMPLATE_CHANGERS:
+        for verb in WRITE_VERBS:
+            if _has(groups, group) and _has(resources, resource) and _has(verbs, verb):
+                found.append(Access(verb, group, resource, namespace, name))
     return found
 
 
@@ -256,9 +296,13 @@ def secret_readers(rbac: Rbac, namespace: str, names: Sequence[str], *,
     return grants
 
 
+# Strongest first: the keys' bytes themselves, then someone else's access, then a way
+# into a running backend Pod, then a Pod or workload of one's own making.
 _ORDER = [*(("", "secrets", v) for v in (*READ_VERBS, *WRITE_VERBS)),
           *(("", r, "impersonate") for r in IMPERSONATED),
-          *((g, r, "create") for g, r in POD_MAKERS)]
+          *(("", r, v) for v, r in (*INTO_PODS, *NODE_PROXY, *CHANGE_PODS)),
+          *((g, r, "create") for g, r in POD_MAKERS),
+          *((g, r, v) for g, r in TEMPLATE_CHANGERS for v in WRITE_VERBS)]
 
 
 def _strength(access: Access) -> int:

@@ -351,8 +351,12 @@ def access_review(grant: Grant) -> ApiObject:
     who: ApiObject = {"groups": [name]} if kind == "group" else \
         {"user": f"system:serviceaccount:{name}" if kind == "serviceaccount" else name}
     access = grant.access
-    attributes = {"verb": access.verb, "group": access.group, "resource": access.resource,
+    # RBAC writes a subresource as `pods/exec`; a review names it apart.
+    resource, _, subresource = access.resource.partition("/")
+    attributes = {"verb": access.verb, "group": access.group, "resource": resource,
                   "namespace": access.namespace, "name": access.name}
+    if subresource:
+        attributes["subresource"] = subresource
     return {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
             "spec": {**who, "resourceAttributes": attributes}}
 

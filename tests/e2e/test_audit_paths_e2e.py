@@ -70,6 +70,20 @@ NAMESPACED = {
     **{f"{resource}-maker": ({"kind": "User", "name": f"{resource}-maker"},
                              [rule(["create"], [resource], group)], "create", resource)
        for group, resource in WORKLOADS},
+    # Into a running backend Pod, or a change that runs other code with its keys.
+    "execer": ({"kind": "User", "name": "execer"}, [rule(["create"], ["pods/exec"])],
+               "create", "pods/exec"),
+    "websocket-execer": ({"kind": "User", "name": "websocket-execer"},
+                         [rule(["get"], ["pods/exec"])], "get", "pods/exec"),
+    "attacher": ({"kind": "User", "name": "attacher"}, [rule(["create"], ["pods/attach"])],
+                 "create", "pods/attach"),
+    "image-changer": ({"kind": "User", "name": "image-changer"}, [rule(["patch"], ["pods"])],
+                      "patch", "pods"),
+    "debugger": ({"kind": "User", "name": "debugger"},
+                 [rule(["update"], ["pods/ephemeralcontainers"])],
+                 "update", "pods/ephemeralcontainers"),
+    "template-changer": ({"kind": "User", "name": "template-changer"},
+                         [rule(["patch"], ["deployments"], "apps")], "patch", "deployments"),
 }
 # Through ClusterRoleBindings (users and groups are cluster-scoped: only they grant
 # impersonating them), named per run and deleted with the module.
@@ -78,6 +92,9 @@ CLUSTER_WIDE = {
                           [rule(["impersonate"], ["users"])], "impersonate", "users"),
     "group-impersonator": ({"kind": "User", "name": "group-impersonator"},
                            [rule(["impersonate"], ["groups"])], "impersonate", "groups"),
+    # The kubelet's API execs into any Pod of its node.
+    "node-proxy": ({"kind": "User", "name": "node-proxy"}, [rule(["get"], ["nodes/proxy"])],
+                   "get", "nodes/proxy"),
 }
 
 
