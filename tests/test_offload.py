@@ -19,7 +19,7 @@ from webhook.config import Settings
 from webhook.events import event_for
 from webhook.localdir import DirectoryKeySource
 from webhook.metrics import Metrics
-from webhook.offload import HEAD_STRING, INLINE_BODY, Offload, head_of
+from webhook.offload import HEAD_STRING, INLINE_BODY, Offload, ReadAhead, head_of
 from webhook.server import MAX_BODY, Runtime, build_webhook_app
 from webhook.store import KeyStore
 from webhook.tls import build_ssl_context
@@ -207,6 +207,32 @@ async def test_a_large_body_sent_slowly_does_not_hold_up_other_large_reviews(
         status, answer = await asyncio.wait_for(post(client, "/mutate", data), timeout=5)
         assert status == 200 and answer["response"]["allowed"] is True
         assert "patch" in answer["response"]
+    finally:
+        writer.close()
+
+
+async def test_a_slow_sender_filling_the_read_ahead_is_dropped_for_the_next_review(
+        server, client, runtime, certs):
+    # Bodies read ahead of the worker are bounded in all; a client that announces a
+    # body as large as that bound and sends it slowly would otherwise keep every other
+    # large review waiting until its request deadline.
+    runtime.offload.read_ahead = ReadAhead(MAX_BODY, slow=0.3)
+    context = ssl.create_default_context(cafile=str(certs.ca_cert))
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port, ssl=context,
+                                                   server_hostname="127.0.0.1")
+    try:
+        writer.write(b"POST /mutate HTTP/1.1\r\nHost: keymount\r\nContent-Type: "
+                     b"application/json\r\nContent-Length: %d\r\n\r\n{" % MAX_BODY)
+        await writer.drain()
+        await wait_for(lambda: runtime.offload.read_ahead.used == MAX_BODY,
+                       what="the slow body holds the whole read-ahead")
+        status, answer = await asyncio.wait_for(
+            post(client, "/mutate", padded(review(pod()))), timeout=5)
+        assert status == 200 and answer["response"]["allowed"] is True
+        assert await asyncio.wait_for(reader.read(), timeout=5) == b""  # dropped
+        dropped = runtime.metrics.connections_dropped.labels("slow-body")._value.get()
+        assert dropped == 1
+        assert runtime.offload.read_ahead.used == 0
     finally:
         writer.close()
 

@@ -41,8 +41,9 @@ class Metrics:
             ["result"], registry=r)
         self.connections_dropped = Counter(
             "keymount_connections_dropped", "Connections keymount closed: evicted (their "
-            "slot went to a new connection at --max-connections) or expired (no answer "
-            "begun within --request-timeout)",
+            "slot went to a new connection at --max-connections), expired (no answer "
+            "begun within --request-timeout) or slow-body (a large review's body still "
+            "arriving after a second, while another needed its room)",
             ["reason"], registry=r)
         self.events_dropped = Counter(
             "keymount_events_dropped", "Kubernetes Events not sent because the queue was full",

@@ -68,6 +68,18 @@ ANSWER_LIMIT = 256 * 1024
 # The most the loop copies into the buffer before it lets other requests run.
 COPY_SLICE = 256 * 1024
 
+# Large bodies read ahead of the worker, in all (by Content-Length): what the server
+# holds for reviews that wait their turn. Well under the connection guard's
+# --max-buffered-mib (64 MiB), beside every other connection's buffers, so that
+# reviews waiting for the worker never make the guard stop reading the API server's
+# connections.
+READ_AHEAD = 24 * 1024 * 1024
+
+# A body still arriving after this long may be dropped to make room for another: the
+# API server sends a review's body at once (milliseconds, even for the largest Pod
+# etcd stores, 1.5 MiB), and only a client that sends slowly takes a second.
+SLOW_READER = 1.0
+
 # Scheduling weight 110 against the server's 1024 (Linux CFS, nice 10 against 0).
 WORKER_NICENESS = 10
 
@@ -204,6 +216,69 @@ def bound_answer(verdict: Verdict) -> Verdict:
 
 # --- the server's side --------------------------------------------------------------------
 
+class ReadAhead:
+    """Room for the bodies of large reviews read before their turn at the worker.
+
+    A review reads its body first and only then waits for the worker, so that a client
+    that sends its body slowly holds up no one else. The bodies are bounded in all by
+    `budget`; in line for room (first come, first served), the first waiter drops the
+    reader that has been reading longest once it has read for `slow` seconds: a slow
+    sender yields its room, a fast one (the API server) never waits for it long.
+    """
+
+    def __init__(self, budget: int = READ_AHEAD, *, slow: float = SLOW_READER) -> None:
+        self.budget, self.slow = budget, slow
+        self.used = 0
+        self._held: dict[object, int] = {}  # token -> room
+        self._readers: dict[object, tuple[float, Callable[[], None]]] = {}  # oldest first
+        self._line: list[object] = []
+        self._changed = asyncio.Event()
+
+    async def reserve(self, size: int, *, drop: Callable[[], None]) -> object:
+        """Wait for room for `size` bytes; then the caller reads, and `drop` may be
+        called to end its connection until `done_reading`. The token for both calls and
+        for `release`."""
+        loop = asyncio.get_running_loop()
+        ticket = object()
+        self._line.append(ticket)
+        try:
+            while self._line[0] is not ticket or self.used + size > self.budget:
+                timeout = None
+                if self._line[0] is ticket and self._readers:
+                    token, (since, dropper) = next(iter(self._readers.items()))
+                    age = loop.time() - since
+                    if age >= self.slow:
+                        del self._readers[token]
+                        dropper()  # its handler releases its room as it unwinds
+                        timeout = self.slow  # and should it not, the next one goes
+                    else:
+                        timeout = self.slow - age
+                changed = self._changed
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(changed.wait(), timeout)
+        finally:
+            self._line.remove(ticket)
+            self._notify()
+        self.used += size
+        self._held[ticket] = size
+        self._readers[ticket] = (loop.time(), drop)
+        return ticket
+
+    def done_reading(self, token: object) -> None:
+        self._readers.pop(token, None)
+
+    def release(self, token: object) -> None:
+        """Give the room back (once; a second call does nothing)."""
+        self._readers.pop(token, None)
+        if token in self._held:
+            self.used -= self._held.pop(token)
+            self._notify()
+
+    def _notify(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
 class WorkerFailed(RuntimeError):
     """The worker process died or could not be started: the review is refused."""
 
@@ -211,10 +286,13 @@ class WorkerFailed(RuntimeError):
 class Offload:
     """The worker process and its buffer, for one server process."""
 
-    def __init__(self, *, max_body: int,
-                 on_restart: Callable[[], None] | None = None) -> None:
+    def __init__(self, *, max_body: int, on_restart: Callable[[], None] | None = None,
+                 read_ahead: ReadAhead | None = None) -> None:
         self.max_body = max_body
         self.lock = asyncio.Lock()
+        self.read_ahead = read_ahead or ReadAhead()
+        if self.read_ahead.budget < max_body:
+            raise ValueError("the read-ahead budget must hold the largest body")
         # Made at start (or at the first large review), so a server that never starts
         # leaves no segment for the resource tracker to find at exit.
         self._buffer: SharedMemory | None = None

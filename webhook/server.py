@@ -126,19 +126,30 @@ async def read_body(request: web.Request) -> bytes | web.Response:
 
 async def read_chunks(request: web.Request) -> list[bytes] | web.Response:
     """The request's body as the chunks it arrived in (none copied or joined, which
-    for a body of MiBs would take the loop a millisecond), or the 4xx response that
-    refuses it."""
-    refusal = refuse_headers(request)
-    if refusal is not None:
-        return refusal
+    for a body of MiBs would take the loop a millisecond), or the 413 response that
+    refuses it (its headers: `refuse_headers`)."""
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > MAX_BODY:
-            return json_error(413, f"body is over the {MAX_BODY}-byte limit")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > MAX_BODY:
+                return json_error(413, f"body is over the {MAX_BODY}-byte limit")
+            chunks.append(chunk)
+    except ConnectionError:  # dropped (drop_slow_sender) or gone: nobody reads an answer
+        return json_error(400, "the connection closed before the body arrived")
     return chunks
+
+
+def drop_slow_sender(runtime: Runtime, request: web.Request) -> None:
+    """Close the connection of a large review whose body is still arriving after
+    offload.SLOW_READER, to give its room to another (offload.ReadAhead)."""
+    server_log.warning("a large review's body arrived too slowly; connection closed to "
+                       "make room for another", extra={"bytes": request.content_length})
+    runtime.metrics.connections_dropped.labels("slow-body").inc()
+    transport = request.transport
+    if transport is not None:
+        transport.abort()
 
 
 def read_review(body: bytes) -> AdmissionRequest | web.Response:
@@ -302,30 +313,48 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
         holds up no one but itself (until the request deadline drops it)."""
         started = time.perf_counter()
         runtime.metrics.large_reviews.inc()
-        chunks = await read_chunks(request)
-        if isinstance(chunks, web.Response):
+        refusal = refuse_headers(request)
+        if refusal is not None:
             runtime.metrics.admissions.record(webhook, "error")
-            return chunks
-        async with offload.lock:
-            length = await offload.write(chunks)
-            del chunks  # in the shared buffer now: a 7 MiB body is not kept twice
-            cpu = time.thread_time()
-            try:
-                head = await offload.parse(webhook, length)
-            except WorkerFailed as exc:
-                server_log.error("a review could not be decoded", extra={"error": str(exc)})
+            return refusal
+        room = request.content_length or MAX_BODY
+        read_ahead = offload.read_ahead
+        token = await read_ahead.reserve(room, drop=lambda: drop_slow_sender(runtime, request))
+        try:
+            chunks = await read_chunks(request)
+            read_ahead.done_reading(token)
+            if isinstance(chunks, web.Response):
                 runtime.metrics.admissions.record(webhook, "error")
-                return json_error(500, f"{exc}; the review is refused, retry it")
-            if isinstance(head, str):
-                runtime.metrics.admissions.record(
-                    webhook, "error", loop_cpu=time.thread_time() - cpu - offload.waited_cpu)
-                return json_error(400, head)
-            review = head.request
-            verdict = await decide_safely(runtime, review, Judge(
-                review, offload=offload, policy_view=head.policy_view))
-            offload.release()
-            waited = offload.waited_cpu
-        return finish(runtime, review, verdict, started=started, cpu=cpu + waited)
+                return chunks
+            async with offload.lock:
+                length = await offload.write(chunks)
+                del chunks  # in the shared buffer now: a 7 MiB body is not kept twice
+                read_ahead.release(token)
+                return await decide_offloaded(runtime, offload, length, started=started)
+        finally:
+            read_ahead.release(token)
+
+    async def decide_offloaded(runtime: Runtime, offload: Offload, length: int, *,
+                               started: float) -> web.Response:
+        """The worker's decision on the body in its buffer, answered (the caller holds
+        the worker's lock)."""
+        cpu = time.thread_time()
+        try:
+            head = await offload.parse(webhook, length)
+        except WorkerFailed as exc:
+            server_log.error("a review could not be decoded", extra={"error": str(exc)})
+            runtime.metrics.admissions.record(webhook, "error")
+            return json_error(500, f"{exc}; the review is refused, retry it")
+        if isinstance(head, str):
+            runtime.metrics.admissions.record(
+                webhook, "error", loop_cpu=time.thread_time() - cpu - offload.waited_cpu)
+            return json_error(400, head)
+        review = head.request
+        verdict = await decide_safely(runtime, review, Judge(
+            review, offload=offload, policy_view=head.policy_view))
+        offload.release()
+        return finish(runtime, review, verdict, started=started,
+                      cpu=cpu + offload.waited_cpu)
 
     async def decide_safely(runtime: Runtime, review: AdmissionRequest,
                             judge_by: Judge | None = None) -> Verdict:
