@@ -309,8 +309,9 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                                offload: Offload) -> web.Response:
         """`answer` for a body decoded and judged in the worker process: the loop only
         copies chunks, and logs and encodes the answer (webhook/offload.py). The body is
-        read before the worker's lock is taken: a client that sends its body slowly
-        holds up no one but itself (until the request deadline drops it)."""
+        read before the worker's lock is taken, within a bounded room: a client that
+        sends its body slowly holds no lock, and yields its room a second after another
+        review needs it (offload.ReadAhead)."""
         started = time.perf_counter()
         runtime.metrics.large_reviews.inc()
         refusal = refuse_headers(request)
