@@ -151,6 +151,70 @@ def test_a_way_into_a_backend_pod_or_its_template_is_a_path_to_its_keys(rules, p
     assert strongest(rules) == path
 
 
+RBAC_GROUP = "rbac.authorization.k8s.io"
+HOOKS_GROUP = "admissionregistration.k8s.io"
+
+
+@pytest.mark.parametrize(("rules", "path"), [
+    ([rule(["create"], ["serviceaccounts/token"])], ("create", "serviceaccounts/token")),
+    ([rule(["create"], ["serviceaccounts/token"], names=["api"])],
+     ("create", "serviceaccounts/token")),
+    ([rule(["create", "get"], ["serviceaccounts"])], None),
+    ([rule(["bind"], ["clusterroles"], RBAC_GROUP), rule(["create"], ["rolebindings"], RBAC_GROUP)],
+     ("bind", f"clusterroles.{RBAC_GROUP}")),
+    ([rule(["bind"], ["roles"], RBAC_GROUP), rule(["patch"], ["rolebindings"], RBAC_GROUP)],
+     ("bind", f"roles.{RBAC_GROUP}")),
+    ([rule(["bind"], ["clusterroles"], RBAC_GROUP, names=["view"]),
+      rule(["update"], ["clusterrolebindings"], RBAC_GROUP)],
+     ("bind", f"clusterroles.{RBAC_GROUP}")),
+    ([rule(["bind"], ["clusterroles", "roles"], RBAC_GROUP)], None),
+    ([rule(["create", "update"], ["rolebindings", "clusterrolebindings"], RBAC_GROUP)], None),
+    ([rule(["bind"], ["clusterroles"], RBAC_GROUP),
+      rule(["create"], ["rolebindings"], RBAC_GROUP, names=["b"])], None),
+    ([rule(["escalate", "update"], ["roles"], RBAC_GROUP)], ("escalate", f"roles.{RBAC_GROUP}")),
+    ([rule(["escalate"], ["clusterroles"], RBAC_GROUP),
+      rule(["patch"], ["clusterroles"], RBAC_GROUP)], ("escalate", f"clusterroles.{RBAC_GROUP}")),
+    ([rule(["escalate"], ["roles", "clusterroles"], RBAC_GROUP)], None),
+    ([rule(["escalate"], ["roles"], RBAC_GROUP), rule(["update"], ["clusterroles"], RBAC_GROUP)],
+     None),
+    ([rule(["create"], ["mutatingwebhookconfigurations"], HOOKS_GROUP)],
+     ("create", f"mutatingwebhookconfigurations.{HOOKS_GROUP}")),
+    ([rule(["patch"], ["validatingwebhookconfigurations"], HOOKS_GROUP, names=["keymount"])],
+     ("patch", f"validatingwebhookconfigurations.{HOOKS_GROUP}")),
+    ([rule(["get", "list", "delete"], ["mutatingwebhookconfigurations"], HOOKS_GROUP)], None),
+    ([rule(["*"], ["*"], RBAC_GROUP)], ("bind", f"clusterroles.{RBAC_GROUP}")),
+    ([rule(["bind"], ["roles"], RBAC_GROUP), rule(["create"], ["rolebindings"], RBAC_GROUP),
+      rule(["get"], ["secrets"])], ("get", "secrets")),
+], ids=["token-request", "token-for-named-accounts", "service-accounts-themselves",
+        "bind-cluster-roles-and-create-bindings", "bind-roles-and-patch-bindings",
+        "bind-named-role-and-update-cluster-bindings", "bind-without-writing-bindings",
+        "write-bindings-without-bind", "create-named-bindings-never-matches",
+        "escalate-and-update-roles", "escalate-and-patch-cluster-roles",
+        "escalate-without-writing-roles", "escalate-roles-but-write-cluster-roles",
+        "create-mutating-webhook", "patch-named-validating-webhook", "read-or-delete-webhooks",
+        "everything-in-rbac", "reading-the-keys-is-stronger"])
+def test_rewriting_rbac_or_admission_or_taking_a_token_is_a_path_to_its_keys(rules, path):
+    # RBAC refuses a binding to a role, or a role, with permissions the writer does not
+    # hold, except with bind or escalate; a token acts as its service account; an
+    # admission webhook of one's own is sent every key Secret as it is written.
+    assert strongest(rules) == path
+
+
+@pytest.mark.parametrize(("rules", "path"), [
+    ([rule(["create"], ["serviceaccounts/token"])], ("create", "serviceaccounts/token")),
+    ([rule(["bind"], ["clusterroles"], RBAC_GROUP), rule(["create"], ["rolebindings"], RBAC_GROUP)],
+     ("bind", f"clusterroles.{RBAC_GROUP}")),
+    ([rule(["bind"], ["clusterroles"], RBAC_GROUP),
+      rule(["create"], ["clusterrolebindings"], RBAC_GROUP)], None),
+    ([rule(["escalate", "update"], ["roles"], RBAC_GROUP)], ("escalate", f"roles.{RBAC_GROUP}")),
+    ([rule(["escalate", "update"], ["clusterroles"], RBAC_GROUP)], None),
+    ([rule(["create"], ["mutatingwebhookconfigurations"], HOOKS_GROUP)], None),
+], ids=["token-request", "bind-and-create-rolebindings", "cluster-bindings-need-a-cluster-grant",
+        "escalate-roles", "cluster-roles-need-a-cluster-grant", "webhooks-are-cluster-scoped"])
+def test_a_rolebinding_grants_rewriting_only_its_namespaces_rbac(rules, path):
+    assert strongest(rules, cluster_wide=False) == path
+
+
 def test_only_a_clusterrolebinding_grants_the_node_proxy():
     assert strongest([rule(["get"], ["nodes/proxy"])], cluster_wide=False) is None
 

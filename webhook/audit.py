@@ -1,9 +1,10 @@
 """`keymount audit`: what a security team asks before it trusts a key service (pure).
 
 Findings: one key (by fingerprint) in more than one namespace; subjects that can reach
-a namespace's keys through RBAC (read or patch its key Secrets, impersonate, exec or
-attach into its Pods, change a running Pod, create Pods or what makes Pods, change a
-pod template; cluster admins, the named Kubernetes controllers, keymount
+a namespace's keys through RBAC (read or patch its key Secrets, impersonate or take a
+service account's token, rewrite RBAC with bind or escalate, write admission webhooks,
+exec or attach into its Pods, change a running Pod, create Pods or what makes Pods,
+change a pod template; cluster admins, the named Kubernetes controllers, keymount
 itself and the key writers are expected, not findings); key writers unset; a namespace
 whose newest key is older than --max-key-age; backend Pods on a stale key set; keys
 made before keymount numbered them; a Secret without the key label under a key slot's
@@ -58,6 +59,22 @@ CHANGE_PODS: tuple[tuple[str, str], ...] = tuple(
 TEMPLATE_CHANGERS: tuple[tuple[str, str], ...] = tuple(
     (group, resource) for group, resource in POD_MAKERS if resource not in ("pods", "jobs"))
 
+# A token for a service account of the namespace (TokenRequest, as the kubelet asks
+# for its Pods') acts as that service account: impersonating it.
+TOKEN_REQUEST = ("create", "serviceaccounts/token")
+# RBAC refuses a binding to a role, or a role, that grants more than its writer holds,
+# unless the writer may `bind` that role or `escalate` (RBAC's privilege-escalation
+# prevention): with either and a write of bindings or roles, a subject may grant itself
+# any path here. Roles and bindings of a namespace through either binding kind; cluster
+# ones through a ClusterRoleBinding only (they are cluster-scoped).
+RBAC_GROUP = "rbac.authorization.k8s.io"
+RBAC_WRITES = ("create", "update", "patch")
+ROLE_KINDS = ("clusterroles", "roles")  # a ClusterRole (cluster-admin) first
+# An admission webhook of one's own is sent each key Secret as it is written, and a
+# changed keymount configuration stops its checks; cluster-scoped.
+HOOKS_GROUP = "admissionregistration.k8s.io"
+WEBHOOK_CONFIGS = ("mutatingwebhookconfigurations", "validatingwebhookconfigurations")
+
 # Expected readers, each named precisely (never a prefix: `system:eve` is anyone's name).
 CLUSTER_ADMIN_ROLE = "cluster-admin"  # bound cluster-wide: a cluster admin
 CLUSTER_ADMIN_GROUP = "group:system:masters"
@@ -72,6 +89,8 @@ KUBERNETES_CONTROLLERS = frozenset({
         "replication-controller", "job-controller", "cronjob-controller",
         "daemon-set-controller", "statefulset-controller", "deployment-controller",
         "bootstrap-signer", "token-cleaner",
+        # escalate and update on clusterroles: it writes aggregated roles' rules
+        "clusterrole-aggregation-controller",
         "legacy-service-account-token-cleaner")),
 })
 SERVICE_ACCOUNT_USER = "system:serviceaccount:"
@@ -170,6 +189,16 @@ def rule_accesses(rule: Mapping[str, Any], names: Sequence[str], *, namespace: s
             found.append(Access("impersonate", "", resource,
                                 namespace if resource == "serviceaccounts" else "",
                                 only[0] if only else ""))
+    # resourceNames narrow a token to the service accounts named, and which of them
+    # reach keys is not read here: reported all the same, as impersonation is.
+    verb, resource = TOKEN_REQUEST
+    if _has(groups, "") and _has_resource(resources, resource) and _has(verbs, verb):
+        found.append(Access(verb, "", resource, namespace, only[0] if only else ""))
+    for resource in WEBHOOK_CONFIGS:
+        for verb in RBAC_WRITES:
+            if cluster_wide and _has(groups, HOOKS_GROUP) and _has(resources, resource) \
+                    and _has(verbs, verb) and not (verb == "create" and only):
+                found.append(Access(verb, HOOKS_GROUP, resource, "", only[0] if only else ""))
     # Into a running Pod, or a change that runs other code with its keys: a Pod's or a
     # workload's name in resourceNames narrows the path to those, and which of them are
     # (or will be) backend Pods is not known here, so the path is reported all the same.
@@ -189,6 +218,46 @@ def rule_accesses(rule: Mapping[str, Any], names: Sequence[str], *, namespace: s
         for verb in WRITE_VERBS:
             if _has(groups, group) and _has(resources, resource) and _has(verbs, verb):
                 found.append(Access(verb, group, resource, namespace, name))
+    return found
+
+
+def _granting(rules: Sequence[Mapping[str, Any]], group: str, resource: str,
+              verbs: Sequence[str]) -> Mapping[str, Any] | None:
+    """The first rule that allows one of `verbs` on `resource`; a rule limited by
+    resourceNames never allows a create (the name is not known when it is authorized)."""
+    for rule in rules:
+        if _has(rule.get("apiGroups"), group) and _has(rule.get("resources"), resource) \
+                and any(_has(rule.get("verbs"), verb) and not (
+                    verb == "create" and rule.get("resourceNames")) for verb in verbs):
+            return rule
+    return None
+
+
+def _named(rule: Mapping[str, Any]) -> str:
+    return str((rule.get("resourceNames") or [""])[0])
+
+
+def rbac_rewrites(rules: Sequence[Mapping[str, Any]], *, namespace: str,
+                  cluster_wide: bool) -> list[Access]:
+    """The ways one role's rules, together, let a subject grant itself more: bind a
+    role and write a binding to it, or escalate a role and write it (RBAC's
+    privilege-escalation prevention and its two exceptions). resourceNames on bind or
+    escalate narrow them to the roles named, whose rules are not read here: reported
+    all the same."""
+    found: list[Access] = []
+    binding_kinds = ("rolebindings", "clusterrolebindings") if cluster_wide else ("rolebindings",)
+    writes_bindings = any(_granting(rules, RBAC_GROUP, kind, RBAC_WRITES)
+                          for kind in binding_kinds)
+    for resource in ROLE_KINDS:
+        rule = _granting(rules, RBAC_GROUP, resource, ("bind",))
+        if writes_bindings and rule is not None:
+            # A RoleBinding to a ClusterRole is authorized in the binding's namespace.
+            found.append(Access("bind", RBAC_GROUP, resource, namespace, _named(rule)))
+    for resource in ROLE_KINDS if cluster_wide else ("roles",):
+        rule = _granting(rules, RBAC_GROUP, resource, ("escalate",))
+        if rule is not None and _granting(rules, RBAC_GROUP, resource, RBAC_WRITES):
+            found.append(Access("escalate", RBAC_GROUP, resource,
+                                namespace if resource == "roles" else "", _named(rule)))
     return found
 
 
@@ -281,6 +350,7 @@ def secret_readers(rbac: Rbac, namespace: str, names: Sequence[str], *,
             continue
         accesses = [a for rule in rules for a in rule_accesses(
             rule, names, namespace=namespace, cluster_wide=cluster_wide)]
+        accesses += rbac_rewrites(rules, namespace=namespace, cluster_wide=cluster_wide)
         if not accesses:
             continue
         access = min(accesses, key=_strength)
@@ -300,6 +370,9 @@ def secret_readers(rbac: Rbac, namespace: str, names: Sequence[str], *,
 # into a running backend Pod, then a Pod or workload of one's own making.
 _ORDER = [*(("", "secrets", v) for v in (*READ_VERBS, *WRITE_VERBS)),
           *(("", r, "impersonate") for r in IMPERSONATED),
+          ("", TOKEN_REQUEST[1], TOKEN_REQUEST[0]),
+          *((RBAC_GROUP, r, v) for v in ("bind", "escalate") for r in ROLE_KINDS),
+          *((HOOKS_GROUP, r, v) for r in WEBHOOK_CONFIGS for v in RBAC_WRITES),
           *(("", r, v) for v, r in (*INTO_PODS, *NODE_PROXY, *CHANGE_PODS)),
           *((g, r, "create") for g, r in POD_MAKERS),
           *((g, r, v) for g, r in TEMPLATE_CHANGERS for v in WRITE_VERBS)]

@@ -84,6 +84,16 @@ NAMESPACED = {
                  "update", "pods/ephemeralcontainers"),
     "template-changer": ({"kind": "User", "name": "template-changer"},
                          [rule(["patch"], ["deployments"], "apps")], "patch", "deployments"),
+    # A token acts as its service account; bind or escalate with a write of bindings or
+    # roles grants anything (RBAC refuses both writes without them).
+    "token-requester": ({"kind": "User", "name": "token-requester"},
+                        [rule(["create"], ["serviceaccounts/token"])],
+                        "create", "serviceaccounts/token"),
+    "binder": ({"kind": "User", "name": "binder"},
+               [rule(["bind"], ["clusterroles"], RBAC), rule(["create"], ["rolebindings"], RBAC)],
+               "bind", "clusterroles"),
+    "escalator": ({"kind": "User", "name": "escalator"},
+                  [rule(["escalate", "update"], ["roles"], RBAC)], "escalate", "roles"),
 }
 # Through ClusterRoleBindings (users and groups are cluster-scoped: only they grant
 # impersonating them), named per run and deleted with the module.
@@ -95,6 +105,14 @@ CLUSTER_WIDE = {
     # The kubelet's API execs into any Pod of its node.
     "node-proxy": ({"kind": "User", "name": "node-proxy"}, [rule(["get"], ["nodes/proxy"])],
                    "get", "nodes/proxy"),
+    # A webhook of one's own is sent every key Secret as it is written.
+    "webhook-maker": ({"kind": "User", "name": "webhook-maker"},
+                      [rule(["create"], ["mutatingwebhookconfigurations"],
+                            "admissionregistration.k8s.io")],
+                      "create", "mutatingwebhookconfigurations"),
+    "cluster-escalator": ({"kind": "User", "name": "cluster-escalator"},
+                          [rule(["escalate", "patch"], ["clusterroles"], RBAC)],
+                          "escalate", "clusterroles"),
 }
 
 
@@ -159,7 +177,7 @@ def test_each_namespaced_grant_is_a_confirmed_finding_naming_its_path(audited, n
 
 
 @pytest.mark.parametrize("name", list(CLUSTER_WIDE), ids=list(CLUSTER_WIDE))
-def test_impersonating_users_or_groups_cluster_wide_is_a_confirmed_finding(audited, name):
+def test_each_cluster_wide_grant_is_a_confirmed_finding(audited, name):
     ns, findings, _ = audited
     subject, _, verb, resource = CLUSTER_WIDE[name]
     found = finding_of(findings, f"ClusterRoleBinding {ns}-{name}")
