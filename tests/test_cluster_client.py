@@ -26,7 +26,7 @@ from webhook.cluster import (
     load_api_client,
 )
 from webhook.config import Settings
-from webhook.events import EventGone, NamespaceGone
+from webhook.events import EventExists, EventGone, NamespaceGone
 from webhook.store import KeyStore, PodStore
 
 from builders import key_secret, random_key
@@ -227,6 +227,13 @@ async def test_an_event_in_a_missing_namespace_raises_namespace_gone(event_api, 
     fake.fail["create_namespaced_event"] = api_error(404)
     with pytest.raises(NamespaceGone):
         await event_api.create_event({"metadata": {"namespace": "gone", "name": "a.1"}})
+
+
+async def test_an_event_whose_name_exists_raises_event_exists(event_api, fake):
+    fake.fail["create_namespaced_event"] = api_error(409)
+    with pytest.raises(EventExists):
+        await event_api.create_event({"metadata": {"namespace": "shop",
+                                                   "name": "keymount-key-2.keystaged-2"}})
 
 
 async def test_a_repeat_is_a_merge_patch_of_the_named_event(event_api, fake):

@@ -12,9 +12,10 @@ from typing import Any
 import orjson
 import pytest
 
-from webhook.admission import AdmissionRequest, Verdict, denied, parse_review
+from webhook.admission import AdmissionRequest, Verdict, allowed, denied, parse_review
 from webhook.events import (
     EVENTS_REMEMBERED,
+    EventExists,
     EventGone,
     EventNote,
     EventRecorder,
@@ -23,7 +24,10 @@ from webhook.events import (
     TokenBucket,
     aggregation_key,
     event_for,
+    event_name,
+    occurrence,
 )
+from webhook.keyguard import KeyDecision
 
 from builders import pod, review
 from polling import wait_for
@@ -48,6 +52,8 @@ class FakeSink:
         meta = event["metadata"]
         if meta["namespace"] not in self.namespaces:
             raise NamespaceGone(meta["namespace"])
+        if (meta["namespace"], meta["name"]) in self.events:
+            raise EventExists(meta["name"])  # the API server answers 409
         self.events[meta["namespace"], meta["name"]] = event
 
     async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
@@ -81,6 +87,52 @@ def refusal(name: str = "payments-api-7d9f-x1", **kw: Any) -> EventNote:
 
 def recorder(sink: FakeSink, **kw: Any) -> EventRecorder:
     return EventRecorder(sink, rate=1e9, burst=1_000_000, **kw)
+
+
+def key_review(action: str, *, number: int = 2) -> EventNote | None:
+    secret = {"metadata": {"name": f"keymount-key-{number}", "namespace": "shop",
+                           "uid": "secret-uid"}}
+    request = parse_review(orjson.dumps(review(secret, kind="Secret", operation="UPDATE")))
+    decision = KeyDecision(True, action, number=number, fingerprint="sha256:ab12")
+    return event_for(request, Verdict("allowed", allowed(), key=decision), webhook="validate")
+
+
+def controller_note(reason: str, *, number: int = 2) -> EventNote:
+    """What the controller records for its own staging or activation (controller._stepped)."""
+    return EventNote("shop", "Secret", f"keymount-key-{number}", "v1", "", "Normal", reason,
+                     f"the controller's own words on key {number}",
+                     occurrence=occurrence(reason, number))
+
+
+@pytest.mark.parametrize(("action", "name"), [
+    ("staged", "keymount-key-2.keystaged-2"), ("activated", "keymount-key-2.keyactivated-2"),
+    ("created", None), ("retired", None)],
+    ids=["staged", "activated", "created-again-by-a-restore", "retired"])
+def test_a_staging_or_activation_is_one_event_named_after_the_key(action, name):
+    note = key_review(action)
+    assert note is not None
+    assert (event_name(note, 1234) if note.occurrence else None) == name
+
+
+@pytest.mark.parametrize("reason", ["KeyStaged", "KeyActivated"])
+async def test_the_controller_and_the_webhook_record_one_staging_or_activation(reason):
+    """Both see the controller's write: whoever is first creates the Event; the other
+    finds it (409) and adds nothing, and a repeat is never counted up."""
+    sink = FakeSink()
+    events = recorder(sink)
+    webhook_note = key_review({"KeyStaged": "staged", "KeyActivated": "activated"}[reason])
+    assert webhook_note is not None
+    for note in (controller_note(reason), webhook_note, controller_note(reason)):
+        events.emit(note)
+        await events.flush()
+    [(where, event)] = sink.events.items()
+    assert where == ("shop", f"keymount-key-2.{reason.lower()}-2")
+    assert event["count"] == 1 and event["message"] == "the controller's own words on key 2"
+    assert sink.calls == ["create"] * 3
+    # Another key's is an Event of its own.
+    events.emit(controller_note(reason, number=3))
+    await events.flush()
+    assert len(sink.events) == 2
 
 
 def test_a_dry_run_refusal_records_no_event():

@@ -22,7 +22,7 @@ from kubernetes.client.rest import ApiException
 from .audit import Grant, Rbac
 from .config import Settings
 from .errors import PolicyUnknown, UserFacingError
-from .events import EventGone, NamespaceGone
+from .events import EventExists, EventGone, NamespaceGone
 from .key_secrets import (
     ApiObject,
     SlotOutcome,
@@ -283,6 +283,8 @@ class KubernetesEvents:
         except ApiException as exc:
             if exc.status == 404:  # NamespaceLifecycle: no such namespace
                 raise NamespaceGone(namespace) from None
+            if exc.status == 409:
+                raise EventExists(event["metadata"]["name"]) from None
             raise
 
     async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> None:

@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, Protocol
 
-from .events import EventNote, EventRecorder
+from .events import EventNote, EventRecorder, occurrence
 from .key_secrets import SlotOutcome
 from .keys import KeyRecord, Keyring
 from .metrics import Metrics
@@ -578,18 +578,23 @@ class KeyController:
             self._event(namespace, "Secret", name, "v1", "Normal", "KeyStaged",
                         f"key number {step.number} staged in {name}: running Pods get it as "
                         f"staged/encryption-key-{step.number}, and it becomes active after "
-                        f"the staging period")
+                        f"the staging period", once=step.number)
         elif isinstance(step, Activate | Fill):
             self._event(namespace, "Secret", name, "v1", "Normal", "KeyActivated",
                         f"key number {step.number} in {name} is active: applications "
-                        f"encrypt with encryption-key-{step.number} from now on")
+                        f"encrypt with encryption-key-{step.number} from now on",
+                        once=step.number)
 
     def _event(self, namespace: str, kind: str, name: str, api_version: str, type_: str,
-               reason: str, message: str) -> None:
+               reason: str, message: str, *, once: int | None = None) -> None:
+        """`once`: the key number of a one-time fact, which the validating webhook
+        records too when it sees this write (with --client-ca): one Event, whoever
+        is first (events.occurrence)."""
         if self.events is not None:
             self.events.emit(EventNote(namespace=namespace, kind=kind, name=name,
                                        api_version=api_version, uid="", type=type_,
-                                       reason=reason, message=message))
+                                       reason=reason, message=message,
+                                       occurrence=occurrence(reason, once)))
 
 
 def _describe(exc: Exception) -> str:

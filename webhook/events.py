@@ -55,6 +55,10 @@ class EventNote:
     # The object comes from the review (a Pod's ownerReference), not from keymount's
     # own knowledge: name it only once the API server confirms it exists.
     claimed: bool = False
+    # A fact that happens once (`occurrence`: key number 7's staging): the Event is
+    # named after it, so whoever records it first (the controller, either webhook, any
+    # replica) creates it and the others find it there; never counted up.
+    occurrence: str = ""
 
 
 _KEY_REASONS = {"created": ("Normal", "KeyCreated"), "retired": ("Normal", "KeyRetired"),
@@ -77,6 +81,11 @@ def event_for(request: AdmissionRequest, verdict: Verdict, *, webhook: str) -> E
     return None
 
 
+def occurrence(reason: str, number: int | None) -> str:
+    """The name part of a key's one-time Event: its reason and number."""
+    return "" if number is None else f"{reason.lower()}-{number}"
+
+
 def _key_event(request: AdmissionRequest, verdict: Verdict) -> EventNote:
     decision = verdict.key
     assert decision is not None
@@ -91,8 +100,12 @@ def _key_event(request: AdmissionRequest, verdict: Verdict) -> EventNote:
     summary = {"created": "key created", "retired": "key retired", "pinned": "key number pinned",
                "staged": "key staged", "activated": "staged key activated",
                "refused": f"refused: {decision.message}"}[decision.action]
+    # The controller records these two of its own writes too (controller._stepped). A
+    # created key is not one-time: a restore creates the same name and number again.
+    once = occurrence(reason, decision.number) if decision.action in ("staged", "activated") \
+        else ""
     return EventNote(request.namespace, "Secret", request.object_name, "v1", uid, type_,
-                     reason, _clip(f"{summary} ({', '.join(facts)})"))
+                     reason, _clip(f"{summary} ({', '.join(facts)})"), occurrence=once)
 
 
 def _pod_event(request: AdmissionRequest, verdict: Verdict) -> EventNote:
@@ -137,8 +150,10 @@ def stamp(when: float) -> str:
 
 def event_name(note: EventNote, nanos: int) -> str:
     """client-go's name, "<involved object>.<hex nanoseconds>": keymount names the
-    Event itself, so it can PATCH it later without reading the API's answer."""
-    return f"{(note.name or 'keymount')[:200]}.{nanos:x}"
+    Event itself, so it can PATCH it later without reading the API's answer. A one-time
+    fact's Event is "<involved object>.<occurrence>" instead, the same from any
+    recorder."""
+    return f"{(note.name or 'keymount')[:200]}.{note.occurrence or f'{nanos:x}'}"
 
 
 def build_event(note: EventNote, *, name: str, first: float, last: float, count: int,
@@ -175,11 +190,16 @@ class NamespaceGone(Exception):
     """The namespace to record an Event in does not exist."""
 
 
+class EventExists(Exception):
+    """An Event of that name exists: a one-time fact recorded by another recorder."""
+
+
 class EventSink(Protocol):
     """The API calls the recorder makes (cluster.KubernetesEvents)."""
 
     async def create_event(self, event: dict[str, Any]) -> None:
-        """Create the Event; NamespaceGone if its namespace does not exist."""
+        """Create the Event; NamespaceGone if its namespace does not exist, EventExists
+        if an Event of its name does."""
 
     async def patch_event(self, namespace: str, name: str, patch: dict[str, Any]) -> None:
         """Merge-patch an Event; EventGone if it no longer exists."""
@@ -330,7 +350,7 @@ class EventRecorder:
         if note.claimed and not await self._owner_exists(note):
             note = on_namespace(note)
         key = aggregation_key(note)
-        sent = self.sent.get(key, self.clock())
+        sent = None if note.occurrence else self.sent.get(key, self.clock())
         if sent is not None:
             count = sent.count + item.count
             try:
@@ -352,7 +372,12 @@ class EventRecorder:
             log.info("Event dropped: its namespace does not exist",
                      extra={"reason": note.reason, "namespace": note.namespace})
             return
-        self.sent.put(key, Sent(name, item.count), self.clock())
+        except EventExists:
+            if not note.occurrence:
+                raise
+            return  # recorded already, by whoever saw the fact first
+        if not note.occurrence:
+            self.sent.put(key, Sent(name, item.count), self.clock())
 
     async def _owner_exists(self, note: EventNote) -> bool:
         """One GET per owner (then remembered): found, and with the claimed uid."""
