@@ -28,11 +28,12 @@ def make_backup(path: Path, keys: int, recipient: str, *, namespaces: int = 1000
     for i in range(keys):
         value = os.urandom(32)
         number = i % per + 1
+        stamp = f"2026-12-01T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z"
         entries.append(BackedUpKey(
-            f"tenant-{i // per:05d}", f"keymount-key-{number}", number,
-            f"2026-12-01T{i // 3600 % 24:02d}:{i // 60 % 60:02d}:{i % 60:02d}Z",
+            f"tenant-{i // per:05d}", f"keymount-key-{number}", number, stamp,
             check_key(value).fingerprint,
-            f"1-{number}" if number > 1 else "1", False, value))
+            f"1-{number}" if number > 1 else "1", False, value,
+            activated_at=1_796_256_000 + i))  # filled after it was made: its own time
     path.write_bytes(encrypt(encode(entries), recipients=[recipient]))
     return path.stat().st_size
 

@@ -49,6 +49,27 @@ def test_a_backup_round_trips_through_age_with_every_number_and_byte():
     assert restored[2].numbers_used == "1-3"
 
 
+def test_a_restored_key_keeps_the_time_it_was_first_activated():
+    """Restored, a key two years old is two years old: its rotation and --max-key-age
+    count from its first activation, not from the restore (the mutating webhook keeps
+    an earlier activated-at on a new key)."""
+    from webhook.backup import restored_secret
+    secrets, _, _ = three_keys()
+    secrets[0]["metadata"]["annotations"]["keymount.io/activated-at"] = "2024-11-30T09:00:00Z"
+    rings = {"shop": build_keyring("shop", [parse_key_secret(s, settings=SETTINGS)
+                                            for s in secrets])}
+    identity = x25519.Identity.generate()
+    ciphertext = encrypt(encode(collect(secrets, rings, settings=SETTINGS)),
+                         recipients=[str(identity.to_public())])
+    restored = decrypt(ciphertext, identities=[identity])
+    assert [k.activated_text for k in restored] == ["2024-11-30T09:00:00Z", "", ""]
+    manifests = [restored_secret(k, settings=SETTINGS,
+                                 labels={"keymount.io/encryption-key": "true"})
+                 for k in restored]
+    assert [m["metadata"]["annotations"].get("keymount.io/activated-at")
+            for m in manifests] == ["2024-11-30T09:00:00Z", None, None]
+
+
 def test_a_passphrase_backup_needs_the_same_passphrase():
     secrets, rings, _ = three_keys()
     ciphertext = encrypt(encode(collect(secrets, rings, settings=SETTINGS)),

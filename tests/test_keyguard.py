@@ -732,6 +732,31 @@ def test_filling_a_slot_stamps_its_activation_time():
     assert annotations(stored)["keymount.io/activated-at"] == STAMPED
 
 
+@pytest.mark.parametrize(("given", "kept"), [
+    ("2025-06-01T08:00:00Z", True), ("2025-06-01T10:00:00+02:00", True),
+    ("2026-12-02T13:00:01Z", False), ("2030-01-01T00:00:00Z", False),
+    ("2025-06-01T08:00:00", False), ("last year", False)],
+    ids=["earlier", "earlier-with-an-offset", "a-second-ahead", "in-the-future",
+         "no-offset", "malformed"])
+def test_a_new_key_keeps_an_earlier_activation_time_and_never_a_later_one(given, kept):
+    """A restore brings the time the key was first activated: an earlier time only
+    makes the key older (rotation and --max-key-age act sooner); a later one would
+    postpone them, so keymount's clock stands."""
+    secret = key_secret("k4", random_key(), annotations={"keymount.io/activated-at": given})
+    verdict, stored = through_api(secret, keyring=ring_of_three())
+    assert verdict.result == "allowed" and verdict.key.action == "created", verdict.message
+    assert annotations(stored)["keymount.io/activated-at"] == (given if kept else STAMPED)
+
+
+def test_a_new_staged_key_gets_keymounts_staging_time_whatever_it_brings():
+    """The staging period counts from when running Pods here can see the key."""
+    secret = staged(slot_secret(4), random_key())
+    secret["metadata"]["annotations"]["keymount.io/staged-at"] = "2025-06-01T08:00:00Z"
+    verdict, stored = through_api(secret, keyring=ring_of_three())
+    assert verdict.result == "allowed", verdict.message
+    assert annotations(stored)["keymount.io/staged-at"] == STAMPED
+
+
 def test_a_slot_made_with_a_time_of_its_own_gets_keymounts_when_it_is_filled():
     slot = slot_secret(4)
     slot["metadata"]["annotations"]["keymount.io/activated-at"] = "2020-01-01T00:00:00Z"

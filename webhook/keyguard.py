@@ -178,7 +178,11 @@ def time_stamps(change: KeyChange, *, settings: Settings,
                 now: datetime | None) -> dict[str, str]:
     """The time annotations this change earns: staged-at when a slot becomes a staged
     key, activated-at when a key gets its key field (a new key, a filled slot, an
-    activated staged key). keymount's clock, never the request's."""
+    activated staged key). keymount's clock, never the request's, with one exception: a
+    new key may keep an activated-at earlier than now (a restore brings the time the
+    key was first activated). An earlier time only makes the key older, so rotation and
+    --max-key-age act sooner, never later; a staging time stays keymount's, since the
+    staging period counts from when this cluster's Pods can see the key."""
     if now is None or change.new is None:
         return {}
     after = parse_key_secret(change.new, settings=settings, namespace=change.namespace)
@@ -190,7 +194,9 @@ def time_stamps(change: KeyChange, *, settings: Settings,
         stamps[STAGED_AT_ANNOTATION] = format_time(now)
     had_key = before is not None and _has_field(change.old, settings.key_field)
     if after.state == "valid" and _has_field(change.new, settings.key_field) and not had_key:
-        stamps[ACTIVATED_AT_ANNOTATION] = format_time(now)
+        given = parse_time(_annotations(change.new).get(ACTIVATED_AT_ANNOTATION))
+        if not (new_key and given is not None and given <= now):
+            stamps[ACTIVATED_AT_ANNOTATION] = format_time(now)
     return stamps
 
 

@@ -6,6 +6,8 @@ confirm a Pod's refusal."""
 
 from __future__ import annotations
 
+from datetime import datetime
+
 import pytest
 
 from webhook.backup import BackedUpKey, encode, encrypt
@@ -18,12 +20,17 @@ KEY_LABEL = "keymount.io/encryption-key=true"
 
 
 def entry(namespace: str, name: str, number: int, *, key: bytes | None = None,
-          retired: bool = False) -> BackedUpKey:
+          retired: bool = False, activated_at: int = 0) -> BackedUpKey:
     """A backup entry as keymount makes one: its record covers every lower number."""
     value = None if retired else key or random_key()
     return BackedUpKey(namespace, name, number, "2026-12-01T00:00:00Z",
                        "" if value is None else check_key(value).fingerprint,
-                       f"1-{number}" if number > 1 else "1", retired, value)
+                       f"1-{number}" if number > 1 else "1", retired, value,
+                       activated_at=activated_at)
+
+
+def seconds(text: str) -> int:
+    return int(datetime.fromisoformat(text).timestamp())
 
 
 def write_backup(path, recipient: str, entries: list[BackedUpKey]):
@@ -98,6 +105,22 @@ def test_keys_already_there_are_no_ops_and_the_rest_is_written(
     assert done.stdout.count("already there, unchanged") == 2
     assert f"{namespace}/k4: restored at number 4" in done.stdout
     assert stored(api, namespace) == {f"k{n}": str(n) for n in range(1, 5)}
+
+
+def test_a_restored_key_keeps_its_first_activation_through_the_webhooks(
+        api, namespace, keymount, admin_kubeconfig, age_identity, tmp_path):
+    """An activation time earlier than keymount's clock survives the mutating webhook
+    (the key's age and rotation count from it); a later one is stamped over."""
+    path, recipient = age_identity
+    old, ahead = "2024-11-30T09:00:00Z", "2099-01-01T00:00:00Z"
+    entries = [entry(namespace, "k1", 1, activated_at=seconds(old)),
+               entry(namespace, "k2", 2, activated_at=seconds(ahead))]
+    cli(admin_kubeconfig, "keys", "restore", str(write_backup(tmp_path / "b.age", recipient,
+                                                             entries)), "--identity", str(path))
+    times = {s.metadata.name: s.metadata.annotations.get("keymount.io/activated-at")
+             for s in api.list_namespaced_secret(namespace, label_selector=KEY_LABEL).items}
+    assert times["k1"] == old
+    assert times["k2"] not in (ahead, None) and times["k2"] < ahead
 
 
 def test_one_namespace_of_200_keys_is_restored_whole(
