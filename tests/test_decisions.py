@@ -28,7 +28,7 @@ from webhook.decisions import (
 )
 from webhook.keys import Keyring
 
-from builders import key_secret, keyring_of, pod, random_key, review
+from builders import container, key_secret, keyring_of, pod, random_key, review, slot_secret
 
 SETTINGS = Settings()
 KEYRING = keyring_of(key_secret("key-a", random_key(), index=1),
@@ -192,6 +192,123 @@ def test_check_pod_relabel_refuses_becoming_a_backend_pod_without_keys(new, old,
     assert verdict.response["allowed"] is allowed
     if not allowed:
         assert "cannot become a backend Pod" in verdict.message
+
+
+# --- a backend Pod's volume delivers every key, and says so truly ---------------------
+#
+# A Pod created without the backend label meets neither webhook, so its author may
+# write a volume named like keymount's; labelled later, it must carry what keymount
+# would have given it.
+
+RING = keyring_of(key_secret("key-a", random_key(), index=1),
+                  key_secret("key-b", random_key(), index=2), slot_secret(3), slot_secret(4))
+MOUNT = {"name": "keymount-encryption-keys", "mountPath": "/encryption-keys", "readOnly": True}
+
+
+def key_source(name, number, *, optional=False):
+    items = [{"key": "encryption-key", "path": f"encryption-key-{number}"}]
+    if optional:
+        items.append({"key": "staged-encryption-key", "path": f"staged/encryption-key-{number}"})
+    return {"secret": {"name": name, "items": items, "optional": optional}}
+
+
+def hand_made(sources, *, labels=None, status=None):
+    """A Pod whose author wrote keymount's volume and its status annotation."""
+    made = pod(container("app", volumeMounts=[MOUNT]), labels=labels,
+               volumes=[{"name": "keymount-encryption-keys",
+                         "projected": {"defaultMode": 0o440, "sources": sources}}])
+    if status is not None:
+        made["metadata"]["annotations"] = {"keymount.io/status": json.dumps(status)}
+    return made
+
+
+def status_of(ring, *names):
+    return [f.as_status() for f in ring.files if f.secret in names]
+
+
+SLOTS_ONLY = [key_source("keymount-key-3", 3, optional=True),
+              key_source("keymount-key-4", 4, optional=True)]
+OLD_KEY_ONLY = [key_source("key-a", 1)]
+EVERY_KEY = [key_source("key-a", 1), key_source("key-b", 2), *SLOTS_ONLY]
+
+
+@pytest.mark.parametrize(("sources", "status", "allowed"), [
+    (SLOTS_ONLY, [], False),
+    (OLD_KEY_ONLY, status_of(RING, "key-a"), False),
+    (EVERY_KEY, status_of(RING, "key-a", "key-b"), True),
+    (EVERY_KEY, None, False),
+    (EVERY_KEY, status_of(RING, "key-a"), False),
+    (OLD_KEY_ONLY, status_of(RING, "key-a", "key-b"), False),
+], ids=["only-empty-slots", "only-an-old-key", "every-key-truly-stated", "no-status",
+        "status-leaves-a-key-out", "status-claims-a-key-not-projected"])
+@pytest.mark.parametrize("how", ["relabelled", "created"])
+def test_a_backend_pod_must_deliver_every_valid_key_and_state_them_truly(sources, status,
+                                                                        allowed, how):
+    new = hand_made(sources, status=status)
+    if how == "relabelled":
+        old = hand_made(sources, labels={"app": "web"}, status=status)
+        verdict = check_pod_relabel(request_of(new, operation="UPDATE", old=old), view(RING))
+    else:
+        verdict = check_final_pod(request_of(new), view(RING))
+    assert verdict.response["allowed"] is allowed, verdict.message
+
+
+def test_a_missing_key_is_confirmed_on_a_live_read_before_refusing():
+    # The cache may show a key the mutating webhook had not seen yet.
+    verdict = check_final_pod(request_of(hand_made(OLD_KEY_ONLY, status=status_of(
+        RING, "key-a"))), view(RING, source="cache"))
+    assert verdict.response["allowed"] is False and verdict.key_state is True
+    assert "'key-b'" in verdict.message
+
+
+def test_a_key_that_filled_a_listed_slot_is_delivered_by_it():
+    """A Pod made when keys 1 and 2 existed gets key 3 live through slot 3."""
+    filled = keyring_of(key_secret("key-a", random_key(), index=1),
+                        key_secret("key-b", random_key(), index=2),
+                        key_secret("keymount-key-3", random_key(), index=3), slot_secret(4))
+    new = hand_made(EVERY_KEY, status=status_of(filled, "key-a", "key-b"))
+    old = {**new, "metadata": {**new["metadata"], "labels": {"app": "web"}}}
+    verdict = check_pod_relabel(request_of(new, operation="UPDATE", old=old), view(filled))
+    assert verdict.response["allowed"] is True, verdict.message
+
+
+@pytest.mark.parametrize(("change", "allowed"), [
+    (lambda p: p["metadata"]["annotations"].update({"keymount.io/status": "[]"}), False),
+    (lambda p: p["metadata"]["annotations"].pop("keymount.io/status"), False),
+    (lambda p: p["metadata"]["annotations"].update({"team": "payments"}), True),
+    (lambda p: p["metadata"]["labels"].update({"tier": "gold"}), True),
+], ids=["status-rewritten", "status-removed", "another-annotation", "another-label"])
+def test_a_backend_pods_status_annotation_cannot_change(change, allowed):
+    """keys status, audit and restart: rolling read it to tell stale Pods."""
+    old = injected_pod()
+    new = json.loads(json.dumps(old))
+    change(new)
+    verdict = check_pod_relabel(request_of(new, operation="UPDATE", old=old), view())
+    assert verdict.response["allowed"] is allowed, verdict.message
+    if not allowed:
+        assert "keymount.io/status" in verdict.message
+
+
+def with_debugger(obj):
+    obj = json.loads(json.dumps(obj))
+    obj["spec"]["ephemeralContainers"] = [{
+        "name": "debugger", "image": "busybox", "targetContainerName": "app",
+        "volumeMounts": [{"name": "keymount-encryption-keys", "mountPath": "/tmp/stolen"}]}]
+    return obj
+
+
+def test_an_ephemeral_container_may_not_mount_the_keys():
+    """A debug container is no container keymount selected (keymount.io/containers)."""
+    old = injected_pod()
+    verdict = check_pod_relabel(request_of(with_debugger(old), operation="UPDATE", old=old),
+                                view())
+    assert verdict.response["allowed"] is False
+    assert "'debugger'" in verdict.message
+    assert check_final_pod(request_of(with_debugger(old)), view()).response["allowed"] is False
+    harmless = json.loads(json.dumps(with_debugger(old)))
+    harmless["spec"]["ephemeralContainers"][0]["volumeMounts"] = []
+    verdict = check_pod_relabel(request_of(harmless, operation="UPDATE", old=old), view())
+    assert verdict.response["allowed"] is True, verdict.message
 
 
 # --- the key-Secret decisions ---------------------------------------------------------

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal
 
+import orjson
+
 from .admission import (
     OPERATIONS,
     AdmissionRequest,
@@ -31,7 +33,7 @@ from .admission import (
     errored,
     patched,
 )
-from .config import VOLUME_NAME, Settings
+from .config import STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .injection import (
     FILE_MODE,
     Injected,
@@ -215,10 +217,18 @@ def check_final_pod(request: AdmissionRequest, view: View) -> Verdict:
 
 def check_pod_relabel(request: AdmissionRequest, view: View) -> Verdict:
     """`/validate`, Pod UPDATE: a Pod cannot become a backend Pod without its keys: Pod
-    volumes are immutable, so one created without keymount's volume can never get it."""
+    volumes are immutable, so one created without keymount's volume can never get it,
+    and one whose author wrote a volume of that name must deliver every key, as keymount
+    would have. A backend Pod keeps its status annotation, and no ephemeral container
+    of it mounts the keys."""
     pod, old, settings = request.object or {}, request.old_object or {}, view.settings
-    if not needs_keys(pod, settings=settings) or needs_keys(old, settings=settings):
+    if not needs_keys(pod, settings=settings):
         return Verdict("allowed", allowed())
+    if needs_keys(old, settings=settings):
+        problem_text = _backend_pod_change(pod, old, settings=settings)
+        if problem_text is None:
+            return Verdict("allowed", allowed())
+        return Verdict("denied", denied(f"backend Pod {request.object_name!r}: {problem_text}"))
     problem = find_injection_problem(pod, keyring=view.keyring, settings=settings)
     if problem is None:
         return Verdict("allowed", allowed())
@@ -382,11 +392,30 @@ def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: 
 
 # --- what a stored backend Pod must carry ------------------------------------------------
 
+def _backend_pod_change(pod: Mapping[str, Any], old: Mapping[str, Any], *,
+                        settings: Settings) -> str | None:
+    """What an update of a backend Pod may not do (its spec is immutable but for images,
+    ephemeral containers and a few fields): change keymount's status annotation, which
+    `keys status`, audit and `restart: rolling` read to tell a stale Pod, or give an
+    ephemeral container the keys."""
+    before = as_dict(as_dict(old.get("metadata")).get("annotations")).get(STATUS_ANNOTATION)
+    after = as_dict(as_dict(pod.get("metadata")).get("annotations")).get(STATUS_ANNOTATION)
+    if before != after:
+        return (f"annotation {STATUS_ANNOTATION} records the keys keymount gave the Pod and "
+                f"cannot change; leave it out of your patch (kubectl annotate "
+                f"--overwrite does not apply to it)")
+    # Ephemeral containers are never selected: the targets play no part.
+    return find_mount_problem(as_dict(pod.get("spec")), [], settings=settings,
+                              injected=False, ephemeral_only=True)
+
+
 def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
                            settings: Settings) -> tuple[str, bool] | None:
     """What is wrong with a stored backend Pod's key volume, and whether fresher key
     state could make it right; None when it is as docs/contract.md,
-    "Injection", says."""
+    "Injection", says: every valid key of the namespace delivered (as a source of its
+    own, or through a listed slot it filled since), the status annotation naming
+    exactly the key sources, and the mounts as injected."""
     spec = as_dict(pod.get("spec"))
     volumes = [v for v in spec.get("volumes") or [] if isinstance(v, dict)
                and v.get("name") == VOLUME_NAME]
@@ -400,11 +429,14 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
     sources = projected.get("sources") or []
     if not sources:
         return f"volume {VOLUME_NAME!r} has no key sources", False
+    listed: set[str] = set()
+    stated: list[dict[str, str]] = []  # the status annotation the key sources imply
     for source in sources:
         secret = source.get("secret") if isinstance(source, dict) else None
         if set(source) != {"secret"} or not isinstance(secret, dict):
             return f"volume {VOLUME_NAME!r} projects something other than key Secrets", False
         name = str(secret.get("name"))
+        listed.add(name)
         if secret.get("optional") is True:
             slot_problem = _slot_problem(secret, keyring=keyring, settings=settings)
             if slot_problem:
@@ -418,11 +450,34 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
         item = {"key": settings.key_field, "path": key_file_name(number)}
         if secret.get("items") != [item]:
             return f"key source {name!r} does not project {item}", False
+        stated.append({"file": key_file_name(number), "secret": name,
+                       "fingerprint": record.fingerprint})
+    ns = keyring.namespace
+    # A key the cache shows and the volume lacks may have come after the mutating
+    # webhook's view: confirmed on a live read before the refusal stands.
+    if not keyring.keys:
+        return f"namespace {ns!r} has no valid encryption key", True
+    missing = [r.name for r in keyring.keys if r.name not in listed]
+    if missing:
+        return (f"volume {VOLUME_NAME!r} does not deliver key Secret(s) "
+                f"{', '.join(repr(m) for m in missing)} of namespace {ns!r}: a backend Pod "
+                f"carries every valid key, the newest to encrypt with"), True
+    if _status_annotation(pod) != stated:
+        return (f"annotation {STATUS_ANNOTATION} does not name exactly the keys volume "
+                f"{VOLUME_NAME!r} projects"), False
     targets = select_containers(pod)
     if not isinstance(targets, list):
         return targets.message, False
     problem = find_mount_problem(spec, targets, settings=settings, injected=True)
     return (problem, False) if problem else None
+
+
+def _status_annotation(pod: Mapping[str, Any]) -> Any:
+    text = as_dict(as_dict(pod.get("metadata")).get("annotations")).get(STATUS_ANNOTATION)
+    try:
+        return orjson.loads(text) if isinstance(text, str) else None
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _slot_problem(secret: Mapping[str, Any], *, keyring: Keyring,

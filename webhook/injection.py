@@ -288,18 +288,31 @@ def all_containers(spec: Mapping[str, Any]) -> list[Target]:
             for i, c in enumerate(spec.get(field) or []) if isinstance(c, dict)]
 
 
+def ephemeral_containers(spec: Mapping[str, Any]) -> list[Target]:
+    """Debug containers added to a running Pod (pods/ephemeralcontainers): never
+    selected, so they may not mount keymount's volume."""
+    return [(f"/spec/ephemeralContainers/{i}", c)
+            for i, c in enumerate(spec.get("ephemeralContainers") or []) if isinstance(c, dict)]
+
+
 def find_mount_problem(spec: Mapping[str, Any], targets: list[Target], *,
                        settings: Settings, injected: bool,
-                       every: list[Target] | None = None) -> str | None:
+                       every: list[Target] | None = None,
+                       ephemeral_only: bool = False) -> str | None:
     """The mount rules (docs/contract.md, "Injection"): in a selected container no
     other volume at or under the mount path, and keymount's volume mounted exactly once
     (once `injected`), at the mount path, read-only, whole; in any other container,
-    keymount's volume not at all. Anything else could hand keys to a path or container
-    the Pod's owner did not choose, or hide them under another volume."""
+    ephemeral ones included, keymount's volume not at all. Anything else could hand
+    keys to a path or container the Pod's owner did not choose, or hide them under
+    another volume. `ephemeral_only`: the ephemeral containers alone (a running Pod's
+    update)."""
     chosen = {path for path, _ in targets}
     mount_path = settings.mount_path
     under = mount_path.rstrip("/") + "/"
-    for path, container in all_containers(spec) if every is None else every:
+    containers = [] if ephemeral_only else all_containers(spec) if every is None else every
+    if isinstance(spec.get("ephemeralContainers"), list):
+        containers = [*containers, *ephemeral_containers(spec)]
+    for path, container in containers:
         name = container.get("name")
         selected = path in chosen
         ours = exact = 0

@@ -231,6 +231,57 @@ def test_a_pod_cannot_become_a_backend_pod_by_a_label_change(api, mallory, names
     assert key_sources(backend) == [("k1", "encryption-key-1")]
 
 
+def hand_made_pod(name: str, sources: list, *, labels: dict) -> dict:
+    """A Pod whose author wrote a volume named like keymount's (no webhook sees a Pod
+    created without the backend label)."""
+    body = pod_body(name, labels=labels)
+    body["spec"]["containers"][0]["volumeMounts"] = [
+        {"name": "keymount-encryption-keys", "mountPath": "/encryption-keys", "readOnly": True}]
+    body["spec"]["volumes"] = [{"name": "keymount-encryption-keys", "projected": {
+        "defaultMode": 0o440, "sources": sources}}]
+    return body
+
+
+def test_a_pod_with_a_volume_of_its_own_making_cannot_become_a_backend_pod(
+        api, mallory, namespace, keymount):
+    """Only the old key: the Pod would encrypt new data with a key rotated away."""
+    create_key(api, namespace, "k1")
+    create_key(api, namespace, "k2")
+    old_key_only = [{"secret": {"name": "k1", "optional": False, "items": [
+        {"key": "encryption-key", "path": "encryption-key-1"}]}}]
+    mallory.create_namespaced_pod(namespace, hand_made_pod("web", old_key_only,
+                                                           labels={"app": "web"}))
+    message = denial(lambda: mallory.patch_namespaced_pod("web", namespace, {
+        "metadata": {"labels": {"app.kubernetes.io/component": "backend"}}}))
+    assert "does not deliver key Secret(s) 'k2'" in message
+
+
+def test_a_pods_labels_cannot_change_through_its_status(api, mallory, namespace, keymount):
+    """keymount's webhooks see Pod updates, not pods/status: the API server keeps a
+    status update from changing a Pod's labels."""
+    create_key(api, namespace, "k1")
+    mallory.create_namespaced_pod(namespace, pod_body("web", labels={"app": "web"}))
+    try:
+        mallory.patch_namespaced_pod_status("web", namespace, {
+            "metadata": {"labels": {"app.kubernetes.io/component": "backend"}}})
+    except ApiException as exc:
+        assert exc.status in (403, 422), exc.body
+    labels = api.read_namespaced_pod("web", namespace).metadata.labels
+    assert "app.kubernetes.io/component" not in labels, labels
+
+
+def test_a_backend_pods_status_annotation_cannot_be_rewritten(api, mallory, namespace,
+                                                             keymount):
+    create_key(api, namespace, "k1")
+    backend = create_pod(api, namespace, "api")
+    message = denial(lambda: mallory.patch_namespaced_pod("api", namespace, {
+        "metadata": {"annotations": {"keymount.io/status": "[]"}}}))
+    assert "keymount.io/status" in message
+    mallory.patch_namespaced_pod("api", namespace, {"metadata": {"annotations": {"a": "b"}}})
+    stored = api.read_namespaced_pod("api", namespace).metadata.annotations
+    assert stored["keymount.io/status"] == backend.metadata.annotations["keymount.io/status"]
+
+
 # --- audit trail -------------------------------------------------------------------------------
 
 def events(api, namespace: str) -> list:
