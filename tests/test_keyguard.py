@@ -228,6 +228,151 @@ def test_replacing_a_keys_bytes_is_refused_for_everyone(extra):
     assert "replaces the key material" in verdict.message and "keys rotate" in verdict.message
 
 
+# Two keys with one fingerprint: it is a 3-byte key check value, for people to compare,
+# and one is found for any published fingerprint in seconds (2**24 AES key schedules).
+VICTIM = bytes.fromhex("3c2df1b74dc2f148bc6f76a17c9df3901acc31b0518d766138fc4038eb1582f7")
+FORGED = bytes.fromhex("39f196b74dc2f148bc6f76a17c9df3901acc31b0518d766138fc4038eb1582f7")
+
+
+def as_stored(secret, raw):
+    """The same key, stored in another form: its base64 text as the field's bytes."""
+    changed = json.loads(json.dumps(secret))
+    changed["data"]["encryption-key"] = base64.b64encode(base64.b64encode(raw)).decode()
+    return changed
+
+
+@pytest.mark.parametrize("user", ["mallory", "alice"], ids=["anyone", "a-key-writer"])
+@pytest.mark.parametrize("replacement", ["same-fingerprint", "same-key-another-form"])
+def test_a_keys_stored_bytes_never_change_whatever_their_fingerprint(user, replacement):
+    from webhook.keys import fingerprint_key
+    assert VICTIM != FORGED and fingerprint_key(VICTIM) == fingerprint_key(FORGED)
+    ann = {"keymount.io/numbers-used": "1-2"}
+    old = key_secret("k2", VICTIM, index=2, annotations=ann)
+    ring = keyring_of(key_secret("k1", random_key(), index=1), old)
+    new = key_secret("k2", FORGED, index=2, annotations=ann) \
+        if replacement == "same-fingerprint" else as_stored(old, VICTIM)
+    verdict = update(ring, old, new, user=user)
+    assert verdict.result == "denied", verdict.message
+    assert "replaces the key material" in verdict.message
+
+
+def test_pinning_a_legacy_key_cannot_swap_it_for_one_of_the_same_fingerprint():
+    legacy = key_secret("old", VICTIM, created="2025-01-01T00:00:00Z")
+    ring = keyring_of(legacy)
+    forged = key_secret("old", FORGED, created="2025-01-01T00:00:00Z")
+    # The mutating webhook's own pin (on any update of a legacy key) does not apply...
+    verdict, stored = through_api(forged, operation="UPDATE", old=legacy, keyring=ring)
+    assert verdict.result == "denied", verdict.message
+    # ...and neither does a pin the request spells out.
+    pinned = key_secret("old", FORGED, index=1, created="2025-01-01T00:00:00Z",
+                        annotations={"keymount.io/numbers-used": "1"})
+    verdict = update(ring, legacy, pinned)
+    assert verdict.result == "denied", verdict.message
+
+
+def test_pinning_a_legacy_key_cannot_set_its_activation_or_staging_time():
+    """A later activated-at would make the key look new: rotation and --max-key-age
+    would stop acting on it."""
+    key = random_key()
+    legacy = key_secret("old", key, created="2025-01-01T00:00:00Z")
+    ring = keyring_of(legacy, key_secret("k2", random_key(), index=2))
+    for annotation in ("keymount.io/activated-at", "keymount.io/staged-at"):
+        pinned = key_secret("old", key, created="2025-01-01T00:00:00Z",
+                            annotations={annotation: "2099-01-01T00:00:00Z"})
+        verdict, _ = through_api(pinned, operation="UPDATE", old=legacy, keyring=ring)
+        assert verdict.result == "denied" and annotation in verdict.message
+
+
+def changed(secret, **top):
+    new = json.loads(json.dumps(secret))
+    meta = top.pop("metadata", {})
+    new.update(top)
+    new["metadata"].update(meta)
+    return new
+
+
+OWNER = {"apiVersion": "v1", "kind": "ConfigMap", "name": "x", "uid": "1"}
+
+
+@pytest.mark.parametrize(("change", "writer_may"), [
+    ({"immutable": True}, False),
+    ({"metadata": {"ownerReferences": [OWNER]}}, True),
+    ({"metadata": {"finalizers": ["example.com/hold"]}}, True),
+    ({"metadata": {"annotations": {"keymount.io/numbers-used": "1", "team": "pay"}}}, True),
+], ids=["made-immutable", "given-an-owner", "given-a-finalizer", "another-annotation"])
+@pytest.mark.parametrize("user", ["mallory", "alice"], ids=["anyone", "a-key-writer"])
+def test_how_long_a_key_lives_is_not_anyones_to_change(change, writer_may, user):
+    """Immutable, no key could ever be retired (retiring removes its material); an
+    owner's deletion or a finalizer would act on it behind the key writers' backs."""
+    old = key_secret("k1", random_key(), index=1, annotations={"keymount.io/numbers-used": "1"})
+    verdict = update(keyring_of(old), old, changed(old, **change), user=user)
+    plain_annotation = "annotations" in change.get("metadata", {})
+    allowed = plain_annotation or (user == "alice" and writer_may)
+    assert (verdict.result != "denied") is allowed, verdict.message
+
+
+def test_a_key_cannot_be_created_immutable():
+    verdict, _ = through_api(changed(key_secret("k4", random_key()), immutable=True),
+                             keyring=ring_of_three())
+    assert verdict.result == "denied" and "cannot be immutable" in verdict.message
+
+
+def broken(name="broken", *, created="2026-01-02T00:00:00Z", **kw):
+    """An invalid key Secret keymount never numbered (keymount 0.1's, or written while
+    the webhooks were away)."""
+    return key_secret(name, b"short", created=created, **kw)
+
+
+def test_repairing_an_invalid_secret_is_a_new_key_with_the_next_number():
+    """Not a deleted key's number (records under it would open with another key)."""
+    k2 = key_secret("k2", random_key(), index=2, annotations={"keymount.io/numbers-used": "1-2"})
+    k3 = key_secret("k3", random_key(), index=3, annotations={"keymount.io/numbers-used": "1-3"})
+    old = broken()
+    ring = keyring_of(k2, k3, old)
+    assert 1 in ring.used  # key 1 was retired and its tombstone deleted
+    verdict, stored = through_api(key_secret("broken", random_key(),
+                                             created="2026-01-02T00:00:00Z"),
+                                  operation="UPDATE", old=old, keyring=ring)
+    assert verdict.result == "allowed" and verdict.key.action == "created", verdict.message
+    assert annotations(stored)["keymount.io/key-index"] == "4"
+    assert keyring_of(k2, k3, stored).number_of("broken") == 4
+    # ...and only a key writer's to make.
+    refused, _ = through_api(key_secret("broken", random_key()), operation="UPDATE", old=old,
+                             keyring=ring, user="mallory")
+    assert refused.result == "denied"
+
+
+def test_repairing_an_older_invalid_secret_moves_no_legacy_key():
+    b = key_secret("b", random_key(), created="2026-02-01T00:00:00Z")  # legacy number 1
+    c = key_secret("c", random_key(), created="2026-03-01T00:00:00Z")  # legacy number 2
+    old = broken("a", created="2026-01-01T00:00:00Z")
+    ring = keyring_of(b, c, old)
+    verdict, stored = through_api(key_secret("a", random_key(), created="2026-01-01T00:00:00Z"),
+                                  operation="UPDATE", old=old, keyring=ring)
+    assert verdict.result == "allowed", verdict.message
+    after = keyring_of(b, c, stored)
+    assert (after.number_of("b"), after.number_of("c"), after.number_of("a")) == (1, 2, 3)
+
+
+def test_repairing_an_invalid_secret_into_a_second_staged_key_is_refused():
+    k1 = key_secret("k1", random_key(), index=1, annotations={"keymount.io/numbers-used": "1"})
+    staged = staged_as_stored(2, random_key())
+    old = broken("keymount-key-3", index=3)
+    del old["metadata"]["annotations"]["keymount.io/numbers-used"]  # never numbered
+    ring = keyring_of(k1, staged, old)
+    new = json.loads(json.dumps(old))
+    new["data"] = {"staged-encryption-key": base64.b64encode(random_key()).decode()}
+    verdict, _ = through_api(new, operation="UPDATE", old=old, keyring=ring)
+    assert verdict.result == "denied", verdict.message  # judged as the new key it is
+    # A numbered key made invalid by a settings change, staged while another is.
+    numbered = broken("keymount-key-3", index=3)
+    staging = json.loads(json.dumps(numbered))
+    staging["data"] = {"staged-encryption-key": base64.b64encode(random_key()).decode()}
+    verdict, _ = through_api(staging, operation="UPDATE", old=numbered,
+                             keyring=keyring_of(k1, staged, numbered))
+    assert verdict.result == "denied", verdict.message
+
+
 def test_removing_the_key_label_is_refused():
     key = random_key()
     old = key_secret("k1", key, index=1)
@@ -527,9 +672,13 @@ def test_a_slot_name_is_never_freed_not_even_by_a_writer(secret):
 def test_a_non_writer_cannot_touch_a_slot_not_even_its_metadata():
     ring = keyring_of(*three_keys(), slot_secret(4))
     frozen = slot_secret(4)
-    frozen["immutable"] = True  # never fillable again
-    assert update(ring, slot_secret(4), frozen, user="mallory").result == "denied"
-    assert update(ring, slot_secret(4), frozen, user="alice").result == "allowed"
+    labelled = slot_secret(4)
+    labelled["metadata"]["annotations"]["team"] = "payments"
+    assert update(ring, slot_secret(4), labelled, user="mallory").result == "denied"
+    assert update(ring, slot_secret(4), labelled, user="alice").result == "allowed"
+    frozen["immutable"] = True  # never fillable again: not even a key writer's to do
+    verdict = update(ring, slot_secret(4), frozen, user="alice")
+    assert verdict.result == "denied" and "cannot be immutable" in verdict.message
 
 
 def test_a_slot_whose_number_another_key_took_is_not_filled():

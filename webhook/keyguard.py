@@ -16,6 +16,7 @@ server reads it live first, so a number is judged against the API server's truth
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -29,6 +30,7 @@ from .names import (
     INDEX_ANNOTATION,
     NUMBERS_USED_ANNOTATION,
     STAGED_AT_ANNOTATION,
+    as_dict,
     slot_number,
     staged_field,
 )
@@ -152,12 +154,24 @@ class KeyChange:
 
 
 def is_new_key(change: KeyChange, *, settings: Settings) -> bool:
-    """A CREATE of a key Secret, or an UPDATE that gives a Secret the key label."""
+    """A CREATE of a key Secret, an UPDATE that gives a Secret the key label, or one
+    that gives key material to a labelled Secret that never held a key keymount
+    numbered (an invalid one, from keymount 0.1 or written while the webhooks were
+    away): it is judged and numbered as the new key it is, never by the number its
+    name or creation time would suggest."""
     if change.new is None or not is_key_secret(change.new, settings=settings):
         return False
-    return change.operation == "CREATE" or (
-        change.operation == "UPDATE" and
-        (change.old is None or not is_key_secret(change.old, settings=settings)))
+    if change.operation == "CREATE":
+        return True
+    if change.operation != "UPDATE":
+        return False
+    if change.old is None or not is_key_secret(change.old, settings=settings):
+        return True
+    old = parse_key_secret(change.old, settings=settings, namespace=change.namespace)
+    if old.state != "invalid" or old.numbered:
+        return False
+    return parse_key_secret(change.new, settings=settings,
+                            namespace=change.namespace).state in ("valid", "staged")
 
 
 # --- /mutate: the number stamp ------------------------------------------------------------
@@ -229,7 +243,8 @@ def stamp_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
         number = keyring.number_of(change.name)
         kept = parse_key_secret(new, settings=settings, namespace=change.namespace)
         if (old.numbered or old.state != "valid" or number is None or keyring.conflict
-                or kept.state != "valid" or kept.fingerprint != old.fingerprint):
+                or kept.state != "valid"
+                or not same_key_bytes(change.old, new, settings=settings)):
             return KeyDecision(True, "none")  # the guard judges anything else
         if NUMBERS_USED_ANNOTATION in annotations:
             return KeyDecision(True, "none")  # a pin the request already spells out
@@ -341,6 +356,29 @@ def _number(record: KeyRecord, keyring: Keyring) -> str:
     return str(number) if number is not None else "none"
 
 
+def _lifetime_change(change: KeyChange) -> str:
+    """What an update changes of how long the key Secret lives, or "": made immutable
+    (no key writer could retire it then: retiring removes the key material, and an
+    immutable Secret's data never changes), or given owners (the garbage collector
+    would try to delete it with them) or finalizers (its deletion would hang)."""
+    old, new = change.old or {}, change.new or {}
+    if new.get("immutable") is True and old.get("immutable") is not True:
+        return "immutable"
+    old_meta, new_meta = as_dict(old.get("metadata")), as_dict(new.get("metadata"))
+    for field in ("ownerReferences", "finalizers"):
+        if (old_meta.get(field) or None) != (new_meta.get(field) or None):
+            return field
+    return ""
+
+
+def _immutable_refusal(change: KeyChange) -> KeyDecision:
+    return _refused(
+        f"key Secret {change.name!r} in namespace {change.namespace!r} cannot be "
+        f"immutable: retiring a key removes its key material, which an immutable Secret "
+        f"never allows, so a key that leaked could never be retired. Leave out "
+        f"`immutable` (keymount's webhook already keeps every key from changing)")
+
+
 def _writer_refusal(change: KeyChange, writers: KeyWriters, verb: str) -> KeyDecision:
     return _refused(
         f"user {change.requester.username!r} may not {verb} key Secret {change.name!r} in "
@@ -397,6 +435,8 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
     ns, name = change.namespace, change.name
     if not writers.allows(change.requester):
         return _writer_refusal(change, writers, "create")
+    if (change.new or {}).get("immutable") is True:
+        return _immutable_refusal(change)
     record = _record(change.new, change, settings=settings)
     if record.state == "invalid":
         return _refused(
@@ -469,8 +509,23 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
     before = _record(change.old, change, settings=settings)
     after = _record(change.new, change, settings=settings)
     number = _number(before, keyring)
+    lifetime = _lifetime_change(change)
+    if lifetime == "immutable":
+        return _immutable_refusal(change)
+    if lifetime and not writers.allows(change.requester):
+        return _writer_refusal(change, writers, f"change the {lifetime} of")
+    # Before the pin: a pin sets no time either (keys pin writes the number alone).
+    changed_time = _changed_time_stamp(change, before, after, settings=settings)
+    if changed_time:
+        return _refused(
+            f"annotation {changed_time} of key Secret {name!r} in namespace {ns!r} is "
+            f"stamped by keymount's mutating webhook when the key is staged or activated; "
+            f"nobody sets, changes or removes it. Leave it out of your manifest or patch "
+            f"(keymount keeps it); `keymount keys list -n {ns}` shows the key",
+            fingerprint=before.fingerprint)
     if before.state == "valid" and not before.numbered and after.numbered:
-        return _guard_pin(change, before, after, keyring=keyring, writers=writers)
+        return _guard_pin(change, before, after, keyring=keyring, writers=writers,
+                          settings=settings)
     if before.index_explicit and (not after.index_explicit or after.index != before.index):
         return _refused(
             f"key Secret {name!r} in namespace {ns!r} has number {before.index} for good: "
@@ -482,14 +537,6 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
         return _refused(f"annotation {NUMBERS_USED_ANNOTATION} of key Secret {name!r} is "
                         f"keymount's record of the numbers used in namespace {ns!r}; it "
                         f"cannot change", fingerprint=before.fingerprint)
-    changed_time = _changed_time_stamp(change, before, after, settings=settings)
-    if changed_time:
-        return _refused(
-            f"annotation {changed_time} of key Secret {name!r} in namespace {ns!r} is "
-            f"stamped by keymount's mutating webhook when the key is staged or activated; "
-            f"nobody sets, changes or removes it. Leave it out of your manifest or patch "
-            f"(keymount keeps it); `keymount keys list -n {ns}` shows the key",
-            fingerprint=before.fingerprint)
     if before.state == "slot":
         return _guard_fill(change, before, after, keyring=keyring, writers=writers)
     if before.state == "staged":
@@ -513,14 +560,22 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"the key while it was staged read it from there until their next sync, so it "
             f"stays as it was. Leave the field as it is; a new key is added with keymount "
             f"keys rotate -n {ns}", fingerprint=before.fingerprint)
-    if before.state == "valid" and after.fingerprint != before.fingerprint:
+    if before.state == "valid" and not same_key_bytes(change.old, change.new,
+                                                      settings=settings):
         return _refused(
             f"this update replaces the key material of key Secret {name!r} in namespace "
             f"{ns!r} (number {number}, fingerprint {before.fingerprint}); data encrypted with "
             f"that key would become undecryptable. Keys never change in place; add a new "
             f"key instead: keymount keys rotate -n {ns}", fingerprint=before.fingerprint)
     if before.state == "invalid" and after.state != "invalid":
-        return _writer_only(change, writers, "updated", "repair")
+        # A numbered key made invalid by a settings change (is_new_key takes the rest).
+        if not writers.allows(change.requester):
+            return _writer_refusal(change, writers, "repair")
+        if after.state == "staged":
+            refusal = _staging_refusal(change, after, keyring=keyring)
+            if refusal is not None:
+                return refusal
+        return KeyDecision(True, "updated")
     if not before.index_explicit and after.index_explicit:
         return _refused(
             f"key Secret {name!r} in namespace {ns!r} has number {number} today; it is "
@@ -539,6 +594,16 @@ def _slot_kept(change: KeyChange, slot: KeyRecord, act: str) -> str:
             f"{number}: running backend Pods may list it, and {act} would let anyone who "
             f"may create Secrets give them a key of their own under that name. A slot is "
             f"filled or retired, never removed; {how}")
+
+
+def same_key_bytes(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None, *,
+                   settings: Settings) -> bool:
+    """Whether a key Secret's key field holds the same stored bytes before and after,
+    compared whole. Never by fingerprint: that is a 3-byte key check value for people to
+    compare, and a key with a given one is found in seconds."""
+    before = None if old is None else read_key_field(old, settings.key_field)[0]
+    after = None if new is None else read_key_field(new, settings.key_field)[0]
+    return before is not None and after is not None and hmac.compare_digest(before, after)
 
 
 def _staged_bytes(obj: Mapping[str, Any] | None, settings: Settings) -> bytes | None:
@@ -696,7 +761,7 @@ def _guard_fill(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyri
 
 
 def _guard_pin(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyring: Keyring,
-               writers: KeyWriters) -> KeyDecision:
+               writers: KeyWriters, settings: Settings) -> KeyDecision:
     """A legacy key becomes keymount-numbered: only at the number it has today."""
     ns, name = change.namespace, change.name
     current = keyring.number_of(name)
@@ -705,7 +770,7 @@ def _guard_pin(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyrin
             f"key Secret {name!r} in namespace {ns!r} has number {current} today; pinning it "
             f"at {after.index} would move its file. Pin every key at its current number: "
             f"keymount keys pin -n {ns}", fingerprint=before.fingerprint)
-    if after.fingerprint != before.fingerprint:
+    if not same_key_bytes(change.old, change.new, settings=settings):
         return _refused(f"pinning key Secret {name!r} cannot change its key material",
                         fingerprint=before.fingerprint)
     if not writers.allows(change.requester):

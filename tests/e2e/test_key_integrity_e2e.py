@@ -101,6 +101,29 @@ def test_allow_delete_then_new_bytes_then_unannotate_leaves_the_key_as_it_was(
     assert snapshot(api, namespace) == before
 
 
+# Two keys with one fingerprint (a 3-byte key check value: found in seconds).
+VICTIM = bytes.fromhex("3c2df1b74dc2f148bc6f76a17c9df3901acc31b0518d766138fc4038eb1582f7")
+FORGED = bytes.fromhex("39f196b74dc2f148bc6f76a17c9df3901acc31b0518d766138fc4038eb1582f7")
+
+
+def test_a_key_with_the_same_fingerprint_or_frozen_for_good_is_refused(
+        api, mallory, namespace, keymount):
+    create_key(api, namespace, "k1", key=VICTIM)
+    for actor in (mallory, api):
+        message = denial(lambda actor=actor: actor.patch_namespaced_secret("k1", namespace, {
+            "data": {"encryption-key": base64.b64encode(FORGED).decode()}}))
+        assert "replaces the key material of key Secret 'k1'" in message
+        message = denial(lambda actor=actor: actor.patch_namespaced_secret(
+            "k1", namespace, {"immutable": True}))
+        assert "cannot be immutable" in message
+    assert "may not change the finalizers of" in denial(
+        lambda: mallory.patch_namespaced_secret("k1", namespace, {
+            "metadata": {"finalizers": ["example.com/hold"]}}))
+    stored = api.read_namespaced_secret("k1", namespace)
+    assert base64.b64decode(stored.data["encryption-key"]) == VICTIM
+    assert not stored.immutable and not stored.metadata.finalizers
+
+
 def test_removing_the_key_label_is_refused(api, mallory, namespace, keymount):
     before = three_keys(api, namespace, keymount)
     message = denial(lambda: mallory.patch_namespaced_secret("k1", namespace, {
