@@ -284,13 +284,17 @@ class RestoreKeys:
     API server's answers to each create in turn (True: created; False: keymount's 429;
     an exception: a failed write)."""
 
-    def __init__(self, records=(), names=None, answers=()) -> None:
-        self.records, self.answers = list(records), list(answers)
+    def __init__(self, secrets=(), names=None, answers=()) -> None:
+        self.secrets, self.answers = list(secrets), list(answers)
+        self.records = records(*secrets)
         self.names = names
         self.created: list[str] = []
 
     def key_records(self, namespace):
         return [r for r in self.records if namespace is None or r.namespace == namespace]
+
+    def key_secrets(self, namespace):
+        return [s for s in self.secrets if s["metadata"]["namespace"] == namespace]
 
     def secret_names(self, namespaces):
         return self.names or {ns: frozenset() for ns in namespaces}
@@ -348,10 +352,27 @@ def test_a_failed_write_half_way_is_finished_by_running_the_same_restore_again(c
     # The cluster now holds k1 as backed up: the same command writes only the rest.
     written = [key_secret("k1", entries[0].value, index=1,
                           annotations={"keymount.io/numbers-used": "1"})]
-    again = RestoreKeys(records=records(*written))
+    again = RestoreKeys(written)
     assert restore(again, entries) == 0
     assert again.created == ["k2", "k3"]
     assert "shop/k1: number 1 already there, unchanged" in capsys.readouterr().out
+
+
+def test_a_key_there_with_the_backups_fingerprint_but_other_bytes_refuses_the_restore():
+    """A fingerprint is 3 bytes: a key with the backed-up key's is found in seconds."""
+    from webhook.backup import BackedUpKey
+    from webhook.keys import check_key
+    victim = bytes.fromhex("3c2df1b74dc2f148bc6f76a17c9df3901acc31b0518d766138fc4038eb1582f7")
+    forged = bytes.fromhex("39f196b74dc2f148bc6f76a17c9df3901acc31b0518d766138fc4038eb1582f7")
+    assert check_key(victim).fingerprint == check_key(forged).fingerprint
+    entries = [BackedUpKey("shop", "k1", 1, "", check_key(victim).fingerprint, "1", False,
+                           victim), *backup_entries(2)[1:]]
+    client = RestoreKeys([key_secret("k1", forged, index=1,
+                                     annotations={"keymount.io/numbers-used": "1"})])
+    with pytest.raises(UserFacingError, match="other key material") as info:
+        restore(client, entries)
+    assert "nothing was restored" in str(info.value)
+    assert client.created == []
 
 
 @pytest.mark.parametrize(("cluster", "names"), [
@@ -361,7 +382,7 @@ def test_a_failed_write_half_way_is_finished_by_running_the_same_restore_again(c
     ([], {"shop": frozenset({"k3"})}),
 ], ids=["number-held-by-another-key", "namespace-missing", "name-held-by-another-secret"])
 def test_a_restore_the_cluster_contradicts_writes_nothing(cluster, names):
-    client = RestoreKeys(records=records(*cluster), names=names)
+    client = RestoreKeys(cluster, names=names)
     with pytest.raises(UserFacingError, match="nothing was restored"):
         restore(client, backup_entries(3))
     assert client.created == []

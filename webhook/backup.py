@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 import io
 import json
 import sys
@@ -368,6 +369,29 @@ def plan_restore(keys: Sequence[BackedUpKey], keyrings: Mapping[str, Keyring], *
         create.append(key)
     create.sort(key=creation_order)
     return RestorePlan(tuple(create), tuple(present))
+
+
+def check_present(present: Sequence[BackedUpKey],
+                  stored: Mapping[str, Sequence[Mapping[str, Any]]], *,
+                  settings: Settings) -> None:
+    """Refuse the restore if a key the plan found present (its name, number and
+    fingerprint) holds other bytes than the backup's: a fingerprint is a 3-byte check
+    value, and a key with a given one is found in seconds. `stored`: the key Secrets of
+    each namespace with a present key, as the API server holds them."""
+    for key in present:
+        if key.value is None:
+            continue  # a tombstone holds no key material
+        secrets = {str((s.get("metadata") or {}).get("name")): s
+                   for s in stored.get(key.namespace, ())}
+        field = staged_field(settings.key_field) if key.staged else settings.key_field
+        held = read_key_field(secrets.get(key.name) or {}, field)[0]
+        if held is None or not hmac.compare_digest(held, key.value):
+            raise BackupError(
+                f"key Secret {key.name!r} in namespace {key.namespace} holds number "
+                f"{key.number} and fingerprint {key.fingerprint} as in the backup, but other "
+                f"key material: it is not the backed-up key. Find out who wrote it (kubectl "
+                f"get secret {key.name} -n {key.namespace} --show-managed-fields -o yaml); "
+                f"nothing was restored")
 
 
 def creation_order(key: BackedUpKey) -> tuple[str, int, int]:

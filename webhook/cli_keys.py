@@ -812,7 +812,7 @@ def restore_keys(client: KeyApi, keys: list[BackedUpKey], *, settings: Settings,
     command run again finishes it (keys already there are no-ops)."""
     import time
 
-    from .backup import plan_restore, restored_secret
+    from .backup import check_present, plan_restore, restored_secret
     from .key_secrets import key_labels
     sleep = sleep or time.sleep
     clock = clock or time.monotonic
@@ -820,6 +820,10 @@ def restore_keys(client: KeyApi, keys: list[BackedUpKey], *, settings: Settings,
     names = client.secret_names(namespaces)
     keyrings = cluster_keyrings(client, namespaces[0] if len(namespaces) == 1 else None)
     plan = plan_restore(keys, keyrings, secret_names=names)
+    # Keys already there are compared by their bytes, before anything is written.
+    check_present(plan.present, {ns: client.key_secrets(ns) for ns in
+                                 sorted({k.namespace for k in plan.present})},
+                  settings=settings)
     labels = key_labels(settings)
     for key in plan.present:
         print(f"{key.namespace}/{key.name}: number {key.number} already there, unchanged")
