@@ -373,6 +373,26 @@ def test_repairing_an_invalid_secret_into_a_second_staged_key_is_refused():
     assert verdict.result == "denied", verdict.message
 
 
+@pytest.mark.parametrize(("recorded", "allowed"), [
+    ("1-2,999999999", False), ("1-2,998999999", True), ("1-2,5000", True)],
+    ids=["at-the-top", "a-million-below-and-the-next-counts-on", "a-gap"])
+def test_a_new_key_may_not_record_numbers_that_leave_none_for_the_next(recorded, allowed):
+    """Numbers have nine digits: one recorded 999999999 would have every later key
+    stamped with a ten-digit number, refused, and no rotation ever again."""
+    k1 = key_secret("k1", random_key(), index=1, annotations={"keymount.io/numbers-used": "1"})
+    imported = key_secret("k2", random_key(), index=2,
+                          annotations={"keymount.io/numbers-used": recorded})
+    verdict, stored = through_api(imported, keyring=keyring_of(k1))
+    assert (verdict.result == "allowed") is allowed, verdict.message
+    if allowed:
+        after, _ = through_api(key_secret("k3", random_key()), keyring=keyring_of(k1, stored))
+        assert after.result == "allowed", after.message
+    else:  # nor by naming the number itself
+        top, _ = through_api(key_secret("k9", random_key(), index=999999999),
+                             keyring=keyring_of(k1))
+        assert top.result == "denied" and "up to 998999999" in top.message
+
+
 def test_removing_the_key_label_is_refused():
     key = random_key()
     old = key_secret("k1", key, index=1)

@@ -356,6 +356,11 @@ def _number(record: KeyRecord, keyring: Keyring) -> str:
     return str(number) if number is not None else "none"
 
 
+# Key numbers have at most nine digits (keys.parse_key_index); a new key may jump ahead
+# (an explicit number, a record of numbers used) up to here, leaving a million.
+HIGHEST_NEW_NUMBER = 999_999_999 - 1_000_000
+
+
 def _lifetime_change(change: KeyChange) -> str:
     """What an update changes of how long the key Secret lives, or "": made immutable
     (no key writer could retire it then: retiring removes the key material, and an
@@ -450,6 +455,17 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"MutatingWebhookConfiguration keymount has its key-Secret rule "
             f"(kubectl get mutatingwebhookconfiguration keymount -o yaml)")
     number = record.index
+    highest = max(number, record.numbers_used.highest)
+    if highest > keyring.next_number and highest > HIGHEST_NEW_NUMBER:
+        # Numbers are nine digits: a jump to near the top would leave the namespace no
+        # number for its next keys (every later key and slot refused). Counting up one
+        # by one is never refused.
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} records number {highest}: keymount "
+            f"gives a new key a number up to {HIGHEST_NEW_NUMBER}, so that keys after it "
+            f"still get one (numbers have at most nine digits). Give it a lower "
+            f"{INDEX_ANNOTATION} and {NUMBERS_USED_ANNOTATION}, or omit both",
+            number=number, fingerprint=record.fingerprint)
     reserved = slot_number(name)
     if reserved is not None and reserved != number:
         return _refused(
