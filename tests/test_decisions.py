@@ -309,6 +309,12 @@ def test_an_ephemeral_container_may_not_mount_the_keys():
     harmless["spec"]["ephemeralContainers"][0]["volumeMounts"] = []
     verdict = check_pod_relabel(request_of(harmless, operation="UPDATE", old=old), view())
     assert verdict.response["allowed"] is True, verdict.message
+    # One added before keymount checked it does not hold up the Pod's later updates.
+    before = with_debugger(old)
+    after = json.loads(json.dumps(before))
+    after["metadata"]["finalizers"] = []
+    verdict = check_pod_relabel(request_of(after, operation="UPDATE", old=before), view())
+    assert verdict.response["allowed"] is True, verdict.message
 
 
 # --- the key-Secret decisions ---------------------------------------------------------

@@ -404,9 +404,16 @@ def _backend_pod_change(pod: Mapping[str, Any], old: Mapping[str, Any], *,
         return (f"annotation {STATUS_ANNOTATION} records the keys keymount gave the Pod and "
                 f"cannot change; leave it out of your patch (kubectl annotate "
                 f"--overwrite does not apply to it)")
-    # Ephemeral containers are never selected: the targets play no part.
-    return find_mount_problem(as_dict(pod.get("spec")), [], settings=settings,
-                              injected=False, ephemeral_only=True)
+    # Ephemeral containers are never selected: the targets play no part. They are only
+    # ever added, so one that mounted the keys before this check existed stays, and
+    # must not keep every later update (a finalizer's removal) from the Pod.
+    problem = find_mount_problem(as_dict(pod.get("spec")), [], settings=settings,
+                                 injected=False, ephemeral_only=True)
+    if problem is None or problem == find_mount_problem(
+            as_dict(old.get("spec")), [], settings=settings, injected=False,
+            ephemeral_only=True):
+        return None
+    return problem
 
 
 def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
