@@ -118,11 +118,25 @@ def test_a_pod_as_keymount_injected_it_passes_validation():
     assert validate(review(final_pod())).result == "allowed"
 
 
-def test_a_pod_validated_after_a_key_was_added_still_passes():
-    newer = keyring_of(*[key_secret(r.name, random_key(), index=r.index) for r in KEYRING.keys],
-                       key_secret("key-c", random_key(), index=3))
-    older_pod = final_pod()
-    assert validate(review(older_pod), keyring=newer).result == "allowed"
+KEYS = [key_secret("key-a", random_key(), index=1), key_secret("key-b", random_key(), index=2),
+        key_secret("key-d", random_key(), index=9)]
+
+
+@pytest.mark.parametrize(("made", "number", "allowed"), [
+    ("2026-12-02T13:00:00Z", 10, True), ("2026-12-02T12:00:00Z", 10, False),
+    ("2026-12-02T13:00:00Z", 4, False), (None, 10, False)],
+    ids=["made-a-moment-before", "made-an-hour-before", "numbered-below-a-listed-key",
+         "the-pod-has-no-creation-time"])
+def test_a_pod_validated_after_a_key_was_added_still_passes(made, number, allowed):
+    """The mutating webhook lists every key it saw: a key numbered above all it listed,
+    made around the Pod's creation (which the API server stamps before validating),
+    came after it. Any other missing key is refused."""
+    older_pod = final_pod(keyring=keyring_of(*KEYS))
+    if made is not None:
+        older_pod["metadata"]["creationTimestamp"] = "2026-12-02T13:00:30Z"
+    added = key_secret("key-c", random_key(), index=number, created=made or "2026-12-02T13:00:00Z")
+    verdict = validate(review(older_pod), keyring=keyring_of(*KEYS, added))
+    assert (verdict.result == "allowed") is allowed, verdict.message
 
 
 @pytest.mark.parametrize("tamper", [

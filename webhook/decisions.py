@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 import orjson
@@ -52,7 +52,7 @@ from .keyguard import (
     is_new_key,
     stamp_key_secret,
 )
-from .keys import Keyring
+from .keys import Keyring, parse_time
 from .names import (
     CLUSTERKEYPOLICY_KIND,
     CLUSTERKEYPOLICY_PLURAL,
@@ -205,7 +205,8 @@ def check_final_pod(request: AdmissionRequest, view: View) -> Verdict:
     pod, settings = request.object or {}, view.settings
     if not needs_keys(pod, settings=settings):
         return Verdict("allowed", allowed())
-    problem = find_injection_problem(pod, keyring=view.keyring, settings=settings)
+    problem = find_injection_problem(pod, keyring=view.keyring, settings=settings,
+                                     since_mutation=True)
     if problem is None:
         return Verdict("allowed", allowed())
     message, key_state = problem
@@ -416,13 +417,23 @@ def _backend_pod_change(pod: Mapping[str, Any], old: Mapping[str, Any], *,
     return problem
 
 
+# How long before a Pod's creation a key may have been made and still be missing from
+# its volume for having come after the mutation: the mutating webhook's answer, any
+# webhooks after it, and the cache's delay (seconds, not minutes).
+KEY_AFTER_MUTATION = timedelta(seconds=60)
+
+
 def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
-                           settings: Settings) -> tuple[str, bool] | None:
+                           settings: Settings,
+                           since_mutation: bool = False) -> tuple[str, bool] | None:
     """What is wrong with a stored backend Pod's key volume, and whether fresher key
     state could make it right; None when it is as docs/contract.md,
     "Injection", says: every valid key of the namespace delivered (as a source of its
     own, or through a listed slot it filled since), the status annotation naming
-    exactly the key sources, and the mounts as injected."""
+    exactly the key sources, and the mounts as injected. `since_mutation` (a CREATE):
+    a key that came after the mutating webhook's answer is no reason to refuse: one
+    numbered above every number the volume lists, made around the Pod's creation (the
+    API server sets a Pod's creationTimestamp before validating webhooks see it)."""
     spec = as_dict(pod.get("spec"))
     volumes = [v for v in spec.get("volumes") or [] if isinstance(v, dict)
                and v.get("name") == VOLUME_NAME]
@@ -437,6 +448,7 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
     if not sources:
         return f"volume {VOLUME_NAME!r} has no key sources", False
     listed: set[str] = set()
+    highest = 0  # the highest number the volume lists, keys and slots
     stated: list[dict[str, str]] = []  # the status annotation the key sources imply
     for source in sources:
         secret = source.get("secret") if isinstance(source, dict) else None
@@ -448,6 +460,7 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
             slot_problem = _slot_problem(secret, keyring=keyring, settings=settings)
             if slot_problem:
                 return slot_problem
+            highest = max(highest, slot_number(name) or 0)
             continue
         record = keyring.find(name)
         number = keyring.number_of(name)
@@ -459,12 +472,17 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
             return f"key source {name!r} does not project {item}", False
         stated.append({"file": key_file_name(number), "secret": name,
                        "fingerprint": record.fingerprint})
+        highest = max(highest, number)
     ns = keyring.namespace
     # A key the cache shows and the volume lacks may have come after the mutating
     # webhook's view: confirmed on a live read before the refusal stands.
     if not keyring.keys:
         return f"namespace {ns!r} has no valid encryption key", True
-    missing = [r.name for r in keyring.keys if r.name not in listed]
+    made = parse_time(as_dict(pod.get("metadata")).get("creationTimestamp"))
+    missing = [r.name for r in keyring.keys if r.name not in listed and not (
+        since_mutation and (keyring.number_of(r.name) or 0) > highest
+        and made is not None and r.created is not None
+        and r.created >= made - KEY_AFTER_MUTATION)]
     if missing:
         return (f"volume {VOLUME_NAME!r} does not deliver key Secret(s) "
                 f"{', '.join(repr(m) for m in missing)} of namespace {ns!r}: a backend Pod "
