@@ -279,7 +279,7 @@ def test_a_key_that_filled_a_listed_slot_is_delivered_by_it():
     (lambda p: p["metadata"]["labels"].update({"tier": "gold"}), True),
 ], ids=["status-rewritten", "status-removed", "another-annotation", "another-label"])
 def test_a_backend_pods_status_annotation_cannot_change(change, allowed):
-    """keys status, audit and restart: rolling read it to tell stale Pods."""
+    """keymount status, audit and restart: rolling read it to tell stale Pods."""
     old = injected_pod()
     new = json.loads(json.dumps(old))
     change(new)

@@ -397,14 +397,14 @@ def _backend_pod_change(pod: Mapping[str, Any], old: Mapping[str, Any], *,
                         settings: Settings) -> str | None:
     """What an update of a backend Pod may not do (its spec is immutable but for images,
     ephemeral containers and a few fields): change keymount's status annotation, which
-    `keys status`, audit and `restart: rolling` read to tell a stale Pod, or give an
+    `keymount status`, audit and `restart: rolling` read to tell a stale Pod, or give an
     ephemeral container the keys."""
     before = as_dict(as_dict(old.get("metadata")).get("annotations")).get(STATUS_ANNOTATION)
     after = as_dict(as_dict(pod.get("metadata")).get("annotations")).get(STATUS_ANNOTATION)
     if before != after:
         return (f"annotation {STATUS_ANNOTATION} records the keys keymount gave the Pod and "
-                f"cannot change; leave it out of your patch (kubectl annotate "
-                f"--overwrite does not apply to it)")
+                f"cannot change; leave it out of your patch or manifest (`keymount "
+                f"status` shows which keys each backend Pod has)")
     # Ephemeral containers are never selected: the targets play no part. They are only
     # ever added, so one that mounted the keys before this check existed stays, and
     # must not keep every later update (a finalizer's removal) from the Pod.
