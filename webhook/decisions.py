@@ -20,8 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
-import orjson
-
 from .admission import (
     OPERATIONS,
     AdmissionRequest,
@@ -53,6 +51,7 @@ from .keyguard import (
     stamp_key_secret,
 )
 from .keys import Keyring, parse_time
+from .lifecycle import read_status_annotation
 from .names import (
     CLUSTERKEYPOLICY_KIND,
     CLUSTERKEYPOLICY_PLURAL,
@@ -487,7 +486,7 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
         return (f"volume {VOLUME_NAME!r} does not deliver key Secret(s) "
                 f"{', '.join(repr(m) for m in missing)} of namespace {ns!r}: a backend Pod "
                 f"carries every valid key, the newest to encrypt with"), True
-    if _status_annotation(pod) != stated:
+    if read_status_annotation(pod) != stated:
         return (f"annotation {STATUS_ANNOTATION} does not name exactly the keys volume "
                 f"{VOLUME_NAME!r} projects"), False
     targets = select_containers(pod)
@@ -495,14 +494,6 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
         return targets.message, False
     problem = find_mount_problem(spec, targets, settings=settings, injected=True)
     return (problem, False) if problem else None
-
-
-def _status_annotation(pod: Mapping[str, Any]) -> Any:
-    text = as_dict(as_dict(pod.get("metadata")).get("annotations")).get(STATUS_ANNOTATION)
-    try:
-        return orjson.loads(text) if isinstance(text, str) else None
-    except orjson.JSONDecodeError:
-        return None
 
 
 def _slot_problem(secret: Mapping[str, Any], *, keyring: Keyring,
