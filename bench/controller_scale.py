@@ -52,6 +52,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "tests" / "e2e"),
 
 from admission import review_body  # noqa: E402
 
+from webhook.policy import parse_duration  # noqa: E402
+
 from apihelpers import component_rbac  # noqa: E402
 from controlplane import ControlPlane  # noqa: E402
 
@@ -329,8 +331,10 @@ def run(plane: ControlPlane, tmp: Path, args: argparse.Namespace) -> subprocess.
     # and the quiet measurements: all keys were activated at `activated_at`.
     allowance = args.start_allowance or args.namespaces // 50 + 60
     quiet_needs = args.quiet_seconds + args.rounds * (args.wrk_seconds + 2) + 30
+    # A successor is staged one staging period before the rotation period ends.
+    staging = parse_duration(args.staging_period, field="--staging-period")
     due = datetime.now(UTC) + timedelta(seconds=allowance + quiet_needs)
-    period = int((due - activated_at).total_seconds()) + 1
+    period = int((due - activated_at + staging).total_seconds()) + 1
     policy = {"apiVersion": "keymount.io/v1alpha1", "kind": "ClusterKeyPolicy",
               "metadata": {"name": "scale"},
               "spec": {"namespaceSelector": {"matchLabels": {LABEL: "true"}},
@@ -340,9 +344,10 @@ def run(plane: ControlPlane, tmp: Path, args: argparse.Namespace) -> subprocess.
     wait_until(time.monotonic() + 60, "the ClusterKeyPolicy kind", lambda: subprocess.run(
         ["kubectl", "--kubeconfig", admin, "apply", "-f", "-"], input=json.dumps(policy),
         capture_output=True, text=True).returncode == 0)
-    due_at = activated_at + timedelta(seconds=period)
+    due_at = activated_at + timedelta(seconds=period) - staging
     due_mono = time.monotonic() + (due_at - datetime.now(UTC)).total_seconds()
-    print(f"rotationPeriod {period}s: every namespace due at {stamp(due_at)}", flush=True)
+    print(f"rotationPeriod {period}s: every namespace stages a key at {stamp(due_at)}",
+          flush=True)
 
     # keymount serve --controller, as the keymount user, on CPU 0.
     subprocess.run([sys.executable, "-m", "webhook", "certs", "--service", "keymount",

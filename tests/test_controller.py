@@ -346,3 +346,41 @@ async def test_only_a_write_the_api_server_took_is_reported(won, reported) -> No
                     clock=lambda: T0 + timedelta(days=1),
                     on_step=lambda keyring, step: steps.append(step))
     assert len(steps) == reported * len(api.writes) and api.writes
+
+
+def test_where_a_bound_replaced_a_declared_period_the_keypolicy_status_says_so() -> None:
+    from webhook.controller import policy_status
+    from webhook.rotation import NamespaceKeys, Schedule
+
+    keys = NamespaceKeys("shop", active=1, active_since=T0, staged=None, staged_since=None,
+                         free_slots=(2, 3), next_number=4)
+    schedule = Schedule(rotation_period=timedelta(days=90), staging_period=timedelta(days=90))
+    adjusted = ("KeyPolicy 'rotation' gives rotationPeriod 3650d; maxRotationPeriod 90d of "
+                "ClusterKeyPolicy 'baseline' applies",)
+    status = policy_status(keys, Wait(T0), schedule=schedule, valid_keys=1, generation=1,
+                           now=T0, previous={}, adjusted=adjusted)
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert (ready["status"], ready["reason"]) == ("True", "BoundsApplied")
+    assert adjusted[0] in ready["message"]
+    # On schedule the successor is active when the key is one (bounded) period old.
+    assert status["nextRotation"] == "2026-04-01T00:00:00Z"
+    plain = policy_status(keys, Wait(T0), schedule=schedule, valid_keys=1, generation=1,
+                          now=T0, previous={})
+    assert next(c for c in plain["conditions"] if c["type"] == "Ready")["reason"] == \
+        "Reconciled"
+
+
+def test_a_clusterkeypolicy_status_reports_bounds_its_namespaces_are_held_to() -> None:
+    from webhook.controller import Summary, cluster_policy_status
+
+    conflict = ("each key stays active for 2h, its staging period (minStagingPeriod of "
+                "ClusterKeyPolicy 'slow'), longer than the rotation period 1h; "
+                "maxRotationPeriod 1h of ClusterKeyPolicy 'fast' cannot be kept")
+    fine = Summary(("fast", "slow"), None, 2, T0, T0 + timedelta(hours=2))
+    bounded = Summary(("fast", "slow"), None, 1, T0, T0 + timedelta(hours=2),
+                      adjusted=(f"namespace 'shop': {conflict}",))
+    status = cluster_policy_status([fine, bounded], generation=1, now=T0, previous={})
+    [ready] = status["conditions"]
+    assert (ready["status"], ready["reason"]) == ("True", "BoundsApplied")
+    assert "1 of 2 namespaces held to bounds" in ready["message"]
+    assert conflict in ready["message"]

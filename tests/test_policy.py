@@ -348,3 +348,68 @@ def test_the_effective_policy_does_not_depend_on_the_order_given(entries):
                    for name, i in entries]
     forward = effective_policy(TEAM, keypolicies, policies)
     assert forward == effective_policy(TEAM, keypolicies[::-1], policies[::-1])
+
+
+# --- how long a key is active under the bounds ----------------------------------------------
+# A key's successor is staged one staging period before the key is one rotation period
+# old (webhook/rotation.py), so on schedule a key is active for the longer of the two.
+
+def test_a_staging_period_longer_than_the_bounded_rotation_is_held_to_it():
+    # Admitted before the bound existed: a ten-year period with a staging nearly as long.
+    old = keypolicy(3650 * DAY, 3649 * DAY)
+    effective = effective_policy(TEAM, [old], [cluster(max_rotation=90 * DAY)])
+    assert effective is not None
+    assert (effective.rotation_period, effective.staging_period) == (90 * DAY, 90 * DAY)
+    assert len(effective.adjusted) == 2
+    assert "stagingPeriod 3649d, which is longer than the rotation period 90d" in \
+        effective.adjusted[1]
+
+
+def test_clusterkeypolicies_whose_bounds_conflict_are_reported_and_the_staging_floor_holds():
+    fast = cluster("fast", created=T0, max_rotation=HOUR)
+    slow = cluster("slow", created=T0 + DAY, min_staging=2 * HOUR)
+    effective = effective_policy(TEAM, [], [fast, slow])
+    assert effective is not None
+    # The floor protects every Pod's reading of the staged key: it holds, and each key
+    # is active for two hours, which the status says.
+    assert (effective.rotation_period, effective.staging_period) == (HOUR, 2 * HOUR)
+    conflict = effective.adjusted[-1]
+    assert "each key stays active for 2h" in conflict
+    assert "maxRotationPeriod 1h of ClusterKeyPolicy 'fast' cannot be kept" in conflict
+    assert "lower minStagingPeriod of ClusterKeyPolicy 'slow'" in conflict
+
+
+@given(rotation=st.integers(11, 400), staging=st.integers(10, 400),
+       bounds=st.lists(st.tuples(st.none() | st.integers(1, 400),
+                                 st.none() | st.integers(1, 400)), max_size=3),
+       declared=st.booleans())
+def test_on_schedule_no_key_is_active_longer_than_the_shortest_max_rotation_period(
+        rotation, staging, bounds, declared):
+    """Whatever a KeyPolicy declares (admitted before the bounds, so unchecked against
+    them), a key is active no longer than the shortest maxRotationPeriod, unless a
+    minStagingPeriod is longer still, which is then reported."""
+    clusters = [cluster(f"c{i}", created=T0 + i * DAY,
+                        max_rotation=limit and limit * HOUR,
+                        min_staging=floor and floor * HOUR)
+                for i, (limit, floor) in enumerate(bounds)]
+    policies = [keypolicy(max(rotation, staging + 1) * HOUR, staging * HOUR)] if declared \
+        else []
+    effective = effective_policy(TEAM, policies, clusters)
+    if not policies and not clusters:
+        assert effective is None
+        return
+    assert effective is not None
+    limits = [limit * HOUR for limit, _ in bounds if limit]
+    floors = [floor * HOUR for _, floor in bounds if floor]
+    assert effective.staging_period >= max(floors, default=timedelta(0))
+    if effective.rotation_period is None:
+        assert not limits
+        return
+    lifetime = max(effective.rotation_period, effective.staging_period)
+    if limits and lifetime > min(limits):
+        assert floors and max(floors) > min(limits)
+        assert lifetime == max(floors)
+        assert any("cannot be kept" in line for line in effective.adjusted)
+    if policies and (effective.rotation_period, effective.staging_period) != \
+            (policies[0].spec.rotation_period, policies[0].spec.staging_period):
+        assert effective.adjusted

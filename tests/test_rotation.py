@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -36,8 +37,14 @@ def keys(**fields: object) -> NamespaceKeys:
 
 
 @pytest.mark.parametrize(("stored", "now", "expected"), [
-    pytest.param(keys(), T0 + DAY, Wait(T0 + 30 * DAY), id="fresh-key-waits-for-its-period"),
-    pytest.param(keys(), T0 + 30 * DAY, Stage(2), id="due-key-gets-a-staged-successor"),
+    # A successor is staged one staging period before the period ends, so that it
+    # becomes active when the active key is one rotation period old.
+    pytest.param(keys(), T0 + DAY, Wait(T0 + 30 * DAY - STAGING),
+                 id="fresh-key-waits-until-its-successor-must-be-staged"),
+    pytest.param(keys(), T0 + 30 * DAY - STAGING, Stage(2),
+                 id="successor-staged-one-staging-period-before-the-period-ends"),
+    pytest.param(keys(), T0 + 30 * DAY - STAGING - timedelta(seconds=1),
+                 Wait(T0 + 30 * DAY - STAGING), id="not-staged-a-second-early"),
     pytest.param(keys(free_slots=()), T0 + 31 * DAY, Reserve(4),
                  id="due-without-a-slot-reserves-one-first"),
     pytest.param(keys(staged=2, staged_since=T0, free_slots=(3,)), T0 + STAGING / 2,
@@ -112,8 +119,42 @@ def test_rotations_follow_the_schedule_without_running_ahead(
         assert ahead == slots  # kept full, never beyond
         assert stored.active_since is not None
         overdue = now - stored.active_since
-        # A key older than its period always has a staged successor by now.
-        assert overdue < schedule.rotation_period or stored.staged is not None
+        # A key whose successor is due to be staged always has one by now.
+        assert overdue < schedule.rotation_period - schedule.staging_period \
+            or stored.staged is not None
         numbers = [n for n in (stored.active, stored.staged, *stored.free_slots) if n]
         assert len(numbers) == len(set(numbers))
         assert max(numbers) < stored.next_number
+
+
+@given(period=st.integers(1, 90 * 86400), staging=st.integers(10, 180 * 86400),
+       rotations=st.integers(1, 6))
+def test_a_controller_on_time_replaces_each_key_when_it_is_one_period_old(
+        period: int, staging: int, rotations: int) -> None:
+    """The rotation period bounds how long a key is the one applications encrypt with:
+    its successor is staged early enough to be active when the period ends. A staging
+    period as long as the rotation period (or longer, when bounds conflict) stages the
+    successor at once, and the key is active for the staging period."""
+    schedule = Schedule(rotation_period=timedelta(seconds=period),
+                        staging_period=timedelta(seconds=staging))
+    stored = keys(active=None, active_since=None, free_slots=(), next_number=1)
+    now, activations = T0, []
+    while len(activations) <= rotations:
+        step = next_step(stored, schedule, now=now, slots=2)
+        if isinstance(step, Wait):
+            assert step.until is not None and step.until > now
+            now = step.until  # the controller wakes when it said it would
+            continue
+        stored = apply(stored, step, now=now)
+        if isinstance(step, Fill | Activate):
+            activations.append(now)
+    lives = {b - a for a, b in itertools.pairwise(activations)}
+    assert lives == {max(schedule.rotation_period, schedule.staging_period)}
+    assert next_rotation(stored, schedule) == \
+        stored.active_since + max(schedule.rotation_period, schedule.staging_period)
+
+
+def test_the_next_rotation_is_when_the_staged_key_becomes_active() -> None:
+    staged = keys(staged=2, staged_since=T0 + 40 * DAY, free_slots=(3,))
+    assert next_rotation(staged, POLICY) == T0 + 40 * DAY + STAGING
+    assert next_rotation(keys(), POLICY) == T0 + 30 * DAY

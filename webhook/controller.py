@@ -326,9 +326,12 @@ def _time(value: datetime | None) -> str | None:
 
 def policy_status(keys: NamespaceKeys, result: Wait | Hold, *, schedule: Schedule,
                   valid_keys: int, generation: int, now: datetime,
-                  previous: Mapping[str, Any]) -> dict[str, Any]:
+                  previous: Mapping[str, Any], adjusted: tuple[str, ...] = ()
+                  ) -> dict[str, Any]:
     """The `status` keymount writes on the KeyPolicy in effect (pure). A condition keeps
-    its lastTransitionTime while its status stays (metav1.Condition's rule)."""
+    its lastTransitionTime while its status stays (metav1.Condition's rule). `adjusted`:
+    where a ClusterKeyPolicy's bound replaced what the KeyPolicy declares, said in
+    `Ready`'s message (reason `BoundsApplied`), so its author sees what runs."""
     due = next_rotation(keys, schedule)
     before = {c.get("type"): c for c in previous.get("conditions") or []
               if isinstance(c, Mapping)}
@@ -346,9 +349,11 @@ def policy_status(keys: NamespaceKeys, result: Wait | Hold, *, schedule: Schedul
         "lastRotation": _time(keys.active_since), "nextRotation": _time(due),
         "observedGeneration": generation,
         "conditions": [
-            condition("Ready", not held, "NotRotated" if held else "Reconciled",
+            condition("Ready", not held,
+                      "NotRotated" if held else "BoundsApplied" if adjusted else "Reconciled",
                       result.reason if isinstance(result, Hold) else
-                      "keys follow the policy"),
+                      "keys follow the policy, held to the bounds: " + "; ".join(adjusted)
+                      if adjusted else "keys follow the policy"),
             condition("RotationDue", due is not None and due <= now,
                       "PeriodElapsed" if due is not None and due <= now else "NotDue",
                       f"next rotation {_time(due)}" if due else "no rotationPeriod"),
@@ -369,19 +374,31 @@ class Summary:
     keys: int
     last_rotation: datetime | None
     next_rotation: datetime | None
+    adjusted: tuple[str, ...] = ()  # where a bound replaced a default, per namespace
 
 
 def cluster_policy_status(summaries: list[Summary], *, generation: int, now: datetime,
                           previous: Mapping[str, Any]) -> dict[str, Any]:
     """A ClusterKeyPolicy's `status` (pure): its namespaces' valid keys, their latest
-    rotation and the next one due, and Ready unless one of them is held."""
+    rotation and the next one due, and Ready unless one of them is held. Namespaces
+    held to bounds other than their declared periods (conflicting ClusterKeyPolicies
+    among them) are counted in the message, reason `BoundsApplied`."""
     held = [s.held for s in summaries if s.held]
+    bounded = [s.adjusted for s in summaries if s.adjusted]
     old = next((c for c in previous.get("conditions") or []
                 if isinstance(c, Mapping) and c.get("type") == "Ready"), {})
     ready = "False" if held else "True"
     since = old.get("lastTransitionTime") if old.get("status") == ready else None
-    message = (f"{len(held)} of {len(summaries)} namespaces not rotated; first: {held[0]}"
-               if held else f"{len(summaries)} namespaces follow their policy")
+    if held:
+        reason = "NotRotated"
+        message = f"{len(held)} of {len(summaries)} namespaces not rotated; first: {held[0]}"
+    elif bounded:
+        reason = "BoundsApplied"
+        message = (f"{len(summaries)} namespaces follow their policy; {len(bounded)} of "
+                   f"{len(summaries)} namespaces held to bounds; first: "
+                   + "; ".join(bounded[0]))
+    else:
+        reason, message = "Reconciled", f"{len(summaries)} namespaces follow their policy"
     return {
         "keys": sum(s.keys for s in summaries),
         "lastRotation": _time(max((s.last_rotation for s in summaries if s.last_rotation),
@@ -389,8 +406,7 @@ def cluster_policy_status(summaries: list[Summary], *, generation: int, now: dat
         "nextRotation": _time(min((s.next_rotation for s in summaries if s.next_rotation),
                                   default=None)),
         "observedGeneration": generation,
-        "conditions": [{"type": "Ready", "status": ready,
-                        "reason": "NotRotated" if held else "Reconciled",
+        "conditions": [{"type": "Ready", "status": ready, "reason": reason,
                         "message": message[:1024], "lastTransitionTime": since or _time(now)}],
     }
 
@@ -493,7 +509,8 @@ class KeyController:
             self.metrics.key_activations[namespace] = keys.active_since
         self.summaries[namespace] = Summary(
             effective.cluster_policies, result.reason if isinstance(result, Hold) else None,
-            len(keyring.keys), keys.active_since, next_rotation(keys, schedule))
+            len(keyring.keys), keys.active_since, next_rotation(keys, schedule),
+            tuple(f"namespace {namespace!r}: {line}" for line in effective.adjusted))
         if isinstance(result, Hold):
             log.warning("namespace not rotated", extra={"namespace": namespace,
                                                          "reason": result.reason})
@@ -506,16 +523,17 @@ class KeyController:
             await self._roll(keyring)
         if effective.keypolicy is not None:
             await self._write_status(namespace, effective.keypolicy, keys, result, schedule,
-                                     len(keyring.keys))
+                                     len(keyring.keys), effective.adjusted)
 
     async def _write_status(self, namespace: str, name: str, keys: NamespaceKeys,
-                            result: Wait | Hold, schedule: Schedule, valid: int) -> None:
+                            result: Wait | Hold, schedule: Schedule, valid: int,
+                            adjusted: tuple[str, ...]) -> None:
         stored = self.policies.keypolicies.get(namespace, name)
         if stored is None:
             return
         status = policy_status(keys, result, schedule=schedule, valid_keys=valid,
                                generation=stored.generation, now=self.clock(),
-                               previous=stored.status)
+                               previous=stored.status, adjusted=adjusted)
         await self._patch_status(stored.status, status, lambda: self.api.write_policy_status(
             namespace, name, status), what=f"KeyPolicy {namespace}/{name}")
 

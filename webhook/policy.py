@@ -427,6 +427,10 @@ def effective_policy(namespace_labels: Mapping[str, str],
       maxRotationPeriod (it is also the period when nothing sets one) and the longest
       minStagingPeriod. A KeyPolicy admitted before a bound was tightened is held to
       the bound, and `adjusted` says so.
+    - A staging period longer than the rotation period is held to it, so that a key is
+      active no longer than the rotation period (webhook/rotation.py); only a
+      minStagingPeriod longer than the period makes keys live longer, and `adjusted`
+      names the ClusterKeyPolicies whose bounds conflict.
     """
     labels = dict(namespace_labels)
     selecting = sorted((c for c in clusterkeypolicies if c.selects(labels)), key=_age_order)
@@ -448,21 +452,39 @@ def effective_policy(namespace_labels: Mapping[str, str],
               if c.bounds.max_rotation_period is not None]
     floors = [(c.bounds.min_staging_period, c.name) for c in selecting
               if c.bounds.min_staging_period is not None]
-    if limits:
-        limit, by = min(limits, key=lambda pair: pair[0])
-        if rotation is None or rotation > limit:
-            declared = "no rotationPeriod" if rotation is None else \
-                f"rotationPeriod {format_duration(rotation)}"
-            adjusted.append(f"{source} gives {declared}; maxRotationPeriod "
-                            f"{format_duration(limit)} of ClusterKeyPolicy {by!r} applies")
-            rotation = limit
-    if floors:
-        floor, by = max(floors, key=lambda pair: pair[0])
-        if staging < floor:
-            adjusted.append(f"{source} gives stagingPeriod {format_duration(staging)}; "
-                            f"minStagingPeriod {format_duration(floor)} of ClusterKeyPolicy "
-                            f"{by!r} applies")
-            staging = floor
+    limit, limit_by = min(limits, key=lambda pair: pair[0]) if limits else (None, "")
+    floor, floor_by = max(floors, key=lambda pair: pair[0]) if floors else (None, "")
+    if limit is not None and (rotation is None or rotation > limit):
+        declared = "no rotationPeriod" if rotation is None else \
+            f"rotationPeriod {format_duration(rotation)}"
+        adjusted.append(f"{source} gives {declared}; maxRotationPeriod "
+                        f"{format_duration(limit)} of ClusterKeyPolicy {limit_by!r} applies")
+        rotation = limit
+    if rotation is not None and staging > rotation:
+        # A key is active for the longer of the two periods (webhook/rotation.py stages
+        # its successor one staging period before the rotation period ends): a longer
+        # staging would outlast the period, and a bound on it. Possible for a KeyPolicy
+        # admitted before a bound, or defaults taken from two ClusterKeyPolicies.
+        adjusted.append(f"{source} gives stagingPeriod {format_duration(staging)}, which "
+                        f"is longer than the rotation period {format_duration(rotation)}; "
+                        f"it is held to {format_duration(rotation)}")
+        staging = rotation
+    if floor is not None and staging < floor:
+        adjusted.append(f"{source} gives stagingPeriod {format_duration(staging)}; "
+                        f"minStagingPeriod {format_duration(floor)} of ClusterKeyPolicy "
+                        f"{floor_by!r} applies")
+        staging = floor
+    if rotation is not None and staging > rotation:
+        # The staging floor holds: it is what keeps every Pod able to decrypt during a
+        # rotation. The bound it breaks is said, with the two objects that set them.
+        broken = (f"; maxRotationPeriod {format_duration(limit)} of ClusterKeyPolicy "
+                  f"{limit_by!r} cannot be kept: lower minStagingPeriod of ClusterKeyPolicy "
+                  f"{floor_by!r} or raise maxRotationPeriod of ClusterKeyPolicy "
+                  f"{limit_by!r}") if limit is not None and staging > limit else ""
+        adjusted.append(f"each key stays active for {format_duration(staging)}, its "
+                        f"staging period (minStagingPeriod of ClusterKeyPolicy "
+                        f"{floor_by!r}), longer than the rotation period "
+                        f"{format_duration(rotation)}{broken}")
     return EffectivePolicy(rotation, staging, spec.restart,
                            ordered[0].name if ordered else None,
                            tuple(c.name for c in selecting),

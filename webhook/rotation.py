@@ -11,7 +11,10 @@ of them, or a new leader, continues from what the API server holds (docs/contrac
 - a staged key is activated once its staging period has passed (`Activate`);
 - a namespace with no key gets key 1 active at once (`Fill`): there is nothing to
   decrypt yet, so nothing to stage for;
-- an active key older than the rotation period gets a successor, staged (`Stage`);
+- an active key gets a successor, staged (`Stage`), one staging period before it is
+  one rotation period old, so that the successor is active when the period ends: the
+  rotation period bounds how long a key is the one applications encrypt with, which is
+  what a ClusterKeyPolicy's `maxRotationPeriod` promises (docs/contract.md);
 - empty slots are kept, never more than `slots` numbers above the active key;
 - otherwise nothing is written until `Wait.until` (None: until something changes).
 The controller never retires or deletes a key: that stays a person's decision.
@@ -93,22 +96,31 @@ def next_step(keys: NamespaceKeys, schedule: Schedule, *, now: datetime, slots: 
         return _keep_slots(keys, slots) or Wait(due)
     if keys.active is None:
         return Fill(keys.free_slots[0]) if keys.free_slots else Reserve(keys.next_number)
-    due_rotation = _rotation_due(keys, schedule)
-    if due_rotation is not None and now >= due_rotation:
+    due_staging = _staging_due(keys, schedule)
+    if due_staging is not None and now >= due_staging:
         return Stage(keys.free_slots[0]) if keys.free_slots else Reserve(keys.next_number)
-    return _keep_slots(keys, slots) or Wait(due_rotation)
+    return _keep_slots(keys, slots) or Wait(due_staging)
 
 
 def next_rotation(keys: NamespaceKeys, schedule: Schedule) -> datetime | None:
-    """When the active key is due for a successor (None: never by schedule); for the
-    policy's status."""
-    return _rotation_due(keys, schedule)
-
-
-def _rotation_due(keys: NamespaceKeys, schedule: Schedule) -> datetime | None:
+    """When the active key is replaced: its successor becomes active (None: never by
+    schedule). The staged key's activation while one is staged; otherwise one rotation
+    period after the active key's activation, or one staging period when that is longer
+    (conflicting bounds: the successor is staged at once). For the policy's status."""
+    if keys.staged_since is not None:
+        return keys.staged_since + schedule.staging_period
     if schedule.rotation_period is None or keys.active_since is None:
         return None
-    return keys.active_since + schedule.rotation_period
+    return keys.active_since + max(schedule.rotation_period, schedule.staging_period)
+
+
+def _staging_due(keys: NamespaceKeys, schedule: Schedule) -> datetime | None:
+    """When the active key's successor is staged: one staging period before the active
+    key is one rotation period old, and never before the active key's activation."""
+    if schedule.rotation_period is None or keys.active_since is None:
+        return None
+    return keys.active_since + max(schedule.rotation_period - schedule.staging_period,
+                                   timedelta(0))
 
 
 def _keep_slots(keys: NamespaceKeys, slots: int) -> Reserve | None:

@@ -8,7 +8,7 @@ import asyncio
 import base64
 import signal
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import pytest
 from kubernetes import client
@@ -58,8 +58,11 @@ def test_a_policy_rotates_a_namespace_staging_each_key_before_it_is_active(
          what="key 2 active after its rotation")
     keys = stored_keys(api, namespace)
     first, second = keys[1], keys[2]
-    assert second["staged_at"] - first["activated_at"] >= timedelta(seconds=40)
+    # Staged one staging period before the rotation period ends, active when it ends:
+    # key 1 encrypted for the 40 s the policy gives it, not 40 s plus the staging.
+    assert second["staged_at"] - first["activated_at"] >= timedelta(seconds=30)
     assert second["activated_at"] - second["staged_at"] >= timedelta(seconds=10)
+    assert second["activated_at"] - first["activated_at"] < timedelta(seconds=50)
     # While key 2 was staged it counted among the two numbers waiting; after its
     # activation slot 4 is reserved, and never more than two wait.
     poll(lambda: keys_in(api, namespace, "slot") == [3, 4], timeout=30, what="slots 3, 4")
@@ -190,5 +193,51 @@ def test_a_clusterkeypolicy_gives_its_namespaces_keys_and_reports_them(
                 "keys": status.get("keys")}
         poll(lambda: ready() == {"Ready": "True", "keys": 1}, timeout=30,
              what="the ClusterKeyPolicy's status")
+    finally:
+        custom.delete_cluster_custom_object(GROUP, VERSION, "clusterkeypolicies", name)
+
+
+def test_a_keypolicy_admitted_before_a_bound_runs_by_it_and_its_status_says_so(
+        api, custom, namespace, controllers):
+    # Ten years, staged for nearly as long: admitted while nothing bounded the namespace.
+    key_policy(custom, namespace, rotationPeriod="3650d", stagingPeriod="3649d")
+    import uuid
+    mark = uuid.uuid4().hex[:8]
+    api.patch_namespace(namespace, {"metadata": {"labels": {"keymount-e2e/bound": mark}}})
+    name = f"bound-{mark}"
+    custom.create_cluster_custom_object(GROUP, VERSION, "clusterkeypolicies", {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterKeyPolicy",
+        "metadata": {"name": name},
+        "spec": {"namespaceSelector": {"matchLabels": {"keymount-e2e/bound": mark}},
+                 "maxRotationPeriod": "90d"}})
+    try:
+        controllers(1)
+        poll(lambda: keys_in(api, namespace, "active") == [1], timeout=60, what="key 1")
+
+        def ready() -> dict:
+            status = custom.get_namespaced_custom_object(
+                GROUP, VERSION, namespace, "keypolicies", "rotation").get("status") or {}
+            return next((c for c in status.get("conditions") or []
+                         if c["type"] == "Ready"), {}) | {"status_": status}
+        condition = poll(lambda: (r := ready()).get("reason") == "BoundsApplied" and r,
+                         timeout=30, what="the KeyPolicy's status")
+        assert condition["status"] == "True"
+        assert f"maxRotationPeriod 90d of ClusterKeyPolicy {name!r} applies" in \
+            condition["message"]
+        assert "stagingPeriod 3649d, which is longer than the rotation period 90d" in \
+            condition["message"]
+        # The staging is held to the 90 days, so key 2 is staged as soon as key 1 is
+        # active, and active when key 1 is 90 days old, not 90 days plus a decade.
+        poll(lambda: keys_in(api, namespace, "staged") == [2], timeout=30, what="key 2 staged")
+
+        def times() -> tuple[datetime, datetime] | None:
+            status = ready()["status_"]
+            if status.get("stagedKey") != 2:
+                return None
+            last, following = (datetime.fromisoformat(status[f].replace("Z", "+00:00"))
+                               for f in ("lastRotation", "nextRotation"))
+            return last, following
+        last, following = poll(times, timeout=30, what="the status with key 2 staged")
+        assert timedelta(days=90) <= following - last < timedelta(days=90, minutes=1)
     finally:
         custom.delete_cluster_custom_object(GROUP, VERSION, "clusterkeypolicies", name)
