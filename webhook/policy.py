@@ -438,7 +438,7 @@ def effective_policy(namespace_labels: Mapping[str, str],
     if not ordered and not selecting:
         return None
     if ordered:
-        spec, source = ordered[0].spec, f"KeyPolicy {ordered[0].name!r}"
+        spec, source = ordered[0].spec, f"KeyPolicy {ordered[0].name!r} gives"
     else:
         def first(attribute: str) -> Any:
             return next((getattr(c.defaults, attribute) for c in selecting
@@ -446,7 +446,7 @@ def effective_policy(namespace_labels: Mapping[str, str],
         spec = KeyPolicySpec(first("rotation_period"),
                              first("staging_period") or DEFAULT_STAGING_PERIOD,
                              first("restart") or "none")
-        source = "the ClusterKeyPolicies' defaults"
+        source = "the ClusterKeyPolicies' defaults give"
     rotation, staging, adjusted = spec.rotation_period, spec.staging_period, []
     limits = [(c.bounds.max_rotation_period, c.name) for c in selecting
               if c.bounds.max_rotation_period is not None]
@@ -457,7 +457,7 @@ def effective_policy(namespace_labels: Mapping[str, str],
     if limit is not None and (rotation is None or rotation > limit):
         declared = "no rotationPeriod" if rotation is None else \
             f"rotationPeriod {format_duration(rotation)}"
-        adjusted.append(f"{source} gives {declared}; maxRotationPeriod "
+        adjusted.append(f"{source} {declared}; maxRotationPeriod "
                         f"{format_duration(limit)} of ClusterKeyPolicy {limit_by!r} applies")
         rotation = limit
     if rotation is not None and staging > rotation:
@@ -465,12 +465,12 @@ def effective_policy(namespace_labels: Mapping[str, str],
         # its successor one staging period before the rotation period ends): a longer
         # staging would outlast the period, and a bound on it. Possible for a KeyPolicy
         # admitted before a bound, or defaults taken from two ClusterKeyPolicies.
-        adjusted.append(f"{source} gives stagingPeriod {format_duration(staging)}, which "
+        adjusted.append(f"{source} stagingPeriod {format_duration(staging)}, which "
                         f"is longer than the rotation period {format_duration(rotation)}; "
                         f"it is held to {format_duration(rotation)}")
         staging = rotation
     if floor is not None and staging < floor:
-        adjusted.append(f"{source} gives stagingPeriod {format_duration(staging)}; "
+        adjusted.append(f"{source} stagingPeriod {format_duration(staging)}; "
                         f"minStagingPeriod {format_duration(floor)} of ClusterKeyPolicy "
                         f"{floor_by!r} applies")
         staging = floor
