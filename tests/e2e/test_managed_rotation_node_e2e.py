@@ -54,7 +54,10 @@ from polling import poll
 from test_node_e2e import TIMINGS_FILE, expected_files, reporting
 from test_rotation_node_e2e import deployment, keys_cached, restarts
 
-ROTATION_PERIOD = "30s"
+# A successor is staged one staging period before the period ends: 55 s leaves 30 s
+# between one key's activation and the next staging, more than the kubelet takes to
+# deliver either, so every Pod's volume passes through each state on its own.
+ROTATION_PERIOD = "55s"
 STAGING_PERIOD = timedelta(seconds=25)  # > the 17 s the staged file took to arrive
 RECORDS = "/records/records"  # on the hostPath directory both Deployments mount
 ROTATED = (2, 3)  # the keys the two scheduled rotations make
