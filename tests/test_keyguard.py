@@ -491,10 +491,11 @@ def test_a_retired_key_cannot_get_key_material_back():
     assert verdict.result == "denied"
 
 
-def delete(ring, old, user="alice"):
+def delete(ring, old, user="alice", listed_by=()):
     body = review(None, kind="Secret", operation="DELETE", old=old, username=user)
     body["request"]["name"] = old["metadata"]["name"]
-    return review_validation(parse(body), keyring=ring, settings=SETTINGS, writers=WRITERS)
+    return review_validation(parse(body), keyring=ring, settings=SETTINGS, writers=WRITERS,
+                             listed_by=listed_by)
 
 
 def test_deleting_a_live_key_is_refused_with_the_retire_command():
@@ -515,6 +516,28 @@ def test_a_tombstone_whose_number_a_newer_key_records_may_be_deleted_by_a_writer
                                  annotations={"keymount.io/numbers-used": "1-2"}))
     assert delete(ring, retired("k1", 1)).result == "allowed"
     assert delete(ring, retired("k1", 1), user="mallory").result == "denied"
+
+
+def recorded_tombstone():
+    return keyring_of(retired("k1", 1, **{"keymount.io/numbers-used": "1"}),
+                      key_secret("k2", random_key(), index=2,
+                                 annotations={"keymount.io/numbers-used": "1-2"}))
+
+
+def test_a_tombstone_running_pods_still_list_stays_so_nobody_else_can_take_its_name():
+    # Pods admitted before a forced retirement list k1 as their file encryption-key-1.
+    # Once it is deleted, anyone who may create Secrets could create an unlabelled k1,
+    # and the kubelet would mount their bytes there: the name must stay taken.
+    verdict = delete(recorded_tombstone(), retired("k1", 1), listed_by=("api-7f9c", "api-x2"))
+    assert verdict.result == "denied"
+    assert "2 backend Pod(s) still list it (api-7f9c, api-x2)" in verdict.message
+    assert "kubectl rollout restart deployment/NAME -n shop" in verdict.message
+
+
+def test_a_tombstone_stays_while_keymount_cannot_tell_which_pods_list_it():
+    verdict = delete(recorded_tombstone(), retired("k1", 1), listed_by=None)
+    assert verdict.result == "denied"
+    assert "cannot tell whether running Pods still list" in verdict.message
 
 
 def test_a_tombstone_that_is_the_only_record_of_its_number_stays():

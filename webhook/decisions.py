@@ -98,6 +98,8 @@ class View:
     source: Literal["cache", "live"] = "live"
     # Only for the requests `needs_policy_view` names; None otherwise.
     policies: PolicyView | None = None
+    # Only for a Secret's DELETE: the running backend Pods that list it (None: unknown).
+    listed_by: tuple[str, ...] | None = None
 
 
 Handler = Callable[[AdmissionRequest, View], Verdict]
@@ -174,7 +176,7 @@ def guard_secret(request: AdmissionRequest, view: View) -> Verdict:
     """`/validate`, any Secret operation: the key-Secret guard."""
     return needs_live_view(request, view) or key_verdict(request, guard_key_secret(
         key_change(request), keyring=view.keyring,
-        settings=view.settings, writers=view.writers))
+        settings=view.settings, writers=view.writers, listed_by=view.listed_by))
 
 
 # --- Pods --------------------------------------------------------------------------------
@@ -385,9 +387,12 @@ def review_mutation(request: AdmissionRequest, *, keyring: Keyring, settings: Se
 
 
 def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: Settings,
-                      writers: KeyWriters = KeyWriters()) -> Verdict:
-    """`/validate` against a keyring taken as the truth."""
-    return route("validate", request)(request, View(keyring, settings, writers=writers))
+                      writers: KeyWriters = KeyWriters(),
+                      listed_by: tuple[str, ...] | None = None) -> Verdict:
+    """`/validate` against a keyring (and for a DELETE, the Pods listing the Secret)
+    taken as the truth."""
+    return route("validate", request)(request, View(keyring, settings, writers=writers,
+                                                    listed_by=listed_by))
 
 
 # --- what a stored backend Pod must carry ------------------------------------------------

@@ -301,8 +301,11 @@ def _escape(key: str) -> str:
 # --- /validate: the guard -----------------------------------------------------------------
 
 def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
-                     writers: KeyWriters) -> KeyDecision:
-    """Refuse what would lose a key, change one, or let a non-writer pick the key."""
+                     writers: KeyWriters, listed_by: tuple[str, ...] | None = None
+                     ) -> KeyDecision:
+    """Refuse what would lose a key, change one, or let a non-writer pick the key.
+    `listed_by`: for a DELETE, the running backend Pods whose volume lists the Secret
+    (None: not known, and a tombstone then stays)."""
     old_is_key = change.old is not None and is_key_secret(change.old, settings=settings)
     new_is_key = change.new is not None and is_key_secret(change.new, settings=settings)
     if change.operation == "DELETE":
@@ -311,8 +314,8 @@ def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
             # and the webhook fails closed.
             return _refused(f"cannot tell whether Secret {change.name!r} holds a key: the "
                             f"DELETE request carries no oldObject")
-        return _guard_delete(change, keyring=keyring, settings=settings,
-                             writers=writers) if old_is_key else KeyDecision(True, "none")
+        return _guard_delete(change, keyring=keyring, settings=settings, writers=writers,
+                             listed_by=listed_by) if old_is_key else KeyDecision(True, "none")
     if change.operation not in ("CREATE", "UPDATE") or change.new is None:
         return KeyDecision(True, "none")
     if old_is_key and not new_is_key and change.operation == "UPDATE":
@@ -400,7 +403,7 @@ def _writer_only(change: KeyChange, writers: KeyWriters, action: KeyAction,
 
 
 def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
-                  writers: KeyWriters) -> KeyDecision:
+                  writers: KeyWriters, listed_by: tuple[str, ...] | None) -> KeyDecision:
     if change.requester.username == NAMESPACE_CONTROLLER:
         return KeyDecision(True, "deleted")
     old = _record(change.old, change, settings=settings)
@@ -432,7 +435,33 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"{old.index} was used; deleting it would let the number be given to another key. "
             f"Keep it (it holds no key material), or add a key first (it records every number "
             f"used): keymount keys rotate -n {ns}", number=old.index)
+    if old.state == "retired":
+        listing = _still_listed(name, ns, old, listed_by)
+        if listing:
+            return _refused(listing, number=old.index if old.index_explicit else None)
     return KeyDecision(True, "deleted", number=old.index if old.index_explicit else None)
+
+
+def _still_listed(name: str, ns: str, old: KeyRecord, listed_by: tuple[str, ...] | None
+                  ) -> str:
+    """Why a tombstone stays while Pods list its name ("" when none does). Pods admitted
+    before a forced retirement list it as a source that is not optional; once it is
+    deleted the name is anyone's to create, and the kubelet mounts what they put there
+    at that Pod's file of the retired number (the slots' reason, docs/contract.md)."""
+    at = f" as file encryption-key-{old.index}" if old.index_explicit else ""
+    why = (f"once it is deleted, anyone who may create Secrets in namespace {ns!r} could "
+           f"create {name!r}, and the kubelet would mount what they put there{at}")
+    if listed_by is None:
+        return (f"keymount cannot tell whether running Pods still list retired key Secret "
+                f"{name!r} (it has not listed backend Pods: see its log); while one does, "
+                f"{why}. Keep it (it holds no key material), or retry once keymount is "
+                f"ready")
+    if not listed_by:
+        return ""
+    shown = ", ".join(listed_by[:5]) + (", ..." if len(listed_by) > 5 else "")
+    return (f"retired key Secret {name!r} stays: {len(listed_by)} backend Pod(s) still list "
+            f"it ({shown}), and {why}. Restart their workloads (kubectl rollout restart "
+            f"deployment/NAME -n {ns}), then delete it")
 
 
 def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,

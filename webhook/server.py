@@ -47,7 +47,7 @@ from .metrics import Metrics
 from .offload import INLINE_BODY, Offload, WorkerFailed
 from .policyreads import PolicyReads
 from .sources import ClusterKeySource, KeySource
-from .store import KeyStore
+from .store import KeyStore, PodStore
 from .tls import CertReloader
 
 log = logging.getLogger("keymount.admission")
@@ -84,6 +84,9 @@ class Runtime:
     # Bodies over INLINE_BODY are decoded and judged in a worker process
     # (webhook/offload.py); None decodes every body on the loop, large ones one at a time.
     offload: Offload | None = None
+    # Backend Pods from their watch: which list a Secret that is being deleted. None
+    # (--keys-from, or no watch): unknown, and tombstones stay.
+    pods: PodStore | None = None
 
     def __post_init__(self) -> None:
         self.live_reads = LiveReads(
@@ -211,7 +214,10 @@ def view_of(runtime: Runtime, request: AdmissionRequest, keyring: Keyring,
                 # Secrets; a Pod's injection is cached per keyring without it
                 now=runtime.clock() if runtime.settings.max_key_age or not request.is_pod
                 else None,
-                source=source, policies=policies)
+                source=source, policies=policies,
+                listed_by=runtime.pods.listing(request.namespace, request.object_name)
+                if runtime.pods is not None and request.is_secret
+                and request.operation == "DELETE" else None)
 
 
 async def policy_view(runtime: Runtime, request: AdmissionRequest,

@@ -8,6 +8,7 @@ import sys
 import threading
 
 import pytest
+from kubernetes.client.rest import ApiException
 
 from apihelpers import (
     OUTPUTS,
@@ -88,7 +89,21 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
     assert "number 1 stays reserved" in retired.stdout
     tombstone = api.read_namespaced_secret("k1", namespace)
     assert "encryption-key" not in (tombstone.data or {})
-    api.delete_namespaced_secret("k1", namespace)
+    # The Pods still list k1: deleted, its name would be anyone's to create, and the
+    # kubelet would mount their bytes as those Pods' encryption-key-1.
+    kept = denial(lambda: api.delete_namespaced_secret("k1", namespace))
+    assert "2 backend Pod(s) still list it (new, old)" in kept
+    for pod in ("new", "old"):
+        api.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
+
+    def deleted() -> bool:
+        try:
+            api.delete_namespaced_secret("k1", namespace)
+        except ApiException as exc:
+            assert "still list it" in json.loads(exc.body)["message"]
+            return False
+        return True
+    poll(deleted, what="the tombstone deleted once no Pod lists it")
 
     server_log = keymount.log_text()
     leaks = [s for s in used_keys for out in [*OUTPUTS, server_log] if s in out]
