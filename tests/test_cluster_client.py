@@ -357,15 +357,62 @@ def test_workloads_are_restarted_as_kubectl_does_and_read_back(keys, fake, kind)
     assert keys.read_workload("shop", kind, "api")["metadata"]["name"] == "api"
 
 
+def owned_by(kind: str, name: str, uid: str, **labels: str) -> dict:
+    return {"metadata": {"name": "p", "namespace": "shop", "labels": labels,
+                         "ownerReferences": [{"apiVersion": "apps/v1", "kind": kind,
+                                              "name": name, "uid": uid,
+                                              "controller": True}]}}
+
+
+def workload_object(name: str, uid: str, *, owner: dict | None = None,
+                    selector: dict | None = None) -> Response:
+    meta: dict = {"name": name, "uid": uid}
+    if owner:
+        meta["ownerReferences"] = [{**owner, "controller": True}]
+    return Response({"metadata": meta,
+                     "spec": {"selector": {"matchLabels": selector or {"app": "api"}}}})
+
+
 def test_a_replicasets_deployment_is_the_thing_to_restart(keys, fake):
-    owner = type("Ref", (), {"controller": True, "kind": "Deployment", "name": "api"})()
-    replica_set = type("RS", (), {"metadata": type("M", (), {"owner_references": [owner]})()})
-    fake.answers["read_namespaced_replica_set"] = lambda name, namespace: replica_set
-    assert keys.controller_of("shop", "ReplicaSet", "api-5d9c") == ("Deployment", "api")
-    assert keys.controller_of("shop", "Job", "migrate") == ("Job", "migrate")
-    fake.answers["read_namespaced_replica_set"] = lambda name, namespace: (
-        _ for _ in ()).throw(api_error(404))
-    assert keys.controller_of("shop", "ReplicaSet", "gone") == ("ReplicaSet", "gone")
+    fake.answers["read_namespaced_replica_set"] = lambda name, namespace, **_: workload_object(
+        name, "rs-uid", owner={"kind": "Deployment", "name": "api", "uid": "deploy-uid"})
+    fake.answers["read_namespaced_deployment"] = lambda name, namespace, **_: workload_object(
+        name, "deploy-uid")
+    pod = owned_by("ReplicaSet", "api-5d9c", "rs-uid", app="api")
+    assert keys.controller_of("shop", pod) == ("Deployment", "api")
+    assert keys.controller_of("shop", owned_by("Job", "migrate", "job-uid")) == \
+        ("Job", "migrate")
+
+
+@pytest.mark.parametrize(("pod", "why"), [
+    pytest.param(owned_by("StatefulSet", "payments-db", "made-up", app="api"),
+                 "another-uid", id="a-uid-that-is-not-the-workloads"),
+    pytest.param(owned_by("StatefulSet", "payments-db", "sts-uid", app="other"),
+                 "not-selected", id="a-pod-its-selector-does-not-select"),
+    pytest.param(owned_by("ReplicaSet", "api-5d9c", "made-up", app="api"),
+                 "replicaset-uid", id="a-replicaset-that-is-not-its-owner"),
+    pytest.param(owned_by("Deployment", "gone", "gone-uid", app="api"),
+                 "unreadable", id="a-workload-that-cannot-be-read"),
+])
+def test_a_pods_controller_reference_is_believed_only_when_it_checks_out(keys, fake, pod, why):
+    # Whoever creates a Pod writes its ownerReferences: a Pod of mallory's naming the
+    # namespace's database StatefulSet must not get that StatefulSet restarted.
+    fake.answers["read_namespaced_stateful_set"] = lambda name, namespace, **_: \
+        workload_object(name, "sts-uid")
+    fake.answers["read_namespaced_replica_set"] = lambda name, namespace, **_: \
+        workload_object(name, "rs-uid", owner={"kind": "Deployment", "name": "api",
+                                              "uid": "deploy-uid"})
+    fake.fail["read_namespaced_deployment"] = api_error(404)
+    assert keys.controller_of("shop", pod) is None, why
+    genuine = owned_by("StatefulSet", "payments-db", "sts-uid", app="api")
+    assert keys.controller_of("shop", genuine) == ("StatefulSet", "payments-db")
+
+
+def test_a_restart_is_conditional_on_the_version_read(keys, fake):
+    keys.restart_workload("shop", "Deployment", "api", at="2026-11-29T00:00:00Z",
+                          resource_version="41")
+    _, args, _ = fake.calls[-1]
+    assert args[2]["metadata"] == {"resourceVersion": "41"}
 
 
 @pytest.mark.parametrize("namespace", ["shop", None], ids=["one-namespace", "all"])
@@ -564,3 +611,30 @@ def test_activation_copies_the_staged_field_as_stored_at_the_version_read(keys, 
     assert args[2] == {"metadata": {"resourceVersion": "57"},
                        "data": {"encryption-key": stored["data"]["staged-encryption-key"]}}
     assert record is not None and record.state == "valid"
+
+
+def test_the_pod_store_names_the_running_pods_that_list_a_secret_once_it_has_listed_them():
+    from webhook.lifecycle import PodKeys
+    pods = PodStore()
+    assert pods.listing("shop", "k1") is None  # never listed: unknown, not "none"
+    pods.replace_all([
+        PodKeys("shop", "b", frozenset({("k1", "aa:bb:cc"), ("k2", "dd:ee:ff")})),
+        PodKeys("shop", "a", frozenset({("k1", "aa:bb:cc")}), terminating=True),
+        PodKeys("shop", "done", frozenset({("k1", "aa:bb:cc")}), finished=True),
+        PodKeys("other", "c", frozenset({("k1", "aa:bb:cc")})),
+        PodKeys("shop", "plain", None)])
+    assert pods.listing("shop", "k1") == ("a", "b")
+    assert pods.listing("shop", "k3") == ()
+
+
+def test_the_pod_store_forgets_a_pod_that_finished_or_went_away():
+    from webhook.lifecycle import PodKeys
+    pods = PodStore()
+    running = PodKeys("shop", "b", frozenset({("k1", "aa:bb:cc")}))
+    pods.replace_all([running, PodKeys("shop", "a", frozenset({("k1", "aa:bb:cc")}))])
+    pods.put(PodKeys("shop", "a", frozenset({("k1", "aa:bb:cc")}), finished=True))
+    assert pods.listing("shop", "k1") == ("b",)
+    pods.remove(running)
+    assert pods.listing("shop", "k1") == ()
+    pods.replace_namespace("shop", [PodKeys("shop", "c", frozenset({("k1", "x")}))])
+    assert pods.listing("shop", "k1") == ("c",)

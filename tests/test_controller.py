@@ -194,20 +194,33 @@ async def test_the_cache_only_spares_reads_when_nothing_is_due(cached, reads, wr
 class RollingApi(CountingApi):
     """Pods of two Deployments and a bare Pod; workloads as the API server holds them."""
 
-    def __init__(self, keyring, pods, workloads) -> None:
+    def __init__(self, keyring, pods, workloads, *, forged=(), failing=()) -> None:
         super().__init__(keyring)
         self.pods, self.workloads = pods, workloads
+        self.forged, self.failing = set(forged), set(failing)
 
     def backend_pods(self, namespace):
         return self.pods
 
-    def controller_of(self, namespace, kind, name):
+    def controller_of(self, namespace, pod):
+        # KeyClient checks each link against the API server (tests/test_cluster_client.py);
+        # here every reference is genuine but `forged`.
+        from webhook.lifecycle import controller_ref
+        kind, name, _ = controller_ref(pod)
+        if name in self.forged:
+            return None
         return ("Deployment", name.rsplit("-", 1)[0]) if kind == "ReplicaSet" else (kind, name)
 
     def read_workload(self, namespace, kind, name):
+        from webhook.cluster import ClusterError
+        if (kind, name) not in self.workloads:
+            raise ClusterError(f"{kind.lower()}s.apps {name!r} not found")
         return self.workloads[(kind, name)]
 
-    def restart_workload(self, namespace, kind, name, *, at):
+    def restart_workload(self, namespace, kind, name, *, at, resource_version=None):
+        from webhook.cluster import ClusterError
+        if (kind, name) in self.failing:
+            raise ClusterError("the server is currently unable to handle the request")
         self.writes.append(("restart", kind, name, at))
 
 
@@ -241,8 +254,8 @@ def test_rolling_restarts_only_workloads_whose_pods_lack_the_active_key(restarte
                                   ("Deployment", "new"): deployment()})
     taken = []
     rolled_now = roll_workloads(api, ring, now=T0 + timedelta(days=3),
-                                take=lambda: taken.append(1))
-    assert rolled_now == ([("Deployment", "old")] if rolled else [])
+                                take=lambda: taken.append(1)).restarted
+    assert rolled_now == ((("Deployment", "old"),) if rolled else ())
     assert len(taken) == len(rolled_now)  # every restart went through the budget
     assert [w[:3] for w in api.writes] == [("restart", "Deployment", "old")] * rolled
 

@@ -268,14 +268,41 @@ def test_restart_targets_are_the_workloads_whose_pods_started_without_the_new_ke
             owned("api-2", keyring_of(k1, k2), "ReplicaSet", "api-77aa"),
             owned("db-0", keyring_of(k1), "StatefulSet", "db"),
             owned("job-x", keyring_of(k1), "Job", "migrate"),
+            owned("mallory", keyring_of(k1), "StatefulSet", "payments-db"),
             injected_pod(keyring_of(k1), "bare")]
-    controllers = {("ReplicaSet", "api-5d9c"): ("Deployment", "api"),
-                   ("ReplicaSet", "api-77aa"): ("Deployment", "api")}
+    controllers = {"api-1": ("Deployment", "api"), "api-2": ("Deployment", "api"),
+                   "db-0": ("StatefulSet", "db"), "job-x": ("Job", "migrate"),
+                   "mallory": None}  # its reference does not check out
     workloads, others = restart_targets(
-        pods, "keymount-key-2", controller_of=lambda k, n: controllers.get((k, n), (k, n)))
+        pods, "keymount-key-2",
+        controller_of=lambda pod: controllers[pod["metadata"]["name"]])
     assert workloads == [("Deployment", "api"), ("StatefulSet", "db")]
     assert others == ["kubectl delete pod bare -n shop  # a bare Pod: recreate it",
+                      "kubectl delete pod mallory -n shop  # a bare Pod: recreate it",
                       "restart job/migrate -n shop"]
+
+
+def owner_object(uid="u-1", selector=None) -> dict:
+    return {"metadata": {"name": "db", "uid": uid},
+            "spec": {"selector": {"matchLabels": {"app": "db"}} if selector is None
+                     else selector}}
+
+
+@pytest.mark.parametrize(("owner", "uid", "labels", "expected"), [
+    pytest.param(owner_object(), "u-1", {"app": "db"}, True, id="its-uid-and-selected"),
+    pytest.param(owner_object(), "u-2", {"app": "db"}, False, id="another-objects-uid"),
+    pytest.param(owner_object(), "", {"app": "db"}, False, id="no-uid"),
+    pytest.param(owner_object(), "u-1", {"app": "api"}, False, id="not-selected"),
+    pytest.param(owner_object(selector={"matchExpressions": [
+        {"key": "app", "operator": "In", "values": ["db", "cache"]}]}), "u-1",
+        {"app": "cache"}, True, id="selected-by-expression"),
+    pytest.param(owner_object(selector={"matchLabels": {"app": 7}}), "u-1", {"app": "db"},
+                 False, id="a-selector-that-cannot-be-read"),
+])
+def test_an_owner_controls_a_pod_only_with_its_uid_and_a_selector_that_selects_it(
+        owner, uid, labels, expected):
+    from webhook.lifecycle import controls
+    assert controls(owner, uid=uid, pod={"metadata": {"labels": labels}}) is expected
 
 
 def test_key_rows_show_a_staged_key_at_its_staged_file_with_its_fingerprint():

@@ -72,9 +72,10 @@ class KeyApi(Protocol):
     def stage_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
     def activate_staged(self, namespace: str, staged: KeyRecord) -> KeyRecord | None: ...
     def has_policy(self, namespace: str) -> bool: ...
-    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str) -> None: ...
+    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str,
+                         resource_version: str | None = None) -> None: ...
     def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject: ...
-    def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]: ...
+    def controller_of(self, namespace: str, pod: ApiObject) -> tuple[str, str] | None: ...
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -434,7 +435,7 @@ def restart_workloads(keys: KeyApi, namespace: str, record: KeyRecord, *, wait: 
     from .lifecycle import restart_targets, rollout_state
     workloads, others = restart_targets(
         keys.backend_pods(namespace), record.name,
-        controller_of=lambda kind, name: keys.controller_of(namespace, kind, name))
+        controller_of=lambda pod: keys.controller_of(namespace, pod))
     for command in others:
         print(f"not a Deployment, StatefulSet or DaemonSet; restart it yourself: {command}")
     for position, (kind, name) in enumerate(workloads):
@@ -462,7 +463,7 @@ def restart_workloads(keys: KeyApi, namespace: str, record: KeyRecord, *, wait: 
 def report_rollout(keys: KeyApi, namespace: str, record: KeyRecord) -> None:
     """Which running Pods get the new key live (they list its name as a rotation slot)
     and which need a restart, by the workload to restart."""
-    from .lifecycle import listed_slots, may_still_read, owner_of, restart_command
+    from .lifecycle import listed_slots, may_still_read, restart_command
     live, restart = [], set()
     for pod in keys.backend_pods(namespace):
         if not may_still_read(pod):
@@ -470,9 +471,7 @@ def report_rollout(keys: KeyApi, namespace: str, record: KeyRecord) -> None:
         if record.name in listed_slots(pod):
             live.append(pod["metadata"]["name"])
             continue
-        owner = owner_of(pod)
-        restart.add(keys.controller_of(namespace, *owner) if owner
-                    else ("Pod", pod["metadata"]["name"]))
+        restart.add(keys.controller_of(namespace, pod) or ("Pod", pod["metadata"]["name"]))
     if live:
         print(f"{len(live)} running Pod(s) get it live, as a new file within the kubelet's "
               f"sync period (about a minute), no restart: {', '.join(sorted(live))}")

@@ -31,7 +31,14 @@ from .key_secrets import (
     parse_key_secret,
 )
 from .keys import KeyRecord, Keyring, build_keyring, generate_key
-from .lifecycle import GENERATED_KEY_NAME, PodKeys, parse_pod_keys
+from .lifecycle import (
+    GENERATED_KEY_NAME,
+    RESTARTABLE,
+    PodKeys,
+    controller_ref,
+    controls,
+    parse_pod_keys,
+)
 from .metrics import Metrics
 from .names import (
     CLUSTERKEYPOLICY_PLURAL,
@@ -653,11 +660,17 @@ class KeyClient:
         return (getattr(self.apps, f"read_namespaced_{singular}"),
                 getattr(self.apps, f"patch_namespaced_{singular}"))
 
-    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str) -> None:
-        """What `kubectl rollout restart` does: a new Pod template annotation."""
+    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str,
+                         resource_version: str | None = None) -> None:
+        """What `kubectl rollout restart` does: a new Pod template annotation. With
+        `resource_version`, only if the workload is still as read then (409 otherwise:
+        someone else restarted or changed it since)."""
         _, patch = self._workload_api(kind)
-        self._call(patch, name, namespace, {"spec": {"template": {"metadata": {
-            "annotations": {"kubectl.kubernetes.io/restartedAt": at}}}}})
+        body: ApiObject = {"spec": {"template": {"metadata": {
+            "annotations": {"kubectl.kubernetes.io/restartedAt": at}}}}}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        self._call(patch, name, namespace, body)
 
     def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject:
         read, _ = self._workload_api(kind)
@@ -665,18 +678,39 @@ class KeyClient:
         workload: ApiObject = json.loads(response.data)
         return workload
 
-    def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]:
-        """A ReplicaSet's Deployment, so the user restarts what they manage."""
-        if kind != "ReplicaSet":
-            return kind, name
+    def controller_of(self, namespace: str, pod: ApiObject) -> tuple[str, str] | None:
+        """The workload that controls `pod` (a ReplicaSet's Deployment, so the user
+        restarts what they manage), each link read and checked as Kubernetes' own
+        controllers check it (lifecycle.controls): None when a link does not check out
+        or cannot be read. A Pod's ownerReferences are written by whoever creates it,
+        and keymount restarts what this returns."""
+        ref = controller_ref(pod)
+        if ref is None:
+            return None
+        kind, name, uid = ref
+        if kind == "ReplicaSet":
+            rs = self._read_owner(self.apps.read_namespaced_replica_set, name, namespace)
+            if rs is None or not controls(rs, uid=uid, pod=pod):
+                return None
+            up = controller_ref(rs)
+            if up is None:
+                return kind, name  # a ReplicaSet of its own: reported, not restarted
+            kind, name, uid = up
+        if kind not in RESTARTABLE:
+            return kind, name  # a Job, a custom controller: reported, not restarted
+        read, _ = self._workload_api(kind)
+        workload = self._read_owner(read, name, namespace)
+        return (kind, name) if workload is not None and controls(
+            workload, uid=uid, pod=pod) else None
+
+    def _read_owner(self, read: Callable[..., Any], name: str, namespace: str
+                    ) -> ApiObject | None:
         try:
-            rs = self.apps.read_namespaced_replica_set(name, namespace)
-        except Exception:
-            return kind, name
-        for ref in rs.metadata.owner_references or []:
-            if ref.controller:
-                return str(ref.kind), str(ref.name)
-        return kind, name
+            response = self._call(read, name, namespace, _preload_content=False)
+        except ClusterError:
+            return None  # gone, or not ours to read: nothing to restart through it
+        owner: ApiObject = json.loads(response.data)
+        return owner
 
 
 class _ClusterList:

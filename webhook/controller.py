@@ -31,7 +31,7 @@ from .events import EventNote, EventRecorder, occurrence
 from .key_secrets import SlotOutcome
 from .keys import KeyRecord, Keyring
 from .metrics import Metrics
-from .names import slot_secret_name
+from .names import as_dict, slot_secret_name
 from .policystore import PolicyStore
 from .rotation import (
     Activate,
@@ -71,9 +71,10 @@ class ControllerApi(Protocol):
     def write_cluster_policy_status(self, name: str, status: dict[str, Any]) -> None: ...
     # restart: rolling
     def backend_pods(self, namespace: str | None) -> list[dict[str, Any]]: ...
-    def controller_of(self, namespace: str, kind: str, name: str) -> tuple[str, str]: ...
+    def controller_of(self, namespace: str, pod: dict[str, Any]) -> tuple[str, str] | None: ...
     def read_workload(self, namespace: str, kind: str, name: str) -> dict[str, Any]: ...
-    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str) -> None: ...
+    def restart_workload(self, namespace: str, kind: str, name: str, *, at: str,
+                         resource_version: str | None = None) -> None: ...
 
 
 class WriteBudget:
@@ -294,34 +295,55 @@ def needs_restart(workload: Mapping[str, Any], *, activated: datetime) -> bool:
     return (restarted if restarted.tzinfo else restarted.replace(tzinfo=UTC)) < activated
 
 
+@dataclass(frozen=True, slots=True)
+class Rolled:
+    """One `restart: rolling` pass: what was restarted, and what could not be (kind,
+    name, why), each on its own."""
+
+    restarted: tuple[tuple[str, str], ...] = ()
+    failed: tuple[tuple[str, str, str], ...] = ()
+
+
 def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
-                   take: Callable[[], None]) -> list[tuple[str, str]]:
+                   take: Callable[[], None]) -> Rolled:
     """`restart: rolling`: restart each Deployment, StatefulSet or DaemonSet whose
     running Pods started without the active key, as `keys rotate --restart` does, unless
-    it was restarted since the key's activation. `take` is called before each write.
-    Returns what was restarted."""
+    it was restarted since the key's activation. Only workloads that really control
+    those Pods (ControllerApi.controller_of checks each link). `take` is called before
+    each write; each restart is conditional on the resourceVersion of the read that
+    decided it, so two leaders never both roll a workload for one key. One workload's
+    failure never stops the others."""
     from .lifecycle import restart_targets
     active = keyring.newest
     if active is None or active.activated_at is None:
-        return []  # a key never activated by keymount (made before staged keys)
+        return Rolled()  # a key never activated by keymount (made before staged keys)
     namespace = keyring.namespace
-    workloads, _ = restart_targets(
-        api.backend_pods(namespace), active.name,
-        controller_of=lambda kind, name: api.controller_of(namespace, kind, name))
-    restarted = []
+    workloads, _ = restart_targets(api.backend_pods(namespace), active.name,
+                                   controller_of=lambda pod: api.controller_of(namespace, pod))
+    restarted, failed = [], []
     for kind, name in workloads:
-        if needs_restart(api.read_workload(namespace, kind, name),
-                         activated=active.activated_at):
+        try:
+            workload = api.read_workload(namespace, kind, name)
+            if not needs_restart(workload, activated=active.activated_at):
+                continue
             take()
-            api.restart_workload(namespace, kind, name, at=_time(now) or "")
+            api.restart_workload(namespace, kind, name, at=_time(now) or "",
+                                 resource_version=str(as_dict(workload.get("metadata"))
+                                                      .get("resourceVersion") or "") or None)
             restarted.append((kind, name))
-    return restarted
+        except Exception as exc:  # reported by the caller, retried with the namespace
+            failed.append((kind, name, _describe(exc)))
+    return Rolled(tuple(restarted), tuple(failed))
 
 
 # --- a KeyPolicy's status ------------------------------------------------------------------
 
 def _time(value: datetime | None) -> str | None:
-    return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+    """RFC 3339 in UTC; None for no time, or one that has none in UTC."""
+    try:
+        return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if value else None
+    except (OverflowError, ValueError):
+        return None
 
 
 def policy_status(keys: NamespaceKeys, result: Wait | Hold, *, schedule: Schedule,
@@ -469,7 +491,7 @@ class KeyController:
                     # the loop yields between namespaces, so a wave never holds up the
                     # admissions this process serves.
                     while (namespace := self.queue.pop_due()) is not None:
-                        await self.handle(namespace)
+                        await self._handle_one(namespace)
                         handled += 1
                         await asyncio.sleep(0)
                     if handled:
@@ -479,6 +501,22 @@ class KeyController:
             self.keys.listeners.remove(self._key_changed)
             self.policies.listeners.remove(self._policy_changed)
             self.metrics.key_activations.clear()
+
+    async def _handle_one(self, namespace: str) -> None:
+        """`handle`, where nothing one namespace holds can end the leader's work for
+        every other: an unexpected error is logged, counted and retried like a failed
+        write (its key Secrets and policies are written by the namespace's users)."""
+        try:
+            await self.handle(namespace)
+        except Exception as exc:
+            self.metrics.rotations.labels("failed").inc()
+            log.exception("rotation of a namespace failed; retrying later",
+                          extra={"namespace": namespace,
+                                 "retry_seconds": RETRY_AFTER.total_seconds()})
+            self._event(namespace, "Namespace", namespace, "v1", "Warning", "RotationFailed",
+                        f"keymount could not handle this namespace ({type(exc).__name__}); "
+                        f"it retries in {RETRY_AFTER.total_seconds():g}s: see its log")
+            self.queue.poke(namespace, self.clock() + RETRY_AFTER)
 
     async def handle(self, namespace: str) -> None:
         """Bring one due namespace up to its policy, write its status, and say when it
@@ -519,36 +557,44 @@ class KeyController:
             self.queue.set(namespace, self.clock() + HOLD_RETRY)
         else:
             self.queue.set(namespace, result.until, urgent=keys.staged is not None)
-        if effective.restart == "rolling" and isinstance(result, Wait):
-            await self._roll(keyring)
-        if effective.keypolicy is not None:
-            await self._write_status(namespace, effective.keypolicy, keys, result, schedule,
-                                     len(keyring.keys), effective.adjusted)
+        if effective.restart == "rolling" and isinstance(result, Wait) \
+                and not await self._roll(keyring):
+            self.queue.poke(namespace, self.clock() + RETRY_AFTER)
+        if effective.keypolicy is not None and not await self._write_status(
+                namespace, effective.keypolicy, keys, result, schedule, len(keyring.keys),
+                effective.adjusted):
+            self.queue.poke(namespace, self.clock() + RETRY_AFTER)
 
     async def _write_status(self, namespace: str, name: str, keys: NamespaceKeys,
                             result: Wait | Hold, schedule: Schedule, valid: int,
-                            adjusted: tuple[str, ...]) -> None:
+                            adjusted: tuple[str, ...]) -> bool:
         stored = self.policies.keypolicies.get(namespace, name)
         if stored is None:
-            return
+            return True
         status = policy_status(keys, result, schedule=schedule, valid_keys=valid,
                                generation=stored.generation, now=self.clock(),
                                previous=stored.status, adjusted=adjusted)
-        await self._patch_status(stored.status, status, lambda: self.api.write_policy_status(
-            namespace, name, status), what=f"KeyPolicy {namespace}/{name}")
+        return await self._patch_status(
+            stored.status, status, lambda: self.api.write_policy_status(namespace, name,
+                                                                        status),
+            what=f"KeyPolicy {namespace}/{name}")
 
     async def _patch_status(self, stored: Mapping[str, Any], status: dict[str, Any],
-                            write: Callable[[], None], *, what: str) -> None:
+                            write: Callable[[], None], *, what: str) -> bool:
         """Write `status` unless the watch shows it stored already (a None field is
-        absent once written: the merge patch removes it)."""
+        absent once written: the merge patch removes it). False when the write failed
+        (logged, counted): the caller looks again after RETRY_AFTER."""
         if {k: v for k, v in status.items() if v is not None} == stored:
-            return
+            return True
         await self.budget.take()
         try:
             await in_daemon_thread(write)
         except Exception as exc:
+            self.metrics.rotations.labels("failed").inc()
             log.warning("could not write a policy's status",
                         extra={"policy": what, "error": _describe(exc)})
+            return False
+        return True
 
     async def _write_cluster_status(self) -> None:
         """Each ClusterKeyPolicy's status: over the namespaces it gives their policy, the
@@ -558,15 +604,23 @@ class KeyController:
                 continue
             summaries = [summary for summary in self.summaries.values()
                          if stored.name in summary.cluster_policies]
-            status = cluster_policy_status(summaries, generation=stored.generation,
-                                           now=self.clock(), previous=stored.status)
+            try:
+                status = cluster_policy_status(summaries, generation=stored.generation,
+                                               now=self.clock(), previous=stored.status)
+            except Exception:  # one policy's figures never stop the others' status
+                log.exception("could not compute a ClusterKeyPolicy's status",
+                              extra={"policy": stored.name})
+                continue
             await self._patch_status(stored.status, status,
                                      partial(self.api.write_cluster_policy_status,
                                              stored.name, status),
                                      what=f"ClusterKeyPolicy {stored.name}")
 
-    async def _roll(self, keyring: Keyring) -> None:
+    async def _roll(self, keyring: Keyring) -> bool:
+        """`restart: rolling` for one namespace; False when something failed (counted,
+        logged, an Event), so the namespace is looked at again after RETRY_AFTER."""
         loop = asyncio.get_running_loop()
+        namespace = keyring.namespace
 
         def take() -> None:  # the budget, from the API thread
             asyncio.run_coroutine_threadsafe(self.budget.take(), loop).result()
@@ -575,15 +629,20 @@ class KeyController:
             rolled = await in_daemon_thread(
                 lambda: roll_workloads(self.api, keyring, now=self.clock(), take=take))
         except Exception as exc:
-            log.warning("could not restart workloads", extra={
-                "namespace": keyring.namespace, "error": _describe(exc)})
-            self._event(keyring.namespace, "Namespace", keyring.namespace, "v1", "Warning",
-                        "RotationFailed", f"restart: rolling failed: {_describe(exc)}")
-            return
-        for kind, name in rolled:
+            rolled = Rolled(failed=(("Namespace", namespace, _describe(exc)),))
+        for kind, name in rolled.restarted:
             self.metrics.rotations.labels("restarted").inc()
             log.info("workload restarted for the active key", extra={
-                "namespace": keyring.namespace, "workload": f"{kind.lower()}/{name}"})
+                "namespace": namespace, "workload": f"{kind.lower()}/{name}"})
+        for kind, name, why in rolled.failed:
+            self.metrics.rotations.labels("failed").inc()
+            log.warning("could not restart a workload; retrying later", extra={
+                "namespace": namespace, "workload": f"{kind.lower()}/{name}", "error": why,
+                "retry_seconds": RETRY_AFTER.total_seconds()})
+            self._event(namespace, "Namespace", namespace, "v1", "Warning", "RotationFailed",
+                        f"restart: rolling of {kind.lower()}/{name} failed: {why}; keymount "
+                        f"retries in {RETRY_AFTER.total_seconds():g}s")
+        return not rolled.failed
 
     def _stepped(self, keyring: Keyring, step: Step) -> None:
         namespace = keyring.namespace

@@ -13,7 +13,7 @@ import re
 import secrets
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
@@ -262,16 +262,26 @@ def parse_key_index(raw: str | None) -> tuple[int, bool, str]:
 MAX_TIME_TEXT = 64  # longer than any RFC 3339 time; a longer value is not parsed
 
 
+# The times keymount reads are kept within these (in UTC): a time outside cannot be
+# shown in UTC (year 1 with a positive offset) or have a period of up to ten years
+# added (year 9999), and anyone who may write a key Secret's annotations chose it.
+EARLIEST_TIME = datetime(1970, 1, 1, tzinfo=UTC)
+LATEST_TIME = datetime(9000, 1, 1, tzinfo=UTC)
+
+
 def parse_time(text: object) -> datetime | None:
-    """An RFC 3339 time with its offset (`2026-12-02T13:00:00Z`); None for anything
-    else."""
+    """An RFC 3339 time with its offset (`2026-12-02T13:00:00Z`), in UTC, between 1970
+    and 9000; None for anything else."""
     if not isinstance(text, str) or not text or len(text) > MAX_TIME_TEXT:
         return None
     try:
         value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
+        if value.tzinfo is None:
+            return None
+        value = value.astimezone(UTC)
+    except (ValueError, OverflowError):
         return None
-    return value if value.tzinfo is not None else None
+    return value if EARLIEST_TIME <= value < LATEST_TIME else None
 
 
 def build_key_record(*, namespace: str, name: str, value: bytes | None,

@@ -227,10 +227,35 @@ def pods_mounting(pods: Iterable[Mapping[str, Any]], secret: str) -> list[str]:
 # --- restart targets after a rotation ----------------------------------------------------
 
 def owner_of(pod: Mapping[str, Any]) -> tuple[str, str] | None:
-    for ref in (pod.get("metadata") or {}).get("ownerReferences") or []:
-        if ref.get("controller"):
-            return ref.get("kind", ""), ref.get("name", "")
+    ref = controller_ref(pod)
+    return None if ref is None else (ref[0], ref[1])
+
+
+def controller_ref(obj: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(kind, name, uid) of an object's controller reference, as its author wrote it."""
+    for ref in as_dict(obj.get("metadata")).get("ownerReferences") or []:
+        if isinstance(ref, dict) and ref.get("controller"):
+            return str(ref.get("kind", "")), str(ref.get("name", "")), str(ref.get("uid", ""))
     return None
+
+
+def controls(owner: Mapping[str, Any], *, uid: str, pod: Mapping[str, Any]) -> bool:
+    """Whether `owner`, as read from the API server, is the object a controller
+    reference with `uid` names, and its selector selects `pod`. Whoever creates a Pod
+    writes its ownerReferences, naming any workload of the namespace (uids are
+    readable), so a reference alone proves nothing: this is the evidence Kubernetes'
+    own controllers require before they treat a Pod as theirs (ControllerRefManager
+    releases a Pod whose labels the selector does not match)."""
+    from .policy import PolicyError, parse_namespace_selector
+    if not uid or as_dict(owner.get("metadata")).get("uid") != uid:
+        return False
+    try:
+        selector = parse_namespace_selector(as_dict(owner.get("spec")).get("selector"),
+                                            field="spec.selector")
+    except PolicyError:
+        return False
+    labels = as_dict(as_dict(pod.get("metadata")).get("labels"))
+    return selector.matches({str(k): str(v) for k, v in labels.items()})
 
 
 def restart_command(kind: str, name: str, namespace: str) -> str:
@@ -335,7 +360,9 @@ def rollout_state(kind: str, obj: Mapping[str, Any]) -> RolloutState:
 def restart_targets(pods: Iterable[Mapping[str, Any]], new_key: str, *,
                     controller_of: Any) -> tuple[list[tuple[str, str]], list[str]]:
     """The workloads whose Pods started without `new_key` (for applications that read
-    their keys only at start), and the Pods keymount cannot roll (bare or other kinds)."""
+    their keys only at start), and the Pods keymount cannot roll (bare, other kinds, or
+    whose controller reference does not check out). `controller_of(pod)` is the
+    verified (kind, name) of the workload that controls a Pod, or None."""
     workloads: set[tuple[str, str]] = set()
     others: set[str] = set()
     for pod in pods:
@@ -344,8 +371,8 @@ def restart_targets(pods: Iterable[Mapping[str, Any]], new_key: str, *,
         status = read_status_annotation(pod) or []
         if any(isinstance(s, dict) and s.get("secret") == new_key for s in status):
             continue
-        owner = owner_of(pod)
-        kind, name = controller_of(*owner) if owner else ("Pod", pod["metadata"]["name"])
+        owner = controller_of(pod) if controller_ref(pod) else None
+        kind, name = owner or ("Pod", pod["metadata"]["name"])
         if kind in RESTARTABLE:
             workloads.add((kind, name))
         else:

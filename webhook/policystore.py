@@ -65,10 +65,14 @@ def parse_stored_keypolicy(obj: Mapping[str, Any]) -> Stored[KeyPolicy]:
 
 def parse_stored_clusterkeypolicy(obj: Mapping[str, Any]) -> Stored[ClusterKeyPolicy]:
     _, name, generation = _meta(obj)
+    # Kept as the KeyPolicy's is: without it every pass would write every
+    # ClusterKeyPolicy's status again, each write from the shared write budget.
+    status = as_dict(obj.get("status"))
     try:
-        return Stored("", name, parse_cluster_key_policy(obj), generation=generation)
+        return Stored("", name, parse_cluster_key_policy(obj), generation=generation,
+                      status=status)
     except PolicyError as exc:
-        return Stored("", name, None, str(exc), generation)
+        return Stored("", name, None, str(exc), generation, status)
 
 
 def parse_stored_namespace(obj: Mapping[str, Any]) -> Stored[dict[str, str]]:

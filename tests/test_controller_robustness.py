@@ -1,0 +1,404 @@
+"""The leader's work against what a namespace's users write: keys with odd times, Pods
+with forged owners, workloads that fail, statuses and Events (webhook/controller.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from webhook.controller import KeyController, WriteBudget, roll_workloads
+from webhook.metrics import Metrics
+from webhook.policystore import (
+    PolicyStore,
+    parse_stored_clusterkeypolicy,
+    parse_stored_keypolicy,
+    parse_stored_namespace,
+)
+from webhook.store import KeyStore
+
+from builders import key_secret, keyring_of, random_key, slot_secret
+
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+NOW = T0 + timedelta(days=1)
+
+
+# --- fakes of the project's own ControllerApi --------------------------------------------
+
+class FakeApi:
+    """ControllerApi over a fixed keyring: live reads return it, every write is
+    recorded. Workloads and Pods for `restart: rolling`."""
+
+    def __init__(self, ring, *, pods=(), workloads=None, replicasets=None) -> None:
+        self.ring, self.writes = ring, []
+        self.pods = list(pods)
+        self.workloads = dict(workloads or {})
+        self.replicasets = dict(replicasets or {})  # name -> (kind, name) of its owner
+        self.fail_restart: set[tuple[str, str]] = set()
+        self.verified = {GENUINE}
+        self.cluster_status_sink = None
+
+    def keyring(self, namespace):
+        return self.ring
+
+    def reserve_slot(self, namespace, number):
+        self.writes.append(("reserve", number))
+        return "reserved"
+
+    def fill_slot(self, namespace, slot, key):
+        self.writes.append(("fill", slot.index))
+
+    def stage_slot(self, namespace, slot, key):
+        self.writes.append(("stage", slot.index))
+
+    def activate_staged(self, namespace, staged):
+        self.writes.append(("activate", staged.index))
+
+    def write_policy_status(self, namespace, name, status):
+        self.writes.append(("status", namespace, name))
+
+    def write_cluster_policy_status(self, name, status):
+        self.writes.append(("cluster-status", name))
+        if self.cluster_status_sink is not None:
+            self.cluster_status_sink(name, status)
+
+    # restart: rolling, as webhook/cluster.py's KeyClient behaves
+    def backend_pods(self, namespace):
+        return [p for p in self.pods if p["metadata"].get("namespace") == namespace]
+
+    def controller_of(self, namespace, pod):
+        # KeyClient checks each link against the API server
+        # (tests/test_cluster_client.py); here a reference is genuine when `verified`
+        # says so, and a ReplicaSet leads to the Deployment `replicasets` names.
+        from webhook.lifecycle import controller_ref
+        kind, name, uid = controller_ref(pod)
+        if uid not in self.verified:
+            return None
+        if kind != "ReplicaSet":
+            return kind, name
+        return self.replicasets.get(name, (kind, name))
+
+    def read_workload(self, namespace, kind, name):
+        try:
+            return self.workloads[(namespace, kind, name)]
+        except KeyError:
+            # KeyClient._call turns the API server's 404 into a ClusterError
+            from webhook.cluster import ClusterError
+            raise ClusterError(f"{kind.lower()}s.apps {name!r} not found") from None
+
+    def restart_workload(self, namespace, kind, name, *, at, resource_version=None):
+        if (kind, name) in self.fail_restart:
+            from webhook.cluster import ClusterError
+            raise ClusterError("the server is currently unable to handle the request")
+        self.writes.append(("restart", namespace, kind, name))
+
+
+GENUINE = "11111111-2222-3333-4444-555555555555"
+
+
+def running_pod(name, *, namespace="shop", owner=None, secrets=(), uid=GENUINE):
+    meta = {"name": name, "namespace": namespace, "annotations": {
+        "keymount.io/status": json.dumps([{"secret": s} for s in secrets])}}
+    if owner is not None:
+        kind, owner_name = owner
+        meta["ownerReferences"] = [{"apiVersion": "apps/v1", "kind": kind,
+                                    "name": owner_name, "controller": True,
+                                    "uid": uid}]
+    return {"metadata": meta, "status": {"phase": "Running"}}
+
+
+def workload(restarted_at=None):
+    annotations = {"kubectl.kubernetes.io/restartedAt": restarted_at} if restarted_at else {}
+    return {"spec": {"template": {"metadata": {"annotations": annotations}}}}
+
+
+def keypolicy(namespace="shop", name="rotation", **spec):
+    return {"apiVersion": "keymount.io/v1alpha1", "kind": "KeyPolicy",
+            "metadata": {"name": name, "namespace": namespace, "generation": 1,
+                         "creationTimestamp": "2025-01-01T00:00:00Z"},
+            "spec": spec}
+
+
+def clusterkeypolicy(name="baseline", status=None, **spec):
+    obj = {"apiVersion": "keymount.io/v1alpha1", "kind": "ClusterKeyPolicy",
+           "metadata": {"name": name, "generation": 1,
+                        "creationTimestamp": "2025-01-01T00:00:00Z"},
+           "spec": {"namespaceSelector": {}, **spec}}
+    if status is not None:
+        obj["status"] = status
+    return obj
+
+
+def namespace_object(name="shop", labels=None):
+    return {"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": labels or {}}}
+
+
+def controller_for(api, *, keypolicies=(), clusterpolicies=(), namespaces=("shop",),
+                   clock=lambda: NOW):
+    policies = PolicyStore()
+    for ns in namespaces:
+        policies.namespaces.put(parse_stored_namespace(namespace_object(ns)))
+    for obj in keypolicies:
+        policies.keypolicies.put(parse_stored_keypolicy(obj))
+    for obj in clusterpolicies:
+        policies.clusterkeypolicies.put(parse_stored_clusterkeypolicy(obj))
+    controller = KeyController(api, keys=KeyStore(), policies=policies, watches=lambda: [],
+                               slots=2, budget=WriteBudget(1000.0, 1000), metrics=Metrics(),
+                               clock=clock)
+    return controller, policies
+
+
+def ring_activated_at(when, *, namespace="shop"):
+    """Key 1 active since `when` (keymount.io/activated-at), slots 2 and 3 waiting."""
+    return keyring_of(
+        key_secret("keymount-key-1", random_key(), index=1, namespace=namespace,
+                   annotations={"keymount.io/activated-at": when}),
+        slot_secret(2, namespace=namespace), slot_secret(3, namespace=namespace),
+        namespace=namespace)
+
+
+# --- 1. an admitted activated-at ends the leader's loop ------------------------------------
+
+# A key created with an activated-at earlier than keymount's clock keeps it
+# (docs/contract.md, "Staged keys"). This one is 14 hours before 0001-01-01T00:00Z UTC:
+# earlier than any clock, so the mutating webhook keeps it, but it cannot be converted
+# to UTC.
+ANCIENT = "0001-01-01T00:00:00+14:00"
+
+
+def test_an_activated_at_that_has_no_utc_time_is_replaced_by_keymounts_clock():
+    # The precondition of the finding: the webhook admits and keeps such a key.
+    import base64
+
+    import jsonpatch
+
+    from webhook.admission import parse_review
+    from webhook.config import Settings
+    from webhook.decisions import review_mutation, review_validation
+    from webhook.keyguard import parse_key_writers
+
+    from builders import review
+
+    secret = key_secret("restored", random_key(), index=None,
+                        annotations={"keymount.io/activated-at": ANCIENT})
+    ring = keyring_of(key_secret("k1", random_key(), index=1))
+    body = review(secret, kind="Secret", username="alice")
+    body["request"]["name"] = "restored"
+    mutation = review_mutation(parse_review(json.dumps(body).encode()), keyring=ring,
+                               settings=Settings(), now=NOW)
+    ops = json.loads(base64.b64decode(mutation.response["patch"]))
+    stored = jsonpatch.apply_patch(secret, ops)
+    body["request"]["object"] = stored
+    verdict = review_validation(parse_review(json.dumps(body).encode()), keyring=ring,
+                                settings=Settings(),
+                                writers=parse_key_writers("user:alice", own_user="ks"))
+    assert verdict.result == "allowed"
+    kept = stored["metadata"]["annotations"]["keymount.io/activated-at"]
+    # The finding: keymount keeps a time it cannot itself format. It should stamp its
+    # own clock over it (or refuse it), as it does for a malformed one.
+    assert kept != ANCIENT, "an activated-at outside datetime's UTC range was kept"
+
+
+async def test_a_stored_activated_at_out_of_range_does_not_end_the_leaders_work():
+    # One namespace's key (its key writer's restore) must not stop rotation for all
+    # namespaces: handle() is called straight from KeyController.run's TaskGroup, so any
+    # exception it raises ends the leader's work (the elector steps down, campaigns,
+    # leads, and hits the same namespace again).
+    api = FakeApi(ring_activated_at(ANCIENT))
+    controller, _ = controller_for(api, keypolicies=[keypolicy(rotationPeriod="30d")])
+    try:
+        await controller.handle("shop")
+    except OverflowError as exc:  # pragma: no cover - the finding
+        pytest.fail(f"KeyController.handle raised {exc!r}: the leader's loop would end")
+
+
+async def test_a_stored_activated_at_out_of_range_does_not_end_the_cluster_status_pass():
+    # The same through a ClusterKeyPolicy (no KeyPolicy): _write_cluster_status runs in
+    # KeyController.run, outside handle()'s error handling.
+    api = FakeApi(ring_activated_at(ANCIENT))
+    controller, _ = controller_for(api, clusterpolicies=[clusterkeypolicy(
+        rotationPeriod="30d")])
+    await controller.handle("shop")
+    try:
+        await controller._write_cluster_status()
+    except OverflowError as exc:  # pragma: no cover - the finding
+        pytest.fail(f"the ClusterKeyPolicy status pass raised {exc!r}")
+
+
+# --- 2. ClusterKeyPolicy status is rewritten on every pass -----------------------------------
+
+def test_a_stored_clusterkeypolicy_keeps_its_status():
+    status = {"keys": 1, "observedGeneration": 1}
+    stored = parse_stored_clusterkeypolicy(clusterkeypolicy(status=status))
+    assert stored.status == status  # parse_stored_keypolicy keeps it; this drops it
+
+
+async def test_an_unchanged_clusterkeypolicy_status_is_not_written_again():
+    api = FakeApi(ring_activated_at("2026-01-01T00:00:00Z"))
+    controller, policies = controller_for(api, clusterpolicies=[clusterkeypolicy(
+        rotationPeriod="30d")])
+
+    def delivered(name, status):  # the watch brings the written status back
+        obj = clusterkeypolicy(name=name, status={k: v for k, v in status.items()
+                                                  if v is not None}, rotationPeriod="30d")
+        policies.clusterkeypolicies.put(parse_stored_clusterkeypolicy(obj))
+
+    api.cluster_status_sink = delivered
+    await controller.handle("shop")
+    await controller._write_cluster_status()
+    await controller.handle("shop")  # nothing changed
+    await controller._write_cluster_status()
+    writes = [w for w in api.writes if w[0] == "cluster-status"]
+    assert len(writes) == 1, f"the same ClusterKeyPolicy status was written {len(writes)} times"
+
+
+# --- 3. restart: rolling trusts a Pod's ownerReference ---------------------------------------
+
+def test_a_pods_forged_owner_reference_does_not_restart_someone_elses_workload():
+    # A user who may create Pods (not Deployments/StatefulSets) in the namespace gives
+    # a backend Pod a controller ownerReference naming a StatefulSet it does not own.
+    # After each activation keymount restarts that StatefulSet.
+    ring = ring_activated_at("2026-01-01T00:00:00Z")
+    forged = running_pod("mallory", owner=("StatefulSet", "payments-db"), uid="made-up")
+    api = FakeApi(ring, pods=[forged],
+                  workloads={("shop", "StatefulSet", "payments-db"): workload()})
+    rolled = roll_workloads(api, ring, now=NOW, take=lambda: None).restarted
+    assert ("StatefulSet", "payments-db") not in rolled, \
+        "a bare Pod's unverified ownerReference made keymount restart a StatefulSet"
+
+
+# --- 4. one failing workload stops every restart in the namespace ----------------------------
+
+def test_one_missing_workload_does_not_stop_the_others_being_restarted():
+    # A Pod whose controller ownerReference names a Deployment that does not exist
+    # (forged, or deleted meanwhile) sorts first; reading it fails, and the real
+    # Deployment, whose Pods lack the active key, is never restarted.
+    ring = ring_activated_at("2026-01-01T00:00:00Z")
+    pods = [running_pod("ghost-pod", owner=("Deployment", "aaa-ghost")),
+            running_pod("api-abc12-x", owner=("ReplicaSet", "api-abc12"))]
+    api = FakeApi(ring, pods=pods,
+                  workloads={("shop", "Deployment", "api"): workload()},
+                  replicasets={"api-abc12": ("Deployment", "api")})
+    api.verified.add("ghost-uid")  # say the reference checks out, and the read fails
+    pods[0]["metadata"]["ownerReferences"][0]["uid"] = "ghost-uid"
+    rolled = roll_workloads(api, ring, now=NOW, take=lambda: None)
+    assert ("restart", "shop", "Deployment", "api") in api.writes, \
+        "the Deployment whose Pods lack the key was not restarted"
+    assert rolled.restarted == (("Deployment", "api"),)
+    assert [(kind, name) for kind, name, _ in rolled.failed] == [("Deployment", "aaa-ghost")]
+
+
+# --- 5. a failed restart is not retried --------------------------------------------------------
+
+async def test_a_failed_rolling_restart_is_counted_and_retried_after_30s():
+    # docs/contract.md, "Managed rotation": a failed write is counted as
+    # rotations_total{step="failed"} and retried after 30 s. A restart that fails is
+    # only logged; the namespace waits for its next due time (here ~29 days).
+    ring = ring_activated_at("2026-01-01T00:00:00Z")
+    pods = [running_pod("api-abc12-x", owner=("ReplicaSet", "api-abc12"))]
+    api = FakeApi(ring, pods=pods, workloads={("shop", "Deployment", "api"): workload()},
+                  replicasets={"api-abc12": ("Deployment", "api")})
+    api.fail_restart.add(("Deployment", "api"))
+    controller, _ = controller_for(api, keypolicies=[keypolicy(rotationPeriod="30d",
+                                                               restart="rolling")])
+    await controller.handle("shop")
+    due = controller.queue.due_at("shop")
+    failed = controller.metrics.rotations.labels("failed")._value.get()
+    assert due is not None and due <= NOW + timedelta(seconds=30), \
+        f"a failed restart is looked at again only at {due}"
+    assert failed == 1
+
+
+# --- 1b. the same, seen from KeyController.run: every namespace stops --------------------
+
+class PerNamespaceApi(FakeApi):
+    def __init__(self, rings) -> None:
+        super().__init__(None)
+        self.rings = rings
+
+    def keyring(self, namespace):
+        return self.rings[namespace]
+
+
+async def test_one_namespace_that_fails_unexpectedly_never_stops_rotation_in_the_others():
+    # Whatever one namespace's objects make handle() raise (its key Secrets and policies
+    # are written by its users), the leader's work goes on for every other namespace.
+    from webhook.keys import build_keyring
+
+    from polling import wait_for
+
+    class Faulty(KeyController):
+        async def handle(self, namespace):
+            if namespace == "alpha":
+                raise RuntimeError("something alpha holds")
+            await super().handle(namespace)
+
+    api = PerNamespaceApi({"alpha": build_keyring("alpha", []),
+                           "zeta": build_keyring("zeta", [])})
+    policies = PolicyStore()
+    for ns in ("alpha", "zeta"):
+        policies.namespaces.put(parse_stored_namespace(namespace_object(ns)))
+        policies.keypolicies.put(parse_stored_keypolicy(keypolicy(ns, rotationPeriod="30d")))
+    controller = Faulty(api, keys=KeyStore(), policies=policies, watches=lambda: [], slots=2,
+                        budget=WriteBudget(1000.0, 1000), metrics=Metrics())
+    work = asyncio.create_task(controller.run())
+    try:
+        await wait_for(lambda: controller._policy_changed in policies.listeners,
+                       what="the leader's work started")
+        controller._policy_changed("alpha")  # first in the queue
+        controller._policy_changed("zeta")
+        await wait_for(lambda: work.done() or any(w[0] == "reserve" for w in api.writes),
+                       what="zeta's first key")
+        assert not work.done(), f"the leader's work ended: {work.exception()!r}"
+        assert controller.metrics.rotations.labels("failed")._value.get() == 1
+        due = controller.queue.due_at("alpha")
+        assert due is not None  # looked at again, after RETRY_AFTER
+    finally:
+        work.cancel()
+
+
+# --- 7. restarts are not conditional on what was read --------------------------------------
+
+def test_two_leaders_do_not_both_restart_a_workload_for_one_key():
+    # A paused leader and its successor each read the Deployment (not restarted since
+    # the activation), then each patch restartedAt: two rollouts for one key. The patch
+    # carries no resourceVersion of the read that decided it, so the API server cannot
+    # refuse the second. The fake honours a resource_version if one is passed.
+    ring = ring_activated_at("2026-01-01T00:00:00Z")
+    pods = [running_pod("api-abc12-x", owner=("ReplicaSet", "api-abc12"))]
+
+    class Versioned(FakeApi):
+        version = 1
+
+        def read_workload(self, namespace, kind, name):
+            obj = super().read_workload(namespace, kind, name)
+            obj = json.loads(json.dumps(obj))
+            obj.setdefault("metadata", {})["resourceVersion"] = str(self.version)
+            return obj
+
+        def restart_workload(self, namespace, kind, name, *, at, resource_version=None):
+            if resource_version is not None and resource_version != str(self.version):
+                from webhook.cluster import ClusterError
+                raise ClusterError("409 Conflict")
+            self.version += 1
+            stored = self.workloads[(namespace, kind, name)]
+            stored["spec"]["template"]["metadata"]["annotations"][
+                "kubectl.kubernetes.io/restartedAt"] = at
+            self.writes.append(("restart", namespace, kind, name))
+
+    api = Versioned(ring, pods=pods, workloads={("shop", "Deployment", "api"): workload()},
+                    replicasets={"api-abc12": ("Deployment", "api")})
+    other_leader_ran = []
+
+    def take():  # the first leader pauses here, between its read and its write
+        if not other_leader_ran:
+            other_leader_ran.append(1)
+            roll_workloads(api, ring, now=NOW, take=lambda: None)
+
+    late = roll_workloads(api, ring, now=NOW + timedelta(seconds=20), take=take)
+    restarts = [w for w in api.writes if w[0] == "restart"]
+    assert len(restarts) == 1, f"one key, {len(restarts)} rollouts of Deployment 'api'"
+    assert late.failed and "409" in late.failed[0][2]  # refused, and retried later
