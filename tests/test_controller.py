@@ -45,6 +45,24 @@ def test_a_poke_moves_a_namespace_earlier_never_later() -> None:
     assert queue.take_due() == []  # the superseded entry is not handed out again
 
 
+def test_a_change_that_arrives_while_a_namespace_is_handled_is_not_lost() -> None:
+    # The policy watches deliver while the leader handles a namespace (its reads and
+    # writes run in threads): the handling ends by setting the next due time from what
+    # it read, which must not overwrite the poke of a change it did not see.
+    clock = Clock()
+    queue = Queue(clock=clock)
+    queue.set("a", T0)
+    assert queue.pop_due() == "a"  # being handled
+    queue.poke("a")  # a ClusterKeyPolicy arrives meanwhile
+    queue.set("a", T0 + timedelta(days=30))  # the handling's result, from older state
+    queue.done("a")
+    assert queue.due_at("a") == T0  # handled again at once
+    assert queue.pop_due() == "a"
+    queue.set("a", T0 + timedelta(days=30))
+    queue.done("a")  # nothing arrived this time: the result stands
+    assert queue.due_at("a") == T0 + timedelta(days=30)
+
+
 def test_a_staged_namespace_goes_before_a_wave_that_fell_due_earlier() -> None:
     # 10,000 namespaces due at T0 take an hour to stage at the write budget; a key staged
     # among the first must be activated when its staging ends, not after the wave.

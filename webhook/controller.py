@@ -179,6 +179,12 @@ class Queue:
         self._due: dict[str, tuple[datetime, bool]] = {}
         self._heaps: dict[bool, list[tuple[datetime, str]]] = {True: [], False: []}
         self._changed = asyncio.Event()
+        # Handed out and not `done` yet; and of those, poked meanwhile. The handling
+        # ends with a `set` decided on what it read, which would overwrite a poke for a
+        # change it did not see (controller-runtime's workqueue keeps such an item
+        # "dirty" for the same reason).
+        self._out: set[str] = set()
+        self._again: set[str] = set()
 
     def __len__(self) -> int:
         return len(self._due)
@@ -190,6 +196,8 @@ class Queue:
     def poke(self, namespace: str, at: datetime | None = None) -> None:
         """Look at `namespace` at `at` (now by default), unless it is due earlier."""
         at = at or self.clock()
+        if namespace in self._out and at <= self.clock():
+            self._again.add(namespace)
         current = self._due.get(namespace)
         if current is None or at < current[0]:
             self.set(namespace, at, urgent=current[1] if current else False)
@@ -223,8 +231,16 @@ class Queue:
             if head is not None and head[0] <= now:
                 heapq.heappop(self._heaps[urgent])
                 del self._due[head[1]]
+                self._out.add(head[1])
                 return head[1]
         return None
+
+    def done(self, namespace: str) -> None:
+        """`namespace`'s handling has ended: if it was poked meanwhile, it is due now."""
+        self._out.discard(namespace)
+        if namespace in self._again:
+            self._again.discard(namespace)
+            self.poke(namespace)
 
     def take_due(self) -> list[str]:
         """Every namespace due now, in the order `pop_due` gives them."""
@@ -517,6 +533,8 @@ class KeyController:
                         f"keymount could not handle this namespace ({type(exc).__name__}); "
                         f"it retries in {RETRY_AFTER.total_seconds():g}s: see its log")
             self.queue.poke(namespace, self.clock() + RETRY_AFTER)
+        finally:
+            self.queue.done(namespace)
 
     async def handle(self, namespace: str) -> None:
         """Bring one due namespace up to its policy, write its status, and say when it

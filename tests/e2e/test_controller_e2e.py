@@ -219,8 +219,15 @@ def test_a_keypolicy_admitted_before_a_bound_runs_by_it_and_its_status_says_so(
                 GROUP, VERSION, namespace, "keypolicies", "rotation").get("status") or {}
             return next((c for c in status.get("conditions") or []
                          if c["type"] == "Ready"), {}) | {"status_": status}
-        condition = poll(lambda: (r := ready()).get("reason") == "BoundsApplied" and r,
-                         timeout=30, what="the KeyPolicy's status")
+        seen: list[dict] = [{}]
+
+        def bounded() -> dict | None:
+            seen[0] = ready()
+            return seen[0] if seen[0].get("reason") == "BoundsApplied" else None
+        try:
+            condition = poll(bounded, timeout=30, what="the KeyPolicy's status")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; last status: {seen[0]}") from None
         assert condition["status"] == "True"
         assert f"maxRotationPeriod 90d of ClusterKeyPolicy {name!r} applies" in \
             condition["message"]
@@ -241,3 +248,43 @@ def test_a_keypolicy_admitted_before_a_bound_runs_by_it_and_its_status_says_so(
         assert timedelta(days=90) <= following - last < timedelta(days=90, minutes=1)
     finally:
         custom.delete_cluster_custom_object(GROUP, VERSION, "clusterkeypolicies", name)
+
+
+def test_only_a_workload_that_owns_a_pod_is_named_for_a_restart(api, namespace, keymount,
+                                                                 node, admin_kubeconfig):
+    # `node` runs kube-controller-manager: the Deployment's ReplicaSet and Pod are real.
+    # restart: rolling (and keys rotate --restart) restart what controller_of names. A
+    # Pod's ownerReferences are its creator's to write: a Pod pointing at the
+    # namespace's database StatefulSet must not get it restarted.
+    from apihelpers import BACKEND, create_key, pod_body
+    create_key(api, namespace, "k1")
+    apps = client.AppsV1Api(api.api_client)
+    template = pod_body("x", labels={"app": "api", **BACKEND})
+    apps.create_namespaced_deployment(namespace, {
+        "metadata": {"name": "api"},
+        "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "api"}},
+                 "template": {"metadata": {"labels": template["metadata"]["labels"]},
+                              "spec": template["spec"]}}})
+    database = apps.create_namespaced_stateful_set(namespace, {
+        "metadata": {"name": "payments-db"},
+        "spec": {"replicas": 0, "serviceName": "payments-db",
+                 "selector": {"matchLabels": {"app": "db"}},
+                 "template": {"metadata": {"labels": {"app": "db", **BACKEND}},
+                              "spec": template["spec"]}}})
+    # The ReplicaSet controller's Pod: every link genuine.
+    made = poll(lambda: api.list_namespaced_pod(namespace, label_selector="app=api").items,
+                timeout=60, what="the Deployment's Pod")
+    serialize = api.api_client.sanitize_for_serialization
+    keys = KeyClient(load_api_client(kubeconfig=str(admin_kubeconfig)), settings=Settings())
+    assert keys.controller_of(namespace, serialize(made[0])) == ("Deployment", "api")
+
+    def forged(name: str, uid: str, app: str) -> dict:
+        body = pod_body(name, labels={"app": app, **BACKEND})
+        body["metadata"]["ownerReferences"] = [{
+            "apiVersion": "apps/v1", "kind": "StatefulSet", "name": "payments-db",
+            "uid": uid, "controller": True}]
+        return serialize(api.create_namespaced_pod(namespace, body))
+    wrong_uid = forged("wrong-uid", "00000000-0000-0000-0000-000000000000", "db")
+    unselected = forged("unselected", database.metadata.uid, "api")
+    assert keys.controller_of(namespace, wrong_uid) is None
+    assert keys.controller_of(namespace, unselected) is None
