@@ -60,7 +60,7 @@ class FakeKeys:
     def patch_secret(self, namespace, name, patch):
         self.patches.append((namespace, name, patch))
 
-    def controller_of(self, namespace, pod):
+    def controller_of(self, namespace, pod, *, owners=None):
         # KeyClient checks each link (tests/test_cluster_client.py); here they hold.
         from webhook.lifecycle import controller_ref
         kind, name, _ = controller_ref(pod)

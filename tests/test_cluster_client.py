@@ -357,8 +357,8 @@ def test_workloads_are_restarted_as_kubectl_does_and_read_back(keys, fake, kind)
     assert keys.read_workload("shop", kind, "api")["metadata"]["name"] == "api"
 
 
-def owned_by(kind: str, name: str, uid: str, **labels: str) -> dict:
-    return {"metadata": {"name": "p", "namespace": "shop", "labels": labels,
+def owned_by(kind: str, name: str, uid: str, pod_name: str = "p", **labels: str) -> dict:
+    return {"metadata": {"name": pod_name, "namespace": "shop", "labels": labels,
                          "ownerReferences": [{"apiVersion": "apps/v1", "kind": kind,
                                               "name": name, "uid": uid,
                                               "controller": True}]}}
@@ -391,8 +391,12 @@ def test_a_replicasets_deployment_is_the_thing_to_restart(keys, fake):
                  "not-selected", id="a-pod-its-selector-does-not-select"),
     pytest.param(owned_by("ReplicaSet", "api-5d9c", "made-up", app="api"),
                  "replicaset-uid", id="a-replicaset-that-is-not-its-owner"),
-    pytest.param(owned_by("Deployment", "gone", "gone-uid", app="api"),
+    pytest.param(owned_by("DaemonSet", "gone", "gone-uid", app="api"),
                  "unreadable", id="a-workload-that-cannot-be-read"),
+    pytest.param(owned_by("StatefulSet", "payments-db", "sts-uid", "mallory", app="api"),
+                 "not-its-pod-name", id="a-name-the-statefulset-never-gives"),
+    pytest.param(owned_by("Deployment", "api", "deploy-uid", app="api"),
+                 "deployments-own-replicasets", id="a-deployment-named-by-a-pod-itself"),
 ])
 def test_a_pods_controller_reference_is_believed_only_when_it_checks_out(keys, fake, pod, why):
     # Whoever creates a Pod writes its ownerReferences: a Pod of mallory's naming the
@@ -402,10 +406,41 @@ def test_a_pods_controller_reference_is_believed_only_when_it_checks_out(keys, f
     fake.answers["read_namespaced_replica_set"] = lambda name, namespace, **_: \
         workload_object(name, "rs-uid", owner={"kind": "Deployment", "name": "api",
                                               "uid": "deploy-uid"})
-    fake.fail["read_namespaced_deployment"] = api_error(404)
+    fake.answers["read_namespaced_deployment"] = lambda name, namespace, **_: \
+        workload_object(name, "deploy-uid", selector={"app": "api"})
+    fake.fail["read_namespaced_daemon_set"] = api_error(404)
     assert keys.controller_of("shop", pod) is None, why
-    genuine = owned_by("StatefulSet", "payments-db", "sts-uid", app="api")
+    genuine = owned_by("StatefulSet", "payments-db", "sts-uid", "payments-db-0", app="api")
     assert keys.controller_of("shop", genuine) == ("StatefulSet", "payments-db")
+
+
+def test_a_replicaset_that_is_not_a_deployments_is_reported_never_restarted(keys, fake):
+    fake.answers["read_namespaced_replica_set"] = lambda name, namespace, **_: \
+        workload_object(name, "rs-uid", owner={"kind": "StatefulSet", "name": "payments-db",
+                                              "uid": "sts-uid"}, selector={"app": "db"})
+    pod = owned_by("ReplicaSet", "mallory-rs", "rs-uid", app="db")
+    assert keys.controller_of("shop", pod) == ("ReplicaSet", "mallory-rs")
+
+
+def test_an_owner_that_cannot_be_read_for_a_moment_is_an_error_to_retry(keys, fake):
+    # 404 and 403 mean no owner to restart through; a 503 or a timeout means "not now".
+    fake.fail["read_namespaced_stateful_set"] = api_error(503, "etcdserver: timed out")
+    pod = owned_by("StatefulSet", "payments-db", "sts-uid", "payments-db-0", app="db")
+    with pytest.raises(ClusterError, match="timed out"):
+        keys.controller_of("shop", pod)
+
+
+def test_one_passes_owners_are_read_once_whatever_the_number_of_pods(keys, fake):
+    fake.answers["read_namespaced_replica_set"] = lambda name, namespace, **_: \
+        workload_object(name, "rs-uid", owner={"kind": "Deployment", "name": "api",
+                                              "uid": "deploy-uid"})
+    fake.answers["read_namespaced_deployment"] = lambda name, namespace, **_: \
+        workload_object(name, "deploy-uid")
+    owners: dict = {}
+    for n in range(200):
+        pod = owned_by("ReplicaSet", "api-5d9c", "rs-uid", f"api-5d9c-{n}", app="api")
+        assert keys.controller_of("shop", pod, owners=owners) == ("Deployment", "api")
+    assert len([n for n in fake.names() if n.startswith("read_namespaced")]) == 2
 
 
 def test_a_restart_is_conditional_on_the_version_read(keys, fake):
@@ -613,28 +648,22 @@ def test_activation_copies_the_staged_field_as_stored_at_the_version_read(keys, 
     assert record is not None and record.state == "valid"
 
 
-def test_the_pod_store_names_the_running_pods_that_list_a_secret_once_it_has_listed_them():
-    from webhook.lifecycle import PodKeys
-    pods = PodStore()
-    assert pods.listing("shop", "k1") is None  # never listed: unknown, not "none"
-    pods.replace_all([
-        PodKeys("shop", "b", frozenset({("k1", "aa:bb:cc"), ("k2", "dd:ee:ff")})),
-        PodKeys("shop", "a", frozenset({("k1", "aa:bb:cc")}), terminating=True),
-        PodKeys("shop", "done", frozenset({("k1", "aa:bb:cc")}), finished=True),
-        PodKeys("other", "c", frozenset({("k1", "aa:bb:cc")})),
-        PodKeys("shop", "plain", None)])
-    assert pods.listing("shop", "k1") == ("a", "b")
-    assert pods.listing("shop", "k3") == ()
-
-
-def test_the_pod_store_forgets_a_pod_that_finished_or_went_away():
-    from webhook.lifecycle import PodKeys
-    pods = PodStore()
-    running = PodKeys("shop", "b", frozenset({("k1", "aa:bb:cc")}))
-    pods.replace_all([running, PodKeys("shop", "a", frozenset({("k1", "aa:bb:cc")}))])
-    pods.put(PodKeys("shop", "a", frozenset({("k1", "aa:bb:cc")}), finished=True))
-    assert pods.listing("shop", "k1") == ("b",)
-    pods.remove(running)
-    assert pods.listing("shop", "k1") == ()
-    pods.replace_namespace("shop", [PodKeys("shop", "c", frozenset({("k1", "x")}))])
-    assert pods.listing("shop", "k1") == ("c",)
+async def test_which_pods_list_a_secret_is_read_live_from_every_pods_volumes(fake, monkeypatch):
+    # Without a label selector: a Pod relabelled out of the backend selector, or whose
+    # keymount.io/status was changed, still mounts what its volumes name.
+    def running(name, volumes, *, phase="Running", labels=None, annotations=None):
+        return {"metadata": {"name": name, "namespace": "shop", "labels": labels or {},
+                             "annotations": annotations or {}},
+                "spec": {"volumes": volumes}, "status": {"phase": phase}}
+    projected = [{"name": "keymount-encryption-keys", "projected": {"sources": [
+        {"secret": {"name": "k1", "items": [{"key": "encryption-key",
+                                              "path": "encryption-key-1"}]}}]}}]
+    fake.pods = [
+        running("relabelled", projected, annotations={"keymount.io/status": "garbled"}),
+        running("own-volume", [{"name": "mine", "secret": {"secretName": "k1"}}]),
+        running("done", projected, phase="Succeeded"),
+        running("other", [{"name": "mine", "secret": {"secretName": "k2"}}])]
+    source, _ = source_with(fake, monkeypatch)
+    assert await source.pods_listing("shop", "k1") == ("own-volume", "relabelled")
+    [(_, _, kwargs)] = [c for c in fake.calls if c[0] == "list_namespaced_pod"]
+    assert "label_selector" not in kwargs

@@ -220,7 +220,7 @@ class RollingApi(CountingApi):
     def backend_pods(self, namespace):
         return self.pods
 
-    def controller_of(self, namespace, pod):
+    def controller_of(self, namespace, pod, *, owners=None):
         # KeyClient checks each link against the API server (tests/test_cluster_client.py);
         # here every reference is genuine but `forged`.
         from webhook.lifecycle import controller_ref

@@ -68,7 +68,7 @@ class FakeApi:
     def backend_pods(self, namespace):
         return [p for p in self.pods if p["metadata"].get("namespace") == namespace]
 
-    def controller_of(self, namespace, pod):
+    def controller_of(self, namespace, pod, *, owners=None):
         # KeyClient checks each link against the API server
         # (tests/test_cluster_client.py); here a reference is genuine when `verified`
         # says so, and a ReplicaSet leads to the Deployment `replicasets` names.
@@ -402,3 +402,24 @@ def test_two_leaders_do_not_both_restart_a_workload_for_one_key():
     restarts = [w for w in api.writes if w[0] == "restart"]
     assert len(restarts) == 1, f"one key, {len(restarts)} rollouts of Deployment 'api'"
     assert late.failed and "409" in late.failed[0][2]  # refused, and retried later
+
+
+def test_an_owner_unreadable_for_a_moment_is_a_failure_to_retry_not_a_bare_pod():
+    # A 503 while reading a Pod's StatefulSet must not make the Pod look bare (nothing
+    # restarted, nothing failed, so nothing retried until the next key is due).
+    from webhook.cluster import ClusterError
+
+    class Flaky(FakeApi):
+        def controller_of(self, namespace, pod, *, owners=None):
+            if pod["metadata"]["name"] == "db-0":
+                raise ClusterError("etcdserver: request timed out")
+            return super().controller_of(namespace, pod, owners=owners)
+
+    ring = ring_activated_at("2026-01-01T00:00:00Z")
+    pods = [running_pod("db-0", owner=("StatefulSet", "db")),
+            running_pod("api-abc12-x", owner=("ReplicaSet", "api-abc12"))]
+    api = Flaky(ring, pods=pods, workloads={("shop", "Deployment", "api"): workload()},
+                replicasets={"api-abc12": ("Deployment", "api")})
+    rolled = roll_workloads(api, ring, now=NOW, take=lambda: None)
+    assert rolled.restarted == (("Deployment", "api"),)
+    assert [(kind, name) for kind, name, _ in rolled.failed] == [("Pod", "db-0")]

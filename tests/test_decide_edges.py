@@ -27,6 +27,8 @@ class FakeSource:
         self.live = dict(live or {})
         self.reads: list[str] = []
         self.created: list[str] = []
+        self.pod_reads: list[tuple[str, str]] = []
+        self.listing: dict[str, tuple[str, ...]] = {}  # Secret -> the Pods listing it
 
     async def load(self) -> None:
         pass
@@ -47,6 +49,10 @@ class FakeSource:
 
     def event_sink(self):  # pragma: no cover - the events recorder is not wired here
         raise NotImplementedError
+
+    async def pods_listing(self, namespace: str, secret: str) -> tuple[str, ...] | None:
+        self.pod_reads.append((namespace, secret))
+        return self.listing.get(secret, ())
 
 
 def runtime_of(source: FakeSource, *, auto_generate: bool = False,
@@ -200,3 +206,49 @@ async def test_auto_generate_leaves_a_namespace_with_only_an_empty_slot_to_its_w
     source = FakeSource({"shop": keyring_of(slot_secret(1))})
     verdict = await decide(runtime_of(source, auto_generate=True), request(pod()), "mutate")
     assert verdict.response["allowed"] is False and source.created == []
+
+
+# --- a tombstone's deletion, decided on a live read of the Pods ---------------------------
+
+def tombstone_delete():
+    from webhook.keyguard import parse_key_writers
+    retired = key_secret("k1", None, index=1, annotations={
+        "keymount.io/retired": "2026-11-29T00:00:00Z", "keymount.io/numbers-used": "1"})
+    body = review(None, kind="Secret", operation="DELETE", old=retired, username="alice")
+    body["request"]["name"] = "k1"
+    return retired, parse_review(json.dumps(body).encode()), parse_key_writers("user:alice")
+
+
+@pytest.mark.parametrize(("listing", "expected"), [
+    pytest.param((), "allowed", id="no-pod-lists-it-deleted"),
+    pytest.param(("api-x2",), "denied", id="a-running-pod-lists-it-kept"),
+])
+async def test_which_pods_list_a_tombstone_is_read_live_before_its_deletion(listing, expected):
+    retired, req, writers = tombstone_delete()
+    source = FakeSource()
+    source.listing = {"k1": listing}
+    runtime = runtime_of(source)
+    runtime.writers = writers
+    runtime.store.replace_all([parse_key(retired), parse_key(key_secret(
+        "k2", random_key(), index=2, annotations={"keymount.io/numbers-used": "1-2"}))])
+    verdict = await decide(runtime, req, "validate")
+    assert verdict.result == expected
+    assert source.pod_reads == [("shop", "k1")]
+
+
+async def test_past_the_pod_read_limit_a_tombstone_stays():
+    retired, req, writers = tombstone_delete()
+    source = FakeSource()
+    runtime = runtime_of(source)
+    runtime.writers = writers
+    runtime.store.replace_all([parse_key(retired), parse_key(key_secret(
+        "k2", random_key(), index=2, annotations={"keymount.io/numbers-used": "1-2"}))])
+    results = [(await decide(runtime, req, "validate")).result for _ in range(8)]
+    assert results[:5] == ["allowed"] * 5  # the burst
+    assert "denied" in results[5:]  # then about one a second: forged reviews cost little
+    assert len(source.pod_reads) < 8
+
+
+def parse_key(secret):
+    from webhook.key_secrets import parse_key_secret
+    return parse_key_secret(secret, settings=Settings())

@@ -530,14 +530,27 @@ def test_a_tombstone_running_pods_still_list_stays_so_nobody_else_can_take_its_n
     # and the kubelet would mount their bytes there: the name must stay taken.
     verdict = delete(recorded_tombstone(), retired("k1", 1), listed_by=("api-7f9c", "api-x2"))
     assert verdict.result == "denied"
-    assert "2 backend Pod(s) still list it (api-7f9c, api-x2)" in verdict.message
+    assert "2 Pod(s) still list it (api-7f9c, api-x2)" in verdict.message
     assert "kubectl rollout restart deployment/NAME -n shop" in verdict.message
 
 
 def test_a_tombstone_stays_while_keymount_cannot_tell_which_pods_list_it():
     verdict = delete(recorded_tombstone(), retired("k1", 1), listed_by=None)
-    assert verdict.result == "denied"
-    assert "cannot tell whether running Pods still list" in verdict.message
+    assert verdict.result == "denied" and verdict.key.needs_pods  # the server reads them
+    assert "could not read which Pods list key Secret 'k1'" in verdict.message
+
+
+def test_of_two_keys_sharing_a_number_one_that_pods_list_is_retired_not_deleted():
+    # Pods admitted before the second key took number 1 list k1 as encryption-key-1:
+    # deleting it would free its name just as deleting a tombstone would.
+    ring = keyring_of(key_secret("k1", random_key(), index=1),
+                      key_secret("k1-restored", random_key(), index=1))
+    listed = delete(ring, key_secret("k1", random_key(), index=1), listed_by=("api-x2",))
+    assert listed.result == "denied"
+    assert "keymount keys retire k1 -n shop" in listed.message
+    unknown = delete(ring, key_secret("k1", random_key(), index=1), listed_by=None)
+    assert unknown.result == "denied" and unknown.key.needs_pods
+    assert delete(ring, key_secret("k1", random_key(), index=1)).result == "allowed"
 
 
 def test_a_tombstone_that_is_the_only_record_of_its_number_stays():

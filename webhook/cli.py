@@ -120,7 +120,7 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
                           decisions=DecisionLog(sink, fmt=args.log_format,
                                                 level=args.log_level),
                           live_read_burst=max(1, int(2 * float(args.live_reads_per_second))),
-                          policies=build_policy_reads(source, args), pods=pods,
+                          policies=build_policy_reads(source, args),
                           offload=Offload(max_body=MAX_BODY,
                                           on_restart=metrics.review_worker_restarts.inc))
         limits = ConnectionLimits(request_timeout=float(args.request_timeout),

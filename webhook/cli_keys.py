@@ -75,7 +75,9 @@ class KeyApi(Protocol):
     def restart_workload(self, namespace: str, kind: str, name: str, *, at: str,
                          resource_version: str | None = None) -> None: ...
     def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject: ...
-    def controller_of(self, namespace: str, pod: ApiObject) -> tuple[str, str] | None: ...
+    def controller_of(self, namespace: str, pod: ApiObject, *,
+                      owners: dict[tuple[str, str], ApiObject | None] | None = None
+                      ) -> tuple[str, str] | None: ...
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -433,9 +435,10 @@ def restart_workloads(keys: KeyApi, namespace: str, record: KeyRecord, *, wait: 
     import time
 
     from .lifecycle import restart_targets, rollout_state
+    owners: dict[tuple[str, str], ApiObject | None] = {}  # each owner read once
     workloads, others = restart_targets(
         keys.backend_pods(namespace), record.name,
-        controller_of=lambda pod: keys.controller_of(namespace, pod))
+        controller_of=lambda pod: keys.controller_of(namespace, pod, owners=owners))
     for command in others:
         print(f"not a Deployment, StatefulSet or DaemonSet; restart it yourself: {command}")
     for position, (kind, name) in enumerate(workloads):
@@ -465,13 +468,15 @@ def report_rollout(keys: KeyApi, namespace: str, record: KeyRecord) -> None:
     and which need a restart, by the workload to restart."""
     from .lifecycle import listed_slots, may_still_read, restart_command
     live, restart = [], set()
+    owners: dict[tuple[str, str], ApiObject | None] = {}  # each owner read once
     for pod in keys.backend_pods(namespace):
         if not may_still_read(pod):
             continue
         if record.name in listed_slots(pod):
             live.append(pod["metadata"]["name"])
             continue
-        restart.add(keys.controller_of(namespace, pod) or ("Pod", pod["metadata"]["name"]))
+        restart.add(keys.controller_of(namespace, pod, owners=owners)
+                    or ("Pod", pod["metadata"]["name"]))
     if live:
         print(f"{len(live)} running Pod(s) get it live, as a new file within the kubelet's "
               f"sync period (about a minute), no restart: {', '.join(sorted(live))}")

@@ -38,6 +38,7 @@ from .lifecycle import (
     controller_ref,
     controls,
     parse_pod_keys,
+    pods_listing,
 )
 from .metrics import Metrics
 from .names import (
@@ -194,6 +195,16 @@ class KubernetesKeySource:
             return self.store.replace_namespace(namespace, records, version=version)
         # Not watched: answer from the read, but do not cache what no watch keeps fresh.
         return build_keyring(namespace, records)
+
+    async def pods_listing(self, namespace: str, secret: str) -> tuple[str, ...] | None:
+        """Every Pod of the namespace, listed live without a label selector (a Pod
+        relabelled out of the backend selector still runs with its volumes), and those
+        whose volumes name `secret` (lifecycle.pods_listing)."""
+        def read() -> tuple[str, ...]:
+            response = call_list(self.api, "pod", namespace, _preload_content=False,
+                                 _request_timeout=(10, 60))
+            return pods_listing(list_items(response), secret)
+        return await in_daemon_thread(read)
 
     async def create_generated_key(self, namespace: str) -> Keyring:
         """--auto-generate: make the namespace's one generated key, or reuse it.
@@ -678,39 +689,61 @@ class KeyClient:
         workload: ApiObject = json.loads(response.data)
         return workload
 
-    def controller_of(self, namespace: str, pod: ApiObject) -> tuple[str, str] | None:
+    def controller_of(self, namespace: str, pod: ApiObject, *,
+                      owners: dict[tuple[str, str], ApiObject | None] | None = None
+                      ) -> tuple[str, str] | None:
         """The workload that controls `pod` (a ReplicaSet's Deployment, so the user
         restarts what they manage), each link read and checked as Kubernetes' own
-        controllers check it (lifecycle.controls): None when a link does not check out
-        or cannot be read. A Pod's ownerReferences are written by whoever creates it,
-        and keymount restarts what this returns."""
+        controllers check it (lifecycle.controls), and only along the links they make:
+        Pod to ReplicaSet to Deployment, Pod to StatefulSet (a Pod named
+        `<set>-<ordinal>`), Pod to DaemonSet. None when a link does not check out, or
+        its owner is gone or not readable (404, 403). A Pod's ownerReferences are
+        written by whoever creates it, and keymount restarts what this returns. Other
+        errors raise (retried). `owners`: reads shared across one pass's Pods."""
         ref = controller_ref(pod)
         if ref is None:
             return None
         kind, name, uid = ref
         if kind == "ReplicaSet":
-            rs = self._read_owner(self.apps.read_namespaced_replica_set, name, namespace)
+            rs = self._read_owner(namespace, kind, name, owners)
             if rs is None or not controls(rs, uid=uid, pod=pod):
                 return None
             up = controller_ref(rs)
-            if up is None:
-                return kind, name  # a ReplicaSet of its own: reported, not restarted
+            if up is None or up[0] != "Deployment":
+                return kind, name  # not a Deployment's: reported, never restarted
             kind, name, uid = up
-        if kind not in RESTARTABLE:
-            return kind, name  # a Job, a custom controller: reported, not restarted
-        read, _ = self._workload_api(kind)
-        workload = self._read_owner(read, name, namespace)
+        elif kind == "StatefulSet":
+            ordinal = str(as_dict(pod.get("metadata")).get("name", "")).removeprefix(
+                f"{name}-")
+            if not ordinal.isdigit():
+                return None  # the StatefulSet controller names its Pods so
+        elif kind != "DaemonSet":
+            # A Deployment never controls a Pod itself; other kinds are reported.
+            return None if kind in RESTARTABLE else (kind, name)
+        workload = self._read_owner(namespace, kind, name, owners)
         return (kind, name) if workload is not None and controls(
             workload, uid=uid, pod=pod) else None
 
-    def _read_owner(self, read: Callable[..., Any], name: str, namespace: str
+    def _read_owner(self, namespace: str, kind: str, name: str,
+                    owners: dict[tuple[str, str], ApiObject | None] | None
                     ) -> ApiObject | None:
+        if owners is not None and (kind, name) in owners:
+            return owners[(kind, name)]
+        read = self.apps.read_namespaced_replica_set if kind == "ReplicaSet" \
+            else self._workload_api(kind)[0]
         try:
-            response = self._call(read, name, namespace, _preload_content=False)
-        except ClusterError:
-            return None  # gone, or not ours to read: nothing to restart through it
-        owner: ApiObject = json.loads(response.data)
-        return owner
+            response = read(name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status not in (403, 404):
+                raise ClusterError(describe_api_error(exc)) from None
+            found = None  # gone, or not ours to read: nothing to restart through it
+        except Exception as exc:  # connection refused, TLS, timeouts: retried
+            raise ClusterError(describe_api_error(exc)) from None
+        else:
+            found = json.loads(response.data)
+        if owners is not None:
+            owners[(kind, name)] = found
+        return found
 
 
 class _ClusterList:

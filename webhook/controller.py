@@ -71,7 +71,9 @@ class ControllerApi(Protocol):
     def write_cluster_policy_status(self, name: str, status: dict[str, Any]) -> None: ...
     # restart: rolling
     def backend_pods(self, namespace: str | None) -> list[dict[str, Any]]: ...
-    def controller_of(self, namespace: str, pod: dict[str, Any]) -> tuple[str, str] | None: ...
+    def controller_of(self, namespace: str, pod: dict[str, Any], *,
+                      owners: dict[tuple[str, str], Any] | None = None
+                      ) -> tuple[str, str] | None: ...
     def read_workload(self, namespace: str, kind: str, name: str) -> dict[str, Any]: ...
     def restart_workload(self, namespace: str, kind: str, name: str, *, at: str,
                          resource_version: str | None = None) -> None: ...
@@ -334,9 +336,19 @@ def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
     if active is None or active.activated_at is None:
         return Rolled()  # a key never activated by keymount (made before staged keys)
     namespace = keyring.namespace
+    restarted: list[tuple[str, str]] = []
+    failed: list[tuple[str, str, str]] = []
+    owners: dict[tuple[str, str], Any] = {}  # each owner read once a pass
+
+    def controller_of(pod: dict[str, Any]) -> tuple[str, str] | None:
+        try:
+            return api.controller_of(namespace, pod, owners=owners)
+        except Exception as exc:  # its owner unreadable for now: retried with the rest
+            failed.append(("Pod", str(as_dict(pod.get("metadata")).get("name", "")),
+                           _describe(exc)))
+            return None
     workloads, _ = restart_targets(api.backend_pods(namespace), active.name,
-                                   controller_of=lambda pod: api.controller_of(namespace, pod))
-    restarted, failed = [], []
+                                   controller_of=controller_of)
     for kind, name in workloads:
         try:
             workload = api.read_workload(namespace, kind, name)

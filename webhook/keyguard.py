@@ -133,6 +133,9 @@ class KeyDecision:
     # A refusal that a fresher view of the namespace could turn around (a key
     # referenced but not yet cached): the server confirms it with a live read.
     key_state: bool = False
+    # A refusal that stands only because which Pods list the Secret is not known: the
+    # server reads the namespace's Pods live and asks again (`listed_by`).
+    needs_pods: bool = False
 
 
 def _refused(message: str, *, number: int | None = None, fingerprint: str = "",
@@ -418,6 +421,13 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
     if old.state == "valid" and keyring.conflict and name in (r.name for r in keyring.conflict):
         # Two keys share this number: Pods are refused until one goes, and only the
         # user knows which one their data was encrypted with (keys.describe_conflict).
+        # Pods admitted before the second one came list this one: its name stays while
+        # they run (retiring it also resolves the conflict, and keeps the name).
+        listing = _still_listed(name, ns, old, listed_by,
+                                instead=f"Retire it instead (it keeps the name): keymount "
+                                        f"keys retire {name} -n {ns}")
+        if listing:
+            return listing
         return KeyDecision(True, "deleted", number=old.index if old.index_explicit else None,
                            fingerprint=old.fingerprint)
     if old.state == "valid":
@@ -436,32 +446,37 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"Keep it (it holds no key material), or add a key first (it records every number "
             f"used): keymount keys rotate -n {ns}", number=old.index)
     if old.state == "retired":
-        listing = _still_listed(name, ns, old, listed_by)
+        listing = _still_listed(name, ns, old, listed_by,
+                                instead=f"Restart their workloads (kubectl rollout "
+                                        f"restart deployment/NAME -n {ns}), then delete it")
         if listing:
-            return _refused(listing, number=old.index if old.index_explicit else None)
+            return listing
     return KeyDecision(True, "deleted", number=old.index if old.index_explicit else None)
 
 
-def _still_listed(name: str, ns: str, old: KeyRecord, listed_by: tuple[str, ...] | None
-                  ) -> str:
-    """Why a tombstone stays while Pods list its name ("" when none does). Pods admitted
-    before a forced retirement list it as a source that is not optional; once it is
-    deleted the name is anyone's to create, and the kubelet mounts what they put there
-    at that Pod's file of the retired number (the slots' reason, docs/contract.md)."""
+def _still_listed(name: str, ns: str, old: KeyRecord, listed_by: tuple[str, ...] | None,
+                  *, instead: str) -> KeyDecision | None:
+    """The refusal while Pods list the name of a key Secret being deleted; None when
+    none does. Pods list a key's Secret as a source that is not optional (a tombstone's,
+    when they were admitted before a forced retirement): once it is deleted the name is
+    anyone's to create, and the kubelet mounts what they put there at that Pod's file of
+    the number (the slots' reason, docs/contract.md). `listed_by` None: not known yet,
+    and the server reads the Pods live (needs_pods)."""
+    number = old.index if old.index_explicit else None
     at = f" as file encryption-key-{old.index}" if old.index_explicit else ""
     why = (f"once it is deleted, anyone who may create Secrets in namespace {ns!r} could "
            f"create {name!r}, and the kubelet would mount what they put there{at}")
     if listed_by is None:
-        return (f"keymount cannot tell whether running Pods still list retired key Secret "
-                f"{name!r} (it has not listed backend Pods: see its log); while one does, "
-                f"{why}. Keep it (it holds no key material), or retry once keymount is "
-                f"ready")
+        return KeyDecision(
+            False, "refused",
+            f"keymount could not read which Pods list key Secret {name!r} (it reads them "
+            f"live, a few a second: retry in a few seconds); while a running Pod does, "
+            f"{why}", number=number, needs_pods=True)
     if not listed_by:
-        return ""
+        return None
     shown = ", ".join(listed_by[:5]) + (", ..." if len(listed_by) > 5 else "")
-    return (f"retired key Secret {name!r} stays: {len(listed_by)} backend Pod(s) still list "
-            f"it ({shown}), and {why}. Restart their workloads (kubectl rollout restart "
-            f"deployment/NAME -n {ns}), then delete it")
+    return _refused(f"key Secret {name!r} stays: {len(listed_by)} Pod(s) still list it "
+                    f"({shown}), and {why}. {instead}", number=number)
 
 
 def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,

@@ -224,6 +224,26 @@ def pods_mounting(pods: Iterable[Mapping[str, Any]], secret: str) -> list[str]:
     return sorted(names)
 
 
+def pods_listing(pods: Iterable[Mapping[str, Any]], secret: str) -> tuple[str, ...]:
+    """Names of Pods (Pending, running or terminating) with any volume that names Secret
+    `secret`: a Secret volume, or a Secret source of a projected volume, keymount's or
+    not. The kubelet mounts whatever a Secret of that name holds into each; a Pod's
+    volumes cannot change once it is created (its labels and annotations can)."""
+    names = set()
+    for pod in pods:
+        if not may_still_read(pod):
+            continue
+        for volume in as_dict(pod.get("spec")).get("volumes") or []:
+            if not isinstance(volume, dict):
+                continue
+            sources = as_dict(volume.get("projected")).get("sources") or []
+            if as_dict(volume.get("secret")).get("secretName") == secret or any(
+                    isinstance(s, dict) and as_dict(s.get("secret")).get("name") == secret
+                    for s in sources):
+                names.add(str(as_dict(pod.get("metadata")).get("name", "")))
+    return tuple(sorted(names))
+
+
 # --- restart targets after a rotation ----------------------------------------------------
 
 def owner_of(pod: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -112,6 +112,30 @@ class LiveReads:
         return bucket
 
 
+class PodListings:
+    """Live lists of a namespace's Pods, for the one refusal that depends on which Pods
+    list a Secret by name (deleting a tombstone, docs/contract.md): rare for real
+    requests, and anything that reaches the port can send such a review, so they are
+    rate-limited (`rate` a second, bursts of `burst`). Past the limit: None, and the
+    refusal stands."""
+
+    def __init__(self, read: Callable[[str, str], Awaitable[tuple[str, ...] | None]], *,
+                 rate: float = 1.0, burst: int = 5,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.read, self.clock = read, clock
+        self._bucket = _Bucket(rate, burst, clock())
+
+    async def listing(self, namespace: str, secret: str) -> tuple[str, ...] | None:
+        """The Pods of `namespace`, not finished, whose volumes name Secret `secret`;
+        None when that cannot be known now."""
+        if not self._bucket.take(self.clock()):
+            return None
+        try:
+            return await self.read(namespace, secret)
+        except Exception:  # unknown: the refusal stands, and says why
+            return None
+
+
 class _Bucket:
     """A token bucket: `rate` tokens a second, at most `burst`."""
 

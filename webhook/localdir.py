@@ -269,3 +269,6 @@ class DirectoryKeySource:
         """Before a key-state refusal, re-scan the directory (docs/contract.md, "Refusals")."""
         await self.load()
         return self.store.keyring(namespace)
+
+    async def pods_listing(self, namespace: str, secret: str) -> tuple[str, ...] | None:
+        return None  # no Pods to read here: a tombstone stays

@@ -41,13 +41,13 @@ from .keyguard import KeyWriters
 from .keys import Keyring
 from .leader import Controller
 from .lifecycle import GENERATED_KEY_NAME
-from .livereads import LiveReads
+from .livereads import LiveReads, PodListings
 from .logs import DecisionLog
 from .metrics import Metrics
 from .offload import INLINE_BODY, Offload, WorkerFailed
 from .policyreads import PolicyReads
 from .sources import ClusterKeySource, KeySource
-from .store import KeyStore, PodStore
+from .store import KeyStore
 from .tls import CertReloader
 
 log = logging.getLogger("keymount.admission")
@@ -70,6 +70,7 @@ class Runtime:
     writers: KeyWriters = field(default_factory=KeyWriters)
     events: EventRecorder | None = None
     live_reads: LiveReads = field(init=False)
+    pod_listings: PodListings = field(init=False)
     loaded: asyncio.Event = field(default_factory=asyncio.Event)  # first full list is in
     large_bodies: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
     clock: Callable[[], datetime] = field(default=lambda: datetime.now(UTC))
@@ -84,9 +85,6 @@ class Runtime:
     # Bodies over INLINE_BODY are decoded and judged in a worker process
     # (webhook/offload.py); None decodes every body on the loop, large ones one at a time.
     offload: Offload | None = None
-    # Backend Pods from their watch: which list a Secret that is being deleted. None
-    # (--keys-from, or no watch): unknown, and tombstones stay.
-    pods: PodStore | None = None
 
     def __post_init__(self) -> None:
         self.live_reads = LiveReads(
@@ -94,6 +92,8 @@ class Runtime:
             burst=self.live_read_burst, version=self.store.version,
             known=self.store.knows,
             on_call=lambda result: self.metrics.live_reads.labels(result).inc())
+        self.pod_listings = PodListings(
+            lambda namespace, secret: self.source.pods_listing(namespace, secret))
 
 
 RUNTIME = web.AppKey("runtime", Runtime)
@@ -208,16 +208,14 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook, 
 
 
 def view_of(runtime: Runtime, request: AdmissionRequest, keyring: Keyring,
-            source: Literal["cache", "live"], policies: PolicyView | None = None) -> View:
+            source: Literal["cache", "live"], policies: PolicyView | None = None,
+            listed_by: tuple[str, ...] | None = None) -> View:
     return View(keyring, runtime.settings, writers=runtime.writers,
                 # the time matters to --max-key-age and to the times stamped on key
                 # Secrets; a Pod's injection is cached per keyring without it
                 now=runtime.clock() if runtime.settings.max_key_age or not request.is_pod
                 else None,
-                source=source, policies=policies,
-                listed_by=runtime.pods.listing(request.namespace, request.object_name)
-                if runtime.pods is not None and request.is_secret
-                and request.operation == "DELETE" else None)
+                source=source, policies=policies, listed_by=listed_by)
 
 
 async def policy_view(runtime: Runtime, request: AdmissionRequest,
@@ -242,6 +240,15 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
     verdict = await by.verdict(view_of(
         runtime, request, runtime.store.keyring(namespace), "cache",
         await policy_view(runtime, request, by.policy_view)))
+    if verdict.key is not None and verdict.key.needs_pods:
+        # Deleting a Secret whose name running Pods may list (a tombstone): which Pods
+        # do is read live, from every Pod's volumes (labels and annotations can change
+        # on a running Pod; its volumes cannot). Past the limit the refusal stands.
+        listed = await runtime.pod_listings.listing(namespace, request.object_name)
+        if listed is None:
+            return verdict, None
+        return await by.verdict(view_of(runtime, request, runtime.store.keyring(namespace),
+                                        "cache", listed_by=listed)), None
     if not verdict.key_state:
         return verdict, None
     # A key Secret's number is judged on a read of its own; a Pod may share a read

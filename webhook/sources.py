@@ -20,6 +20,10 @@ class KeySource(Protocol):
     async def confirm(self, namespace: str) -> Keyring:
         """One live read of a namespace (before a key-state refusal)."""
 
+    async def pods_listing(self, namespace: str, secret: str) -> tuple[str, ...] | None:
+        """The Pods of `namespace`, not finished, whose volumes name Secret `secret`,
+        read live; None where Pods cannot be read (a key directory)."""
+
 
 @runtime_checkable
 class ClusterKeySource(KeySource, Protocol):

@@ -165,58 +165,24 @@ def _older(candidate: int, than: int) -> bool:
 
 
 class PodStore:
-    """Backend Pods as `PodKeys`, filled by a Pod watch: for the stale-Pod metric, and
-    to keep a retired key's name taken while running Pods list it."""
+    """Backend Pods as `PodKeys`, for the stale-Pod metric; filled by a Pod watch."""
 
     def __init__(self) -> None:
         self._pods: dict[tuple[str, str], PodKeys] = {}
-        # (namespace, Secret) -> the Pods not yet finished that list it: a DELETE review
-        # asks, and anything that reaches the port can send one, so the answer costs
-        # only the Pods that list that name (never a walk over every Pod).
-        self._listing: dict[tuple[str, str], set[str]] = {}
-        # The first full list (of every scope) has come in: from then on an empty store
-        # means no Pods, not "not known yet".
-        self.listed = False
 
     def replace_all(self, records: Iterable[PodKeys], *, version: str = "") -> None:
-        self._pods, self._listing = {}, {}
-        for record in records:
-            self.put(record)
-        self.listed = True
+        self._pods = {(r.namespace, r.name): r for r in records}
 
     def replace_namespace(self, namespace: str, records: Iterable[PodKeys], *,
                           version: str = "") -> None:
-        for key in [k for k in self._pods if k[0] == namespace]:
-            self._drop(key)
-        for record in records:
-            self.put(record)
+        self._pods = {k: v for k, v in self._pods.items() if k[0] != namespace}
+        self._pods.update(((r.namespace, r.name), r) for r in records)
 
     def put(self, record: PodKeys) -> None:
-        key = (record.namespace, record.name)
-        self._drop(key)
-        self._pods[key] = record
-        if not record.finished:
-            for secret, _ in record.had or ():
-                self._listing.setdefault((record.namespace, secret), set()).add(record.name)
+        self._pods[(record.namespace, record.name)] = record
 
     def remove(self, record: PodKeys) -> None:
-        self._drop((record.namespace, record.name))
-
-    def _drop(self, key: tuple[str, str]) -> None:
-        old = self._pods.pop(key, None)
-        for secret, _ in (old.had or ()) if old is not None else ():
-            names = self._listing.get((key[0], secret))
-            if names is not None:
-                names.discard(key[1])
-                if not names:
-                    del self._listing[(key[0], secret)]
-
-    def listing(self, namespace: str, secret: str) -> tuple[str, ...] | None:
-        """The backend Pods of `namespace` not yet finished whose keymount.io/status
-        lists Secret `secret`, by name; None before the first list (unknown)."""
-        if not self.listed:
-            return None
-        return tuple(sorted(self._listing.get((namespace, secret), ())))
+        self._pods.pop((record.namespace, record.name), None)
 
     def behind(self, keys: KeyStore) -> Counter[tuple[str, str]]:
         """(namespace, state) -> how many Pods are not on the current key set:

@@ -92,7 +92,7 @@ def test_create_list_rotate_status_retire_delete(api, namespace, keymount, admin
     # The Pods still list k1: deleted, its name would be anyone's to create, and the
     # kubelet would mount their bytes as those Pods' encryption-key-1.
     kept = denial(lambda: api.delete_namespaced_secret("k1", namespace))
-    assert "2 backend Pod(s) still list it (new, old)" in kept
+    assert "2 Pod(s) still list it (new, old)" in kept
     for pod in ("new", "old"):
         api.delete_namespaced_pod(pod, namespace, grace_period_seconds=0)
 

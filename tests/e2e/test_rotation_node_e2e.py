@@ -151,7 +151,7 @@ def test_retiring_the_oldest_key_under_running_pods_leaves_every_other_file_and_
     # While they run, the tombstone keeps the name: deleted, anyone who may create
     # Secrets could create k1, and the kubelet would mount it as encryption-key-1.
     kept = denial(lambda: api.delete_namespaced_secret("k1", namespace))
-    assert "2 backend Pod(s) still list it" in kept
+    assert "2 Pod(s) still list it" in kept
     others = {f: d for f, d in files.items() if f != "encryption-key-1"}
     api.create_namespaced_pod(namespace, {"metadata": {"name": "fresh", "labels": {
         "app": "fresh", **BACKEND}}, "spec": pod_spec()})
