@@ -248,6 +248,7 @@ class Queue:
         """Every namespace due now, in the order `pop_due` gives them."""
         due = []
         while (namespace := self.pop_due()) is not None:
+            self._out.discard(namespace)  # not handled here: nothing to mark
             due.append(namespace)
         return due
 
