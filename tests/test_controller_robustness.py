@@ -8,6 +8,7 @@ import json
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from test_controller import CountingApi
 
 from webhook.controller import KeyController, WriteBudget, roll_workloads
 from webhook.metrics import Metrics
@@ -27,37 +28,18 @@ NOW = T0 + timedelta(days=1)
 
 # --- fakes of the project's own ControllerApi --------------------------------------------
 
-class FakeApi:
+class FakeApi(CountingApi):
     """ControllerApi over a fixed keyring: live reads return it, every write is
     recorded. Workloads and Pods for `restart: rolling`."""
 
     def __init__(self, ring, *, pods=(), workloads=None, replicasets=None) -> None:
-        self.ring, self.writes = ring, []
+        super().__init__(ring)
         self.pods = list(pods)
         self.workloads = dict(workloads or {})
         self.replicasets = dict(replicasets or {})  # name -> (kind, name) of its owner
         self.fail_restart: set[tuple[str, str]] = set()
         self.verified = {GENUINE}
         self.cluster_status_sink = None
-
-    def keyring(self, namespace):
-        return self.ring
-
-    def reserve_slot(self, namespace, number):
-        self.writes.append(("reserve", number))
-        return "reserved"
-
-    def fill_slot(self, namespace, slot, key):
-        self.writes.append(("fill", slot.index))
-
-    def stage_slot(self, namespace, slot, key):
-        self.writes.append(("stage", slot.index))
-
-    def activate_staged(self, namespace, staged):
-        self.writes.append(("activate", staged.index))
-
-    def write_policy_status(self, namespace, name, status):
-        self.writes.append(("status", namespace, name))
 
     def write_cluster_policy_status(self, name, status):
         self.writes.append(("cluster-status", name))

@@ -171,17 +171,23 @@ def test_the_next_leader_activates_the_key_a_killed_leader_staged(
     assert len(base64.b64decode(secret.data["encryption-key"])) == 32
 
 
-def test_a_clusterkeypolicy_gives_its_namespaces_keys_and_reports_them(
-        api, custom, namespace, controllers):
+def cluster_policy_for(api, custom, namespace: str, prefix: str, **spec: str) -> str:
+    """A ClusterKeyPolicy that selects `namespace` alone (by a label of its own)."""
     import uuid
     mark = uuid.uuid4().hex[:8]
-    api.patch_namespace(namespace, {"metadata": {"labels": {"keymount-e2e/managed": mark}}})
-    name = f"managed-{mark}"
+    api.patch_namespace(namespace, {"metadata": {"labels": {f"keymount-e2e/{prefix}": mark}}})
+    name = f"{prefix}-{mark}"
     custom.create_cluster_custom_object(GROUP, VERSION, "clusterkeypolicies", {
         "apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterKeyPolicy",
         "metadata": {"name": name},
-        "spec": {"namespaceSelector": {"matchLabels": {"keymount-e2e/managed": mark}},
-                 "rotationPeriod": "30d"}})
+        "spec": {"namespaceSelector": {"matchLabels": {f"keymount-e2e/{prefix}": mark}},
+                 **spec}})
+    return name
+
+
+def test_a_clusterkeypolicy_gives_its_namespaces_keys_and_reports_them(
+        api, custom, namespace, controllers):
+    name = cluster_policy_for(api, custom, namespace, "managed", rotationPeriod="30d")
     try:
         controllers(1)
         poll(lambda: keys_in(api, namespace, "active") == [1], timeout=60, what="key 1")
@@ -201,15 +207,7 @@ def test_a_keypolicy_admitted_before_a_bound_runs_by_it_and_its_status_says_so(
         api, custom, namespace, controllers):
     # Ten years, staged for nearly as long: admitted while nothing bounded the namespace.
     key_policy(custom, namespace, rotationPeriod="3650d", stagingPeriod="3649d")
-    import uuid
-    mark = uuid.uuid4().hex[:8]
-    api.patch_namespace(namespace, {"metadata": {"labels": {"keymount-e2e/bound": mark}}})
-    name = f"bound-{mark}"
-    custom.create_cluster_custom_object(GROUP, VERSION, "clusterkeypolicies", {
-        "apiVersion": f"{GROUP}/{VERSION}", "kind": "ClusterKeyPolicy",
-        "metadata": {"name": name},
-        "spec": {"namespaceSelector": {"matchLabels": {"keymount-e2e/bound": mark}},
-                 "maxRotationPeriod": "90d"}})
+    name = cluster_policy_for(api, custom, namespace, "bound", maxRotationPeriod="90d")
     try:
         controllers(1)
         poll(lambda: keys_in(api, namespace, "active") == [1], timeout=60, what="key 1")
