@@ -539,9 +539,12 @@ class KeyController:
             await self.handle(namespace)
         except Exception as exc:
             self.metrics.rotations.labels("failed").inc()
-            log.exception("rotation of a namespace failed; retrying later",
-                          extra={"namespace": namespace,
-                                 "retry_seconds": RETRY_AFTER.total_seconds()})
+            # Described, never a traceback: what the objects it read hold stays out of
+            # the log (describe_api_error keeps API errors to one line).
+            log.warning("rotation of a namespace failed; retrying later",
+                        extra={"namespace": namespace, "error": _describe(exc),
+                               "error_type": type(exc).__name__,
+                               "retry_seconds": RETRY_AFTER.total_seconds()})
             self._event(namespace, "Namespace", namespace, "v1", "Warning", "RotationFailed",
                         f"keymount could not handle this namespace ({type(exc).__name__}); "
                         f"it retries in {RETRY_AFTER.total_seconds():g}s: see its log")
@@ -638,9 +641,9 @@ class KeyController:
             try:
                 status = cluster_policy_status(summaries, generation=stored.generation,
                                                now=self.clock(), previous=stored.status)
-            except Exception:  # one policy's figures never stop the others' status
-                log.exception("could not compute a ClusterKeyPolicy's status",
-                              extra={"policy": stored.name})
+            except Exception as exc:  # one policy's figures never stop the others'
+                log.warning("could not compute a ClusterKeyPolicy's status",
+                            extra={"policy": stored.name, "error": _describe(exc)})
                 continue
             await self._patch_status(stored.status, status,
                                      partial(self.api.write_cluster_policy_status,

@@ -98,7 +98,8 @@ class View:
     source: Literal["cache", "live"] = "live"
     # Only for the requests `needs_policy_view` names; None otherwise.
     policies: PolicyView | None = None
-    # Only for a Secret's DELETE: the running backend Pods that list it (None: unknown).
+    # Only for a Secret's DELETE, once a verdict asked for it (`needs_pods`): the Pods
+    # not yet finished whose volumes name it, read live; None: not read.
     listed_by: tuple[str, ...] | None = None
 
 

@@ -307,8 +307,9 @@ def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
                      writers: KeyWriters, listed_by: tuple[str, ...] | None = None
                      ) -> KeyDecision:
     """Refuse what would lose a key, change one, or let a non-writer pick the key.
-    `listed_by`: for a DELETE, the running backend Pods whose volume lists the Secret
-    (None: not known, and a tombstone then stays)."""
+    `listed_by`: for a DELETE, the Pods not yet finished whose volumes name the Secret,
+    as the server read them live (None: not read; a deletion that depends on it is
+    refused with `needs_pods`, and the server reads them and asks again)."""
     old_is_key = change.old is not None and is_key_secret(change.old, settings=settings)
     new_is_key = change.new is not None and is_key_secret(change.new, settings=settings)
     if change.operation == "DELETE":
