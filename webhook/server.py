@@ -623,12 +623,15 @@ async def serve(runtime: Runtime, options: ServeOptions,
                                         name="keymount-review-worker")
                     if runtime.offload is not None else None)
     try:
-        await web.TCPSite(probe_runner, options.probe_host or options.host,
-                          options.probe_port).start()
+        # The webhook port first: /readyz may say "ok" the moment the probe port is up
+        # (the keys can be listed by then), and a client sent here on that word must
+        # find the port listening (a CI run caught a refused connection in between).
         listener = await loop.create_server(
             guard.wrap(aiohttp_server(webhook_runner)), options.host, options.port,
             ssl=reloader.listening, ssl_handshake_timeout=options.limits.handshake_timeout,
             reuse_address=True, reuse_port=options.reuse_port or None, backlog=512)
+        await web.TCPSite(probe_runner, options.probe_host or options.host,
+                          options.probe_port).start()
         probe_port = probe_runner.addresses[0][1]  # the bound port, when asked for 0
         server_log.info("serving", extra={"port": options.port, "probe_port": probe_port,
                                           "event_loop": loop_name(loop)})
