@@ -8,6 +8,7 @@ except under KEYMOUNT_E2E=required (CI), where a missing control plane fails the
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import re
@@ -19,6 +20,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -101,6 +103,21 @@ def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None,
     if check and result.returncode != 0:
         raise AssertionError(f"kubectl {' '.join(args)} failed: {result.stderr}")
     return result
+
+
+@contextlib.contextmanager
+def controller_rights(kubeconfig: Path, namespace: str, user: str) -> Iterator[None]:
+    """manifests/components/controller's RBAC for the test bed's keymount `user`
+    (apihelpers.component_rbac) while the block runs, and no longer: its
+    ClusterRoleBinding lets that user write any Secret, which later tests of the same
+    user (a 403 they expect) must not inherit."""
+    from apihelpers import component_rbac
+    kubectl(kubeconfig, "apply", "-f", "-", stdin=component_rbac(namespace, user))
+    try:
+        yield
+    finally:
+        kubectl(kubeconfig, "delete", "clusterrolebinding", "keymount-controller",
+                "--ignore-not-found")
 
 
 class Keymount:

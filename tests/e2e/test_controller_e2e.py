@@ -18,8 +18,8 @@ from webhook.config import Settings
 from webhook.controller import WriteBudget, reconcile
 from webhook.rotation import Schedule
 
-from apihelpers import GROUP, VERSION, component_rbac, key_policy, keys_in, stored_keys
-from conftest import kubectl, launch_keymount
+from apihelpers import GROUP, VERSION, key_policy, keys_in, stored_keys
+from conftest import controller_rights, launch_keymount
 from polling import poll
 
 
@@ -31,8 +31,6 @@ def custom(api):
 @pytest.fixture
 def controllers(control_plane, admin_kubeconfig, namespace, policy_crds, tmp_path):
     """Start `serve --controller` replicas whose Lease lives in the test's namespace."""
-    kubectl(admin_kubeconfig, "apply", "-f", "-",
-            stdin=component_rbac(namespace, control_plane.keymount_user))
     started = []
 
     def start(count: int = 1):
@@ -41,10 +39,11 @@ def controllers(control_plane, admin_kubeconfig, namespace, policy_crds, tmp_pat
                 control_plane, tmp_path / f"c{len(started)}", "--controller",
                 "--controller-namespace", namespace))
         return started[-count:]
-    yield start
-    for server in started:
-        if server.proc.poll() is None:
-            server.stop()
+    with controller_rights(admin_kubeconfig, namespace, control_plane.keymount_user):
+        yield start
+        for server in started:
+            if server.proc.poll() is None:
+                server.stop()
 
 
 def test_a_policy_rotates_a_namespace_staging_each_key_before_it_is_active(
@@ -110,8 +109,11 @@ def test_a_controller_killed_between_any_two_writes_is_finished_by_the_next(
         api, namespace, keymount, control_plane, admin_kubeconfig, tmp_path, kill_after):
     kubeconfig = control_plane.write_kubeconfig(tmp_path / "kubeconfig",
                                                 token=control_plane.keymount_token)
-    kubectl(admin_kubeconfig, "apply", "-f", "-",
-            stdin=component_rbac(namespace, control_plane.keymount_user))
+    with controller_rights(admin_kubeconfig, namespace, control_plane.keymount_user):
+        killed_then_finished_with(kubeconfig, api, namespace, kill_after)
+
+
+def killed_then_finished_with(kubeconfig, api, namespace: str, kill_after: int) -> None:
     keys = KeyClient(load_api_client(kubeconfig=str(kubeconfig)), settings=Settings())
     first = Schedule(rotation_period=timedelta(hours=1), staging_period=timedelta(seconds=1))
     due = Schedule(rotation_period=timedelta(seconds=1), staging_period=timedelta(seconds=1))

@@ -26,6 +26,7 @@ digests of key bytes are compared and printed, never the bytes.
 from __future__ import annotations
 
 import base64
+import contextlib
 import re
 import secrets
 import time
@@ -40,7 +41,6 @@ from keymount.reader import InvalidKeyFile, KeyDirectory, MissingKey
 
 from apihelpers import (
     KEY_LABEL,
-    component_rbac,
     digest,
     first_seen,
     key_policy,
@@ -49,7 +49,7 @@ from apihelpers import (
     stored_keys,
     timed_reports,
 )
-from conftest import kubectl, launch_keymount
+from conftest import controller_rights, launch_keymount
 from polling import poll
 from test_node_e2e import TIMINGS_FILE, expected_files, reporting
 from test_rotation_node_e2e import deployment, keys_cached, restarts
@@ -210,8 +210,9 @@ def managed_rotation(control_plane, admin_kubeconfig, api, keymount, node, polic
     custom = client.CustomObjectsApi(api.api_client)
     namespace = f"managed-rotation-node-{secrets.token_hex(3)}"
     api.create_namespace({"metadata": {"name": namespace}})
-    kubectl(admin_kubeconfig, "apply", "-f", "-",
-            stdin=component_rbac(namespace, control_plane.keymount_user))
+    rights = contextlib.ExitStack()
+    rights.enter_context(controller_rights(admin_kubeconfig, namespace,
+                                           control_plane.keymount_user))
     records = tmp_path_factory.mktemp("records")
     controller = None
     try:
@@ -292,6 +293,7 @@ def managed_rotation(control_plane, admin_kubeconfig, api, keymount, node, polic
     finally:
         if controller is not None and controller.proc.poll() is None:
             controller.stop()
+        rights.close()
         api.delete_namespace(namespace)  # its Pods stop: the machine is shared
 
 
