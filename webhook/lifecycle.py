@@ -246,11 +246,6 @@ def pods_listing(pods: Iterable[Mapping[str, Any]], secret: str) -> tuple[str, .
 
 # --- restart targets after a rotation ----------------------------------------------------
 
-def owner_of(pod: Mapping[str, Any]) -> tuple[str, str] | None:
-    ref = controller_ref(pod)
-    return None if ref is None else (ref[0], ref[1])
-
-
 def controller_ref(obj: Mapping[str, Any]) -> tuple[str, str, str] | None:
     """(kind, name, uid) of an object's controller reference, as its author wrote it."""
     for ref in as_dict(obj.get("metadata")).get("ownerReferences") or []:
