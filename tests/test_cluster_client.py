@@ -444,10 +444,24 @@ def test_one_passes_owners_are_read_once_whatever_the_number_of_pods(keys, fake)
 
 
 def test_a_restart_is_conditional_on_the_version_read(keys, fake):
-    keys.restart_workload("shop", "Deployment", "api", at="2026-11-29T00:00:00Z",
-                          resource_version="41")
+    assert keys.restart_workload("shop", "Deployment", "api", at="2026-11-29T00:00:00Z",
+                                 resource_version="41") is True
     _, args, _ = fake.calls[-1]
     assert args[2]["metadata"] == {"resourceVersion": "41"}
+
+
+def test_a_conditional_restart_the_workload_outran_says_so_and_any_other_error_raises(
+        keys, fake):
+    fake.fail["patch_namespaced_deployment"] = api_error(409, "the object has been modified")
+    assert keys.restart_workload("shop", "Deployment", "api", at="2026-11-29T00:00:00Z",
+                                 resource_version="41") is False
+    # Unconditional (keys rotate --restart), a 409 is an error like any other.
+    with pytest.raises(ClusterError, match="modified"):
+        keys.restart_workload("shop", "Deployment", "api", at="2026-11-29T00:00:00Z")
+    fake.fail["patch_namespaced_deployment"] = api_error(403, "deployments is forbidden")
+    with pytest.raises(ClusterError, match="forbidden"):
+        keys.restart_workload("shop", "Deployment", "api", at="2026-11-29T00:00:00Z",
+                              resource_version="41")
 
 
 @pytest.mark.parametrize("namespace", ["shop", None], ids=["one-namespace", "all"])

@@ -240,6 +240,7 @@ class RollingApi(CountingApi):
         if (kind, name) in self.failing:
             raise ClusterError("the server is currently unable to handle the request")
         self.writes.append(("restart", kind, name, at))
+        return True
 
 
 def running_pod(name: str, owner: str | None, secrets: list[str]) -> dict:

@@ -10,7 +10,13 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from test_controller import CountingApi
 
-from webhook.controller import KeyController, WriteBudget, roll_workloads
+from webhook.controller import (
+    RESTART_ATTEMPTS,
+    KeyController,
+    Rolled,
+    WriteBudget,
+    roll_workloads,
+)
 from webhook.metrics import Metrics
 from webhook.policystore import (
     PolicyStore,
@@ -75,6 +81,7 @@ class FakeApi(CountingApi):
             from webhook.cluster import ClusterError
             raise ClusterError("the server is currently unable to handle the request")
         self.writes.append(("restart", namespace, kind, name))
+        return True
 
 
 GENUINE = "11111111-2222-3333-4444-555555555555"
@@ -363,13 +370,13 @@ def test_two_leaders_do_not_both_restart_a_workload_for_one_key():
 
         def restart_workload(self, namespace, kind, name, *, at, resource_version=None):
             if resource_version is not None and resource_version != str(self.version):
-                from webhook.cluster import ClusterError
-                raise ClusterError("409 Conflict")
+                return False  # KeyClient's answer to the API server's 409
             self.version += 1
             stored = self.workloads[(namespace, kind, name)]
             stored["spec"]["template"]["metadata"]["annotations"][
                 "kubectl.kubernetes.io/restartedAt"] = at
             self.writes.append(("restart", namespace, kind, name))
+            return True
 
     api = Versioned(ring, pods=pods, workloads={("shop", "Deployment", "api"): workload()},
                     replicasets={"api-abc12": ("Deployment", "api")})
@@ -383,7 +390,57 @@ def test_two_leaders_do_not_both_restart_a_workload_for_one_key():
     late = roll_workloads(api, ring, now=NOW + timedelta(seconds=20), take=take)
     restarts = [w for w in api.writes if w[0] == "restart"]
     assert len(restarts) == 1, f"one key, {len(restarts)} rollouts of Deployment 'api'"
-    assert late.failed and "409" in late.failed[0][2]  # refused, and retried later
+    # Refused, read again: restarted since the activation, so nothing left to do.
+    assert late == Rolled()
+
+
+def test_a_busy_workload_is_read_again_and_restarted_in_the_same_pass():
+    # A Deployment's status changes with each Pod's readiness, moving its
+    # resourceVersion between the controller's read and its conditional restart. A
+    # refused restart used to be a failure retried 30 s later, and a Deployment busy
+    # enough was never restarted; it is read and tried again at once, a bounded number
+    # of times.
+    ring = ring_activated_at("2026-01-01T00:00:00Z")
+    pods = [running_pod("api-abc12-x", owner=("ReplicaSet", "api-abc12"))]
+
+    class Busy(FakeApi):
+        version = 1
+        changes = 0  # status updates still to come, one after each read
+
+        def read_workload(self, namespace, kind, name):
+            obj = json.loads(json.dumps(super().read_workload(namespace, kind, name)))
+            obj.setdefault("metadata", {})["resourceVersion"] = str(self.version)
+            if self.changes:
+                self.changes -= 1
+                self.version += 1  # a readiness change lands before the patch
+            return obj
+
+        def restart_workload(self, namespace, kind, name, *, at, resource_version=None):
+            if resource_version != str(self.version):
+                self.writes.append(("refused", namespace, kind, name))
+                return False
+            self.writes.append(("restart", namespace, kind, name))
+            return True
+
+    def run(changes):
+        api = Busy(ring, pods=pods, workloads={("shop", "Deployment", "api"): workload()},
+                   replicasets={"api-abc12": ("Deployment", "api")})
+        api.changes = changes
+        taken = []
+        rolled = roll_workloads(api, ring, now=NOW, take=lambda: taken.append(1))
+        return api, rolled, len(taken)
+
+    api, rolled, writes = run(changes=RESTART_ATTEMPTS - 1)
+    assert rolled == Rolled(restarted=(("Deployment", "api"),))
+    assert [w[0] for w in api.writes] == ["refused"] * (RESTART_ATTEMPTS - 1) + ["restart"]
+    assert writes == RESTART_ATTEMPTS  # each try takes from the write budget
+    # Busier than that: a failure, retried with the namespace, after a bounded number of
+    # writes.
+    api, rolled, writes = run(changes=RESTART_ATTEMPTS)
+    assert rolled.restarted == () and writes == RESTART_ATTEMPTS
+    assert rolled.failed == (("Deployment", "api",
+                              f"it changed while being restarted, {RESTART_ATTEMPTS} "
+                              f"times in a row"),)
 
 
 def test_an_owner_unreadable_for_a_moment_is_a_failure_to_retry_not_a_bare_pod():

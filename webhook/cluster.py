@@ -672,16 +672,24 @@ class KeyClient:
                 getattr(self.apps, f"patch_namespaced_{singular}"))
 
     def restart_workload(self, namespace: str, kind: str, name: str, *, at: str,
-                         resource_version: str | None = None) -> None:
+                         resource_version: str | None = None) -> bool:
         """What `kubectl rollout restart` does: a new Pod template annotation. With
-        `resource_version`, only if the workload is still as read then (409 otherwise:
-        someone else restarted or changed it since)."""
+        `resource_version`, only if the workload is still as read then: False when it
+        is not (409: someone else restarted or changed it since; read it again)."""
         _, patch = self._workload_api(kind)
         body: ApiObject = {"spec": {"template": {"metadata": {
             "annotations": {"kubectl.kubernetes.io/restartedAt": at}}}}}
         if resource_version:
             body["metadata"] = {"resourceVersion": resource_version}
-        self._call(patch, name, namespace, body)
+        try:
+            patch(name, namespace, body)
+        except ApiException as exc:
+            if exc.status == 409 and resource_version:
+                return False
+            raise ClusterError(describe_api_error(exc)) from None
+        except Exception as exc:  # connection refused, TLS, timeouts
+            raise ClusterError(describe_api_error(exc)) from None
+        return True
 
     def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject:
         read, _ = self._workload_api(kind)

@@ -55,6 +55,9 @@ log = logging.getLogger("keymount.controller")
 # most four writes to settle (a slot, a key, the slots above it); anything more means
 # another writer keeps changing it, and the others must not wait behind it.
 MAX_STEPS = 6
+# A restart conditional on a read that a workload's status update overtook is read and
+# tried again at once, this many times in all, before it waits for the namespace's retry.
+RESTART_ATTEMPTS = 3
 RETRY_AFTER = timedelta(seconds=30)  # a namespace whose step failed is looked at again
 
 
@@ -76,7 +79,7 @@ class ControllerApi(Protocol):
                       ) -> tuple[str, str] | None: ...
     def read_workload(self, namespace: str, kind: str, name: str) -> dict[str, Any]: ...
     def restart_workload(self, namespace: str, kind: str, name: str, *, at: str,
-                         resource_version: str | None = None) -> None: ...
+                         resource_version: str | None = None) -> bool: ...
 
 
 class WriteBudget:
@@ -330,8 +333,9 @@ def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
     it was restarted since the key's activation. Only workloads that really control
     those Pods (ControllerApi.controller_of checks each link). `take` is called before
     each write; each restart is conditional on the resourceVersion of the read that
-    decided it, so two leaders never both roll a workload for one key. One workload's
-    failure never stops the others."""
+    decided it, so two leaders never both roll a workload for one key; a workload that
+    changed in between (its status moves with every Pod's readiness) is read and judged
+    again, up to RESTART_ATTEMPTS times. One workload's failure never stops the others."""
     from .lifecycle import restart_targets
     active = keyring.newest
     if active is None or active.activated_at is None:
@@ -352,14 +356,19 @@ def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
                                    controller_of=controller_of)
     for kind, name in workloads:
         try:
-            workload = api.read_workload(namespace, kind, name)
-            if not needs_restart(workload, activated=active.activated_at):
-                continue
-            take()
-            api.restart_workload(namespace, kind, name, at=_time(now) or "",
-                                 resource_version=str(as_dict(workload.get("metadata"))
-                                                      .get("resourceVersion") or "") or None)
-            restarted.append((kind, name))
+            for _ in range(RESTART_ATTEMPTS):
+                workload = api.read_workload(namespace, kind, name)
+                if not needs_restart(workload, activated=active.activated_at):
+                    break  # restarted since the activation (by another leader, too)
+                take()
+                version = str(as_dict(workload.get("metadata")).get("resourceVersion") or "")
+                if api.restart_workload(namespace, kind, name, at=_time(now) or "",
+                                        resource_version=version or None):
+                    restarted.append((kind, name))
+                    break
+            else:
+                failed.append((kind, name, f"it changed while being restarted, "
+                                           f"{RESTART_ATTEMPTS} times in a row"))
         except Exception as exc:  # reported by the caller, retried with the namespace
             failed.append((kind, name, _describe(exc)))
     return Rolled(tuple(restarted), tuple(failed))

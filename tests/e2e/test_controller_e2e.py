@@ -288,3 +288,25 @@ def test_only_a_workload_that_owns_a_pod_is_named_for_a_restart(api, namespace, 
     unselected = forged("unselected", database.metadata.uid, "api")
     assert keys.controller_of(namespace, wrong_uid) is None
     assert keys.controller_of(namespace, unselected) is None
+
+
+def test_a_restart_is_refused_by_the_api_server_once_the_workload_moved_on(
+        api, namespace, admin_kubeconfig):
+    # restart: rolling makes each restart conditional on the read that decided it; the
+    # API server refuses a patch whose metadata.resourceVersion is no longer the
+    # object's (409), which KeyClient answers as False so the controller reads again.
+    apps = client.AppsV1Api(api.api_client)
+    apps.create_namespaced_deployment(namespace, {
+        "metadata": {"name": "api"},
+        "spec": {"replicas": 0, "selector": {"matchLabels": {"app": "api"}},
+                 "template": {"metadata": {"labels": {"app": "api"}},
+                              "spec": {"containers": [{"name": "app", "image": "x"}]}}}})
+    keys = KeyClient(load_api_client(kubeconfig=str(admin_kubeconfig)), settings=Settings())
+    read = keys.read_workload(namespace, "Deployment", "api")["metadata"]["resourceVersion"]
+    assert keys.restart_workload(namespace, "Deployment", "api", at="2026-12-03T00:00:00Z",
+                                 resource_version=read) is True
+    assert keys.restart_workload(namespace, "Deployment", "api", at="2026-12-03T00:00:01Z",
+                                 resource_version=read) is False
+    stored = apps.read_namespaced_deployment("api", namespace)
+    assert stored.spec.template.metadata.annotations == {
+        "kubectl.kubernetes.io/restartedAt": "2026-12-03T00:00:00Z"}
