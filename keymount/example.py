@@ -72,7 +72,9 @@ def read_records(path: Path) -> list[bytes]:
         return []
     records = []
     with path.open("rb") as lines:
-        for line_number, line in enumerate(lines, 1):
+        # readline with a limit: a file without newlines is not read whole to find out.
+        for line_number, line in enumerate(iter(
+                lambda: lines.readline(MAX_RECORD_LINE + 1), b""), 1):
             if len(line) > MAX_RECORD_LINE:
                 raise ValueError(f"{path}:{line_number}: longer than {MAX_RECORD_LINE} bytes")
             try:

@@ -38,15 +38,24 @@ DATA_LINK = "..data"
 MAX_KEY_FILE_BYTES = 4096
 """A key file is 32 raw bytes or 44 characters of base64 and a newline; a file larger
 than this is invalid without being read."""
-MAX_KEY_FILES = 1024
+MAX_KEY_FILES = 100_000
 """More key files than this in one directory is not a keymount volume; refusing it
-bounds the work of one call."""
+bounds the work of one call. keymount sets no limit of its own on a namespace's keys,
+so this one must be out of reach: each key adds at least 160 bytes to the Pod (its
+source and its entry in keymount.io/status), and the API server takes no request body
+over 3 MiB, so no Pod lists even 20,000 (tests/test_reader.py checks the arithmetic)."""
 MAX_ATTEMPTS = 50
 """Reads of a directory that changed while it was read, before giving up. The kubelet
 swaps a volume at most every sync period (about a minute), so a second attempt is
 already rare."""
 
 _KEY_NAME = re.compile(r"encryption-key-([1-9][0-9]{0,8})")
+MAX_NUMBER = 999_999_999  # the nine digits of _KEY_NAME, as the webhook numbers keys
+# A name that exists but cannot be opened as a file: reported as that name's reason,
+# like any other file that is not a key. Anything else (out of file descriptors or
+# memory) is the application's problem of the moment, raised and never kept.
+_UNOPENABLE = frozenset({errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM,
+                         errno.EISDIR, errno.ENOTDIR, errno.ENODEV})
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 # O_NONBLOCK: a FIFO planted under a key's name must not hang the reader.
 _FILE_FLAGS = _OPEN_FLAGS | getattr(os, "O_NONBLOCK", 0)
@@ -118,6 +127,11 @@ class KeyDirectory:
         encrypts with it). Raises MissingKey when neither exists."""
         if isinstance(number, bool) or not isinstance(number, int):
             raise TypeError(f"a key number is an int, not {type(number).__name__}")
+        if not 1 <= number <= MAX_NUMBER:
+            # Not formatted: an int of thousands of digits cannot be (and a number read
+            # from a record may be anything).
+            raise MissingKey(f"no key has that number in {self.path}: key numbers run "
+                             f"from 1 to {MAX_NUMBER}")
         version = self._version()
         if number in version.numbers:
             return self._key(version, f"{FILE_PREFIX}{number}")
@@ -172,20 +186,29 @@ def _read_version(path: str, target: str | None) -> _Version:
     directory = path if target is None else os.path.join(path, target)
     keys: dict[str, bytes] = {}
     invalid: dict[str, str] = {}
-    top_fd = os.open(directory, _DIR_FLAGS)
     try:
-        numbers = _read_keys(top_fd, "", keys, invalid, shown=path)
+        top_fd = os.open(directory, _DIR_FLAGS)
         try:
-            staged_fd = os.open(STAGED_DIR, _DIR_FLAGS, dir_fd=top_fd)
-        except (FileNotFoundError, NotADirectoryError):
-            staged: list[int] = []
-        else:
+            numbers = _read_keys(top_fd, "", keys, invalid, shown=path)
             try:
-                staged = _read_keys(staged_fd, f"{STAGED_DIR}/", keys, invalid, shown=path)
-            finally:
-                os.close(staged_fd)
-    finally:
-        os.close(top_fd)
+                staged_fd = os.open(STAGED_DIR, _DIR_FLAGS, dir_fd=top_fd)
+            except OSError as error:
+                if error.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                    raise
+                staged: list[int] = []  # no staged/ directory (a file or a loop is none)
+            else:
+                try:
+                    staged = _read_keys(staged_fd, f"{STAGED_DIR}/", keys, invalid,
+                                        shown=path)
+                finally:
+                    os.close(staged_fd)
+        finally:
+            os.close(top_fd)
+    except BaseException:
+        # A traceback keeps every frame's locals, and error reporters (Sentry, pytest
+        # --showlocals) print them: the keys read so far go before the error does.
+        keys.clear()
+        raise
     return _Version(target, tuple(numbers), tuple(staged), keys, invalid)
 
 
@@ -198,17 +221,23 @@ def _read_keys(dir_fd: int, prefix: str, keys: dict[str, bytes], invalid: dict[s
                              f"holds {len(numbers)} key files, more than {MAX_KEY_FILES}: "
                              f"not a keymount volume")
     for number in numbers:
-        name = f"{FILE_PREFIX}{number}"
-        value, reason = _read_file(dir_fd, name)
-        if reason:
-            invalid[prefix + name] = reason
-            continue
-        decoded = decode_key(value, subject="the file")
-        if decoded.valid:
-            keys[prefix + name] = decoded.key
-        else:
-            invalid[prefix + name] = decoded.reason
+        _read_key(dir_fd, f"{FILE_PREFIX}{number}", prefix, keys, invalid)
     return numbers
+
+
+def _read_key(dir_fd: int, name: str, prefix: str, keys: dict[str, bytes],
+              invalid: dict[str, str]) -> None:
+    """One file into `keys` or `invalid`; its bytes live only in this call's frame
+    (see _read_version)."""
+    value, reason = _read_file(dir_fd, name)
+    if reason:
+        invalid[prefix + name] = reason
+        return
+    decoded = decode_key(value, subject="the file")
+    if decoded.valid:
+        keys[prefix + name] = decoded.key
+    else:
+        invalid[prefix + name] = decoded.reason
 
 
 def _read_file(dir_fd: int, name: str) -> tuple[bytes, str]:
@@ -221,6 +250,10 @@ def _read_file(dir_fd: int, name: str) -> tuple[bytes, str]:
         fd = os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
     except FileNotFoundError:
         return b"", "the file is listed but cannot be opened (a dangling symlink?)"
+    except OSError as error:
+        if error.errno not in _UNOPENABLE:
+            raise
+        return b"", f"the file cannot be opened ({os.strerror(error.errno)})"
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):

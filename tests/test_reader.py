@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
+import socket
 import subprocess
 import sys
+import traceback
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -126,6 +130,90 @@ def test_a_key_name_that_is_no_regular_file_is_invalid_not_a_hang(tmp_path, kind
      "dangling-symlink": lambda: target.symlink_to("nowhere")}[kind]()
     with pytest.raises(InvalidKeyFile, match="encryption-key-2: the file "):
         KeyDirectory(tmp_path).active()
+
+
+@pytest.mark.parametrize("kind", ["symlink-loop", "socket"])
+def test_a_key_name_that_cannot_be_opened_spoils_only_its_own_number(tmp_path, kind):
+    # One entry the reader cannot open (ELOOP, ENXIO) used to raise a bare OSError from
+    # every call, active() included; it is an invalid file like any other.
+    lay_out(tmp_path, payload({1: key(1), 3: key(3)}), "plain")
+    bad = tmp_path / "encryption-key-2"
+    if kind == "symlink-loop":
+        bad.symlink_to("encryption-key-2")
+    else:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.bind(str(bad))
+    keys = KeyDirectory(tmp_path)
+    assert keys.active() == (3, key(3))
+    with pytest.raises(InvalidKeyFile, match="encryption-key-2: the file cannot be opened"):
+        keys.get(2)
+
+
+def test_a_staged_entry_that_loops_is_no_staged_directory(tmp_path):
+    lay_out(tmp_path, payload({1: key(1)}), "plain")
+    (tmp_path / "staged").symlink_to("staged")
+    assert KeyDirectory(tmp_path).active() == (1, key(1))
+
+
+def test_no_key_bytes_stay_in_the_locals_of_a_read_that_fails(tmp_path, monkeypatch):
+    # Out of file descriptors while reading key 2: the traceback's frames (which error
+    # reporters print with their locals) must not hold key 1, read a moment before.
+    swap(tmp_path, payload({1: key(1), 2: key(2)}))
+    real_open = os.open
+
+    def out_of_fds(name, *args, **kwargs):
+        if str(name) == "encryption-key-2":
+            raise OSError(errno.EMFILE, "Too many open files")
+        return real_open(name, *args, **kwargs)
+    monkeypatch.setattr(reader.os, "open", out_of_fds)
+    with pytest.raises(OSError) as raised:  # never kept: the next call reads again
+        KeyDirectory(tmp_path).active()
+    monkeypatch.undo()
+    text = "".join(traceback.TracebackException.from_exception(
+        raised.value, capture_locals=True).format())
+    leaked = [line.strip().split(" = ")[0] for line in text.splitlines()
+              if repr(key(1))[2:-1] in line or key(1).hex() in line]
+    assert leaked == [], f"key bytes in the locals {leaked}"
+
+
+def test_more_key_files_than_the_reader_reads_cannot_reach_a_pod():
+    # keymount limits no namespace's number of keys (it warns above a few); the reader
+    # refuses a directory with more than MAX_KEY_FILES. Each key adds its source and its
+    # keymount.io/status entry to the Pod, and the API server takes no body over 3 MiB:
+    # the reader's limit is past any Pod's, with the shortest Secret names.
+    from webhook.config import Settings
+    from webhook.injection import build_volume
+
+    from builders import key_secret, keyring_of
+    count = 50
+    ring = keyring_of(*(key_secret(chr(ord("a") + n % 26) + str(n // 26) if n >= 26
+                                   else chr(ord("a") + n), key(n), index=n)
+                        for n in range(1, count + 1)))
+    sources = build_volume(ring, settings=Settings())["projected"]["sources"]
+    per_key = (len(json.dumps(sources, separators=(",", ":")))
+               + len(ring.status)) / count
+    assert per_key >= 160
+    assert reader.MAX_KEY_FILES * 160 > 3 * 2**20 * 5  # five times past, at least
+
+
+def test_a_volume_with_more_than_a_thousand_keys_is_read(tmp_path):
+    # The limit used to be 1,024: an hourly rotation passes it in 43 days, and then no
+    # key could be read at all.
+    count = 1100
+    lay_out(tmp_path, payload({n: key(n) for n in range(1, count + 1)}), "plain")
+    keys = KeyDirectory(tmp_path)
+    assert keys.active() == (count, key(count))
+    assert keys.get(1) == key(1)
+
+
+@pytest.mark.parametrize("number", [0, -1, 10**9, 10**5000], ids=["zero", "negative",
+                                                                  "ten-digits", "huge"])
+def test_a_number_no_key_can_have_is_a_missing_key(tmp_path, number):
+    # A number decoded from a stored record may be anything; 10**5000 cannot even be
+    # formatted (Python's int-to-str limit), which used to raise ValueError.
+    lay_out(tmp_path, payload({1: key(1)}), "plain")
+    with pytest.raises(MissingKey, match="key numbers run from 1 to 999999999"):
+        KeyDirectory(tmp_path).get(number)
 
 
 @LAYOUTS
@@ -279,6 +367,21 @@ def test_the_example_keeps_decrypting_records_written_before_a_rotation(tmp_path
     assert header == b"\x01\x00\x00\x00\x03"  # format 1, key number 3, big-endian
     for secret in (key(1), key(3)):
         assert secret.hex() not in first.stdout + second.stdout
+
+
+def test_the_example_bounds_a_record_line_before_reading_it(tmp_path):
+    from keymount import example
+    records = tmp_path / "records"
+    records.write_bytes(b"A" * (16 * example.MAX_RECORD_LINE))  # 16 MiB, no newline
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=f"records:1: longer than "
+                                             f"{example.MAX_RECORD_LINE} bytes"):
+            example.read_records(records)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 * example.MAX_RECORD_LINE, f"peak {peak} bytes"
 
 
 @pytest.mark.parametrize(("change", "error"), [
