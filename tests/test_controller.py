@@ -174,8 +174,9 @@ class CountingApi:
     def activate_staged(self, namespace, staged):
         self.writes.append(("activate", staged.index))
 
-    def write_policy_status(self, namespace, name, status):
+    def write_policy_status(self, namespace, name, status, *, resource_version=None):
         self.writes.append(("status", name))
+        return True
 
 
 def rotated_at(when: str, *, slots: tuple[int, ...] = (2, 3)):
@@ -262,7 +263,7 @@ def deployment(restarted_at: str | None = None) -> dict:
     pytest.param("2026-01-01T00:00:00Z", True, id="restarted-before-activation-is-rolled"),
     pytest.param("2026-01-03T00:00:00Z", False, id="restarted-since-is-left-alone"),
 ])
-def test_rolling_restarts_only_workloads_whose_pods_lack_the_active_key(restarted_at, rolled):
+async def test_rolling_restarts_only_workloads_whose_pods_lack_the_active_key(restarted_at, rolled):
     from webhook.controller import roll_workloads
 
     ring = rotated_at("2026-01-02T00:00:00Z")  # key 1 activated on Jan 2
@@ -272,8 +273,11 @@ def test_rolling_restarts_only_workloads_whose_pods_lack_the_active_key(restarte
     api = RollingApi(ring, pods, {("Deployment", "old"): deployment(restarted_at),
                                   ("Deployment", "new"): deployment()})
     taken = []
-    rolled_now = roll_workloads(api, ring, now=T0 + timedelta(days=3),
-                                take=lambda: taken.append(1)).restarted
+
+    async def take():
+        taken.append(1)
+    rolled_now = (await roll_workloads(api, ring, now=T0 + timedelta(days=3),
+                                       take=take)).restarted
     assert rolled_now == ((("Deployment", "old"),) if rolled else ())
     assert len(taken) == len(rolled_now)  # every restart went through the budget
     assert [w[:3] for w in api.writes] == [("restart", "Deployment", "old")] * rolled

@@ -47,10 +47,11 @@ class FakeApi(CountingApi):
         self.verified = {GENUINE}
         self.cluster_status_sink = None
 
-    def write_cluster_policy_status(self, name, status):
+    def write_cluster_policy_status(self, name, status, *, resource_version=None):
         self.writes.append(("cluster-status", name))
         if self.cluster_status_sink is not None:
             self.cluster_status_sink(name, status)
+        return True
 
     # restart: rolling, as webhook/cluster.py's KeyClient behaves
     def backend_pods(self, namespace):
@@ -85,6 +86,10 @@ class FakeApi(CountingApi):
 
 
 GENUINE = "11111111-2222-3333-4444-555555555555"
+
+
+async def no_wait() -> None:
+    """A write budget that never waits."""
 
 
 def running_pod(name, *, namespace="shop", owner=None, secrets=(), uid=GENUINE):
@@ -246,7 +251,7 @@ async def test_an_unchanged_clusterkeypolicy_status_is_not_written_again():
 
 # --- 3. restart: rolling trusts a Pod's ownerReference ---------------------------------------
 
-def test_a_pods_forged_owner_reference_does_not_restart_someone_elses_workload():
+async def test_a_pods_forged_owner_reference_does_not_restart_someone_elses_workload():
     # A user who may create Pods (not Deployments/StatefulSets) in the namespace gives
     # a backend Pod a controller ownerReference naming a StatefulSet it does not own.
     # After each activation keymount restarts that StatefulSet.
@@ -254,14 +259,14 @@ def test_a_pods_forged_owner_reference_does_not_restart_someone_elses_workload()
     forged = running_pod("mallory", owner=("StatefulSet", "payments-db"), uid="made-up")
     api = FakeApi(ring, pods=[forged],
                   workloads={("shop", "StatefulSet", "payments-db"): workload()})
-    rolled = roll_workloads(api, ring, now=NOW, take=lambda: None).restarted
+    rolled = (await roll_workloads(api, ring, now=NOW, take=no_wait)).restarted
     assert ("StatefulSet", "payments-db") not in rolled, \
         "a bare Pod's unverified ownerReference made keymount restart a StatefulSet"
 
 
 # --- 4. one failing workload stops every restart in the namespace ----------------------------
 
-def test_one_missing_workload_does_not_stop_the_others_being_restarted():
+async def test_one_missing_workload_does_not_stop_the_others_being_restarted():
     # A Pod whose controller ownerReference names a Deployment that does not exist
     # (forged, or deleted meanwhile) sorts first; reading it fails, and the real
     # Deployment, whose Pods lack the active key, is never restarted.
@@ -273,7 +278,7 @@ def test_one_missing_workload_does_not_stop_the_others_being_restarted():
                   replicasets={"api-abc12": ("Deployment", "api")})
     api.verified.add("ghost-uid")  # say the reference checks out, and the read fails
     pods[0]["metadata"]["ownerReferences"][0]["uid"] = "ghost-uid"
-    rolled = roll_workloads(api, ring, now=NOW, take=lambda: None)
+    rolled = await roll_workloads(api, ring, now=NOW, take=no_wait)
     assert ("restart", "shop", "Deployment", "api") in api.writes, \
         "the Deployment whose Pods lack the key was not restarted"
     assert rolled.restarted == (("Deployment", "api"),)
@@ -351,7 +356,7 @@ async def test_one_namespace_that_fails_unexpectedly_never_stops_rotation_in_the
 
 # --- 7. restarts are not conditional on what was read --------------------------------------
 
-def test_two_leaders_do_not_both_restart_a_workload_for_one_key():
+async def test_two_leaders_do_not_both_restart_a_workload_for_one_key():
     # A paused leader and its successor each read the Deployment (not restarted since
     # the activation), then each patch restartedAt: two rollouts for one key. The patch
     # carries no resourceVersion of the read that decided it, so the API server cannot
@@ -382,19 +387,19 @@ def test_two_leaders_do_not_both_restart_a_workload_for_one_key():
                     replicasets={"api-abc12": ("Deployment", "api")})
     other_leader_ran = []
 
-    def take():  # the first leader pauses here, between its read and its write
+    async def take():  # the first leader pauses here, between its read and its write
         if not other_leader_ran:
             other_leader_ran.append(1)
-            roll_workloads(api, ring, now=NOW, take=lambda: None)
+            await roll_workloads(api, ring, now=NOW, take=no_wait)
 
-    late = roll_workloads(api, ring, now=NOW + timedelta(seconds=20), take=take)
+    late = await roll_workloads(api, ring, now=NOW + timedelta(seconds=20), take=take)
     restarts = [w for w in api.writes if w[0] == "restart"]
     assert len(restarts) == 1, f"one key, {len(restarts)} rollouts of Deployment 'api'"
     # Refused, read again: restarted since the activation, so nothing left to do.
     assert late == Rolled()
 
 
-def test_a_busy_workload_is_read_again_and_restarted_in_the_same_pass():
+async def test_a_busy_workload_is_read_again_and_restarted_in_the_same_pass():
     # A Deployment's status changes with each Pod's readiness, moving its
     # resourceVersion between the controller's read and its conditional restart. A
     # refused restart used to be a failure retried 30 s later, and a Deployment busy
@@ -422,28 +427,31 @@ def test_a_busy_workload_is_read_again_and_restarted_in_the_same_pass():
             self.writes.append(("restart", namespace, kind, name))
             return True
 
-    def run(changes):
+    async def run(changes):
         api = Busy(ring, pods=pods, workloads={("shop", "Deployment", "api"): workload()},
                    replicasets={"api-abc12": ("Deployment", "api")})
         api.changes = changes
         taken = []
-        rolled = roll_workloads(api, ring, now=NOW, take=lambda: taken.append(1))
+
+        async def take():
+            taken.append(1)
+        rolled = await roll_workloads(api, ring, now=NOW, take=take)
         return api, rolled, len(taken)
 
-    api, rolled, writes = run(changes=RESTART_ATTEMPTS - 1)
+    api, rolled, writes = await run(changes=RESTART_ATTEMPTS - 1)
     assert rolled == Rolled(restarted=(("Deployment", "api"),))
     assert [w[0] for w in api.writes] == ["refused"] * (RESTART_ATTEMPTS - 1) + ["restart"]
     assert writes == RESTART_ATTEMPTS  # each try takes from the write budget
     # Busier than that: a failure, retried with the namespace, after a bounded number of
     # writes.
-    api, rolled, writes = run(changes=RESTART_ATTEMPTS)
+    api, rolled, writes = await run(changes=RESTART_ATTEMPTS)
     assert rolled.restarted == () and writes == RESTART_ATTEMPTS
     assert rolled.failed == (("Deployment", "api",
                               f"it changed while being restarted, {RESTART_ATTEMPTS} "
                               f"times in a row"),)
 
 
-def test_an_owner_unreadable_for_a_moment_is_a_failure_to_retry_not_a_bare_pod():
+async def test_an_owner_unreadable_for_a_moment_is_a_failure_to_retry_not_a_bare_pod():
     # A 503 while reading a Pod's StatefulSet must not make the Pod look bare (nothing
     # restarted, nothing failed, so nothing retried until the next key is due).
     from webhook.cluster import ClusterError
@@ -459,6 +467,6 @@ def test_an_owner_unreadable_for_a_moment_is_a_failure_to_retry_not_a_bare_pod()
             running_pod("api-abc12-x", owner=("ReplicaSet", "api-abc12"))]
     api = Flaky(ring, pods=pods, workloads={("shop", "Deployment", "api"): workload()},
                 replicasets={"api-abc12": ("Deployment", "api")})
-    rolled = roll_workloads(api, ring, now=NOW, take=lambda: None)
+    rolled = await roll_workloads(api, ring, now=NOW, take=no_wait)
     assert rolled.restarted == (("Deployment", "api"),)
     assert [(kind, name) for kind, name, _ in rolled.failed] == [("Pod", "db-0")]

@@ -287,3 +287,18 @@ def test_a_silent_watch_is_noticed_well_within_a_minute_by_default():
 def test_versions_before_1_21_are_recognised(major, minor, before):
     from webhook.cluster import kubernetes_before
     assert kubernetes_before(major, minor, 1, 21) is before
+
+
+async def test_synced_is_set_once_the_first_list_came_and_not_before(loop_parts):
+    # KeyController.run handles nothing before its watches' `synced` (client-go's
+    # HasSynced): a list that fails first leaves it unset, the retried one sets it.
+    api, store, recorder, watcher = loop_parts
+    api.lists.append(ApiException(status=503, reason="unavailable"))
+    api.lists.append(listing([secret("k1", "5", index=1)], "5"))
+    assert not watcher.synced.is_set()
+    task = await running(watcher)
+    await wait_for(lambda: recorder.sleeps, what="the failed list's backoff")
+    assert len(recorder.sleeps) == 1
+    await asyncio.wait_for(watcher.synced.wait(), 5)
+    assert names(store) == ["k1"]  # the store holds the list by the time it is set
+    await stop(task)

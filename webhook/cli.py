@@ -212,12 +212,14 @@ def build_controller(args: argparse.Namespace, *, source: KeySource,
     elector = LeaderElector(KubernetesLeases(source.api.api_client, namespace=namespace),
                             identity=identity,
                             on_change=lambda leading: metrics.leader.set(int(leading)))
-    work = build_key_controller(args, source=source, metrics=metrics)
+    work = build_key_controller(args, source=source, metrics=metrics,
+                                may_write=elector.may_write)
     return Controller(elector, work=[work.run])
 
 
 def build_key_controller(args: argparse.Namespace, *, source: KubernetesKeySource,
-                         metrics: Metrics) -> KeyController:
+                         metrics: Metrics,
+                         may_write: Callable[[], bool] = lambda: True) -> KeyController:
     """The leader's work: managed rotation (webhook/controller.py)."""
     from .cluster import KeyClient, describe_api_error, policy_watches
     from .controller import KeyController, WriteBudget
@@ -233,7 +235,7 @@ def build_key_controller(args: argparse.Namespace, *, source: KubernetesKeySourc
                          policies=policies, watches=lambda: policy_watches(client, policies),
                          slots=source.settings.rotation_slots,
                          budget=WriteBudget(rate, max(1, int(2 * rate))), metrics=metrics,
-                         events=events)
+                         events=events, may_write=may_write)
 
 
 def report_to(fd: int) -> Callable[[str], None]:

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -574,10 +575,13 @@ class KeyClient:
             404: f"staged key {staged.name!r} is gone from namespace {namespace!r}; "
                  f"`keymount keys list -n {namespace}` shows its keys"})
         secret = json.loads(response.data)
-        stored = (secret.get("data") or {}).get(staged_field(self.settings.key_field))
-        if not isinstance(stored, str):
-            return None  # activated or cancelled meanwhile
-        version = (secret.get("metadata") or {}).get("resourceVersion")
+        data = secret.get("data") or {}
+        stored = data.get(staged_field(self.settings.key_field))
+        if not isinstance(stored, str) or data.get(self.settings.key_field):
+            return None  # activated (by another writer) or cancelled meanwhile
+        # Conditional on the version the activation was decided on, when the caller
+        # read one: a Secret changed since is read and judged again.
+        version = staged.revision or (secret.get("metadata") or {}).get("resourceVersion")
         return self._patch_versioned(namespace, staged.name, version,
                                      {self.settings.key_field: stored})
 
@@ -610,11 +614,13 @@ class KeyClient:
                 continue  # an invalid one selects nothing (the controller says so)
         return False
 
-    def write_cluster_policy_status(self, name: str, status: dict[str, Any]) -> None:
-        """The controller's status of a ClusterKeyPolicy (its status subresource)."""
-        self._call(self.custom.patch_cluster_custom_object_status, POLICY_GROUP,
-                   POLICY_VERSION, CLUSTERKEYPOLICY_PLURAL, name, {"status": status},
-                   _request_timeout=(5, 30))
+    def write_cluster_policy_status(self, name: str, status: dict[str, Any], *,
+                                    resource_version: str | None = None) -> bool:
+        """The controller's status of a ClusterKeyPolicy (its status subresource), as
+        `write_policy_status` writes a KeyPolicy's."""
+        return self._write_status(partial(
+            self.custom.patch_cluster_custom_object_status, POLICY_GROUP, POLICY_VERSION,
+            CLUSTERKEYPOLICY_PLURAL, name), status, resource_version)
 
     def _listed(self, namespace: str, plural: str,
                 list_call: Callable[[], list[ApiObject]]) -> list[ApiObject]:
@@ -634,12 +640,29 @@ class KeyClient:
         except Exception as exc:
             raise ClusterError(describe_api_error(exc)) from None
 
-    def write_policy_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+    def write_policy_status(self, namespace: str, name: str, status: dict[str, Any], *,
+                            resource_version: str | None = None) -> bool:
         """The controller's status of a KeyPolicy, through its status subresource (a
-        merge patch: a field set to None is removed)."""
-        self._call(self.custom.patch_namespaced_custom_object_status, POLICY_GROUP,
-                   POLICY_VERSION, namespace, KEYPOLICY_PLURAL, name, {"status": status},
-                   _request_timeout=(5, 30))
+        merge patch: a field set to None is removed). With `resource_version`, only if
+        the policy is still as read then: False when it is not (409)."""
+        return self._write_status(partial(
+            self.custom.patch_namespaced_custom_object_status, POLICY_GROUP, POLICY_VERSION,
+            namespace, KEYPOLICY_PLURAL, name), status, resource_version)
+
+    def _write_status(self, patch: Callable[..., Any], status: dict[str, Any],
+                      resource_version: str | None) -> bool:
+        body: ApiObject = {"status": status}
+        if resource_version:
+            body["metadata"] = {"resourceVersion": resource_version}
+        try:
+            patch(body, _request_timeout=(5, 30))
+        except ApiException as exc:
+            if exc.status == 409 and resource_version:
+                return False
+            raise ClusterError(describe_api_error(exc)) from None
+        except Exception as exc:  # connection refused, TLS, timeouts
+            raise ClusterError(describe_api_error(exc)) from None
+        return True
 
     def _patch_versioned(self, namespace: str, name: str, version: object,
                          data: dict[str, str]) -> KeyRecord | None:
@@ -766,8 +789,6 @@ def policy_watches(api_client: client.ApiClient, policies: PolicyStore
                    ) -> list[ListWatch[Any]]:
     """The controller's watches: every KeyPolicy, every ClusterKeyPolicy and the
     namespaces' labels (what a namespaceSelector matches), each cluster-wide."""
-    from functools import partial
-
     from .policystore import (
         parse_stored_clusterkeypolicy,
         parse_stored_keypolicy,

@@ -59,6 +59,16 @@ MAX_STEPS = 6
 # tried again at once, this many times in all, before it waits for the namespace's retry.
 RESTART_ATTEMPTS = 3
 RETRY_AFTER = timedelta(seconds=30)  # a namespace whose step failed is looked at again
+# How often a write held back for want of a confirmed leadership looks again (the
+# elector cancels the work within a retry period of its renew deadline).
+LEADERSHIP_POLL = 0.1
+
+
+class Budget(Protocol):
+    """What each write waits on before it is sent (WriteBudget; KeyController.take adds
+    the leadership check)."""
+
+    async def take(self) -> None: ...
 
 
 class ControllerApi(Protocol):
@@ -69,9 +79,10 @@ class ControllerApi(Protocol):
     def fill_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
     def stage_slot(self, namespace: str, slot: KeyRecord, key: bytes) -> KeyRecord | None: ...
     def activate_staged(self, namespace: str, staged: KeyRecord) -> KeyRecord | None: ...
-    def write_policy_status(self, namespace: str, name: str, status: dict[str, Any]
-                            ) -> None: ...
-    def write_cluster_policy_status(self, name: str, status: dict[str, Any]) -> None: ...
+    def write_policy_status(self, namespace: str, name: str, status: dict[str, Any], *,
+                            resource_version: str | None = None) -> bool: ...
+    def write_cluster_policy_status(self, name: str, status: dict[str, Any], *,
+                                    resource_version: str | None = None) -> bool: ...
     # restart: rolling
     def backend_pods(self, namespace: str | None) -> list[dict[str, Any]]: ...
     def controller_of(self, namespace: str, pod: dict[str, Any], *,
@@ -105,7 +116,8 @@ class WriteBudget:
 
 
 class SlotTaken(Exception):
-    """An unlabelled Secret holds the name of the slot to reserve."""
+    """The name of the slot to reserve is held by another Secret: (number, what holds
+    it and how to free it)."""
 
 
 def execute(api: ControllerApi, keyring: Keyring, step: Step) -> bool:
@@ -115,9 +127,23 @@ def execute(api: ControllerApi, keyring: Keyring, step: Step) -> bool:
     namespace = keyring.namespace
     match step:
         case Reserve(number):
+            name = slot_secret_name(number)
+            held = keyring.find(name)
+            if held is not None:
+                # A key Secret of another number (one from before keymount numbered
+                # keys, numbered by age) holds the slot's name: creating it can only
+                # ever answer "exists", on every pass, from the shared write budget.
+                raise SlotTaken(number, (
+                    f"key Secret {name!r} in namespace {namespace!r} holds key number "
+                    f"{keyring.number_of(name)}, so keymount cannot make it the slot of key "
+                    f"number {number}; retire it when no data needs it (keymount keys "
+                    f"retire {name} -n {namespace}) or delete it"))
             outcome = api.reserve_slot(namespace, number)
             if outcome == "taken":
-                raise SlotTaken(number)
+                raise SlotTaken(number, (
+                    f"Secret {name!r} in namespace {namespace!r} is not a key Secret, so "
+                    f"keymount cannot reserve that slot; delete or rename it: kubectl "
+                    f"delete secret {name} -n {namespace}"))
             return outcome == "reserved"
         case Fill(number):
             return api.fill_slot(namespace, _slot(keyring, number),
@@ -141,7 +167,7 @@ def _slot(keyring: Keyring, number: int) -> KeyRecord:
 
 
 async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, slots: int,
-                    budget: WriteBudget,
+                    budget: Budget,
                     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                     on_step: Callable[[Keyring, Step], None] = lambda keyring, step: None,
                     cached: Keyring | None = None) -> tuple[Wait | Hold, Keyring]:
@@ -164,13 +190,13 @@ async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, s
         try:
             made = await in_daemon_thread(lambda: execute(api, keyring, step))  # noqa: B023
         except SlotTaken as taken:
-            name = slot_secret_name(taken.args[0])
-            return Hold(f"Secret {name!r} in namespace {namespace!r} is not a key Secret, "
-                        f"so keymount cannot reserve that slot; delete or rename it: "
-                        f"kubectl delete secret {name} -n {namespace}"), keyring
+            return Hold(taken.args[1]), keyring
         if made:
             on_step(keyring, step)
-    return Wait(clock()), keyring
+    # Still not settled: another writer keeps changing the namespace. Looked at again
+    # later, not at once: at once, a step that never lands would spend the shared write
+    # budget in a loop.
+    return Wait(clock() + RETRY_AFTER), keyring
 
 
 class Queue:
@@ -326,8 +352,8 @@ class Rolled:
     failed: tuple[tuple[str, str, str], ...] = ()
 
 
-def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
-                   take: Callable[[], None]) -> Rolled:
+async def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
+                         take: Callable[[], Awaitable[None]]) -> Rolled:
     """`restart: rolling`: restart each Deployment, StatefulSet or DaemonSet whose
     running Pods started without the active key, as `keys rotate --restart` does, unless
     it was restarted since the key's activation. Only workloads that really control
@@ -335,7 +361,9 @@ def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
     each write; each restart is conditional on the resourceVersion of the read that
     decided it, so two leaders never both roll a workload for one key; a workload that
     changed in between (its status moves with every Pod's readiness) is read and judged
-    again, up to RESTART_ATTEMPTS times. One workload's failure never stops the others."""
+    again, up to RESTART_ATTEMPTS times. One workload's failure never stops the others.
+    Each call is its own trip to a thread from the loop, so the leader's work, cancelled
+    when leadership ends, sends no write after it."""
     from .lifecycle import restart_targets
     active = keyring.newest
     if active is None or active.activated_at is None:
@@ -352,18 +380,20 @@ def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
             failed.append(("Pod", str(as_dict(pod.get("metadata")).get("name", "")),
                            _describe(exc)))
             return None
-    workloads, _ = restart_targets(api.backend_pods(namespace), active.name,
-                                   controller_of=controller_of)
+    workloads, _ = await in_daemon_thread(lambda: restart_targets(
+        api.backend_pods(namespace), active.name, controller_of=controller_of))
     for kind, name in workloads:
         try:
             for _ in range(RESTART_ATTEMPTS):
-                workload = api.read_workload(namespace, kind, name)
+                workload = await in_daemon_thread(
+                    partial(api.read_workload, namespace, kind, name))
                 if not needs_restart(workload, activated=active.activated_at):
                     break  # restarted since the activation (by another leader, too)
-                take()
+                await take()
                 version = str(as_dict(workload.get("metadata")).get("resourceVersion") or "")
-                if api.restart_workload(namespace, kind, name, at=_time(now) or "",
-                                        resource_version=version or None):
+                if await in_daemon_thread(partial(
+                        api.restart_workload, namespace, kind, name, at=_time(now) or "",
+                        resource_version=version or None)):
                     restarted.append((kind, name))
                     break
             else:
@@ -487,14 +517,27 @@ class KeyController:
                  watches: Callable[[], list[ListWatch[Any]]], slots: int,
                  budget: WriteBudget, metrics: Metrics,
                  events: EventRecorder | None = None,
-                 clock: Callable[[], datetime] = lambda: datetime.now(UTC)) -> None:
+                 clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+                 may_write: Callable[[], bool] = lambda: True) -> None:
         self.api, self.keys, self.policies, self.watches = api, keys, policies, watches
         self.slots, self.budget, self.metrics = max(1, slots), budget, metrics
-        self.events, self.clock = events, clock
+        self.events, self.clock, self.may_write = events, clock, may_write
         self.queue = Queue(clock=clock)
         # What each managed namespace looked like when last handled, for the
         # ClusterKeyPolicies' status only (never for a write).
         self.summaries: dict[str, Summary] = {}
+
+    async def take(self) -> None:
+        """A write's turn, waited for just before it is sent: its token from the write
+        budget, then a leadership still within its renew deadline (`may_write`:
+        LeaderElector.may_write). A leader paused past its deadline (a GC pause, a
+        throttled CPU) may have a successor already; it sends nothing, and the elector
+        cancels its work (client-go's leaders stop at the same deadline)."""
+        await self.budget.take()
+        # A poll, not an Event: the deadline passes with time, not with anything the
+        # elector does.
+        while not self.may_write():  # noqa: ASYNC110
+            await asyncio.sleep(LEADERSHIP_POLL)
 
     def _key_changed(self, namespace: str) -> None:
         if self.policies.effective(namespace) is not None:
@@ -520,8 +563,15 @@ class KeyController:
                 # Each watch lists first and keeps re-listing after an error (with
                 # backoff, logged): a missing right or CRD is reported and retried, never
                 # a reason to give up the Lease. Its first list pokes what it brings.
-                for watch in self.watches():
+                watches = self.watches()
+                for watch in watches:
                     group.create_task(watch.run(), name="keymount-policy-watch")
+                # Nothing is handled before every watch has listed once: a namespace
+                # handled on its ClusterKeyPolicy's defaults before its own KeyPolicy
+                # arrived would be rotated on the wrong periods (a staged key activated
+                # early). client-go's controllers wait for their caches the same way
+                # (WaitForCacheSync).
+                await asyncio.gather(*(watch.synced.wait() for watch in watches))
                 log.info("controller started: following the policies")
                 while True:
                     handled = 0
@@ -572,7 +622,7 @@ class KeyController:
         schedule = Schedule(effective.rotation_period, effective.staging_period)
         try:
             result, keyring = await reconcile(self.api, namespace, schedule, slots=self.slots,
-                                              budget=self.budget, clock=self.clock,
+                                              budget=self, clock=self.clock,
                                               on_step=self._stepped,
                                               cached=self.keys.keyring(namespace))
         except Exception as exc:  # an API error: this namespace waits, the others go on
@@ -618,26 +668,32 @@ class KeyController:
                                generation=stored.generation, now=self.clock(),
                                previous=stored.status, adjusted=adjusted)
         return await self._patch_status(
-            stored.status, status, lambda: self.api.write_policy_status(namespace, name,
-                                                                        status),
+            stored.status, status, partial(self.api.write_policy_status, namespace, name,
+                                           status, resource_version=stored.version or None),
             what=f"KeyPolicy {namespace}/{name}")
 
     async def _patch_status(self, stored: Mapping[str, Any], status: dict[str, Any],
-                            write: Callable[[], None], *, what: str) -> bool:
+                            write: Callable[[], bool], *, what: str) -> bool:
         """Write `status` unless the watch shows it stored already (a None field is
-        absent once written: the merge patch removes it). False when the write failed
-        (logged, counted): the caller looks again after RETRY_AFTER."""
+        absent once written: the merge patch removes it). The write is conditional on
+        the policy's resourceVersion as watched, so a leader that read the world before
+        another leader wrote never puts its older status over the newer one. False when
+        the write failed (logged, counted) or lost that race (the watch brings the newer
+        policy): the caller looks again after RETRY_AFTER."""
         if {k: v for k, v in status.items() if v is not None} == stored:
             return True
-        await self.budget.take()
+        await self.take()
         try:
-            await in_daemon_thread(write)
+            written = await in_daemon_thread(write)
         except Exception as exc:
             self.metrics.rotations.labels("failed").inc()
             log.warning("could not write a policy's status",
                         extra={"policy": what, "error": _describe(exc)})
             return False
-        return True
+        if not written:
+            log.debug("a policy changed since it was read; its status is written again",
+                      extra={"policy": what})
+        return written
 
     async def _write_cluster_status(self) -> None:
         """Each ClusterKeyPolicy's status: over the namespaces it gives their policy, the
@@ -656,21 +712,16 @@ class KeyController:
                 continue
             await self._patch_status(stored.status, status,
                                      partial(self.api.write_cluster_policy_status,
-                                             stored.name, status),
+                                             stored.name, status,
+                                             resource_version=stored.version or None),
                                      what=f"ClusterKeyPolicy {stored.name}")
 
     async def _roll(self, keyring: Keyring) -> bool:
         """`restart: rolling` for one namespace; False when something failed (counted,
         logged, an Event), so the namespace is looked at again after RETRY_AFTER."""
-        loop = asyncio.get_running_loop()
         namespace = keyring.namespace
-
-        def take() -> None:  # the budget, from the API thread
-            asyncio.run_coroutine_threadsafe(self.budget.take(), loop).result()
-
         try:
-            rolled = await in_daemon_thread(
-                lambda: roll_workloads(self.api, keyring, now=self.clock(), take=take))
+            rolled = await roll_workloads(self.api, keyring, now=self.clock(), take=self.take)
         except Exception as exc:
             rolled = Rolled(failed=(("Namespace", namespace, _describe(exc)),))
         for kind, name in rolled.restarted:

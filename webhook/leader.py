@@ -500,6 +500,14 @@ class LeaderElector:
             self._note_error(exc)
             return None
 
+    def may_write(self) -> bool:
+        """Whether the leader's work may send a write now: leading, and within the renew
+        deadline of the last renewal. Past it a follower may take the Lease once
+        `lease_duration - renew_deadline` more has gone by, the margin for a write
+        already on its way (client-go's leaders stop at the same deadline)."""
+        return self.leading and not renewal_overdue(self._last_renewal, now=self.clock(),
+                                                    timings=self.timings)
+
     def _fast_renewal_possible(self, now: float) -> bool:
         return (self.leading and self.stored is not None and self.observation is not None
                 and self.stored.record.holder == self.identity
@@ -593,7 +601,11 @@ class LeaderElector:
                                 extra={"lease": self.leases.where,
                                        "holder": shown(outcome.holder)})
                     return "lost"
-                await _wait_any({stopping}, min(self.timings.retry_period, remaining))
+                # What is left of the deadline now, after the attempt: the time it took
+                # is gone too (waiting on the earlier figure overran it by up to a retry
+                # period).
+                left = self._last_renewal + self.timings.renew_deadline - self.clock()
+                await _wait_any({stopping}, min(self.timings.retry_period, left))
                 if stopping.done():
                     return "stopped"
 

@@ -44,6 +44,8 @@ class Stored(Generic[P]):
     # The status keymount last wrote, as stored: not part of what the object says, so a
     # status write (the controller's own) is no change that wakes the controller.
     status: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    # The resourceVersion as watched: the controller's status write is conditional on it.
+    version: str = field(default="", compare=False)
 
 
 def _meta(obj: Mapping[str, Any]) -> tuple[str, str, int]:
@@ -53,14 +55,18 @@ def _meta(obj: Mapping[str, Any]) -> tuple[str, str, int]:
             generation if isinstance(generation, int) else 0)
 
 
+def _version(obj: Mapping[str, Any]) -> str:
+    return str(as_dict(obj.get("metadata")).get("resourceVersion") or "")
+
+
 def parse_stored_keypolicy(obj: Mapping[str, Any]) -> Stored[KeyPolicy]:
     namespace, name, generation = _meta(obj)
     status = as_dict(obj.get("status"))
     try:
         return Stored(namespace, name, parse_key_policy(obj), generation=generation,
-                      status=status)
+                      status=status, version=_version(obj))
     except PolicyError as exc:
-        return Stored(namespace, name, None, str(exc), generation, status)
+        return Stored(namespace, name, None, str(exc), generation, status, _version(obj))
 
 
 def parse_stored_clusterkeypolicy(obj: Mapping[str, Any]) -> Stored[ClusterKeyPolicy]:
@@ -70,9 +76,9 @@ def parse_stored_clusterkeypolicy(obj: Mapping[str, Any]) -> Stored[ClusterKeyPo
     status = as_dict(obj.get("status"))
     try:
         return Stored("", name, parse_cluster_key_policy(obj), generation=generation,
-                      status=status)
+                      status=status, version=_version(obj))
     except PolicyError as exc:
-        return Stored("", name, None, str(exc), generation, status)
+        return Stored("", name, None, str(exc), generation, status, _version(obj))
 
 
 def parse_stored_namespace(obj: Mapping[str, Any]) -> Stored[dict[str, str]]:

@@ -131,6 +131,13 @@ class ListWatch(Generic[N]):
         self.scopes, self.parse, self.sink, self.timings = scopes, parse, sink, timings
         self.on_restart, self.on_event, self.sleep = on_restart, on_event, sleep
         self.versions: dict[str | None, str] = {}
+        # Set once every scope has been listed: the sink holds the whole world once
+        # (client-go's HasSynced); it stays set through later re-lists.
+        self.synced = asyncio.Event()
+
+    def _note_listed(self) -> None:
+        if all(scope in self.versions for scope in self.scopes):
+            self.synced.set()
 
     def list(self, scope: str | None) -> tuple[list[N], str]:
         """A list (blocking), in pages of LIST_PAGE objects: the parsed records and the
@@ -170,6 +177,7 @@ class ListWatch(Generic[N]):
         version = results[0][1] if len(results) == 1 else ""
         self.sink.replace_all((r for records, _ in results for r in records), version=version)
         self.on_event()
+        self._note_listed()
         return sum(len(records) for records, _ in results)
 
     async def run(self) -> None:
@@ -183,6 +191,7 @@ class ListWatch(Generic[N]):
         else:
             self.sink.replace_namespace(scope, records, version=version)
         self.on_event()
+        self._note_listed()
 
     async def _keep_watching(self, scope: str | None) -> None:
         loop = asyncio.get_running_loop()

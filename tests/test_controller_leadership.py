@@ -1,0 +1,418 @@
+"""The leader's writes against the ways a leadership ends or overlaps: a new leader
+before its caches have synced, a leader paused past its renew deadline, one that
+stopped with restarts still to send, two leaders writing one status or one activation
+(docs/operations.md, "The controller"; cf. client-go's leaderelection). Each was found
+by a review and failed on the code before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from datetime import timedelta
+
+from test_controller_robustness import (
+    NOW,
+    FakeApi,
+    clusterkeypolicy,
+    controller_for,
+    keypolicy,
+    namespace_object,
+    running_pod,
+    workload,
+)
+
+from webhook.controller import HOLD_RETRY, KeyController, WriteBudget
+from webhook.metrics import Metrics
+from webhook.policystore import (
+    PolicyStore,
+    parse_stored_clusterkeypolicy,
+    parse_stored_keypolicy,
+    parse_stored_namespace,
+)
+from webhook.store import KeyStore
+
+from builders import key_secret, keyring_of, random_key, slot_secret
+from polling import wait_for
+
+
+def _stamp(moment):
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def staged_ring(staged_at, *, namespace="shop"):
+    """Key 1 active since long ago; key 2 staged at `staged_at`; slot 3 free."""
+    staged = key_secret("keymount-key-2", None, index=2, namespace=namespace,
+                        annotations={"keymount.io/numbers-used": "1-2",
+                                     "keymount.io/staged-at": _stamp(staged_at)})
+    staged["data"]["staged-encryption-key"] = base64.b64encode(random_key()).decode()
+    return keyring_of(
+        key_secret("keymount-key-1", random_key(), index=1, namespace=namespace,
+                   annotations={"keymount.io/activated-at": "2025-12-01T00:00:00Z"}),
+        staged, slot_secret(3, namespace=namespace), namespace=namespace)
+
+
+# --- the leader acts before its policy watches have listed ----------------------------
+
+class ListedAfter:
+    """A ListWatch as KeyController.run drives it (`run`, `synced`): its first list
+    reaches the store after `delay` seconds, then it watches quietly."""
+
+    def __init__(self, delay, deliver):
+        self.delay, self.deliver = delay, deliver
+        self.synced = asyncio.Event()
+
+    async def run(self):
+        await asyncio.sleep(self.delay)
+        self.deliver()
+        self.synced.set()
+        await asyncio.Future()
+
+
+async def test_a_new_leader_handles_nothing_before_every_policy_watch_has_listed():
+    # shop's KeyPolicy says: stage for 1h (its Pods read keys hourly). The baseline
+    # ClusterKeyPolicy's default is 2m. Key 2 was staged 5 minutes ago. A new leader's
+    # three watches list concurrently; the KeyPolicy list (the largest) comes last.
+    api = FakeApi(staged_ring(NOW - timedelta(minutes=5)))
+    policies = PolicyStore()
+    watches = [
+        ListedAfter(0.0, lambda: policies.namespaces.replace_all(
+            [parse_stored_namespace(namespace_object("shop"))])),
+        ListedAfter(0.0, lambda: policies.clusterkeypolicies.replace_all(
+            [parse_stored_clusterkeypolicy(clusterkeypolicy(rotationPeriod="30d"))])),
+        ListedAfter(0.3, lambda: policies.keypolicies.replace_all(
+            [parse_stored_keypolicy(keypolicy(rotationPeriod="30d", stagingPeriod="1h"))])),
+    ]
+    controller = KeyController(api, keys=KeyStore(), policies=policies,
+                               watches=lambda: watches, slots=2,
+                               budget=WriteBudget(1000.0, 1000), metrics=Metrics(),
+                               clock=lambda: NOW)
+    work = asyncio.create_task(controller.run())
+    try:
+        await wait_for(lambda: policies.policy_objects("shop"), what="KeyPolicies listed")
+        await asyncio.sleep(0.2)
+    finally:
+        work.cancel()
+    assert ("activate", 2) not in api.writes, (
+        f"key 2 activated 5 minutes after staging although shop's KeyPolicy stages for "
+        f"1h: the leader acted on ClusterKeyPolicy defaults before its KeyPolicy watch "
+        f"had listed ({api.writes.count(('activate', 2))} activation writes)")
+
+
+# --- the leader's restarts go on after it stopped leading and released the Lease -------
+
+async def test_no_restart_is_sent_after_the_leader_stopped_and_released_the_lease():
+    from test_controller_robustness import ring_activated_at
+    from test_leader import FAST, FakeLeases
+
+    from webhook.leader import LeaderElector
+
+    ring = ring_activated_at("2026-01-01T00:00:00Z")
+    pods = [running_pod(f"d{i}-rs-x", owner=("ReplicaSet", f"d{i}-rs")) for i in range(6)]
+    api = FakeApi(ring, pods=pods,
+                  workloads={("shop", "Deployment", f"d{i}"): workload() for i in range(6)},
+                  replicasets={f"d{i}-rs": ("Deployment", f"d{i}") for i in range(6)})
+    controller, policies = controller_for(api, keypolicies=[keypolicy(
+        rotationPeriod="30d", restart="rolling")])
+    controller.budget = WriteBudget(5.0, 1)  # a restart every 0.2 s
+    leases = FakeLeases()
+    candidate = LeaderElector(leases, identity="keymount-a", timings=FAST)
+    stop = asyncio.Event()
+    running = asyncio.create_task(candidate.run(controller.run, stop=stop))
+
+    def restarts():
+        return [w for w in api.writes if w[0] == "restart"]
+    await wait_for(lambda: controller._policy_changed in policies.listeners, what="leading")
+    controller._policy_changed("shop")
+    await wait_for(lambda: restarts(), what="the first restart")
+    stop.set()  # a rolling update of keymount: cancel the work, release the Lease
+    await asyncio.wait_for(running, 5)
+    assert leases.holder == ""  # released: a successor takes over at its next attempt
+    at_release = len(restarts())
+    await asyncio.sleep(1.5)
+    assert len(restarts()) == at_release, (
+        f"{len(restarts()) - at_release} workloads restarted by a replica that had stopped "
+        f"leading and released the Lease ({at_release} before)")
+
+
+# --- a status write has no precondition: a late leader overwrites a newer status -------
+
+class Gate:
+    """A WriteBudget whose first take waits for `opened` (a leader paused between its
+    read and its write: a GC pause, a throttled CPU, a wave ahead of it)."""
+
+    def __init__(self):
+        self.opened, self.paused = asyncio.Event(), asyncio.Event()
+
+    async def take(self):
+        if not self.opened.is_set():
+            self.paused.set()
+            await self.opened.wait()
+
+
+class StatusServer(FakeApi):
+    """KeyPolicy status as the API server keeps it: a resourceVersion per write, and a
+    write that names an older one refused (409), as a status patch with
+    metadata.resourceVersion is."""
+
+    shared = None
+
+    def write_policy_status(self, namespace, name, status, *, resource_version=None):
+        store = self.shared
+        if resource_version is not None and resource_version != str(store["rv"]):
+            return False  # KeyClient's answer to the API server's 409
+        store["rv"] += 1
+        store["status"] = status
+        self.writes.append(("status", name))
+        return True
+
+
+async def test_a_late_leaders_status_does_not_overwrite_the_new_leaders():
+    from test_controller_robustness import ring_activated_at
+
+    shared = {"rv": 1, "status": None}
+    old_ring = ring_activated_at("2026-01-01T00:00:00Z")  # key 1 active
+    new_ring = keyring_of(  # what the API server holds now: key 2 activated since
+        key_secret("keymount-key-1", random_key(), index=1,
+                   annotations={"keymount.io/activated-at": "2026-01-01T00:00:00Z"}),
+        key_secret("keymount-key-2", random_key(), index=2,
+                   annotations={"keymount.io/numbers-used": "1-2",
+                                "keymount.io/activated-at": "2026-01-01T12:00:00Z"}),
+        slot_secret(3), slot_secret(4))
+    late_api, new_api = StatusServer(old_ring), StatusServer(new_ring)
+    late_api.shared = new_api.shared = shared
+    policy = keypolicy(rotationPeriod="30d")
+    policy["metadata"]["resourceVersion"] = "1"  # as both leaders' watches brought it
+    late, _ = controller_for(late_api, keypolicies=[policy])
+    new, _ = controller_for(new_api, keypolicies=[policy])
+    gate = Gate()
+    late.budget = gate
+    paused = asyncio.create_task(late.handle("shop"))  # read key 1 active, then paused
+    await asyncio.wait_for(gate.paused.wait(), 5)
+    await new.handle("shop")  # the new leader: key 2 is active
+    assert shared["status"]["activeKey"] == 2
+    gate.opened.set()
+    await asyncio.wait_for(paused, 5)
+    assert shared["status"]["activeKey"] == 2, (
+        f"the late leader's status (activeKey {shared['status']['activeKey']}, from a read "
+        f"before key 2's activation) replaced the new leader's: status writes carry no "
+        f"resourceVersion")
+
+
+# --- a namespace user's KeyPolicy sets the rotation rate: unbounded Secrets and writes --
+
+class Cluster(FakeApi):
+    """One namespace's key Secrets as the API server and keymount's mutating webhook keep
+    them: every write stamps its times with `clock` and bumps the resourceVersion; a
+    write naming an older one is refused (None)."""
+
+    def __init__(self, clock):
+        super().__init__(None)
+        from webhook.config import Settings
+        self.settings, self.clock, self.version, self.records = Settings(), clock, 0, {}
+        self.key_writes = 0
+        self._put(key_secret("keymount-key-1", random_key(), index=1,
+                             annotations={"keymount.io/activated-at": _stamp(clock())}))
+
+    def _put(self, secret):
+        from webhook.key_secrets import parse_key_secret
+        self.version += 1
+        secret["metadata"]["resourceVersion"] = str(self.version)
+        record = parse_key_secret(secret, settings=self.settings)
+        self.records[record.name] = record
+        return record
+
+    def keyring(self, namespace):
+        from webhook.keys import build_keyring
+        return build_keyring(namespace, self.records.values())
+
+    def _current(self, slot):
+        record = self.records.get(slot.name)
+        return record if record is not None and record.revision == slot.revision else None
+
+    def reserve_slot(self, namespace, number):
+        self.key_writes += 1
+        if f"keymount-key-{number}" in self.records:
+            return "exists"
+        self._put(slot_secret(number, numbers_used=f"1-{number}"))
+        return "reserved"
+
+    def fill_slot(self, namespace, slot, key):
+        self.key_writes += 1
+        if self._current(slot) is None:
+            return None
+        return self._put(key_secret(slot.name, key, index=slot.index, annotations={
+            "keymount.io/numbers-used": f"1-{slot.index}",
+            "keymount.io/activated-at": _stamp(self.clock())}))
+
+    def stage_slot(self, namespace, slot, key):
+        self.key_writes += 1
+        if self._current(slot) is None:
+            return None
+        secret = slot_secret(slot.index)
+        secret["metadata"]["annotations"]["keymount.io/staged-at"] = _stamp(self.clock())
+        secret["data"]["staged-encryption-key"] = base64.b64encode(key).decode()
+        return self._put(secret)
+
+    def activate_staged(self, namespace, staged):
+        self.key_writes += 1
+        if self._current(staged) is None:
+            return None
+        key = random_key()  # the fake keeps no bytes; any valid key stands for it
+        secret = key_secret(staged.name, key, index=staged.index, annotations={
+            "keymount.io/numbers-used": f"1-{staged.index}",
+            "keymount.io/staged-at": _stamp(staged.staged_at),
+            "keymount.io/activated-at": _stamp(self.clock())})
+        secret["data"]["staged-encryption-key"] = secret["data"]["encryption-key"]
+        return self._put(secret)
+
+
+# --- the renew deadline is overshot by up to a retry period ---------------------------
+
+async def test_the_leader_stops_its_work_at_the_renew_deadline_not_a_retry_period_later():
+    import time
+
+    from test_leader import FAST, FakeLeases, Work
+
+    from webhook.leader import LeaderElector
+
+    leases, work = FakeLeases(), Work()
+    candidate = LeaderElector(leases, identity="keymount-a", timings=FAST)
+    slow_failures = [False]
+    real_call = leases._call
+
+    async def call():
+        if slow_failures[0]:
+            # The API server answers an error just before the deadline (a 5xx after a
+            # long wait, a TLS handshake timing out).
+            deadline = candidate._last_renewal + FAST.renew_deadline
+            await asyncio.sleep(max(deadline - 0.02 - time.monotonic(), 0.0))
+            raise ConnectionResetError("API server went away")
+        await real_call()
+    leases._call = call
+    stop = asyncio.Event()
+    running = asyncio.create_task(candidate.run(work, stop=stop))
+    await wait_for(lambda: work.started and len(leases.writes) >= 2, what="leading")
+    slow_failures[0] = True
+    await wait_for(lambda: work.cancelled, timeout=5, what="the work cancelled")
+    late = work.cancelled[0] - (candidate._last_renewal + FAST.renew_deadline)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert late < 0.05, (
+        f"the leader's work ran {late:.2f}s past its renew deadline "
+        f"(retry period {FAST.retry_period}s; 2 s of the 5 s margin in production)")
+
+
+# --- activation is conditional on a fresh read, not on the read that decided it -------
+
+def test_a_key_another_leader_activated_meanwhile_is_not_activated_again():
+    from kubernetes import client
+    from test_cluster_client import SETTINGS, Response
+    from test_cluster_client import FakeApi as FakeServer
+
+    from webhook.cluster import KeyClient
+    from webhook.key_secrets import parse_key_secret
+
+    decided_on = slot_secret(2)
+    decided_on["metadata"]["resourceVersion"] = "57"
+    decided_on["metadata"]["annotations"]["keymount.io/staged-at"] = "2026-01-01T00:00:00Z"
+    decided_on["data"]["staged-encryption-key"] = base64.b64encode(random_key()).decode()
+    staged = parse_key_secret(decided_on, settings=SETTINGS)
+    assert staged.state == "staged"
+    # Since that read, the other leader activated it: both fields hold the key.
+    now_stored = json.loads(json.dumps(decided_on))
+    now_stored["metadata"]["resourceVersion"] = "60"
+    now_stored["data"]["encryption-key"] = now_stored["data"]["staged-encryption-key"]
+    server = FakeServer()
+    server.answers["read_namespaced_secret"] = lambda *a, **kw: Response(now_stored)
+    server.answers["patch_namespaced_secret"] = lambda name, ns, body, **kw: Response(
+        {**now_stored, "data": {**now_stored["data"], **body["data"]}})
+    keys = KeyClient(client.ApiClient(), settings=SETTINGS)
+    keys.api = server.strict(client.CoreV1Api)
+    made = keys.activate_staged("shop", staged)
+    patches = [args[2] for name, args, _ in server.calls if name == "patch_namespaced_secret"]
+    assert made is None and not patches, (
+        f"activation decided on resourceVersion 57 was written at {patches[0]['metadata']} "
+        f"over a key already activated, and reported as made (so counted and logged as a "
+        f"second activation)")
+
+
+# --- a step that can never be made is retried at once, forever, on the shared budget --
+
+async def test_a_slot_name_a_legacy_key_holds_is_a_hold_not_a_loop_on_the_budget():
+    # A key from before keymount numbered keys (0.1), named like slot 2 and numbered 1
+    # by legacy order: keymount's next slot is 2, whose name is taken by a key Secret.
+    now = [NOW]
+    api = Cluster(lambda: now[0])
+    api.records.clear()
+    api._put(key_secret("keymount-key-2", random_key()))  # legacy: no annotations
+    assert api.keyring("shop").next_number == 2
+    taken = []
+
+    class Counting(WriteBudget):
+        async def take(self):
+            taken.append(1)
+    controller, _ = controller_for(api, keypolicies=[keypolicy(rotationPeriod="30d")],
+                                   clock=lambda: now[0])
+    controller.budget = Counting(1000.0, 1000)
+    await controller.handle("shop")
+    due = controller.queue.due_at("shop")
+    # Before: six creates answered "exists" in one handling, and the namespace was
+    # queued again for now, on every pass of the loop.
+    assert api.key_writes == 0, f"{api.key_writes} creates that can only answer 'exists'"
+    assert due == NOW + HOLD_RETRY
+    held = controller.summaries["shop"].held
+    assert held is not None and "'keymount-key-2'" in held and "holds key number 1" in held
+    assert len(taken) <= 2  # the step's turn and the KeyPolicy's status
+
+
+# --- nothing checks leadership (or its deadline) just before a write -------------------
+
+async def test_no_key_write_is_sent_after_the_renew_deadline_passed():
+    import time
+
+    from test_controller_robustness import ring_activated_at
+    from test_leader import FAST, FakeLeases
+
+    from webhook.leader import LeaderElector
+
+    loop = asyncio.get_running_loop()
+    candidate = None
+    sent = []
+
+    class Stalling(FakeApi):
+        stalled = False
+
+        def keyring(self, namespace):
+            if not self.stalled:
+                # The leader's process stops for longer than the lease while this read is
+                # on the wire (a GC pause, a CPU-throttled container, a frozen VM).
+                self.stalled = True
+                loop.call_soon_threadsafe(time.sleep, FAST.lease_duration + 0.5)
+                time.sleep(0.1)
+            return super().keyring(namespace)
+
+        def stage_slot(self, namespace, slot, key):
+            sent.append(time.monotonic() - candidate._last_renewal)
+            return super().stage_slot(namespace, slot, key)
+
+    api = Stalling(ring_activated_at("2025-01-01T00:00:00Z"))  # a successor is due
+    controller, policies = controller_for(api, keypolicies=[keypolicy(rotationPeriod="30d")])
+    leases = FakeLeases()
+    changes = []
+    candidate = LeaderElector(leases, identity="keymount-a", timings=FAST,
+                              on_change=changes.append)
+    controller.may_write = candidate.may_write  # as cli.build_controller wires it
+    stop = asyncio.Event()
+    running = asyncio.create_task(candidate.run(controller.run, stop=stop))
+    await wait_for(lambda: controller._policy_changed in policies.listeners, what="leading")
+    controller._policy_changed("shop")
+    await wait_for(lambda: api.stalled and False in changes, timeout=10,
+                   what="leadership lost after the stall")
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(running, 5)
+    assert not sent, (
+        f"a staging write was sent {sent[0]:.2f}s after the last renewal (renew deadline "
+        f"{FAST.renew_deadline}s, lease {FAST.lease_duration}s): another replica may "
+        f"already lead")
