@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from webhook.policy import (
     DURATION_PATTERN,
     MAX_DURATION,
+    MIN_STAGING_PERIOD,
     Bounds,
     ClusterDefaults,
     ClusterKeyPolicy,
@@ -30,6 +31,7 @@ from webhook.policy import (
 from strategies import json_values
 
 DAY, HOUR, MINUTE = timedelta(days=1), timedelta(hours=1), timedelta(minutes=1)
+SECOND = timedelta(seconds=1)
 
 
 # --- durations ---------------------------------------------------------------------------
@@ -179,9 +181,9 @@ def test_a_clusterkeypolicy_reads_defaults_and_bounds():
     policy = parse_cluster_key_policy(cluster_object(
         selector={"matchLabels": {"team": "payments"}}, rotationPeriod="30d",
         stagingPeriod="3m", restart="rolling", maxRotationPeriod="90d",
-        minStagingPeriod="1m"))
+        minStagingPeriod="1m", minRotationPeriod="1h"))
     assert policy.defaults == ClusterDefaults(30 * DAY, 3 * MINUTE, "rolling")
-    assert policy.bounds == Bounds(90 * DAY, MINUTE)
+    assert policy.bounds == Bounds(90 * DAY, MINUTE, HOUR)
     assert policy.selects(TEAM) and not policy.selects({"team": "search"})
 
 
@@ -199,10 +201,11 @@ def test_any_json_is_parsed_or_refused_with_policy_error(value):
 # --- bounds ------------------------------------------------------------------------------
 
 def cluster(name="baseline", selector=None, created=None, *, rotation=None, staging=None,
-            restart=None, max_rotation=None, min_staging=None) -> ClusterKeyPolicy:
+            restart=None, max_rotation=None, min_staging=None,
+            min_rotation=None) -> ClusterKeyPolicy:
     return ClusterKeyPolicy(name, parse_namespace_selector(selector or {}),
                             ClusterDefaults(rotation, staging, restart),
-                            Bounds(max_rotation, min_staging), created=created)
+                            Bounds(max_rotation, min_staging, min_rotation), created=created)
 
 
 def keypolicy(rotation=None, staging=2 * MINUTE, restart="none", *, name="rotation",
@@ -224,6 +227,16 @@ VIOLATIONS = {
                                   ["spec.stagingPeriod 1m is shorter than minStagingPeriod "
                                    "5m of ClusterKeyPolicy 'baseline'; set "
                                    "spec.stagingPeriod to at least 5m"]),
+    # A namespace admin asking for a rotation every few seconds: each rotation keeps
+    # one more key Secret and spends the controller's write budget, shared by all.
+    "rotation-under-the-minimum": (keypolicy(11 * SECOND, 10 * SECOND),
+                                   cluster(min_rotation=HOUR),
+                                   ["spec.rotationPeriod 11s is shorter than "
+                                    "minRotationPeriod 1h of ClusterKeyPolicy 'baseline' "
+                                    "(each rotation keeps one more key Secret and spends "
+                                    "the controller's shared write budget); set "
+                                    "spec.rotationPeriod to at least 1h"]),
+    "by-hand-is-not-under-the-minimum": (keypolicy(None), cluster(min_rotation=HOUR), []),
     "within": (keypolicy(90 * DAY, 5 * MINUTE),
                cluster(max_rotation=90 * DAY, min_staging=5 * MINUTE), []),
     "not-selected": (keypolicy(180 * DAY),
@@ -262,6 +275,16 @@ CLUSTER_PROBLEMS = {
                                "spec.maxRotationPeriod 1h"),
     "rotation-within-its-staging": (dict(rotation=3 * MINUTE, min_staging=5 * MINUTE),
                                     "is not longer than the staging period 5m"),
+    # A typo for 5d: no KeyPolicy could keep it (its staging is at least 10s), and it
+    # would hold every selected namespace's staging under what the kubelet needs.
+    "maximum-no-staging-fits-under": (dict(max_rotation=5 * SECOND),
+                                      "spec.maxRotationPeriod 5s is not longer than 10s"),
+    "minimum-over-maximum": (dict(max_rotation=DAY, min_rotation=2 * DAY),
+                             "spec.minRotationPeriod 2d is longer than "
+                             "spec.maxRotationPeriod 1d"),
+    "default-under-own-rotation-minimum": (dict(rotation=HOUR, min_rotation=DAY),
+                                           "spec.rotationPeriod 1h is shorter than its own "
+                                           "spec.minRotationPeriod 1d"),
 }
 
 
@@ -332,6 +355,39 @@ def test_the_strictest_bounds_of_all_selecting_clusterkeypolicies_hold():
     assert len(effective.adjusted) == 2
     assert "maxRotationPeriod 30d of ClusterKeyPolicy 'b'" in effective.adjusted[0]
     assert "minStagingPeriod 3m of ClusterKeyPolicy 'a'" in effective.adjusted[1]
+
+
+def test_a_rotation_under_the_minimum_is_raised_to_it_and_the_maximum_wins_a_conflict():
+    # Admitted before the bound, or given by another ClusterKeyPolicy's default.
+    effective = effective_policy(TEAM, [keypolicy(11 * SECOND, 10 * SECOND)],
+                                 [cluster("cost", min_rotation=HOUR)])
+    assert effective is not None and effective.rotation_period == HOUR
+    assert effective.adjusted == ("KeyPolicy 'rotation' gives rotationPeriod 11s; "
+                                  "minRotationPeriod 1h of ClusterKeyPolicy 'cost' applies",)
+    # A key's age is the bound that protects data; the minimum is a cost. Of the two in
+    # conflict, the maximum holds, and the conflict is said.
+    effective = effective_policy(TEAM, [keypolicy(11 * SECOND, 10 * SECOND)],
+                                 [cluster("cost", min_rotation=2 * DAY),
+                                  cluster("age", max_rotation=DAY)])
+    assert effective is not None and effective.rotation_period == DAY
+    assert "minRotationPeriod 2d of ClusterKeyPolicy 'cost' cannot be kept" in \
+        effective.adjusted[-1]
+
+
+def test_the_staging_is_never_held_below_the_shortest_staging_there_is():
+    # A stored ClusterKeyPolicy from before the 5s maximum was refused: staging held to
+    # 5s would activate keys before the kubelet can deliver them.
+    effective = effective_policy(TEAM, [], [cluster(max_rotation=5 * SECOND)])
+    assert effective is not None
+    assert effective.staging_period == MIN_STAGING_PERIOD == 10 * SECOND
+
+
+def test_a_deeply_nested_restart_is_a_policy_error_not_a_recursion_error():
+    nested: list = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(PolicyError, match=r"spec\.restart list is not one of none, rolling"):
+        parse_key_policy(keypolicy_object(restart=nested))
 
 
 def test_a_maximum_without_a_default_period_is_the_period():

@@ -224,11 +224,17 @@ async def test_reads_past_the_rate_limit_fail_closed():
     now = [0.0]
     api = FakePolicyApi(NAMESPACE_LABELS)
     reads = PolicyReads(api, rate=1.0, burst=2, clock=lambda: now[0])
-    found = [(await reads.view("shop")).failure for _ in range(3)]
-    assert found[:2] == ["", ""] and "limiting its reads" in found[2]
+    found = [await reads.view("shop") for _ in range(3)]
+    assert [v.failure for v in found[:2]] == ["", ""]
+    assert "limiting its reads" in found[2].failure and found[2].throttled
     assert api.calls == 4
     now[0] += 1.0
     assert (await reads.view("shop")).failure == ""
+    # What the review is told: a refusal to retry (429), not a read access to check.
+    verdict = check_keypolicy(request_of(keypolicy(rotationPeriod="30d")), View(
+        Keyring("shop"), Settings(), policies=found[2]))
+    assert verdict.response["status"]["code"] == 429
+    assert "retry in a few seconds" in verdict.message and "auth can-i" not in verdict.message
 
 
 # --- the server edge -----------------------------------------------------------------------

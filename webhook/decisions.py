@@ -81,6 +81,7 @@ class PolicyView:
     namespace_labels: Mapping[str, str] = field(default_factory=dict)
     cluster_policies: tuple[Mapping[str, Any], ...] = ()
     failure: str = ""
+    throttled: bool = False  # the failure is keymount's own read limit: retry, 429
 
 
 @dataclass(frozen=True, slots=True)
@@ -280,6 +281,13 @@ def check_keypolicy(request: AdmissionRequest, view: View) -> Verdict:
         return Verdict("denied", denied(f"KeyPolicy {name!r} in namespace {namespace!r}: "
                                         f"{exc}"))
     context = view.policies
+    if context is not None and context.throttled:
+        # The reads are shared by every namespace: a refusal that a retry turns around,
+        # with the code that says so (as for key state, THROTTLED).
+        return Verdict("denied", denied(
+            f"keymount is limiting its reads of the API server right now and could not "
+            f"read the ClusterKeyPolicies that bound KeyPolicy {name!r} in namespace "
+            f"{namespace!r}; retry in a few seconds", code=THROTTLED))
     if context is None or context.failure:
         reason = context.failure if context else "no read of them was made"
         return Verdict("error", errored(

@@ -131,7 +131,9 @@ def _restart(spec: Mapping[str, Any]) -> Restart | None:
     for restart in RESTARTS:
         if value == restart:
             return restart
-    shown = repr(value)[:40]
+    # Only a string is shown (clipped before repr: a nested value's repr could recurse
+    # without bound); anything else by its type.
+    shown = repr(value[:40]) if isinstance(value, str) else type(value).__name__
     raise PolicyError(f"spec.restart {shown} is not one of {', '.join(RESTARTS)}")
 
 
@@ -241,6 +243,9 @@ class ClusterDefaults:
 class Bounds:
     max_rotation_period: timedelta | None = None
     min_staging_period: timedelta | None = None
+    # Each rotation writes a new key Secret that is kept (old data needs it) and three
+    # writes from the controller's shared budget: the cluster admin's floor on how often.
+    min_rotation_period: timedelta | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -313,7 +318,8 @@ def parse_cluster_key_policy(obj: Mapping[str, Any]) -> ClusterKeyPolicy:
     defaults = ClusterDefaults(_optional_duration(spec, "rotationPeriod"), _staging(spec),
                                _restart(spec))
     bounds = Bounds(_optional_duration(spec, "maxRotationPeriod"),
-                    _optional_duration(spec, "minStagingPeriod"))
+                    _optional_duration(spec, "minStagingPeriod"),
+                    _optional_duration(spec, "minRotationPeriod"))
     return ClusterKeyPolicy(name, selector, defaults, bounds, created=created,
                             generation=generation)
 
@@ -355,6 +361,15 @@ def bound_violations(keypolicy: KeyPolicy | KeyPolicySpec,
                 f"spec.stagingPeriod {format_duration(spec.staging_period)} is shorter "
                 f"than minStagingPeriod {format_duration(floor)} of {source}; set "
                 f"spec.stagingPeriod to at least {format_duration(floor)}")
+        least = cluster.bounds.min_rotation_period
+        if least is not None and spec.rotation_period is not None \
+                and spec.rotation_period < least:
+            found.append(
+                f"spec.rotationPeriod {format_duration(spec.rotation_period)} is shorter "
+                f"than minRotationPeriod {format_duration(least)} of {source} (each "
+                f"rotation keeps one more key Secret and spends the controller's shared "
+                f"write budget); set spec.rotationPeriod to at least "
+                f"{format_duration(least)}")
     return tuple(found)
 
 
@@ -380,6 +395,22 @@ def cluster_policy_problems(policy: ClusterKeyPolicy) -> tuple[str, ...]:
                      f"keep both (its rotationPeriod must be longer than its "
                      f"stagingPeriod); lower spec.minStagingPeriod or raise "
                      f"spec.maxRotationPeriod")
+    if limit is not None and limit <= MIN_STAGING_PERIOD:
+        found.append(f"spec.maxRotationPeriod {format_duration(limit)} is not longer than "
+                     f"{format_duration(MIN_STAGING_PERIOD)}, the shortest staging period: "
+                     f"no KeyPolicy could keep it; set spec.maxRotationPeriod longer (90d "
+                     f"is common)")
+    least = bounds.min_rotation_period
+    if least is not None and limit is not None and least > limit:
+        found.append(f"spec.minRotationPeriod {format_duration(least)} is longer than "
+                     f"spec.maxRotationPeriod {format_duration(limit)}: no KeyPolicy could "
+                     f"keep both; lower spec.minRotationPeriod or raise "
+                     f"spec.maxRotationPeriod")
+    if least is not None and defaults.rotation_period is not None \
+            and defaults.rotation_period < least:
+        found.append(f"spec.rotationPeriod {format_duration(defaults.rotation_period)} is "
+                     f"shorter than its own spec.minRotationPeriod {format_duration(least)}; "
+                     f"set spec.rotationPeriod to at least {format_duration(least)}")
     staging = defaults.staging_period or DEFAULT_STAGING_PERIOD
     if floor is not None:
         staging = max(staging, floor)
@@ -424,7 +455,9 @@ def effective_policy(namespace_labels: Mapping[str, str],
       ClusterKeyPolicy that sets it; what none sets is a KeyPolicy's default
       (stagingPeriod 2m, restart none, rotationPeriod unset).
     - The strictest bounds of every selecting ClusterKeyPolicy always hold: the shortest
-      maxRotationPeriod (it is also the period when nothing sets one) and the longest
+      maxRotationPeriod (it is also the period when nothing sets one), the longest
+      minRotationPeriod (below the shortest maxRotationPeriod: the age of a key is the
+      bound that protects data, the other one a cost) and the longest
       minStagingPeriod. A KeyPolicy admitted before a bound was tightened is held to
       the bound, and `adjusted` says so.
     - A staging period longer than the rotation period is held to it, so that a key is
@@ -454,21 +487,38 @@ def effective_policy(namespace_labels: Mapping[str, str],
               if c.bounds.min_staging_period is not None]
     limit, limit_by = min(limits, key=lambda pair: pair[0]) if limits else (None, "")
     floor, floor_by = max(floors, key=lambda pair: pair[0]) if floors else (None, "")
+    leasts = [(c.bounds.min_rotation_period, c.name) for c in selecting
+              if c.bounds.min_rotation_period is not None]
+    least, least_by = max(leasts, key=lambda pair: pair[0]) if leasts else (None, "")
+    if least is not None and rotation is not None and rotation < least:
+        adjusted.append(f"{source} rotationPeriod {format_duration(rotation)}; "
+                        f"minRotationPeriod {format_duration(least)} of ClusterKeyPolicy "
+                        f"{least_by!r} applies")
+        rotation = least
     if limit is not None and (rotation is None or rotation > limit):
         declared = "no rotationPeriod" if rotation is None else \
             f"rotationPeriod {format_duration(rotation)}"
         adjusted.append(f"{source} {declared}; maxRotationPeriod "
                         f"{format_duration(limit)} of ClusterKeyPolicy {limit_by!r} applies")
         rotation = limit
+    if least is not None and limit is not None and least > limit:
+        adjusted.append(f"minRotationPeriod {format_duration(least)} of ClusterKeyPolicy "
+                        f"{least_by!r} cannot be kept: maxRotationPeriod "
+                        f"{format_duration(limit)} of ClusterKeyPolicy {limit_by!r} is "
+                        f"shorter and holds; lower the one or raise the other")
     if rotation is not None and staging > rotation:
         # A key is active for the longer of the two periods (webhook/rotation.py stages
         # its successor one staging period before the rotation period ends): a longer
         # staging would outlast the period, and a bound on it. Possible for a KeyPolicy
         # admitted before a bound, or defaults taken from two ClusterKeyPolicies.
+        # Never below the shortest staging there is, though: a key active before the
+        # kubelet can deliver it leaves Pods unable to decrypt (only a stored
+        # ClusterKeyPolicy from before maxRotationPeriod was held above it gets here).
+        held = max(rotation, MIN_STAGING_PERIOD)
         adjusted.append(f"{source} stagingPeriod {format_duration(staging)}, which "
                         f"is longer than the rotation period {format_duration(rotation)}; "
-                        f"it is held to {format_duration(rotation)}")
-        staging = rotation
+                        f"it is held to {format_duration(held)}")
+        staging = held
     if floor is not None and staging < floor:
         adjusted.append(f"{source} stagingPeriod {format_duration(staging)}; "
                         f"minStagingPeriod {format_duration(floor)} of ClusterKeyPolicy "

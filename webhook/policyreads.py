@@ -52,7 +52,7 @@ class PolicyReads:
         """The namespace's labels and every ClusterKeyPolicy, or the reason not."""
         if not self._bucket.take(self.clock()):
             return PolicyView(failure="keymount is limiting its reads of the API server "
-                                      "right now")
+                                      "right now", throttled=True)
         try:
             labels, clusters = await asyncio.gather(
                 self._shared(f"namespace/{namespace}",

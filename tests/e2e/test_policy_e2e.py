@@ -31,7 +31,8 @@ def selected(api, custom, keymount, namespace, policy_crds):
     api.patch_namespace(namespace, {"metadata": {"labels": {"keymount-e2e/policy": mark}}})
     name = f"bounds-{mark}"
     body = cluster_policy(name, {"matchLabels": {"keymount-e2e/policy": mark}},
-                          maxRotationPeriod="90d", minStagingPeriod="1m")
+                          maxRotationPeriod="90d", minStagingPeriod="1m",
+                          minRotationPeriod="1h")
     custom.create_cluster_custom_object(GROUP, VERSION, "clusterkeypolicies", body)
     yield namespace, name
     custom.delete_cluster_custom_object(GROUP, VERSION, "clusterkeypolicies", name)
@@ -73,6 +74,12 @@ def test_a_keypolicy_outside_the_bounds_is_refused_naming_the_bound(custom, sele
     message = denial(lambda: create_key_policy(custom, namespace, key_policy(
         "rotation", rotationPeriod="30d", stagingPeriod="30s")))
     assert f"minStagingPeriod 1m of ClusterKeyPolicy {bounds!r}" in message
+    # A namespace's admin cannot have keys rotated every few seconds: each rotation
+    # keeps a key Secret and spends the controller's write budget, shared by all.
+    message = denial(lambda: create_key_policy(custom, namespace, key_policy(
+        "rotation", rotationPeriod="30m", stagingPeriod="5m")))
+    assert (f"spec.rotationPeriod 30m is shorter than minRotationPeriod 1h of "
+            f"ClusterKeyPolicy {bounds!r}") in message
     assert custom.list_namespaced_custom_object(GROUP, VERSION, namespace,
                                                 "keypolicies")["items"] == []
 
