@@ -11,6 +11,7 @@ import pytest
 from test_controller import CountingApi
 
 from webhook.controller import (
+    HOLD_RETRY,
     RESTART_ATTEMPTS,
     KeyController,
     Rolled,
@@ -470,3 +471,23 @@ async def test_an_owner_unreadable_for_a_moment_is_a_failure_to_retry_not_a_bare
     rolled = await roll_workloads(api, ring, now=NOW, take=no_wait)
     assert rolled.restarted == (("Deployment", "api"),)
     assert [(kind, name) for kind, name, _ in rolled.failed] == [("Pod", "db-0")]
+
+
+# --- 8. a stored policy that does not parse ---------------------------------------------------
+
+async def test_a_stored_clusterkeypolicy_that_does_not_parse_holds_rotation_not_its_bounds():
+    # Stored before keymount's webhook judged policies: a 5s staging its parser refuses.
+    # Its bounds (maxRotationPeriod 30d) used to vanish with it, and the namespace ran
+    # by its own KeyPolicy's ten years, unreported.
+    broken = parse_stored_clusterkeypolicy(clusterkeypolicy(
+        "prod-bounds", maxRotationPeriod="30d", stagingPeriod="5s"))
+    assert broken.problem
+    api = FakeApi(ring_activated_at("2025-01-01T00:00:00Z"))  # a year old: due anywhere
+    controller, policies = controller_for(api, keypolicies=[keypolicy(rotationPeriod="3650d")])
+    policies.clusterkeypolicies.put(broken)
+    await controller.handle("shop")
+    assert [w for w in api.writes if w[0] != "status"] == []  # nothing rotated
+    held = controller.summaries["shop"].held
+    assert held is not None and held.startswith("ClusterKeyPolicy 'prod-bounds': ")
+    assert "fix or delete it" in held
+    assert controller.queue.due_at("shop") == NOW + HOLD_RETRY

@@ -170,13 +170,19 @@ async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, s
                     budget: Budget,
                     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                     on_step: Callable[[Keyring, Step], None] = lambda keyring, step: None,
-                    cached: Keyring | None = None) -> tuple[Wait | Hold, Keyring]:
+                    cached: Keyring | None = None,
+                    held: str | None = None) -> tuple[Wait | Hold, Keyring]:
     """Step `namespace` towards `schedule` until nothing is due now: when to look again
     (`Wait`) or why it cannot be rotated (`Hold`), and the keys as last read.
 
     `cached`, the watch's copy of the keys, may only say that nothing is due: then no
     live read is made (a controller starting with 10,000 namespaces reads none of them
-    until one is due). Anything else is decided again on a live read."""
+    until one is due). Anything else is decided again on a live read. `held`: why the
+    namespace may not be rotated at all now (nothing is written)."""
+    if held is not None:
+        keyring = cached if cached is not None else \
+            await in_daemon_thread(lambda: api.keyring(namespace))
+        return Hold(held), keyring
     if cached is not None:
         step = next_step(observe(cached), schedule, now=clock(), slots=slots)
         if isinstance(step, Wait):
@@ -620,11 +626,19 @@ class KeyController:
             self.summaries.pop(namespace, None)
             return  # no policy (any more): rotated by hand
         schedule = Schedule(effective.rotation_period, effective.staging_period)
+        # A stored policy that does not parse (one from before keymount's webhook judged
+        # policies) may be this namespace's KeyPolicy or carry the bounds that hold it:
+        # the namespace is held and told, never rotated by what is left.
+        problems = self.policies.problems(namespace)
+        held = (f"{problems[0]}; keymount does not rotate by a policy it cannot read, nor "
+                f"without bounds it cannot read: fix or delete it (kubectl get "
+                f"keypolicies,clusterkeypolicies -A)") if problems else None
         try:
             result, keyring = await reconcile(self.api, namespace, schedule, slots=self.slots,
                                               budget=self, clock=self.clock,
                                               on_step=self._stepped,
-                                              cached=self.keys.keyring(namespace))
+                                              cached=self.keys.keyring(namespace),
+                                              held=held)
         except Exception as exc:  # an API error: this namespace waits, the others go on
             self.metrics.rotations.labels("failed").inc()
             log.warning("rotation step failed; retrying later",
