@@ -416,3 +416,24 @@ async def test_no_key_write_is_sent_after_the_renew_deadline_passed():
         f"a staging write was sent {sent[0]:.2f}s after the last renewal (renew deadline "
         f"{FAST.renew_deadline}s, lease {FAST.lease_duration}s): another replica may "
         f"already lead")
+
+
+# --- a staging period is not shortened by another replica's slow clock ----------------------
+
+async def test_a_staged_key_waits_its_staging_period_by_the_leaders_own_clock_too():
+    # keymount.io/staged-at is stamped by whichever replica's webhook admitted the
+    # staging, with that replica's clock. Five minutes slow, it made a 2m staging
+    # look over one minute after the key was really staged: activated before the
+    # kubelet could deliver it.
+    now = [NOW]
+    ring = staged_ring(NOW - timedelta(minutes=4))  # stamped 5 min slow, 1 min ago
+    api = FakeApi(ring)
+    controller, _ = controller_for(api, keypolicies=[keypolicy(rotationPeriod="30d",
+                                                               stagingPeriod="2m")],
+                                   clock=lambda: now[0])
+    await controller.handle("shop")
+    assert ("activate", 2) not in api.writes
+    assert controller.queue.due_at("shop") == NOW + timedelta(minutes=2)
+    now[0] = NOW + timedelta(minutes=2)  # two minutes after this leader first saw it
+    await controller.handle("shop")
+    assert ("activate", 2) in api.writes

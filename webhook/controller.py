@@ -171,14 +171,18 @@ async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, s
                     clock: Callable[[], datetime] = lambda: datetime.now(UTC),
                     on_step: Callable[[Keyring, Step], None] = lambda keyring, step: None,
                     cached: Keyring | None = None,
-                    held: str | None = None) -> tuple[Wait | Hold, Keyring]:
+                    held: str | None = None,
+                    first_seen: Callable[[Keyring], datetime] | None = None
+                    ) -> tuple[Wait | Hold, Keyring]:
     """Step `namespace` towards `schedule` until nothing is due now: when to look again
     (`Wait`) or why it cannot be rotated (`Hold`), and the keys as last read.
 
     `cached`, the watch's copy of the keys, may only say that nothing is due: then no
     live read is made (a controller starting with 10,000 namespaces reads none of them
     until one is due). Anything else is decided again on a live read. `held`: why the
-    namespace may not be rotated at all now (nothing is written)."""
+    namespace may not be rotated at all now (nothing is written). `first_seen`: when
+    this controller first saw the keyring's staged key, by its own clock; an activation
+    also waits a staging period from then (KeyController.first_seen)."""
     if held is not None:
         keyring = cached if cached is not None else \
             await in_daemon_thread(lambda: api.keyring(namespace))
@@ -192,6 +196,10 @@ async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, s
         step = next_step(observe(keyring), schedule, now=clock(), slots=slots)
         if isinstance(step, Wait | Hold):
             return step, keyring
+        if isinstance(step, Activate) and first_seen is not None:
+            ready = first_seen(keyring) + schedule.staging_period
+            if clock() < ready:
+                return Wait(ready), keyring
         await budget.take()
         try:
             made = await in_daemon_thread(lambda: execute(api, keyring, step))  # noqa: B023
@@ -532,6 +540,24 @@ class KeyController:
         # What each managed namespace looked like when last handled, for the
         # ClusterKeyPolicies' status only (never for a write).
         self.summaries: dict[str, Summary] = {}
+        # Per namespace, its staged key (name, staged-at) and when this process first
+        # saw it: memory that can only delay an activation, never cause one.
+        self.seen: dict[str, tuple[str, datetime | None, datetime]] = {}
+
+    def first_seen(self, keyring: Keyring) -> datetime:
+        """When this controller first saw `keyring`'s staged key, by its own clock.
+        keymount.io/staged-at is stamped by whichever replica's webhook admitted the
+        staging, with that replica's clock: one that runs behind would shorten the
+        staging, and Pods would be asked to decrypt with a key the kubelet has not
+        delivered yet. Waiting a staging period from this too costs a new leader at
+        most one staging period; the written time stays what schedules the rest."""
+        staged = keyring.staged
+        assert staged is not None  # Activate is decided on a staged key
+        namespace, now = keyring.namespace, self.clock()
+        known = self.seen.get(namespace)
+        if known is None or known[:2] != (staged.name, staged.staged_at):
+            known = self.seen[namespace] = (staged.name, staged.staged_at, now)
+        return known[2]
 
     async def take(self) -> None:
         """A write's turn, waited for just before it is sent: its token from the write
@@ -559,7 +585,7 @@ class KeyController:
             self.queue.poke(stored.name)
 
     async def run(self) -> None:
-        self.queue, self.summaries = Queue(clock=self.clock), {}
+        self.queue, self.summaries, self.seen = Queue(clock=self.clock), {}, {}
         self.keys.listeners.append(self._key_changed)
         self.policies.listeners.append(self._policy_changed)
         try:
@@ -638,7 +664,7 @@ class KeyController:
                                               budget=self, clock=self.clock,
                                               on_step=self._stepped,
                                               cached=self.keys.keyring(namespace),
-                                              held=held)
+                                              held=held, first_seen=self.first_seen)
         except Exception as exc:  # an API error: this namespace waits, the others go on
             self.metrics.rotations.labels("failed").inc()
             log.warning("rotation step failed; retrying later",
