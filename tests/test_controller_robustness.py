@@ -491,3 +491,22 @@ async def test_a_stored_clusterkeypolicy_that_does_not_parse_holds_rotation_not_
     assert held is not None and held.startswith("ClusterKeyPolicy 'prod-bounds': ")
     assert "fix or delete it" in held
     assert controller.queue.due_at("shop") == NOW + HOLD_RETRY
+
+
+async def test_a_second_keypolicy_is_told_it_is_ignored():
+    # One KeyPolicy per namespace is meant; of several the oldest rules. The others
+    # used to get no status at all: their authors could not tell they did nothing.
+    api = FakeApi(ring_activated_at("2026-01-01T00:00:00Z"))
+    first = keypolicy(name="rotation", rotationPeriod="30d")
+    second = keypolicy(name="faster", rotationPeriod="7d")
+    second["metadata"]["creationTimestamp"] = "2025-06-01T00:00:00Z"  # the younger one
+    statuses = {}
+    api.write_policy_status = lambda namespace, name, status, *, resource_version=None: (
+        statuses.__setitem__(name, status) or True)
+    controller, _ = controller_for(api, keypolicies=[first, second])
+    await controller.handle("shop")
+    assert statuses["rotation"]["conditions"][0]["status"] == "True"
+    ready = statuses["faster"]["conditions"][0]
+    assert (ready["status"], ready["reason"]) == ("False", "Ignored")
+    assert "KeyPolicy 'rotation' is in effect in this namespace" in ready["message"]
+    assert statuses["faster"]["activeKey"] is None

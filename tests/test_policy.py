@@ -254,6 +254,21 @@ def test_a_keypolicy_outside_a_selecting_clusterkeypolicy_names_the_bound(policy
     assert list(bound_violations(policy, TEAM, [bounds])) == messages
 
 
+@pytest.mark.parametrize("floor", [dict(min_staging=2 * HOUR), dict(min_rotation=2 * HOUR)],
+                         ids=["staging-floor", "rotation-floor"])
+def test_bounds_that_conflict_across_clusterkeypolicies_are_refused_as_a_conflict(floor):
+    # Each bound's own message used to point at the other one: a KeyPolicy author sent
+    # round in circles by something only a cluster admin can change.
+    fast = cluster("fast", max_rotation=HOUR)
+    slow = cluster("slow", **floor)
+    bound = "minStagingPeriod" if "min_staging" in floor else "minRotationPeriod"
+    for policy in (keypolicy(HOUR, 30 * MINUTE), keypolicy(3 * HOUR, 2 * HOUR)):
+        assert bound_violations(policy, TEAM, [slow, fast]) == (
+            f"ClusterKeyPolicies 'fast' (maxRotationPeriod 1h) and 'slow' ({bound} 2h) "
+            f"both select this namespace and no KeyPolicy can keep both; a cluster admin "
+            f"must change one of them: kubectl edit clusterkeypolicies fast",)
+
+
 def test_every_selecting_clusterkeypolicy_bounds_a_keypolicy():
     loose, strict = cluster("loose", max_rotation=180 * DAY), cluster("strict",
                                                                      max_rotation=30 * DAY)

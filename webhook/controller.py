@@ -469,6 +469,25 @@ def policy_status(keys: NamespaceKeys, result: Wait | Hold, *, schedule: Schedul
     }
 
 
+def ignored_status(in_effect: str, *, generation: int, now: datetime,
+                   previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The `status` of a namespace's KeyPolicy that is not in effect (pure): one per
+    namespace is meant, and the oldest rules; this one's author is told so."""
+    old = next((c for c in previous.get("conditions") or []
+                if isinstance(c, Mapping) and c.get("type") == "Ready"), {})
+    since = old.get("lastTransitionTime") if old.get("status") == "False" else None
+    return {
+        "activeKey": None, "stagedKey": None, "keys": None, "lastRotation": None,
+        "nextRotation": None, "observedGeneration": generation,
+        "conditions": [{
+            "type": "Ready", "status": "False", "reason": "Ignored",
+            "message": (f"KeyPolicy {in_effect!r} is in effect in this namespace (the "
+                        f"oldest; one KeyPolicy per namespace): this one is ignored; "
+                        f"delete it, or merge what it says into {in_effect!r}")[:1024],
+            "lastTransitionTime": since or _time(now)}],
+    }
+
+
 @dataclass(frozen=True, slots=True)
 class Summary:
     """One managed namespace, as a ClusterKeyPolicy's status counts it."""
@@ -697,6 +716,20 @@ class KeyController:
                 namespace, effective.keypolicy, keys, result, schedule, len(keyring.keys),
                 effective.adjusted):
             self.queue.poke(namespace, self.clock() + RETRY_AFTER)
+        for name in effective.ignored:
+            if not await self._write_ignored(namespace, name, effective.keypolicy or ""):
+                self.queue.poke(namespace, self.clock() + RETRY_AFTER)
+
+    async def _write_ignored(self, namespace: str, name: str, in_effect: str) -> bool:
+        stored = self.policies.keypolicies.get(namespace, name)
+        if stored is None:
+            return True
+        status = ignored_status(in_effect, generation=stored.generation, now=self.clock(),
+                                previous=stored.status)
+        return await self._patch_status(
+            stored.status, status, partial(self.api.write_policy_status, namespace, name,
+                                           status, resource_version=stored.version or None),
+            what=f"KeyPolicy {namespace}/{name}")
 
     async def _write_status(self, namespace: str, name: str, keys: NamespaceKeys,
                             result: Wait | Hold, schedule: Schedule, valid: int,

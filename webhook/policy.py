@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from .names import CLUSTERKEYPOLICY_KIND, KEYPOLICY_KIND, as_dict
+from .names import CLUSTERKEYPOLICY_KIND, CLUSTERKEYPOLICY_PLURAL, KEYPOLICY_KIND, as_dict
 from .selectors import Operator, Requirement
 
 __all__ = [
@@ -339,10 +339,14 @@ def bound_violations(keypolicy: KeyPolicy | KeyPolicySpec,
     namespace (by ClusterKeyPolicy name): one message per bound, naming the
     ClusterKeyPolicy, the bound and the value to write; empty when it keeps them all."""
     spec = keypolicy.spec if isinstance(keypolicy, KeyPolicy) else keypolicy
+    selecting = sorted((c for c in clusterkeypolicies if c.selects(namespace_labels)),
+                       key=lambda c: c.name)
+    conflict = _bounds_conflict(selecting)
+    if conflict:
+        # Each bound's own message would point at the other one, round and round.
+        return (conflict,)
     found = []
-    for cluster in sorted(clusterkeypolicies, key=lambda c: c.name):
-        if not cluster.selects(namespace_labels):
-            continue
+    for cluster in selecting:
         limit, floor = cluster.bounds.max_rotation_period, cluster.bounds.min_staging_period
         source = f"ClusterKeyPolicy {cluster.name!r}"
         if limit is not None and spec.rotation_period is None:
@@ -371,6 +375,28 @@ def bound_violations(keypolicy: KeyPolicy | KeyPolicySpec,
                 f"write budget); set spec.rotationPeriod to at least "
                 f"{format_duration(least)}")
     return tuple(found)
+
+
+def _bounds_conflict(selecting: list[ClusterKeyPolicy]) -> str | None:
+    """Why no KeyPolicy can keep the bounds of these ClusterKeyPolicies together (each
+    one alone is consistent: cluster_policy_problems), or None."""
+    limits = [(c.bounds.max_rotation_period, c.name) for c in selecting
+              if c.bounds.max_rotation_period is not None]
+    if not limits:
+        return None
+    limit, limit_by = min(limits, key=lambda pair: pair[0])
+    floors = [(c.bounds.min_staging_period, c.name, "minStagingPeriod") for c in selecting
+              if c.bounds.min_staging_period is not None and c.bounds.min_staging_period >= limit]
+    floors += [(c.bounds.min_rotation_period, c.name, "minRotationPeriod") for c in selecting
+               if c.bounds.min_rotation_period is not None
+               and c.bounds.min_rotation_period > limit]
+    if not floors:
+        return None
+    floor, floor_by, bound = max(floors, key=lambda entry: entry[0])
+    return (f"ClusterKeyPolicies {limit_by!r} (maxRotationPeriod {format_duration(limit)}) "
+            f"and {floor_by!r} ({bound} {format_duration(floor)}) both select this "
+            f"namespace and no KeyPolicy can keep both; a cluster admin must change one "
+            f"of them: kubectl edit {CLUSTERKEYPOLICY_PLURAL} {limit_by}")
 
 
 def cluster_policy_problems(policy: ClusterKeyPolicy) -> tuple[str, ...]:
