@@ -437,3 +437,23 @@ async def test_a_staged_key_waits_its_staging_period_by_the_leaders_own_clock_to
     now[0] = NOW + timedelta(minutes=2)  # two minutes after this leader first saw it
     await controller.handle("shop")
     assert ("activate", 2) in api.writes
+
+
+async def test_a_leader_that_saw_the_staging_activates_on_time():
+    # The other side of the rule above: a leader that saw the key staged (its own
+    # staging, or any handling since) activates it one staging period after, not one
+    # staging period after it first found it due.
+    now = [NOW]
+    api = FakeApi(staged_ring(NOW))
+    controller, _ = controller_for(api, keypolicies=[keypolicy(rotationPeriod="30d",
+                                                               stagingPeriod="2m")],
+                                   clock=lambda: now[0])
+    await controller.handle("shop")  # seen at once: not due yet
+    assert ("activate", 2) not in api.writes
+    due = controller.queue.due_at("shop")
+    # Due by the stamp (read to the second, one second on: docs/contract.md), not a
+    # second staging period later.
+    assert due is not None and due <= NOW + timedelta(minutes=2, seconds=1)
+    now[0] = due
+    await controller.handle("shop")
+    assert ("activate", 2) in api.writes

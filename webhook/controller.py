@@ -188,11 +188,15 @@ async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, s
             await in_daemon_thread(lambda: api.keyring(namespace))
         return Hold(held), keyring
     if cached is not None:
+        if first_seen is not None and cached.staged is not None:
+            first_seen(cached)  # noted whenever seen, so that it delays nothing needlessly
         step = next_step(observe(cached), schedule, now=clock(), slots=slots)
         if isinstance(step, Wait):
             return step, cached
     for _ in range(MAX_STEPS):
         keyring = await in_daemon_thread(lambda: api.keyring(namespace))
+        if first_seen is not None and keyring.staged is not None:
+            first_seen(keyring)
         step = next_step(observe(keyring), schedule, now=clock(), slots=slots)
         if isinstance(step, Wait | Hold):
             return step, keyring

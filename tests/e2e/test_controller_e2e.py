@@ -302,9 +302,17 @@ def test_a_restart_is_refused_by_the_api_server_once_the_workload_moved_on(
                  "template": {"metadata": {"labels": {"app": "api"}},
                               "spec": {"containers": [{"name": "app", "image": "x"}]}}}})
     keys = KeyClient(load_api_client(kubeconfig=str(admin_kubeconfig)), settings=Settings())
-    read = keys.read_workload(namespace, "Deployment", "api")["metadata"]["resourceVersion"]
-    assert keys.restart_workload(namespace, "Deployment", "api", at="2026-12-03T00:00:00Z",
-                                 resource_version=read) is True
+
+    def restarted_at_the_version_read() -> str | None:
+        # With kube-controller-manager running (another test's node), the Deployment
+        # controller writes the new object's status a moment after it is created: the
+        # very race this answers False to. Read again until a restart lands.
+        read = keys.read_workload(namespace, "Deployment", "api")["metadata"][
+            "resourceVersion"]
+        return read if keys.restart_workload(
+            namespace, "Deployment", "api", at="2026-12-03T00:00:00Z",
+            resource_version=read) else None
+    read = poll(restarted_at_the_version_read, timeout=30, what="a conditional restart")
     assert keys.restart_workload(namespace, "Deployment", "api", at="2026-12-03T00:00:01Z",
                                  resource_version=read) is False
     stored = apps.read_namespaced_deployment("api", namespace)
