@@ -651,18 +651,8 @@ class KeyClient:
 
     def _write_status(self, patch: Callable[..., Any], status: dict[str, Any],
                       resource_version: str | None) -> bool:
-        body: ApiObject = {"status": status}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
-        try:
-            patch(body, _request_timeout=(5, 30))
-        except ApiException as exc:
-            if exc.status == 409 and resource_version:
-                return False
-            raise ClusterError(describe_api_error(exc)) from None
-        except Exception as exc:  # connection refused, TLS, timeouts
-            raise ClusterError(describe_api_error(exc)) from None
-        return True
+        return _conditional_patch(partial(patch, _request_timeout=(5, 30)),
+                                  {"status": status}, resource_version)
 
     def _patch_versioned(self, namespace: str, name: str, version: object,
                          data: dict[str, str]) -> KeyRecord | None:
@@ -700,19 +690,9 @@ class KeyClient:
         `resource_version`, only if the workload is still as read then: False when it
         is not (409: someone else restarted or changed it since; read it again)."""
         _, patch = self._workload_api(kind)
-        body: ApiObject = {"spec": {"template": {"metadata": {
-            "annotations": {"kubectl.kubernetes.io/restartedAt": at}}}}}
-        if resource_version:
-            body["metadata"] = {"resourceVersion": resource_version}
-        try:
-            patch(name, namespace, body)
-        except ApiException as exc:
-            if exc.status == 409 and resource_version:
-                return False
-            raise ClusterError(describe_api_error(exc)) from None
-        except Exception as exc:  # connection refused, TLS, timeouts
-            raise ClusterError(describe_api_error(exc)) from None
-        return True
+        return _conditional_patch(partial(patch, name, namespace), {"spec": {"template": {
+            "metadata": {"annotations": {"kubectl.kubernetes.io/restartedAt": at}}}}},
+            resource_version)
 
     def read_workload(self, namespace: str, kind: str, name: str) -> ApiObject:
         read, _ = self._workload_api(kind)
@@ -783,6 +763,23 @@ class _ClusterList:
 
     def __init__(self, list_call: Callable[..., Any]) -> None:
         self.list_object_for_all_namespaces = list_call
+
+
+def _conditional_patch(send: Callable[[ApiObject], Any], body: ApiObject,
+                       resource_version: str | None) -> bool:
+    """Send a patch, with `resource_version` as its precondition if given: False when
+    the object is no longer at that version (409: read it again); other errors raise."""
+    if resource_version:
+        body = {**body, "metadata": {"resourceVersion": resource_version}}
+    try:
+        send(body)
+    except ApiException as exc:
+        if exc.status == 409 and resource_version:
+            return False
+        raise ClusterError(describe_api_error(exc)) from None
+    except Exception as exc:  # connection refused, TLS, timeouts
+        raise ClusterError(describe_api_error(exc)) from None
+    return True
 
 
 def policy_watches(api_client: client.ApiClient, policies: PolicyStore
