@@ -52,10 +52,12 @@ already rare."""
 _KEY_NAME = re.compile(r"encryption-key-([1-9][0-9]{0,8})")
 MAX_NUMBER = 999_999_999  # the nine digits of _KEY_NAME, as the webhook numbers keys
 # A name that exists but cannot be opened as a file: reported as that name's reason,
-# like any other file that is not a key. Anything else (out of file descriptors or
-# memory) is the application's problem of the moment, raised and never kept.
-_UNOPENABLE = frozenset({errno.ELOOP, errno.ENXIO, errno.EACCES, errno.EPERM,
-                         errno.EISDIR, errno.ENOTDIR, errno.ENODEV})
+# like any other file that is not a key. Anything else is raised and never kept: out of
+# file descriptors or memory (the moment's problem), and EACCES/EPERM, which is the
+# whole volume's (a non-root container without the Pod's fsGroup: PermissionError,
+# as docs/contract.md says), not one file's.
+_UNOPENABLE = frozenset({errno.ELOOP, errno.ENXIO, errno.EISDIR, errno.ENOTDIR,
+                         errno.ENODEV})
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0)
 # O_NONBLOCK: a FIFO planted under a key's name must not hang the reader.
 _FILE_FLAGS = _OPEN_FLAGS | getattr(os, "O_NONBLOCK", 0)

@@ -385,8 +385,12 @@ def test_a_rotation_under_the_minimum_is_raised_to_it_and_the_maximum_wins_a_con
                                  [cluster("cost", min_rotation=2 * DAY),
                                   cluster("age", max_rotation=DAY)])
     assert effective is not None and effective.rotation_period == DAY
-    assert "minRotationPeriod 2d of ClusterKeyPolicy 'cost' cannot be kept" in \
-        effective.adjusted[-1]
+    assert effective.adjusted == (
+        "KeyPolicy 'rotation' gives rotationPeriod 11s; minRotationPeriod 2d of "
+        "ClusterKeyPolicy 'cost' applies, up to maxRotationPeriod 1d",
+        "minRotationPeriod 2d of ClusterKeyPolicy 'cost' cannot be kept: maxRotationPeriod "
+        "1d of ClusterKeyPolicy 'age' is shorter and holds; lower the one or raise the "
+        "other")
 
 
 def test_the_staging_is_never_held_below_the_shortest_staging_there_is():

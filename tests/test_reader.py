@@ -149,6 +149,25 @@ def test_a_key_name_that_cannot_be_opened_spoils_only_its_own_number(tmp_path, k
         keys.get(2)
 
 
+@pytest.mark.parametrize("error", [errno.EACCES, errno.EPERM], ids=["EACCES", "EPERM"])
+def test_a_key_file_the_container_may_not_read_is_a_permission_error(tmp_path, monkeypatch,
+                                                                     error):
+    # A non-root container without the Pod's fsGroup: the kubelet's files are 0440
+    # root:root. That is the whole volume's problem, not one key's: PermissionError as
+    # docs/contract.md says (an InvalidKeyFile would call a good key invalid).
+    lay_out(tmp_path, payload({1: key(1)}), "kubelet")
+    real_open = os.open
+
+    def not_permitted(name, *args, **kwargs):
+        if str(name) == "encryption-key-1":
+            raise OSError(error, os.strerror(error))
+        return real_open(name, *args, **kwargs)
+    monkeypatch.setattr(reader.os, "open", not_permitted)
+    with pytest.raises(OSError) as raised:
+        KeyDirectory(tmp_path).active()
+    assert raised.value.errno == error and not isinstance(raised.value, InvalidKeyFile)
+
+
 def test_a_staged_entry_that_loops_is_no_staged_directory(tmp_path):
     lay_out(tmp_path, payload({1: key(1)}), "plain")
     (tmp_path / "staged").symlink_to("staged")

@@ -128,16 +128,6 @@ def execute(api: ControllerApi, keyring: Keyring, step: Step) -> bool:
     match step:
         case Reserve(number):
             name = slot_secret_name(number)
-            held = keyring.find(name)
-            if held is not None:
-                # A key Secret of another number (one from before keymount numbered
-                # keys, numbered by age) holds the slot's name: creating it can only
-                # ever answer "exists", on every pass, from the shared write budget.
-                raise SlotTaken(number, (
-                    f"key Secret {name!r} in namespace {namespace!r} holds key number "
-                    f"{keyring.number_of(name)}, so keymount cannot make it the slot of key "
-                    f"number {number}; retire it when no data needs it (keymount keys "
-                    f"retire {name} -n {namespace}) or delete it"))
             outcome = api.reserve_slot(namespace, number)
             if outcome == "taken":
                 raise SlotTaken(number, (
@@ -339,7 +329,18 @@ def observe(keyring: Keyring) -> NamespaceKeys:
         staged_since=(staged.staged_at + timedelta(seconds=1)
                       if staged and staged.staged_at else None),
         free_slots=tuple(slot.index for slot in keyring.free_slots),
-        next_number=keyring.next_number, problem=problem)
+        next_number=_free_number(keyring), problem=problem)
+
+
+def _free_number(keyring: Keyring) -> int:
+    """The next number whose slot name no key Secret holds: a key from before keymount
+    numbered keys may be named like a slot (`keymount-key-2`) and numbered otherwise.
+    Its number is skipped (numbers may have gaps), as `keys rotate` skips one whose
+    name an unlabelled Secret has."""
+    number = keyring.next_number
+    while keyring.find(slot_secret_name(number)) is not None:
+        number += 1
+    return number
 
 
 # --- restart: rolling -----------------------------------------------------------------------
@@ -432,6 +433,19 @@ def _time(value: datetime | None) -> str | None:
         return None
 
 
+def expected_rotation(keys: NamespaceKeys, schedule: Schedule,
+                      result: Wait | Hold) -> datetime | None:
+    """When the active key is replaced, as the status says it: the schedule's time
+    (rotation.next_rotation), or, while a staged key waits longer because this leader
+    saw it late (KeyController.first_seen), the end of that wait: not a rotation
+    overdue."""
+    due = next_rotation(keys, schedule)
+    if keys.staged is not None and isinstance(result, Wait) and result.until is not None \
+            and due is not None and result.until > due:
+        return result.until
+    return due
+
+
 def policy_status(keys: NamespaceKeys, result: Wait | Hold, *, schedule: Schedule,
                   valid_keys: int, generation: int, now: datetime,
                   previous: Mapping[str, Any], adjusted: tuple[str, ...] = ()
@@ -440,7 +454,7 @@ def policy_status(keys: NamespaceKeys, result: Wait | Hold, *, schedule: Schedul
     its lastTransitionTime while its status stays (metav1.Condition's rule). `adjusted`:
     where a ClusterKeyPolicy's bound replaced what the KeyPolicy declares, said in
     `Ready`'s message (reason `BoundsApplied`), so its author sees what runs."""
-    due = next_rotation(keys, schedule)
+    due = expected_rotation(keys, schedule, result)
     before = {c.get("type"): c for c in previous.get("conditions") or []
               if isinstance(c, Mapping)}
 
@@ -566,6 +580,10 @@ class KeyController:
         # Per namespace, its staged key (name, staged-at) and when this process first
         # saw it: memory that can only delay an activation, never cause one.
         self.seen: dict[str, tuple[str, datetime | None, datetime]] = {}
+        # Noted on every replica, leader or not, from the key watch that serves
+        # admission: a new leader has usually seen a staged key already, and a change
+        # of leaders does not start its wait again.
+        keys.listeners.append(self._note_staged)
 
     def first_seen(self, keyring: Keyring) -> datetime:
         """When this controller first saw `keyring`'s staged key, by its own clock.
@@ -594,6 +612,13 @@ class KeyController:
         while not self.may_write():  # noqa: ASYNC110
             await asyncio.sleep(LEADERSHIP_POLL)
 
+    def _note_staged(self, namespace: str) -> None:
+        keyring = self.keys.keyring(namespace)
+        if keyring.staged is not None and keyring.staged.staged_at is not None:
+            self.first_seen(keyring)
+        else:
+            self.seen.pop(namespace, None)  # bounded: one entry per staged key
+
     def _key_changed(self, namespace: str) -> None:
         if self.policies.effective(namespace) is not None:
             self.queue.poke(namespace)
@@ -608,7 +633,7 @@ class KeyController:
             self.queue.poke(stored.name)
 
     async def run(self) -> None:
-        self.queue, self.summaries, self.seen = Queue(clock=self.clock), {}, {}
+        self.queue, self.summaries = Queue(clock=self.clock), {}
         self.keys.listeners.append(self._key_changed)
         self.policies.listeners.append(self._policy_changed)
         try:
@@ -627,6 +652,9 @@ class KeyController:
                 # early). client-go's controllers wait for their caches the same way
                 # (WaitForCacheSync).
                 await asyncio.gather(*(watch.synced.wait() for watch in watches))
+                # Every namespace once: a store kept from an earlier term lists nothing
+                # new, and its re-list changes nothing that would poke a namespace.
+                self._policy_changed(None)
                 log.info("controller started: following the policies")
                 while True:
                     handled = 0
@@ -673,6 +701,7 @@ class KeyController:
         if effective is None:
             self.metrics.key_activations.pop(namespace, None)
             self.summaries.pop(namespace, None)
+            self.seen.pop(namespace, None)
             return  # no policy (any more): rotated by hand
         schedule = Schedule(effective.rotation_period, effective.staging_period)
         # A stored policy that does not parse (one from before keymount's webhook judged
@@ -703,7 +732,7 @@ class KeyController:
             self.metrics.key_activations[namespace] = keys.active_since
         self.summaries[namespace] = Summary(
             effective.cluster_policies, result.reason if isinstance(result, Hold) else None,
-            len(keyring.keys), keys.active_since, next_rotation(keys, schedule),
+            len(keyring.keys), keys.active_since, expected_rotation(keys, schedule, result),
             tuple(f"namespace {namespace!r}: {line}" for line in effective.adjusted))
         if isinstance(result, Hold):
             log.warning("namespace not rotated", extra={"namespace": namespace,
@@ -787,11 +816,18 @@ class KeyController:
                 log.warning("could not compute a ClusterKeyPolicy's status",
                             extra={"policy": stored.name, "error": _describe(exc)})
                 continue
-            await self._patch_status(stored.status, status,
-                                     partial(self.api.write_cluster_policy_status,
-                                             stored.name, status,
-                                             resource_version=stored.version or None),
-                                     what=f"ClusterKeyPolicy {stored.name}")
+            written = await self._patch_status(
+                stored.status, status, partial(self.api.write_cluster_policy_status,
+                                               stored.name, status,
+                                               resource_version=stored.version or None),
+                what=f"ClusterKeyPolicy {stored.name}")
+            governed = next((namespace for namespace, summary in self.summaries.items()
+                             if stored.name in summary.cluster_policies), None)
+            if not written and governed is not None:
+                # Written again after the next handling: one of its namespaces, looked
+                # at again after RETRY_AFTER, brings this pass back (a lost race, 409,
+                # or a failure), else the status could wait for the next rotation.
+                self.queue.poke(governed, self.clock() + RETRY_AFTER)
 
     async def _roll(self, keyring: Keyring) -> bool:
         """`restart: rolling` for one namespace; False when something failed (counted,

@@ -517,10 +517,14 @@ def effective_policy(namespace_labels: Mapping[str, str],
               if c.bounds.min_rotation_period is not None]
     least, least_by = max(leasts, key=lambda pair: pair[0]) if leasts else (None, "")
     if least is not None and rotation is not None and rotation < least:
+        # In conflict with a shorter maximum, the maximum holds (said below).
+        raised = least if limit is None else min(least, limit)
         adjusted.append(f"{source} rotationPeriod {format_duration(rotation)}; "
                         f"minRotationPeriod {format_duration(least)} of ClusterKeyPolicy "
-                        f"{least_by!r} applies")
-        rotation = least
+                        f"{least_by!r} applies" + ("" if raised == least else
+                                                   f", up to maxRotationPeriod "
+                                                   f"{format_duration(raised)}"))
+        rotation = raised
     if limit is not None and (rotation is None or rotation > limit):
         declared = "no rotationPeriod" if rotation is None else \
             f"rotationPeriod {format_duration(rotation)}"
