@@ -590,10 +590,11 @@ class KeyController:
         keymount.io/staged-at is stamped by whichever replica's webhook admitted the
         staging, with that replica's clock: one that runs behind would shorten the
         staging, and Pods would be asked to decrypt with a key the kubelet has not
-        delivered yet. Waiting a staging period from this too costs a new leader at
-        most one staging period; the written time stays what schedules the rest."""
+        delivered yet. Waiting a staging period from this too costs at most one staging
+        period, to a leader that had not seen the key staged (every replica notes it from
+        its key watch: _note_staged); the written time stays what schedules the rest."""
         staged = keyring.staged
-        assert staged is not None  # Activate is decided on a staged key
+        assert staged is not None  # called only for a keyring with a staged key
         namespace, now = keyring.namespace, self.clock()
         known = self.seen.get(namespace)
         if known is None or known[:2] != (staged.name, staged.staged_at):
