@@ -392,7 +392,10 @@ def test_every_duration_in_the_schemas_has_the_pattern_keymount_parses(plural):
     spec = crd(render("manifests"), plural)["spec"]["versions"][0]["schema"][
         "openAPIV3Schema"]["properties"]["spec"]["properties"]
     durations = {name: field for name, field in spec.items() if name.endswith("Period")}
-    assert len(durations) == (2 if plural == "keypolicies" else 4)
+    assert sorted(durations) == (["rotationPeriod", "stagingPeriod"] if plural == "keypolicies"
+                                 else ["maxRotationPeriod", "minRotationPeriod",
+                                       "minStagingPeriod", "rotationPeriod",
+                                       "stagingPeriod"])
     for field in durations.values():
         assert (field["pattern"], field["maxLength"]) == (DURATION_PATTERN, MAX_DURATION_TEXT)
     assert spec["restart"]["enum"] == ["none", "rolling"]
