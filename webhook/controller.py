@@ -32,7 +32,7 @@ from .key_secrets import SlotOutcome
 from .keys import KeyRecord, Keyring
 from .metrics import Metrics
 from .names import as_dict, slot_secret_name
-from .policystore import PolicyStore
+from .policystore import PolicyStore, Stored
 from .rotation import (
     Activate,
     Fill,
@@ -755,25 +755,27 @@ class KeyController:
                 self.queue.poke(namespace, self.clock() + RETRY_AFTER)
 
     async def _write_ignored(self, namespace: str, name: str, in_effect: str) -> bool:
-        stored = self.policies.keypolicies.get(namespace, name)
-        if stored is None:
-            return True
-        status = ignored_status(in_effect, generation=stored.generation, now=self.clock(),
-                                previous=stored.status)
-        return await self._patch_status(
-            stored.status, status, partial(self.api.write_policy_status, namespace, name,
-                                           status, resource_version=stored.version or None),
-            what=f"KeyPolicy {namespace}/{name}")
+        return await self._write_keypolicy_status(namespace, name, lambda stored: (
+            ignored_status(in_effect, generation=stored.generation, now=self.clock(),
+                           previous=stored.status)))
 
     async def _write_status(self, namespace: str, name: str, keys: NamespaceKeys,
                             result: Wait | Hold, schedule: Schedule, valid: int,
                             adjusted: tuple[str, ...]) -> bool:
+        return await self._write_keypolicy_status(namespace, name, lambda stored: (
+            policy_status(keys, result, schedule=schedule, valid_keys=valid,
+                          generation=stored.generation, now=self.clock(),
+                          previous=stored.status, adjusted=adjusted)))
+
+    async def _write_keypolicy_status(self, namespace: str, name: str,
+                                      status_of: Callable[[Stored[Any]], dict[str, Any]]
+                                      ) -> bool:
+        """A KeyPolicy's status as `status_of` makes it from the watched object (gone
+        from the watch: nothing to write)."""
         stored = self.policies.keypolicies.get(namespace, name)
         if stored is None:
             return True
-        status = policy_status(keys, result, schedule=schedule, valid_keys=valid,
-                               generation=stored.generation, now=self.clock(),
-                               previous=stored.status, adjusted=adjusted)
+        status = status_of(stored)
         return await self._patch_status(
             stored.status, status, partial(self.api.write_policy_status, namespace, name,
                                            status, resource_version=stored.version or None),

@@ -19,7 +19,7 @@ asks what a namespace runs by (`effective_policy`). Parsing bounds every size it
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -377,24 +377,33 @@ def bound_violations(keypolicy: KeyPolicy | KeyPolicySpec,
     return tuple(found)
 
 
+def _strictest(selecting: list[ClusterKeyPolicy], bound: str,
+               pick: Callable[..., Any]) -> tuple[timedelta | None, str]:
+    """The strictest value of one bound (`pick`: min for a maximum, max for a minimum)
+    over the ClusterKeyPolicies that set it, and the first one that sets it so."""
+    found = [(getattr(c.bounds, bound), c.name) for c in selecting
+             if getattr(c.bounds, bound) is not None]
+    return pick(found, key=lambda pair: pair[0]) if found else (None, "")
+
+
 def _bounds_conflict(selecting: list[ClusterKeyPolicy]) -> str | None:
     """Why no KeyPolicy can keep the bounds of these ClusterKeyPolicies together (each
     one alone is consistent: cluster_policy_problems), or None."""
-    limits = [(c.bounds.max_rotation_period, c.name) for c in selecting
-              if c.bounds.max_rotation_period is not None]
-    if not limits:
+    limit, limit_by = _strictest(selecting, "max_rotation_period", min)
+    if limit is None:
         return None
-    limit, limit_by = min(limits, key=lambda pair: pair[0])
-    floors = [(c.bounds.min_staging_period, c.name, "minStagingPeriod") for c in selecting
-              if c.bounds.min_staging_period is not None and c.bounds.min_staging_period >= limit]
-    floors += [(c.bounds.min_rotation_period, c.name, "minRotationPeriod") for c in selecting
-               if c.bounds.min_rotation_period is not None
-               and c.bounds.min_rotation_period > limit]
-    if not floors:
+    floor, floor_by = _strictest(selecting, "min_staging_period", max)
+    least, least_by = _strictest(selecting, "min_rotation_period", max)
+    broken: list[tuple[timedelta, str, str]] = []
+    if floor is not None and floor >= limit:
+        broken.append((floor, floor_by, "minStagingPeriod"))
+    if least is not None and least > limit:
+        broken.append((least, least_by, "minRotationPeriod"))
+    if not broken:
         return None
-    floor, floor_by, bound = max(floors, key=lambda entry: entry[0])
+    worst, worst_by, name = max(broken, key=lambda entry: entry[0])
     return (f"ClusterKeyPolicies {limit_by!r} (maxRotationPeriod {format_duration(limit)}) "
-            f"and {floor_by!r} ({bound} {format_duration(floor)}) both select this "
+            f"and {worst_by!r} ({name} {format_duration(worst)}) both select this "
             f"namespace and no KeyPolicy can keep both; a cluster admin must change one "
             f"of them: kubectl edit {CLUSTERKEYPOLICY_PLURAL} {limit_by}")
 
@@ -507,15 +516,9 @@ def effective_policy(namespace_labels: Mapping[str, str],
                              first("restart") or "none")
         source = "the ClusterKeyPolicies' defaults give"
     rotation, staging, adjusted = spec.rotation_period, spec.staging_period, []
-    limits = [(c.bounds.max_rotation_period, c.name) for c in selecting
-              if c.bounds.max_rotation_period is not None]
-    floors = [(c.bounds.min_staging_period, c.name) for c in selecting
-              if c.bounds.min_staging_period is not None]
-    limit, limit_by = min(limits, key=lambda pair: pair[0]) if limits else (None, "")
-    floor, floor_by = max(floors, key=lambda pair: pair[0]) if floors else (None, "")
-    leasts = [(c.bounds.min_rotation_period, c.name) for c in selecting
-              if c.bounds.min_rotation_period is not None]
-    least, least_by = max(leasts, key=lambda pair: pair[0]) if leasts else (None, "")
+    limit, limit_by = _strictest(selecting, "max_rotation_period", min)
+    floor, floor_by = _strictest(selecting, "min_staging_period", max)
+    least, least_by = _strictest(selecting, "min_rotation_period", max)
     if least is not None and rotation is not None and rotation < least:
         # In conflict with a shorter maximum, the maximum holds (said below).
         raised = least if limit is None else min(least, limit)
