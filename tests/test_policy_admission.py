@@ -49,9 +49,10 @@ def request_of(obj, *, kind="KeyPolicy", operation="CREATE", old=None) -> Admiss
     return parse_review(json.dumps(body).encode())
 
 
-def view(*clusters, labels=NAMESPACE_LABELS, failure="") -> View:
+def view(*clusters, labels=NAMESPACE_LABELS, failure="", keypolicies=()) -> View:
     return View(Keyring("shop"), Settings(),
-                policies=PolicyView(labels, tuple(clusters), failure=failure))
+                policies=PolicyView(labels, tuple(clusters), failure=failure,
+                                    keypolicies=tuple(keypolicies)))
 
 
 PROD_BOUNDS = clusterkeypolicy(selector={"matchLabels": {"tier": "prod"}},
@@ -115,6 +116,34 @@ def test_an_update_that_keeps_the_spec_is_allowed_without_reads():
         "allowed": True}
 
 
+SECOND_KEYPOLICY = {
+    # (operation, the namespace's KeyPolicies as read, admitted)
+    "first-create": ("CREATE", (), True),
+    "create-over-another": ("CREATE", ("older",), False),
+    "create-over-two": ("CREATE", ("older", "oldest"), False),
+    "create-under-its-own-name": ("CREATE", ("rotation",), True),
+    "update-beside-another": ("UPDATE", ("older", "rotation"), True),
+}
+
+
+@pytest.mark.parametrize(("operation", "stored", "admitted"), SECOND_KEYPOLICY.values(),
+                         ids=SECOND_KEYPOLICY.keys())
+def test_a_namespace_has_one_keypolicy(operation, stored, admitted):
+    # The controller reads every KeyPolicy of a namespace on each change: their number
+    # is bounded at admission, not by whoever may create them.
+    new = keypolicy(rotationPeriod="30d", stagingPeriod="5m")
+    old = keypolicy(rotationPeriod="60d", stagingPeriod="5m") if operation == "UPDATE" \
+        else None
+    verdict = check_keypolicy(request_of(new, operation=operation, old=old),
+                              view(PROD_BOUNDS, keypolicies=stored))
+    assert verdict.response["allowed"] is admitted, verdict.message
+    if not admitted:
+        assert verdict.message == (
+            "namespace 'shop' already has KeyPolicy 'older', and a namespace has one "
+            "KeyPolicy; change that one instead: kubectl edit keypolicies.keymount.io "
+            "older -n shop")
+
+
 def test_a_failed_read_refuses_the_keypolicy_with_the_reason():
     verdict = check_keypolicy(request_of(keypolicy(rotationPeriod="30d")),
                               view(failure="API server said 403: forbidden"))
@@ -167,8 +196,9 @@ def test_deleting_a_policy_is_not_judged():
 class FakePolicyApi:
     """Our PolicyApi, answering from memory, counting calls, optionally held open."""
 
-    def __init__(self, labels=None, clusters=(), *, fail=None):
+    def __init__(self, labels=None, clusters=(), *, fail=None, keypolicies=()):
         self.labels, self.clusters, self.fail = labels or {}, list(clusters), fail
+        self.keypolicies = list(keypolicies)
         self.calls = 0
         self.release = asyncio.Event()
         self.release.set()
@@ -187,10 +217,17 @@ class FakePolicyApi:
             raise PolicyReadError(f"there are more than {limit} ClusterKeyPolicies")
         return self.clusters
 
+    async def keypolicy_names(self, namespace, limit):
+        self.calls += 1
+        await self.release.wait()
+        return self.keypolicies[:limit]
 
-async def test_a_read_gives_the_labels_and_every_clusterkeypolicy():
-    reads = PolicyReads(FakePolicyApi(NAMESPACE_LABELS, [PROD_BOUNDS]))
-    assert await reads.view("shop") == PolicyView(NAMESPACE_LABELS, (PROD_BOUNDS,))
+
+async def test_a_read_gives_the_labels_every_clusterkeypolicy_and_the_keypolicies():
+    reads = PolicyReads(FakePolicyApi(NAMESPACE_LABELS, [PROD_BOUNDS],
+                                      keypolicies=["a", "b", "c"]))
+    assert await reads.view("shop") == PolicyView(NAMESPACE_LABELS, (PROD_BOUNDS,),
+                                                  keypolicies=("a", "b"))
 
 
 @pytest.mark.parametrize(("fail", "says"), [
@@ -215,9 +252,9 @@ async def test_concurrent_reviews_share_the_reads_in_flight():
     await asyncio.sleep(0)
     api.release.set()
     views = await asyncio.gather(*waiting)
-    assert api.calls == 2 and all(v.cluster_policies == (PROD_BOUNDS,) for v in views)
+    assert api.calls == 3 and all(v.cluster_policies == (PROD_BOUNDS,) for v in views)
     await reads.view("shop")  # answered: the next review reads again
-    assert api.calls == 4
+    assert api.calls == 6
 
 
 async def test_reads_past_the_rate_limit_fail_closed():
@@ -227,7 +264,7 @@ async def test_reads_past_the_rate_limit_fail_closed():
     found = [await reads.view("shop") for _ in range(3)]
     assert [v.failure for v in found[:2]] == ["", ""]
     assert "limiting its reads" in found[2].failure and found[2].throttled
-    assert api.calls == 4
+    assert api.calls == 6
     now[0] += 1.0
     assert (await reads.view("shop")).failure == ""
     # What the review is told: a refusal to retry (429), not a read access to check.
@@ -260,7 +297,7 @@ async def test_the_server_reads_for_a_keypolicy_and_refuses_outside_the_bounds()
     api = FakePolicyApi(NAMESPACE_LABELS, [PROD_BOUNDS])
     verdict = await decide(runtime_with(api), request_of(keypolicy(rotationPeriod="180d")),
                            "validate")
-    assert api.calls == 2 and verdict.response["allowed"] is False
+    assert api.calls == 3 and verdict.response["allowed"] is False
     assert "maxRotationPeriod 90d of ClusterKeyPolicy 'baseline'" in verdict.message
 
 

@@ -56,6 +56,7 @@ from .names import (
     CLUSTERKEYPOLICY_KIND,
     CLUSTERKEYPOLICY_PLURAL,
     KEYPOLICY_KIND,
+    KEYPOLICY_PLURAL,
     POLICY_GROUP,
     as_dict,
     key_file_name,
@@ -81,6 +82,7 @@ class PolicyView:
     namespace_labels: Mapping[str, str] = field(default_factory=dict)
     cluster_policies: tuple[Mapping[str, Any], ...] = ()
     failure: str = ""
+    keypolicies: tuple[str, ...] = ()  # names of (some of) the namespace's KeyPolicies
     throttled: bool = False  # the failure is keymount's own read limit: retry, 429
 
 
@@ -296,6 +298,15 @@ def check_keypolicy(request: AdmissionRequest, view: View) -> Verdict:
             f"seconds. If it persists, check keymount's read access: kubectl auth can-i "
             f"list {CLUSTERKEYPOLICY_PLURAL}.{POLICY_GROUP} --as "
             f"system:serviceaccount:keymount:keymount (and get namespaces)"))
+    others = [other for other in context.keypolicies if other != name]
+    if request.operation == "CREATE" and others:
+        # One KeyPolicy a namespace (only the oldest would be in effect): and the
+        # controller reads every one of them on each change, so their number is bounded
+        # here, not by whoever may create them.
+        return Verdict("denied", denied(
+            f"namespace {namespace!r} already has KeyPolicy {others[0]!r}, and a namespace "
+            f"has one KeyPolicy; change that one instead: kubectl edit "
+            f"{KEYPOLICY_PLURAL}.{POLICY_GROUP} {others[0]} -n {namespace}"))
     clusters: list[ClusterKeyPolicy] = []
     for obj in context.cluster_policies:
         try:

@@ -1,5 +1,6 @@
-"""The reads behind a KeyPolicy decision: its namespace's labels and every
-ClusterKeyPolicy, from the API server, for each review that needs them.
+"""The reads behind a KeyPolicy decision: its namespace's labels, the KeyPolicies it
+already holds, and every ClusterKeyPolicy, from the API server, for each review that
+needs them.
 
 A KeyPolicy is judged on a fresh read, never on a cache: a bound tightened a moment ago
 holds for the next KeyPolicy. Anything that reaches the port can send reviews, so the
@@ -25,6 +26,9 @@ T = TypeVar("T")
 # More ClusterKeyPolicies than this is no policy anyone reviews: refuse rather than read
 # without end (a list is asked for this many and refused when more remain).
 MAX_CLUSTER_POLICIES = 500
+# A namespace has one KeyPolicy: a create is refused when another exists, so a list of
+# two tells every answer apart (none, this one, another).
+KEYPOLICIES_LISTED = 2
 
 
 class PolicyApi(Protocol):
@@ -35,6 +39,9 @@ class PolicyApi(Protocol):
 
     async def cluster_policies(self, limit: int) -> Sequence[Mapping[str, Any]]:
         """Every ClusterKeyPolicy; raises PolicyReadError when more than `limit`."""
+
+    async def keypolicy_names(self, namespace: str, limit: int) -> Sequence[str]:
+        """The names of at most `limit` of the namespace's KeyPolicies."""
 
 
 class PolicyReadError(Exception):
@@ -49,21 +56,24 @@ class PolicyReads:
         self._inflight: dict[str, asyncio.Future[Any]] = {}
 
     async def view(self, namespace: str) -> PolicyView:
-        """The namespace's labels and every ClusterKeyPolicy, or the reason not."""
+        """The namespace's labels, its KeyPolicies' names and every ClusterKeyPolicy,
+        or the reason not."""
         if not self._bucket.take(self.clock()):
             return PolicyView(failure="keymount is limiting its reads of the API server "
                                       "right now", throttled=True)
         try:
-            labels, clusters = await asyncio.gather(
+            labels, clusters, names = await asyncio.gather(
                 self._shared(f"namespace/{namespace}",
                              lambda: self.api.namespace_labels(namespace)),
                 self._shared(CLUSTERKEYPOLICY_PLURAL,
-                             lambda: self.api.cluster_policies(MAX_CLUSTER_POLICIES)))
+                             lambda: self.api.cluster_policies(MAX_CLUSTER_POLICIES)),
+                self._shared(f"keypolicies/{namespace}",
+                             lambda: self.api.keypolicy_names(namespace, KEYPOLICIES_LISTED)))
         except PolicyReadError as exc:
             return PolicyView(failure=str(exc))
         except Exception as exc:  # timeouts, refused connections, RBAC: fail closed
             return PolicyView(failure=describe_error(exc))
-        return PolicyView(dict(labels), tuple(clusters))
+        return PolicyView(dict(labels), tuple(clusters), keypolicies=tuple(names))
 
     async def _shared(self, key: str, read: Callable[[], Awaitable[T]]) -> T:
         """One call for the reviews that ask while it is in flight; a review that comes

@@ -96,6 +96,24 @@ def test_a_keypolicy_inside_the_bounds_is_stored_with_its_defaults(custom, selec
                               "restart": "none"}
 
 
+def test_a_second_keypolicy_in_a_namespace_is_refused_naming_the_first(custom, selected):
+    namespace, _ = selected
+    poll(lambda: refusal_of(custom, namespace, key_policy("probe", rotationPeriod="180d")),
+         what="keymount judging KeyPolicies")
+    create_key_policy(custom, namespace, key_policy("rotation", rotationPeriod="30d"))
+    message = denial(lambda: create_key_policy(custom, namespace, key_policy(
+        "another", rotationPeriod="7d")))
+    assert (f"namespace {namespace!r} already has KeyPolicy 'rotation', and a namespace "
+            f"has one KeyPolicy; change that one instead: kubectl edit "
+            f"keypolicies.keymount.io rotation -n {namespace}") in message
+    # The one there is can still be changed.
+    custom.patch_namespaced_custom_object(GROUP, VERSION, namespace, "keypolicies",
+                                          "rotation", {"spec": {"rotationPeriod": "7d"}})
+    names = [item["metadata"]["name"] for item in custom.list_namespaced_custom_object(
+        GROUP, VERSION, namespace, "keypolicies")["items"]]
+    assert names == ["rotation"]
+
+
 def test_a_keypolicy_in_a_namespace_no_clusterkeypolicy_selects_has_no_bounds(custom, api,
                                                                             selected):
     namespace, _ = selected
