@@ -12,12 +12,15 @@ from test_controller import CountingApi
 
 from webhook.controller import (
     HOLD_RETRY,
+    MAX_STEPS,
     RESTART_ATTEMPTS,
+    RETRY_AFTER,
     KeyController,
     Rolled,
     WriteBudget,
     roll_workloads,
 )
+from webhook.keys import build_keyring
 from webhook.metrics import Metrics
 from webhook.policystore import (
     PolicyStore,
@@ -510,3 +513,111 @@ async def test_a_second_keypolicy_is_told_it_is_ignored():
     assert (ready["status"], ready["reason"]) == ("False", "Ignored")
     assert "KeyPolicy 'rotation' is in effect in this namespace" in ready["message"]
     assert statuses["faster"]["activeKey"] is None
+
+
+# --- clocks, many KeyPolicies, namespaces the webhooks skip --------------------------------
+
+def _stamp(moment):
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+class RestartingApi(FakeApi):
+    """Workloads as the API server keeps them: a restart stores its restartedAt."""
+
+    def read_workload(self, namespace, kind, name):
+        return json.loads(json.dumps(super().read_workload(namespace, kind, name)))
+
+    def restart_workload(self, namespace, kind, name, *, at, resource_version=None):
+        stored = self.workloads[(namespace, kind, name)]
+        stored["spec"]["template"]["metadata"]["annotations"][
+            "kubectl.kubernetes.io/restartedAt"] = at
+        self.writes.append(("restart", namespace, kind, name))
+        return True
+
+
+async def test_a_leader_whose_clock_runs_behind_rolls_a_workload_once_per_key():
+    # keymount.io/activated-at is stamped by whichever replica's webhook admitted the
+    # activation, with that replica's clock; the leader's clock runs 30 s behind it.
+    # restart: rolling stamps restartedAt with the leader's clock, so the workload looks
+    # "restarted before the activation" on every later handling (each key event pokes
+    # the namespace) and is rolled again and again until the leader's clock catches up.
+    activated = NOW + timedelta(seconds=30)
+    ring = keyring_of(
+        key_secret("keymount-key-1", random_key(), index=1,
+                   annotations={"keymount.io/activated-at": _stamp(activated)}),
+        slot_secret(2), slot_secret(3))
+    pods = [running_pod("api-abc12-x", owner=("ReplicaSet", "api-abc12"))]
+    api = RestartingApi(ring, pods=pods,
+                        workloads={("shop", "Deployment", "api"): workload()},
+                        replicasets={"api-abc12": ("Deployment", "api")})
+    controller, _ = controller_for(api, keypolicies=[keypolicy(rotationPeriod="30d",
+                                                               restart="rolling")])
+    for _ in range(3):  # the activation, then the key watch's events poke it again
+        await controller.handle("shop")
+    restarts = [w for w in api.writes if w[0] == "restart"]
+    assert len(restarts) == 1, f"one key, {len(restarts)} rollouts of Deployment 'api'"
+
+
+class CountingBudget:
+    def __init__(self) -> None:
+        self.taken = 0
+
+    async def take(self) -> None:
+        self.taken += 1
+
+
+async def test_one_handling_writes_a_bounded_number_of_ignored_keypolicy_statuses():
+    # The leader handles one namespace at a time, and each of the controller's writes
+    # waits its turn at --controller-writes-per-second (4 by default). A tenant who may
+    # write KeyPolicies in their namespace creates 400 of them (only the oldest is in
+    # effect): one handling of that namespace writes 400 "Ignored" statuses, 100 s
+    # during which no other namespace is handled (a staged key elsewhere waits past its
+    # activation); deleting the oldest KeyPolicy changes every status again.
+    policies = [keypolicy(name="rotation", rotationPeriod="30d")]
+    for n in range(400):
+        extra = keypolicy(name=f"extra-{n:03d}", rotationPeriod="30d")
+        extra["metadata"]["creationTimestamp"] = "2025-06-01T00:00:00Z"
+        policies.append(extra)
+    api = FakeApi(ring_activated_at("2026-01-01T00:00:00Z"))
+    controller, store = controller_for(api, keypolicies=policies)
+
+    def written(namespace, name, status, *, resource_version=None):
+        # The watch brings the written status back, as the API server stored it.
+        obj = next(p for p in policies if p["metadata"]["name"] == name)
+        obj = {**obj, "status": {k: v for k, v in status.items() if v is not None}}
+        store.keypolicies.put(parse_stored_keypolicy(obj))
+        api.writes.append(("status", name))
+        return True
+
+    api.write_policy_status = written
+    budget = CountingBudget()
+    controller.budget = budget
+    await controller.handle("shop")
+    statuses = [w for w in api.writes if w[0] == "status"]
+    assert budget.taken <= MAX_STEPS + 1, (
+        f"one handling of one namespace took {budget.taken} writes from the shared budget "
+        f"({len(statuses)} KeyPolicy statuses)")
+    # The rest are written later, a bounded batch each time, after the others' turn.
+    due = controller.queue.due_at("shop")
+    assert due is not None and due <= NOW + RETRY_AFTER
+    for _ in range(400 // MAX_STEPS + 1):
+        controller.queue.set("shop", None)
+        await controller.handle("shop")
+    written = {w[1] for w in api.writes if w[0] == "status"}
+    assert len(written) == 401 and timedelta(0) <= due - NOW
+
+
+async def test_namespaces_the_webhooks_skip_are_not_rotated():
+    # Nothing stamps keymount.io/staged-at there (numbers.keymount.io skips them), so the
+    # first staged key is held for good (a RotationFailed Event every 5 minutes, the
+    # ClusterKeyPolicy Ready=False), and the slots and keys written there are outside
+    # the key guard; no backend Pod there is injected to use them.
+    for namespace in ("kube-system", "keymount"):
+        api = FakeApi(build_keyring(namespace, []))
+        controller, _ = controller_for(
+            api, clusterpolicies=[clusterkeypolicy(rotationPeriod="30d")],
+            namespaces=(namespace,))
+        controller.unmanaged = frozenset({"kube-system", "keymount"})
+        await controller.handle(namespace)
+        assert api.writes == [], f"the controller wrote in {namespace}: {api.writes}"
+        assert namespace not in controller.summaries

@@ -475,6 +475,8 @@ def test_with_workers_only_worker_0_campaigns(monkeypatch, worker_index, campaig
     if controller is not None:
         assert controller.elector.identity == "keymount-abc"
         assert controller.elector.leases.where == "keymount-system/keymount-controller"
+        # The namespaces the webhooks skip are none of the controller's to rotate.
+        assert controller.work[0].__self__.unmanaged == {"kube-system", "keymount-system"}
 
 
 # --- beside the server ----------------------------------------------------------------

@@ -213,14 +213,16 @@ def build_controller(args: argparse.Namespace, *, source: KeySource,
                             identity=identity,
                             on_change=lambda leading: metrics.leader.set(int(leading)))
     work = build_key_controller(args, source=source, metrics=metrics,
-                                may_write=elector.may_write)
+                                may_write=elector.may_write, namespace=namespace)
     return Controller(elector, work=[work.run])
 
 
 def build_key_controller(args: argparse.Namespace, *, source: KubernetesKeySource,
                          metrics: Metrics,
+                         namespace: str,
                          may_write: Callable[[], bool] = lambda: True) -> KeyController:
-    """The leader's work: managed rotation (webhook/controller.py)."""
+    """The leader's work: managed rotation (webhook/controller.py). `namespace`:
+    keymount's own, where its Lease is."""
     from .cluster import KeyClient, describe_api_error, policy_watches
     from .controller import KeyController, WriteBudget
     from .policystore import PolicyStore
@@ -235,7 +237,9 @@ def build_key_controller(args: argparse.Namespace, *, source: KubernetesKeySourc
                          policies=policies, watches=lambda: policy_watches(client, policies),
                          slots=source.settings.rotation_slots,
                          budget=WriteBudget(rate, max(1, int(2 * rate))), metrics=metrics,
-                         events=events, may_write=may_write)
+                         events=events, may_write=may_write,
+                         # the namespaces the webhooks skip (manifests/)
+                         unmanaged=("kube-system", namespace))
 
 
 def report_to(fd: int) -> Callable[[str], None]:

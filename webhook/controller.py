@@ -21,7 +21,7 @@ import heapq
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -32,6 +32,7 @@ from .key_secrets import SlotOutcome
 from .keys import KeyRecord, Keyring
 from .metrics import Metrics
 from .names import as_dict, slot_secret_name
+from .policy import EffectivePolicy
 from .policystore import PolicyStore, Stored
 from .rotation import (
     Activate,
@@ -401,6 +402,11 @@ async def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
             return None
     workloads, _ = await in_daemon_thread(lambda: restart_targets(
         api.backend_pods(namespace), active.name, controller_of=controller_of))
+    # Never stamped before the activation: activated-at is the stamping replica's
+    # clock, and a leader whose clock runs behind it would otherwise leave a stamp that
+    # needs_restart reads as "not restarted since", and roll the workload again on
+    # every handling until its clock catches up.
+    at = _time(max(now, active.activated_at)) or ""
     for kind, name in workloads:
         try:
             for _ in range(RESTART_ATTEMPTS):
@@ -411,7 +417,7 @@ async def roll_workloads(api: ControllerApi, keyring: Keyring, *, now: datetime,
                 await take()
                 version = str(as_dict(workload.get("metadata")).get("resourceVersion") or "")
                 if await in_daemon_thread(partial(
-                        api.restart_workload, namespace, kind, name, at=_time(now) or "",
+                        api.restart_workload, namespace, kind, name, at=at,
                         resource_version=version or None)):
                     restarted.append((kind, name))
                     break
@@ -569,8 +575,13 @@ class KeyController:
                  budget: WriteBudget, metrics: Metrics,
                  events: EventRecorder | None = None,
                  clock: Callable[[], datetime] = lambda: datetime.now(UTC),
-                 may_write: Callable[[], bool] = lambda: True) -> None:
+                 may_write: Callable[[], bool] = lambda: True,
+                 unmanaged: Iterable[str] = ("kube-system",)) -> None:
         self.api, self.keys, self.policies, self.watches = api, keys, policies, watches
+        # Namespaces keymount's webhooks skip (manifests/: keymount's own and
+        # kube-system): nothing stamps or guards key Secrets there and no backend Pod is
+        # injected, so a ClusterKeyPolicy selecting every namespace must not rotate them.
+        self.unmanaged = frozenset(unmanaged)
         self.slots, self.budget, self.metrics = max(1, slots), budget, metrics
         self.events, self.clock, self.may_write = events, clock, may_write
         self.queue = Queue(clock=clock)
@@ -620,8 +631,14 @@ class KeyController:
         else:
             self.seen.pop(namespace, None)  # bounded: one entry per staged key
 
+    def _effective(self, namespace: str) -> EffectivePolicy | None:
+        """What `namespace` rotates by; None: not the controller's to rotate."""
+        if namespace in self.unmanaged:
+            return None
+        return self.policies.effective(namespace)
+
     def _key_changed(self, namespace: str) -> None:
-        if self.policies.effective(namespace) is not None:
+        if self._effective(namespace) is not None:
             self.queue.poke(namespace)
 
     def _policy_changed(self, namespace: str | None) -> None:
@@ -698,7 +715,7 @@ class KeyController:
     async def handle(self, namespace: str) -> None:
         """Bring one due namespace up to its policy, write its status, and say when it
         is due next."""
-        effective = self.policies.effective(namespace)
+        effective = self._effective(namespace)
         if effective is None:
             self.metrics.key_activations.pop(namespace, None)
             self.summaries.pop(namespace, None)
@@ -750,14 +767,31 @@ class KeyController:
                 namespace, effective.keypolicy, keys, result, schedule, len(keyring.keys),
                 effective.adjusted):
             self.queue.poke(namespace, self.clock() + RETRY_AFTER)
-        for name in effective.ignored:
-            if not await self._write_ignored(namespace, name, effective.keypolicy or ""):
+        # The namespace's users write its KeyPolicies, as many as they like: at most
+        # MAX_STEPS of their statuses a handling, the rest after the other namespaces'
+        # turn (the leader handles one namespace at a time, each write at the budget).
+        in_effect = effective.keypolicy or ""
+        stale = [name for name in effective.ignored
+                 if self._ignored_stale(namespace, name, in_effect)]
+        for name in stale[:MAX_STEPS]:
+            if not await self._write_ignored(namespace, name, in_effect):
                 self.queue.poke(namespace, self.clock() + RETRY_AFTER)
+        if len(stale) > MAX_STEPS:
+            self.queue.poke(namespace, self.clock() + RETRY_AFTER)
+
+    def _ignored_status(self, stored: Stored[Any], in_effect: str) -> dict[str, Any]:
+        return ignored_status(in_effect, generation=stored.generation, now=self.clock(),
+                              previous=stored.status)
+
+    def _ignored_stale(self, namespace: str, name: str, in_effect: str) -> bool:
+        """Whether an ignored KeyPolicy's status, as watched, is not the one to write."""
+        stored = self.policies.keypolicies.get(namespace, name)
+        return stored is not None and not _written(
+            stored.status, self._ignored_status(stored, in_effect))
 
     async def _write_ignored(self, namespace: str, name: str, in_effect: str) -> bool:
-        return await self._write_keypolicy_status(namespace, name, lambda stored: (
-            ignored_status(in_effect, generation=stored.generation, now=self.clock(),
-                           previous=stored.status)))
+        return await self._write_keypolicy_status(
+            namespace, name, lambda stored: self._ignored_status(stored, in_effect))
 
     async def _write_status(self, namespace: str, name: str, keys: NamespaceKeys,
                             result: Wait | Hold, schedule: Schedule, valid: int,
@@ -789,7 +823,7 @@ class KeyController:
         another leader wrote never puts its older status over the newer one. False when
         the write failed (logged, counted) or lost that race (the watch brings the newer
         policy): the caller looks again after RETRY_AFTER."""
-        if {k: v for k, v in status.items() if v is not None} == stored:
+        if _written(stored, status):
             return True
         await self.take()
         try:
@@ -882,6 +916,12 @@ class KeyController:
                                        api_version=api_version, uid="", type=type_,
                                        reason=reason, message=message,
                                        occurrence=occurrence(reason, once)))
+
+
+def _written(stored: Mapping[str, Any], status: Mapping[str, Any]) -> bool:
+    """Whether `status` is stored already (a None field is absent once written: the
+    merge patch removes it)."""
+    return {k: v for k, v in status.items() if v is not None} == stored
 
 
 def _describe(exc: Exception) -> str:
