@@ -4,6 +4,7 @@ write Secrets, and what a key writer may still do."""
 from __future__ import annotations
 
 import base64
+import copy
 import json
 from datetime import UTC, datetime
 
@@ -13,9 +14,10 @@ import pytest
 from webhook.admission import parse_review
 from webhook.config import Settings
 from webhook.decisions import review_mutation, review_validation
+from webhook.injection import Injected, inject_keys
 from webhook.keyguard import NAMESPACE_CONTROLLER, parse_key_writers
 
-from builders import key_secret, keyring_of, random_key, review, slot_secret
+from builders import key_secret, keyring_of, pod, random_key, review, slot_secret
 
 SETTINGS = Settings()
 WRITERS = parse_key_writers("group:keymount:key-writers,user:alice", own_user="keymount-sa")
@@ -970,3 +972,50 @@ def test_a_slot_made_with_a_time_of_its_own_gets_keymounts_when_it_is_filled():
                                   keyring=ring)
     assert verdict.result == "allowed", verdict.message
     assert annotations(stored)["keymount.io/activated-at"] == STAMPED
+
+
+# --- a live key made invalid by an update, then deleted -------------------------------------
+
+def _invalidations():
+    """Updates that keep a key's bytes but would make the guard read it as invalid."""
+    def retired_with_material(secret):
+        secret["metadata"]["annotations"].update(RETIRED)
+
+    def garbage_index_on_legacy(secret):
+        secret["metadata"].setdefault("annotations", {})["keymount.io/key-index"] = "x"
+    return [pytest.param(retired_with_material, False, id="retired-but-keeps-its-bytes"),
+            pytest.param(garbage_index_on_legacy, True, id="legacy-key-given-a-bad-index")]
+
+
+@pytest.mark.parametrize("user", ["mallory", "alice"], ids=["non-writer", "writer"])
+@pytest.mark.parametrize("edit,legacy", _invalidations())
+def test_an_update_never_turns_a_live_key_into_an_invalid_one(user, edit, legacy):
+    keys = list(three_keys())
+    if legacy:
+        # keymount 0.1's keys: no index, numbered by their order.
+        for secret in keys:
+            secret["metadata"].pop("annotations", None)
+    ring = keyring_of(*keys)
+    active = keys[2]
+    changed = copy.deepcopy(active)
+    edit(changed)
+    verdict = update(ring, active, changed, user=user)
+    assert verdict.result == "denied", (
+        "an update that keeps the bytes but makes the key invalid drops it from every new "
+        "backend Pod (or refuses them all), and opens it to deletion")
+    # What it would have led to: the key gone from new Pods, and deletable.
+    after = keyring_of(keys[0], keys[1], changed)
+    assert [r.name for r in after.invalid] == ["k3"]
+    injected = inject_keys(pod(), keyring=after, settings=Settings(invalid_keys="skip"))
+    assert isinstance(injected, Injected) and "k3" not in injected.status
+
+
+def test_a_live_key_is_not_deleted_by_way_of_an_invalidating_update():
+    """With --key-writers unset (RBAC decides), someone who may update and delete Secrets
+    still cannot delete a live key: not even in two steps."""
+    keys = three_keys()
+    ring = keyring_of(*keys)
+    changed = copy.deepcopy(keys[1])
+    changed["metadata"]["annotations"].update(RETIRED)
+    verdict = update(ring, keys[1], changed, user="mallory", writers=parse_key_writers(None))
+    assert verdict.result == "denied"

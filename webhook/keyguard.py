@@ -628,6 +628,15 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"{ns!r} (number {number}, fingerprint {before.fingerprint}); data encrypted with "
             f"that key would become undecryptable. Keys never change in place; add a new "
             f"key instead: keymount keys rotate -n {ns}", fingerprint=before.fingerprint)
+    if before.state == "valid" and after.state == "invalid":
+        # Same bytes, but annotations that make it no key (keymount.io/retired with the
+        # material kept, a bad index on a legacy key): new Pods would lose it (or all be
+        # refused), and an invalid Secret may be deleted, freeing its name.
+        return _refused(
+            f"this update would make key Secret {name!r} in namespace {ns!r} (number "
+            f"{number}) invalid: {after.check.reason}. A key stays a key until it is "
+            f"retired, which removes its key material: keymount keys retire {name} -n {ns}",
+            fingerprint=before.fingerprint)
     if before.state == "invalid" and after.state != "invalid":
         # A numbered key made invalid by a settings change (is_new_key takes the rest).
         if not writers.allows(change.requester):
