@@ -464,3 +464,28 @@ def test_keys_list_and_status_warn_of_an_unlabelled_slot_name(monkeypatch, capsy
     err = capsys.readouterr().err
     assert "Secret 'keymount-key-9' in namespace 'shop' has a key slot's name" in err
     assert "kubectl delete secret keymount-key-9 -n shop" in err
+
+
+def test_two_different_keys_that_share_a_fingerprint_are_not_a_reused_key():
+    """A fingerprint is 3 bytes: among 5,000 keys two share one more often than not, and
+    at 50,000 (10,000 namespaces of 5 keys) some 75 pairs do. Only the same bytes in two
+    namespaces are a reused key."""
+    import hashlib
+
+    from webhook.keys import fingerprint_key
+    seen: dict[str, bytes] = {}
+    while True:
+        key = random_key()
+        other = seen.setdefault(fingerprint_key(key), key)
+        if other != key:
+            break
+    rings = {"shop": keyring_of(key_secret("a", key, index=1)),
+             "bank": keyring_of(key_secret("b", other, index=1, namespace="bank"),
+                                namespace="bank")}
+    ids = {("shop", "a"): hashlib.sha256(key).digest(),
+           ("bank", "b"): hashlib.sha256(other).digest()}
+    assert [f.kind for f in audit(rings, rbac=EMPTY_RBAC, pods=(), writers=WRITERS,
+                                  max_age=None, now=NOW, key_ids=ids)] == []
+    same = {**ids, ("bank", "b"): ids[("shop", "a")]}
+    assert [f.kind for f in audit(rings, rbac=EMPTY_RBAC, pods=(), writers=WRITERS,
+                                  max_age=None, now=NOW, key_ids=same)] == ["reused-key"]

@@ -238,3 +238,141 @@ def test_certs_can_write_the_ca_bundle_as_a_kustomize_patch(tmp_path):
     bundle = result.stdout.decode().strip()
     docs = list(yaml.safe_load_all(patch.read_text()))
     assert {h["clientConfig"]["caBundle"] for d in docs for h in d["webhooks"]} == {bundle}
+
+
+def test_certs_never_write_a_private_key_into_a_file_or_link_planted_at_its_temporary_name(
+        tmp_path):
+    """`--out` in a directory another user can write (say they created /tmp/certs
+    first): a link at `.ca.key.tmp` must not send the CA key elsewhere, and a file
+    they made at `.tls.key.tmp` (and hold open) must not receive the serving key."""
+    from webhook.certs import build_certificates, write_certificates
+    out = tmp_path / "certs"
+    out.mkdir()
+    elsewhere = tmp_path / "elsewhere.pem"
+    (out / ".ca.key.tmp").symlink_to(elsewhere)
+    planted = out / ".tls.key.tmp"
+    planted.write_bytes(b"")
+    planted.chmod(0o666)
+    with planted.open("rb") as held:
+        write_certificates(out, build_certificates(service="s", namespace="n"))
+        assert b"PRIVATE KEY" not in held.read()
+    assert not elsewhere.exists()
+    for name in ("ca.key", "tls.key", "client.key"):
+        path = out / name
+        assert not path.is_symlink() and path.stat().st_mode & 0o777 == 0o600
+        assert b"PRIVATE KEY" in path.read_bytes()
+
+
+ALIASED_POD = """\
+apiVersion: v1
+kind: Pod
+metadata: {name: p, namespace: shop, labels: {app.kubernetes.io/component: backend}}
+spec:
+  containers:
+  - name: a
+    image: x
+    volumeMounts: &mounts
+    - {name: data, mountPath: /data}
+  - name: b
+    image: x
+    volumeMounts: *mounts
+  volumes: [{name: data, emptyDir: {}}]
+"""
+
+
+def test_inject_gives_a_pod_with_yaml_aliases_what_the_webhook_gives_it(keys_dir):
+    """The webhook gets the Pod as JSON, aliases expanded (kubectl expands them): each
+    container mounts the keys once. A list two containers share through an alias must
+    not get both mounts."""
+    import json
+    expanded = json.dumps(yaml.safe_load(ALIASED_POD))  # JSON: no aliases, as sent
+    aliased = keymount("inject", "-f", "-", "--keys-from", str(keys_dir),
+                       stdin=ALIASED_POD.encode())
+    plain = keymount("inject", "-f", "-", "--keys-from", str(keys_dir),
+                     stdin=expanded.encode())
+    assert aliased.returncode == 0 and plain.returncode == 0, aliased.stderr.decode()
+    pod = yaml.safe_load(aliased.stdout)
+    for container in pod["spec"]["containers"]:
+        assert [m["name"] for m in container["volumeMounts"]] == [
+            "data", "keymount-encryption-keys"]
+    assert pod == yaml.safe_load(plain.stdout)
+
+
+def test_inject_refuses_a_yaml_alias_bomb_in_one_line(keys_dir):
+    lines = ["kind: Pod", "metadata: {name: p, namespace: shop, labels: "
+             "{app.kubernetes.io/component: backend}}", "x:", "  l0: &a0 [lol, lol, lol]"]
+    lines += [f"  l{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 10) + "]" for i in range(1, 12)]
+    lines += ["spec: {containers: [{name: a, env: *a11}]}"]
+    result = keymount("inject", "-f", "-", "--keys-from", str(keys_dir),
+                      stdin="\n".join(lines).encode(), timeout=60)
+    assert result.returncode == 1
+    assert result.stdout == b""
+    stderr = result.stderr.decode()
+    assert "Traceback" not in stderr and stderr.startswith("keymount: -: ") and \
+        "aliases" in stderr
+
+
+@pytest.mark.parametrize("flag", ["--passphrase-file", "--identity"])
+def test_a_secret_file_that_is_not_utf8_is_one_line_quoting_none_of_its_bytes(tmp_path, flag):
+    """A passphrase saved as Latin-1: UnicodeDecodeError's text shows the byte it
+    stopped at, and a traceback is no error message."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"caf\xe9 au lait")
+    backup = tmp_path / "keys.age"
+    backup.write_bytes(b"age")
+    for args in (["keys", "backup", "--verify", str(backup)], ["keys", "restore", str(backup)]):
+        result = keymount(*args, flag, str(secret))
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        assert "Traceback" not in stderr and "0xe9" not in stderr and "caf" not in stderr
+        assert stderr.startswith("keymount: ") and str(secret) in stderr
+
+
+def test_keys_import_of_a_values_file_that_is_not_utf8_is_one_line(tmp_path):
+    values = tmp_path / "values.yaml"
+    values.write_bytes(b"secrets:\n  keysEncryption:\n    userEncryptionKey: \xe9\xff\n")
+    result = keymount("keys", "import", "--helm-values", str(values), "-n", "shop")
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "Traceback" not in stderr and "0xe9" not in stderr
+    assert stderr.startswith(f"keymount: {values}: ")
+
+
+def test_certs_that_cannot_be_written_are_one_line_naming_the_path(tmp_path):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    for args in (["--out", str(taken)], ["--out", str(taken / "certs")],
+                 ["--out", str(tmp_path / "certs"), "--kustomize-patch", str(tmp_path)]):
+        result = keymount("certs", "--service", "keymount", "--namespace", "keymount", *args)
+        stderr = result.stderr.decode()
+        assert result.returncode == 1, stderr
+        assert "Traceback" not in stderr
+        assert stderr.splitlines()[-1].startswith("keymount: cannot write ")
+        assert result.stdout == b""
+
+
+def test_inject_of_a_deeply_nested_manifest_is_one_line_not_a_traceback(keys_dir):
+    """libyaml reads up to about 1,000 levels; Python's copy and dump recurse deeper than
+    its stack allows well before that."""
+    depth = 600
+    pod = ("kind: Pod\nmetadata: {name: p, namespace: shop, labels: "
+           "{app.kubernetes.io/component: backend}}\nspec: {containers: [{name: a, env: "
+           + "[" * depth + "]" * depth + "}]}\n")
+    result = keymount("inject", "-f", "-", "--keys-from", str(keys_dir), stdin=pod.encode())
+    stderr = result.stderr.decode()
+    assert result.returncode == 1, stderr
+    assert "Traceback" not in stderr and stderr.startswith("keymount: -: ")
+    assert result.stdout == b""
+
+
+def test_keys_check_reads_no_more_of_an_endless_file_than_a_key_could_be():
+    """A key is 32 raw bytes or 44 of base64 (a line end or two): /dev/zero given by
+    mistake (or a FIFO, or a multi-gigabyte file) must not be read until memory runs
+    out."""
+    result = keymount("keys", "check", "/dev/zero", timeout=20)
+    assert result.returncode == 1, result.stderr.decode()
+    assert result.stdout.startswith(b"invalid: file /dev/zero holds more than ")
+    result = keymount("keys", "create", "--dry-run", "--index", "1", "-n", "shop",
+                      "--from-file", "/dev/zero", timeout=20)
+    assert result.returncode == 1 and result.stdout == b""
+    assert b"refused, nothing created: file /dev/zero holds more than " in result.stderr

@@ -389,3 +389,101 @@ def test_a_restore_the_cluster_contradicts_writes_nothing(cluster, names):
     with pytest.raises(UserFacingError, match="nothing was restored"):
         restore(client, backup_entries(3))
     assert client.created == []
+
+
+# --- backup output ---------------------------------------------------------------------
+
+class BackupKeys:
+    def __init__(self, *secrets):
+        self.secrets = list(secrets)
+
+    def key_secrets(self, namespace):
+        return self.secrets
+
+
+def run_backup(monkeypatch, output):
+    from pyrage import x25519
+
+    from webhook.cli import build_parser
+    identity = x25519.Identity.generate()
+    keys = BackupKeys(key_secret("keymount-key-1", random_key(), index=1))
+    monkeypatch.setattr(cli_keys, "connect", lambda args, settings: (keys, None))
+    args = build_parser().parse_args(["keys", "backup", "-A", "-o", str(output),
+                                      "--recipient", str(identity.to_public())])
+    return args.func(args), identity
+
+
+def test_a_backup_never_writes_through_a_link_planted_at_its_temporary_name(tmp_path,
+                                                                           monkeypatch):
+    """-o in a directory someone else can write: a link at `.keys.age.tmp` must not make
+    keymount overwrite the file it points to, nor leave the backup as that link."""
+    from webhook.backup import decrypt_file
+    precious = tmp_path / "precious"
+    precious.write_bytes(b"not yours to overwrite")
+    (tmp_path / ".keys.age.tmp").symlink_to(precious)
+    code, identity = run_backup(monkeypatch, tmp_path / "keys.age")
+    assert code == 0
+    assert precious.read_bytes() == b"not yours to overwrite"
+    backup = tmp_path / "keys.age"
+    assert not backup.is_symlink() and backup.stat().st_mode & 0o777 == 0o600
+    assert [k.name for k in decrypt_file(str(backup), identities=[identity])] == [
+        "keymount-key-1"]
+
+
+def test_a_backup_that_cannot_be_written_is_one_line(tmp_path, monkeypatch):
+    with pytest.raises(UserFacingError, match=r"cannot write .*no-such-dir.*keys\.age"):
+        run_backup(monkeypatch, tmp_path / "no-such-dir" / "keys.age")
+
+
+# --- audit ---------------------------------------------------------------------------
+
+class AuditKeys:
+    def __init__(self, *secrets):
+        self.secrets = list(secrets)
+
+    def key_records(self, namespace):
+        return records(*self.secrets)
+
+    def key_secrets(self, namespace):
+        return self.secrets
+
+    def backend_pods(self, namespace):
+        return []
+
+    def slot_named_secrets(self, namespace):
+        return []
+
+    def rbac(self, namespace):
+        return audit.Rbac([], [], [], [])
+
+    def confirm(self, grants):
+        return {}
+
+
+def test_audit_calls_two_keys_reused_only_when_their_bytes_are_the_same(monkeypatch,
+                                                                         capsys):
+    """A fingerprint is 3 bytes: among 5,000 keys two share one more often than not
+    (at 50,000, some 75 pairs). Different keys with one fingerprint are no finding."""
+    import json
+
+    from webhook.cli import build_parser
+    from webhook.keys import fingerprint_key
+    seen: dict[str, bytes] = {}
+    while True:
+        key = random_key()
+        other = seen.setdefault(fingerprint_key(key), key)
+        if other != key:
+            break
+
+    def run(*secrets):
+        keys = AuditKeys(*secrets)
+        monkeypatch.setattr(cli_keys, "connect", lambda args, settings: (keys, None))
+        args = build_parser().parse_args(["audit", "-A", "-o", "json", "--key-writers",
+                                          "group:keymount:key-writers", "--own-user", "me"])
+        args.func(args)
+        return [row["kind"] for row in json.loads(capsys.readouterr().out)]
+
+    assert run(key_secret("a", key, index=1),
+               key_secret("b", other, index=1, namespace="bank")) == []
+    assert run(key_secret("a", key, index=1),
+               key_secret("b", key, index=1, namespace="bank")) == ["reused-key"]

@@ -401,17 +401,22 @@ def confirm(findings: Sequence[Finding], answers: Mapping[Grant, bool]) -> list[
 
 def audit(keyrings: Mapping[str, Keyring], *, rbac: Rbac | None, pods: Iterable[PodKeys],
           writers: KeyWriters, max_age: timedelta | None, now: datetime,
-          unlabelled: Iterable[tuple[str, str]] = ()) -> list[Finding]:
+          unlabelled: Iterable[tuple[str, str]] = (),
+          key_ids: Mapping[tuple[str, str], bytes] | None = None) -> list[Finding]:
+    """`key_ids`: a digest of each key's bytes by (namespace, name). A fingerprint is 3
+    bytes, shared by different keys in any large cluster: with it, a reused key is the
+    same bytes in two namespaces; without it, the same fingerprint."""
     findings: list[Finding] = []
     if not writers.configured:
         findings.append(Finding(
             "key-writers-unset", "", "-", "--key-writers is not set: anyone RBAC lets write "
             "Secrets can choose the key that encrypts new data; set it on keymount serve and "
             "pass the same to audit (KEYMOUNT_KEY_WRITERS)"))
-    by_fingerprint: dict[str, set[str]] = defaultdict(set)
+    by_key: dict[tuple[str, bytes], set[str]] = defaultdict(set)
     for ns, keyring in keyrings.items():
         for record in keyring.keys:
-            by_fingerprint[record.fingerprint].add(ns)
+            by_key[(record.fingerprint, b"" if key_ids is None
+                    else key_ids.get((ns, record.name), b""))].add(ns)
         if keyring.conflict:
             findings.append(Finding("duplicate-number", ns,
                                     ",".join(r.name for r in keyring.conflict),
@@ -434,7 +439,7 @@ def audit(keyrings: Mapping[str, Keyring], *, rbac: Rbac | None, pods: Iterable[
                                 key=lambda g: (g.subject, g.binding)):
                 findings.append(Finding("secret-reader", ns, grant.subject,
                                         f"can reach its keys: {grant.describe()}", grant))
-    for fingerprint, namespaces in sorted(by_fingerprint.items()):
+    for (fingerprint, _), namespaces in sorted(by_key.items()):
         if len(namespaces) > 1:
             findings.append(Finding(
                 "reused-key", ",".join(sorted(namespaces)), f"fingerprint {fingerprint}",

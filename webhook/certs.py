@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -108,12 +109,17 @@ def write_certificates(out: Path, pems: dict[str, bytes]) -> CertFiles:
     out.mkdir(parents=True, exist_ok=True)
     for name, data in pems.items():
         mode = 0o600 if name.endswith(".key") else 0o644
-        tmp = out / f".{name}.tmp"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, out / name)
+        # A new file of a random name (O_EXCL, O_NOFOLLOW, 0600): never a file or link
+        # someone else planted at a fixed temporary name, who could read what is written.
+        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                os.fchmod(handle.fileno(), mode)
+                handle.write(data)
+            os.replace(tmp, out / name)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return CertFiles(out / "ca.crt", out / "ca.key", out / "tls.crt", out / "tls.key")
 
 

@@ -14,12 +14,13 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from . import __version__
 from .cli_common import (
+    MAX_KEY_INPUT,
     CommandError,
     SubParsers,
     add_flag,
@@ -31,6 +32,7 @@ from .cli_common import (
     port,
     read_input,
     seconds,
+    too_long_for_a_key,
     whole,
 )
 from .cli_keys import add_key_lifecycle_commands, add_status_command
@@ -348,8 +350,9 @@ def cmd_inject(args: argparse.Namespace) -> int:
 
     settings = build_settings(args)
     try:
-        documents = load_documents(read_input(args.filename).decode("utf-8", "replace"),
-                                   source=args.filename)
+        text = read_input(args.filename).decode("utf-8", "replace")
+        documents = expand_aliases(load_documents(text, source=args.filename),
+                                   source=args.filename, budget=max(len(text), 1_000_000))
         if args.keys_from:
             store = KeyStore()
             source = DirectoryKeySource(args.keys_from, settings=settings, store=store)
@@ -367,6 +370,9 @@ def cmd_inject(args: argparse.Namespace) -> int:
             keyring_for = build_cluster_keyrings(args, settings)
     except ManifestError as exc:
         raise CommandError(str(exc)) from None
+    except RecursionError:
+        raise CommandError(f"{args.filename}: nested too deeply for a Kubernetes "
+                           f"manifest") from None
     output = []
     try:
         for document in documents:
@@ -375,10 +381,35 @@ def cmd_inject(args: argparse.Namespace) -> int:
             for warning in result.warnings:
                 print(f"warning: {warning}", file=sys.stderr)
             output.append(result.document)
+        text = yaml.safe_dump_all(output, sort_keys=False, explicit_start=True)
     except InjectionRefused as exc:
         raise CommandError(f"denied: {exc}") from None
-    sys.stdout.write(yaml.safe_dump_all(output, sort_keys=False, explicit_start=True))
+    except RecursionError:
+        raise CommandError(f"{args.filename}: nested too deeply for a Kubernetes "
+                           f"manifest") from None
+    sys.stdout.write(text)
     return 0
+
+
+def expand_aliases(documents: list[Any], *, source: str, budget: int) -> list[Any]:
+    """The documents as trees, as the webhook gets them (JSON, YAML aliases expanded by
+    kubectl): a node a YAML alias shares between two places would otherwise take the
+    injection's change twice. At most `budget` nodes in all, so an alias bomb (a few
+    lines that expand to billions of nodes) is refused rather than expanded."""
+    left = budget
+
+    def copy(node: Any) -> Any:
+        nonlocal left
+        left -= 1
+        if left < 0:
+            raise CommandError(f"{source}: its YAML aliases expand to more than {budget} "
+                               f"nodes; write the manifests out without aliases")
+        if isinstance(node, dict):
+            return {key: copy(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [copy(value) for value in node]
+        return node
+    return [copy(document) for document in documents]
 
 
 def build_cluster_keyrings(args: argparse.Namespace,
@@ -408,8 +439,11 @@ def add_inject(commands: SubParsers) -> None:
 # --- keys check ----------------------------------------------------------------------
 
 def cmd_keys_check(args: argparse.Namespace) -> int:
-    value = read_input(args.file)
+    value = read_input(args.file, limit=MAX_KEY_INPUT)
     subject = "stdin" if args.file == "-" else f"file {args.file}"
+    if reason := too_long_for_a_key(value, subject):
+        print(f"invalid: {reason}")
+        return 1
     result = check_key(value, subject=subject, encoding=args.key_encoding)
     if not result.valid:
         print(f"invalid: {result.reason}")
@@ -443,14 +477,18 @@ def cmd_certs(args: argparse.Namespace) -> int:
                                   ips=args.ip or [], dns_names=args.dns or [])
     except ValueError as exc:
         raise CommandError(f"invalid --ip: {exc}", 2) from None
-    files = write_certificates(Path(args.out), pems)
-    print(f"wrote {files.ca_cert}, {files.tls_cert}, {files.tls_key} and client.crt/.key "
-          f"for an API server that presents one (private keys 0600)",
-          file=sys.stderr)
-    if args.kustomize_patch:
-        path = Path(args.kustomize_patch)
-        path.write_text(build_ca_bundle_patch(files.ca_bundle))
-        print(f"wrote {path}: the caBundle for every keymount webhook", file=sys.stderr)
+    try:
+        files = write_certificates(Path(args.out), pems)
+        print(f"wrote {files.ca_cert}, {files.tls_cert}, {files.tls_key} and client.crt/.key "
+              f"for an API server that presents one (private keys 0600)",
+              file=sys.stderr)
+        if args.kustomize_patch:
+            path = Path(args.kustomize_patch)
+            path.write_text(build_ca_bundle_patch(files.ca_bundle))
+            print(f"wrote {path}: the caBundle for every keymount webhook", file=sys.stderr)
+    except OSError as exc:
+        raise CommandError(f"cannot write {exc.filename or args.out}: "
+                           f"{exc.strerror or exc}") from None
     print(files.ca_bundle)
     return 0
 

@@ -13,7 +13,6 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, TypeAlias
 
 from .config import (
@@ -216,10 +215,26 @@ def build_key_writers(args: argparse.Namespace) -> KeyWriters:
         raise CommandError(str(exc), 2) from None
 
 
-def read_input(name: str) -> bytes:
+# Key material is 32 raw bytes or 44 of base64 (and a line end); more is no key, and an
+# endless input (/dev/zero, a FIFO) must not be read until memory runs out.
+MAX_KEY_INPUT = 4096
+
+
+def read_input(name: str, *, limit: int | None = None) -> bytes:
+    """The input's bytes; with `limit`, at most limit + 1 of them (more: too long)."""
+    size = -1 if limit is None else limit + 1
     if name == "-":
-        return sys.stdin.buffer.read()
+        return sys.stdin.buffer.read(size)
     try:
-        return Path(name).read_bytes()
+        with open(name, "rb") as handle:
+            return handle.read(size)
     except OSError as exc:
         raise CommandError(f"cannot read {name}: {exc.strerror}") from None
+
+
+def too_long_for_a_key(value: bytes, subject: str) -> str:
+    """Why key input read with limit MAX_KEY_INPUT is no key, or "" when it may be."""
+    if len(value) <= MAX_KEY_INPUT:
+        return ""
+    return (f"{subject} holds more than {MAX_KEY_INPUT} bytes; need exactly 32 raw bytes "
+            f"or base64 of 32 bytes")

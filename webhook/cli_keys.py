@@ -19,12 +19,14 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 import yaml
 
 from .cli_common import (
+    MAX_KEY_INPUT,
     add_key_writer_flags,
     add_settings_flags,
     build_key_writers,
     build_settings,
     parse_duration,
     read_input,
+    too_long_for_a_key,
 )
 from .config import Settings
 from .errors import PolicyUnknown, UserFacingError
@@ -135,8 +137,10 @@ def read_key_material(args: argparse.Namespace, settings: Settings) -> bytes:
     """The key to store: generated, or read and validated; refused before any write."""
     if args.generate or (getattr(args, "default_generate", False) and not args.from_file):
         return generate_key()
-    key = read_input(args.from_file or "-")
+    key = read_input(args.from_file or "-", limit=MAX_KEY_INPUT)
     subject = f"file {args.from_file}" if args.from_file else "stdin"
+    if reason := too_long_for_a_key(key, subject):
+        raise UserFacingError(f"refused, nothing created: {reason}")
     result = check_key(key, subject=subject, encoding=settings.key_encoding)
     if not result.valid:
         raise UserFacingError(f"refused, nothing created: {result.reason}")
@@ -721,6 +725,8 @@ def read_secret_text(path: str, what: str) -> str:
         return Path(path).read_text().strip("\r\n")
     except OSError as exc:
         raise UserFacingError(f"cannot read {what} {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # its text names the offending byte: never shown
+        raise UserFacingError(f"cannot read {what} {path}: not UTF-8 text") from None
 
 
 def decrypt_backup(args: argparse.Namespace, path: str) -> list[BackedUpKey]:
@@ -737,6 +743,7 @@ def decrypt_backup(args: argparse.Namespace, path: str) -> list[BackedUpKey]:
 
 def cmd_backup(args: argparse.Namespace) -> int:
     import os
+    import tempfile
 
     from .backup import collect, encode, encrypt
     from .key_secrets import parse_key_secret
@@ -762,13 +769,23 @@ def cmd_backup(args: argparse.Namespace) -> int:
     keyrings = {ns: build_keyring(ns, records) for ns, records in grouped.items()}
     keys = collect(secrets, keyrings, settings=settings)
     ciphertext = encrypt(encode(keys), recipients=args.recipient or [], passphrase=passphrase)
-    # Only ciphertext touches the disk: written beside the target, then renamed.
+    # Only ciphertext touches the disk: written beside the target, then renamed; a new
+    # file of a random name (O_EXCL, O_NOFOLLOW), never a link planted at a fixed one.
     target = Path(args.output_file)
-    tmp = target.with_name(f".{target.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(ciphertext)
-    os.replace(tmp, target)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
+                                   suffix=".tmp")
+    except OSError as exc:
+        raise UserFacingError(f"cannot write {target}: {exc.strerror}; nothing was "
+                              f"written") from None
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(ciphertext)
+        os.replace(tmp, target)
+    except OSError as exc:
+        os.unlink(tmp)
+        raise UserFacingError(f"cannot write {target}: {exc.strerror}; nothing was "
+                              f"written") from None
     namespaces = sorted({k.namespace for k in keys})
     print(f"wrote {target}: {len(keys)} key Secret(s) of {len(namespaces)} namespace(s) "
           f"({', '.join(namespaces) or 'none'}), encrypted "
@@ -877,6 +894,8 @@ def cmd_import(args: argparse.Namespace) -> int:
         values = yaml.safe_load(Path(args.helm_values).read_text())
     except OSError as exc:
         raise UserFacingError(f"cannot read {args.helm_values}: {exc.strerror}") from None
+    except UnicodeDecodeError:  # its text names the offending byte, maybe the key's
+        raise UserFacingError(f"{args.helm_values}: not UTF-8 text") from None
     except yaml.YAMLError:
         raise UserFacingError(f"{args.helm_values}: not valid YAML") from None
     namespace = args.namespace or "default"
@@ -1030,9 +1049,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     pods = [parse_pod_keys(p) for p in keys.backend_pods(namespace)]
     unlabelled = unlabelled_slots(keys.slot_named_secrets(namespace),
                                   key_selector=settings.key_selector)
-    findings = audit(keyrings, rbac=keys.rbac(namespace), pods=pods,
-                     writers=build_key_writers(args), max_age=settings.max_key_age,
-                     now=_now(), unlabelled=unlabelled)
+    rbac, writers, now = keys.rbac(namespace), build_key_writers(args), _now()
+    findings = audit(keyrings, rbac=rbac, pods=pods, writers=writers,
+                     max_age=settings.max_key_age, now=now, unlabelled=unlabelled)
+    if any(f.kind == "reused-key" for f in findings):
+        # One fingerprint (3 bytes) in two namespaces: the same key only if the bytes are.
+        findings = audit(keyrings, rbac=rbac, pods=pods, writers=writers,
+                         max_age=settings.max_key_age, now=now, unlabelled=unlabelled,
+                         key_ids=key_ids(keys.key_secrets(namespace), settings))
     grants = [f.grant for f in findings if f.grant is not None]
     answers = keys.confirm(grants) if grants else {}
     if len(answers) < len(grants):
@@ -1051,6 +1075,24 @@ def cmd_audit(args: argparse.Namespace) -> int:
                 for row in rows]
     emit(rows, output=args.output, headers=["kind", "namespace", "subject", "detail"])
     return 1 if rows else 0
+
+
+def key_ids(secrets: list[ApiObject], settings: Settings) -> dict[tuple[str, str], bytes]:
+    """A digest of each valid key's bytes (raw or base64 alike) by (namespace, name)."""
+    import hashlib
+
+    from keymount.keyrule import decode_key
+
+    from .key_secrets import read_key_field
+    ids = {}
+    for secret in secrets:
+        meta = secret.get("metadata") or {}
+        decoded = decode_key(read_key_field(secret, settings.key_field)[0], subject="key",
+                             encoding=settings.key_encoding)
+        if decoded.valid:
+            ids[(str(meta.get("namespace")), str(meta.get("name")))] = \
+                hashlib.sha256(decoded.key).digest()
+    return ids
 
 
 def _confirmation(confirmed: bool | None) -> str:
