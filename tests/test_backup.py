@@ -3,6 +3,8 @@ a restore, refused whole on any conflict."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from pyrage import x25519
 
@@ -77,6 +79,21 @@ def test_a_passphrase_backup_needs_the_same_passphrase():
     assert len(decrypt(ciphertext, passphrase="correct horse")) == 3
     with pytest.raises(BackupError, match="wrong identity or passphrase"):
         decrypt(ciphertext, passphrase="wrong")
+
+
+def test_a_passphrase_backup_too_costly_for_this_machine_is_not_called_a_wrong_passphrase():
+    # age refuses a scrypt work factor far over what it measures this machine does in a
+    # second (a backup made on a faster machine, or a busy one now) before trying the
+    # passphrase: "wrong passphrase" would send its owner looking for another.
+    secrets, rings, _ = three_keys()
+    ciphertext = encrypt(encode(collect(secrets, rings, settings=SETTINGS)),
+                         passphrase="correct horse")
+    costly = re.sub(rb"^(-> scrypt \S+) \d+$", rb"\1 30", ciphertext, count=1, flags=re.M)
+    assert costly != ciphertext
+    with pytest.raises(BackupError) as refused:
+        decrypt(costly, passphrase="correct horse")
+    assert "costlier to try than age accepts on this machine" in str(refused.value)
+    assert "wrong identity or passphrase" not in str(refused.value)
 
 
 @pytest.mark.parametrize("damage", [lambda b: b[:-20], lambda b: b[:-1] + bytes([b[-1] ^ 1]),

@@ -219,7 +219,17 @@ def _open(ciphertext: bytes, *, identities: Sequence[x25519.Identity],
     try:
         return bytes(age_passphrase.decrypt(ciphertext, passphrase) if passphrase is not None
                      else pyrage.decrypt(ciphertext, list(identities)))
-    except pyrage.DecryptError:
+    except pyrage.DecryptError as exc:
+        if str(exc).startswith("Excessive work"):
+            # age refuses a passphrase file whose scrypt work factor is far over what it
+            # measures this machine does in about a second (made on a faster machine,
+            # or this one is busy): the passphrase was never tried.
+            raise BackupError(
+                f"cannot decrypt {source}: its passphrase was made costlier to try than "
+                f"age accepts on this machine right now (age measures the machine; a busy "
+                f"one measures slow). Retry on an idle or faster machine, or decrypt it "
+                f"with the age CLI, which asks before a long decryption; nothing was "
+                f"restored") from None
         raise BackupError(
             f"cannot decrypt {source}: wrong identity or passphrase, or the file is damaged "
             f"or truncated (age authenticates every chunk); nothing was restored") from None
