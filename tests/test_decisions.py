@@ -186,12 +186,24 @@ def test_check_final_pod_allows_only_a_backend_pod_as_injected(obj, keyring, all
     (pod(), pod(), True),
     (pod(labels={"app": "web"}), pod(), True),
 ], ids=["gains-label-without-keys", "gains-label-with-keys", "already-backend",
-        "loses-label"])
+        "loses-label-without-keys"])
 def test_check_pod_relabel_refuses_becoming_a_backend_pod_without_keys(new, old, allowed):
     verdict = check_pod_relabel(request_of(new, operation="UPDATE", old=old), view())
     assert verdict.response["allowed"] is allowed
     if not allowed:
         assert "cannot become a backend Pod" in verdict.message
+
+
+def test_a_pod_that_holds_the_keys_cannot_be_relabelled_out_of_keymounts_sight():
+    # Relabelled out, neither webhook would see the Pod again (their objectSelector):
+    # an ephemeral container added then could mount the keys unchecked.
+    old = injected_pod()
+    new = json.loads(json.dumps(old))
+    new["metadata"]["labels"] = {"app": "web"}
+    verdict = check_pod_relabel(request_of(new, operation="UPDATE", old=old), view())
+    assert verdict.response["allowed"] is False
+    assert "stays a backend Pod (app.kubernetes.io/component=backend)" in verdict.message
+    assert "kubectl delete pod" in verdict.message
 
 
 # --- a backend Pod's volume delivers every key, and says so truly ---------------------

@@ -226,9 +226,19 @@ def check_pod_relabel(request: AdmissionRequest, view: View) -> Verdict:
     volumes are immutable, so one created without keymount's volume can never get it,
     and one whose author wrote a volume of that name must deliver every key, as keymount
     would have. A backend Pod keeps its status annotation, and no ephemeral container
-    of it mounts the keys."""
+    of it mounts the keys; and one that holds keymount's volume stays a backend Pod."""
     pod, old, settings = request.object or {}, request.old_object or {}, view.settings
     if not needs_keys(pod, settings=settings):
+        if needs_keys(old, settings=settings) and _has_keymount_volume(old):
+            # The webhooks see only backend Pods (their objectSelector): relabelled out,
+            # the Pod could take an ephemeral container that mounts the keys unchecked.
+            return Verdict("denied", denied(
+                f"backend Pod {request.object_name!r} holds keymount's volume "
+                f"{VOLUME_NAME!r}, so it stays a backend Pod ({settings.pod_selector}) "
+                f"for its life: keymount checks only backend Pods, and a Pod's volumes "
+                f"cannot be removed. Keep the label; to take the Pod out of service, "
+                f"delete it: kubectl delete pod {request.object_name} -n "
+                f"{request.namespace}"))
         return Verdict("allowed", allowed())
     if needs_keys(old, settings=settings):
         problem_text = _backend_pod_change(pod, old, settings=settings)
@@ -416,6 +426,12 @@ def review_validation(request: AdmissionRequest, *, keyring: Keyring, settings: 
 
 
 # --- what a stored backend Pod must carry ------------------------------------------------
+
+def _has_keymount_volume(pod: Mapping[str, Any]) -> bool:
+    volumes = as_dict(pod.get("spec")).get("volumes")
+    return isinstance(volumes, list) and any(
+        isinstance(v, dict) and v.get("name") == VOLUME_NAME for v in volumes)
+
 
 def _backend_pod_change(pod: Mapping[str, Any], old: Mapping[str, Any], *,
                         settings: Settings) -> str | None:

@@ -305,6 +305,19 @@ def test_a_backend_pods_status_annotation_cannot_be_rewritten(api, mallory, name
     assert stored["keymount.io/status"] == backend.metadata.annotations["keymount.io/status"]
 
 
+def test_a_backend_pod_with_the_keys_cannot_be_relabelled_out_of_keymounts_sight(
+        api, mallory, namespace, keymount):
+    # Out of the webhooks' objectSelector, an ephemeral container could mount the keys
+    # unchecked; the API server sends the relabel because the old Pod matches.
+    create_key(api, namespace, "k1")
+    create_pod(api, namespace, "api")
+    message = denial(lambda: mallory.patch_namespaced_pod("api", namespace, {
+        "metadata": {"labels": {"app.kubernetes.io/component": "debugging"}}}))
+    assert "stays a backend Pod" in message and "kubectl delete pod api" in message
+    labels = api.read_namespaced_pod("api", namespace).metadata.labels
+    assert labels["app.kubernetes.io/component"] == "backend"
+
+
 # --- audit trail -------------------------------------------------------------------------------
 
 def events(api, namespace: str) -> list:
