@@ -23,6 +23,18 @@ def random_key() -> bytes:
             return key
 
 
+def keys_sharing_a_fingerprint() -> tuple[bytes, bytes]:
+    """Two different keys with one fingerprint: it is 3 bytes, so among some 5,000 random
+    keys two share one more often than not."""
+    from webhook.keys import fingerprint_key
+    seen: dict[str, bytes] = {}
+    while True:
+        key = random_key()
+        other = seen.setdefault(fingerprint_key(key), key)
+        if other != key:
+            return key, other
+
+
 def key_secret(name: str, key: bytes | None = None, *, namespace: str = "shop",
                index: int | str | None = None, created: str | None = "2026-01-01T00:00:00Z",
                labels: dict[str, str] | None = None, field: str = "encryption-key",

@@ -13,7 +13,7 @@ from webhook.keyguard import parse_key_writers
 from webhook.lifecycle import PodKeys
 from webhook.selectors import parse_selector
 
-from builders import key_secret, keyring_of, random_key
+from builders import key_secret, keyring_of, keys_sharing_a_fingerprint, random_key
 
 NOW = datetime(2026, 11, 29, tzinfo=UTC)
 WRITERS = parse_key_writers("group:keymount:key-writers",
@@ -472,13 +472,7 @@ def test_two_different_keys_that_share_a_fingerprint_are_not_a_reused_key():
     namespaces are a reused key."""
     import hashlib
 
-    from webhook.keys import fingerprint_key
-    seen: dict[str, bytes] = {}
-    while True:
-        key = random_key()
-        other = seen.setdefault(fingerprint_key(key), key)
-        if other != key:
-            break
+    key, other = keys_sharing_a_fingerprint()
     rings = {"shop": keyring_of(key_secret("a", key, index=1)),
              "bank": keyring_of(key_secret("b", other, index=1, namespace="bank"),
                                 namespace="bank")}

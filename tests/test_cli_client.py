@@ -28,7 +28,7 @@ from webhook.errors import UserFacingError
 from webhook.key_secrets import parse_key_secret
 from webhook.keys import KeyRecord, build_keyring
 
-from builders import key_secret, keyring_of, random_key, slot_secret
+from builders import key_secret, keyring_of, keys_sharing_a_fingerprint, random_key, slot_secret
 
 SETTINGS = Settings()
 API_METHODS = [name for name in vars(KeyApi) if not name.startswith("_")]
@@ -467,13 +467,7 @@ def test_audit_calls_two_keys_reused_only_when_their_bytes_are_the_same(monkeypa
     import json
 
     from webhook.cli import build_parser
-    from webhook.keys import fingerprint_key
-    seen: dict[str, bytes] = {}
-    while True:
-        key = random_key()
-        other = seen.setdefault(fingerprint_key(key), key)
-        if other != key:
-            break
+    key, other = keys_sharing_a_fingerprint()
 
     def run(*secrets):
         keys = AuditKeys(*secrets)
