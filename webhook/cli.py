@@ -309,7 +309,7 @@ def add_serve(commands: SubParsers) -> None:
              help="seconds from a request's first byte (or a connection's TLS handshake) "
                   "to keymount's answer; slower clients are cut off")
     add_flag(p, "--max-connections", default=256, type=whole(1),
-             help="open HTTPS connections; more are closed at once")
+             help="open HTTPS connections; a new one past it closes the slowest (or idlest)")
     add_flag(p, "--max-buffered-mib", default=64, type=whole(1),
              help="request bytes buffered over all connections before reading pauses")
     add_flag(p, "--live-reads-per-second", default=10.0,

@@ -63,8 +63,9 @@ class Metrics:
             "the controller (serve --controller), else 0", registry=r)
         self.rotations = Counter(
             "keymount_rotations", "The controller's key writes by step: reserved (a slot), "
-            "first (a namespace's first key, active at once), staged, activated; and "
-            "failed (a step that did not go through)", ["step"], registry=r)
+            "first (a namespace's first key, active at once), staged, activated, restarted "
+            "(a workload rolled after an activation); and failed (a step that did not go "
+            "through)", ["step"], registry=r)
         # The active key's activation (else creation) per namespace the leader manages;
         # ages are computed at scrape time, so they never go stale between two looks.
         self.key_activations: dict[str, datetime] = {}

@@ -120,6 +120,21 @@ def test_the_ca_bundle_patch_names_every_webhook_the_base_registers():
     assert registered == WEBHOOKS
 
 
+@pytest.mark.parametrize("variant", ["manifests", "manifests/namespaced"])
+def test_the_ca_bundle_patch_keymount_certs_writes_fills_every_webhook(tmp_path, variant):
+    # `keymount certs --kustomize-patch <variant>/ca-bundle.yaml`, then `kubectl apply
+    # -k <variant>`: re-applying never blanks a caBundle.
+    from webhook.certs import build_ca_bundle_patch
+    shutil.copytree(ROOT / "manifests", tmp_path / "manifests")
+    (tmp_path / variant / "ca-bundle.yaml").write_text(build_ca_bundle_patch("Q0E="))
+    result = subprocess.run(["kubectl", "kustomize", str(tmp_path / variant)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    bundles = [h["clientConfig"].get("caBundle") for d in yaml.safe_load_all(result.stdout)
+               if d for h in d.get("webhooks", [])]
+    assert bundles == ["Q0E="] * 5
+
+
 def render_with_component(tmp_path, component: str) -> list[dict]:
     """The default install with one of manifests/components, as a user adds it."""
     shutil.copytree(ROOT / "manifests", tmp_path / "manifests")
