@@ -3,6 +3,9 @@ one, and the key commands work against a fake of it."""
 
 from __future__ import annotations
 
+import argparse
+import base64
+import copy
 import inspect
 from datetime import UTC, datetime, timedelta
 from typing import get_type_hints
@@ -25,10 +28,18 @@ from webhook.cli_keys import (
 from webhook.cluster import KeyClient
 from webhook.config import Settings
 from webhook.errors import UserFacingError
-from webhook.key_secrets import parse_key_secret
+from webhook.injection import Injected, inject_keys
+from webhook.key_secrets import build_key_secret, parse_key_secret
 from webhook.keys import KeyRecord, build_keyring
 
-from builders import key_secret, keyring_of, keys_sharing_a_fingerprint, random_key, slot_secret
+from builders import (
+    key_secret,
+    keyring_of,
+    keys_sharing_a_fingerprint,
+    pod,
+    random_key,
+    slot_secret,
+)
 
 SETTINGS = Settings()
 API_METHODS = [name for name in vars(KeyApi) if not name.startswith("_")]
@@ -481,3 +492,88 @@ def test_audit_calls_two_keys_reused_only_when_their_bytes_are_the_same(monkeypa
                key_secret("b", other, index=1, namespace="bank")) == []
     assert run(key_secret("a", key, index=1),
                key_secret("b", key, index=1, namespace="bank")) == ["reused-key"]
+
+
+# --- retire reads every Pod; rotate skips a slot name a legacy key holds ------------------
+
+class RetireCluster:
+    """A KeyApi over fixed key Secrets and Pods; lists Pods as the API server would."""
+
+    def __init__(self, secrets, pods):
+        self.secrets, self.all = secrets, pods
+        self.patches = []
+
+    def keyring(self, namespace):
+        return build_keyring(namespace, [parse_key_secret(s, settings=SETTINGS)
+                                         for s in self.secrets])
+
+    def backend_pods(self, namespace):
+        # KeyClient lists with the pod selector as labelSelector.
+        return [p for p in self.all
+                if SETTINGS.pod_selector.matches(p["metadata"].get("labels") or {})]
+
+    def pods(self, namespace):
+        return list(self.all)
+
+    def patch_secret(self, namespace, name, patch):
+        self.patches.append((name, patch))
+
+
+def test_retire_refuses_while_a_pod_that_lost_the_backend_label_still_mounts_the_key(
+        monkeypatch):
+    k1 = key_secret("k1", random_key(), index=1, annotations={"keymount.io/numbers-used": "1"})
+    k2 = key_secret("k2", random_key(), index=2, annotations={"keymount.io/numbers-used": "1-2"})
+    ring = build_keyring("shop", [parse_key_secret(s, settings=SETTINGS) for s in (k1,)])
+    injected = inject_keys(pod(name="api-0"), keyring=ring, settings=SETTINGS)
+    assert isinstance(injected, Injected)
+    running = injected.apply(pod(name="api-0"))
+    running["metadata"]["namespace"] = "shop"
+    running["status"] = {"phase": "Running"}
+    # Taken out of its Service for debugging: `kubectl label pod api-0 app.kubernetes.io/component-`
+    running["metadata"]["labels"] = {"debug": "quarantined"}
+    cluster = RetireCluster([k1, k2], [running])
+    monkeypatch.setattr(cli_keys, "connect_namespace", lambda args, settings: (cluster, "shop"))
+    args = argparse.Namespace(name="k1", yes=True, force=False, namespace="shop",
+                              key_field="encryption-key", key_selector=None)
+    monkeypatch.setattr(cli_keys, "_settings", lambda args: SETTINGS)
+    with pytest.raises(UserFacingError, match="Pods still mount k1"):
+        cli_keys.cmd_retire(args)
+    assert cluster.patches == []
+
+
+class LegacySlotCluster:
+    """A KeyApi over one namespace's key Secrets, answering as the API server does."""
+
+    def __init__(self, *secrets):
+        self.secrets = {s["metadata"]["name"]: copy.deepcopy(s) for s in secrets}
+
+    def keyring(self, namespace):
+        return build_keyring(namespace, [parse_key_secret(s, settings=SETTINGS)
+                                         for s in self.secrets.values()])
+
+    def reserve_slot(self, namespace, number):
+        name = f"keymount-key-{number}"
+        if name in self.secrets:
+            return "exists"  # 409, and the Secret there has the key label
+        self.secrets[name] = build_key_secret(name, namespace=namespace, key=None,
+                                              index=number, settings=SETTINGS,
+                                              numbers_used=f"1-{number}")
+        return "reserved"
+
+    def fill_slot(self, namespace, slot, key):
+        stored = self.secrets[slot.name]
+        stored["data"]["encryption-key"] = base64.b64encode(key).decode()
+        return parse_key_secret(stored, settings=SETTINGS)
+
+
+def test_rotate_skips_a_slot_name_held_by_a_legacy_key_numbered_otherwise():
+    # keymount 0.1: keymount-key-1 was deleted long ago; keymount-key-2 is the only key,
+    # number 1 by 0.1's order.
+    legacy = key_secret("keymount-key-2", random_key(), created="2025-01-01T00:00:00Z")
+    cluster = LegacySlotCluster(legacy)
+    assert [(f.secret, f.number) for f in cluster.keyring("shop").files] == \
+        [("keymount-key-2", 1)]
+    record = fill_next_slot(cluster, "shop", random_key())
+    assert record.valid and record.index == 3 and record.name == "keymount-key-3"
+    assert [(f.secret, f.number) for f in cluster.keyring("shop").files] == \
+        [("keymount-key-2", 1), ("keymount-key-3", 3)]

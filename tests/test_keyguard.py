@@ -15,7 +15,9 @@ from webhook.admission import parse_review
 from webhook.config import Settings
 from webhook.decisions import review_mutation, review_validation
 from webhook.injection import Injected, inject_keys
+from webhook.key_secrets import parse_key_secret
 from webhook.keyguard import NAMESPACE_CONTROLLER, parse_key_writers
+from webhook.keys import build_keyring
 
 from builders import key_secret, keyring_of, pod, random_key, review, slot_secret
 
@@ -1019,3 +1021,53 @@ def test_a_live_key_is_not_deleted_by_way_of_an_invalidating_update():
     changed["metadata"]["annotations"].update(RETIRED)
     verdict = update(ring, keys[1], changed, user="mallory", writers=parse_key_writers(None))
     assert verdict.result == "denied"
+
+
+# --- a numbered key made invalid by a setting is not deleted ------------------------------
+
+ALICE_WRITES = parse_key_writers("user:alice")
+
+
+def _stored_as(name, stored: bytes, index, used):
+    secret = key_secret(name, None, index=index,
+                        annotations={"keymount.io/numbers-used": used})
+    secret["data"]["encryption-key"] = base64.b64encode(stored).decode()
+    return secret
+
+
+def _delete(secret, *, settings, keyring, listed_by):
+    body = review(None, kind="Secret", operation="DELETE", old=secret, username="alice")
+    body["request"]["name"] = secret["metadata"]["name"]
+    return review_validation(parse_review(json.dumps(body).encode()), keyring=keyring,
+                             settings=settings, writers=ALICE_WRITES, listed_by=listed_by)
+
+
+def _keys():
+    k1 = _stored_as("k1", random_key(), 1, "1")
+    k2 = _stored_as("k2", base64.b64encode(random_key()), 2, "1-2")  # base64 text
+    return k1, k2
+
+
+def test_a_numbered_key_made_invalid_by_a_setting_keeps_its_number_from_deletion():
+    settings = Settings(key_encoding="raw")  # was auto: k2 (base64 text) turns invalid
+    k1, k2 = _keys()
+    ring = build_keyring("shop", [parse_key_secret(s, settings=settings) for s in (k1, k2)])
+    assert [r.name for r in ring.invalid] == ["k2"] and ring.next_number == 3
+    verdict = _delete(k2, settings=settings, keyring=ring, listed_by=())
+    # Allowed today, and then nothing remembers number 2: the next key gets it.
+    after = build_keyring("shop", [parse_key_secret(k1, settings=settings)])
+    assert verdict.result != "allowed", (
+        f"k2 (number 2, bytes intact) deleted; the next key then gets number "
+        f"{after.next_number}")
+
+
+def test_an_invalid_key_that_running_pods_list_is_not_deleted():
+    settings = Settings(key_encoding="raw")
+    k1, k2 = _keys()
+    k3 = _stored_as("k3", random_key(), 3, "1-3")  # a newer key records number 2
+    ring = build_keyring("shop", [parse_key_secret(s, settings=settings)
+                                  for s in (k1, k2, k3)])
+    verdict = _delete(k2, settings=settings, keyring=ring, listed_by=("api-0",))
+    assert verdict.result != "allowed", (
+        "Pod api-0 lists k2 as a source that is not optional: once deleted, anyone who may "
+        "create Secrets can create 'k2' and the kubelet mounts it as encryption-key-2")

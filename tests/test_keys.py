@@ -8,9 +8,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from webhook.config import Settings
+from webhook.key_secrets import parse_key_secret
 from webhook.keys import (
     MAX_NUMBERS_TEXT,
     NumberSet,
+    build_keyring,
     check_key,
     describe_conflict,
     fingerprint_key,
@@ -354,3 +356,31 @@ def test_a_staged_key_holds_its_number_but_is_neither_a_key_nor_a_free_slot():
     assert [r.name for r in ring.free_slots] == ["keymount-key-3"]
     assert ring.holder_of(2) is ring.staged and ring.number_of("keymount-key-2") == 2
     assert 2 in ring.used and ring.next_number == 4
+
+
+# --- a pinned key made invalid keeps the legacy keys' numbers -----------------------------
+
+def _legacy(name: str, created: str, stored: bytes) -> dict:
+    secret = key_secret(name, None, created=created)
+    secret["data"]["encryption-key"] = base64.b64encode(stored).decode()
+    return secret
+
+
+def test_a_legacy_key_keeps_its_number_when_a_pinned_neighbour_becomes_invalid():
+    # keymount 0.1's keys a, b, c (numbers 1, 2, 3 by creation); b was updated once,
+    # so keymount pinned it at 2. a and c hold base64 text, b 32 raw bytes.
+    a = _legacy("a", "2025-01-01T00:00:00Z", base64.b64encode(random_key()))
+    b = _legacy("b", "2025-02-01T00:00:00Z", random_key())
+    c = _legacy("c", "2025-03-01T00:00:00Z", base64.b64encode(random_key()))
+    b["metadata"]["annotations"] = {"keymount.io/key-index": "2",
+                                    "keymount.io/numbers-used": "1-3"}
+
+    def numbers(settings: Settings) -> dict[str, int]:
+        ring = build_keyring("shop", [parse_key_secret(s, settings=settings)
+                                      for s in (a, b, c)])
+        return {f.secret: f.number for f in ring.files}
+
+    assert numbers(Settings()) == {"a": 1, "b": 2, "c": 3}
+    # --key-encoding base64 makes b invalid (its bytes are still there, and data needs
+    # them): c must stay encryption-key-3, not slide into b's number.
+    assert numbers(Settings(key_encoding="base64"))["c"] == 3

@@ -67,6 +67,7 @@ class KeyApi(Protocol):
     def key_records(self, namespace: str | None) -> list[KeyRecord]: ...
     def keyring(self, namespace: str) -> Keyring: ...
     def backend_pods(self, namespace: str | None) -> list[ApiObject]: ...
+    def pods(self, namespace: str | None) -> list[ApiObject]: ...
     def create_secret(self, manifest: ApiObject) -> KeyRecord: ...
     def patch_secret(self, namespace: str, name: str, patch: ApiObject) -> None: ...
     def reserve_slot(self, namespace: str, number: int) -> SlotOutcome: ...
@@ -231,6 +232,11 @@ def reserve_next(keys: KeyApi, keyring: Keyring) -> None:
     that slot's name (no webhook sees it, and no Pod lists it), the first number above
     it whose name is free; say which Secret was in the way."""
     number = keyring.next_number
+    # A key Secret from before keymount numbered keys may hold a slot's name and be
+    # numbered otherwise (`keymount-key-2`, number 1): that number is skipped, as the
+    # controller skips it (controller._free_number).
+    while keyring.find(slot_secret_name(number)) is not None:
+        number += 1
     for _ in range(SLOT_ATTEMPTS):
         outcome = keys.reserve_slot(keyring.namespace, number)
         if outcome != "taken":
@@ -679,8 +685,9 @@ def cmd_retire(args: argparse.Namespace) -> int:
     number = keyring.number_of(args.name)
     # A staged key encrypted nothing yet: cancelling it takes staged/ away from the Pods
     # that hold it, and no data needs it.
-    pods = [] if record.state == "staged" else pods_mounting(keys.backend_pods(namespace),
-                                                             args.name)
+    # Every Pod, not only those labelled backend now: a running Pod's labels can change,
+    # its volumes cannot, and one that lost the label still reads the key.
+    pods = [] if record.state == "staged" else pods_mounting(keys.pods(namespace), args.name)
     if record.state == "staged":
         print(f"{args.name} is staged (number {number}); retiring it cancels the staging")
     elif pods:

@@ -532,6 +532,10 @@ class KeyClient:
         return self._list_json(namespace, "pod",
                                label_selector=self.settings.pod_selector.text)
 
+    def pods(self, namespace: str | None) -> list[ApiObject]:
+        """Every Pod, whatever its labels (which can change on a running Pod)."""
+        return self._list_json(namespace, "pod", label_selector="")
+
     def create_secret(self, manifest: ApiObject) -> KeyRecord:
         """Create a key Secret; what was stored (keymount's webhook stamps the number)."""
         namespace, name = manifest["metadata"]["namespace"], manifest["metadata"]["name"]

@@ -438,6 +438,21 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"still need; deleting it makes that data undecryptable. Retire it first (it "
             f"keeps its number reserved): keymount keys retire {name} -n {ns}",
             fingerprint=old.fingerprint)
+    if old.state == "invalid" and old.numbered:
+        # keymount numbered it, so it was a key: a setting (--key-encoding, --key-field)
+        # may be all that makes it invalid now, with its bytes intact and Pods holding it.
+        return _refused(
+            f"key Secret {name!r} in namespace {ns!r} has number {old.index} and is "
+            f"invalid now ({old.check.reason}), but it was a key: its bytes may be what old "
+            f"data needs, and running Pods may list its name. Retire it first (it keeps "
+            f"its number reserved): keymount keys retire {name} -n {ns}",
+            number=old.index)
+    if old.state == "invalid":
+        listing = _still_listed(name, ns, old, listed_by,
+                                instead=f"Retire it instead (it keeps the name): keymount "
+                                        f"keys retire {name} -n {ns}")
+        if listing:
+            return listing
     if old.state == "retired" and old.index_explicit and not any(
             old.index in r.numbers_used for r in (*keyring.keys, *keyring.retired,
                                                   *keyring.invalid) if r.name != name):

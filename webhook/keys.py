@@ -480,7 +480,10 @@ def build_keyring(namespace: str, records: Iterable[KeyRecord]) -> Keyring:
     # Legacy keys take 0.1's positions: in 0.1's order, the lowest numbers not held by
     # a numbered key or a tombstone. A legacy key pinned at its position keeps it, and
     # the others keep theirs, so pinning some keys (one at a time) moves nothing.
-    taken = {n for n, _ in numbered} | {r.index for r in retired if r.index_explicit}
+    # A key keymount numbered keeps its number while it is invalid (a settings change,
+    # a manifest edited around the guard): no legacy key may slide into it.
+    taken = {n for n, _ in numbered} | {r.index for r in retired if r.index_explicit} | {
+        r.index for r in records if r.state == "invalid" and r.numbered}
     number = 1
     for record in sorted((r for r in valid if not r.numbered), key=legacy_order):
         while number in taken:
