@@ -98,3 +98,18 @@ async def test_a_handshake_that_completes_after_the_drain_is_closed_at_once():
     transport = FakeTransport()
     protocol.connection_made(transport)
     assert transport.aborted and not app.made and guard.active == 0
+
+
+async def test_at_the_cap_a_review_being_decided_on_a_working_connection_keeps_its_slot():
+    # The API server's keep-alive connection has a review under way (its body in, keymount
+    # waiting for a live read or the worker): not a slow client. A new connection at
+    # --max-connections takes the slot of one that never sent a byte, not that review's.
+    guard = ConnectionGuard(ConnectionLimits(max_connections=3))
+    api, api_app, api_transport = connect(guard)
+    api.data_received(b"POST /mutate HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+    api_app.answer()  # a working connection
+    api.data_received(b"POST /mutate HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")  # the next
+    silent = [connect(guard)[2] for _ in range(2)]  # handshaken, never a byte since
+    connect(guard)
+    assert not api_transport.aborted
+    assert [t.aborted for t in silent] == [True, False]

@@ -428,3 +428,35 @@ def test_no_key_byte_reaches_the_log_at_debug_level(served):
                  (key.hex(), base64.b64encode(key).decode(), key.decode("latin-1"),
                   base64.urlsafe_b64encode(key).decode())]
     assert [s for s in spellings if s in logs] == []
+
+
+@pytest.mark.parametrize("how", ["pipelined", "expect-100-continue"])
+def test_a_request_whose_body_never_comes_is_dropped_at_the_deadline_after_any_write(
+        served, how):
+    # The deadline runs from a request's first byte until keymount writes its answer.
+    # Two writes are not that answer: "100 Continue", and the answer to the request
+    # before a pipelined one. A body that never comes after either must still meet the
+    # deadline, not hold its connection and handler for ever (a slowloris past it).
+    server = served("--request-timeout", "1")
+    body = server.body()
+    with socket.create_connection(("127.0.0.1", server.port)) as raw, \
+            server.context().wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        head = (b"POST /mutate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n")
+        if how == "pipelined":
+            tls.sendall(head % len(body) + b"\r\n" + body + head % 100 + b"\r\n{")
+        else:
+            tls.sendall(head % 100 + b"Expect: 100-continue\r\n\r\n")
+        tls.settimeout(8)
+        received = b""
+        started = time.monotonic()
+        try:
+            while chunk := tls.recv(65536):
+                received += chunk
+        except TimeoutError:
+            pass
+        except (ConnectionError, ssl.SSLError):  # dropped: aborted, or closed uncleanly
+            pass
+        waited = time.monotonic() - started
+    assert received.startswith(b"HTTP/1.1 ")  # the answer, or 100 Continue, came first
+    assert waited < 4, f"the connection was still open after {waited:.1f} s"

@@ -3,11 +3,13 @@ real TLS: the same answers as on the event loop, a bounded loop, and a dead work
 answered allowed: false."""
 
 import asyncio
+import gzip
 import json
 import os
 import signal
 import ssl
 import time
+import zlib
 
 import aiohttp
 import pytest
@@ -301,3 +303,48 @@ async def test_the_worker_yields_the_cpu_to_the_event_loop(offload):
     pool = offload._executor()
     (pid,) = pool._processes
     assert os.getpriority(os.PRIO_PROCESS, pid) == min(os.getpriority(os.PRIO_PROCESS, 0) + 10, 19)
+
+
+def compressed_hostile_review() -> bytes:
+    """A backend Pod with 95,000 environment variables, gzipped to a few KiB: its
+    Content-Length is under INLINE_BODY, what it inflates to is MiBs."""
+    body = review(pod())
+    body["request"]["object"]["spec"]["containers"][0]["env"] = [
+        {"name": "E", "value": "v"} for _ in range(95_000)]
+    data = gzip.compress(json.dumps(body, separators=(",", ":")).encode(), 9)
+    assert len(data) < INLINE_BODY
+    return data
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_compressed_review_is_never_inflated_and_decoded_on_the_event_loop(
+        client, runtime, encoding):
+    # The Content-Length of a compressed body is its compressed size: a few KiB says
+    # "inline", and aiohttp inflates it to MiBs that the loop then decodes (tens of
+    # ms, every other admission waiting), past the worker and past the connection
+    # guard's and read-ahead's byte counts. The API server never compresses a review.
+    data = compressed_hostile_review()
+    if encoding == "deflate":
+        data = zlib.compress(gzip.decompress(data), 9)
+    async with client.post("/mutate", data=data, headers={
+            "Content-Type": "application/json", "Content-Encoding": encoding}) as r:
+        status = r.status
+        await r.read()
+    assert status == 415
+    cpu = runtime.metrics.admissions.loop_cpu.get("mutate")
+    assert cpu is None or cpu[-1] < 0.001, f"{cpu[-1] * 1000:.2f} ms of loop CPU"
+
+
+async def test_a_large_malformed_review_is_refused_in_a_few_words_not_quoted_back_whole(
+        client, runtime):
+    # parse_review quotes an unsupported apiVersion: from the worker, that is the whole
+    # 7 MiB of it, which the loop would encode into the 400's JSON (tens of ms, every
+    # other admission waiting) and send back.
+    body = json.dumps({"apiVersion": "v" * (MAX_BODY - 1024), "kind": "AdmissionReview",
+                       "request": review(pod())["request"]}).encode()
+    assert INLINE_BODY < len(body) < MAX_BODY
+    async with client.post("/mutate", data=body,
+                           headers={"Content-Type": "application/json"}) as r:
+        status, answer = r.status, await r.read()
+    assert status == 400 and b"apiVersion" in answer
+    assert len(answer) < 4096, f"a 400 of {len(answer)} bytes"

@@ -138,8 +138,12 @@ def parse_review(body: bytes) -> AdmissionRequest:
     if not isinstance(review, dict) or review.get("kind") != "AdmissionReview":
         raise MalformedReview("body is not an AdmissionReview (kind must be AdmissionReview)")
     if review.get("apiVersion") not in REVIEW_VERSIONS:
-        raise MalformedReview(f"unsupported AdmissionReview apiVersion "
-                              f"{review.get('apiVersion')!r}; use admission.k8s.io/v1")
+        # Quoted in part: a body of MiBs may be one apiVersion, and the whole of it
+        # would be encoded into the answer on the event loop.
+        shown = repr(review.get("apiVersion"))
+        shown = shown if len(shown) <= 100 else shown[:100] + "..."
+        raise MalformedReview(f"unsupported AdmissionReview apiVersion {shown}; "
+                              f"use admission.k8s.io/v1")
     request = review.get("request")
     if not isinstance(request, dict):
         raise MalformedReview("AdmissionReview has no request object")

@@ -11,9 +11,12 @@ connection's protocol is wrapped here:
   cost every admission); then the connection is dropped. The API server gives a
   webhook at most 30 s (`timeoutSeconds`), so nothing legitimate is lost.
 - **connection cap**: at `max_connections` open connections, a new one takes the slot
-  of the connection whose request has been arriving the longest (a slow client), or
-  else of the longest idle one (a keep-alive connection reconnects at no cost); so file
-  descriptors and buffers stay bounded and slow clients cannot lock the API server out.
+  of the connection whose request has been under way the longest (a slow client), or
+  else of one that never got an answer, or else of the longest idle one (a keep-alive
+  connection reconnects at no cost); a review being decided on a working connection
+  goes last. So file descriptors and buffers stay bounded and slow clients cannot lock
+  the API server out. A write that is no answer (an interim `100 Continue`) does not
+  end a request's deadline, and a pipelined request's runs from the answer before it.
 - **buffered bytes**: request bytes received but not yet answered, over all
   connections, are capped; a connection that would go over stops being read (TCP
   backpressure) until answers free room, so concurrent 7 MiB bodies cannot add up.
@@ -33,6 +36,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 log = logging.getLogger("keymount.server")
+
+
+# A request still under way after this long is a slow client's: the API server sends a
+# review at once, and keymount answers within milliseconds (a live read, a second).
+SLOW_REQUEST = 1.0
 
 
 @dataclass
@@ -57,16 +65,22 @@ class ConnectionGuard:
 
     def make_room(self) -> None:
         """Close the connection that holds a slot with the least reason to: the one
-        whose request has been arriving the longest, else the oldest that never sent a
-        whole request, else the oldest idle one. A client that keeps getting answers
-        (the API server's keep-alive connections) goes last."""
-        slow = [p for p in self.open if p.request_started is not None]
-        unproven = [p for p in self.open if not p.answered_any]
-        victim: GuardedProtocol | None
-        if slow:
-            victim = min(slow, key=lambda p: p.request_started or 0.0)
-        else:
-            victim = next(iter(unproven or self.open), None)
+        whose request has been under way the longest, past SLOW_REQUEST; else the
+        oldest that never got an answer (idle first); else the oldest idle one. A
+        request under way a moment on a connection that keeps getting answers (the API
+        server's keep-alive connections, a review being decided) goes last."""
+        # A request under way for under SLOW_REQUEST may be one keymount is deciding
+        # (its body in, waiting for a live read or the worker): on a working connection
+        # it goes last, after every connection that never sent a byte or sits idle.
+        now = time.monotonic()
+
+        def rank(p: GuardedProtocol) -> tuple[int, float]:
+            started = p.request_started
+            if started is not None and now - started >= SLOW_REQUEST:
+                return 0, started
+            return (2 if p.answered_any else 1) * 2 + (started is not None), started or 0.0
+
+        victim = min(self.open, key=rank, default=None)  # ties: the oldest connection
         if victim is not None:
             self.on_event("evicted")
             victim.drop()
@@ -147,11 +161,12 @@ class _Transport:
         self.get_extra_info = inner.get_extra_info
 
     def write(self, data: Any) -> None:
-        self._owner.answered()
+        self._owner.answered(data)
         self._inner.write(data)
 
     def writelines(self, lines: Any) -> None:
-        self._owner.answered()
+        lines = list(lines)
+        self._owner.answered(lines[0] if lines else b"")
         self._inner.writelines(lines)
 
     def __getattr__(self, name: str) -> Any:
@@ -212,10 +227,18 @@ class GuardedProtocol(asyncio.Protocol):
 
     # --- the guard ------------------------------------------------------------------
 
-    def answered(self) -> None:
+    def answered(self, data: Any = b"") -> None:
+        if bytes(data[:10]) == b"HTTP/1.1 1":
+            # An interim response ("100 Continue"), not the answer: the body is still
+            # to come, within the same deadline.
+            return
         self.answered_any = True
         if self.request_started is not None or self.pending:
             self._end_request()
+        if getattr(self.inner, "_messages", None):
+            # A pipelined request has arrived behind the one answered: its deadline
+            # runs from now, or a body that never comes would hold it for ever.
+            self.request_started = time.monotonic()
 
     def resume(self) -> None:
         if not self.reading and self.transport is not None and not self.transport.is_closing():

@@ -110,6 +110,13 @@ def refuse_headers(request: web.Request) -> web.Response | None:
     if request.content_type != "application/json":
         return json_error(415, f"content type {request.content_type!r} is not supported; "
                                "send application/json")
+    # A compressed body's Content-Length is its compressed size: a few KiB would be
+    # decoded inline as the MiBs it inflates to, past every byte count. The API server
+    # never compresses a review.
+    encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        return json_error(415, f"content encoding {encoding[:64]!r} is not supported; "
+                               "send the body uncompressed")
     if request.content_length is not None and request.content_length > MAX_BODY:
         return json_error(413, f"body of {request.content_length} bytes is over the "
                                f"{MAX_BODY}-byte limit")
@@ -599,8 +606,11 @@ async def serve(runtime: Runtime, options: ServeOptions,
     reloader = CertReloader(options.tls_cert, options.tls_key, client_ca=options.client_ca,
                             interval=options.cert_reload_interval,
                             on_reload=lambda result: metrics.tls_reloads.labels(result).inc())
+    # auto_decompress=False: aiohttp would inflate a compressed body as it arrives,
+    # before the handler refuses it (refuse_headers).
     webhook_runner = web.AppRunner(build_webhook_app(runtime), access_log=None,
-                                   shutdown_timeout=options.shutdown_timeout)
+                                   shutdown_timeout=options.shutdown_timeout,
+                                   auto_decompress=False)
     probe_runner = web.AppRunner(build_probe_app(runtime), access_log=None)
     await webhook_runner.setup()
     await probe_runner.setup()
