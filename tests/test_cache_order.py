@@ -164,3 +164,18 @@ def test_a_list_without_a_version_is_the_truth_as_it_stands():
     store.replace_all([newer])
     store.replace_all([older])
     assert [r.revision for r in store.keyring("shop").keys] == [12]
+
+
+def test_a_live_read_older_than_a_cluster_relist_does_not_bring_back_what_it_missed():
+    # The watch broke (410); meanwhile x was made (12) and deleted (18) in a namespace
+    # with no other key Secret, so no event about it ever reaches the cache. A live read
+    # of that namespace taken at 15 (x still there) lands after the re-list at 20, which
+    # held nothing there: x must not come back (new Pods would list a deleted Secret
+    # until the next resync, ten minutes later).
+    from webhook.key_secrets import parse_key_secret
+    store = KeyStore()
+    store.replace_all([], version="10")
+    store.replace_all([], version="20")  # the re-list after 410
+    x = parse_key_secret(secret("x", "12", index=1), settings=SETTINGS)
+    store.replace_namespace("shop", [x], version="15")  # the live read, landing late
+    assert names(store) == {}

@@ -252,3 +252,57 @@ async def test_past_the_pod_read_limit_a_tombstone_stays():
 def parse_key(secret):
     from webhook.key_secrets import parse_key_secret
     return parse_key_secret(secret, settings=Settings())
+
+
+# --- a key's material or its only Secret lost on a cache a moment behind ------------------
+
+def key_review(operation, old, new=None, *, name):
+    from webhook.keyguard import parse_key_writers
+    body = review(new, kind="Secret", operation=operation, old=old, username="alice")
+    body["request"]["name"] = name
+    return parse_review(json.dumps(body).encode()), parse_key_writers("user:alice")
+
+
+async def test_retiring_the_active_key_is_refused_also_when_the_cache_has_not_seen_it_yet():
+    # k2 was made a moment ago (the watch has not delivered it here: another replica
+    # admitted it, or this one's watch is re-listing): on this cache k1 is the newest,
+    # so retiring k2, the key applications encrypt with, looked like retiring an old one
+    # and its key material was destroyed.
+    k1 = key_secret("k1", random_key(), index=1)
+    k2 = key_secret("k2", random_key(), index=2,
+                    annotations={"keymount.io/numbers-used": "1-2"})
+    retired = {**k2, "data": {}, "metadata": {**k2["metadata"], "annotations": {
+        **k2["metadata"]["annotations"], "keymount.io/retired": "2026-12-01T00:00:00Z"}}}
+    source = FakeSource({"shop": keyring_of(k1, k2)})
+    runtime = runtime_of(source)
+    req, runtime.writers = key_review("UPDATE", k2, retired, name="k2")
+    runtime.store.replace_all([parse_key(k1)])
+    verdict = await decide(runtime, req, "validate")
+    assert verdict.result == "denied" and "is the active key" in verdict.message
+    assert source.reads == ["shop"]
+
+
+async def test_deleting_a_key_whose_twin_is_already_gone_is_refused_on_a_cache_behind():
+    # a and b shared number 1; b was deleted a moment ago (`kubectl delete secret b a`),
+    # and this cache still shows both. Deleting a, now the only key of number 1, must be
+    # refused as for any valid key: no running Pod lists it, so nothing else stops it.
+    a = key_secret("a", random_key(), index=1)
+    b = key_secret("b", random_key(), index=1)
+    source = FakeSource({"shop": keyring_of(a)})
+    runtime = runtime_of(source)
+    req, runtime.writers = key_review("DELETE", a, name="a")
+    runtime.store.replace_all([parse_key(a), parse_key(b)])
+    verdict = await decide(runtime, req, "validate")
+    assert verdict.result == "denied" and "Retire it first" in verdict.message
+    assert source.reads == ["shop"]
+
+
+async def test_deleting_one_of_two_keys_that_share_a_number_is_still_allowed():
+    a = key_secret("a", random_key(), index=1)
+    b = key_secret("b", random_key(), index=1)
+    source = FakeSource({"shop": keyring_of(a, b)})
+    runtime = runtime_of(source)
+    req, runtime.writers = key_review("DELETE", b, name="b")
+    runtime.store.replace_all([parse_key(a), parse_key(b)])
+    verdict = await decide(runtime, req, "validate")
+    assert verdict.result == "allowed", verdict.message

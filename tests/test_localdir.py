@@ -299,3 +299,36 @@ def test_a_document_not_shaped_like_a_secret_is_an_error_naming_the_file(tmp_pat
     assert source.scan() == []
     assert source.errors[tmp_path / "odd.yaml"].startswith(
         f"{tmp_path / 'odd.yaml'}: not a Secret manifest keymount can read")
+
+
+@pytest.mark.parametrize("metadata", [
+    "{name: [k], labels: {keymount.io/encryption-key: 'true'}}",
+    "{name: 2026, labels: {keymount.io/encryption-key: 'true'}}",
+    "{name: k, namespace: 1234, labels: {keymount.io/encryption-key: 'true'}}",
+], ids=["name-a-list", "name-a-number", "namespace-a-number"])
+async def test_a_document_whose_name_is_not_a_string_is_a_file_error_and_the_reload_goes_on(
+        directory, metadata):
+    # YAML reads `name: 2026` as a number; the API server would refuse such a manifest.
+    # It must be one file's error (its keys kept, the file named), not an exception
+    # that ends the reload task: that leaves /readyz green on a cache that never
+    # changes again (a key added later is never mounted).
+    store = KeyStore()
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=store, poll_interval=0.02)
+    await source.load()
+    task = asyncio.create_task(source.run())
+    try:
+        (directory / "odd.yaml").write_text(
+            f"kind: Secret\nmetadata: {metadata}\n"
+            f"data: {{encryption-key: {base64.b64encode(random_key()).decode()}}}\n"
+            f"---\n" + yaml.safe_dump(key_secret("other", random_key())))
+        (directory / "b.yaml").write_text(yaml.safe_dump(key_secret("b", random_key())))
+        await wait_for(lambda: "b" in {r.name for r in store.keyring("shop").keys}
+                       or task.done(), what="b.yaml loaded")
+        assert not task.done(), task.exception()
+        assert [r.name for r in store.keyring("shop").keys] == ["a", "b"]
+        assert source.errors[directory / "odd.yaml"].startswith(
+            f"{directory / 'odd.yaml'}: not a Secret manifest keymount can read")
+        assert all(isinstance(ns, str) for ns in store.namespaces())
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -178,9 +178,17 @@ def stamp_secret(request: AdmissionRequest, view: View) -> Verdict:
 
 def guard_secret(request: AdmissionRequest, view: View) -> Verdict:
     """`/validate`, any Secret operation: the key-Secret guard."""
-    return needs_live_view(request, view) or key_verdict(request, guard_key_secret(
+    verdict = needs_live_view(request, view) or key_verdict(request, guard_key_secret(
         key_change(request), keyring=view.keyring,
         settings=view.settings, writers=view.writers, listed_by=view.listed_by))
+    if view.source == "cache" and verdict.key is not None and verdict.key.on_keyring:
+        # Retiring the active key, or deleting a key whose twin is already gone, looks
+        # allowed on a cache that has not seen the change yet: a live read decides.
+        return Verdict("denied", denied(
+            f"keymount is limiting live reads of the API server right now and allows "
+            f"retiring or deleting a key only on a fresh read of namespace "
+            f"{request.namespace!r}; retry in a few seconds", code=THROTTLED), key_state=True)
+    return verdict
 
 
 # --- Pods --------------------------------------------------------------------------------

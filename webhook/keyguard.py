@@ -136,6 +136,10 @@ class KeyDecision:
     # A refusal that stands only because which Pods list the Secret is not known: the
     # server reads the namespace's Pods live and asks again (`listed_by`).
     needs_pods: bool = False
+    # Allowed on what the keyring says (which key is active, which keys share a number)
+    # a change that destroys a key or its only Secret: on the cache, a moment behind
+    # the API server, the server confirms it on a live read first.
+    on_keyring: bool = False
 
 
 def _refused(message: str, *, number: int | None = None, fingerprint: str = "",
@@ -430,7 +434,7 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
         if listing:
             return listing
         return KeyDecision(True, "deleted", number=old.index if old.index_explicit else None,
-                           fingerprint=old.fingerprint)
+                           fingerprint=old.fingerprint, on_keyring=True)
     if old.state == "valid":
         return _refused(
             f"Secret {name!r} in namespace {ns!r} holds encryption key number "
@@ -881,4 +885,5 @@ def _guard_retire(change: KeyChange, before: KeyRecord, *, keyring: Keyring,
             f"{before.index}): applications encrypt new data with it. Add a new key first, "
             f"then retire this one: keymount keys rotate -n {ns}",
             number=before.index, fingerprint=before.fingerprint)
-    return KeyDecision(True, "retired", number=before.index, fingerprint=before.fingerprint)
+    return KeyDecision(True, "retired", number=before.index, fingerprint=before.fingerprint,
+                       on_keyring=True)

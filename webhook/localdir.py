@@ -54,12 +54,22 @@ def parse_key_documents(text: str, *, settings: Settings, source: str) -> list[K
     records = []
     for document in load_documents(text, source=source):
         if document.get("kind") == "Secret" and is_key_secret(document, settings=settings):
-            records.append(parse_key_secret(document, settings=settings))
+            records.append(_parse_named(document, settings=settings))
         elif document.get("kind") == "List":
             items = [i for i in document.get("items") or [] if isinstance(i, dict)]
-            records += [parse_key_secret(i, settings=settings) for i in items
+            records += [_parse_named(i, settings=settings) for i in items
                         if i.get("kind") == "Secret" and is_key_secret(i, settings=settings)]
     return records
+
+
+def _parse_named(document: dict[str, Any], *, settings: Settings) -> KeyRecord:
+    """parse_key_secret, for a document whose name and namespace are strings, as the API
+    server requires (YAML reads `name: 2026` as a number): anything else would reach the
+    store as a dict key or a projected source's name. TypeError: the file's error."""
+    record = parse_key_secret(document, settings=settings)
+    if not isinstance(record.name, str) or not isinstance(record.namespace, str):
+        raise TypeError("metadata.name and metadata.namespace must be strings")
+    return record
 
 
 def load_documents(text: str, *, source: str) -> list[dict[str, Any]]:
@@ -264,6 +274,9 @@ class DirectoryKeySource:
             except ManifestError as exc:
                 log.error("key directory unreadable; keeping the cache",
                           extra={"error": str(exc)})
+            except Exception as exc:  # never end the reload: the cache would freeze
+                log.error("reloading the key directory failed; keeping the cache",
+                          extra={"error": type(exc).__name__})
 
     async def confirm(self, namespace: str) -> Keyring:
         """Before a key-state refusal, re-scan the directory (docs/contract.md, "Refusals")."""

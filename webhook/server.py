@@ -247,6 +247,7 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
     verdict = await by.verdict(view_of(
         runtime, request, runtime.store.keyring(namespace), "cache",
         await policy_view(runtime, request, by.policy_view)))
+    listed = None
     if verdict.key is not None and verdict.key.needs_pods:
         # Deleting a Secret whose name running Pods may list (a tombstone): which Pods
         # do is read live, from every Pod's volumes (labels and annotations can change
@@ -254,8 +255,8 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
         listed = await runtime.pod_listings.listing(namespace, request.object_name)
         if listed is None:
             return verdict, None
-        return await by.verdict(view_of(runtime, request, runtime.store.keyring(namespace),
-                                        "cache", listed_by=listed)), None
+        verdict = await by.verdict(view_of(runtime, request, runtime.store.keyring(namespace),
+                                           "cache", listed_by=listed))
     if not verdict.key_state:
         return verdict, None
     # A key Secret's number is judged on a read of its own; a Pod may share a read
@@ -263,7 +264,8 @@ async def judge(runtime: Runtime, request: AdmissionRequest,
     keyring = await runtime.live_reads.confirm(namespace, fresh=request.is_secret)
     if keyring is None:
         return verdict, None
-    return await by.verdict(view_of(runtime, request, keyring, "live")), keyring
+    return await by.verdict(view_of(runtime, request, keyring, "live",
+                                    listed_by=listed)), keyring
 
 
 def should_generate(runtime: Runtime, verdict: Verdict, keyring: Keyring) -> bool:

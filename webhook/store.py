@@ -43,6 +43,9 @@ class KeyStore:
         # gone by then, so an older event for it (a lagging watch) cannot bring it back.
         # Bounded like the deletions: reviews name the namespaces live reads list.
         self._listed_at: OrderedDict[str, int] = OrderedDict()
+        # The revision of the newest full list (every namespace, also those it found
+        # empty, which _listed_at has no entry for).
+        self._listed_all = 0
         self.ready = False
         # Called with a namespace whose records changed (the controller's wake-up; on
         # the event loop thread, like every change).
@@ -71,6 +74,7 @@ class KeyStore:
         listed_at = revision(version)
         for namespace in set(self._records) | set(grouped):
             self._merge(namespace, grouped.get(namespace, ()), listed_at)
+        self._listed_all = max(self._listed_all, listed_at)
         self._rebuild(set(self._records) | set(grouped) | set(self._rings))
         self.ready = True
 
@@ -109,8 +113,8 @@ class KeyStore:
         cached = self._records.get(record.namespace, {}).get(record.name)
         if cached is not None and _older(record.revision, cached.revision):
             return False
-        if cached is None and record.revision and \
-                record.revision <= self._listed_at.get(record.namespace, 0):
+        if cached is None and record.revision and record.revision <= max(
+                self._listed_at.get(record.namespace, 0), self._listed_all):
             return False  # a list taken after this version did not hold it: deleted
         deleted_at = self._deleted.get((record.namespace, record.name))
         if deleted_at is not None:
