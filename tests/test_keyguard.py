@@ -1071,3 +1071,48 @@ def test_an_invalid_key_that_running_pods_list_is_not_deleted():
     assert verdict.result != "allowed", (
         "Pod api-0 lists k2 as a source that is not optional: once deleted, anyone who may "
         "create Secrets can create 'k2' and the kubelet mounts it as encryption-key-2")
+
+
+def _unlabel(secret, *, settings, keyring):
+    unlabelled = copy.deepcopy(secret)
+    unlabelled["metadata"]["labels"] = {}
+    body = review(unlabelled, kind="Secret", operation="UPDATE", old=secret,
+                  username="alice")
+    body["request"]["name"] = secret["metadata"]["name"]
+    return review_validation(parse_review(json.dumps(body).encode()), keyring=keyring,
+                             settings=settings, writers=ALICE_WRITES)
+
+
+def test_a_numbered_key_made_invalid_by_a_setting_is_not_unlabelled_out_of_the_guard():
+    # Unlabelled, the Secret leaves the webhooks' sight (objectSelector on the key
+    # label): its DELETE is never sent to keymount, so removing the label is deleting
+    # it in two steps, and its bytes (number 2, intact) could be deleted or replaced by
+    # anyone who may write Secrets, under a name running Pods list.
+    settings = Settings(key_encoding="raw")
+    k1, k2 = _keys()
+    ring = build_keyring("shop", [parse_key_secret(s, settings=settings) for s in (k1, k2)])
+    assert _delete(k2, settings=settings, keyring=ring, listed_by=()).result != "allowed"
+    verdict = _unlabel(k2, settings=settings, keyring=ring)
+    assert verdict.result != "allowed", (
+        "k2's deletion is refused, yet its key label may be removed, after which keymount "
+        "never sees its deletion")
+
+
+@pytest.mark.parametrize("user", ["mallory", "alice"], ids=["non-writer", "writer"])
+def test_a_pin_does_not_carry_an_invalidating_change_past_the_guard(user):
+    # The guard refuses an update that makes a live key invalid. A legacy key's pin (its
+    # number and record spelled out in the request, as `keys pin` writes them) is judged
+    # on its number and bytes alone: sent together with keymount.io/retired over the
+    # kept bytes, the active key turns invalid (new Pods encrypt with the key before it).
+    keys = list(three_keys())
+    for secret in keys:
+        secret["metadata"].pop("annotations", None)  # keymount 0.1's keys: 1, 2, 3
+    ring = keyring_of(*keys)
+    active = keys[2]
+    changed = copy.deepcopy(active)
+    changed["metadata"]["annotations"] = {"keymount.io/key-index": "3",
+                                          "keymount.io/numbers-used": "1-3", **RETIRED}
+    verdict = update(ring, active, changed, user=user)
+    assert verdict.result == "denied", verdict.key.action
+    after = keyring_of(keys[0], keys[1], changed)
+    assert [r.name for r in after.invalid] == ["k3"]

@@ -312,3 +312,29 @@ async def test_without_the_kubernetes_api_a_keypolicy_is_refused():
     verdict = await decide(runtime_with(None), request_of(keypolicy(rotationPeriod="30d")),
                            "validate")
     assert verdict.response["allowed"] is False and "--keys-from" in verdict.message
+
+
+async def test_the_keypolicy_list_is_read_and_decoded_off_the_event_loop():
+    # With _preload_content=False the body is read from the socket (and here decoded)
+    # when .data is first touched: that must happen in the read's thread, not on the
+    # loop every admission waits on (up to MAX_POLICY_LIST_BYTES of JSON).
+    import threading
+
+    from webhook.cluster import KubernetesPolicyApi
+
+    touched = []
+
+    class Response:
+        @property
+        def data(self):
+            touched.append(threading.current_thread() is threading.main_thread())
+            return json.dumps({"items": [{"metadata": {"name": "a"}}]}).encode()
+
+    class Custom:
+        def list_namespaced_custom_object(self, *args, **kwargs):
+            return Response()
+
+    api = KubernetesPolicyApi.__new__(KubernetesPolicyApi)
+    api.custom = Custom()
+    assert await api.keypolicy_names("shop", 2) == ["a"]
+    assert touched and not any(touched), "the body was read on the event loop's thread"

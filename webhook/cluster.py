@@ -274,15 +274,20 @@ class KubernetesPolicyApi:
         return [item for item in items if isinstance(item, dict)]
 
     async def keypolicy_names(self, namespace: str, limit: int) -> list[str]:
-        response = await in_daemon_thread(lambda: self.custom.list_namespaced_custom_object(
-            POLICY_GROUP, POLICY_VERSION, namespace, KEYPOLICY_PLURAL, limit=limit,
-            _request_timeout=(2, 3), _preload_content=False))
-        if len(response.data) > MAX_POLICY_LIST_BYTES:
-            raise PolicyReadError(f"the KeyPolicies of namespace {namespace!r} take more "
-                                  f"than {MAX_POLICY_LIST_BYTES} bytes")
-        items = json.loads(response.data).get("items") or []
-        return [str(name) for item in items if isinstance(item, dict)
-                for name in [(item.get("metadata") or {}).get("name")] if name]
+        def read() -> list[str]:
+            # The body is read (_preload_content=False: on first .data) and decoded here,
+            # in the read's thread, never on the loop.
+            response = self.custom.list_namespaced_custom_object(
+                POLICY_GROUP, POLICY_VERSION, namespace, KEYPOLICY_PLURAL, limit=limit,
+                _request_timeout=(2, 3), _preload_content=False)
+            data = response.data
+            if len(data) > MAX_POLICY_LIST_BYTES:
+                raise PolicyReadError(f"the KeyPolicies of namespace {namespace!r} take "
+                                      f"more than {MAX_POLICY_LIST_BYTES} bytes")
+            items = json.loads(data).get("items") or []
+            return [str(name) for item in items if isinstance(item, dict)
+                    for name in [(item.get("metadata") or {}).get("name")] if name]
+        return await in_daemon_thread(read)
 
 
 # The controllers whose Pods keymount may refuse, and how to read one. Any other owner

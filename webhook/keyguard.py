@@ -330,6 +330,15 @@ def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
         before = _record(change.old, change, settings=settings)
         if before.state == "slot":
             return _refused(_slot_kept(change, before, "removing its key label"))
+        if before.state == "invalid" and before.numbered:
+            # Unlabelled, its DELETE never reaches keymount: the same refusal as a delete.
+            return _refused(
+                f"key Secret {change.name!r} in namespace {change.namespace!r} has number "
+                f"{before.index} and is invalid now ({before.check.reason}), but it was a "
+                f"key: removing its key label would take it out of keymount's sight (and "
+                f"let it be deleted). Retire it instead (it keeps its number reserved): "
+                f"keymount keys retire {change.name} -n {change.namespace}",
+                number=before.index)
         if before.state == "invalid":
             return _writer_only(change, writers, "updated", "remove the key label from")
         return _refused(
@@ -862,6 +871,12 @@ def _guard_pin(change: KeyChange, before: KeyRecord, after: KeyRecord, *, keyrin
     if not same_key_bytes(change.old, change.new, settings=settings):
         return _refused(f"pinning key Secret {name!r} cannot change its key material",
                         fingerprint=before.fingerprint)
+    if after.state != "valid":
+        return _refused(
+            f"this update would pin key Secret {name!r} in namespace {ns!r} (number "
+            f"{current}) and make it invalid: {after.check.reason}. A key stays a key until "
+            f"it is retired, which removes its key material: keymount keys retire {name} "
+            f"-n {ns}", fingerprint=before.fingerprint)
     if not writers.allows(change.requester):
         return _writer_refusal(change, writers, "pin")
     return KeyDecision(True, "pinned", number=current, fingerprint=before.fingerprint)
