@@ -314,27 +314,62 @@ async def test_without_the_kubernetes_api_a_keypolicy_is_refused():
     assert verdict.response["allowed"] is False and "--keys-from" in verdict.message
 
 
-async def test_the_keypolicy_list_is_read_and_decoded_off_the_event_loop():
-    # With _preload_content=False the body is read from the socket (and here decoded)
-    # when .data is first touched: that must happen in the read's thread, not on the
-    # loop every admission waits on (up to MAX_POLICY_LIST_BYTES of JSON).
-    import threading
+class RawResponse:
+    """What the Kubernetes client returns with _preload_content=False: the body is read
+    from the socket when asked for; where it is read is recorded."""
 
+    def __init__(self, body: bytes) -> None:
+        self.body, self.read_on_loop, self.closed = body, [], False
+
+    def read(self, amount):
+        import threading
+        self.read_on_loop.append(threading.current_thread() is threading.main_thread())
+        return self.body[:amount]
+
+    def close(self):
+        self.closed = True
+
+    def release_conn(self):
+        pass
+
+
+def raw_policy_api(body: bytes):
     from webhook.cluster import KubernetesPolicyApi
+    response = RawResponse(body)
 
-    touched = []
-
-    class Response:
-        @property
-        def data(self):
-            touched.append(threading.current_thread() is threading.main_thread())
-            return json.dumps({"items": [{"metadata": {"name": "a"}}]}).encode()
-
-    class Custom:
-        def list_namespaced_custom_object(self, *args, **kwargs):
-            return Response()
+    class Calls:
+        def __getattr__(self, name):
+            return lambda *args, **kwargs: response
 
     api = KubernetesPolicyApi.__new__(KubernetesPolicyApi)
-    api.custom = Custom()
-    assert await api.keypolicy_names("shop", 2) == ["a"]
-    assert touched and not any(touched), "the body was read on the event loop's thread"
+    api.custom = api.core = Calls()
+    return api, response
+
+
+READS = {
+    "namespace-labels": (lambda api: api.namespace_labels("shop"),
+                         {"metadata": {"labels": {"tier": "prod"}}}, {"tier": "prod"}),
+    "clusterkeypolicies": (lambda api: api.cluster_policies(500),
+                           {"items": [PROD_BOUNDS]}, [PROD_BOUNDS]),
+    "keypolicy-names": (lambda api: api.keypolicy_names("shop", 2),
+                        {"items": [{"metadata": {"name": "a"}}]}, ["a"]),
+}
+
+
+@pytest.mark.parametrize(("call", "body", "expected"), READS.values(), ids=READS.keys())
+async def test_each_policy_read_reads_and_decodes_its_body_off_the_event_loop(call, body,
+                                                                             expected):
+    # With _preload_content=False the body is read from the socket when asked for: in
+    # the read's thread, not on the loop every admission waits on (up to 8 MiB of JSON).
+    api, response = raw_policy_api(json.dumps(body).encode())
+    assert await call(api) == expected
+    assert response.read_on_loop and not any(response.read_on_loop)
+
+
+@pytest.mark.parametrize("call", [c for c, _, _ in READS.values()], ids=READS.keys())
+async def test_a_policy_read_over_8_mib_is_refused_unread(call):
+    from webhook.cluster import MAX_POLICY_LIST_BYTES
+    api, response = raw_policy_api(b" " * (MAX_POLICY_LIST_BYTES + 10))
+    with pytest.raises(PolicyReadError, match="take more than"):
+        await call(api)
+    assert response.closed

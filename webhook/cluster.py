@@ -248,46 +248,61 @@ class KubernetesPolicyApi:
         self.core = client.CoreV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
 
+    # Each read below runs whole in its thread: with _preload_content=False the body is
+    # read when asked for, so reading and decoding it there keeps it off the loop.
+
     async def namespace_labels(self, namespace: str) -> dict[str, str]:
-        try:
-            response = await in_daemon_thread(lambda: self.core.read_namespace(
-                namespace, _request_timeout=(2, 3), _preload_content=False))
-        except ApiException as exc:
-            if exc.status == 404:
-                raise PolicyReadError(f"namespace {namespace!r} not found") from None
-            raise
-        labels = (json.loads(response.data).get("metadata") or {}).get("labels") or {}
-        return {str(k): str(v) for k, v in labels.items()} if isinstance(labels, dict) else {}
+        def read() -> dict[str, str]:
+            try:
+                response = self.core.read_namespace(
+                    namespace, _request_timeout=(2, 3), _preload_content=False)
+            except ApiException as exc:
+                if exc.status == 404:
+                    raise PolicyReadError(f"namespace {namespace!r} not found") from None
+                raise
+            found = _bounded_json(response, what=f"namespace {namespace!r}")
+            labels = (found.get("metadata") or {}).get("labels") or {}
+            return {str(k): str(v) for k, v in labels.items()} \
+                if isinstance(labels, dict) else {}
+        return await in_daemon_thread(read)
 
     async def cluster_policies(self, limit: int) -> list[dict[str, Any]]:
-        response = await in_daemon_thread(lambda: self.custom.list_cluster_custom_object(
-            POLICY_GROUP, POLICY_VERSION, CLUSTERKEYPOLICY_PLURAL, limit=limit,
-            _request_timeout=(2, 3), _preload_content=False))
-        if len(response.data) > MAX_POLICY_LIST_BYTES:
-            raise PolicyReadError(f"the ClusterKeyPolicies take more than "
-                                  f"{MAX_POLICY_LIST_BYTES} bytes")
-        listed = json.loads(response.data)
-        if (listed.get("metadata") or {}).get("continue"):
-            raise PolicyReadError(f"there are more than {limit} ClusterKeyPolicies; "
-                                  f"merge some (kubectl get {CLUSTERKEYPOLICY_PLURAL})")
-        items = listed.get("items") or []
-        return [item for item in items if isinstance(item, dict)]
+        def read() -> list[dict[str, Any]]:
+            listed = _bounded_json(self.custom.list_cluster_custom_object(
+                POLICY_GROUP, POLICY_VERSION, CLUSTERKEYPOLICY_PLURAL, limit=limit,
+                _request_timeout=(2, 3), _preload_content=False),
+                what="the ClusterKeyPolicies")
+            if (listed.get("metadata") or {}).get("continue"):
+                raise PolicyReadError(f"there are more than {limit} ClusterKeyPolicies; "
+                                      f"merge some (kubectl get {CLUSTERKEYPOLICY_PLURAL})")
+            items = listed.get("items") or []
+            return [item for item in items if isinstance(item, dict)]
+        return await in_daemon_thread(read)
 
     async def keypolicy_names(self, namespace: str, limit: int) -> list[str]:
         def read() -> list[str]:
-            # The body is read (_preload_content=False: on first .data) and decoded here,
-            # in the read's thread, never on the loop.
-            response = self.custom.list_namespaced_custom_object(
+            listed = _bounded_json(self.custom.list_namespaced_custom_object(
                 POLICY_GROUP, POLICY_VERSION, namespace, KEYPOLICY_PLURAL, limit=limit,
-                _request_timeout=(2, 3), _preload_content=False)
-            data = response.data
-            if len(data) > MAX_POLICY_LIST_BYTES:
-                raise PolicyReadError(f"the KeyPolicies of namespace {namespace!r} take "
-                                      f"more than {MAX_POLICY_LIST_BYTES} bytes")
-            items = json.loads(data).get("items") or []
+                _request_timeout=(2, 3), _preload_content=False),
+                what=f"the KeyPolicies of namespace {namespace!r}")
+            items = listed.get("items") or []
             return [str(name) for item in items if isinstance(item, dict)
                     for name in [(item.get("metadata") or {}).get("name")] if name]
         return await in_daemon_thread(read)
+
+
+def _bounded_json(response: Any, *, what: str) -> Any:
+    """The JSON body of a response asked for with _preload_content=False, read (at most
+    MAX_POLICY_LIST_BYTES) and decoded in the caller's thread."""
+    data = response.read(MAX_POLICY_LIST_BYTES + 1)
+    if len(data) > MAX_POLICY_LIST_BYTES:
+        response.close()  # the rest unread: the connection is not reused
+        raise PolicyReadError(f"{what} take more than {MAX_POLICY_LIST_BYTES} bytes")
+    response.release_conn()
+    found = json.loads(data)
+    if not isinstance(found, dict):
+        raise PolicyReadError(f"{what}: the API server's answer is not a JSON object")
+    return found
 
 
 # The controllers whose Pods keymount may refuse, and how to read one. Any other owner
