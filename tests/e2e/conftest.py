@@ -120,6 +120,20 @@ def controller_rights(kubeconfig: Path, namespace: str, user: str) -> Iterator[N
                 "--ignore-not-found")
 
 
+@contextlib.contextmanager
+def controller_home(api, kubeconfig: Path, user: str) -> Iterator[str]:
+    """keymount's own namespace for a controller under test (`--controller-namespace`):
+    its Lease, and the controller component's RBAC while the block runs. The namespaces
+    a controller rotates are others: it never rotates its own (webhook/controller.py)."""
+    name = f"keymount-home-{uuid.uuid4().hex[:8]}"
+    api.create_namespace({"metadata": {"name": name}})
+    try:
+        with controller_rights(kubeconfig, name, user):
+            yield name
+    finally:
+        api.delete_namespace(name)
+
+
 class Keymount:
     """`keymount serve` as a process, with the probe port for metrics."""
 

@@ -19,7 +19,7 @@ from webhook.controller import WriteBudget, reconcile
 from webhook.rotation import Schedule
 
 from apihelpers import GROUP, VERSION, key_policy, keys_in, stored_keys
-from conftest import controller_rights, launch_keymount
+from conftest import controller_home, controller_rights, launch_keymount
 from polling import poll
 
 
@@ -29,17 +29,17 @@ def custom(api):
 
 
 @pytest.fixture
-def controllers(control_plane, admin_kubeconfig, namespace, policy_crds, tmp_path):
-    """Start `serve --controller` replicas whose Lease lives in the test's namespace."""
+def controllers(api, control_plane, admin_kubeconfig, namespace, policy_crds, tmp_path):
+    """Start `serve --controller` replicas whose Lease lives in a namespace of their own
+    (they never rotate that one), to rotate the test's namespace."""
     started = []
-
-    def start(count: int = 1):
-        for _ in range(count):
-            started.append(launch_keymount(
-                control_plane, tmp_path / f"c{len(started)}", "--controller",
-                "--controller-namespace", namespace))
-        return started[-count:]
-    with controller_rights(admin_kubeconfig, namespace, control_plane.keymount_user):
+    with controller_home(api, admin_kubeconfig, control_plane.keymount_user) as home:
+        def start(count: int = 1):
+            for _ in range(count):
+                started.append(launch_keymount(
+                    control_plane, tmp_path / f"c{len(started)}", "--controller",
+                    "--controller-namespace", home))
+            return started[-count:]
         yield start
         for server in started:
             if server.proc.poll() is None:
