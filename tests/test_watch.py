@@ -211,6 +211,21 @@ async def test_an_error_event_relists_after_a_backoff_that_doubles_and_is_capped
         assert base <= slept <= base * 1.5
 
 
+async def test_a_watch_that_ends_at_once_with_nothing_is_retried_after_a_backoff(loop_parts):
+    # A proxy that closes every watch stream at once: without a pause, a loop of requests
+    # (client-go's reflector calls it a "very short watch").
+    api, store, recorder, watcher = loop_parts
+    await watcher.load()
+    for _ in range(3):
+        api.watches.append(Response(lines=[]))
+    task = await running(watcher)
+    await wait_for(lambda: api.count(watch=True) == 4, what="three short watches and a fourth")
+    await stop(task)
+    assert recorder.restarts == 3 and api.count(watch=False) == 1  # no re-list needed
+    for slept, base in zip(recorder.sleeps, [1, 2, 4], strict=True):
+        assert base <= slept <= base * 1.5
+
+
 async def test_a_failing_list_is_retried_and_keeps_the_cache_meanwhile(loop_parts):
     api, store, recorder, watcher = loop_parts
     api.lists.append(listing([secret("k1", "5", index=1)], "5"))

@@ -87,6 +87,9 @@ def call_list(api: Any, singular: str, namespace: str | None, **kwargs: Any) -> 
 
 
 LIST_PAGE = 500  # objects per page of a list: what client-go's reflector asks for
+# A watch that ends sooner than this with no event is a failure, retried after backoff
+# (client-go's reflector: "very short watch").
+SHORT_WATCH = 1.0
 
 
 class Gone(Exception):
@@ -202,7 +205,19 @@ class ListWatch(Generic[N]):
                 if scope not in self.versions or loop.time() >= next_resync:
                     await self._relist(scope)
                     next_resync = loop.time() + self.timings.resync_seconds
-                await in_daemon_thread(lambda: self._watch(scope, loop))
+                started = loop.time()
+                seen = await in_daemon_thread(lambda: self._watch(scope, loop))
+                if not seen and loop.time() - started < SHORT_WATCH:
+                    # Ended at once with nothing in it (a proxy closing the stream, a
+                    # server shedding load): without a pause this would be a loop of
+                    # requests. client-go's reflector calls it a "very short watch".
+                    log.warning("watch ended at once with no event; retrying after backoff",
+                                extra={"kind": self.singular, "scope": scope or "*",
+                                       "retry_seconds": backoff})
+                    self.on_restart()
+                    await self.sleep(backoff * (1 + random.random() / 2))
+                    backoff = min(backoff * 2, self.timings.max_retry_seconds)
+                    continue
                 backoff = self.timings.retry_seconds
             except Gone:
                 log.info("watch resourceVersion expired; re-listing",
@@ -218,8 +233,10 @@ class ListWatch(Generic[N]):
                 await self.sleep(backoff * (1 + random.random() / 2))
                 backoff = min(backoff * 2, self.timings.max_retry_seconds)
 
-    def _watch(self, scope: str | None, loop: asyncio.AbstractEventLoop) -> None:
-        """One watch request, in a thread; returns when the server ends it."""
+    def _watch(self, scope: str | None, loop: asyncio.AbstractEventLoop) -> int:
+        """One watch request, in a thread; returns, when the server ends it, how many
+        events (bookmarks included) it brought."""
+        seen = 0
         response = call_list(
             self.api, self.singular, scope, label_selector=self.selector, watch=True,
             allow_watch_bookmarks=True, resource_version=self.versions[scope],
@@ -230,6 +247,7 @@ class ListWatch(Generic[N]):
                 if not line:
                     continue
                 event = json.loads(line)
+                seen += 1
                 kind, obj = event.get("type"), event.get("object") or {}
                 if kind == "ERROR":
                     if obj.get("code") == 410:
@@ -244,6 +262,7 @@ class ListWatch(Generic[N]):
                     loop.call_soon_threadsafe(self.versions.__setitem__, scope, version)
         finally:
             response.release_conn()
+        return seen
 
     def _apply(self, kind: str, record: N) -> None:
         if kind == "DELETED":
