@@ -14,6 +14,7 @@ import zlib
 import aiohttp
 import pytest
 import yaml
+from multidict import CIMultiDict
 
 from webhook.admission import MAX_CONTAINERS, parse_review
 from webhook.certs import build_certificates, write_certificates
@@ -316,7 +317,9 @@ def compressed_hostile_review() -> bytes:
     return data
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", ["identity", "gzip"],
+                                      "identity, gzip", " GZIP "],
+                         ids=["gzip", "deflate", "two-headers", "two-codings", "spaced"])
 async def test_a_compressed_review_is_never_inflated_and_decoded_on_the_event_loop(
         client, runtime, encoding):
     # The Content-Length of a compressed body is its compressed size: a few KiB says
@@ -326,8 +329,10 @@ async def test_a_compressed_review_is_never_inflated_and_decoded_on_the_event_lo
     data = compressed_hostile_review()
     if encoding == "deflate":
         data = zlib.compress(gzip.decompress(data), 9)
-    async with client.post("/mutate", data=data, headers={
-            "Content-Type": "application/json", "Content-Encoding": encoding}) as r:
+    headers = CIMultiDict({"Content-Type": "application/json"})
+    for value in encoding if isinstance(encoding, list) else [encoding]:
+        headers.add("Content-Encoding", value)
+    async with client.post("/mutate", data=data, headers=headers) as r:
         status = r.status
         await r.read()
     assert status == 415
