@@ -681,3 +681,21 @@ async def test_which_pods_list_a_secret_is_read_live_from_every_pods_volumes(fak
     assert await source.pods_listing("shop", "k1") == ("own-volume", "relabelled")
     [(_, _, kwargs)] = [c for c in fake.calls if c[0] == "list_namespaced_pod"]
     assert "label_selector" not in kwargs
+
+
+def test_a_retire_or_pin_waits_out_keymounts_429_as_a_restore_does(keys, fake):
+    # Retiring a key is allowed only on a live read (docs/contract.md, "Refusals"): while
+    # keymount limits its live reads it answers 429, "retry in a few seconds". `keys
+    # retire` sends one patch; a 429 must be waited out (as `keys restore` does), not
+    # end the command after it has asked "Destroy the key material ...?".
+    answers = [api_error(429, "keymount is limiting live reads; retry in a few seconds")] * 3
+    slept = []
+
+    def patch(*args, **kwargs):
+        if answers:
+            raise answers.pop()
+        return Response({})
+    fake.answers["patch_namespaced_secret"] = patch
+    keys.sleep = slept.append
+    keys.patch_secret("shop", "k1", {"metadata": {"annotations": {"keymount.io/retired": "x"}}})
+    assert fake.names().count("patch_namespaced_secret") == 4 and len(slept) == 3

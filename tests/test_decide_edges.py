@@ -306,3 +306,34 @@ async def test_deleting_one_of_two_keys_that_share_a_number_is_still_allowed():
     runtime.store.replace_all([parse_key(a), parse_key(b)])
     verdict = await decide(runtime, req, "validate")
     assert verdict.result == "allowed", verdict.message
+
+
+def _legacy(secret):
+    secret["metadata"].pop("annotations", None)
+    return secret
+
+
+@pytest.mark.parametrize("case", ["rotated-then-retired", "pinned-then-retired"])
+async def test_a_retire_refused_on_a_cache_a_moment_behind_is_decided_on_a_live_read(case):
+    # `keys rotate` then `keys retire k1`: the CLI reads the namespace live (k2 is there)
+    # and patches; this replica's watch has not delivered k2 yet. Or `keys retire k1` in a
+    # keymount 0.1 namespace: the CLI pins the legacy keys, then patches the retirement a
+    # millisecond later, before the pins reach this cache. The cache's refusal ("the
+    # active key", "pin them first") would stand, telling the user to do what they just
+    # did: it is decided on a live read instead, as an allowed retirement is.
+    k1 = key_secret("k1", random_key(), index=1)
+    k2 = key_secret("k2", random_key(), index=2,
+                    annotations={"keymount.io/numbers-used": "1-2"})
+    if case == "rotated-then-retired":
+        cached = [k1]
+    else:
+        cached = [_legacy(json.loads(json.dumps(k1))), _legacy(json.loads(json.dumps(k2)))]
+    retired = {**k1, "data": {}, "metadata": {**k1["metadata"], "annotations": {
+        **k1["metadata"]["annotations"], "keymount.io/retired": "2026-12-01T00:00:00Z"}}}
+    source = FakeSource({"shop": keyring_of(k1, k2)})
+    runtime = runtime_of(source)
+    req, runtime.writers = key_review("UPDATE", k1, retired, name="k1")
+    runtime.store.replace_all([parse_key(s) for s in cached])
+    verdict = await decide(runtime, req, "validate")
+    assert verdict.result == "allowed", verdict.message
+    assert source.reads == ["shop"]

@@ -1116,3 +1116,75 @@ def test_a_pin_does_not_carry_an_invalidating_change_past_the_guard(user):
     assert verdict.result == "denied", verdict.key.action
     after = keyring_of(keys[0], keys[1], changed)
     assert [r.name for r in after.invalid] == ["k3"]
+
+
+def _as_update(old, new, *, settings, keyring, user):
+    body = review(new, kind="Secret", operation="UPDATE", old=old, username=user)
+    body["request"]["name"] = old["metadata"]["name"]
+    mutation = review_mutation(parse_review(json.dumps(body).encode()), keyring=keyring,
+                               settings=settings, now=NOW)
+    assert mutation.response["allowed"] is True
+    if "patch" in mutation.response:
+        ops = json.loads(base64.b64decode(mutation.response["patch"]))
+        body["request"]["object"] = jsonpatch.apply_patch(new, ops)
+    return review_validation(parse_review(json.dumps(body).encode()), keyring=keyring,
+                             settings=settings, writers=ALICE_WRITES)
+
+
+@pytest.mark.parametrize("replacement", ["own-key-as-base64", "removed"])
+def test_a_non_writer_cannot_rewrite_the_bytes_of_a_key_made_invalid_by_a_setting(
+        replacement):
+    # k2 (number 2, the active key until --key-encoding raw) holds base64 text: invalid
+    # to the webhook now, its bytes intact, its deletion and unlabelling refused. Running
+    # Pods list it (a source that is not optional) and the kubelet syncs its data into
+    # them; applications' readers take base64 too (keymount.reader). So whoever may
+    # update Secrets must not touch those bytes: removed, data under number 2 is lost;
+    # replaced by base64 of a key of their own (still invalid to the webhook), running
+    # Pods get it as encryption-key-2 at their next sync and encrypt with it, and it is
+    # the namespace's active key again once the setting is put back.
+    settings = Settings(key_encoding="raw")
+    k1, k2 = _keys()
+    ring = build_keyring("shop", [parse_key_secret(s, settings=settings) for s in (k1, k2)])
+    assert [r.name for r in ring.invalid] == ["k2"]
+    changed = copy.deepcopy(k2)
+    if replacement == "removed":
+        changed["data"] = {}
+    else:
+        changed["data"]["encryption-key"] = base64.b64encode(
+            base64.b64encode(random_key())).decode()
+    verdict = _as_update(k2, changed, settings=settings, keyring=ring, user="mallory")
+    assert verdict.result == "denied", (
+        "a user who is no key writer rewrote the key material of k2 (number 2)")
+
+
+@pytest.mark.parametrize("listed_by", [("api-0",), None], ids=["listed", "not-read-yet"])
+def test_an_invalid_key_that_running_pods_list_is_not_unlabelled_out_of_the_guard(listed_by):
+    # A legacy key (keymount 0.1: no number of keymount's) made invalid by
+    # --key-encoding raw, its bytes intact; Pod api-0 was admitted while it was valid and
+    # lists it as encryption-key-2. Its DELETE is refused while a Pod lists it. Removing
+    # its key label takes it out of the webhooks' sight (objectSelector): then anyone who
+    # may write Secrets deletes it and creates their own 'k2', or just rewrites its data,
+    # and the kubelet gives api-0 their bytes as encryption-key-2.
+    settings = Settings(key_encoding="raw")
+    k1 = key_secret("k1", random_key(), created="2026-01-01T00:00:00Z")
+    k2 = key_secret("k2", None, created="2026-02-01T00:00:00Z")
+    k2["data"]["encryption-key"] = base64.b64encode(base64.b64encode(random_key())).decode()
+    ring = build_keyring("shop", [parse_key_secret(s, settings=settings) for s in (k1, k2)])
+    assert [r.name for r in ring.invalid] == ["k2"]
+    assert _delete(k2, settings=settings, keyring=ring,
+                   listed_by=listed_by).result != "allowed"
+    unlabelled = copy.deepcopy(k2)
+    unlabelled["metadata"]["labels"] = {}
+    body = review(unlabelled, kind="Secret", operation="UPDATE", old=k2, username="alice")
+    body["request"]["name"] = "k2"
+    verdict = review_validation(parse_review(json.dumps(body).encode()), keyring=ring,
+                                settings=settings, writers=ALICE_WRITES, listed_by=listed_by)
+    assert verdict.result != "allowed", (
+        "k2's deletion is refused while api-0 lists it, yet its key label may be removed, "
+        "after which keymount never sees its deletion or a change of its bytes")
+    if listed_by is None:
+        assert verdict.key.needs_pods  # the server reads the Pods and asks again
+    # And once no Pod lists it, it may go.
+    verdict = review_validation(parse_review(json.dumps(body).encode()), keyring=ring,
+                                settings=settings, writers=ALICE_WRITES, listed_by=())
+    assert verdict.result == "allowed", verdict.message

@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -384,6 +385,7 @@ def current_namespace(*, kubeconfig: str | None, context: str | None) -> str:
 
 T = TypeVar("T")
 THROTTLED = 429  # keymount's refusal while it limits live reads (webhook/decisions.py)
+PATCH_PATIENCE = 120.0  # how long a judged patch (retire, pin) waits out keymount's 429s
 
 
 def list_items(response: Any) -> list[ApiObject]:
@@ -422,6 +424,7 @@ class KeyClient:
         self.apps = client.AppsV1Api(api_client)
         self.custom = client.CustomObjectsApi(api_client)
         self.settings = settings
+        self.sleep: Callable[[float], None] = time.sleep
 
     @classmethod
     def from_kubeconfig(cls, *, kubeconfig: str | None, context: str | None,
@@ -707,11 +710,25 @@ class KeyClient:
 
     def patch_secret(self, namespace: str, name: str, patch: ApiObject) -> None:
         """A strategic merge patch of one Secret (`null` deletes a field); keymount's
-        guard judges it."""
-        self._call(self.api.patch_namespaced_secret, name, namespace, patch,
-                   _preload_content=False, errors={
-                       404: f"secret {name!r} not found in namespace {namespace!r}; "
-                            f"`keymount keys list -n {namespace}` shows its keys"})
+        guard judges it. Retiring is judged only on a live read: keymount's 429 while it
+        limits them is waited out (0.05 s doubling to 1 s), as a restore does."""
+        deadline, delay = time.monotonic() + PATCH_PATIENCE, 0.05
+        while True:
+            try:
+                self.api.patch_namespaced_secret(name, namespace, patch,
+                                                 _preload_content=False)
+                return
+            except ApiException as exc:
+                if exc.status == THROTTLED and time.monotonic() + delay <= deadline:
+                    self.sleep(delay)
+                    delay = min(delay * 2, 1.0)
+                    continue
+                raise ClusterError(
+                    f"secret {name!r} not found in namespace {namespace!r}; `keymount keys "
+                    f"list -n {namespace}` shows its keys" if exc.status == 404
+                    else describe_api_error(exc)) from None
+            except Exception as exc:  # connection refused, TLS, timeouts
+                raise ClusterError(describe_api_error(exc)) from None
 
     def _workload_api(self, kind: str) -> tuple[Callable[..., Any], Callable[..., Any]]:
         singular = {"Deployment": "deployment", "StatefulSet": "stateful_set",

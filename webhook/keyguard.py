@@ -340,7 +340,15 @@ def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
                 f"keymount keys retire {change.name} -n {change.namespace}",
                 number=before.index)
         if before.state == "invalid":
-            return _writer_only(change, writers, "updated", "remove the key label from")
+            if not writers.allows(change.requester):
+                return _writer_refusal(change, writers, "remove the key label from")
+            # Unlabelled, its DELETE (or a change of its bytes) never reaches keymount:
+            # while Pods list it, the same refusal as a delete.
+            listing = _still_listed(change.name, change.namespace, before, listed_by,
+                                    instead=f"Retire it instead (it keeps the name): "
+                                            f"keymount keys retire {change.name} -n "
+                                            f"{change.namespace}")
+            return listing or KeyDecision(True, "updated")
         return _refused(
             f"this update removes the key label from key Secret {change.name!r} in namespace "
             f"{change.namespace!r} (number {_number(before, keyring)}); keymount would stop "
@@ -665,6 +673,11 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"{number}) invalid: {after.check.reason}. A key stays a key until it is "
             f"retired, which removes its key material: keymount keys retire {name} -n {ns}",
             fingerprint=before.fingerprint)
+    if before.state == "invalid" and _data_changed(change) and \
+            not writers.allows(change.requester):
+        # A key made invalid by a setting keeps its bytes, and running Pods that list it
+        # receive whatever its data becomes (applications' readers take either encoding).
+        return _writer_refusal(change, writers, "change the data of")
     if before.state == "invalid" and after.state != "invalid":
         # A numbered key made invalid by a settings change (is_new_key takes the rest).
         if not writers.allows(change.requester):
@@ -680,6 +693,13 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"numbered for good together with {NUMBERS_USED_ANNOTATION}: keymount keys pin "
             f"-n {ns}", fingerprint=before.fingerprint)
     return KeyDecision(True, "none", fingerprint=before.fingerprint)
+
+
+def _data_changed(change: KeyChange) -> bool:
+    """Whether an update changes any data field of the Secret (stored bytes, whole)."""
+    old, new = change.old or {}, change.new or {}
+    return (as_dict(old.get("data")) != as_dict(new.get("data"))
+            or bool(new.get("stringData")))
 
 
 def _slot_kept(change: KeyChange, slot: KeyRecord, act: str) -> str:
@@ -892,13 +912,15 @@ def _guard_retire(change: KeyChange, before: KeyRecord, *, keyring: Keyring,
             f"namespace {ns!r} still has keys made before keymount numbered keys "
             f"({', '.join(r.name for r in keyring.legacy)}); retiring any key could "
             f"renumber them. Pin them first (it moves no file): keymount keys pin -n {ns}",
-            fingerprint=before.fingerprint)
+            fingerprint=before.fingerprint, key_state=True)
     newest = keyring.newest
     if newest is not None and newest.name == name:
         return _refused(
             f"key Secret {name!r} in namespace {ns!r} is the active key (number "
             f"{before.index}): applications encrypt new data with it. Add a new key first, "
             f"then retire this one: keymount keys rotate -n {ns}",
-            number=before.index, fingerprint=before.fingerprint)
+            number=before.index, fingerprint=before.fingerprint, key_state=True)
+    # Both refusals above are on the keyring, which a cache a moment behind may state
+    # wrongly (a key just added, pins just written): key_state, a live read decides.
     return KeyDecision(True, "retired", number=before.index, fingerprint=before.fingerprint,
                        on_keyring=True)
