@@ -344,11 +344,8 @@ def guard_key_secret(change: KeyChange, *, keyring: Keyring, settings: Settings,
                 return _writer_refusal(change, writers, "remove the key label from")
             # Unlabelled, its DELETE (or a change of its bytes) never reaches keymount:
             # while Pods list it, the same refusal as a delete.
-            listing = _still_listed(change.name, change.namespace, before, listed_by,
-                                    instead=f"Retire it instead (it keeps the name): "
-                                            f"keymount keys retire {change.name} -n "
-                                            f"{change.namespace}")
-            return listing or KeyDecision(True, "updated")
+            return _retire_while_listed(change.name, change.namespace, before,
+                                        listed_by) or KeyDecision(True, "updated")
         return _refused(
             f"this update removes the key label from key Secret {change.name!r} in namespace "
             f"{change.namespace!r} (number {_number(before, keyring)}); keymount would stop "
@@ -445,9 +442,7 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
         # user knows which one their data was encrypted with (keys.describe_conflict).
         # Pods admitted before the second one came list this one: its name stays while
         # they run (retiring it also resolves the conflict, and keeps the name).
-        listing = _still_listed(name, ns, old, listed_by,
-                                instead=f"Retire it instead (it keeps the name): keymount "
-                                        f"keys retire {name} -n {ns}")
+        listing = _retire_while_listed(name, ns, old, listed_by)
         if listing:
             return listing
         return KeyDecision(True, "deleted", number=old.index if old.index_explicit else None,
@@ -469,9 +464,7 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"its number reserved): keymount keys retire {name} -n {ns}",
             number=old.index)
     if old.state == "invalid":
-        listing = _still_listed(name, ns, old, listed_by,
-                                instead=f"Retire it instead (it keeps the name): keymount "
-                                        f"keys retire {name} -n {ns}")
+        listing = _retire_while_listed(name, ns, old, listed_by)
         if listing:
             return listing
     if old.state == "retired" and old.index_explicit and not any(
@@ -489,6 +482,14 @@ def _guard_delete(change: KeyChange, *, keyring: Keyring, settings: Settings,
         if listing:
             return listing
     return KeyDecision(True, "deleted", number=old.index if old.index_explicit else None)
+
+
+def _retire_while_listed(name: str, ns: str, old: KeyRecord,
+                         listed_by: tuple[str, ...] | None) -> KeyDecision | None:
+    """`_still_listed` for a key Secret that retiring keeps: it keeps the name."""
+    return _still_listed(name, ns, old, listed_by,
+                         instead=f"Retire it instead (it keeps the name): keymount keys "
+                                 f"retire {name} -n {ns}")
 
 
 def _still_listed(name: str, ns: str, old: KeyRecord, listed_by: tuple[str, ...] | None,
