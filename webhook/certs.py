@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import ipaddress
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -21,6 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .files import replace_file
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,18 +109,7 @@ def write_certificates(out: Path, pems: dict[str, bytes]) -> CertFiles:
     """Write atomically; private keys are created 0600 and never world-readable."""
     out.mkdir(parents=True, exist_ok=True)
     for name, data in pems.items():
-        mode = 0o600 if name.endswith(".key") else 0o644
-        # A new file of a random name (O_EXCL, O_NOFOLLOW, 0600): never a file or link
-        # someone else planted at a fixed temporary name, who could read what is written.
-        fd, tmp = tempfile.mkstemp(dir=out, prefix=f".{name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as handle:
-                os.fchmod(handle.fileno(), mode)
-                handle.write(data)
-            os.replace(tmp, out / name)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_file(out / name, data, mode=0o600 if name.endswith(".key") else 0o644)
     return CertFiles(out / "ca.crt", out / "ca.key", out / "tls.crt", out / "tls.key")
 
 

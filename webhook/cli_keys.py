@@ -30,6 +30,7 @@ from .cli_common import (
 )
 from .config import Settings
 from .errors import PolicyUnknown, UserFacingError
+from .files import replace_file
 from .key_secrets import ApiObject, SlotOutcome
 from .keys import (
     KeyRecord,
@@ -749,9 +750,6 @@ def decrypt_backup(args: argparse.Namespace, path: str) -> list[BackedUpKey]:
 
 
 def cmd_backup(args: argparse.Namespace) -> int:
-    import os
-    import tempfile
-
     from .backup import collect, encode, encrypt
     from .key_secrets import parse_key_secret
     from .lifecycle import records_by_namespace
@@ -780,17 +778,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
     # file of a random name (O_EXCL, O_NOFOLLOW), never a link planted at a fixed one.
     target = Path(args.output_file)
     try:
-        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.",
-                                   suffix=".tmp")
+        replace_file(target, ciphertext)
     except OSError as exc:
-        raise UserFacingError(f"cannot write {target}: {exc.strerror}; nothing was "
-                              f"written") from None
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(ciphertext)
-        os.replace(tmp, target)
-    except OSError as exc:
-        os.unlink(tmp)
         raise UserFacingError(f"cannot write {target}: {exc.strerror}; nothing was "
                               f"written") from None
     namespaces = sorted({k.namespace for k in keys})
