@@ -264,6 +264,17 @@ def test_a_staged_manifest_holds_the_key_in_the_staged_field_of_the_next_slot():
     assert records(manifest)[0].state == "staged"
 
 
+@pytest.mark.parametrize("staged", [True, False], ids=["stage", "activate-now"])
+def test_the_next_slots_manifest_is_refused_while_a_key_is_staged(staged):
+    # `keys create --dry-run` previews what `keys create` would write: nothing then.
+    ring = build_keyring("shop", records(key_secret("keymount-key-1", random_key(), index=1),
+                                         staged_secret(2, random_key()), slot_secret(3)))
+    with pytest.raises(UserFacingError) as refused:
+        slot_manifest(ring, key=random_key(), name=None, settings=SETTINGS, staged=staged)
+    assert "has a staged key, keymount-key-2" in str(refused.value)
+    assert "keymount keys activate -n shop" in str(refused.value)
+
+
 @pytest.mark.parametrize(("secrets", "reserved"), [
     (lambda: [staged_secret(2, random_key()), slot_secret(3)], []),
     (lambda: [staged_secret(2, random_key())], [3]),

@@ -380,8 +380,11 @@ def slot_manifest(keyring: Keyring, *, key: bytes, name: str | None,
     `kubectl apply` of it is an update of that slot, and running Pods get it), or makes
     the next number's slot name when the namespace has none. Under `name`, a key of
     the next number that running Pods get only by a restart. With `staged`, the key
-    is in the staged field: a staged key."""
+    is in the staged field: a staged key. Without `name`, it is refused while a key is
+    staged, as filling the slot would be (`fill_next_slot`)."""
     from .key_secrets import build_key_secret
+    if name is None:
+        refuse_beside_staged(keyring)
     free = keyring.free_slots
     if name is None and free:
         slot = free[0]
