@@ -265,6 +265,23 @@ def test_a_backend_pod_must_deliver_every_valid_key_and_state_them_truly(sources
     assert verdict.response["allowed"] is allowed, verdict.message
 
 
+def test_a_pod_relabelled_into_a_backend_pod_meets_the_namespace_refusals_of_a_new_one():
+    """Under --invalid-keys deny (the default) a new backend Pod is refused while the
+    namespace holds an invalid key Secret; gaining the label is no way around that."""
+    broken = keyring_of(key_secret("key-a", random_key(), index=1),
+                        key_secret("key-b", random_key(), index=2), slot_secret(3),
+                        slot_secret(4), key_secret("typo", b"not a key"))
+    new = hand_made(EVERY_KEY, status=status_of(broken, "key-a", "key-b"))
+    assert check_final_pod(request_of(new), view(broken)).response["allowed"] is True
+    assert inject_pod(request_of(pod()), view(broken)).response["allowed"] is False
+    old = hand_made(EVERY_KEY, labels={"app": "web"}, status=status_of(broken, "key-a", "key-b"))
+    verdict = check_pod_relabel(request_of(new, operation="UPDATE", old=old), view(broken))
+    assert verdict.response["allowed"] is False
+    assert "typo: " in verdict.message and "cannot become a backend Pod" in verdict.message
+    # A cache a moment behind never refuses: the same live read as for a new Pod.
+    assert verdict.key_state is True
+
+
 def test_a_missing_key_is_confirmed_on_a_live_read_before_refusing():
     # The cache may show a key the mutating webhook had not seen yet.
     verdict = check_final_pod(request_of(hand_made(OLD_KEY_ONLY, status=status_of(
@@ -327,6 +344,19 @@ def test_an_ephemeral_container_may_not_mount_the_keys():
     after["metadata"]["finalizers"] = []
     verdict = check_pod_relabel(request_of(after, operation="UPDATE", old=before), view())
     assert verdict.response["allowed"] is True, verdict.message
+
+
+def test_a_debugger_that_mounted_the_keys_before_the_check_lets_no_other_one_do_so():
+    """The one added before keymount checked stays; each later one is judged on its own,
+    not against the first problem the old Pod already had."""
+    before = with_debugger(injected_pod())
+    after = json.loads(json.dumps(before))
+    after["spec"]["ephemeralContainers"].append({
+        "name": "second", "image": "busybox", "targetContainerName": "app",
+        "volumeMounts": [{"name": "keymount-encryption-keys", "mountPath": "/tmp/again"}]})
+    verdict = check_pod_relabel(request_of(after, operation="UPDATE", old=before), view())
+    assert verdict.response["allowed"] is False
+    assert "'second'" in verdict.message
 
 
 # --- the key-Secret decisions ---------------------------------------------------------

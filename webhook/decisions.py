@@ -35,6 +35,8 @@ from .config import STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .injection import (
     FILE_MODE,
     Injected,
+    check_keyring,
+    ephemeral_containers,
     find_mount_problem,
     inject_keys,
     needs_keys,
@@ -253,6 +255,15 @@ def check_pod_relabel(request: AdmissionRequest, view: View) -> Verdict:
         if problem_text is None:
             return Verdict("allowed", allowed())
         return Verdict("denied", denied(f"backend Pod {request.object_name!r}: {problem_text}"))
+    # Judged as a new backend Pod is: the namespace's refusals first (an invalid key
+    # under --invalid-keys deny, two keys with one number), or a label would let in the
+    # Pod that creating it with the label would not.
+    refusal = check_keyring(view.keyring, settings=settings)
+    if refusal is not None:
+        return Verdict("denied", denied(
+            f"Pod {request.object_name!r} cannot become a backend Pod "
+            f"({settings.pod_selector}) by a label change, as no new one can be created "
+            f"now: {refusal.message}"), key_state=refusal.from_key_state)
     problem = find_injection_problem(pod, keyring=view.keyring, settings=settings)
     if problem is None:
         return Verdict("allowed", allowed())
@@ -455,14 +466,14 @@ def _backend_pod_change(pod: Mapping[str, Any], old: Mapping[str, Any], *,
                 f"status` shows which keys each backend Pod has)")
     # Ephemeral containers are never selected: the targets play no part. They are only
     # ever added, so one that mounted the keys before this check existed stays, and
-    # must not keep every later update (a finalizer's removal) from the Pod.
-    problem = find_mount_problem(as_dict(pod.get("spec")), [], settings=settings,
-                                 injected=False, ephemeral_only=True)
-    if problem is None or problem == find_mount_problem(
-            as_dict(old.get("spec")), [], settings=settings, injected=False,
-            ephemeral_only=True):
-        return None
-    return problem
+    # must not keep every later update (a finalizer's removal) from the Pod. Only the
+    # ones this update adds (or changes) are judged: compared with the old Pod's first
+    # problem instead, that one would let every later debugger mount the keys too.
+    before = {str(c.get("name")): c for _, c in ephemeral_containers(as_dict(old.get("spec")))}
+    added = [c for _, c in ephemeral_containers(as_dict(pod.get("spec")))
+             if before.get(str(c.get("name"))) != c]
+    return find_mount_problem({"ephemeralContainers": added}, [], settings=settings,
+                              injected=False, ephemeral_only=True)
 
 
 # How long before a Pod's creation a key may have been made and still be missing from
