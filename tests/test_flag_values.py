@@ -16,6 +16,11 @@ BAD = [
     ("--port", "0", "use a port number, 1 to 65535"),
     ("--port", "70000", "use a port number, 1 to 65535"),
     ("--request-timeout", "0", "use a number of seconds, more than 0"),
+    # A finite rate whose burst (twice it) overflows a float took serve down with a
+    # traceback (OverflowError) instead of a line.
+    ("--live-reads-per-second", "1e308", "use a rate, more than 0 and at most 10000"),
+    ("--controller-writes-per-second", "1e308",
+     "use a rate, more than 0 and at most 10000"),
 ]
 CASES = [
     *[pytest.param("env", *case, id=f"env-{case[0][2:]}={case[1]}") for case in BAD],

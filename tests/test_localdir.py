@@ -133,6 +133,23 @@ async def test_the_store_becomes_ready_after_the_first_full_load(directory):
     assert store.ready
 
 
+async def test_a_manifest_unreadable_at_start_holds_readiness_back_until_it_reads(
+        directory, caplog):
+    # At start no file has previous keys to keep: a ready store without b.yaml's key
+    # would inject backend Pods without it (keymount inject refuses to, for the same
+    # reason). serve retries the first load, /readyz 503, until the file reads.
+    (directory / "b.yaml").write_text("kind: Secret\n  bad: [indent\n")
+    store = KeyStore()
+    source = DirectoryKeySource(directory, settings=SETTINGS, store=store)
+    with pytest.raises(ManifestError, match=r"b\.yaml"):
+        await source.load()
+    assert not store.ready and store.keyring("shop").keys == ()
+    (directory / "b.yaml").write_text(yaml.safe_dump(key_secret("b", random_key())))
+    await source.load()
+    assert store.ready
+    assert [r.name for r in store.keyring("shop").keys] == ["a", "b"]
+
+
 async def test_an_unchanged_directory_does_not_rebuild_the_keyrings(directory):
     store = KeyStore()
     source = DirectoryKeySource(directory, settings=SETTINGS, store=store)

@@ -29,6 +29,7 @@ from .cli_common import (
     add_switch,
     build_key_writers,
     build_settings,
+    per_second,
     port,
     read_input,
     seconds,
@@ -313,7 +314,7 @@ def add_serve(commands: SubParsers) -> None:
     add_flag(p, "--max-buffered-mib", default=64, type=whole(1),
              help="request bytes buffered over all connections before reading pauses")
     add_flag(p, "--live-reads-per-second", default=10.0,
-             type=seconds(zero=False, what="a rate"),
+             type=per_second,
              help="live reads of the API server (before a refusal, for a new key's "
                   "number); coalesced per namespace, past this rate refusals stand")
     add_flag(p, "--event-loop", default="uvloop", choices=("uvloop", "asyncio"),
@@ -334,7 +335,7 @@ def add_serve(commands: SubParsers) -> None:
     # 23-27% of CPU a request; at 4, measured, 7.5% (README, "The controller at
     # scale"). Rotations are due every few weeks: spreading a wave over hours is fine.
     add_flag(p, "--controller-writes-per-second", default=4.0,
-             type=seconds(zero=False, what="a rate"),
+             type=per_second,
              help="the controller's writes to the API server (slots, keys, status); a "
                   "wave of namespaces due at once is spread at this rate")
     add_settings_flags(p)

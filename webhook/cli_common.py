@@ -132,18 +132,27 @@ def whole(low: int, high: int | None = None, *,
 port = whole(1, 65535, what="a port number")
 
 
-def seconds(*, zero: bool, what: str = "a number of seconds") -> Callable[[str], float]:
-    """A finite number, above 0 (or 0 too when `zero`)."""
-    wanted = f"{what}, " + ("0 or more" if zero else "more than 0")
+def seconds(*, zero: bool, what: str = "a number of seconds",
+            most: int | None = None) -> Callable[[str], float]:
+    """A finite number, above 0 (or 0 too when `zero`), and at most `most`."""
+    wanted = f"{what}, " + ("0 or more" if zero else "more than 0") + (
+        "" if most is None else f" and at most {most}")
     def number(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
             raise ValueError(f"use {wanted}") from None
-        if not math.isfinite(value) or value < 0 or (value == 0 and not zero):
+        if not math.isfinite(value) or value < 0 or (value == 0 and not zero) or (
+                most is not None and value > most):
             raise ValueError(f"use {wanted}")
         return value
     return number
+
+
+# A rate's burst is twice it, as a whole number: past about 9e307 that overflowed (a
+# traceback at start). No API server takes ten thousand reads or writes a second from
+# one client; the defaults are 10 and 4.
+per_second = seconds(zero=False, what="a rate", most=10_000)
 
 
 def parse_duration(text: str) -> timedelta:

@@ -262,6 +262,14 @@ class DirectoryKeySource:
             records = await asyncio.to_thread(self.scan)
             for level, path, message in self.news:
                 log.log(level, message, extra={"file": str(path)})
+            if self.errors and not self.store.ready:
+                # At start an unreadable file has no previous keys to keep: serving now
+                # would inject backend Pods without its keys (keymount inject refuses
+                # to). The first load is retried, /readyz 503, until every file reads.
+                raise ManifestError(
+                    f"cannot read key manifests in --keys-from {self.directory}: "
+                    + "; ".join(self.errors.values())
+                    + "; fix these files or move them out of the directory")
             # Rebuild the keyrings only when a file changed: the poll runs every second.
             if self.changed or not self.store.ready:
                 self.store.replace_all(records)

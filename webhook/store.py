@@ -9,6 +9,7 @@ the event loop thread; sources that run in threads hand their results over to it
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 
@@ -37,7 +38,15 @@ class KeyStore:
     def __init__(self) -> None:
         self._records: dict[str, dict[str, KeyRecord]] = {}
         self._rings: dict[str, Keyring] = {}
-        self._versions: Counter[str] = Counter()  # bumped whenever a namespace changes
+        # version(): bumped whenever a namespace changes. Kept only for namespaces that
+        # hold key Secrets: reviews name any namespace, and each key-state refusal lists
+        # it live, so an entry per name read would grow without bound. Numbers come from
+        # one counter, and a namespace emptied takes the newest (`_emptied`), so no
+        # namespace ever shows a version it showed before (LiveReads reuses a read only
+        # while its version stands).
+        self._versions: dict[str, int] = {}
+        self._changes = itertools.count(1)
+        self._emptied = 0
         self._deleted: OrderedDict[tuple[str, str], int] = OrderedDict()
         # The revision of the newest list of each namespace: a Secret it did not hold was
         # gone by then, so an older event for it (a lagging watch) cannot bring it back.
@@ -52,7 +61,7 @@ class KeyStore:
         self.listeners: list[Callable[[str], None]] = []
 
     def version(self, namespace: str) -> int:
-        return self._versions[namespace]
+        return self._versions.get(namespace, self._emptied)
 
     def keyring(self, namespace: str) -> Keyring:
         ring = self._rings.get(namespace)
@@ -149,14 +158,16 @@ class KeyStore:
 
     def _rebuild(self, namespaces: Iterable[str]) -> None:
         for ns in namespaces:
-            self._versions[ns] += 1
             before = self._rings.get(ns)
             records = self._records.get(ns)
             if records:
                 self._rings[ns] = build_keyring(ns, records.values())
+                self._versions[ns] = next(self._changes)
             else:
                 self._records.pop(ns, None)
                 self._rings.pop(ns, None)
+                if self._versions.pop(ns, None) is not None:
+                    self._emptied = next(self._changes)
             # Only a real change: a resync's re-list rebuilds every namespace.
             if self.listeners and self._rings.get(ns) != before:
                 for listener in self.listeners:
