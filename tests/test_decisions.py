@@ -515,3 +515,36 @@ def test_a_staging_is_judged_only_against_a_live_read(handler, source, key_state
                                     now=datetime(2026, 12, 2, 13, 0, tzinfo=UTC)))
     assert verdict.key_state is key_state
     assert (verdict.result == "denied") is key_state
+
+
+def test_checking_a_volume_of_many_sources_costs_the_same_against_many_keys():
+    # A forged /validate review may list one key source tens of thousands of times:
+    # each was looked up by a scan of the namespace's keys, so 70,000 sources against
+    # 1,000 keys took seconds of the one large-review worker. Looked up in maps built
+    # once per keyring, the keyring's size no longer multiplies the work (a ratio of
+    # two timings in one run, robust to the machine's speed).
+    import time
+
+    from webhook.decisions import find_injection_problem
+    from webhook.injection import inject_keys
+
+    def seconds_to_check(keys: int) -> float:
+        ring = keyring_of(*(key_secret(f"key-{i}", random_key(), index=i)
+                            for i in range(1, keys + 1)), namespace="shop")
+        injected = inject_keys(pod(), keyring=ring, settings=SETTINGS).apply(pod())
+        volume = next(v for v in injected["spec"]["volumes"]
+                      if v["name"] == "keymount-encryption-keys")
+        sources = volume["projected"]["sources"]
+        newest = next(s for s in sources if s["secret"]["name"] == f"key-{keys}")
+        sources[:] = [*sources, *[newest] * 20_000]  # the last a scan would reach
+        find_injection_problem(injected, keyring=ring, settings=SETTINGS)  # warm
+        best = float("inf")
+        for _ in range(3):
+            started = time.perf_counter()
+            found = find_injection_problem(injected, keyring=ring, settings=SETTINGS)
+            best = min(best, time.perf_counter() - started)
+            assert found is not None and "annotation" in found[0]
+        return best
+
+    few, many = seconds_to_check(10), seconds_to_check(1000)
+    assert many < 4 * few, (few, many)

@@ -428,18 +428,30 @@ class Keyring:
         return tuple(r for r in self.slots if r.index > active)
 
     def find(self, name: str) -> KeyRecord | None:
-        return next((r for r in (*self.keys, *self.invalid, *self.retired, *self.slots,
-                                 *self.staged_keys) if r.name == name), None)
+        return self._names()[0].get(name)
 
     def number_of(self, name: str) -> int | None:
         """The number of a valid key, or of a tombstone, slot or staged key; None for
         anything else."""
-        for key_file in self.files:
-            if key_file.secret == name:
-                return key_file.number
-        record = next((r for r in (*self.retired, *self.slots, *self.staged_keys)
-                       if r.name == name), None)
-        return record.index if record is not None and record.index_explicit else None
+        return self._names()[1].get(name)
+
+    def _names(self) -> tuple[dict[str, KeyRecord], dict[str, int]]:
+        """`find` and `number_of` as two maps, built once per keyring: a review's volume
+        may name thousands of sources, each looked up (a scan per lookup was seconds of
+        work for a forged review against a namespace of many keys)."""
+        def build() -> tuple[dict[str, KeyRecord], dict[str, int]]:
+            records: dict[str, KeyRecord] = {}
+            for r in (*self.keys, *self.invalid, *self.retired, *self.slots,
+                      *self.staged_keys):
+                records.setdefault(r.name, r)  # the first, as a scan finds it
+            numbers: dict[str, int | None] = {}
+            for key_file in self.files:
+                numbers.setdefault(key_file.secret, key_file.number)
+            for r in (*self.retired, *self.slots, *self.staged_keys):
+                numbers.setdefault(r.name, r.index if r.index_explicit else None)
+            return records, {n: i for n, i in numbers.items() if i is not None}
+        names: tuple[dict[str, KeyRecord], dict[str, int]] = self.derive("names", build)
+        return names
 
     def holder_of(self, number: int) -> KeyRecord | None:
         """The valid key, tombstone, slot or staged key that holds `number` now, if
