@@ -122,6 +122,23 @@ def test_reinvocation_after_a_key_is_added_replaces_the_volume_in_place():
     assert len(twice["spec"]["containers"][0]["volumeMounts"]) == 2
 
 
+@pytest.mark.parametrize("given", ["//run/keys", "//run/keys/", "/run//keys", "/run/./keys"],
+                         ids=["leading-double-slash", "and-trailing", "inner", "dot"])
+def test_a_mount_path_flag_is_read_as_the_kubelet_reads_pod_mount_paths(given):
+    # Kept as `//run/keys`, another volume at /run/keys would not count as a conflict.
+    settings = Settings(mount_path=given)
+    assert settings.mount_path == "/run/keys"
+    obj = pod(container("app", volumeMounts=[{"name": "mine", "mountPath": "/run/keys"}]))
+    outcome = refused(obj, settings=settings)
+    assert outcome.reason == "mount-conflict" and "'mine'" in outcome.message
+
+
+@pytest.mark.parametrize("given", ["/", "//", "/."], ids=["root", "double", "dot"])
+def test_the_root_directory_is_no_mount_path(given):
+    with pytest.raises(ValueError, match="container's root directory"):
+        Settings(mount_path=given)
+
+
 def test_mount_path_is_configurable():
     result, _ = injected(pod(), settings=Settings(mount_path="/run/keys/"))
     assert result["spec"]["containers"][0]["volumeMounts"][0]["mountPath"] == "/run/keys"

@@ -39,7 +39,14 @@ class Settings:
     def __post_init__(self) -> None:
         if not self.mount_path.startswith("/"):
             raise ValueError(f"--mount-path {self.mount_path!r} must be an absolute path")
-        object.__setattr__(self, "mount_path", posixpath.normpath(self.mount_path))
+        # As injection.normalize_path reads Pods' mount paths: normpath keeps a leading
+        # `//` (POSIX leaves it to the system), which the kubelet does not.
+        normal = posixpath.normpath("/" + self.mount_path.lstrip("/"))
+        if normal == "/":
+            raise ValueError(f"--mount-path {self.mount_path!r} is the container's root "
+                             f"directory; use a directory of its own (the default is "
+                             f"{DEFAULT_MOUNT_PATH})")
+        object.__setattr__(self, "mount_path", normal)
         if self.invalid_keys not in ("deny", "skip"):
             raise ValueError(f"--invalid-keys must be deny or skip, not {self.invalid_keys!r}")
         if self.key_encoding not in ("auto", "raw", "base64"):
