@@ -261,3 +261,64 @@ def test_a_backup_file_is_read_as_a_stream_and_refused_whole_when_damaged(
         return
     with pytest.raises(BackupError, match="nothing was restored"):
         decrypt_file(str(path), **how)
+
+
+def test_a_backed_up_key_and_a_restore_plan_print_no_key_bytes():
+    """A decrypted backup entry holds the key's bytes; printing it (a debugger, an error
+    reporter that shows a traceback's locals, pytest --showlocals) must show its
+    fingerprint and never the bytes, as DecodedKey keeps its key out of repr()."""
+    import base64
+    import dataclasses
+    import traceback
+    secrets, rings, keys = three_keys()
+    identity = x25519.Identity.generate()
+    restored = decrypt(encrypt(encode(collect(secrets, rings, settings=SETTINGS)),
+                               recipients=[str(identity.to_public())]), identities=[identity])
+    twin = dataclasses.replace(restored[0], name="k1-twin")
+    with pytest.raises(BackupError) as refused:  # raised with every entry in its locals
+        plan_restore([*restored, twin], {})
+    shown = " ".join([repr(restored), str(restored), repr(plan_restore(restored, {})),
+                      # its frames from plan_restore on (this test's own locals hold keys)
+                      "".join(traceback.TracebackException(
+                          BackupError, refused.value, refused.tb.tb_next,
+                          capture_locals=True).format())])
+    assert restored[0].fingerprint in shown
+    for key in keys:
+        spellings = [base64.b64encode(key).decode(), key.hex(), repr(key)[2:-1]]
+        assert not any(s in shown for s in spellings), "key bytes printed (not shown here)"
+
+
+@pytest.mark.parametrize("fault", ["fingerprint", "format"])
+@pytest.mark.parametrize("read", ["bytes", "file"])
+def test_a_refused_backup_leaves_no_key_bytes_in_its_tracebacks_locals(tmp_path, fault, read):
+    """A backup refused after decryption (an entry whose fingerprint does not match, a
+    document that is no keymount backup) is refused with no key bytes in the locals of
+    any frame its error passed through: the decrypted text holds every key."""
+    import base64
+    import dataclasses
+    import json
+    import traceback
+
+    from webhook.backup import decrypt_file
+    secrets, rings, keys = three_keys()
+    entries = collect(secrets, rings, settings=SETTINGS)
+    if fault == "fingerprint":
+        entries[0] = dataclasses.replace(entries[0], fingerprint="000000")
+        plain = encode(entries)
+    else:
+        plain = json.dumps({**json.loads(encode(entries)), "format": "other/v1"}).encode()
+    identity = x25519.Identity.generate()
+    ciphertext = encrypt(plain, recipients=[str(identity.to_public())])
+    path = tmp_path / "b.age"
+    path.write_bytes(ciphertext)
+    with pytest.raises(BackupError) as refused:
+        if read == "bytes":
+            decrypt(ciphertext, identities=[identity])
+        else:
+            decrypt_file(str(path), identities=[identity])
+    del secrets, entries, plain  # this test's own locals hold the keys
+    shown = "".join(traceback.TracebackException(
+        BackupError, refused.value, refused.tb.tb_next, capture_locals=True).format())
+    for key in keys:
+        spellings = [base64.b64encode(key).decode(), key.hex(), repr(key)[2:-1]]
+        assert not any(s in shown for s in spellings), "key bytes in the locals (not shown)"

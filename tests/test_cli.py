@@ -218,6 +218,23 @@ def test_keys_import_turns_a_valid_chart_key_into_one_manifest(tmp_path):
                                                    "keymount.io/numbers-used": "1"}
 
 
+@pytest.mark.parametrize("command", [
+    ["keys", "create", "k", "-n", "shop", "--generate", "--index", "1", "--dry-run"],
+    ["keys", "import", "-n", "shop", "--helm-values"],
+], ids=["create-dry-run", "import"])
+def test_a_manifest_holding_key_material_says_on_stderr_to_encrypt_it(tmp_path, command):
+    """docs/contract.md: a manifest holding key material says on stderr to encrypt it
+    before it goes anywhere near version control; `keys import` prints one too."""
+    import base64
+    if command[-1] == "--helm-values":
+        command = [*command, helm_values(tmp_path, base64.b64encode(random_key()).decode())]
+    result = keymount(*command)
+    assert result.returncode == 0, result.stderr
+    [manifest] = list(yaml.safe_load_all(result.stdout))
+    assert manifest["data"]["encryption-key"]  # key material, on stdout
+    assert "holds key material; encrypt it (SOPS, SealedSecrets)" in result.stderr.decode()
+
+
 @pytest.mark.parametrize(("key", "code", "stderr"), [
     ("", 1, "generated a key at template time"),
     (__import__("base64").b64encode(b"\x01" + bytes(30)).decode(), 1, "base64 of 31 bytes"),

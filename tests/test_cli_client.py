@@ -552,6 +552,45 @@ def test_retire_refuses_while_a_pod_that_lost_the_backend_label_still_mounts_the
     assert cluster.patches == []
 
 
+def merged(obj, patch):
+    """A merge patch applied as the API server applies it to a Secret's maps."""
+    out = dict(obj)
+    for name, value in patch.items():
+        if value is None:
+            out.pop(name, None)
+        elif isinstance(value, dict) and isinstance(out.get(name), dict):
+            out[name] = merged(out[name], value)
+        else:
+            out[name] = value
+    return out
+
+
+def test_retire_leaves_no_copy_of_the_key_in_kubectls_last_applied_annotation(
+        monkeypatch, capsys):
+    """A key Secret applied with client-side `kubectl apply` (the GitOps path of `keys
+    create --dry-run -o yaml`) holds its whole manifest, key included, in the
+    kubectl.kubernetes.io/last-applied-configuration annotation. Retiring destroys the
+    key material: that copy too, or the tombstone, kept for good, still holds the key."""
+    import json
+    key = random_key()
+    k1 = key_secret("k1", key, index=1, annotations={"keymount.io/numbers-used": "1"})
+    k1["metadata"]["annotations"]["kubectl.kubernetes.io/last-applied-configuration"] = \
+        json.dumps(k1)
+    k2 = key_secret("k2", random_key(), index=2, annotations={"keymount.io/numbers-used": "1-2"})
+    cluster = RetireCluster([k1, k2], [])
+    monkeypatch.setattr(cli_keys, "connect_namespace", lambda args, settings: (cluster, "shop"))
+    monkeypatch.setattr(cli_keys, "_settings", lambda args: SETTINGS)
+    args = argparse.Namespace(name="k1", yes=True, force=False, namespace="shop",
+                              key_field="encryption-key", key_selector=None)
+    assert cli_keys.cmd_retire(args) == 0
+    assert "its key material is destroyed" in capsys.readouterr().out
+    [(name, patch)] = cluster.patches
+    tombstone = json.dumps(merged(k1, patch))
+    assert parse_key_secret(merged(k1, patch), settings=SETTINGS).state == "retired"
+    spellings = [base64.b64encode(key).decode(), key.hex()]
+    assert not any(s in tombstone for s in spellings), "the tombstone still holds the key"
+
+
 class LegacySlotCluster:
     """A KeyApi over one namespace's key Secrets, answering as the API server does."""
 

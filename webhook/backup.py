@@ -26,7 +26,7 @@ import io
 import json
 import sys
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, BinaryIO
 
@@ -71,7 +71,11 @@ class BackedUpKey:
     fingerprint: str
     numbers_used: str
     retired: bool
-    value: bytes | None  # the key field as stored; None for a retired key
+    # The key field as stored; None for a retired key. Left out of repr() (as
+    # keyrule.DecodedKey leaves its key): a debugger, `pytest --showlocals` or an error
+    # reporter that records a traceback's locals prints the entry, and with it every
+    # RestorePlan and list of entries, by its fingerprint only.
+    value: bytes | None = field(repr=False)
     generated: bool = False
     # A staged key: `value` is its staged field, restored there (not yet active).
     staged: bool = False
@@ -199,7 +203,10 @@ def decrypt_file(path: str, *, identities: Sequence[x25519.Identity] = (),
         raise BackupError(f"{path} is not a keymount backup ({FORMAT})") from None
     finally:
         del plaintext
-    return _keys_of(text, source=path)
+    try:
+        return _keys_of(text, source=path)
+    finally:
+        del text  # not left in this frame's locals by a refusal (see _keys_of)
 
 
 def _stream(handle: BinaryIO, *, identities: Sequence[x25519.Identity],
@@ -268,10 +275,22 @@ def parse(plaintext: bytes, *, source: str) -> list[BackedUpKey]:
         text = plaintext.decode()
     except ValueError:
         raise BackupError(f"{source} is not a keymount backup ({FORMAT})") from None
-    return _keys_of(text, source=source)
+    finally:
+        del plaintext
+    try:
+        return _keys_of(text, source=source)
+    finally:
+        del text  # not left in this frame's locals by a refusal (see _keys_of)
 
 
 def _keys_of(text: str, *, source: str) -> list[BackedUpKey]:
+    """The entries of a decrypted backup, every fingerprint checked.
+
+    The text holds every key in base64, and so may a document only half turned into
+    entries. A traceback keeps each frame's locals, and error reporters (Sentry,
+    pytest --showlocals) print them: a refusal leaves neither in this frame, nor in
+    its callers' (they drop theirs as it passes), only entries, which print by their
+    fingerprint."""
     try:
         document = json.loads(text, object_hook=_entry)
         if not isinstance(document, dict) or document.get("format") != FORMAT:
@@ -280,7 +299,9 @@ def _keys_of(text: str, *, source: str) -> list[BackedUpKey]:
         if not isinstance(keys, list) or not all(isinstance(k, BackedUpKey) for k in keys):
             raise ValueError("keys")
     except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
+        text, document = "", None
         raise BackupError(f"{source} is not a keymount backup ({FORMAT})") from None
+    del text, document
     for key in keys:
         if key.retired:
             continue

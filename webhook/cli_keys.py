@@ -670,6 +670,10 @@ def cmd_pin(args: argparse.Namespace) -> int:
     return 0
 
 
+# Where client-side `kubectl apply` keeps the last manifest it applied, whole.
+LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
 def cmd_retire(args: argparse.Namespace) -> int:
     from .lifecycle import pods_mounting
     settings = _settings(args)
@@ -716,10 +720,13 @@ def cmd_retire(args: argparse.Namespace) -> int:
     if record.state == "valid" and keyring.legacy:
         pin_legacy_keys(keys, keyring)
     # A merge patch: `null` deletes the key field (and the staged one, which a staged or
-    # activated key has); the label and number stay.
+    # activated key has), and kubectl's copy of the whole manifest, key included, that
+    # a client-side `kubectl apply` of a key manifest leaves in LAST_APPLIED (the
+    # tombstone is kept for good); the label and number stay.
     keys.patch_secret(namespace, args.name, {
         "data": {settings.key_field: None, staged_field(settings.key_field): None},
-        "metadata": {"annotations": {RETIRED_ANNOTATION: _now().strftime("%Y-%m-%dT%H:%M:%SZ")}}})
+        "metadata": {"annotations": {RETIRED_ANNOTATION: _now().strftime("%Y-%m-%dT%H:%M:%SZ"),
+                                     LAST_APPLIED: None}}})
     kept = f"number {number} stays reserved" if number is not None else "it had no number"
     after = ("It keeps its slot name for good: running Pods may list it"
              if slot_secret_name(number or 0) == args.name else
@@ -908,6 +915,9 @@ def cmd_import(args: argparse.Namespace) -> int:
         print(f"warning: {result.warning}", file=sys.stderr)
     assert result.manifest is not None  # neither explained nor refused
     print_manifest(result.manifest, args.output)
+    # The chart's key, now in a manifest headed for a GitOps repository: the same
+    # warning as every other manifest that holds key material.
+    warn_manifest_holds_key()
     return 0
 
 
