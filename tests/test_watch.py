@@ -317,3 +317,17 @@ async def test_synced_is_set_once_the_first_list_came_and_not_before(loop_parts)
     await asyncio.wait_for(watcher.synced.wait(), 5)
     assert names(store) == ["k1"]  # the store holds the list by the time it is set
     await stop(task)
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ('{"kind": "Status", "message": "secrets is forbidden"}', "secrets is forbidden"),
+    ('["not", "a", "Status"]', "Forbidden"),
+    ("<html>proxy error</html>", "Forbidden"),
+    ('"a string"', "Forbidden"),
+    (None, "Forbidden"),
+], ids=["status", "json-list", "html", "json-string", "no-body"])
+def test_an_api_error_is_described_in_one_line_whatever_its_body(body, said):
+    from webhook.watch import describe_error
+    exc = ApiException(status=403, reason="Forbidden")
+    exc.body = body
+    assert describe_error(exc) == f"API server said 403: {said}"

@@ -276,8 +276,11 @@ def describe_error(exc: Exception) -> str:
     """An API error as one line: the status and the server's message."""
     if isinstance(exc, ApiException):
         try:
-            message = json.loads(exc.body or "{}").get("message") or exc.reason
-        except ValueError:
-            message = exc.reason
-        return f"API server said {exc.status}: {message}"
+            body = json.loads(exc.body or "{}")
+        except (ValueError, TypeError):
+            body = None
+        # A Status object by contract; anything else (a proxy's error page, a JSON list)
+        # must not turn a logged failure into a traceback.
+        message = body.get("message") if isinstance(body, dict) else None
+        return f"API server said {exc.status}: {message or exc.reason}"
     return f"cannot reach the API server: {type(exc).__name__}: {exc}"
