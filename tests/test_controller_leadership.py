@@ -299,7 +299,9 @@ async def test_the_leader_stops_its_work_at_the_renew_deadline_not_a_retry_perio
     late = work.cancelled[0] - (candidate._last_renewal + FAST.renew_deadline)
     stop.set()
     await asyncio.wait_for(running, 5)
-    assert late < 0.05, (
+    # The bug this catches stops the work one retry period late (0.23 s here); half of
+    # it leaves room for a loaded machine's scheduling delay without hiding that.
+    assert late < FAST.retry_period / 2, (
         f"the leader's work ran {late:.2f}s past its renew deadline "
         f"(retry period {FAST.retry_period}s; 2 s of the 5 s margin in production)")
 
