@@ -589,3 +589,50 @@ async def test_a_clusterkeypolicy_status_that_lost_a_race_is_written_again():
     assert message == "2 namespaces follow their policy", (
         f"an hour later the ClusterKeyPolicy still says {message!r}; next pass due "
         f"{min(filter(None, (controller.queue.due_at(n) for n in ('shop', 'web'))))}")
+
+
+# --- a staged key that a key writer's own key overtook -------------------------------------
+
+def overtaken_ring():
+    """Key 1 active long ago, key 2 staged a minute ago; then a key writer made key 3
+    active by hand (the guard lets key writers add a key while one is staged)."""
+    staged = key_secret("keymount-key-2", None, index=2,
+                        annotations={"keymount.io/numbers-used": "1-2",
+                                     "keymount.io/staged-at": _stamp(NOW - timedelta(
+                                         minutes=1))})
+    staged["data"]["staged-encryption-key"] = base64.b64encode(random_key()).decode()
+    return keyring_of(
+        key_secret("keymount-key-1", random_key(), index=1,
+                   annotations={"keymount.io/activated-at": "2025-12-01T00:00:00Z"}),
+        staged,
+        key_secret("keymount-key-3", random_key(), index=3,
+                   annotations={"keymount.io/numbers-used": "1-3",
+                                "keymount.io/activated-at": _stamp(NOW)}))
+
+
+async def test_a_staged_key_below_the_active_key_is_activated_at_once_and_not_announced():
+    statuses = []
+    api = FakeApi(overtaken_ring())
+    api.write_policy_status = lambda ns, name, status, *, resource_version=None: (
+        statuses.append(status) or True)
+    controller, _ = controller_for(api, keypolicies=[keypolicy(
+        rotationPeriod="30d", stagingPeriod="1h")])
+    await controller.handle("shop")
+    # Key 2 replaces nothing: it does not hold the one staged place for an hour (key
+    # 3's successor could not be staged meanwhile), nor wait for the leader's clock.
+    assert ("activate", 2) in api.writes
+    # Its activation is not the next rotation: key 3's own schedule is.
+    assert statuses and datetime.fromisoformat(statuses[-1]["nextRotation"]) == \
+        NOW + timedelta(days=30), statuses[-1]["nextRotation"]
+
+
+def test_the_event_for_an_overtaken_staged_key_does_not_call_it_the_key_to_encrypt_with():
+    from webhook.rotation import Activate
+
+    notes = []
+    controller, _ = controller_for(FakeApi(overtaken_ring()))
+    controller.events = type("Sink", (), {"emit": lambda self, note: notes.append(note)})()
+    controller._stepped(overtaken_ring(), Activate(2))
+    assert len(notes) == 1
+    assert "encrypt with encryption-key-2" not in notes[0].message
+    assert "encryption-key-3" in notes[0].message, notes[0].message

@@ -58,6 +58,13 @@ def keys(**fields: object) -> NamespaceKeys:
     pytest.param(keys(active=None, active_since=None, free_slots=(), next_number=1),
                  T0, Reserve(1), id="first-key-needs-a-slot"),
     pytest.param(keys(free_slots=(2,)), T0, Reserve(4), id="missing-slot-reserved"),
+    # A key writer made key 3 active by hand while key 2 was staged: key 2 is never
+    # the active key now, so it waits for nothing; activating it at once only moves its
+    # file out of staged/ (readers look in both) and frees the one staged place for the
+    # active key's successor.
+    pytest.param(keys(active=3, staged=2, staged_since=T0, free_slots=(), next_number=4),
+                 T0 + STAGING / 2, Activate(2), id="staged-key-below-the-active-one-is-"
+                 "activated-at-once"),
     pytest.param(keys(problem="two keys hold number 1"), T0 + 90 * DAY,
                  Hold("two keys hold number 1"), id="ambiguous-keys-are-never-rotated"),
 ])
@@ -158,3 +165,11 @@ def test_the_next_rotation_is_when_the_staged_key_becomes_active() -> None:
     staged = keys(staged=2, staged_since=T0 + 40 * DAY, free_slots=(3,))
     assert next_rotation(staged, POLICY) == T0 + 40 * DAY + STAGING
     assert next_rotation(keys(), POLICY) == T0 + 30 * DAY
+
+
+def test_a_staged_key_below_the_active_one_is_not_the_next_rotation() -> None:
+    """Its activation replaces no key: the status announces the active key's own
+    schedule, not a rotation that changes nothing."""
+    behind = keys(active=3, active_since=T0 + DAY, staged=2, staged_since=T0,
+                  free_slots=(), next_number=4)
+    assert next_rotation(behind, POLICY) == T0 + 31 * DAY

@@ -46,6 +46,7 @@ from .rotation import (
     Wait,
     next_rotation,
     next_step,
+    staged_is_next,
 )
 from .store import KeyStore
 from .watch import ListWatch, in_daemon_thread
@@ -188,10 +189,12 @@ async def reconcile(api: ControllerApi, namespace: str, schedule: Schedule, *, s
         keyring = await in_daemon_thread(lambda: api.keyring(namespace))
         if first_seen is not None and keyring.staged is not None:
             first_seen(keyring)
-        step = next_step(observe(keyring), schedule, now=clock(), slots=slots)
+        keys = observe(keyring)
+        step = next_step(keys, schedule, now=clock(), slots=slots)
         if isinstance(step, Wait | Hold):
             return step, keyring
-        if isinstance(step, Activate) and first_seen is not None:
+        # A key below the active one replaces nothing: it waits for no leader's clock.
+        if isinstance(step, Activate) and first_seen is not None and staged_is_next(keys):
             ready = first_seen(keyring) + schedule.staging_period
             if clock() < ready:
                 return Wait(ready), keyring
@@ -446,7 +449,7 @@ def expected_rotation(keys: NamespaceKeys, schedule: Schedule,
     saw it late (KeyController.first_seen), the end of that wait: not a rotation
     overdue."""
     due = next_rotation(keys, schedule)
-    if keys.staged is not None and isinstance(result, Wait) and result.until is not None \
+    if staged_is_next(keys) and isinstance(result, Wait) and result.until is not None \
             and due is not None and result.until > due:
         return result.until
     return due
@@ -900,6 +903,13 @@ class KeyController:
                         f"key number {step.number} staged in {name}: running Pods get it as "
                         f"staged/encryption-key-{step.number}, and it becomes active after "
                         f"the staging period", once=step.number)
+        elif isinstance(step, Activate) and step.number < keyring.active_number:
+            self._event(namespace, "Secret", name, "v1", "Normal", "KeyActivated",
+                        f"key number {step.number} in {name} is activated below the active "
+                        f"key (number {keyring.active_number}), which a key writer made "
+                        f"active while it was staged: it decrypts only; applications go "
+                        f"on encrypting with encryption-key-{keyring.active_number}",
+                        once=step.number)
         elif isinstance(step, Activate | Fill):
             self._event(namespace, "Secret", name, "v1", "Normal", "KeyActivated",
                         f"key number {step.number} in {name} is active: applications "

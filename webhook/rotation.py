@@ -8,7 +8,10 @@ of them, or a new leader, continues from what the API server holds (docs/contrac
 "Managed rotation"):
 
 - a namespace whose keys are invalid or ambiguous is not touched (`Hold`);
-- a staged key is activated once its staging period has passed (`Activate`);
+- a staged key is activated once its staging period has passed (`Activate`), or at
+  once when it is below the active key (a key writer made a higher key active by hand
+  meanwhile): it is never the active key, so nothing waits for it, and activating it
+  only moves its file out of `staged/`, which readers look in as well;
 - a namespace with no key gets key 1 active at once (`Fill`): there is nothing to
   decrypt yet, so nothing to stage for;
 - an active key gets a successor, staged (`Stage`), one staging period before it is
@@ -91,7 +94,7 @@ def next_step(keys: NamespaceKeys, schedule: Schedule, *, now: datetime, slots: 
     if keys.staged is not None:
         assert keys.staged_since is not None
         due = keys.staged_since + schedule.staging_period
-        if now >= due:
+        if now >= due or not staged_is_next(keys):
             return Activate(keys.staged)
         return _keep_slots(keys, slots) or Wait(due)
     if keys.active is None:
@@ -107,11 +110,18 @@ def next_rotation(keys: NamespaceKeys, schedule: Schedule) -> datetime | None:
     schedule). The staged key's activation while one is staged; otherwise one rotation
     period after the active key's activation, or one staging period when that is longer
     (conflicting bounds: the successor is staged at once). For the policy's status."""
-    if keys.staged_since is not None:
+    if keys.staged_since is not None and staged_is_next(keys):
         return keys.staged_since + schedule.staging_period
     if schedule.rotation_period is None or keys.active_since is None:
         return None
     return keys.active_since + max(schedule.rotation_period, schedule.staging_period)
+
+
+def staged_is_next(keys: NamespaceKeys) -> bool:
+    """Whether the staged key becomes the active key when activated: only one above
+    the active key does (the guard stages only there, but a key writer may make a
+    higher key active while one is staged)."""
+    return keys.staged is not None and (keys.active is None or keys.staged > keys.active)
 
 
 def _staging_due(keys: NamespaceKeys, schedule: Schedule) -> datetime | None:
