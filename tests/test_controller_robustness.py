@@ -4,6 +4,7 @@ with forged owners, workloads that fail, statuses and Events (webhook/controller
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from datetime import UTC, datetime, timedelta
 
@@ -513,6 +514,47 @@ async def test_a_second_keypolicy_is_told_it_is_ignored():
     assert (ready["status"], ready["reason"]) == ("False", "Ignored")
     assert "KeyPolicy 'rotation' is in effect in this namespace" in ready["message"]
     assert statuses["faster"]["activeKey"] is None
+
+
+async def test_a_keypolicy_that_does_not_parse_is_told_so_not_silently_ignored():
+    # Stored before keymount's webhook judged policies (or while it was down): it counts
+    # as no policy, so the namespace is rotated by hand only. Its author used to see
+    # nothing at all: no status, no Event, while they believed keys rotated.
+    api = FakeApi(ring_activated_at("2026-01-01T00:00:00Z"))
+    statuses = {}
+    api.write_policy_status = lambda namespace, name, status, *, resource_version=None: (
+        statuses.__setitem__(name, status) or True)
+    controller, _ = controller_for(api, keypolicies=[keypolicy(rotationPeriod="soon")])
+    notes = []
+    controller.events = type("Sink", (), {"emit": lambda self, note: notes.append(note)})()
+    await controller.handle("shop")
+    assert [w for w in api.writes if w[0] != "status"] == []  # nothing rotated by a guess
+    ready = statuses["rotation"]["conditions"][0]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "Invalid")
+    assert "rotationPeriod" in ready["message"] and "kubectl" in ready["message"]
+    assert [(n.kind, n.name, n.type, n.reason) for n in notes] == [
+        ("KeyPolicy", "rotation", "Warning", "InvalidPolicy")]
+    # Told once: a second handling with the status stored writes and records nothing new.
+    stored = controller.policies.keypolicies.get("shop", "rotation")
+    controller.policies.keypolicies.put(dataclasses.replace(stored, status={
+        k: v for k, v in statuses["rotation"].items() if v is not None}))  # as merged
+    statuses.clear()
+    await controller.handle("shop")
+    assert statuses == {} and len(notes) == 1
+
+
+async def test_a_clusterkeypolicy_that_does_not_parse_says_so_in_its_status():
+    api = FakeApi(ring_activated_at("2026-01-01T00:00:00Z"))
+    written = {}
+    api.cluster_status_sink = written.__setitem__
+    controller, _ = controller_for(api, keypolicies=[keypolicy(rotationPeriod="30d")],
+                                   clusterpolicies=[clusterkeypolicy(
+                                       name="prod-bounds", maxRotationPeriod="often")])
+    await controller.handle("shop")
+    await controller._write_cluster_status()
+    ready = written["prod-bounds"]["conditions"][0]
+    assert (ready["type"], ready["status"], ready["reason"]) == ("Ready", "False", "Invalid")
+    assert "maxRotationPeriod" in ready["message"]
 
 
 # --- clocks, many KeyPolicies, namespaces the webhooks skip --------------------------------

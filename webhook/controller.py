@@ -31,7 +31,7 @@ from .events import EventNote, EventRecorder, occurrence
 from .key_secrets import SlotOutcome
 from .keys import KeyRecord, Keyring
 from .metrics import Metrics
-from .names import as_dict, slot_secret_name
+from .names import KEYPOLICY_KIND, POLICY_API_VERSION, as_dict, slot_secret_name
 from .policy import EffectivePolicy
 from .policystore import PolicyStore, Stored
 from .rotation import (
@@ -500,6 +500,24 @@ def ignored_status(in_effect: str, *, generation: int, now: datetime,
                    previous: Mapping[str, Any]) -> dict[str, Any]:
     """The `status` of a namespace's KeyPolicy that is not in effect (pure): one per
     namespace is meant, and the oldest rules; this one's author is told so."""
+    return _not_in_effect("Ignored", (
+        f"KeyPolicy {in_effect!r} is in effect in this namespace (the oldest; one "
+        f"KeyPolicy per namespace): this one is ignored; delete it, or merge what it "
+        f"says into {in_effect!r}"), generation=generation, now=now, previous=previous)
+
+
+def invalid_status(problem: str, *, fix: str, generation: int, now: datetime,
+                   previous: Mapping[str, Any]) -> dict[str, Any]:
+    """The `status` of a stored policy that does not parse (pure): stored before
+    keymount's webhook judged policies, or while it was down, it counts as no policy
+    (policystore), and its author is told what is wrong with it instead."""
+    return _not_in_effect("Invalid", (
+        f"keymount cannot read this policy and does not rotate by it: {problem}; fix it "
+        f"({fix}) or delete it"), generation=generation, now=now, previous=previous)
+
+
+def _not_in_effect(reason: str, message: str, *, generation: int, now: datetime,
+                   previous: Mapping[str, Any]) -> dict[str, Any]:
     old = next((c for c in previous.get("conditions") or []
                 if isinstance(c, Mapping) and c.get("type") == "Ready"), {})
     since = old.get("lastTransitionTime") if old.get("status") == "False" else None
@@ -507,11 +525,8 @@ def ignored_status(in_effect: str, *, generation: int, now: datetime,
         "activeKey": None, "stagedKey": None, "keys": None, "lastRotation": None,
         "nextRotation": None, "observedGeneration": generation,
         "conditions": [{
-            "type": "Ready", "status": "False", "reason": "Ignored",
-            "message": (f"KeyPolicy {in_effect!r} is in effect in this namespace (the "
-                        f"oldest; one KeyPolicy per namespace): this one is ignored; "
-                        f"delete it, or merge what it says into {in_effect!r}")[:1024],
-            "lastTransitionTime": since or _time(now)}],
+            "type": "Ready", "status": "False", "reason": reason,
+            "message": message[:1024], "lastTransitionTime": since or _time(now)}],
     }
 
 
@@ -719,6 +734,8 @@ class KeyController:
         """Bring one due namespace up to its policy, write its status, and say when it
         is due next."""
         effective = self._effective(namespace)
+        if namespace not in self.unmanaged:
+            await self._report_invalid(namespace)
         if effective is None:
             self.metrics.key_activations.pop(namespace, None)
             self.summaries.pop(namespace, None)
@@ -796,6 +813,27 @@ class KeyController:
         return await self._write_keypolicy_status(
             namespace, name, lambda stored: self._ignored_status(stored, in_effect))
 
+    async def _report_invalid(self, namespace: str) -> None:
+        """Each of the namespace's KeyPolicies that does not parse gets a status that
+        says so, and a Warning Event, once (while the status stays written): it counts
+        as no policy, so without this its author would see nothing at all."""
+        for stored in [r for r in self.policies.policy_objects(namespace)
+                       if r.problem][:MAX_STEPS]:
+            def status_of(current: Stored[Any]) -> dict[str, Any]:
+                return invalid_status(
+                    current.problem or "", generation=current.generation, now=self.clock(),
+                    previous=current.status,
+                    fix=f"kubectl edit keypolicy {current.name} -n {namespace}")
+            if _written(stored.status, status_of(stored)):
+                continue
+            log.warning("a KeyPolicy does not parse; it is not in effect", extra={
+                "namespace": namespace, "policy": stored.name, "error": stored.problem})
+            self._event(namespace, KEYPOLICY_KIND, stored.name, POLICY_API_VERSION,
+                        "Warning", "InvalidPolicy", status_of(stored)["conditions"][0][
+                            "message"])
+            if not await self._write_keypolicy_status(namespace, stored.name, status_of):
+                self.queue.poke(namespace, self.clock() + RETRY_AFTER)
+
     async def _write_status(self, namespace: str, name: str, keys: NamespaceKeys,
                             result: Wait | Hold, schedule: Schedule, valid: int,
                             adjusted: tuple[str, ...]) -> bool:
@@ -845,13 +883,15 @@ class KeyController:
         """Each ClusterKeyPolicy's status: over the namespaces it gives their policy, the
         valid keys, the latest rotation, the next one, and Ready unless one is held."""
         for stored in list(self.policies.clusterkeypolicies.all()):
-            if stored.value is None:
-                continue
             summaries = [summary for summary in self.summaries.values()
                          if stored.name in summary.cluster_policies]
             try:
-                status = cluster_policy_status(summaries, generation=stored.generation,
-                                               now=self.clock(), previous=stored.status)
+                status = cluster_policy_status(
+                    summaries, generation=stored.generation, now=self.clock(),
+                    previous=stored.status) if stored.value is not None else \
+                    invalid_status(stored.problem or "", generation=stored.generation,
+                                   now=self.clock(), previous=stored.status,
+                                   fix=f"kubectl edit clusterkeypolicy {stored.name}")
             except Exception as exc:  # one policy's figures never stop the others'
                 log.warning("could not compute a ClusterKeyPolicy's status",
                             extra={"policy": stored.name, "error": _describe(exc)})
