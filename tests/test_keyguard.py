@@ -1188,3 +1188,32 @@ def test_an_invalid_key_that_running_pods_list_is_not_unlabelled_out_of_the_guar
     verdict = review_validation(parse_review(json.dumps(body).encode()), keyring=ring,
                                 settings=settings, writers=ALICE_WRITES, listed_by=())
     assert verdict.result == "allowed", verdict.message
+
+
+@pytest.mark.parametrize(("replacement", "allowed"), [
+    pytest.param("same-key-as-raw-bytes", True, id="same-key-re-encoded-is-a-repair"),
+    pytest.param("another-key", False, id="another-key-is-a-replacement"),
+    pytest.param("another-key-still-invalid", False,
+                 id="another-key-kept-invalid-is-a-replacement-too"),
+])
+def test_a_key_writer_repairs_a_key_made_invalid_by_a_setting_only_with_its_own_key(
+        replacement, allowed):
+    # k2 (number 2) holds base64 text, invalid under --key-encoding raw, its bytes
+    # intact: running Pods' readers take base64 too, so data may be encrypted under
+    # number 2 with the key it holds. Re-encoding that key keeps it; other bytes under
+    # number 2 would make that data undecryptable, which keys never allow in place,
+    # key writers included (they add a key instead: keymount keys rotate).
+    settings = Settings(key_encoding="raw")
+    k1, k2 = _keys()
+    ring = build_keyring("shop", [parse_key_secret(s, settings=settings) for s in (k1, k2)])
+    assert [r.name for r in ring.invalid] == ["k2"]
+    held = base64.b64decode(base64.b64decode(k2["data"]["encryption-key"]))
+    changed = copy.deepcopy(k2)
+    changed["data"]["encryption-key"] = base64.b64encode(
+        held if replacement == "same-key-as-raw-bytes" else
+        base64.b64encode(random_key()) if replacement == "another-key-still-invalid" else
+        random_key()).decode()
+    verdict = _as_update(k2, changed, settings=settings, keyring=ring, user="alice")
+    assert (verdict.result == "allowed") is allowed, verdict.message
+    if not allowed:
+        assert "keymount keys rotate -n shop" in verdict.message

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from keymount.keyrule import decode_key
+
 from .config import Settings
 from .key_secrets import is_key_secret, parse_key_secret, read_key_field
 from .keys import KeyRecord, Keyring, NumberSet, format_numbers, parse_time
@@ -674,11 +676,21 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
             f"{number}) invalid: {after.check.reason}. A key stays a key until it is "
             f"retired, which removes its key material: keymount keys retire {name} -n {ns}",
             fingerprint=before.fingerprint)
-    if before.state == "invalid" and _data_changed(change) and \
-            not writers.allows(change.requester):
+    if before.state == "invalid" and _data_changed(change):
         # A key made invalid by a setting keeps its bytes, and running Pods that list it
         # receive whatever its data becomes (applications' readers take either encoding).
-        return _writer_refusal(change, writers, "change the data of")
+        if not writers.allows(change.requester):
+            return _writer_refusal(change, writers, "change the data of")
+        if not _keeps_readable_key(change, settings=settings):
+            # Data may be encrypted under this number with the key readers take from it:
+            # a key writer re-encodes that key (a repair), never puts another in its place.
+            return _refused(
+                f"this update replaces the key that key Secret {name!r} in namespace "
+                f"{ns!r} (number {number}) holds: it is invalid under this keymount's "
+                f"settings ({before.check.reason}), but applications' readers take it, so "
+                f"data may be encrypted with it. Keep that key (re-encoding it is allowed) "
+                f"or add a new key instead: keymount keys rotate -n {ns}",
+                fingerprint=before.fingerprint)
     if before.state == "invalid" and after.state != "invalid":
         # A numbered key made invalid by a settings change (is_new_key takes the rest).
         if not writers.allows(change.requester):
@@ -723,6 +735,19 @@ def same_key_bytes(old: Mapping[str, Any] | None, new: Mapping[str, Any] | None,
     before = None if old is None else read_key_field(old, settings.key_field)[0]
     after = None if new is None else read_key_field(new, settings.key_field)[0]
     return before is not None and after is not None and hmac.compare_digest(before, after)
+
+
+def _keeps_readable_key(change: KeyChange, *, settings: Settings) -> bool:
+    """Whether an update keeps the key that applications' readers take from the key
+    field (either encoding: keymount.keyrule, as keymount.reader reads it), when the old
+    field holds one. Compared whole, never kept."""
+    held = decode_key(read_key_field(change.old or {}, settings.key_field)[0],
+                      subject="the old key field")
+    if not held.valid:
+        return True  # no reader ever took a key from it
+    kept = decode_key(read_key_field(change.new or {}, settings.key_field)[0],
+                      subject="the new key field")
+    return kept.valid and hmac.compare_digest(kept.key, held.key)
 
 
 def _staged_bytes(obj: Mapping[str, Any] | None, settings: Settings) -> bytes | None:
