@@ -113,3 +113,25 @@ async def test_at_the_cap_a_review_being_decided_on_a_working_connection_keeps_i
     connect(guard)
     assert not api_transport.aborted
     assert [t.aborted for t in silent] == [True, False]
+
+
+async def test_at_the_cap_a_review_decided_for_over_a_second_is_no_slow_client():
+    # Its body is all in; keymount waits on a live read the API server is slow to
+    # answer (seconds, within its own deadline). A flood of new connections at
+    # --max-connections used to take that review's slot first (under way past
+    # SLOW_REQUEST ranks as a slow client), resetting the API server's request: the Pod
+    # was refused (failurePolicy Fail) by whoever could open connections.
+    from webhook.connections import SLOW_REQUEST, request_received
+
+    guard = ConnectionGuard(ConnectionLimits(max_connections=3))
+    api, api_app, api_transport = connect(guard)
+    api.data_received(b"POST /mutate HTTP/1.1\r\nContent-Length: 2\r\n\r\n{}")
+    request_received(api_app.transport)  # the handler has the whole body
+    slow, _, slow_transport = connect(guard)
+    slow.data_received(b"POST /mutate HTTP/1.1\r\nContent-Length: 40000\r\n\r\n{")
+    api.request_started -= 2 * SLOW_REQUEST  # both under way for two seconds
+    slow.request_started -= 2 * SLOW_REQUEST
+    connect(guard)
+    connect(guard)  # the cap twice over
+    assert slow_transport.aborted  # the slow sender goes first ...
+    assert not api_transport.aborted, "... then idle ones; the review being decided last"

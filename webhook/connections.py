@@ -13,9 +13,10 @@ connection's protocol is wrapped here:
 - **connection cap**: at `max_connections` open connections, a new one takes the slot
   of the connection whose request has been under way the longest (a slow client), or
   else of one that never got an answer, or else of the longest idle one (a keep-alive
-  connection reconnects at no cost); a review being decided on a working connection
-  goes last. So file descriptors and buffers stay bounded and slow clients cannot lock
-  the API server out. A write that is no answer (an interim `100 Continue`) does not
+  connection reconnects at no cost); a review being decided (its body all in, however
+  long keymount takes, within the deadline) or under way a moment on a working
+  connection goes last. So file descriptors and buffers stay bounded and slow clients
+  cannot lock the API server out. A write that is no answer (an interim `100 Continue`) does not
   end a request's deadline, and a pipelined request's runs from the answer before it.
 - **buffered bytes**: request bytes received but not yet answered, over all
   connections, are capped; a connection that would go over stops being read (TCP
@@ -76,6 +77,11 @@ class ConnectionGuard:
 
         def rank(p: GuardedProtocol) -> tuple[int, float]:
             started = p.request_started
+            if p.deciding:
+                # Its request is all in (request_received): keymount's own work, a live
+                # read perhaps, for as long as the request deadline allows; not a slow
+                # client's. Dropping it would refuse the API server's review.
+                return 6, started or 0.0
             if started is not None and now - started >= SLOW_REQUEST:
                 return 0, started
             return (2 if p.answered_any else 1) * 2 + (started is not None), started or 0.0
@@ -173,6 +179,14 @@ class _Transport:
         return getattr(self._inner, name)
 
 
+def request_received(transport: Any) -> None:
+    """The request on `transport` (a handler's `request.transport`) has arrived whole:
+    from now until its answer it is being decided, and at the connection cap it goes
+    last (make_room). A transport the guard does not wrap is left as it is."""
+    if isinstance(transport, _Transport):
+        transport._owner.deciding = True
+
+
 class GuardedProtocol(asyncio.Protocol):
     def __init__(self, inner: Any, guard: ConnectionGuard) -> None:
         self.inner, self.guard = inner, guard
@@ -182,6 +196,7 @@ class GuardedProtocol(asyncio.Protocol):
         self.request_started: float | None = None  # time.monotonic() of the current request
         self.answered_any = False
         self.reading = True
+        self.deciding = False  # the current request is all in: request_received
 
     # --- asyncio.Protocol -----------------------------------------------------------
 
@@ -271,5 +286,6 @@ class GuardedProtocol(asyncio.Protocol):
 
     def _end_request(self) -> None:
         self.request_started = None
+        self.deciding = False
         pending, self.pending = self.pending, 0
         self.guard.release(pending)

@@ -34,7 +34,7 @@ from .admission import (
     parse_review,
 )
 from .config import Settings
-from .connections import ConnectionGuard, ConnectionLimits
+from .connections import ConnectionGuard, ConnectionLimits, request_received
 from .decisions import Handler, PolicyView, View, needs_policy_view, route
 from .events import EventRecorder, event_for
 from .keyguard import KeyWriters
@@ -320,6 +320,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
         if isinstance(body, web.Response):
             runtime.metrics.admissions.record(webhook, "error")
             return body
+        request_received(request.transport)
         # From here the request's work runs on the loop, uninterrupted unless a live
         # read is awaited: its CPU time is what every other request waits behind.
         cpu = time.thread_time()
@@ -353,6 +354,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
             if isinstance(chunks, web.Response):
                 runtime.metrics.admissions.record(webhook, "error")
                 return chunks
+            request_received(request.transport)
             async with offload.lock:
                 length = await offload.write(chunks)
                 del chunks  # in the shared buffer now: a 7 MiB body is not kept twice
