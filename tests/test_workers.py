@@ -69,10 +69,12 @@ def test_a_worker_that_did_not_answer_the_scrape_adds_nothing():
 
 
 def test_a_worker_runs_serve_with_the_supervisors_flags_and_the_last_word_on_its_own():
-    argv = worker_argv(["serve", "--port", "9443", "--workers", "4"], report_fd=7, index=2)
+    argv = worker_argv(["serve", "--port", "9443", "--workers", "4"], report_fd=7, index=2,
+                       supervisor=4242)
     assert argv[:3] == [sys.executable, "-m", "webhook"]
     assert argv[3:] == ["serve", "--port", "9443", "--workers", "4", "--workers", "1",
-                        "--worker-report-fd", "7", "--worker-index", "2"]
+                        "--worker-report-fd", "7", "--worker-index", "2",
+                        "--worker-supervisor", "4242"]
 
 
 # --- the supervisor as a process ----------------------------------------------------
@@ -170,3 +172,16 @@ def test_a_worker_that_dies_takes_the_others_down_and_the_supervisor_exits_1(two
     assert server.proc.wait(30) == 1
     assert not alive(second)
     assert "a worker exited on its own" in server.logs()
+
+
+def test_workers_stop_when_the_supervisor_is_killed(two_workers):
+    # SIGKILL (the OOM killer, `kill -9`, a test harness's last resort) gives the
+    # supervisor no chance to pass SIGTERM on. Outside a container's PID namespace its
+    # workers lived on, still answering on the shared port with SO_REUSEPORT beside
+    # whatever started next, and a test run left them behind.
+    server = two_workers()
+    workers = worker_pids(server)
+    server.proc.kill()
+    server.proc.wait(10)
+    poll(lambda: not any(alive(pid) for pid in workers), timeout=30,
+         what="the workers gone after their supervisor was killed")

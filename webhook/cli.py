@@ -93,6 +93,9 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
     from .server import MAX_BODY, Runtime, ServeOptions, new_event_loop, serve
     from .store import KeyStore, PodStore
 
+    if args.worker_supervisor is not None:
+        from .workers import die_with_supervisor
+        die_with_supervisor(int(args.worker_supervisor))
     configure_logging(fmt=args.log_format, level=args.log_level, sink=sink)
     store, pods = KeyStore(), PodStore()
     metrics = Metrics(store, pods)
@@ -325,6 +328,7 @@ def add_serve(commands: SubParsers) -> None:
                   "own key cache: one per core the Pod is given")
     p.add_argument("--worker-report-fd", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-index", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-supervisor", type=int, default=None, help=argparse.SUPPRESS)
     add_switch(p, "--controller",
                help="campaign for the controller Lease (keymount-controller); its holder "
                     "runs the controller, every replica serves admission either way")
