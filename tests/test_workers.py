@@ -185,3 +185,25 @@ def test_workers_stop_when_the_supervisor_is_killed(two_workers):
     server.proc.wait(10)
     poll(lambda: not any(alive(pid) for pid in workers), timeout=30,
          what="the workers gone after their supervisor was killed")
+
+
+def test_the_review_worker_ends_when_the_server_is_killed(tmp_path):
+    # The review worker (webhook/offload.py, spawned at start) used to outlive a server
+    # killed with SIGKILL, holding its memory, with multiprocessing's resource tracker.
+    server = Served(tmp_path)
+
+    def children() -> list[int] | None:
+        pids = server.pids()[1:]
+        return pids if any(b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()
+                           for pid in pids) else None
+    spawned = poll(children, timeout=20, what="the review worker started")
+    try:
+        server.proc.kill()
+        server.proc.wait(10)
+        poll(lambda: not any(alive(pid) for pid in spawned), timeout=30,
+             what="the review worker and resource tracker gone after the server was killed")
+    finally:
+        server.stop()
+        for pid in spawned:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)

@@ -94,8 +94,8 @@ def _serve(args: argparse.Namespace, settings: Settings, sink: LineSink) -> int:
     from .store import KeyStore, PodStore
 
     if args.worker_supervisor is not None:
-        from .workers import die_with_supervisor
-        die_with_supervisor(int(args.worker_supervisor))
+        from .parentdeath import end_with_parent
+        end_with_parent(int(args.worker_supervisor))
     configure_logging(fmt=args.log_format, level=args.log_level, sink=sink)
     store, pods = KeyStore(), PodStore()
     metrics = Metrics(store, pods)

@@ -50,6 +50,7 @@ from .admission import (
     parse_review,
 )
 from .decisions import View, needs_policy_view, route
+from .parentdeath import end_with_parent
 
 # Bodies up to this size are decoded and judged on the event loop. Measured
 # (tests/test_offload.py holds the bound): the costliest shape per byte, a Pod of
@@ -150,8 +151,11 @@ _buffer: SharedMemory | None = None
 _request: tuple[Webhook, AdmissionRequest] | None = None
 
 
-def _start_worker(name: str) -> None:
+def _start_worker(name: str, server: int) -> None:
     global _buffer
+    # Ended by the kernel if the server is killed outright (parentdeath); SIGTERM's
+    # default action suffices: the worker holds nothing to save.
+    end_with_parent(server)
     # Ctrl-C reaches the whole process group: the server decides when the worker stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # When both want the CPU (one core, or a container's CPU limit, which both share),
@@ -319,7 +323,7 @@ class Offload:
             # client), and a forked child inherits their locks in whatever state.
             self._pool = ProcessPoolExecutor(
                 max_workers=1, mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker, initargs=(self._segment().name,))
+                initializer=_start_worker, initargs=(self._segment().name, os.getpid()))
         return self._pool
 
     async def start(self) -> None:

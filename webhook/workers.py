@@ -48,27 +48,11 @@ def worker_argv(argv: Sequence[str], *, report_fd: int, index: int,
     also moves the worker's probes to a free loopback port (cli._serve);
     --worker-index tells worker 0 that it is the one to campaign for the controller
     Lease under --controller (cli.build_controller); --worker-supervisor names the
-    process whose death ends the worker (die_with_supervisor)."""
+    process whose death ends the worker (parentdeath.end_with_parent: SIGTERM, so it
+    drains)."""
     return [sys.executable, "-m", "webhook", *argv, "--workers", "1",
             "--worker-report-fd", str(report_fd), "--worker-index", str(index),
             "--worker-supervisor", str(supervisor)]
-
-
-def die_with_supervisor(supervisor: int) -> None:
-    """Have the kernel send this worker SIGTERM (a drain, as from the supervisor) when
-    the supervisor dies. A supervisor killed outright (SIGKILL, the OOM killer) passes
-    nothing on: outside a container's own PID namespace, whose end takes every process
-    in it, its workers would live on, answering on the shared port beside whatever
-    starts next. Linux's PR_SET_PDEATHSIG; elsewhere nothing is set."""
-    import ctypes
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG (linux/prctl.h)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != supervisor:
-        # Gone before the line above: the signal will never come.
-        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def merge_metrics(texts: Sequence[str]) -> bytes:
