@@ -627,3 +627,28 @@ def test_rotate_skips_a_slot_name_held_by_a_legacy_key_numbered_otherwise():
     assert record.valid and record.index == 3 and record.name == "keymount-key-3"
     assert [(f.secret, f.number) for f in cluster.keyring("shop").files] == \
         [("keymount-key-2", 1), ("keymount-key-3", 3)]
+
+
+def test_retiring_a_numbered_key_made_invalid_by_a_setting_says_its_number_stays_reserved(
+        monkeypatch, capsys):
+    # k2 (number 2) holds base64 text, invalid under --key-encoding raw: it keeps its
+    # number, and retiring it keeps that number reserved. The CLI said it "had no number".
+    raw = Settings(key_encoding="raw")
+    k1 = key_secret("k1", random_key(), index=1, annotations={"keymount.io/numbers-used": "1"})
+    k2 = key_secret("k2", None, index=2, annotations={"keymount.io/numbers-used": "1-2"})
+    k2["data"]["encryption-key"] = base64.b64encode(base64.b64encode(random_key())).decode()
+    k3 = key_secret("k3", random_key(), index=3, annotations={"keymount.io/numbers-used": "1-3"})
+
+    class Cluster(RetireCluster):
+        def keyring(self, namespace):
+            return build_keyring(namespace, [parse_key_secret(s, settings=raw)
+                                             for s in self.secrets])
+    cluster = Cluster([k1, k2, k3], [])
+    assert [r.name for r in cluster.keyring("shop").invalid] == ["k2"]
+    monkeypatch.setattr(cli_keys, "connect_namespace", lambda args, settings: (cluster, "shop"))
+    monkeypatch.setattr(cli_keys, "_settings", lambda args: raw)
+    args = argparse.Namespace(name="k2", yes=True, force=False, namespace="shop",
+                              key_field="encryption-key", key_selector=None)
+    assert cli_keys.cmd_retire(args) == 0
+    out = capsys.readouterr().out
+    assert "number 2 stays reserved" in out, out

@@ -691,6 +691,10 @@ def cmd_retire(args: argparse.Namespace) -> int:
             f"{args.name} is the active key of namespace {namespace}: applications encrypt "
             f"new data with it. Add a new key first: keymount keys rotate -n {namespace}")
     number = keyring.number_of(args.name)
+    if number is None and record.numbered:
+        # An invalid key keymount numbered (a setting such as --key-encoding made it
+        # invalid) keeps its number: the guard keeps it reserved (docs/contract.md).
+        number = record.index
     # A staged key encrypted nothing yet: cancelling it takes staged/ away from the Pods
     # that hold it, and no data needs it.
     # Every Pod, not only those labelled backend now: a running Pod's labels can change,
