@@ -123,8 +123,8 @@ def key_change(request: AdmissionRequest) -> KeyChange:
 def key_verdict(request: AdmissionRequest, decision: KeyDecision, *,
                 unchanged: Result = "allowed") -> Verdict:
     if not decision.allowed:
-        return Verdict("denied", denied(decision.message,
-                                        warnings=decision.warnings),
+        return Verdict("denied", denied(decision.message, warnings=decision.warnings,
+                                        code=THROTTLED if decision.retry else 403),
                        key_state=decision.key_state, key=decision)
     response = patched(decision.patch, warnings=decision.warnings)
     return Verdict(unchanged if decision.action == "none" else "allowed", response,

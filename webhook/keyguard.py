@@ -135,6 +135,9 @@ class KeyDecision:
     # A refusal that a fresher view of the namespace could turn around (a key
     # referenced but not yet cached): the server confirms it with a live read.
     key_state: bool = False
+    # A refusal a retry in a moment may turn around (a stamp made on a cache that was a
+    # moment behind): answered with 429, which clients retry.
+    retry: bool = False
     # A refusal that stands only because which Pods list the Secret is not known: the
     # server reads the namespace's Pods live and asks again (`listed_by`).
     needs_pods: bool = False
@@ -578,6 +581,15 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
     # live read, so its record covers everything this process knows.
     required = NumberSet.of(number) if record.slot else NumberSet.of(number, keyring.used)
     if not required <= recorded:
+        if number in recorded:
+            # The stamp ran, on a key cache a moment behind the live read here (a key
+            # made through another request just before): stamped again on a retry.
+            return KeyDecision(
+                False, "refused",
+                f"key Secret {name!r} does not record the numbers used in namespace "
+                f"{ns!r} ({NUMBERS_USED_ANNOTATION}): keymount stamped it on a view of the "
+                f"namespace a moment behind (a key was made just before it); retry in a "
+                f"few seconds", number=number, retry=True)
         return _refused(
             f"key Secret {name!r} does not record the numbers used in namespace {ns!r} "
             f"({NUMBERS_USED_ANNOTATION}); keymount's mutating webhook stamps it, so it did "

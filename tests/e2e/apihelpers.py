@@ -55,7 +55,19 @@ def create_key(api, namespace: str, name: str, *, key: bytes | None = None,
     if index is not None:
         meta["annotations"] = {"keymount.io/key-index": str(index)}
     data = {"encryption-key": base64.b64encode(key or random_key()).decode()}
-    api.create_namespaced_secret(namespace, {"metadata": meta, "data": data})
+    body = {"metadata": meta, "data": data}
+
+    def created() -> bool:
+        # As a client should: keymount answers 429 when it stamped the key on a view a
+        # moment behind (a key created just before it) or limits live reads right now.
+        try:
+            api.create_namespaced_secret(namespace, body)
+        except ApiException as exc:
+            if exc.status != 429:
+                raise
+            return False
+        return True
+    poll(created, timeout=30, what=f"key Secret {name!r} created past keymount's 429s")
 
 
 def pod_body(name: str = "api", *, labels=BACKEND, containers=("app",)) -> dict:
