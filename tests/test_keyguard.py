@@ -1195,6 +1195,7 @@ def test_an_invalid_key_that_running_pods_list_is_not_unlabelled_out_of_the_guar
     pytest.param("another-key", False, id="another-key-is-a-replacement"),
     pytest.param("another-key-still-invalid", False,
                  id="another-key-kept-invalid-is-a-replacement-too"),
+    pytest.param("retired", True, id="retiring-it-stays-allowed"),
 ])
 def test_a_key_writer_repairs_a_key_made_invalid_by_a_setting_only_with_its_own_key(
         replacement, allowed):
@@ -1209,10 +1210,14 @@ def test_a_key_writer_repairs_a_key_made_invalid_by_a_setting_only_with_its_own_
     assert [r.name for r in ring.invalid] == ["k2"]
     held = base64.b64decode(base64.b64decode(k2["data"]["encryption-key"]))
     changed = copy.deepcopy(k2)
-    changed["data"]["encryption-key"] = base64.b64encode(
-        held if replacement == "same-key-as-raw-bytes" else
-        base64.b64encode(random_key()) if replacement == "another-key-still-invalid" else
-        random_key()).decode()
+    if replacement == "retired":  # as `keymount keys retire k2` writes it
+        changed["data"] = {}
+        changed["metadata"]["annotations"]["keymount.io/retired"] = "2026-01-02T00:00:00Z"
+    else:
+        changed["data"]["encryption-key"] = base64.b64encode(
+            held if replacement == "same-key-as-raw-bytes" else
+            base64.b64encode(random_key()) if replacement == "another-key-still-invalid"
+            else random_key()).decode()
     verdict = _as_update(k2, changed, settings=settings, keyring=ring, user="alice")
     assert (verdict.result == "allowed") is allowed, verdict.message
     if not allowed:

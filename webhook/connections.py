@@ -16,8 +16,9 @@ connection's protocol is wrapped here:
   connection reconnects at no cost); a review being decided (its body all in, however
   long keymount takes, within the deadline) or under way a moment on a working
   connection goes last. So file descriptors and buffers stay bounded and slow clients
-  cannot lock the API server out. A write that is no answer (an interim `100 Continue`) does not
-  end a request's deadline, and a pipelined request's runs from the answer before it.
+  cannot lock the API server out. A write that is no answer (an interim `100
+  Continue`) does not end a request's deadline, and a pipelined request's runs from
+  the answer before it.
 - **buffered bytes**: request bytes received but not yet answered, over all
   connections, are capped; a connection that would go over stops being read (TCP
   backpressure) until answers free room, so concurrent 7 MiB bodies cannot add up.

@@ -693,9 +693,10 @@ def _guard_update(change: KeyChange, *, keyring: Keyring, settings: Settings,
         # receive whatever its data becomes (applications' readers take either encoding).
         if not writers.allows(change.requester):
             return _writer_refusal(change, writers, "change the data of")
-        if not _keeps_readable_key(change, settings=settings):
+        if after.state != "retired" and not _keeps_readable_key(change, settings=settings):
             # Data may be encrypted under this number with the key readers take from it:
-            # a key writer re-encodes that key (a repair), never puts another in its place.
+            # a key writer re-encodes that key (a repair), never puts another in its
+            # place; retiring it (its material destroyed on purpose) stays allowed.
             return _refused(
                 f"this update replaces the key that key Secret {name!r} in namespace "
                 f"{ns!r} (number {number}) holds: it is invalid under this keymount's "
