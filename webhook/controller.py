@@ -824,13 +824,13 @@ class KeyController:
                     current.problem or "", generation=current.generation, now=self.clock(),
                     previous=current.status,
                     fix=f"kubectl edit keypolicy {current.name} -n {namespace}")
-            if _written(stored.status, status_of(stored)):
+            status = status_of(stored)
+            if _written(stored.status, status):
                 continue
             log.warning("a KeyPolicy does not parse; it is not in effect", extra={
                 "namespace": namespace, "policy": stored.name, "error": stored.problem})
             self._event(namespace, KEYPOLICY_KIND, stored.name, POLICY_API_VERSION,
-                        "Warning", "InvalidPolicy", status_of(stored)["conditions"][0][
-                            "message"])
+                        "Warning", "InvalidPolicy", status["conditions"][0]["message"])
             if not await self._write_keypolicy_status(namespace, stored.name, status_of):
                 self.queue.poke(namespace, self.clock() + RETRY_AFTER)
 
@@ -886,12 +886,15 @@ class KeyController:
             summaries = [summary for summary in self.summaries.values()
                          if stored.name in summary.cluster_policies]
             try:
-                status = cluster_policy_status(
-                    summaries, generation=stored.generation, now=self.clock(),
-                    previous=stored.status) if stored.value is not None else \
-                    invalid_status(stored.problem or "", generation=stored.generation,
-                                   now=self.clock(), previous=stored.status,
-                                   fix=f"kubectl edit clusterkeypolicy {stored.name}")
+                if stored.value is None:
+                    status = invalid_status(
+                        stored.problem or "", generation=stored.generation,
+                        now=self.clock(), previous=stored.status,
+                        fix=f"kubectl edit clusterkeypolicy {stored.name}")
+                else:
+                    status = cluster_policy_status(
+                        summaries, generation=stored.generation, now=self.clock(),
+                        previous=stored.status)
             except Exception as exc:  # one policy's figures never stop the others'
                 log.warning("could not compute a ClusterKeyPolicy's status",
                             extra={"policy": stored.name, "error": _describe(exc)})

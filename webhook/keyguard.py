@@ -148,9 +148,9 @@ class KeyDecision:
 
 
 def _refused(message: str, *, number: int | None = None, fingerprint: str = "",
-             key_state: bool = False) -> KeyDecision:
+             key_state: bool = False, retry: bool = False) -> KeyDecision:
     return KeyDecision(False, "refused", message, number=number, fingerprint=fingerprint,
-                       key_state=key_state)
+                       key_state=key_state, retry=retry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -584,8 +584,7 @@ def _guard_create(change: KeyChange, *, keyring: Keyring, settings: Settings,
         if number in recorded:
             # The stamp ran, on a key cache a moment behind the live read here (a key
             # made through another request just before): stamped again on a retry.
-            return KeyDecision(
-                False, "refused",
+            return _refused(
                 f"key Secret {name!r} does not record the numbers used in namespace "
                 f"{ns!r} ({NUMBERS_USED_ANNOTATION}): keymount stamped it on a view of the "
                 f"namespace a moment behind (a key was made just before it); retry in a "
