@@ -208,6 +208,20 @@ def test_an_unknown_container_name_in_the_annotation_refuses_the_pod():
     assert "'ghost'" in outcome.message and "containers: app" in outcome.message
 
 
+@pytest.mark.parametrize("name", [["app"], {"n": 1}], ids=["list", "object"])
+def test_a_container_named_by_no_string_cannot_be_selected_by_the_annotation(name):
+    # Only a direct client can send it (the API server decodes a Pod before admission);
+    # it used to raise TypeError (unhashable) and be answered as an internal error.
+    obj = pod(container("app"), annotations={"keymount.io/containers": "app"})
+    obj["spec"]["containers"].append({"name": name})
+    outcome = inject(obj)
+    assert isinstance(outcome, Injected)
+    assert [op["path"] for op in outcome.patch if "volumeMounts" in op["path"]] == \
+        ["/spec/containers/0/volumeMounts"]
+    obj["metadata"]["annotations"]["keymount.io/containers"] = str(name)
+    assert refused(obj).reason == "unknown-container"
+
+
 @pytest.mark.parametrize("obj", [
     {"metadata": {}},
     {"spec": {"containers": "nope"}},

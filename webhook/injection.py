@@ -259,7 +259,10 @@ def select_containers(pod: Mapping[str, Any], *,
         return containers
     inits = [t for t in every if t[0].startswith("/spec/initContainers/")]
     names = [n.strip() for n in str(wanted).split(",") if n.strip()]
-    by_name = {c.get("name"): (path, c) for path, c in inits + containers}
+    # A name is a string (the API server decodes a Pod before admission); one that is
+    # not, from a direct client, names nothing rather than raising.
+    by_name = {name: (path, c) for path, c in inits + containers
+               if isinstance(name := c.get("name"), str)}
     unknown = [n for n in names if n not in by_name]
     if unknown or not names:
         return Refused("unknown-container", (
