@@ -6,16 +6,20 @@ from __future__ import annotations
 import copy
 import json
 from typing import Any
+from unittest.mock import patch
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from webhook.admission import MalformedReview, parse_review
+from webhook.admission import MalformedReview, Verdict, parse_review
+from webhook.config import CONTAINERS_ANNOTATION, STATUS_ANNOTATION, VOLUME_NAME, Settings
+from webhook.decisions import View, route
 from webhook.decoding import decode_review
+from webhook.keys import Keyring
 
-from builders import key_secret, pod, random_key, review
+from builders import key_secret, keyring_of, pod, random_key, review
 from strategies import json_values
 
 # Known ObjectMeta fields, managedFields, and names keymount's decoder has never heard of.
@@ -39,16 +43,33 @@ bodies = st.dictionaries(st.sampled_from(["apiVersion", "kind", "request", "futu
         lambda r: {**b, **r}))
 
 
+# What keymount reads of a Pod's spec and of its containers and init containers
+# (webhook/decoding.py); stated again here, as the contract the tests hold it to.
+POD_SPEC_READ = {"containers", "initContainers", "ephemeralContainers", "volumes",
+                 "securityContext"}
+CONTAINER_READ = {"name", "volumeMounts", "securityContext"}
+
+
 def without_managed_fields(decoded: Any) -> Any:
     """What the full decode gives, as keymount reads it: no managedFields in object and
-    oldObject, and an absent object the same as a null one."""
+    oldObject, an absent object the same as a null one, and of a core Pod's spec (an
+    object whose containers are objects) only what keymount reads."""
     decoded = copy.deepcopy(decoded)
     request = decoded.get("request") if isinstance(decoded, dict) else None
     if isinstance(request, dict):
+        kind = request.get("kind")
+        is_pod = isinstance(kind, dict) and kind.get("kind") == "Pod" and not kind.get("group")
         for field in ("object", "oldObject"):
             obj = request.get(field)
             if isinstance(obj, dict) and isinstance(obj.get("metadata"), dict):
                 obj["metadata"].pop("managedFields", None)
+            if is_pod and isinstance(obj, dict) and isinstance(obj.get("spec"), dict):
+                spec = obj["spec"] = {k: v for k, v in obj["spec"].items()
+                                      if k in POD_SPEC_READ}
+                for name in ("containers", "initContainers"):
+                    if isinstance(spec.get(name), list):
+                        spec[name] = [{k: v for k, v in c.items() if k in CONTAINER_READ}
+                                      for c in spec[name]]
     return decoded
 
 
@@ -133,3 +154,104 @@ def test_duplicate_keys_mean_the_last_one_in_both_decoders():
 def test_malformed_bodies_get_the_same_400_as_before(body, message):
     with pytest.raises(MalformedReview, match=message):
         parse_review(body)
+
+
+# --- a Pod's spec: only what keymount reads ---------------------------------------------
+
+FULL_CONTAINER = {"name": "app", "image": "example.com/app:1",
+                  "env": [{"name": "A", "value": "1"}],
+                  "resources": {"limits": {"cpu": "1"}}, "ports": [{"containerPort": 80}],
+                  "securityContext": {"runAsUser": 1000},
+                  "volumeMounts": [{"name": "config", "mountPath": "/etc/app"}]}
+
+
+def test_a_pods_containers_keep_only_what_keymount_reads():
+    body = review(managed(pod(FULL_CONTAINER, init=[FULL_CONTAINER],
+                              volumes=[{"name": "config", "configMap": {"name": "c"}}],
+                              securityContext={"fsGroup": 1}, dnsPolicy="ClusterFirst",
+                              tolerations=[{"key": "k"}])))
+    spec = decode_review(json.dumps(body).encode())["request"]["object"]["spec"]
+    assert spec == {
+        "containers": [{k: FULL_CONTAINER[k] for k in ("name", "securityContext",
+                                                      "volumeMounts")}],
+        "initContainers": [{k: FULL_CONTAINER[k] for k in ("name", "securityContext",
+                                                          "volumeMounts")}],
+        "volumes": [{"name": "config", "configMap": {"name": "c"}}],
+        "securityContext": {"fsGroup": 1}}
+
+
+@pytest.mark.parametrize("kind, group", [("KeyPolicy", "keymount.io"), ("Pod", "example.com"),
+                                         ("Deployment", "")],
+                         ids=["keymount-policy", "pod-of-another-group", "another-core-kind"])
+def test_the_spec_of_anything_but_a_core_pod_is_decoded_whole(kind, group):
+    obj = managed(pod(FULL_CONTAINER, dnsPolicy="ClusterFirst"))
+    body = review(obj, kind=kind)
+    body["request"]["kind"]["group"] = group
+    decoded = decode_review(json.dumps(body).encode())
+    assert decoded["request"]["object"]["spec"] == obj["spec"]
+
+
+def test_a_pod_container_that_is_no_object_is_decoded_in_full():
+    body = review(managed(pod(FULL_CONTAINER)))
+    body["request"]["object"]["spec"]["containers"].append("not a container")
+    decoded = decode_review(json.dumps(body).encode())
+    assert decoded["request"]["object"]["spec"]["containers"][1] == "not a container"
+    assert "managedFields" in decoded["request"]["object"]["metadata"]  # the full decode
+
+
+# Pods as anyone may write them: containers with mounts of keymount's volume or near its
+# path, fields keymount never reads, volumes, security contexts, and values of any type.
+mount_paths = st.sampled_from(["/encryption-keys", "/encryption-keys/", "/encryption-keys/x",
+                               "//encryption-keys", "/etc/app", "/", ""]) | json_values
+mounts = st.fixed_dictionaries({}, optional={
+    "name": st.sampled_from([VOLUME_NAME, "config", "kube-api-access-x1"]) | json_values,
+    "mountPath": mount_paths, "readOnly": st.booleans() | json_values,
+    "subPath": st.sampled_from(["", "a"]),
+    "mountPropagation": st.sampled_from(["None", "HostToContainer"])})
+security = st.fixed_dictionaries({}, optional={
+    "runAsUser": st.sampled_from([0, 1000]) | json_values, "runAsNonRoot": st.booleans(),
+    "fsGroup": st.sampled_from([None, 1000])})
+containers = st.fixed_dictionaries({}, optional={
+    "name": st.sampled_from(["app", "proxy", "init"]) | json_values,
+    "image": st.text(max_size=8), "env": json_values, "resources": json_values,
+    "volumeMounts": st.lists(mounts, max_size=3) | json_values, "securityContext": security})
+pod_specs = st.fixed_dictionaries({"containers": st.lists(containers, min_size=1, max_size=3)},
+                                  optional={
+    "initContainers": st.lists(containers, max_size=2) | st.none(),
+    "ephemeralContainers": st.lists(containers, max_size=2),
+    "volumes": st.lists(st.fixed_dictionaries({"name": st.sampled_from(
+        [VOLUME_NAME, "config"])}, optional={"configMap": json_values}), max_size=2) | json_values,
+    "securityContext": security, "dnsPolicy": json_values, "tolerations": json_values})
+pod_annotations = st.dictionaries(st.sampled_from([CONTAINERS_ANNOTATION, STATUS_ANNOTATION,
+                                                   "note"]),
+                                  st.sampled_from(["app", "init", "app,proxy", "x"]), max_size=2)
+
+
+def decided(body: bytes, webhook: str, keyring: Keyring, *, full: bool) -> Verdict:
+    """The routed handler's verdict on the body, decoded as keymount does or in full."""
+    if full:
+        with patch("webhook.admission.decode_review", orjson.loads):
+            request = parse_review(body)
+    else:
+        request = parse_review(body)
+    return route(webhook, request)(request, View(keyring, Settings(), source="cache"))
+
+
+KEYRING = keyring_of(key_secret("k1", random_key(), index=1),
+                     key_secret("k2", random_key(), index=2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(spec=pod_specs, old_spec=pod_specs, annotations=pod_annotations,
+       backend=st.booleans(), webhook=st.sampled_from(["mutate", "validate"]),
+       operation=st.sampled_from(["CREATE", "UPDATE"]))
+def test_every_decision_on_a_pod_is_the_one_the_full_decode_gives(
+        spec, old_spec, annotations, backend, webhook, operation):
+    obj = pod(labels=None if backend else {}, annotations=annotations)
+    obj["spec"] = spec
+    old = pod()
+    old["spec"] = old_spec
+    body = json.dumps(review(managed(obj), operation=operation,
+                             old=managed(old) if operation == "UPDATE" else None)).encode()
+    assert decided(body, webhook, KEYRING, full=False) == \
+        decided(body, webhook, KEYRING, full=True)

@@ -15,6 +15,17 @@ orjson, and the checks that follow in `admission.parse_review` judge it as befor
 fast path only ever answers what the full decode would, minus managedFields
 (tests/test_decoding.py). One difference stays: an integer beyond 64 bits is an exact
 int here and a float from orjson; no number keymount reads is one.
+
+A Pod's spec is decoded leaner still: of its containers and init containers only the
+fields keymount reads (name, volumeMounts, securityContext), and of the spec only those
+lists, the ephemeral containers, the volumes and the securityContext; images,
+environment variables, probes and resources are checked to be valid JSON and skipped.
+Those are most of a Pod's objects, and decoding them cost more than all of keymount's
+decision (README, "Benchmark"). It applies to the spec of a core `Pod` only: another
+kind's spec (a KeyPolicy's) is decoded whole. What keymount reads of a Pod is listed
+once, here: a rule that reads another field of a Pod's spec adds it to `_Container` or
+`_PodSpec`, and tests/test_decoding.py holds that every decision on a Pod is the one
+the full decode gives.
 """
 
 from __future__ import annotations
@@ -23,7 +34,7 @@ from typing import Any
 
 import msgspec
 import orjson
-from msgspec import UNSET, Raw
+from msgspec import UNSET, Raw, UnsetType
 
 
 class _Metadata(msgspec.Struct, forbid_unknown_fields=True):
@@ -61,6 +72,30 @@ class _Object(msgspec.Struct, forbid_unknown_fields=True):
     immutable: Any = UNSET
 
 
+class _Container(msgspec.Struct):
+    """What keymount reads of a Pod's container (webhook/injection.py): its other
+    fields are skipped, not built."""
+
+    name: Any = UNSET
+    volumeMounts: Any = UNSET
+    securityContext: Any = UNSET
+
+
+class _PodSpec(msgspec.Struct):
+    """What keymount reads of a Pod's spec. Ephemeral containers are kept whole: a Pod
+    update compares them whole (decisions._backend_pod_change); they are rare."""
+
+    containers: list[_Container] | UnsetType | None = UNSET
+    initContainers: list[_Container] | UnsetType | None = UNSET
+    ephemeralContainers: Any = UNSET
+    volumes: Any = UNSET
+    securityContext: Any = UNSET
+
+
+class _PodObject(_Object, forbid_unknown_fields=True):
+    spec: _PodSpec | UnsetType | None = UNSET
+
+
 class _Request(msgspec.Struct, forbid_unknown_fields=True):
     """AdmissionRequest (admission.k8s.io/v1)."""
 
@@ -87,7 +122,17 @@ class _Review(msgspec.Struct, forbid_unknown_fields=True):
     request: _Request | None = None
 
 
+class _PodRequest(_Request, forbid_unknown_fields=True):
+    object: _PodObject | None = None
+    oldObject: _PodObject | None = None
+
+
+class _PodReview(_Review, forbid_unknown_fields=True):
+    request: _PodRequest | None = None
+
+
 _decoder = msgspec.json.Decoder(_Review)
+_pod_decoder = msgspec.json.Decoder(_PodReview)
 _asdict = msgspec.structs.asdict
 
 
@@ -99,7 +144,14 @@ def decode_review(body: bytes) -> Any:
         # msgspec checks the strings it skips for JSON escapes, not for UTF-8: checked
         # here, so that a body orjson refuses is never answered.
         body.decode()
-        review = _decoder.decode(body)
+        # Most reviews are of Pods: decoded as one first; a spec of any other kind is
+        # decoded again, whole.
+        review: _Review = _pod_decoder.decode(body)
+        request = review.request
+        if request is not None and not _is_pod(request.kind) and any(
+                o is not None and o.spec is not UNSET
+                for o in (request.object, request.oldObject)):
+            review = _decoder.decode(body)
     except (msgspec.MsgspecError, UnicodeDecodeError, RecursionError):
         return orjson.loads(body)
     request = review.request
@@ -122,10 +174,22 @@ def _fields(struct: msgspec.Struct) -> dict[str, Any]:
     return {name: value for name, value in _asdict(struct).items() if value is not UNSET}
 
 
+def _is_pod(kind: Any) -> bool:
+    """The request's kind is a core Pod (as admission.AdmissionRequest.is_pod reads it)."""
+    return isinstance(kind, dict) and kind.get("kind") == "Pod" and not kind.get("group")
+
+
 def _object_dict(obj: _Object | None) -> dict[str, Any] | None:
     if obj is None or obj.metadata is None:
         return None
     fields = _fields(obj)
     fields["metadata"] = meta = _fields(obj.metadata)
     del meta["managedFields"]
+    spec = fields.get("spec")
+    if isinstance(spec, _PodSpec):
+        fields["spec"] = spec_fields = _fields(spec)
+        for name in ("containers", "initContainers"):
+            containers = spec_fields.get(name)
+            if containers:
+                spec_fields[name] = [_fields(c) for c in containers]
     return fields
