@@ -10,11 +10,10 @@ user can act on).
 from __future__ import annotations
 
 import base64
-import dataclasses
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any, Literal, NotRequired, TypedDict
 
+import msgspec
 import orjson
 
 from .decoding import decode_review
@@ -83,8 +82,12 @@ class MalformedReview(ValueError):
     """The body is not an AdmissionReview keymount can answer (HTTP 400)."""
 
 
-@dataclass(frozen=True, slots=True)
-class AdmissionRequest:
+class AdmissionRequest(msgspec.Struct, frozen=True):
+    """One review's request, as keymount reads it. Frozen msgspec Structs, here and for
+    the other values made per admission (Verdict, decisions.View, injection.Injected):
+    as immutable as a frozen dataclass, built in C at a tenth of its cost (README,
+    "Benchmark")."""
+
     api_version: str
     uid: str
     group: str
@@ -215,8 +218,7 @@ def errored(message: str, *, code: int = 500) -> AdmissionResponseWire:
 
 # --- what a decision returns ---------------------------------------------------------
 
-@dataclass(frozen=True, slots=True)
-class Verdict:
+class Verdict(msgspec.Struct, frozen=True):
     """Every decision in `decisions` returns one; the server completes its response."""
 
     result: Result
@@ -237,4 +239,4 @@ class Verdict:
     def with_warning(self, warning: str) -> Verdict:
         response: AdmissionResponseWire = {**self.response}
         response["warnings"] = [*self.response.get("warnings", []), warning]
-        return dataclasses.replace(self, response=response)
+        return msgspec.structs.replace(self, response=response)

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Literal
 
+import msgspec
+
 from .admission import (
     OPERATIONS,
     AdmissionRequest,
@@ -88,13 +90,12 @@ class PolicyView:
     throttled: bool = False  # the failure is keymount's own read limit: retry, 429
 
 
-@dataclass(frozen=True, slots=True)
-class View:
+class View(msgspec.Struct, frozen=True):
     """What a decision sees besides the request."""
 
     keyring: Keyring  # the request namespace's keys
     settings: Settings
-    writers: KeyWriters = field(default_factory=KeyWriters)
+    writers: KeyWriters = msgspec.field(default_factory=KeyWriters)
     # --max-key-age, and the times keymount stamps on key Secrets (staged-at,
     # activated-at); None stamps none.
     now: datetime | None = None

@@ -15,11 +15,11 @@ from __future__ import annotations
 import base64
 import posixpath
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
 import jsonpatch
+import msgspec
 import orjson
 
 from .config import CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME, Settings
@@ -36,8 +36,7 @@ KEY_STATE_REASONS: frozenset[str] = frozenset({"no-valid-key", "invalid-keys",
 FILE_MODE = 0o440
 
 
-@dataclass(frozen=True, slots=True)
-class Injected:
+class Injected(msgspec.Struct, frozen=True):
     patch: tuple[PatchOp, ...]
     files: tuple[KeyFile, ...]
     status: str  # the keymount.io/status annotation, also the audit annotation
@@ -51,8 +50,7 @@ class Injected:
         return result
 
 
-@dataclass(frozen=True, slots=True)
-class Refused:
+class Refused(msgspec.Struct, frozen=True):
     reason: RefusalReason
     message: str
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import multiprocessing
 import os
 import signal
@@ -40,6 +39,8 @@ from concurrent.futures import BrokenExecutor, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.shared_memory import SharedMemory
 from typing import Any, TypeVar
+
+import msgspec
 
 from .admission import (
     AdmissionRequest,
@@ -103,7 +104,7 @@ def head_of(request: AdmissionRequest) -> Head:
     An object keeps its truthiness (an empty object stays empty), which those steps
     test."""
     # The user's groups matter to the key guard alone, which runs in the worker.
-    return Head(dataclasses.replace(request, object=_cut(request.object),
+    return Head(msgspec.structs.replace(request, object=_cut(request.object),
                                     old_object=_cut(request.old_object), groups=()),
                 needs_policy_view(request))
 

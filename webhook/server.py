@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import msgspec
 import orjson
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -174,8 +175,7 @@ def read_review(body: bytes) -> AdmissionRequest | web.Response:
         return json_error(400, str(exc))
 
 
-@dataclass(frozen=True, slots=True)
-class Judge:
+class Judge(msgspec.Struct, frozen=True):
     """Who gives the verdict on a view: the routed handler here, or, for a review
     decoded in the worker process (`request` is then its head), the same handler there."""
 
