@@ -143,16 +143,20 @@ def check_keyring(keyring: Keyring, *, settings: Settings) -> Refused | None:
 
 
 def build_key_warnings(keyring: Keyring, *, settings: Settings,
-                       now: datetime | None) -> list[str]:
-    # What depends on the keyring alone, once per keyring; a copy to add to.
-    warnings = list(keyring.derive("key-warnings", lambda: _keyring_warnings(keyring)))
+                       now: datetime | None) -> tuple[str, ...]:
+    # What depends on the keyring alone, once per keyring.
+    warnings: tuple[str, ...] | None = keyring.derived.get("key-warnings")
+    if warnings is None:
+        warnings = keyring.derived["key-warnings"] = tuple(_keyring_warnings(keyring))
+    if not (settings.max_key_age and now):
+        return warnings
     newest = keyring.newest
     since = newest.active_since if newest else None
-    if (settings.max_key_age and now and newest and since
-            and now - since > settings.max_key_age):
-        warnings.append(
-            f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older than "
-            f"--max-key-age; rotate: keymount keys rotate -n {keyring.namespace} --generate")
+    if newest and since and now - since > settings.max_key_age:
+        return (*warnings,
+                f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older "
+                f"than --max-key-age; rotate: keymount keys rotate -n {keyring.namespace} "
+                f"--generate")
     return warnings
 
 
@@ -204,37 +208,84 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
     if problem:
         return Refused("mount-conflict", problem)
 
-    patch: list[PatchOp] = []
-    _patch_list_member(patch, spec.get("volumes"), "/spec/volumes",
-                       build_volume(keyring, settings=settings))
-    for path, container in targets:
-        _patch_list_member(patch, container.get("volumeMounts"), f"{path}/volumeMounts", mount)
-    _patch_annotation(patch, pod.get("metadata"), STATUS_ANNOTATION, keyring.status)
-
+    volume = build_volume(keyring, settings=settings)
+    shape: PatchShape = (
+        _member_step(spec.get("volumes"), volume),
+        tuple((path, _member_step(container.get("volumeMounts"), mount))
+              for path, container in targets),
+        _annotation_step(pod.get("metadata"), keyring.status))
+    patch, encoded = build_patch(shape, keyring=keyring, settings=settings)
     warnings = build_key_warnings(keyring, settings=settings, now=now)
-    warnings += build_pod_warnings(pod, targets=targets)
-    return Injected(tuple(patch), keyring.files, keyring.status, tuple(warnings),
-                    encode_patch(patch, keyring=keyring, settings=settings))
+    pod_warnings = build_pod_warnings(pod, targets=targets)
+    return Injected(patch, keyring.files, keyring.status,
+                    (*warnings, *pod_warnings) if pod_warnings else warnings, encoded)
 
+
+# What a Pod's shape asks of one list of named objects (its volumes, a container's
+# mounts) to hold keymount's member: None, the list is missing (add it with the
+# member); "-", append the member; an index, replace the member there (one of that
+# name that differs); "", nothing (the member is there as keymount would add it).
+MemberStep = int | str | None
+# And of its metadata: "metadata" or "annotations" (missing: add it with the status),
+# "add" (set the status annotation), "" (it is there already).
+PatchShape = tuple[MemberStep, tuple[tuple[str, MemberStep], ...], str]
 
 MAX_PATCH_SHAPES = 32
 
 
-def encode_patch(patch: list[PatchOp], *, keyring: Keyring, settings: Settings) -> str:
-    """The patch as base64 of its JSON. Every value in it comes from the keyring and the
-    settings; only its operations and paths follow the Pod's shape, and the Pods of one
-    workload share theirs. So the encoding is kept in the keyring per shape, for at most
-    MAX_PATCH_SHAPES shapes (a hostile client sending endless shapes grows nothing)."""
-    shape = ("patch", settings.key_field, settings.rotation_slots, settings.mount_path,
-             tuple((op["op"], op["path"]) for op in patch))
-    encoded: str | None = keyring.derived.get(shape)
-    if encoded is None:
-        encoded = base64.b64encode(orjson.dumps(patch)).decode()
-        shapes = keyring.derived.get("patch-shapes", 0)
-        if shapes < MAX_PATCH_SHAPES:
-            keyring.derived[shape] = encoded
-            keyring.derived["patch-shapes"] = shapes + 1
-    return encoded
+def _member_step(items: list[Any] | None, wanted: dict[str, Any]) -> MemberStep:
+    if items is None:
+        return None
+    name = wanted["name"]
+    for i, item in enumerate(items):
+        if item.get("name") == name:
+            return "" if item == wanted else i
+    return "-"
+
+
+def _annotation_step(meta: Any, value: str) -> str:
+    if not isinstance(meta, dict):
+        return "metadata"
+    annotations = meta.get("annotations")
+    if not isinstance(annotations, dict):
+        return "annotations"
+    return "" if annotations.get(STATUS_ANNOTATION) == value else "add"
+
+
+def build_patch(shape: PatchShape, *, keyring: Keyring,
+                settings: Settings) -> tuple[tuple[PatchOp, ...], str]:
+    """The JSONPatch for a Pod of this shape, and its encoding (base64 of its JSON).
+    Every value in it comes from the keyring and the settings; only its operations and
+    paths follow the Pod's shape, and the Pods of one workload share theirs. So both
+    are kept in the keyring per shape, for at most MAX_PATCH_SHAPES shapes (a hostile
+    client sending endless shapes grows nothing). Shared: never modify the patch."""
+    key = ("patch", settings.key_field, settings.rotation_slots, settings.mount_path, shape)
+    built: tuple[tuple[PatchOp, ...], str] | None = keyring.derived.get(key)
+    if built is not None:
+        return built
+    volume_step, mount_steps, annotation_step = shape
+    patch: list[PatchOp] = []
+    _patch_list_member(patch, volume_step, "/spec/volumes", build_volume(keyring,
+                                                                         settings=settings))
+    mount = build_mount(settings=settings)
+    for path, step in mount_steps:
+        _patch_list_member(patch, step, f"{path}/volumeMounts", mount)
+    if annotation_step == "metadata":
+        patch.append({"op": "add", "path": "/metadata",
+                      "value": {"annotations": {STATUS_ANNOTATION: keyring.status}}})
+    elif annotation_step == "annotations":
+        patch.append({"op": "add", "path": "/metadata/annotations",
+                      "value": {STATUS_ANNOTATION: keyring.status}})
+    elif annotation_step == "add":
+        escaped = STATUS_ANNOTATION.replace("~", "~0").replace("/", "~1")
+        patch.append({"op": "add", "path": f"/metadata/annotations/{escaped}",
+                      "value": keyring.status})
+    built = (tuple(patch), base64.b64encode(orjson.dumps(patch)).decode())
+    shapes = keyring.derived.get("patch-shapes", 0)
+    if shapes < MAX_PATCH_SHAPES:
+        keyring.derived[key] = built
+        keyring.derived["patch-shapes"] = shapes + 1
+    return built
 
 
 def _is_list_of_maps(value: Any) -> bool:
@@ -353,28 +404,15 @@ def _is_keymount_mount(mount: Mapping[str, Any], *, settings: Settings) -> bool:
             and mount.get("mountPropagation") in (None, "None"))
 
 
-def _patch_list_member(patch: list[PatchOp], items: list[Any] | None, pointer: str,
+def _patch_list_member(patch: list[PatchOp], step: MemberStep, pointer: str,
                        wanted: dict[str, Any]) -> None:
-    """Add `wanted` to a list of named objects, or replace the member of that name."""
-    if items is None:
+    """The operation `step` (`_member_step`) takes on the list at `pointer`."""
+    if step is None:
         patch.append({"op": "add", "path": pointer, "value": [wanted]})
-        return
-    for i, item in enumerate(items):
-        if item.get("name") == wanted["name"]:
-            if item != wanted:
-                patch.append({"op": "replace", "path": f"{pointer}/{i}", "value": wanted})
-            return
-    patch.append({"op": "add", "path": f"{pointer}/-", "value": wanted})
-
-
-def _patch_annotation(patch: list[PatchOp], meta: Any, key: str, value: str) -> None:
-    if not isinstance(meta, dict):
-        patch.append({"op": "add", "path": "/metadata", "value": {"annotations": {key: value}}})
-    elif not isinstance(meta.get("annotations"), dict):
-        patch.append({"op": "add", "path": "/metadata/annotations", "value": {key: value}})
-    elif meta["annotations"].get(key) != value:
-        escaped = key.replace("~", "~0").replace("/", "~1")
-        patch.append({"op": "add", "path": f"/metadata/annotations/{escaped}", "value": value})
+    elif step == "-":
+        patch.append({"op": "add", "path": f"{pointer}/-", "value": wanted})
+    elif step != "":
+        patch.append({"op": "replace", "path": f"{pointer}/{step}", "value": wanted})
 
 
 def build_pod_warnings(pod: Mapping[str, Any], *, targets: list[Target]) -> list[str]:
