@@ -5,8 +5,8 @@ loop over one review: what the server's handler does between the HTTP stack's pa
 
 In place: `keymount serve` as in production (bench/admission.py's configuration) under
 wrk, each stage's function wrapped with a perf_counter timer in the server process
-(webhook/server.py's module names: read_body, read_review, decide, log_decision,
-complete and the answer's encoding), the sums read back at the end. In a loop: the
+(webhook/server.py's module names: read_body, read_review, decide_at_once and decide,
+log_decision, complete and the answer's encoding), the sums read back at the end. In a loop: the
 same functions, called 20,000 times in a row on the same review. The difference is what
 running between TLS, the event loop and aiohttp costs each stage (caches, branch
 predictors, the other core's load), which a loop does not see. Writes
@@ -72,6 +72,7 @@ def timed(name, function, is_async=False):
 server.read_body = timed("read the body", server.read_body, True)
 server.read_review = timed("decode and check the review", server.read_review)
 server.decide = timed("decide", server.decide, True)
+server.decide_at_once = timed("decide", server.decide_at_once)
 server.log_decision = timed("log the decision", server.log_decision)
 server.complete = timed("complete the answer", server.complete)
 class Codec:

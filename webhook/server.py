@@ -196,9 +196,22 @@ class Judge(msgspec.Struct, frozen=True):
         return await self.offload.judge(view)
 
 
+def decide_at_once(runtime: Runtime, request: AdmissionRequest,
+                   by: Judge) -> tuple[Verdict, bool]:
+    """The routed handler's verdict on the key cache, and whether it is the answer:
+    `decide` has no edge step to take for it (no live read, no Pod listing, no
+    KeyPolicy reads). Most admissions end here, on the loop with nothing awaited."""
+    assert by.handler is not None and not by.policy_view
+    verdict = by.handler(request, view_of(runtime, request,
+                                          runtime.store.keyring(request.namespace), "cache"))
+    final = not verdict.key_state and (verdict.key is None or not verdict.key.needs_pods)
+    return verdict, final
+
+
 async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook, *,
-                 judge_by: Judge | None = None) -> Verdict:
+                 judge_by: Judge | None = None, cached: Verdict | None = None) -> Verdict:
     """Route to one pure decision, then take the edge steps its verdict asks for.
+    `cached`: the verdict on the key cache, if `decide_at_once` has it already.
 
     Nothing here lets a backend Pod through on its own: every answer is a verdict of
     the routed handler (whose table refuses an unrouted backend Pod), a failed step
@@ -206,7 +219,7 @@ async def decide(runtime: Runtime, request: AdmissionRequest, webhook: Webhook, 
     its limit leaves the refusal standing.
     """
     by = judge_by or Judge.here(webhook, request)
-    verdict, keyring = await judge(runtime, request, by)
+    verdict, keyring = await judge(runtime, request, by, cached=cached)
     if request.dry_run:
         # The one place dryRun is honoured: a dry run writes nothing (no generated
         # key), it only answers.
@@ -240,15 +253,15 @@ async def policy_view(runtime: Runtime, request: AdmissionRequest,
     return await runtime.policies.view(request.namespace)
 
 
-async def judge(runtime: Runtime, request: AdmissionRequest,
-                by: Judge) -> tuple[Verdict, Keyring | None]:
-    """The routed handler's verdict on the cache; for a key-state refusal, its verdict
-    on one live read of the namespace instead (with that keyring), since a key Secret
-    created a moment ago may not have reached the cache yet (docs/contract.md,
-    "Refusals").
+async def judge(runtime: Runtime, request: AdmissionRequest, by: Judge, *,
+                cached: Verdict | None = None) -> tuple[Verdict, Keyring | None]:
+    """The routed handler's verdict on the cache (`cached`, if given); for a key-state
+    refusal, its verdict on one live read of the namespace instead (with that keyring),
+    since a key Secret created a moment ago may not have reached the cache yet
+    (docs/contract.md, "Refusals").
     Rate limited: past the limit the cached refusal stands (fail closed)."""
     namespace = request.namespace
-    verdict = await by.verdict(view_of(
+    verdict = cached or await by.verdict(view_of(
         runtime, request, runtime.store.keyring(namespace), "cache",
         await policy_view(runtime, request, by.policy_view)))
     listed = None
@@ -329,7 +342,18 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
             runtime.metrics.admissions.record(webhook, "error",
                                               loop_cpu=time.thread_time() - cpu)
             return review
-        verdict = await decide_safely(runtime, review)
+        try:
+            by = Judge.here(webhook, review)
+            if not by.policy_view:
+                verdict, final = decide_at_once(runtime, review, by)
+                if final:
+                    return finish(runtime, review, verdict, started=started, cpu=cpu)
+            else:
+                verdict = None
+        except Exception as exc:  # fail closed, whatever broke
+            verdict = failed(review, exc)
+        else:
+            verdict = await decide_safely(runtime, review, by, cached=verdict)
         return finish(runtime, review, verdict, started=started, cpu=cpu)
 
     async def answer_offloaded(request: web.Request, runtime: Runtime,
@@ -386,14 +410,18 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                       cpu=cpu + offload.waited_cpu)
 
     async def decide_safely(runtime: Runtime, review: AdmissionRequest,
-                            judge_by: Judge | None = None) -> Verdict:
+                            judge_by: Judge | None = None, *,
+                            cached: Verdict | None = None) -> Verdict:
         try:
-            return await decide(runtime, review, webhook, judge_by=judge_by)
+            return await decide(runtime, review, webhook, judge_by=judge_by, cached=cached)
         except Exception as exc:  # fail closed, whatever broke
-            server_log.exception("admission failed", extra={"uid": review.uid})
-            return Verdict("error", errored(
-                f"keymount could not decide ({type(exc).__name__}); see the keymount logs "
-                f"for uid {review.uid}"))
+            return failed(review, exc)
+
+    def failed(review: AdmissionRequest, exc: Exception) -> Verdict:
+        server_log.error("admission failed", exc_info=exc, extra={"uid": review.uid})
+        return Verdict("error", errored(
+            f"keymount could not decide ({type(exc).__name__}); see the keymount logs "
+            f"for uid {review.uid}"))
 
     def finish(runtime: Runtime, review: AdmissionRequest, verdict: Verdict, *,
                started: float, cpu: float) -> web.Response:
