@@ -227,9 +227,18 @@ def test_a_container_named_by_no_string_cannot_be_selected_by_the_annotation(nam
     {"spec": {"containers": "nope"}},
     {"spec": {"containers": [{"name": "a"}], "volumes": {"x": 1}}},
     {"spec": {"containers": [{"name": "a", "volumeMounts": ["x"]}]}},
-], ids=["no-spec", "containers-not-list", "volumes-not-list", "mounts-not-objects"])
+    {"spec": {"containers": [{"name": "a"}], "ephemeralContainers": [{"volumeMounts": 1}]}},
+    {"spec": {"containers": [{"name": "a"}], "ephemeralContainers": [{"volumeMounts": "x"}]}},
+], ids=["no-spec", "containers-not-list", "volumes-not-list", "mounts-not-objects",
+        "ephemeral-mounts-a-number", "ephemeral-mounts-a-string"])
 def test_a_malformed_pod_is_refused_not_crashed_on(obj):
     assert refused(obj).reason == "malformed-pod"
+
+
+@pytest.mark.parametrize("value", [5, "abc", {"a": 1}], ids=["number", "string", "object"])
+def test_ephemeral_containers_that_are_no_list_are_none(value):
+    # Only a direct client can send them; a number used to raise TypeError.
+    assert isinstance(inject(pod(ephemeralContainers=value)), Injected)
 
 
 # --- warnings -------------------------------------------------------------------

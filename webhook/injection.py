@@ -200,7 +200,7 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
     if isinstance(targets, Refused):
         return targets
     mount = build_mount(settings=settings)
-    for path, container in every:
+    for path, container in (*every, *ephemeral_containers(spec)):
         mounts = container.get("volumeMounts")
         if mounts is not None and not _is_list_of_maps(mounts):
             return Refused("malformed-pod", f"{path}/volumeMounts is not a list of objects")
@@ -343,8 +343,11 @@ def all_containers(spec: Mapping[str, Any]) -> list[Target]:
 def ephemeral_containers(spec: Mapping[str, Any]) -> list[Target]:
     """Debug containers added to a running Pod (pods/ephemeralcontainers): never
     selected, so they may not mount keymount's volume."""
+    containers = spec.get("ephemeralContainers")
+    if not isinstance(containers, list):
+        return []
     return [(f"/spec/ephemeralContainers/{i}", c)
-            for i, c in enumerate(spec.get("ephemeralContainers") or []) if isinstance(c, dict)]
+            for i, c in enumerate(containers) if isinstance(c, dict)]
 
 
 def find_mount_problem(spec: Mapping[str, Any], targets: list[Target], *,
@@ -368,7 +371,10 @@ def find_mount_problem(spec: Mapping[str, Any], targets: list[Target], *,
         name = container.get("name")
         selected = path in chosen
         ours = exact = 0
-        for mount in container.get("volumeMounts") or ():
+        mounts = container.get("volumeMounts")
+        # Mounts that are no list are none (a direct client's; the API server decodes a
+        # Pod before admission): a number would raise, a string's letters are no mounts.
+        for mount in mounts if isinstance(mounts, list) else ():
             if not isinstance(mount, dict):
                 continue
             if mount.get("name") == VOLUME_NAME:
