@@ -261,7 +261,7 @@ async def judge(runtime: Runtime, request: AdmissionRequest, by: Judge, *,
     (docs/contract.md, "Refusals").
     Rate limited: past the limit the cached refusal stands (fail closed)."""
     namespace = request.namespace
-    verdict = cached or await by.verdict(view_of(
+    verdict = cached if cached is not None else await by.verdict(view_of(
         runtime, request, runtime.store.keyring(namespace), "cache",
         await policy_view(runtime, request, by.policy_view)))
     listed = None
@@ -344,16 +344,13 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
             return review
         try:
             by = Judge.here(webhook, review)
-            if not by.policy_view:
-                verdict, final = decide_at_once(runtime, review, by)
-                if final:
-                    return finish(runtime, review, verdict, started=started, cpu=cpu)
-            else:
-                verdict = None
+            cached, final = (None, False) if by.policy_view else \
+                decide_at_once(runtime, review, by)
         except Exception as exc:  # fail closed, whatever broke
-            verdict = failed(review, exc)
-        else:
-            verdict = await decide_safely(runtime, review, by, cached=verdict)
+            return finish(runtime, review, failed(review, exc), started=started, cpu=cpu)
+        if final and cached is not None:
+            return finish(runtime, review, cached, started=started, cpu=cpu)
+        verdict = await decide_safely(runtime, review, by, cached=cached)
         return finish(runtime, review, verdict, started=started, cpu=cpu)
 
     async def answer_offloaded(request: web.Request, runtime: Runtime,
