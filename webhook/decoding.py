@@ -21,11 +21,11 @@ fields keymount reads (name, volumeMounts, securityContext), and of the spec onl
 lists, the ephemeral containers, the volumes and the securityContext; images,
 environment variables, probes and resources are checked to be valid JSON and skipped.
 Those are most of a Pod's JSON objects: skipping them takes about a seventh off the
-decode of the benchmark's review (README, "Benchmark"). It applies to the spec of a core `Pod` only: another
-kind's spec (a KeyPolicy's) is decoded whole. What keymount reads of a Pod is listed
-once, here: a rule that reads another field of a Pod's spec adds it to `_Container` or
-`_PodSpec`, and tests/test_decoding.py holds that every decision on a Pod is the one
-the full decode gives.
+decode of the benchmark's review (README, "Benchmark"). It applies to the spec of a
+core `Pod` only: another kind's spec (a KeyPolicy's) is decoded whole. What keymount
+reads of a Pod is listed once, here: a rule that reads another field of a Pod's spec
+adds it to `_Container` or `_PodSpec`, and tests/test_decoding.py holds that every
+decision on a Pod is the one the full decode gives.
 """
 
 from __future__ import annotations
