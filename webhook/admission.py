@@ -190,7 +190,7 @@ def allowed(*, warnings: tuple[str, ...] = ()) -> AdmissionResponseWire:
 
 def patched(patch: tuple[dict[str, Any], ...], *, warnings: tuple[str, ...] = (),
             audit: Mapping[str, str] | None = None, encoded: str = "") -> AdmissionResponseWire:
-    """`encoded`: the patch already encoded (injection.encode_patch), if it is."""
+    """`encoded`: the patch already encoded (injection.build_patch), if it is."""
     response = allowed(warnings=warnings)
     if patch:
         response["patchType"] = "JSONPatch"
