@@ -50,8 +50,15 @@ def patched_object(body, verdict):
     (json.dumps({"kind": "AdmissionReview", "apiVersion": "admission.k8s.io/v1",
                  "request": {"uid": "u", "kind": {"kind": "Pod"}, "operation": "CREATE",
                              "object": [1]}}).encode(), "request.object"),
+    (json.dumps(review(pod(), operation="UPDATE", old={"metadata": "x"})).encode(),
+     r"request.oldObject.metadata is not an object"),
+    (json.dumps(review(pod(labels={"app.kubernetes.io/component": ["backend"]}))).encode(),
+     r"request.object.metadata.labels is not a map of strings"),
+    (json.dumps(review(pod(annotations={"keymount.io/containers": 1}))).encode(),
+     r"request.object.metadata.annotations is not a map of strings"),
 ], ids=["bad-json", "json-array", "wrong-kind", "wrong-version", "no-request", "no-uid",
-        "bad-operation", "object-not-a-map"])
+        "bad-operation", "object-not-a-map", "metadata-not-a-map", "label-not-a-string",
+        "annotation-not-a-string"])
 def test_a_malformed_review_is_refused_with_the_reason(body, error):
     with pytest.raises(MalformedReview, match=error):
         parse_review(body)

@@ -9,6 +9,8 @@ that result.
 
 from __future__ import annotations
 
+import base64
+import copy
 import json
 import sys
 from collections import Counter
@@ -22,9 +24,9 @@ from webhook.admission import MalformedReview, complete, parse_review
 from webhook.config import Settings
 from webhook.decisions import review_mutation, review_validation
 from webhook.injection import needs_keys
-from webhook.names import VOLUME_NAME
+from webhook.names import VOLUME_NAME, as_dict
 
-from builders import key_secret, keyring_of, random_key
+from builders import container, key_secret, keyring_of, pod, random_key, review, slot_secret
 from strategies import json_values
 
 SETTINGS = Settings()
@@ -178,6 +180,78 @@ def test_a_backend_pod_of_any_shape_is_refused_or_gets_every_key(pod, webhook):
     patch = json.loads(__import__("base64").b64decode(verdict.response["patch"]))
     assert_keys_mounted(jsonpatch.apply_patch(pod, patch), request)
     RUNS["injected"] += 1
+
+
+# A backend Pod as /mutate leaves it, with key slots, an init container selected by the
+# containers annotation, another volume, an ephemeral container and a security context:
+# most of what the Pod rules read. Broken in one place at a time, anywhere.
+SLOTTED = keyring_of(key_secret("k1", random_key(), index=1),
+                     key_secret("k2", random_key(), index=2), slot_secret(3))
+
+
+def _injected_pod() -> dict:
+    obj = pod(container("app", volumeMounts=[{"name": "data", "mountPath": "/data"}]),
+              init=[container("init")], annotations={"keymount.io/containers": "app,init"},
+              volumes=[{"name": "data", "emptyDir": {}}], securityContext={"fsGroup": 1},
+              ephemeralContainers=[container("debug")])
+    obj["metadata"]["creationTimestamp"] = "2026-01-01T00:00:00Z"
+    verdict = review_mutation(parse_review(json.dumps(review(obj)).encode()),
+                              keyring=SLOTTED, settings=SETTINGS)
+    assert verdict.result == "injected", verdict.message
+    patch = json.loads(base64.b64decode(verdict.response["patch"]))
+    return jsonpatch.apply_patch(obj, patch)
+
+
+INJECTED = _injected_pod()
+
+
+def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    found = [prefix]
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            found += _paths(inner, (*prefix, key))
+    elif isinstance(value, list):
+        for i, inner in enumerate(value):
+            found += _paths(inner, (*prefix, i))
+    return found
+
+
+def _broken(path: tuple, value: object) -> object:
+    if not path:
+        return value
+    broken = copy.deepcopy(INJECTED)
+    parent = broken
+    for step in path[:-1]:
+        parent = parent[step]
+    parent[path[-1]] = value
+    return broken
+
+
+@settings(max_examples=1000)
+@given(path=st.sampled_from(_paths(INJECTED)), value=json_values,
+       webhook=st.sampled_from(["mutate", "validate"]),
+       operation=st.sampled_from(["CREATE", "UPDATE", "UPDATE-of-the-broken"]))
+def test_a_pod_broken_anywhere_is_a_400_or_a_verdict_never_an_exception(
+        path, value, webhook, operation):
+    """Only a direct client can send such a Pod (the API server decodes a Pod before
+    admission), and an exception fails closed (a 500); but a 400 or a verdict says
+    what is wrong, and no backend Pod gets through /mutate without its keys."""
+    obj, old = _broken(path, value), INJECTED
+    if operation == "UPDATE-of-the-broken":
+        obj, old = old, obj
+    body = review(obj, operation=operation[:6], old=old if operation != "CREATE" else None)
+    try:
+        request = parse_review(json.dumps(body).encode())
+    except MalformedReview:
+        RUNS["broken-4xx"] += 1
+        return
+    decide_on = review_mutation if webhook == "mutate" else review_validation
+    verdict = decide_on(request, keyring=SLOTTED, settings=SETTINGS)
+    assert_wire_response(request, verdict)
+    if webhook == "mutate" and operation == "CREATE" and needs_keys(as_dict(obj),
+                                                                    settings=SETTINGS):
+        assert verdict.result in ("injected", "denied")
+    RUNS[f"broken-{verdict.result}"] += 1
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -158,8 +158,9 @@ def parse_review(body: bytes) -> AdmissionRequest:
     if request.get("operation") not in OPERATIONS:
         raise MalformedReview("AdmissionReview request has no valid operation")
     for field in ("object", "oldObject"):
-        if request.get(field) is not None and not isinstance(request[field], dict):
-            raise MalformedReview(f"AdmissionReview request.{field} is not an object")
+        obj = request.get(field)
+        if obj is not None:
+            check_object(obj, f"request.{field}")
     user = as_dict(request.get("userInfo"))
     groups = user["groups"] if isinstance(user.get("groups"), list) else []
     return AdmissionRequest(
@@ -170,6 +171,25 @@ def parse_review(body: bytes) -> AdmissionRequest:
         dry_run=bool(request.get("dryRun")), username=str(user.get("username") or ""),
         groups=tuple(str(g) for g in groups),
     )
+
+
+def check_object(obj: Any, where: str) -> None:
+    """What the API server guarantees of any object it sends (ObjectMeta's types), and
+    every rule reads as such: an object, whose metadata is an object, whose labels and
+    annotations map names to strings. Only a direct client can send anything else."""
+    if not isinstance(obj, dict):
+        raise MalformedReview(f"AdmissionReview {where} is not an object")
+    meta = obj.get("metadata")
+    if meta is None:
+        return
+    if not isinstance(meta, dict):
+        raise MalformedReview(f"AdmissionReview {where}.metadata is not an object")
+    for field in ("labels", "annotations"):
+        values = meta.get(field)
+        if values is not None and not (isinstance(values, dict) and all(
+                type(value) is str for value in values.values())):
+            raise MalformedReview(f"AdmissionReview {where}.metadata.{field} is not a map "
+                                  f"of strings")
 
 
 # --- responses (cf. controller-runtime's Allowed/Denied/Patched/Errored) --------------

@@ -63,6 +63,8 @@ from .names import (
     KEYPOLICY_PLURAL,
     POLICY_GROUP,
     as_dict,
+    as_list,
+    is_list_of_objects,
     key_file_name,
     slot_number,
 )
@@ -495,7 +497,9 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
     numbered above every number the volume lists, made around the Pod's creation (the
     API server sets a Pod's creationTimestamp before validating webhooks see it)."""
     spec = as_dict(pod.get("spec"))
-    volumes = [v for v in spec.get("volumes") or [] if isinstance(v, dict)
+    if not is_list_of_objects(spec.get("containers")):
+        return "its spec.containers is not a list of objects", False
+    volumes = [v for v in as_list(spec.get("volumes")) if isinstance(v, dict)
                and v.get("name") == VOLUME_NAME]
     if len(volumes) != 1:
         return f"expected one volume {VOLUME_NAME!r}, found {len(volumes)}", False
@@ -504,7 +508,7 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
         return f"volume {VOLUME_NAME!r} is not a projected volume", False
     if projected.get("defaultMode") != FILE_MODE:
         return f"volume {VOLUME_NAME!r} has defaultMode {projected.get('defaultMode')}", False
-    sources = projected.get("sources") or []
+    sources = as_list(projected.get("sources"))
     if not sources:
         return f"volume {VOLUME_NAME!r} has no key sources", False
     listed: set[str] = set()
@@ -512,7 +516,7 @@ def find_injection_problem(pod: Mapping[str, Any], *, keyring: Keyring,
     stated: list[dict[str, str]] = []  # the status annotation the key sources imply
     for source in sources:
         secret = source.get("secret") if isinstance(source, dict) else None
-        if set(source) != {"secret"} or not isinstance(secret, dict):
+        if not isinstance(secret, dict) or set(source) != {"secret"}:
             return f"volume {VOLUME_NAME!r} projects something other than key Secrets", False
         name = str(secret.get("name"))
         listed.add(name)

@@ -24,7 +24,14 @@ import orjson
 
 from .config import CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .keys import KeyFile, Keyring, describe_conflict
-from .names import key_file_name, staged_field, staged_file_name
+from .names import (
+    as_dict,
+    as_list,
+    is_list_of_objects,
+    key_file_name,
+    staged_field,
+    staged_file_name,
+)
 
 PatchOp = dict[str, Any]
 RefusalReason = Literal["no-valid-key", "invalid-keys", "ambiguous-order", "mount-conflict",
@@ -182,11 +189,11 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
     if refusal:
         return refusal
     spec = pod.get("spec")
-    if not isinstance(spec, dict) or not _is_list_of_maps(spec.get("containers")):
+    if not isinstance(spec, dict) or not is_list_of_objects(spec.get("containers")):
         return Refused("malformed-pod", "the Pod has no spec.containers list; keymount "
                                         "cannot tell where to mount the keys")
     for name in ("initContainers", "volumes"):
-        if spec.get(name) is not None and not _is_list_of_maps(spec.get(name)):
+        if spec.get(name) is not None and not is_list_of_objects(spec.get(name)):
             return Refused("malformed-pod", f"the Pod's spec.{name} is not a list of objects")
 
     ours = [v for v in spec.get("volumes") or [] if v.get("name") == VOLUME_NAME]
@@ -202,7 +209,7 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
     mount = build_mount(settings=settings)
     for path, container in (*every, *ephemeral_containers(spec)):
         mounts = container.get("volumeMounts")
-        if mounts is not None and not _is_list_of_maps(mounts):
+        if mounts is not None and not is_list_of_objects(mounts):
             return Refused("malformed-pod", f"{path}/volumeMounts is not a list of objects")
     problem = find_mount_problem(spec, targets, settings=settings, injected=False, every=every)
     if problem:
@@ -288,10 +295,6 @@ def build_patch(shape: PatchShape, *, keyring: Keyring,
     return built
 
 
-def _is_list_of_maps(value: Any) -> bool:
-    return isinstance(value, list) and not [v for v in value if not isinstance(v, dict)]
-
-
 Target = tuple[str, Mapping[str, Any]]  # (JSON pointer, container)
 
 
@@ -302,7 +305,7 @@ def select_containers(pod: Mapping[str, Any], *,
     if every is None:
         every = all_containers(pod["spec"])
     containers = [t for t in every if t[0].startswith("/spec/containers/")]
-    annotations = (pod.get("metadata") or {}).get("annotations") or {}
+    annotations = as_dict(as_dict(pod.get("metadata")).get("annotations"))
     wanted = annotations.get(CONTAINERS_ANNOTATION)
     if wanted is None:
         return containers
@@ -337,7 +340,7 @@ def normalize_path(path: Any) -> str:
 
 def all_containers(spec: Mapping[str, Any]) -> list[Target]:
     return [(f"/spec/{field}/{i}", c) for field in ("initContainers", "containers")
-            for i, c in enumerate(spec.get(field) or []) if isinstance(c, dict)]
+            for i, c in enumerate(as_list(spec.get(field))) if isinstance(c, dict)]
 
 
 def ephemeral_containers(spec: Mapping[str, Any]) -> list[Target]:
@@ -423,11 +426,11 @@ def _patch_list_member(patch: list[PatchOp], step: MemberStep, pointer: str,
 
 def build_pod_warnings(pod: Mapping[str, Any], *, targets: list[Target]) -> list[str]:
     """0440 root-owned files are unreadable to a non-root user without a Pod fsGroup."""
-    pod_sc = pod["spec"].get("securityContext") or {}
+    pod_sc = as_dict(pod["spec"].get("securityContext"))
     if pod_sc.get("fsGroup") is not None:
         return []
     for _, container in targets:
-        sc = container.get("securityContext") or {}
+        sc = as_dict(container.get("securityContext"))
         user = sc.get("runAsUser", pod_sc.get("runAsUser"))
         non_root = sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))
         if (user is not None and user != 0) or (user is None and non_root is True):

@@ -15,7 +15,7 @@ from typing import Any
 from .config import STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .key_secrets import build_key_secret
 from .keys import KeyRecord, Keyring, check_key
-from .names import as_dict, slot_secret_name, staged_file_name
+from .names import as_dict, as_list, slot_secret_name, staged_file_name
 
 GENERATED_KEY_NAME = slot_secret_name(1)  # --auto-generate's one and only name
 
@@ -143,11 +143,11 @@ def read_status_annotation(pod: Mapping[str, Any]) -> list[dict[str, str]] | Non
 def listed_slots(pod: Mapping[str, Any]) -> set[str]:
     """The optional sources (rotation slots) of a Pod's keymount volume."""
     spec = as_dict(pod.get("spec"))
-    for volume in spec.get("volumes") or []:
+    for volume in as_list(spec.get("volumes")):
         if isinstance(volume, Mapping) and volume.get("name") == VOLUME_NAME:
             projected = volume.get("projected")
             sources = projected.get("sources") if isinstance(projected, Mapping) else None
-            return {str(s["secret"].get("name")) for s in sources or []
+            return {str(s["secret"].get("name")) for s in as_list(sources)
                     if isinstance(s, Mapping) and isinstance(s.get("secret"), Mapping)
                     and s["secret"].get("optional") is True}
     return set()

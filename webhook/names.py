@@ -88,3 +88,14 @@ def slot_number(secret_name: str) -> int | None:
 def as_dict(value: Any) -> dict[str, Any]:
     """`value` if it is a JSON object, else an empty one: objects come from decoders."""
     return value if isinstance(value, dict) else {}
+
+
+def as_list(value: Any) -> list[Any]:
+    """`value` if it is a JSON array, else an empty one. Only a direct client can send
+    a Pod whose lists are something else: the API server decodes a Pod before
+    admission."""
+    return value if isinstance(value, list) else []
+
+
+def is_list_of_objects(value: Any) -> bool:
+    return isinstance(value, list) and not [v for v in value if not isinstance(v, dict)]
