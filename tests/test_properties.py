@@ -14,16 +14,18 @@ import copy
 import json
 import sys
 from collections import Counter
+from unittest.mock import patch
 
 import jsonpatch
 import pytest
+import test_decoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from webhook.admission import MalformedReview, complete, parse_review
 from webhook.config import Settings
 from webhook.decisions import review_mutation, review_validation
-from webhook.injection import needs_keys
+from webhook.injection import build_mount, build_volume, inject_keys, needs_keys, plain_pod
 from webhook.names import VOLUME_NAME, as_dict
 
 from builders import container, key_secret, keyring_of, pod, random_key, review, slot_secret
@@ -203,6 +205,9 @@ def _injected_pod() -> dict:
 
 
 INJECTED = _injected_pod()
+INJECTED_PLAIN = jsonpatch.apply_patch(pod(), json.loads(base64.b64decode(review_mutation(
+    parse_review(json.dumps(review(pod())).encode()), keyring=SLOTTED,
+    settings=SETTINGS).response["patch"])))
 
 
 def _paths(value: object, prefix: tuple = ()) -> list[tuple]:
@@ -254,6 +259,47 @@ def test_a_pod_broken_anywhere_is_a_400_or_a_verdict_never_an_exception(
     RUNS[f"broken-{verdict.result}"] += 1
 
 
+def _with_keymounts_own(spec: dict, volume: str, mounted: list[bool]) -> dict:
+    """The spec with keymount's volume and mounts as it adds them (or, "changed", its
+    volume as an older keyring made it), as a Pod that went through /mutate before."""
+    if volume != "none" and isinstance(spec.get("volumes"), list):
+        ours = build_volume(SLOTTED if volume == "as-added" else KEYRING, settings=SETTINGS)
+        spec["volumes"] = [*spec["volumes"], copy.deepcopy(ours)]
+    for member, mount in zip(spec["containers"], mounted, strict=False):
+        if mount and isinstance(member.get("volumeMounts", []), list):
+            member["volumeMounts"] = [*member.get("volumeMounts", []),
+                                         build_mount(settings=SETTINGS)]
+    return spec
+
+
+@settings(max_examples=1000)
+@given(spec=test_decoding.pod_specs, annotations=test_decoding.pod_annotations,
+       volume=st.sampled_from(["none", "as-added", "changed"]),
+       mounted=st.lists(st.booleans(), max_size=3))
+def test_theplain_pod_shortcut_decides_as_the_rules_do(spec, annotations, volume, mounted):
+    obj = pod(annotations=annotations)
+    obj["spec"] = _with_keymounts_own(spec, volume, mounted)
+    shortcut = inject_keys(obj, keyring=SLOTTED, settings=SETTINGS)
+    with patch("webhook.injection.plain_pod", return_value=None):
+        rules = inject_keys(obj, keyring=SLOTTED, settings=SETTINGS)
+    assert shortcut == rules
+    plain = plain_pod(obj["spec"], obj["metadata"], build_volume(SLOTTED, settings=SETTINGS),
+                       settings=SETTINGS)
+    RUNS["plain-shortcut" if plain is not None else "plain-rules"] += 1
+
+
+def test_aplain_pod_and_its_reinjection_take_the_shortcut():
+    volume = build_volume(SLOTTED, settings=SETTINGS)
+    assert plain_pod(INJECTED_PLAIN["spec"], INJECTED_PLAIN["metadata"], volume,
+                      settings=SETTINGS) == ("", [("/spec/containers/0",
+                                                   INJECTED_PLAIN["spec"]["containers"][0])],
+                                             (("/spec/containers/0", ""),))
+    fresh = pod()
+    assert plain_pod(fresh["spec"], fresh["metadata"], volume, settings=SETTINGS) == (
+        None, [("/spec/containers/0", fresh["spec"]["containers"][0])],
+        (("/spec/containers/0", None),))
+
+
 @pytest.fixture(scope="module", autouse=True)
 def report_examples():
     yield
@@ -272,7 +318,6 @@ def test_a_mount_path_normalises_as_the_kubelet_resolves_it(path):
 def test_every_property_test_runs_without_timing_checks_and_keeps_its_examples():
     # A loaded machine must not fail a property (tests/conftest.py): no @settings may
     # bring back a deadline or the too_slow health check, or cut the examples.
-    import test_decoding
     import test_metrics
     tests = {f"{module.__name__}.{name}": test
              for module in (sys.modules[__name__], test_decoding, test_metrics)

@@ -169,7 +169,7 @@ def parse_review(body: bytes) -> AdmissionRequest:
         namespace=str(request.get("namespace") or ""), name=str(request.get("name") or ""),
         object=request.get("object"), old_object=request.get("oldObject"),
         dry_run=bool(request.get("dryRun")), username=str(user.get("username") or ""),
-        groups=tuple(str(g) for g in groups),
+        groups=tuple(map(str, groups)),
     )
 
 
@@ -186,8 +186,16 @@ def check_object(obj: Any, where: str) -> None:
         raise MalformedReview(f"AdmissionReview {where}.metadata is not an object")
     for field in ("labels", "annotations"):
         values = meta.get(field)
-        if values is not None and not (isinstance(values, dict) and all(
-                type(value) is str for value in values.values())):
+        if values is None:
+            continue
+        # A loop, not all() over a generator: Python 3.11 makes that a frame of its own,
+        # on every admission.
+        strings = isinstance(values, dict)
+        for value in values.values() if strings else ():
+            if type(value) is not str:
+                strings = False
+                break
+        if not strings:
             raise MalformedReview(f"AdmissionReview {where}.metadata.{field} is not a map "
                                   f"of strings")
 

@@ -244,7 +244,7 @@ class GuardedProtocol(asyncio.Protocol):
     # --- the guard ------------------------------------------------------------------
 
     def answered(self, data: Any = b"") -> None:
-        if bytes(data[:10]) == b"HTTP/1.1 1":
+        if data[:10] == b"HTTP/1.1 1":  # bytes, bytearray or memoryview alike
             # An interim response ("100 Continue"), not the answer: the body is still
             # to come, within the same deadline.
             return

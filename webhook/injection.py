@@ -189,6 +189,13 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
     if refusal:
         return refusal
     spec = pod.get("spec")
+    volume = build_volume(keyring, settings=settings)
+    plain = plain_pod(spec, pod.get("metadata"), volume, settings=settings)
+    if plain is not None:
+        volume_step, chosen, mount_steps = plain
+        return _injected(pod, (volume_step, mount_steps, _annotation_step(
+            pod.get("metadata"), keyring.status)), chosen, keyring=keyring,
+            settings=settings, now=now)
     if not isinstance(spec, dict) or not is_list_of_objects(spec.get("containers")):
         return Refused("malformed-pod", "the Pod has no spec.containers list; keymount "
                                         "cannot tell where to mount the keys")
@@ -215,17 +222,92 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
     if problem:
         return Refused("mount-conflict", problem)
 
-    volume = build_volume(keyring, settings=settings)
     shape: PatchShape = (
         _member_step(spec.get("volumes"), volume),
         tuple((path, _member_step(container.get("volumeMounts"), mount))
               for path, container in targets),
         _annotation_step(pod.get("metadata"), keyring.status))
+    return _injected(pod, shape, targets, keyring=keyring, settings=settings, now=now)
+
+
+def _injected(pod: Mapping[str, Any], shape: PatchShape, targets: list[Target], *,
+              keyring: Keyring, settings: Settings, now: datetime | None) -> Injected:
     patch, encoded = build_patch(shape, keyring=keyring, settings=settings)
     warnings = build_key_warnings(keyring, settings=settings, now=now)
     pod_warnings = build_pod_warnings(pod, targets=targets)
     return Injected(patch, keyring.files, keyring.status,
                     (*warnings, *pod_warnings) if pod_warnings else warnings, encoded)
+
+
+# JSON pointers of a Pod's first containers, made once.
+_CONTAINER_PATHS = tuple(f"/spec/containers/{i}" for i in range(64))
+
+
+def plain_pod(spec: Any, meta: Any, volume: dict[str, Any], *, settings: Settings,
+               ) -> tuple[MemberStep, list[Target], tuple[tuple[str, MemberStep], ...]] | None:
+    """The patch steps and target containers of the common Pod, in one pass: the rules
+    below (`inject_keys`, `select_containers`, `find_mount_problem`) would pass it and
+    select every container. Only what they would pass is answered here; anything else
+    (init or ephemeral containers, the containers annotation, a mount at or under the
+    mount path, a mount of keymount's volume other than as it adds it, two such volumes
+    or mounts, any value of the wrong type) is None, and goes through the rules, which
+    refuse it with the reason or decide it as well. Most Pods are plain: the rules'
+    dozen calls and passes over the same containers cost an admission more than all of
+    its other decisions (README, "Benchmark"); tests/test_injection.py holds the two
+    ways to the same answers."""
+    if type(spec) is not dict or spec.get("initContainers") is not None \
+            or spec.get("ephemeralContainers") is not None:
+        return None
+    if type(meta) is dict:
+        annotations = meta.get("annotations")
+        if type(annotations) is dict and CONTAINERS_ANNOTATION in annotations:
+            return None
+    containers = spec.get("containers")
+    volumes = spec.get("volumes")
+    if type(containers) is not list or not containers \
+            or len(containers) > len(_CONTAINER_PATHS):
+        return None
+    volume_step: MemberStep = None
+    if volumes is not None:
+        if type(volumes) is not list:
+            return None
+        volume_step = "-"
+        for i, item in enumerate(volumes):
+            if type(item) is not dict:
+                return None
+            if item.get("name") == VOLUME_NAME:
+                if volume_step != "-":
+                    return None  # two: refused by the rules
+                volume_step = "" if item == volume else i
+    mount_path = settings.mount_path
+    under = mount_path.rstrip("/") + "/"
+    wanted = build_mount(settings=settings)
+    targets: list[Target] = []
+    steps: list[tuple[str, MemberStep]] = []
+    for i, container in enumerate(containers):
+        if type(container) is not dict:
+            return None
+        mounts = container.get("volumeMounts")
+        step: MemberStep = None
+        if mounts is not None:
+            if type(mounts) is not list:
+                return None
+            step = "-"
+            for j, mount in enumerate(mounts):
+                if type(mount) is not dict:
+                    return None
+                if mount.get("name") == VOLUME_NAME:
+                    if step != "-" or not _is_keymount_mount(mount, settings=settings):
+                        return None
+                    step = "" if mount == wanted else j
+                    continue
+                where = normalize_path(mount.get("mountPath"))
+                if where == mount_path or where.startswith(under):
+                    return None  # a mount conflict: refused by the rules
+        path = _CONTAINER_PATHS[i]
+        targets.append((path, container))
+        steps.append((path, step))
+    return volume_step, targets, tuple(steps)
 
 
 # What a Pod's shape asks of one list of named objects (its volumes, a container's

@@ -52,7 +52,12 @@ class Selector:
 
     def matches(self, labels: Mapping[str, str] | None) -> bool:
         labels = labels or {}
-        return all(r.matches(labels) for r in self.requirements)
+        # A loop, not all() over a generator: on every admission (Python 3.11 makes the
+        # generator a frame of its own).
+        for requirement in self.requirements:
+            if not requirement.matches(labels):
+                return False
+        return True
 
     def __str__(self) -> str:
         return self.text
