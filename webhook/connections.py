@@ -250,7 +250,13 @@ class GuardedProtocol(asyncio.Protocol):
             return
         self.answered_any = True
         if self.request_started is not None or self.pending:
-            self._end_request()
+            # _end_request, inlined: this runs on every answer.
+            self.request_started = None
+            self.deciding = False
+            guard, pending, self.pending = self.guard, self.pending, 0
+            guard.buffered -= pending
+            if guard.paused:
+                guard.release(0)
         if getattr(self.inner, "_messages", None):
             # A pipelined request has arrived behind the one answered: its deadline
             # runs from now, or a body that never comes would hold it for ever.
