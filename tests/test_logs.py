@@ -19,6 +19,7 @@ from webhook.logs import (
     TextFormatter,
     _timestamp,
     configure_logging,
+    json_line,
 )
 
 from polling import poll
@@ -102,6 +103,44 @@ def test_decision_lines_read_exactly_like_logging_lines(pipe):
     line = read_available(read_end).decode()
     assert line.endswith("\n") and line.count("\n") == 1
     assert json.loads(line) == json.loads(JsonFormatter().format(record))
+
+
+class Lines:
+    """Stands in for a LineSink: keeps what is written."""
+
+    def __init__(self) -> None:
+        self.lines: list[bytes] = []
+
+    def write(self, line: bytes) -> None:
+        self.lines.append(line)
+
+
+DECISION_FIELDS = {"webhook": "mutate", "uid": "u-1", "result": "injected",
+                   "duration_ms": 0.25, "dry_run": True}
+
+
+@pytest.mark.parametrize(("level", "fields"), [
+    (logging.INFO, DECISION_FIELDS),
+    (logging.DEBUG, DECISION_FIELDS),
+    (logging.INFO, {}),
+    (logging.INFO, {"msg": "a field named as the head's own", "uid": "u-2"}),
+], ids=["info", "debug", "no-fields", "a-head-name"])
+def test_decision_lines_are_the_bytes_json_line_writes_whatever_the_time(level, fields):
+    # DecisionLog keeps each millisecond's head encoded: a line must not carry a
+    # stale time or level, or differ in a byte from the one json_line makes.
+    sink = Lines()
+    decisions = DecisionLog(sink, fmt="json", level=logging.DEBUG)  # type: ignore[arg-type]
+    times = [1764394512.2501, 1764394512.2509, 1764394512.251, 1764394512.999,
+             1764394513.0, 1764394512.2501, 1764394513.2501]
+    # the same ms, the next ms, the next second, back, and the same ms a second later
+    writes = [(created, level) for created in times] + [
+        (1764394513.0, level), (1764394513.0, logging.WARNING)]  # another level, same ms
+    for created, each in writes:
+        decisions.write(each, fields, created=created)
+    assert sink.lines == [
+        json_line(created=created, level=logging.getLevelName(each).lower(),
+                  logger="keymount.admission", msg="admission decision", fields=fields)
+        for created, each in writes]
 
 
 def test_text_decision_lines_match_the_text_formatter(pipe):

@@ -465,7 +465,8 @@ def log_decision(decisions: DecisionLog, review: AdmissionRequest, verdict: Verd
         "webhook": webhook, "uid": review.uid, "namespace": review.namespace,
         "kind": review.kind, "pod" if review.is_pod else "object": review.object_name,
         "operation": review.operation, "user": review.username, "result": verdict.result,
-        "duration_ms": round(elapsed * 1000, 3),
+        # milliseconds to 3 places; round(x, 3) formats a decimal string
+        "duration_ms": round(elapsed * 1_000_000) / 1000,
     }
     if review.dry_run:
         fields["dry_run"] = True
