@@ -276,26 +276,27 @@ def _with_keymounts_own(spec: dict, volume: str, mounted: list[bool]) -> dict:
 @given(spec=test_decoding.pod_specs, annotations=test_decoding.pod_annotations,
        volume=st.sampled_from(["none", "as-added", "changed"]),
        mounted=st.lists(st.booleans(), max_size=3))
-def test_theplain_pod_shortcut_decides_as_the_rules_do(spec, annotations, volume, mounted):
+def test_the_plain_pod_shortcut_decides_as_the_rules_do(spec, annotations, volume, mounted):
     obj = pod(annotations=annotations)
     obj["spec"] = _with_keymounts_own(spec, volume, mounted)
     shortcut = inject_keys(obj, keyring=SLOTTED, settings=SETTINGS)
     with patch("webhook.injection.plain_pod", return_value=None):
         rules = inject_keys(obj, keyring=SLOTTED, settings=SETTINGS)
     assert shortcut == rules
-    plain = plain_pod(obj["spec"], obj["metadata"], build_volume(SLOTTED, settings=SETTINGS),
-                       settings=SETTINGS)
+    plain = plain_pod(obj["spec"], meta=obj["metadata"],
+                      volume=build_volume(SLOTTED, settings=SETTINGS), settings=SETTINGS)
     RUNS["plain-shortcut" if plain is not None else "plain-rules"] += 1
 
 
-def test_aplain_pod_and_its_reinjection_take_the_shortcut():
+def test_a_plain_pod_and_its_reinjection_take_the_shortcut():
     volume = build_volume(SLOTTED, settings=SETTINGS)
-    assert plain_pod(INJECTED_PLAIN["spec"], INJECTED_PLAIN["metadata"], volume,
-                      settings=SETTINGS) == ("", [("/spec/containers/0",
-                                                   INJECTED_PLAIN["spec"]["containers"][0])],
-                                             (("/spec/containers/0", ""),))
+    assert plain_pod(INJECTED_PLAIN["spec"], meta=INJECTED_PLAIN["metadata"], volume=volume,
+                     settings=SETTINGS) == ("", [("/spec/containers/0",
+                                                  INJECTED_PLAIN["spec"]["containers"][0])],
+                                            (("/spec/containers/0", ""),))
     fresh = pod()
-    assert plain_pod(fresh["spec"], fresh["metadata"], volume, settings=SETTINGS) == (
+    assert plain_pod(fresh["spec"], meta=fresh["metadata"], volume=volume,
+                     settings=SETTINGS) == (
         None, [("/spec/containers/0", fresh["spec"]["containers"][0])],
         (("/spec/containers/0", None),))
 

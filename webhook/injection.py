@@ -190,7 +190,7 @@ def inject_keys(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
         return refusal
     spec = pod.get("spec")
     volume = build_volume(keyring, settings=settings)
-    plain = plain_pod(spec, pod.get("metadata"), volume, settings=settings)
+    plain = plain_pod(spec, meta=pod.get("metadata"), volume=volume, settings=settings)
     if plain is not None:
         volume_step, chosen, mount_steps = plain
         return _injected(pod, (volume_step, mount_steps, _annotation_step(
@@ -243,8 +243,8 @@ def _injected(pod: Mapping[str, Any], shape: PatchShape, targets: list[Target], 
 _CONTAINER_PATHS = tuple(f"/spec/containers/{i}" for i in range(64))
 
 
-def plain_pod(spec: Any, meta: Any, volume: dict[str, Any], *, settings: Settings,
-               ) -> tuple[MemberStep, list[Target], tuple[tuple[str, MemberStep], ...]] | None:
+def plain_pod(spec: Any, *, meta: Any, volume: dict[str, Any], settings: Settings,
+              ) -> tuple[MemberStep, list[Target], tuple[tuple[str, MemberStep], ...]] | None:
     """The patch steps and target containers of the common Pod, in one pass: the rules
     below (`inject_keys`, `select_containers`, `find_mount_problem`) would pass it and
     select every container. Only what they would pass is answered here; anything else
@@ -253,8 +253,8 @@ def plain_pod(spec: Any, meta: Any, volume: dict[str, Any], *, settings: Setting
     or mounts, any value of the wrong type) is None, and goes through the rules, which
     refuse it with the reason or decide it as well. Most Pods are plain: the rules'
     dozen calls and passes over the same containers cost an admission more than all of
-    its other decisions (README, "Benchmark"); tests/test_injection.py holds the two
-    ways to the same answers."""
+    its other decisions (README, "Benchmark"); a property in tests/test_properties.py
+    holds the two ways to the same answers."""
     if type(spec) is not dict or spec.get("initContainers") is not None \
             or spec.get("ephemeralContainers") is not None:
         return None
