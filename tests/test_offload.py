@@ -23,7 +23,7 @@ from webhook.events import event_for
 from webhook.localdir import DirectoryKeySource
 from webhook.metrics import Metrics
 from webhook.offload import HEAD_STRING, INLINE_BODY, Offload, ReadAhead, head_of
-from webhook.server import MAX_BODY, Runtime, build_webhook_app
+from webhook.server import MAX_BODY, Runtime
 from webhook.store import KeyStore
 from webhook.tls import build_ssl_context
 
@@ -59,8 +59,8 @@ def runtime(tmp_path, offload):
 
 
 @pytest.fixture
-async def server(aiohttp_server, runtime, certs):
-    server = await aiohttp_server(build_webhook_app(runtime), ssl=build_ssl_context(
+async def server(webhook_site, runtime, certs):
+    server = await webhook_site(runtime, ssl=build_ssl_context(
         str(certs.tls_cert), str(certs.tls_key)))
     await wait_for(lambda: runtime.store.ready)
     return server

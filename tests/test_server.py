@@ -16,7 +16,7 @@ from webhook.certs import build_certificates, write_certificates
 from webhook.config import Settings
 from webhook.localdir import DirectoryKeySource
 from webhook.metrics import Metrics
-from webhook.server import MAX_BODY, Runtime, build_probe_app, build_webhook_app
+from webhook.server import MAX_BODY, Runtime, build_probe_app
 from webhook.store import KeyStore
 from webhook.tls import CertReloader, build_ssl_context
 
@@ -53,9 +53,9 @@ def runtime(keys_dir):
 
 
 @pytest.fixture
-async def server(aiohttp_server, runtime, certs):
-    srv = await aiohttp_server(build_webhook_app(runtime),
-                               ssl=build_ssl_context(str(certs.tls_cert), str(certs.tls_key)))
+async def server(webhook_site, runtime, certs):
+    srv = await webhook_site(runtime,
+                             ssl=build_ssl_context(str(certs.tls_cert), str(certs.tls_key)))
     await wait_for(lambda: runtime.store.ready)
     return srv
 
@@ -85,6 +85,53 @@ async def test_a_backend_pod_is_patched_over_tls(client):
                                    json.loads(base64.b64decode(response["patch"])))
     assert [s["secret"]["name"] for s in result["spec"]["volumes"][0]["projected"]["sources"]] \
         == ["key-a", "key-b", "keymount-key-3", "keymount-key-4"]
+
+
+@pytest.mark.parametrize(("path", "webhook"), [
+    ("/mutate?timeout=10s", "mutate"), ("/validate?timeout=10s", "validate"),
+    ("/mutate", "mutate")], ids=["mutate-as-the-api-server-calls-it",
+                                 "validate-as-the-api-server-calls-it", "without-a-query"])
+async def test_each_webhook_is_reached_at_its_path_whatever_the_query(client, path, webhook):
+    # The API server appends ?timeout=<the webhook's timeoutSeconds> to the URL.
+    status, answer = await post(client, path, review(pod()))
+    assert status == 200
+    # Told apart by their answers: mutate injects the keys, validate refuses a backend
+    # Pod that has none.
+    if webhook == "mutate":
+        assert answer["response"]["allowed"] is True and "patch" in answer["response"]
+    else:
+        assert answer["response"]["allowed"] is False and "patch" not in answer["response"]
+
+
+@pytest.mark.parametrize(("method", "path", "status", "allow"), [
+    ("POST", "/", 404, None), ("POST", "/mutate/", 404, None), ("POST", "/healthz", 404, None),
+    ("POST", "/MUTATE", 404, None), ("GET", "/mutate", 405, "POST"),
+    ("PUT", "/validate", 405, "POST"), ("GET", "/nowhere", 404, None)],
+    ids=["root", "trailing-slash", "a-probe-path", "upper-case", "get", "put", "get-elsewhere"])
+async def test_only_post_to_the_two_webhook_paths_is_answered(client, method, path, status,
+                                                              allow):
+    async with client.request(method, path, data=json.dumps(review(pod())),
+                              headers={"Content-Type": "application/json"}) as r:
+        assert r.status == status
+        assert r.headers.get("Allow") == allow
+        assert (await r.json())["status"] == status
+
+
+async def test_expect_100_continue_is_answered_and_the_review_decided(client):
+    body = review(pod())
+    # The client sends the body only once "100 Continue" has come: without it, this
+    # times out.
+    async with client.post("/mutate", json=body, expect100=True,
+                           timeout=aiohttp.ClientTimeout(total=10)) as r:
+        assert r.status == 200
+        assert (await r.json())["response"]["uid"] == body["request"]["uid"]
+
+
+async def test_an_expectation_other_than_100_continue_is_417(client):
+    async with client.post("/mutate", json=review(pod()),
+                           headers={"Expect": "something-else"}) as r:
+        assert r.status == 417
+        assert "something-else" in (await r.json())["error"]
 
 
 async def test_wrong_content_type_is_415(client):
@@ -281,11 +328,11 @@ def reloading_server(directory, runtime):
 @pytest.mark.parametrize("order", [("tls.crt", "tls.key"), ("tls.key", "tls.crt")],
                          ids=["cert-first", "key-first"])
 async def test_a_renewed_pair_written_in_either_order_never_breaks_a_handshake(
-        tmp_path, runtime, aiohttp_server, order):
+        tmp_path, runtime, webhook_site, order):
     pems = build_certificates(service="keymount", namespace="keymount", ips=["127.0.0.1"])
     files = write_certificates(tmp_path / "live", pems)
     reloader = reloading_server(tmp_path / "live", runtime)
-    srv = await aiohttp_server(build_webhook_app(runtime), ssl=reloader.listening)
+    srv = await webhook_site(runtime, ssl=reloader.listening)
     first = await asyncio.to_thread(peer_serial, srv.port, str(files.ca_cert))
 
     renewed = build_certificates(service="keymount", namespace="keymount", ips=["127.0.0.1"])
@@ -303,7 +350,7 @@ async def test_a_renewed_pair_written_in_either_order_never_breaks_a_handshake(
 
 
 async def test_a_symlink_swap_as_the_kubelet_does_it_is_picked_up(tmp_path, runtime,
-                                                                   aiohttp_server):
+                                                                   webhook_site):
     # A Secret volume: tls.crt -> ..data/tls.crt, ..data -> ..2026_11_29_v1, swapped at once.
     def version(name):
         pems = build_certificates(service="keymount", namespace="keymount", ips=["127.0.0.1"])
@@ -314,7 +361,7 @@ async def test_a_symlink_swap_as_the_kubelet_does_it_is_picked_up(tmp_path, runt
     for name in ("tls.crt", "tls.key"):
         (tmp_path / name).symlink_to(f"..data/{name}")
     reloader = reloading_server(tmp_path, runtime)
-    srv = await aiohttp_server(build_webhook_app(runtime), ssl=reloader.listening)
+    srv = await webhook_site(runtime, ssl=reloader.listening)
     first = await asyncio.to_thread(peer_serial, srv.port, str(tmp_path / "..v1" / "ca.crt"))
     (tmp_path / "..data_tmp").symlink_to("..v2")
     os.replace(tmp_path / "..data_tmp", tmp_path / "..data")

@@ -15,14 +15,14 @@ import gc
 import logging
 import signal
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 import msgspec
 import orjson
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .admission import (
@@ -106,7 +106,7 @@ def json_error(status: int, message: str) -> web.Response:
     return web.json_response({"error": message, "status": status}, status=status)
 
 
-def refuse_headers(request: web.Request) -> web.Response | None:
+def refuse_headers(request: web.BaseRequest) -> web.Response | None:
     """The 4xx response that refuses the request on its headers alone, or None."""
     if request.content_type != "application/json":
         return json_error(415, f"content type {request.content_type!r} is not supported; "
@@ -130,7 +130,7 @@ def refuse_headers(request: web.Request) -> web.Response | None:
     return None
 
 
-async def read_body(request: web.Request) -> bytes | web.Response:
+async def read_body(request: web.BaseRequest) -> bytes | web.Response:
     """The request's body, or the 4xx response that refuses it."""
     refusal = refuse_headers(request)
     if refusal is not None:
@@ -141,7 +141,7 @@ async def read_body(request: web.Request) -> bytes | web.Response:
         return json_error(413, f"body is over the {MAX_BODY}-byte limit")
 
 
-async def read_chunks(request: web.Request) -> list[bytes] | web.Response:
+async def read_chunks(request: web.BaseRequest) -> list[bytes] | web.Response:
     """The request's body as the chunks it arrived in (none copied or joined, which
     for a body of MiBs would take the loop a millisecond), or the 413 response that
     refuses it (its headers: `refuse_headers`)."""
@@ -158,7 +158,7 @@ async def read_chunks(request: web.Request) -> list[bytes] | web.Response:
     return chunks
 
 
-def drop_slow_sender(runtime: Runtime, request: web.Request) -> None:
+def drop_slow_sender(runtime: Runtime, request: web.BaseRequest) -> None:
     """Close the connection of a large review whose body is still arriving after
     offload.SLOW_READER, to give its room to another (offload.ReadAhead)."""
     server_log.warning("a large review's body arrived too slowly; connection closed to "
@@ -313,9 +313,9 @@ async def generate_key(runtime: Runtime, request: AdmissionRequest,
         f"-o yaml")
 
 
-def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
-    async def handle(request: web.Request) -> web.Response:
-        runtime = request.app[RUNTIME]
+def build_handler(webhook: Webhook, runtime: Runtime,
+                  ) -> Callable[[web.BaseRequest], Awaitable[web.Response]]:
+    async def handle(request: web.BaseRequest) -> web.Response:
         length = request.content_length
         offload = runtime.offload
         if length is not None and length <= (LARGE_BODY if offload is None else INLINE_BODY):
@@ -329,7 +329,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
                 return await answer(request, runtime)
         return await answer_offloaded(request, runtime, offload)
 
-    async def answer(request: web.Request, runtime: Runtime) -> web.Response:
+    async def answer(request: web.BaseRequest, runtime: Runtime) -> web.Response:
         started = time.perf_counter()
         body = await read_body(request)
         if isinstance(body, web.Response):
@@ -355,7 +355,7 @@ def build_handler(webhook: Webhook) -> Callable[[web.Request], Any]:
         verdict = await decide_safely(runtime, review, by, cached=cached)
         return finish(runtime, review, verdict, started=started, cpu=cpu)
 
-    async def answer_offloaded(request: web.Request, runtime: Runtime,
+    async def answer_offloaded(request: web.BaseRequest, runtime: Runtime,
                                offload: Offload) -> web.Response:
         """`answer` for a body decoded and judged in the worker process: the loop only
         copies chunks, and logs and encodes the answer (webhook/offload.py). The body is
@@ -486,29 +486,76 @@ def log_decision(decisions: DecisionLog, review: AdmissionRequest, verdict: Verd
     decisions.write(level, fields, created=time.time())
 
 
-def build_webhook_app(runtime: Runtime) -> web.Application:
-    # aiohttp refuses bodies over client_max_size itself, which covers chunked
-    # requests that declare no Content-Length.
-    app = web.Application(client_max_size=MAX_BODY)
-    app[RUNTIME] = runtime
-    app.router.add_post("/mutate", build_handler("mutate"))
-    app.router.add_post("/validate", build_handler("validate"))
-    app.cleanup_ctx.append(key_source_ctx)
-    return app
+def webhook_server(runtime: Runtime, **handler_args: Any) -> web.Server:
+    """The webhook port's HTTP server: POST /mutate and POST /validate, nothing else
+    (docs/contract.md, "HTTP"). Call it with the event loop running.
+
+    aiohttp's low-level server, not an Application: for every request an Application
+    resolves the path through its router, builds and freezes a match_info and looks for
+    middlewares, about 5% of keymount's CPU per admission (README, "Benchmark"); two
+    fixed paths are one dict lookup. What the router did besides is done here: 404 and
+    405 (with Allow), `Expect: 100-continue`, and the body limit, which aiohttp applies
+    to chunked bodies too (`client_max_size`)."""
+    handlers = {"/mutate": build_handler("mutate", runtime),
+                "/validate": build_handler("validate", runtime)}
+    loop = asyncio.get_running_loop()
+
+    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+        handler = handlers.get(request.path)  # decoded, without the query (?timeout=10s)
+        if handler is None:
+            return json_error(404, "not found: keymount answers POST /mutate and "
+                                   "POST /validate")
+        if request.method != "POST":
+            refusal = json_error(405, f"method {request.method[:16]!r} is not allowed; "
+                                      "send POST")
+            refusal.headers["Allow"] = "POST"
+            return refusal
+        if "Expect" in request.headers:
+            unmet = await expect(request)
+            if unmet is not None:
+                return unmet
+        return await handler(request)
+
+    def make_request(message: Any, payload: Any, protocol: Any, writer: Any,
+                     task: asyncio.Task[None]) -> web.BaseRequest:
+        return web.BaseRequest(message, payload, protocol, writer, task, loop,
+                               client_max_size=MAX_BODY)
+
+    # auto_decompress=False: aiohttp would inflate a compressed body as it arrives,
+    # before the handler refuses it (refuse_headers).
+    return web.Server(dispatch, request_factory=make_request, access_log=None,
+                      auto_decompress=False, **handler_args)
 
 
-async def key_source_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Start the key source with the app and stop it with the app."""
-    runtime = app[RUNTIME]
+async def expect(request: web.BaseRequest) -> web.Response | None:
+    """An `Expect` header as aiohttp's router answers it (RFC 9110, 10.1.1): on HTTP/1.1,
+    `100-continue` is answered `100 Continue` at once, and the body follows; anything
+    else is refused (417). The API server sends none; curl does, for large bodies."""
+    value = request.headers.get("Expect", "")
+    if request.version != HttpVersion11 or value.lower() != "100-continue":
+        return json_error(417, f"Expect {value[:32]!r} is not supported")
+    writer = request.writer
+    await writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    writer.output_size = 0  # the answer's own bytes are still to come
+    await writer.drain()
+    return None
+
+
+@contextlib.asynccontextmanager
+async def keeping_keys(runtime: Runtime) -> AsyncIterator[None]:
+    """The key source (and the Event recorder) running, for as long as the webhook
+    serves: started before it listens, stopped after it is closed."""
     tasks = [asyncio.create_task(_keep_keys(runtime), name="keymount-key-source")]
     if runtime.events is not None:
         tasks.append(asyncio.create_task(runtime.events.run(), name="keymount-events"))
-    yield
-    for task in tasks:
-        task.cancel()
-    for task in tasks:
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    try:
+        yield
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
 
 async def _keep_keys(runtime: Runtime) -> None:
@@ -606,13 +653,6 @@ def loop_name(loop: asyncio.AbstractEventLoop) -> str:
     return "uvloop" if type(loop).__module__.startswith("uvloop") else "asyncio"
 
 
-def aiohttp_server(runner: web.AppRunner) -> web.Server:
-    """The aiohttp server of a runner that has been set up (a protocol factory)."""
-    server = runner.server
-    assert server is not None, "AppRunner.setup() first"
-    return server
-
-
 @dataclass
 class ServeOptions:
     host: str = "0.0.0.0"
@@ -638,15 +678,17 @@ class ServeOptions:
 async def serve(runtime: Runtime, options: ServeOptions,
                 stop: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or `stop`), then drain (docs/operations.md, "Shutdown")."""
+    async with keeping_keys(runtime):
+        await _serve(runtime, options, stop)
+
+
+async def _serve(runtime: Runtime, options: ServeOptions, stop: asyncio.Event | None) -> None:
     metrics = runtime.metrics
     reloader = CertReloader(options.tls_cert, options.tls_key, client_ca=options.client_ca,
                             interval=options.cert_reload_interval,
                             on_reload=lambda result: metrics.tls_reloads.labels(result).inc())
-    # auto_decompress=False: aiohttp would inflate a compressed body as it arrives,
-    # before the handler refuses it (refuse_headers).
-    webhook_runner = web.AppRunner(build_webhook_app(runtime), access_log=None,
-                                   shutdown_timeout=options.shutdown_timeout,
-                                   auto_decompress=False)
+    http = webhook_server(runtime)
+    webhook_runner = web.ServerRunner(http, shutdown_timeout=options.shutdown_timeout)
     probe_runner = web.AppRunner(build_probe_app(runtime), access_log=None)
     await webhook_runner.setup()
     await probe_runner.setup()
@@ -673,7 +715,7 @@ async def serve(runtime: Runtime, options: ServeOptions,
         # (the keys can be listed by then), and a client sent here on that word must
         # find the port listening (a CI run caught a refused connection in between).
         listener = await loop.create_server(
-            guard.wrap(aiohttp_server(webhook_runner)), options.host, options.port,
+            guard.wrap(http), options.host, options.port,
             ssl=reloader.listening, ssl_handshake_timeout=options.limits.handshake_timeout,
             reuse_address=True, reuse_port=options.reuse_port or None, backlog=512)
         await web.TCPSite(probe_runner, options.probe_host or options.host,
@@ -702,7 +744,7 @@ async def serve(runtime: Runtime, options: ServeOptions,
             # (ConnectionGuard.drain says why not the other way round); a body still
             # arriving meets the request deadline first.
             await guard.drain(timeout=options.shutdown_timeout, fresh_timeout=1.0,
-                              then=aiohttp_server(webhook_runner).pre_shutdown)
+                              then=http.pre_shutdown)
         # Idle connections are closed by now; answers still being written get
         # shutdown_timeout to finish.
         await webhook_runner.cleanup()
