@@ -486,7 +486,7 @@ def log_decision(decisions: DecisionLog, review: AdmissionRequest, verdict: Verd
     decisions.write(level, fields, created=time.time())
 
 
-def webhook_server(runtime: Runtime, **handler_args: Any) -> web.Server:
+def webhook_server(runtime: Runtime) -> web.Server:
     """The webhook port's HTTP server: POST /mutate and POST /validate, nothing else
     (docs/contract.md, "HTTP"). Call it with the event loop running.
 
@@ -524,7 +524,7 @@ def webhook_server(runtime: Runtime, **handler_args: Any) -> web.Server:
     # auto_decompress=False: aiohttp would inflate a compressed body as it arrives,
     # before the handler refuses it (refuse_headers).
     return web.Server(dispatch, request_factory=make_request, access_log=None,
-                      auto_decompress=False, **handler_args)
+                      auto_decompress=False)
 
 
 async def expect(request: web.BaseRequest) -> web.Response | None:
