@@ -87,6 +87,25 @@ async def test_a_backend_pod_is_patched_over_tls(client):
         == ["key-a", "key-b", "keymount-key-3", "keymount-key-4"]
 
 
+def secrets_mounted(body: dict, answer: dict) -> list[str]:
+    result = jsonpatch.apply_patch(body["request"]["object"],
+                                   json.loads(base64.b64decode(answer["response"]["patch"])))
+    return [s["secret"]["name"] for s in result["spec"]["volumes"][0]["projected"]["sources"]]
+
+
+async def test_the_pods_of_a_workload_share_one_verdict_until_the_keys_change(
+        client, runtime, keys_dir):
+    bodies = [review(pod(name=f"api-{n}"), uid=f"uid-{n}") for n in range(3)]
+    answers = [(await post(client, "/mutate", body))[1] for body in bodies[:2]]
+    assert [a["response"]["uid"] for a in answers] == ["uid-0", "uid-1"]
+    assert answers[0]["response"]["patch"] == answers[1]["response"]["patch"]
+    assert len(runtime.pod_verdicts) == 1  # the second Pod was answered from memory
+    write_keys(keys_dir, key_secret("key-c", random_key(), index=5), name="rotated.yaml")
+    await runtime.source.load()
+    _, rotated = await post(client, "/mutate", bodies[2])
+    assert secrets_mounted(bodies[2], rotated)[:3] == ["key-a", "key-b", "key-c"]
+
+
 @pytest.mark.parametrize(("path", "webhook"), [
     ("/mutate?timeout=10s", "mutate"), ("/validate?timeout=10s", "validate"),
     ("/mutate", "mutate")], ids=["mutate-as-the-api-server-calls-it",

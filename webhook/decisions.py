@@ -55,7 +55,7 @@ from .keyguard import (
     stamp_key_secret,
 )
 from .keys import Keyring, parse_time
-from .lifecycle import read_status_annotation
+from .lifecycle import newest_key_too_old, read_status_annotation
 from .names import (
     CLUSTERKEYPOLICY_KIND,
     CLUSTERKEYPOLICY_PLURAL,
@@ -68,6 +68,7 @@ from .names import (
     key_file_name,
     slot_number,
 )
+from .podverdicts import PodVerdicts, pod_content
 from .policy import (
     ClusterKeyPolicy,
     PolicyError,
@@ -106,6 +107,9 @@ class View(msgspec.Struct, frozen=True):
     source: Literal["cache", "live"] = "live"
     # Only for the requests `needs_policy_view` names; None otherwise.
     policies: PolicyView | None = None
+    # The webhook's remembered verdicts on backend Pods (webhook/podverdicts.py): only
+    # where the Pod was decoded from JSON; None decides every Pod afresh.
+    pod_verdicts: PodVerdicts | None = None
     # Only for a Secret's DELETE, once a verdict asked for it (`needs_pods`): the Pods
     # not yet finished whose volumes name it, read live; None: not read.
     listed_by: tuple[str, ...] | None = None
@@ -207,7 +211,23 @@ def inject_pod(request: AdmissionRequest, view: View) -> Verdict:
                                         code=400))
     if not needs_keys(pod, settings=settings):
         return Verdict("skipped", allowed())
-    outcome = inject_keys(pod, keyring=view.keyring, settings=settings, now=view.now)
+    memo, keyring = view.pod_verdicts, view.keyring
+    if memo is None:
+        return _injection_verdict(pod, view)
+    content = pod_content(pod, keyring=keyring, settings=settings, aged=bool(
+        view.now and newest_key_too_old(keyring, max_age=settings.max_key_age,
+                                        now=view.now)))
+    if content is None:
+        return _injection_verdict(pod, view)
+    verdict = memo.get(content, keyring=keyring, settings=settings)
+    if verdict is None:
+        verdict = _injection_verdict(pod, view)
+        memo.keep(content, verdict, keyring=keyring, settings=settings)
+    return verdict
+
+
+def _injection_verdict(pod: Mapping[str, Any], view: View) -> Verdict:
+    outcome = inject_keys(pod, keyring=view.keyring, settings=view.settings, now=view.now)
     if not isinstance(outcome, Injected):
         return Verdict("denied", denied(outcome.message),
                        key_state=outcome.from_key_state)

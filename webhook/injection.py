@@ -24,6 +24,7 @@ import orjson
 
 from .config import CONTAINERS_ANNOTATION, MANY_KEYS, STATUS_ANNOTATION, VOLUME_NAME, Settings
 from .keys import KeyFile, Keyring, describe_conflict
+from .lifecycle import newest_key_too_old
 from .names import (
     as_dict,
     as_list,
@@ -155,16 +156,14 @@ def build_key_warnings(keyring: Keyring, *, settings: Settings,
     warnings: tuple[str, ...] | None = keyring.derived.get("key-warnings")
     if warnings is None:
         warnings = keyring.derived["key-warnings"] = tuple(_keyring_warnings(keyring))
-    if not (settings.max_key_age and now):
-        return warnings
     newest = keyring.newest
-    since = newest.active_since if newest else None
-    if newest and since and now - since > settings.max_key_age:
-        return (*warnings,
-                f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older "
-                f"than --max-key-age; rotate: keymount keys rotate -n {keyring.namespace} "
-                f"--generate")
-    return warnings
+    if newest is None or not (
+            now and newest_key_too_old(keyring, max_age=settings.max_key_age, now=now)):
+        return warnings
+    return (*warnings,
+            f"newest key {newest.name!r} in namespace {keyring.namespace!r} is older "
+            f"than --max-key-age; rotate: keymount keys rotate -n {keyring.namespace} "
+            f"--generate")
 
 
 def _keyring_warnings(keyring: Keyring) -> list[str]:

@@ -46,6 +46,7 @@ from .livereads import LiveReads, PodListings
 from .logs import DecisionLog
 from .metrics import Metrics
 from .offload import INLINE_BODY, Offload, WorkerFailed
+from .podverdicts import PodVerdicts
 from .policyreads import PolicyReads
 from .sources import ClusterKeySource, KeySource
 from .store import KeyStore
@@ -86,6 +87,8 @@ class Runtime:
     # Bodies over INLINE_BODY are decoded and judged in a worker process
     # (webhook/offload.py); None decodes every body on the loop, large ones one at a time.
     offload: Offload | None = None
+    # Verdicts on backend Pods, by what they depend on (webhook/podverdicts.py).
+    pod_verdicts: PodVerdicts = field(default_factory=PodVerdicts)
 
     def __post_init__(self) -> None:
         self.live_reads = LiveReads(
@@ -195,7 +198,9 @@ class Judge(msgspec.Struct, frozen=True):
         if self.handler is not None:
             return self.handler(self.request, view)
         assert self.offload is not None
-        return await self.offload.judge(view)
+        # The view crosses to the worker pickled: the remembered verdicts stay here
+        # (the worker's copies of the keyring would never be the ones they name).
+        return await self.offload.judge(msgspec.structs.replace(view, pod_verdicts=None))
 
 
 def decide_at_once(runtime: Runtime, request: AdmissionRequest,
@@ -238,10 +243,11 @@ def view_of(runtime: Runtime, request: AdmissionRequest, keyring: Keyring,
             listed_by: tuple[str, ...] | None = None) -> View:
     return View(keyring, runtime.settings, writers=runtime.writers,
                 # the time matters to --max-key-age and to the times stamped on key
-                # Secrets; a Pod's injection is cached per keyring without it
+                # Secrets; a Pod's injection is remembered without it
                 now=runtime.clock() if runtime.settings.max_key_age or not request.is_pod
                 else None,
-                source=source, policies=policies, listed_by=listed_by)
+                source=source, policies=policies, pod_verdicts=runtime.pod_verdicts,
+                listed_by=listed_by)
 
 
 async def policy_view(runtime: Runtime, request: AdmissionRequest,

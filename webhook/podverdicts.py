@@ -1,0 +1,90 @@
+"""Verdicts on backend Pods, remembered by everything they depend on.
+
+Past its labels (`needs_keys`, asked on every admission), the verdict on a backend Pod's
+CREATE is a pure function of:
+- the namespace's keyring and the settings (both immutable: a change replaces them);
+- whether the newest key is past --max-key-age (the one use of the clock);
+- the Pod's spec, and of its metadata only the two annotations the rules read
+  (`keymount.io/containers`, `keymount.io/status`), or that it has none.
+
+The Pods of one workload share all of these, so the webhook answers the second and
+every later Pod of a ReplicaSet from here. The rules behind the verdict (check_keyring,
+plain_pod, select_containers, find_mount_problem, the patch and the warnings) took more
+of an admission's loop time than anything but decoding the review (README, "Benchmark").
+
+What is remembered is named by the exact JSON of those parts (orjson), never by `==`:
+`==` holds True equal to 1 and 1.0, which the rules do not. The JSON names every value
+uniquely only for values decoded from JSON (no NaN or infinity, no datetimes, no
+subclasses), which is what the webhook's decoder produces; so only the webhook uses
+this (decisions.View.pod_verdicts), never `keymount inject` on YAML. A part JSON cannot
+encode (an integer past 64 bits) or longer than MAX_CONTENT is decided afresh.
+
+Bounded: at most `size` verdicts, the oldest dropped first, each named by at most
+MAX_CONTENT bytes. A client sending endless distinct Pods only makes them miss. Entries
+hold their keyring and settings and are used only for those very objects, so an id
+reused after a keyring is collected names nothing here. A keyring holds no key material
+(keys.KeyRecord), so keeping a replaced one alive a while keeps no key alive.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+
+from .admission import Verdict
+from .config import CONTAINERS_ANNOTATION, STATUS_ANNOTATION, Settings
+from .keys import Keyring
+
+MAX_CONTENT = 16 * 1024  # bytes of a Pod's spec and annotations, as JSON; more: not kept
+SIZE = 256  # verdicts kept
+
+Content = tuple[int, int, bool, bytes]  # id(keyring), id(settings), aged, the Pod's JSON
+
+
+def pod_content(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
+                aged: bool) -> Content | None:
+    """What a backend Pod's verdict depends on, as one hashable name; None when it
+    cannot be named exactly (then the verdict is not remembered)."""
+    meta = pod.get("metadata")
+    read: Any
+    if type(meta) is not dict:
+        read = 0
+    elif type(annotations := meta.get("annotations")) is not dict:
+        read = 1
+    else:
+        # Present-but-null and absent differ to plain_pod: both are named.
+        read = (CONTAINERS_ANNOTATION in annotations, annotations.get(CONTAINERS_ANNOTATION),
+                STATUS_ANNOTATION in annotations, annotations.get(STATUS_ANNOTATION))
+    try:
+        named = orjson.dumps((pod.get("spec"), read))
+    except TypeError:  # orjson.JSONEncodeError: an integer past 64 bits, a surrogate
+        return None
+    if len(named) > MAX_CONTENT:
+        return None
+    return id(keyring), id(settings), aged, named
+
+
+class PodVerdicts:
+    """At most `size` verdicts on backend Pods, by `pod_content`."""
+
+    def __init__(self, size: int = SIZE) -> None:
+        self.size = size
+        self._kept: dict[Content, tuple[Keyring, Settings, Verdict]] = {}
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    def get(self, content: Content, *, keyring: Keyring, settings: Settings) -> Verdict | None:
+        kept = self._kept.get(content)
+        if kept is None or kept[0] is not keyring or kept[1] is not settings:
+            return None
+        return kept[2]
+
+    def keep(self, content: Content, verdict: Verdict, *, keyring: Keyring,
+             settings: Settings) -> None:
+        kept = self._kept
+        if content not in kept and len(kept) >= self.size:
+            del kept[next(iter(kept))]  # the oldest: dicts keep insertion order
+        kept[content] = (keyring, settings, verdict)
