@@ -4,7 +4,9 @@ the newest key."""
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -15,7 +17,7 @@ from webhook.admission import parse_review
 from webhook.config import CONTAINERS_ANNOTATION, STATUS_ANNOTATION, Settings
 from webhook.decisions import View, inject_pod
 from webhook.injection import inject_keys
-from webhook.podverdicts import MAX_CONTENT, PodVerdicts, pod_content
+from webhook.podverdicts import MAX_CONTENT, MAX_VERDICT, PodVerdicts, pod_content, verdict_size
 
 from builders import container, key_secret, keyring_of, pod, random_key, review
 from strategies import json_values
@@ -191,3 +193,35 @@ def test_pods_the_rules_decide_apart_are_never_named_alike(one, other):
         != inject_keys(other, keyring=KEYRING, settings=SETTINGS)
     assert pod_content(one, keyring=KEYRING, settings=SETTINGS, aged=False) \
         != pod_content(other, keyring=KEYRING, settings=SETTINGS, aged=False)
+
+
+def test_a_remembered_verdict_does_not_keep_its_keyring_alive():
+    keyring = keyring_of(key_secret("k1", random_key(), index=1))
+    memo = PodVerdicts()
+    verdict(pod(), memo, keyring=keyring)
+    assert len(memo) == 1
+    alive = weakref.ref(keyring)
+    del keyring
+    gc.collect()
+    assert alive() is None
+
+
+def test_an_entry_answers_only_its_own_keyring_even_under_its_id():
+    # What a keyring collected and another allocated at its address would look like.
+    memo = PodVerdicts()
+    request = request_of(pod())
+    content = pod_content(request.object, keyring=KEYRING, settings=SETTINGS, aged=False)
+    assert content is not None
+    memo.keep(content, verdict(pod(), None), keyring=KEYRING, settings=SETTINGS)
+    assert memo.get(content, keyring=KEYRING, settings=SETTINGS) is not None
+    assert memo.get(content, keyring=ROTATED, settings=SETTINGS) is None
+    assert memo.get(content, keyring=KEYRING, settings=AGING) is None
+
+
+def test_a_verdict_larger_than_MAX_VERDICT_is_decided_afresh():
+    many = keyring_of(*(key_secret(f"k{n}", random_key(), index=n) for n in range(1, 121)))
+    memo = PodVerdicts()
+    large = verdict(pod(), memo, keyring=many)
+    assert large.result == "injected" and verdict_size(large) > MAX_VERDICT
+    assert len(memo) == 0
+    assert verdict_size(verdict(pod(), memo)) <= MAX_VERDICT and len(memo) == 1

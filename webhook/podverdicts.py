@@ -20,14 +20,19 @@ this (decisions.View.pod_verdicts), never `keymount inject` on YAML. A part JSON
 encode (an integer past 64 bits) or longer than MAX_CONTENT is decided afresh.
 
 Bounded: at most `size` verdicts, the oldest dropped first, each named by at most
-MAX_CONTENT bytes. A client sending endless distinct Pods only makes them miss. Entries
-hold their keyring and settings and are used only for those very objects, so an id
-reused after a keyring is collected names nothing here. A keyring holds no key material
-(keys.KeyRecord), so keeping a replaced one alive a while keeps no key alive.
+MAX_CONTENT bytes and itself at most MAX_VERDICT characters of patch, status, message
+and warnings (a verdict grows with the namespace's keys; a namespace with a hundred
+keys or more is decided afresh every time, as before). A client sending endless
+distinct Pods only makes them miss. An entry names its keyring weakly (a keyring can
+be large, and the key cache replaces it at every change of the namespace's Secrets,
+a live read makes one per read): a keyring collected makes its entries miss, even if
+a new one takes its id, and is never kept alive here. With every entry as large as
+allowed (a hundred keys, 16 KiB of Pod), the whole takes about 18 MiB.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping
 from typing import Any
 
@@ -38,6 +43,7 @@ from .config import CONTAINERS_ANNOTATION, STATUS_ANNOTATION, Settings
 from .keys import Keyring
 
 MAX_CONTENT = 16 * 1024  # bytes of a Pod's spec and annotations, as JSON; more: not kept
+MAX_VERDICT = 32 * 1024  # characters of a verdict's patch, status, message, warnings
 SIZE = 256  # verdicts kept
 
 Content = tuple[int, int, bool, bytes]  # id(keyring), id(settings), aged, the Pod's JSON
@@ -66,25 +72,38 @@ def pod_content(pod: Mapping[str, Any], *, keyring: Keyring, settings: Settings,
     return id(keyring), id(settings), aged, named
 
 
+def verdict_size(verdict: Verdict) -> int:
+    """What a verdict holds that grows with a namespace's keys or a Pod's names, in
+    characters: its patch (one source per key), status (one entry per key, also its
+    audit annotation and in `files`), message and warnings."""
+    response = verdict.response
+    size = len(response.get("patch", "")) + len(verdict.status) + len(verdict.message)
+    for warning in response.get("warnings", ()):
+        size += len(warning)
+    return size
+
+
 class PodVerdicts:
     """At most `size` verdicts on backend Pods, by `pod_content`."""
 
     def __init__(self, size: int = SIZE) -> None:
         self.size = size
-        self._kept: dict[Content, tuple[Keyring, Settings, Verdict]] = {}
+        self._kept: dict[Content, tuple[weakref.ref[Keyring], Settings, Verdict]] = {}
 
     def __len__(self) -> int:
         return len(self._kept)
 
     def get(self, content: Content, *, keyring: Keyring, settings: Settings) -> Verdict | None:
         kept = self._kept.get(content)
-        if kept is None or kept[0] is not keyring or kept[1] is not settings:
+        if kept is None or kept[0]() is not keyring or kept[1] is not settings:
             return None
         return kept[2]
 
     def keep(self, content: Content, verdict: Verdict, *, keyring: Keyring,
              settings: Settings) -> None:
+        if verdict_size(verdict) > MAX_VERDICT:
+            return
         kept = self._kept
         if content not in kept and len(kept) >= self.size:
             del kept[next(iter(kept))]  # the oldest: dicts keep insertion order
-        kept[content] = (keyring, settings, verdict)
+        kept[content] = (weakref.ref(keyring), settings, verdict)
