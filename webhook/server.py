@@ -319,21 +319,30 @@ async def generate_key(runtime: Runtime, request: AdmissionRequest,
         f"-o yaml")
 
 
-def build_handler(webhook: Webhook, runtime: Runtime,
-                  ) -> Callable[[web.BaseRequest], Awaitable[web.Response]]:
-    async def handle(request: web.BaseRequest) -> web.Response:
+# One webhook's answer to a request: a function returning the coroutine that answers.
+WebHandler = Callable[[web.BaseRequest], Awaitable[web.Response]]
+
+
+def build_handler(webhook: Webhook, runtime: Runtime) -> WebHandler:
+    def handle(request: web.BaseRequest) -> Awaitable[web.Response]:
+        # Not a coroutine itself: it returns the one that answers, so an ordinary
+        # admission runs one coroutine frame fewer (each resumption of a suspended
+        # request passes through every frame of its chain).
         length = request.content_length
         offload = runtime.offload
         if length is not None and length <= (LARGE_BODY if offload is None else INLINE_BODY):
-            return await answer(request, runtime)
+            return answer(request, runtime)
         # Decoded, a hostile body of a few MiB can become hundreds of MiB of objects
         # and take tens of milliseconds: large (or unannounced) ones are handled one at
         # a time, in the worker process if there is one (the API server always sends a
         # Content-Length).
         if offload is None:
-            async with runtime.large_bodies:
-                return await answer(request, runtime)
-        return await answer_offloaded(request, runtime, offload)
+            return answer_alone(request, runtime)
+        return answer_offloaded(request, runtime, offload)
+
+    async def answer_alone(request: web.BaseRequest, runtime: Runtime) -> web.Response:
+        async with runtime.large_bodies:
+            return await answer(request, runtime)
 
     async def answer(request: web.BaseRequest, runtime: Runtime) -> web.Response:
         started = time.perf_counter()
@@ -506,8 +515,15 @@ def webhook_server(runtime: Runtime) -> web.Server:
                 "/validate": build_handler("validate", runtime)}
     loop = asyncio.get_running_loop()
 
-    async def dispatch(request: web.BaseRequest) -> web.StreamResponse:
+    def dispatch(request: web.BaseRequest) -> Awaitable[web.StreamResponse]:
+        # Not a coroutine: the handler's own is what aiohttp awaits (`handle`).
         handler = handlers.get(request.path)  # decoded, without the query (?timeout=10s)
+        if handler is None or request.method != "POST" or "Expect" in request.headers:
+            return unusual(request, handler)
+        return handler(request)
+
+    async def unusual(request: web.BaseRequest, handler: WebHandler | None,
+                      ) -> web.StreamResponse:
         if handler is None:
             return json_error(404, "not found: keymount answers POST /mutate and "
                                    "POST /validate")
@@ -516,10 +532,9 @@ def webhook_server(runtime: Runtime) -> web.Server:
                                       "send POST")
             refusal.headers["Allow"] = "POST"
             return refusal
-        if "Expect" in request.headers:
-            unmet = await expect(request)
-            if unmet is not None:
-                return unmet
+        unmet = await expect(request)
+        if unmet is not None:
+            return unmet
         return await handler(request)
 
     def make_request(message: Any, payload: Any, protocol: Any, writer: Any,
