@@ -4,15 +4,23 @@ skip the logging machinery but read exactly like every other line."""
 from __future__ import annotations
 
 import fcntl
+import itertools
 import json
 import logging
 import os
+import select
 import time
+from collections import deque
 from datetime import UTC, datetime
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from webhook.cli import build_parser, log_chunk
 from webhook.logs import (
+    SHARED_CHUNK,
+    SOLE_WRITER_CHUNK,
     DecisionLog,
     JsonFormatter,
     LineSink,
@@ -20,6 +28,7 @@ from webhook.logs import (
     _timestamp,
     configure_logging,
     json_line,
+    whole_lines,
 )
 
 from polling import poll
@@ -66,6 +75,32 @@ def test_lines_are_written_within_the_interval_without_close(pipe):
     poll(lambda: received.extend(read_available(read_end)) or received == b"first\n",
          timeout=5, what="the line written by the sink's thread")
     sink.close()
+
+
+@given(lengths=st.lists(st.integers(min_value=0, max_value=300), max_size=60),
+       limit=st.integers(min_value=1, max_value=1000))
+def test_chunks_hold_whole_lines_in_order_and_stay_within_the_limit(lengths, limit):
+    lines = [str(i).encode() + b"x" * n + b"\n" for i, n in enumerate(lengths)]
+    queue = deque(lines)
+    chunks = list(whole_lines(queue, limit=limit))
+    assert not queue  # everything queued is taken
+    assert b"".join(chunks) == b"".join(lines)
+    for chunk in chunks:
+        assert chunk.endswith(b"\n")  # no line torn across two writes
+        assert len(chunk) <= limit or chunk.count(b"\n") == 1  # over only if one line
+    # As few writes as the limit allows: no two neighbours would fit in one.
+    for first, second in itertools.pairwise(chunks):
+        assert len(first) + len(second.split(b"\n", 1)[0]) + 1 > limit
+
+
+@pytest.mark.parametrize(("argv", "chunk"), [
+    (["serve"], SOLE_WRITER_CHUNK),
+    (["serve", "--workers", "2"], SHARED_CHUNK),
+    (["serve", "--workers", "1", "--worker-supervisor", "4242"], SHARED_CHUNK),
+], ids=["alone", "supervisor", "worker"])
+def test_only_a_sole_writer_of_stderr_writes_more_than_a_pipe_buffer_at_once(argv, chunk):
+    assert SHARED_CHUNK == select.PIPE_BUF < SOLE_WRITER_CHUNK
+    assert log_chunk(build_parser().parse_args(argv)) == chunk
 
 
 def test_a_blocked_stderr_never_blocks_the_writer_and_drops_are_counted(pipe):

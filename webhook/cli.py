@@ -61,13 +61,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from .logs import LineSink
 
     settings = build_settings(args)
-    sink = LineSink(sys.stderr.fileno())
+    sink = LineSink(sys.stderr.fileno(), chunk=log_chunk(args))
     try:
         if int(args.workers) > 1:
             return _supervise(args, sink)
         return _serve(args, settings, sink)
     finally:
         sink.close()
+
+
+def log_chunk(args: argparse.Namespace) -> int:
+    """The largest write of serve's log lines to stderr. With --workers, the supervisor
+    and every worker write to one stderr: each line must reach it in one write of at
+    most PIPE_BUF bytes (logs.whole_lines)."""
+    from .logs import SHARED_CHUNK, SOLE_WRITER_CHUNK
+
+    shared = int(args.workers) > 1 or args.worker_supervisor is not None
+    return SHARED_CHUNK if shared else SOLE_WRITER_CHUNK
 
 
 def _supervise(args: argparse.Namespace, sink: LineSink) -> int:

@@ -18,7 +18,7 @@ import os
 import select
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
@@ -91,19 +91,49 @@ class TextFormatter(logging.Formatter):
                          msg=record.getMessage(), fields=fields).decode().rstrip("\n")
 
 
+def whole_lines(lines: deque[bytes], *, limit: int) -> Iterator[bytes]:
+    """The queued lines, taken from `lines` in order, joined into chunks of at most
+    `limit` bytes (a longer line is a chunk of its own).
+
+    A write of at most PIPE_BUF bytes reaches a pipe whole (POSIX): when several
+    processes share stderr (`serve --workers`), `limit` is PIPE_BUF and no line is torn
+    apart. A process that is stderr's only writer takes larger chunks: each write is a
+    system call, and a hand-over of the GIL between the writer and the event loop."""
+    chunk: list[bytes] = []
+    size = 0
+    while lines:
+        line = lines.popleft()
+        if chunk and size + len(line) > limit:
+            yield b"".join(chunk)
+            chunk, size = [], 0
+        chunk.append(line)
+        size += len(line)
+    if chunk:
+        yield b"".join(chunk)
+
+
+# The largest write of a process that shares stderr with others, and of one that is its
+# only writer (16 pipe buffers' worth; a pipe holds 64 KiB by default on Linux, pipe(7)).
+SHARED_CHUNK = select.PIPE_BUF
+SOLE_WRITER_CHUNK = 64 * 1024
+
+
 class LineSink:
     """Finished log lines, written to a file descriptor by one thread.
 
     `write` only appends to a queue (safe from any thread); the writer wakes every
     `interval` seconds, or at once when `batch` lines wait, and writes them in chunks
-    of whole lines. A line that would make the queue longer than `capacity` is dropped and
-    counted (`on_drop`): memory stays bounded if stderr blocks, and the event loop
-    never waits for it. `close` writes what is queued and stops the thread.
+    of whole lines of at most `chunk` bytes (`whole_lines`). A line that would make the
+    queue longer than `capacity` is dropped and counted (`on_drop`): memory stays
+    bounded if stderr blocks, and the event loop never waits for it. `close` writes
+    what is queued and stops the thread.
     """
 
     def __init__(self, fd: int, *, interval: float = 0.05, batch: int = 512,
-                 capacity: int = 100_000, on_drop: Callable[[], None] = lambda: None) -> None:
+                 capacity: int = 100_000, chunk: int = SHARED_CHUNK,
+                 on_drop: Callable[[], None] = lambda: None) -> None:
         self.fd, self.interval, self.batch, self.capacity = fd, interval, batch, capacity
+        self.chunk = chunk
         self.on_drop = on_drop
         self.dropped = 0
         self._lines: deque[bytes] = deque()
@@ -138,20 +168,8 @@ class LineSink:
                 return
 
     def _drain(self) -> None:
-        # Writes of at most PIPE_BUF bytes reach a pipe whole (POSIX): with `serve
-        # --workers`, several processes share stderr and no line may be torn apart.
-        lines = self._lines
-        chunk: list[bytes] = []
-        size = 0
-        while lines:
-            line = lines.popleft()
-            if chunk and size + len(line) > select.PIPE_BUF:
-                self._write_all(b"".join(chunk))
-                chunk, size = [], 0
-            chunk.append(line)
-            size += len(line)
-        if chunk:
-            self._write_all(b"".join(chunk))
+        for chunk in whole_lines(self._lines, limit=self.chunk):
+            self._write_all(chunk)
 
     def _write_all(self, data: bytes) -> None:
         view = memoryview(data)
