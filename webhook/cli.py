@@ -71,9 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def log_chunk(args: argparse.Namespace) -> int:
-    """The largest write of serve's log lines to stderr. With --workers, the supervisor
-    and every worker write to one stderr: each line must reach it in one write of at
-    most PIPE_BUF bytes (logs.whole_lines)."""
+    """The largest write of serve's log lines to stderr: with --workers the supervisor
+    and every worker share it (logs.SHARED_CHUNK)."""
     from .logs import SHARED_CHUNK, SOLE_WRITER_CHUNK
 
     shared = int(args.workers) > 1 or args.worker_supervisor is not None

@@ -93,12 +93,7 @@ class TextFormatter(logging.Formatter):
 
 def whole_lines(lines: deque[bytes], *, limit: int) -> Iterator[bytes]:
     """The queued lines, taken from `lines` in order, joined into chunks of at most
-    `limit` bytes (a longer line is a chunk of its own).
-
-    A write of at most PIPE_BUF bytes reaches a pipe whole (POSIX): when several
-    processes share stderr (`serve --workers`), `limit` is PIPE_BUF and no line is torn
-    apart. A process that is stderr's only writer takes larger chunks: each write is a
-    system call, and a hand-over of the GIL between the writer and the event loop."""
+    `limit` bytes (a longer line is a chunk of its own): each chunk is one write."""
     chunk: list[bytes] = []
     size = 0
     while lines:
@@ -112,8 +107,11 @@ def whole_lines(lines: deque[bytes], *, limit: int) -> Iterator[bytes]:
         yield b"".join(chunk)
 
 
-# The largest write of a process that shares stderr with others, and of one that is its
-# only writer (16 pipe buffers' worth; a pipe holds 64 KiB by default on Linux, pipe(7)).
+# The largest write of a process that shares stderr with others: a write of at most
+# PIPE_BUF bytes reaches a pipe whole (POSIX), so no line is torn apart by another
+# process's. One that is stderr's only writer has no such need and writes a default
+# Linux pipe's capacity at once (pipe(7)): each write is a system call, and a hand-over
+# of the GIL between the writer thread and the event loop.
 SHARED_CHUNK = select.PIPE_BUF
 SOLE_WRITER_CHUNK = 64 * 1024
 
